@@ -1,0 +1,88 @@
+"""Structured logging: one JSON object per line, with the current request id on every line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+from typing import Any, Literal, TextIO
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+LogFormat = Literal["json", "console"]
+
+# Set by the request middleware; every line logged while serving the request carries it.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# LogRecord attributes that are plumbing, not context worth printing in console mode.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+    "taskName",
+}
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamp each record with the request id of the context that logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = request_id_var.get()
+        if request_id is not None:
+            record.request_id = request_id
+        return True
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`12:00:01 INFO  documents.api document.created document_id=...` for local work."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+        if request_id := getattr(record, "request_id", None):
+            context = {"request_id": request_id, **context}
+        if context:
+            line += " " + " ".join(f"{k}={v!r}" for k, v in context.items())
+        return line
+
+
+def json_formatter() -> logging.Formatter:
+    return JsonFormatter(
+        "{levelname}{name}{message}",
+        style="{",
+        # uvicorn adds an ANSI-coloured copy of its message; the plain one is enough.
+        reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp=True,
+        json_ensure_ascii=False,
+    )
+
+
+def configure_logging(
+    level: str = "INFO", log_format: LogFormat = "json", stream: TextIO | None = None
+) -> None:
+    """Route the root logger and uvicorn's loggers to one handler (stdout by default)."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(json_formatter() if log_format == "json" else ConsoleFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+    # Our middleware writes one access line per request; uvicorn's would be a second.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def context(**fields: Any) -> dict[str, Any]:
+    """`extra=` for a log call, dropping fields that are None."""
+    return {k: v for k, v in fields.items() if v is not None}

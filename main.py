@@ -1,0 +1,810 @@
+"""The documents service: settings, app factory, dependencies, routes and the one error map.
+
+`python main.py` serves it; `python main.py seed|export|import FILE` manage its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+import orjson
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import APIKeyHeader
+from limits import RateLimitItem, parse
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from slowapi import Limiter
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from logging_config import LogFormat, configure_logging
+from middleware import BodyLimitMiddleware, RequestContextMiddleware, problem_response
+from models import (
+    DEFAULT_CONTENT_MAX_CHARS,
+    Document,
+    DocumentCreate,
+    DocumentPage,
+    DocumentUpdate,
+    Problem,
+)
+from storage import (
+    DocumentInvalid,
+    DocumentNotFound,
+    DocumentStore,
+    IdempotencyConflict,
+    IdempotencyKey,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+    TinyDBStore,
+)
+
+VERSION = "1.0.0"
+log = logging.getLogger("documents.api")
+
+
+class Settings(BaseSettings):
+    """Every option, read once from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated `key` or `name:key` entries; empty generates one per start.",
+    )
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    rate_limit: str = "600/minute"
+    rate_limit_storage_uri: str = "memory://"
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_content_chars: int = Field(default=DEFAULT_CONTENT_MAX_CHARS, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: LogFormat = "json"
+    slow_request_ms: float = Field(default=500.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parseable(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError("expected a rate such as '600/minute' or '10/second'") from exc
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _well_formed(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A configured key: only its name is ever logged; only its digest is kept."""
+
+    name: str
+    digest: bytes
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_api_keys(spec: str) -> list[ApiKey]:
+    keys: list[ApiKey] = []
+    for number, entry in enumerate(filter(None, (e.strip() for e in spec.split(","))), 1):
+        name, sep, key = entry.partition(":")
+        if not sep:
+            name, key = f"key{number}", entry
+        if not name or len(key) < 8:
+            raise ValueError(f"entry {number} must be 'key' or 'name:key' with a key of 8+ chars")
+        keys.append(ApiKey(name, _digest(key)))
+    if len({k.name for k in keys}) != len(keys):
+        raise ValueError("key names must be unique")
+    return keys
+
+
+class AuthFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class InvalidCursor(Exception):
+    pass
+
+
+class UnsupportedMediaType(Exception):
+    pass
+
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="An API key from `API_KEYS`."
+)
+
+
+async def require_api_key(
+    request: Request, presented: Annotated[str | None, Depends(_api_key_header)]
+) -> ApiKey:
+    """Memory-only, so it runs on the event loop. Every key is compared, in constant time."""
+    if not presented:
+        raise AuthFailed("missing")
+    digest = _digest(presented)
+    match: ApiKey | None = None
+    for key in request.app.state.api_keys:
+        if hmac.compare_digest(digest, key.digest):
+            match = key
+    if match is None:
+        raise AuthFailed("invalid")
+    request.state.api_key_name = match.name
+    return match
+
+
+ApiKeyDep = Annotated[ApiKey, Depends(require_api_key)]
+
+
+async def rate_limit(request: Request, key: ApiKeyDep) -> None:
+    """One budget per API key (not per client address), shared through RATE_LIMIT_STORAGE_URI."""
+    limiter: Limiter = request.app.state.limiter
+    item: RateLimitItem = request.app.state.rate_limit
+    allowed = limiter.limiter.hit(item, key.name)
+    reset_at, remaining = limiter.limiter.get_window_stats(item, key.name)
+    retry_after = max(1, int(reset_at - time.time()) + 1)
+    request.state.response_headers = [
+        (b"x-ratelimit-limit", str(item.amount).encode()),
+        (b"x-ratelimit-remaining", str(remaining).encode()),
+        (b"x-ratelimit-reset", str(int(reset_at)).encode()),
+    ]
+    if not allowed:
+        raise RateLimited(retry_after)
+
+
+async def get_store(request: Request) -> DocumentStore:
+    store: DocumentStore = request.app.state.store
+    return store
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise UnsupportedMediaType(content_type or "none")
+
+
+StoreDep = Annotated[DocumentStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# --- HTTP details: ETags and cursors ---------------------------------------------------------
+
+
+def etag(doc: Document) -> str:
+    return f'"{doc.version}"'
+
+
+def _etag_versions(header: str) -> list[int | Literal["*"]]:
+    """Versions named by an If-Match / If-None-Match list; weak tags count as their version."""
+    versions: list[int | Literal["*"]] = []
+    for raw in header.split(","):
+        tag = raw.strip().removeprefix("W/")
+        if tag == "*":
+            versions.append("*")
+        elif len(tag) >= 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+            versions.append(int(tag[1:-1]))
+    return versions
+
+
+def _if_match_version(header: str | None, current: Document | None = None) -> int | None:
+    """The version an If-Match demands; -1 (which never matches) for tags we never issued."""
+    if header is None:
+        return None
+    versions = _etag_versions(header)
+    if "*" in versions:
+        return None
+    numbers = [v for v in versions if isinstance(v, int)]
+    return numbers[0] if len(numbers) == 1 else -1
+
+
+def encode_cursor(after: str, tag: str | None, key: ApiKey) -> str:
+    payload = base64.urlsafe_b64encode(orjson.dumps([after, tag])).rstrip(b"=")
+    # Signed with the caller's key digest: a cursor is useless to another key, and tamper-evident.
+    signature = hmac.new(key.digest, payload, hashlib.sha256).digest()[:16]
+    return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
+
+
+def decode_cursor(cursor: str, tag: str | None, key: ApiKey) -> str:
+    try:
+        payload, _, signature = cursor.encode("ascii").partition(b".")
+        expected = hmac.new(key.digest, payload, hashlib.sha256).digest()[:16]
+        if not hmac.compare_digest(base64.urlsafe_b64decode(signature + b"=="), expected):
+            raise InvalidCursor("signature does not match")
+        after, cursor_tag = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise InvalidCursor("does not decode") from exc
+    if not isinstance(after, str) or cursor_tag != tag:
+        raise InvalidCursor("belongs to another listing")
+    return after
+
+
+def _json(doc: Document, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # The store hands out validated models: serialise once, skipping response_model's re-check.
+    return Response(doc.model_dump_json(), status, headers, media_type="application/json")
+
+
+def _check_content(content: str | None, settings: Settings) -> None:
+    if content is not None and len(content) > settings.max_content_chars:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "content"),
+                    "msg": f"String should have at most {settings.max_content_chars} characters",
+                    "type": "string_too_long",
+                }
+            ]
+        )
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "Malformed request (bad JSON, invalid cursor).",
+        401: "Missing or invalid X-API-Key.",
+        404: "No such document.",
+        409: "Idempotency-Key reused with a different body.",
+        412: "If-Match does not match the current ETag.",
+        413: "Request body over MAX_BODY_BYTES.",
+        415: "Body is not JSON.",
+        422: "A field failed validation; `errors` names each one.",
+        429: "Rate limit exceeded; see Retry-After.",
+        503: "The store is unavailable.",
+    }
+    return {
+        s: {
+            "model": Problem,
+            "description": described[s],
+            "content": {"application/problem+json": {}},
+        }
+        for s in statuses
+    }
+
+
+_ETAG_HEADER = {"ETag": {"description": "Current version, for If-Match / If-None-Match."}}
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(
+        prefix="/v1",
+        tags=["documents"],
+        dependencies=[Depends(require_api_key), Depends(rate_limit)],
+        responses=_problems(401, 429, 503),
+    )
+
+    @router.post(
+        "/documents",
+        status_code=201,
+        response_model=Document,
+        summary="Create a document",
+        dependencies=[Depends(require_json)],
+        responses={
+            201: {
+                "description": "Created (or replayed, with `Idempotent-Replayed: true`).",
+                "headers": {
+                    **_ETAG_HEADER,
+                    "Location": {"description": "URL of the new document."},
+                },
+            },
+            **_problems(400, 409, 413, 415, 422),
+        },
+    )
+    async def create_document(
+        body: DocumentCreate,
+        store: StoreDep,
+        key: ApiKeyDep,
+        settings: SettingsDep,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                max_length=255,
+                pattern=r"^[\x21-\x7e]+$",
+                description="Retry-safe creation: the same key and body within 24 h return "
+                "the original document; a different body gets 409.",
+            ),
+        ] = None,
+    ) -> Response:
+        """Store a new document. The response carries its `Location` and `ETag`."""
+        _check_content(body.content, settings)
+        scope = IdempotencyKey(key.name, idempotency_key) if idempotency_key else None
+        doc, replayed = await store.create(body, idempotency=scope)
+        headers = {"Location": f"/v1/documents/{doc.id}", "ETag": etag(doc)}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+            log.info("document.idempotent_replay", extra={"document_id": doc.id})
+        else:
+            log.info("document.created", extra={"document_id": doc.id})
+        return _json(doc, 201, headers)
+
+    @router.get(
+        "/documents",
+        response_model=DocumentPage,
+        summary="List documents, newest first",
+        responses=_problems(400, 422),
+    )
+    async def list_documents(
+        store: StoreDep,
+        key: ApiKeyDep,
+        limit: Annotated[int, Query(ge=1, le=100, description="Page size, 1-100.")] = 20,
+        cursor: Annotated[
+            str | None,
+            Query(max_length=512, description="`next_cursor` of the previous page."),
+        ] = None,
+        tag: Annotated[
+            str | None, Query(min_length=1, max_length=50, description="Only this tag.")
+        ] = None,
+    ) -> Response:
+        """Walk every document exactly once by following `next_cursor`, even while others are
+        created. Cursors are opaque and only valid for the key and `tag` that produced them."""
+        tag = tag.strip().lower() if tag is not None else None
+        after = decode_cursor(cursor, tag, key) if cursor else None
+        items, next_after = await store.page(limit=limit, after=after, tag=tag)
+        next_cursor = encode_cursor(next_after, tag, key) if next_after else None
+        page = DocumentPage(items=items, next_cursor=next_cursor)
+        return Response(page.model_dump_json(), media_type="application/json")
+
+    @router.get(
+        "/documents/{document_id}",
+        response_model=Document,
+        summary="Read a document",
+        responses={
+            200: {"headers": _ETAG_HEADER},
+            304: {"description": "Not modified: `If-None-Match` names the current ETag."},
+            **_problems(404),
+        },
+    )
+    async def read_document(
+        document_id: str,
+        store: StoreDep,
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
+        doc = await store.get(document_id)
+        if if_none_match is not None:
+            versions = _etag_versions(if_none_match)
+            if "*" in versions or doc.version in versions:
+                return Response(status_code=304, headers={"ETag": etag(doc)})
+        return _json(doc, headers={"ETag": etag(doc)})
+
+    @router.patch(
+        "/documents/{document_id}",
+        response_model=Document,
+        summary="Update a document (JSON merge patch)",
+        dependencies=[Depends(require_json)],
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/merge-patch+json": {
+                        "schema": {"$ref": "#/components/schemas/DocumentUpdate"}
+                    }
+                }
+            }
+        },
+        responses={
+            200: {"headers": _ETAG_HEADER},
+            **_problems(400, 404, 412, 413, 415, 422),
+        },
+    )
+    async def update_document(
+        document_id: str,
+        body: DocumentUpdate,
+        store: StoreDep,
+        settings: SettingsDep,
+        if_match: Annotated[
+            str | None,
+            Header(description="Only apply if the document still has this ETag."),
+        ] = None,
+    ) -> Response:
+        """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
+        `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
+        _check_content(body.content, settings)
+        doc = await store.update(document_id, body, if_version=_if_match_version(if_match))
+        log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
+        return _json(doc, headers={"ETag": etag(doc)})
+
+    @router.delete(
+        "/documents/{document_id}",
+        status_code=204,
+        summary="Delete a document",
+        responses=_problems(404, 412),
+    )
+    async def delete_document(
+        document_id: str,
+        store: StoreDep,
+        if_match: Annotated[
+            str | None,
+            Header(description="Only delete if the document still has this ETag."),
+        ] = None,
+    ) -> Response:
+        """Delete for good; later reads get `404`."""
+        await store.delete(document_id, if_version=_if_match_version(if_match))
+        log.info("document.deleted", extra={"document_id": document_id})
+        return Response(status_code=204)
+
+    return router
+
+
+def build_health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health", summary="Liveness")
+    async def read_health() -> dict[str, str]:
+        """Answers as long as the process serves HTTP; never touches the store."""
+        return {"status": "ok"}
+
+    @router.get("/health/ready", summary="Readiness", responses=_problems(503))
+    async def read_readiness(store: StoreDep) -> dict[str, str | int]:
+        """`200` when the store can be read and written right now, `503` otherwise."""
+        await store.check()
+        return {
+            "status": "ready",
+            "backend": store.backend,
+            "documents": await store.count(),
+        }
+
+    return router
+
+
+# --- the one error-to-HTTP map ---------------------------------------------------------------
+
+_STATUS_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+
+
+def _title(status: int) -> str:
+    return _STATUS_TITLES.get(status, "Error")
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    detail = exc.detail if exc.status_code == 413 else None
+    if exc.status_code == 404:
+        detail = f"Nothing at {request.url.path}."
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}."
+    slug = _SLUGS.get(exc.status_code, "http-error")
+    return problem_response(
+        exc.status_code,
+        _title(exc.status_code),
+        detail or str(exc.detail),
+        slug=slug,
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return problem_response(
+            400,
+            "Bad Request",
+            "The body is not valid JSON.",
+            slug="malformed-json",
+            errors=errors,
+        )
+    return problem_response(
+        422,
+        _title(422),
+        "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)[:1000],
+        slug="validation-error",
+        errors=errors,
+    )
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, AuthFailed):
+        client = request.client.host if request.client else None
+        log.warning("auth.failed", extra={"reason": exc.reason, "client": client})
+        detail = "Send a valid key in the X-API-Key header."
+        return problem_response(
+            401,
+            _title(401),
+            detail,
+            slug="unauthorized",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+    if isinstance(exc, RateLimited):
+        log.warning("rate_limit.rejected", extra={"retry_after": exc.retry_after})
+        return problem_response(
+            429,
+            _title(429),
+            f"Rate limit of {request.app.state.settings.rate_limit} for this key reached.",
+            slug="rate-limited",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, InvalidCursor):
+        return problem_response(400, _title(400), f"Invalid cursor: {exc}.", slug="invalid-cursor")
+    if isinstance(exc, UnsupportedMediaType):
+        detail = f"Send JSON (Content-Type: application/json), not {exc}."
+        return problem_response(415, _title(415), detail, slug="unsupported-media-type")
+    if isinstance(exc, DocumentNotFound):
+        detail = f"No document with id {exc.doc_id!r}."
+        return problem_response(404, _title(404), detail, slug="not-found")
+    if isinstance(exc, PreconditionFailed):
+        log.info("document.precondition_failed", extra={"document_id": exc.doc_id})
+        return problem_response(
+            412,
+            _title(412),
+            "If-Match does not match the document's current ETag; fetch it again.",
+            slug="precondition-failed",
+            headers={"ETag": f'"{exc.current_version}"'},
+        )
+    if isinstance(exc, IdempotencyConflict):
+        return problem_response(409, _title(409), str(exc), slug="idempotency-conflict")
+    if isinstance(exc, DocumentInvalid):
+        errors = [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]
+        return problem_response(422, _title(422), str(exc), slug="validation-error", errors=errors)
+    if isinstance(exc, StoreUnavailable):
+        log.error("store.unavailable", exc_info=exc)
+        return problem_response(
+            503,
+            _title(503),
+            "The document store is unavailable; try again shortly.",
+            slug="store-unavailable",
+            headers={"Retry-After": "5"},
+        )
+    log.error("store.error", exc_info=exc)
+    return problem_response(
+        500,
+        _title(500),
+        "The server failed to handle this request.",
+        slug="internal-error",
+    )
+
+
+def _add_error_map(app: FastAPI) -> None:
+    # Starlette types every handler as taking the base Exception; each gets only its own class.
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    for exc_class in (
+        AuthFailed,
+        RateLimited,
+        InvalidCursor,
+        UnsupportedMediaType,
+        StoreError,
+    ):
+        app.add_exception_handler(exc_class, _domain_error)
+
+
+# --- app factory ------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Create, read, list, update and delete JSON documents over a durable store.
+
+**Quick start:** `make run`, then send the printed key as `X-API-Key`
+(use **Authorize** above), e.g. `POST /v1/documents` with `{"title": "Hello", "content": "..."}`.
+
+Every error is an RFC 9457 `application/problem+json` document carrying the `request_id`
+that is also in the `X-Request-ID` response header.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    try:
+        store = TinyDBStore.open(settings.data_dir)
+    except StoreError as exc:
+        log.critical("store.open_failed", extra={"error": str(exc)})
+        raise
+    app.state.store = store
+    app.state.limiter = Limiter(
+        key_func=lambda: "",
+        storage_uri=settings.rate_limit_storage_uri,
+        strategy="fixed-window",
+    )
+    if app.state.generated_key:
+        sys.stderr.write(
+            "\nNo API_KEYS set: generated a key for this run only.\n"
+            f"  export KEY={app.state.generated_key}\n"
+            '  curl -H "X-API-Key: $KEY" http://HOST:PORT/v1/documents\n'
+            "Set API_KEYS (e.g. in .env) to choose your own.\n\n"
+        )
+    log.info(
+        "service.started",
+        extra={
+            "version": VERSION,
+            "backend": store.backend,
+            "data_dir": str(settings.data_dir),
+            "documents": await store.count(),
+            "load_seconds": round(store.load_seconds, 3),
+            "api_keys": [k.name for k in app.state.api_keys],
+        },
+    )
+    try:
+        yield
+    finally:
+        await store.close()
+        log.info("service.stopped", extra={"backend": store.backend})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A fresh, independent app; state that needs I/O is built in the lifespan."""
+    settings = settings if settings is not None else Settings()
+    app = FastAPI(
+        title="Documents API",
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.api_keys = parse_api_keys(settings.api_keys)
+    app.state.generated_key = None
+    if not app.state.api_keys:
+        # Never run open: with no configured key, make one and show it once on the console.
+        app.state.generated_key = secrets.token_urlsafe(24)
+        app.state.api_keys = [ApiKey("generated", _digest(app.state.generated_key))]
+    app.state.rate_limit = parse(settings.rate_limit)
+    app.include_router(build_health_router())
+    app.include_router(build_router())
+    _add_error_map(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, slow_request_ms=settings.slow_request_ms)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn main:app` builds the app on first access, not at import.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+SAMPLES = Path(__file__).with_name("data") / "sample_documents.json"
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            sys.stderr.write(f"configuration error: {variable}: {error['msg']}\n")
+        raise SystemExit(2) from None
+
+
+async def _seed(store: DocumentStore, path: Path) -> int:
+    """Sample documents go through the API's own validation; fixed ids make it idempotent."""
+    added = 0
+    for raw in orjson.loads(await anyio.Path(path).read_bytes()):
+        body = DocumentCreate.model_validate({k: v for k, v in raw.items() if k != "id"})
+        doc = Document(
+            id=raw["id"],
+            **body.model_dump(),
+            created_at=raw["created_at"],
+            updated_at=raw["created_at"],
+            version=1,
+        )
+        added += await store.import_document(doc)
+    return added
+
+
+def _document_from(line: bytes, number: int) -> Document:
+    try:
+        return Document.model_validate_json(line)
+    except ValidationError as exc:
+        raise SystemExit(f"line {number} is not a valid document: {exc}") from None
+
+
+async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
+    store = TinyDBStore.open(settings.data_dir)
+    try:
+        if task == "seed":
+            added = await _seed(store, file or SAMPLES)
+            log.info("seed.done", extra={"added": added, "documents": await store.count()})
+        elif task == "export":
+            for doc in store.export_documents():
+                sys.stdout.write(doc.model_dump_json() + "\n")
+        elif task == "import" and file is not None:
+            added = seen = 0
+            async with await anyio.open_file(file, "rb") as fh:
+                async for line in fh:
+                    added += await store.import_document(_document_from(line, seen + 1))
+                    seen += 1
+                    if seen % 10_000 == 0:
+                        sys.stderr.write(f"imported {seen} lines\n")
+            log.info("import.done", extra={"read": seen, "added": added})
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The documents service.")
+    parser.add_argument(
+        "task",
+        nargs="?",
+        default="serve",
+        choices=["serve", "seed", "export", "import"],
+    )
+    parser.add_argument("file", nargs="?", type=Path, help="seed or import: a file to read")
+    args = parser.parse_args(argv)
+    if args.task == "import" and args.file is None:
+        parser.error("import needs a FILE of JSON lines")
+    settings = _load_settings()
+    # Data tasks keep stdout for their output (export); their logs go to stderr.
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        stream=sys.stderr if args.task != "serve" else sys.stdout,
+    )
+    try:
+        if args.task != "serve":
+            asyncio.run(_run_task(settings, args.task, args.file))
+            return 0
+    except StoreError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=8,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Pure ASGI middleware (request context + access log, body limit) and the problem response
+they share with the API's error map."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from logging_config import request_id_var
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+access_log = logging.getLogger("documents.access")
+log = logging.getLogger("documents.api")
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    slug: str,
+    headers: dict[str, str] | None = None,
+    errors: list[dict[str, Any]] | None = None,
+) -> Response:
+    """An RFC 9457 problem document; the request id comes from the current context."""
+    body: dict[str, Any] = {
+        "type": f"urn:documents:problem:{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id_var.get() or "",
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return Response(orjson.dumps(body), status, headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than the limit of {limit} bytes.")
+
+
+RequestObserver = Callable[[Scope, int, float], None]
+
+
+class RequestContextMiddleware:
+    """Give each request an id, stamp the response headers, log one access line, and turn an
+    unhandled exception into a logged 500 problem (so it is logged once, here)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        slow_request_ms: float = 500.0,
+        observers: tuple[RequestObserver, ...] = (),
+    ) -> None:
+        self.app = app
+        self.slow_request_seconds = slow_request_ms / 1000
+        self.observers = observers
+        self.fixed_headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"cache-control", b"no-store"),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        status = 500
+        response_started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                headers = message.setdefault("headers", [])
+                headers.append((b"x-request-id", request_id.encode()))
+                headers.extend(self.fixed_headers)
+                headers.extend(state.get("response_headers", ()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("request.unhandled_error")
+            status = 500
+            if not response_started:
+                response = problem_response(
+                    500,
+                    "Internal Server Error",
+                    "The server failed to handle this request; quote the request id to report it.",
+                    slug="internal-error",
+                )
+                await response(scope, receive, send_with_headers)
+        finally:
+            duration = time.perf_counter() - started
+            self._log_access(scope, state, status, duration)
+            for observe in self.observers:
+                observe(scope, status, duration)
+
+    def _log_access(
+        self, scope: Scope, state: dict[str, Any], status: int, duration: float
+    ) -> None:
+        level = (
+            logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+        )
+        route = route_template(scope)
+        headers = dict(scope["headers"])
+        client = scope.get("client")
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status_code": status,
+            "duration_ms": round(duration * 1000, 2),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "api_key": state.get("api_key_name"),
+            "user_agent": headers.get(b"user-agent", b"").decode("latin-1"),
+        }
+        access_log.log(level, "request", extra=fields)
+        if duration >= self.slow_request_seconds:
+            log.warning(
+                "request.slow",
+                extra={k: fields[k] for k in ("method", "route", "duration_ms")},
+            )
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template; every unmatched path shares one label."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "<unmatched>"
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            # Anything else (newlines, quotes, huge values) is replaced, never echoed or logged.
+            return text if _VALID_REQUEST_ID.fullmatch(text) else None
+    return None
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes` before anything parses them, whether or not the client
+    declared a Content-Length, and without buffering past the limit."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            # Raised while the route reads its body, so the API's error map answers it.
+            if declared is not None and declared > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

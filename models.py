@@ -1,0 +1,190 @@
+"""Request and response shapes of the documents API, with their field limits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+TITLE_MAX_CHARS = 200
+TAGS_MAX = 20
+TAG_MAX_CHARS = 50
+METADATA_MAX_KEYS = 50
+METADATA_KEY_MAX_CHARS = 64
+METADATA_STRING_MAX_CHARS = 1_000
+# Integers travel as JSON numbers; beyond 64 bits many clients (and orjson) lose them.
+METADATA_INT_MIN = -(2**63)
+METADATA_INT_MAX = 2**64 - 1
+DEFAULT_CONTENT_MAX_CHARS = 100_000
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_CHARS),
+    Field(description="Human-readable title, 1-200 characters after trimming."),
+]
+Tag = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=TAG_MAX_CHARS),
+]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_MAX_CHARS)]
+MetadataValue = (
+    Annotated[str, StringConstraints(max_length=METADATA_STRING_MAX_CHARS)]
+    | bool
+    | Annotated[int, Field(ge=METADATA_INT_MIN, le=METADATA_INT_MAX)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | None
+)
+
+
+def _unique(tags: list[str]) -> list[str]:
+    """Drop repeats after normalisation, keeping the first occurrence's position."""
+    return list(dict.fromkeys(tags))
+
+
+Tags = Annotated[
+    list[Tag],
+    Field(
+        max_length=TAGS_MAX,
+        description="Up to 20 tags of 1-50 characters; stored lower-case, repeats dropped.",
+    ),
+    AfterValidator(_unique),
+]
+Metadata = Annotated[
+    dict[MetadataKey, MetadataValue],
+    Field(
+        max_length=METADATA_MAX_KEYS,
+        description="Flat object of up to 50 keys; values are strings, numbers, booleans or null.",
+    ),
+]
+Content = Annotated[
+    str,
+    Field(
+        description="The document body. Its length is bounded by the MAX_CONTENT_CHARS setting "
+        f"(default {DEFAULT_CONTENT_MAX_CHARS:,} characters)."
+    ),
+]
+
+
+class DocumentCreate(BaseModel):
+    """What a client sends to create a document."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "title": "Quarterly report",
+                    "content": "Revenue grew 12% quarter on quarter.",
+                    "tags": ["finance", "q3"],
+                    "metadata": {"author": "ada", "pages": 12},
+                }
+            ]
+        },
+    )
+
+    title: Title
+    content: Content
+    tags: Tags = []
+    metadata: Metadata = {}
+
+
+class DocumentUpdate(BaseModel):
+    """A JSON merge patch (RFC 7386): absent fields stay, `tags` is replaced whole,
+    `metadata` merges key by key and a `null` value removes that key."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"title": "Quarterly report (final)", "tags": ["final"]}]},
+    )
+
+    title: Title | None = None
+    content: Content | None = None
+    tags: Tags | None = None
+    metadata: Metadata | None = None
+
+    @field_validator("title", "content")
+    @classmethod
+    def _not_removable(cls, value: str | None) -> str:
+        # In a merge patch null means "remove", and a document cannot lose these fields.
+        if value is None:
+            raise ValueError("cannot be null: title and content are required")
+        return value
+
+
+class Document(BaseModel):
+    """A stored document as the API returns it."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "01JDQ7Z8X4M2N6P9R3T5V7W9YB",
+                    "title": "Quarterly report",
+                    "content": "Revenue grew 12% quarter on quarter.",
+                    "tags": ["finance", "q3"],
+                    "metadata": {"author": "ada", "pages": 12},
+                    "created_at": "2026-11-27T09:30:00.000000Z",
+                    "updated_at": "2026-11-27T09:30:00.000000Z",
+                    "version": 1,
+                }
+            ]
+        },
+    )
+
+    id: str = Field(description="Server-generated, URL-safe, unguessable; sorts by creation time.")
+    title: str
+    content: str
+    tags: list[str]
+    metadata: dict[str, Any]
+    created_at: datetime = Field(description="ISO 8601, UTC.")
+    updated_at: datetime = Field(description="ISO 8601, UTC.")
+    version: int = Field(ge=1, description="Starts at 1 and grows by one on every change.")
+
+
+class DocumentPage(BaseModel):
+    """One page of a newest-first listing."""
+
+    items: list[Document]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class ProblemFieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where the bad value is, e.g. ['body', 'title'].")
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document; every error response has this shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "urn:documents:problem:not-found",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "No document with id '01JDQ7Z8X4M2N6P9R3T5V7W9YB'.",
+                    "request_id": "4f9c2b7e0a1d4c3b",
+                }
+            ]
+        }
+    )
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str
+    errors: list[ProblemFieldError] | None = None

@@ -1,0 +1,708 @@
+"""Document stores: the `DocumentStore` contract, the embedded TinyDB store and domain errors.
+
+Nothing here knows about HTTP. The TinyDB store keeps every document in memory (the file is parsed
+once, at open) and makes each write durable before it returns:
+
+* `documents.json` is a TinyDB database (``TinyDB(path)`` opens it). It is rewritten only whole and
+  atomically: temp file, fsync, ``os.replace``, fsync of the directory.
+* `documents.journal` receives every change as one checksummed line, appended and fdatasync'ed
+  before the write is acknowledged. Concurrent writers share one fdatasync (group commit).
+  When the journal outgrows the database file it is folded into it (compaction), and it is folded
+  at every open and close, so after a clean shutdown the TinyDB file alone holds everything.
+* `documents.lock` carries an exclusive ``flock``: one process owns a data directory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio.to_thread
+import orjson
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from tinydb import TinyDB
+from tinydb.storages import Storage
+
+from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentUpdate
+
+log = logging.getLogger("documents.store")
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+DATA_FILE = "documents.json"
+JOURNAL_FILE = "documents.journal"
+LOCK_FILE = "documents.lock"
+# Fold the journal into the database once it is larger than the database itself (and at least
+# this big): compaction then costs O(1) amortised per write, whatever the number of documents.
+COMPACT_MIN_BYTES = 4 * 1024 * 1024
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base of every error a store raises; the API maps each subclass to one status."""
+
+
+class DocumentNotFound(StoreError):
+    def __init__(self, doc_id: str) -> None:
+        super().__init__(f"no document with id {doc_id!r}")
+        self.doc_id = doc_id
+
+
+class PreconditionFailed(StoreError):
+    def __init__(self, doc_id: str, current_version: int) -> None:
+        super().__init__(f"document {doc_id!r} is at version {current_version}")
+        self.doc_id = doc_id
+        self.current_version = current_version
+
+
+class IdempotencyConflict(StoreError):
+    def __init__(self, key: str) -> None:
+        super().__init__("this Idempotency-Key was already used with a different body")
+        self.key = key
+
+
+class DocumentInvalid(StoreError):
+    """A change that is valid on its own but not against the stored document."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot serve right now (disk failure, database unreachable)."""
+
+
+class StoreCorrupt(StoreError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"data file {path} is corrupt ({reason}); it was left untouched")
+        self.path = path
+
+
+class StoreLocked(StoreError):
+    def __init__(self, data_dir: Path, lock_path: Path) -> None:
+        super().__init__(
+            f"data directory {data_dir} is in use by another process "
+            f"(lock file {lock_path} is held); one process owns a data directory"
+        )
+        self.lock_path = lock_path
+
+
+# --- contract ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """An `Idempotency-Key` header value, scoped to the API key that sent it."""
+
+    scope: str
+    key: str
+
+
+class DocumentStore(Protocol):
+    """What the API needs from a backend. Methods are async; each store decides what to offload."""
+
+    backend: str
+
+    async def create(
+        self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
+    ) -> tuple[Document, bool]:
+        """Return the new document, or the original one and True for a replayed key."""
+        ...
+
+    async def get(self, doc_id: str) -> Document: ...
+
+    async def page(
+        self, *, limit: int, after: str | None = None, tag: str | None = None
+    ) -> tuple[list[Document], str | None]:
+        """Newest first, strictly older than `after`; the second item is the next `after`."""
+        ...
+
+    async def update(
+        self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
+    ) -> Document: ...
+
+    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None: ...
+
+    async def import_document(self, doc: Document) -> bool:
+        """Insert `doc` as it is (id and timestamps kept) unless its id exists; True if inserted."""
+        ...
+
+    def export_documents(self) -> Iterator[Document]:
+        """Every document, oldest first."""
+        ...
+
+    async def count(self) -> int: ...
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless the store can be read and written right now."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --- shared document logic --------------------------------------------------------------------
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_id(now: datetime) -> str:
+    """48 bits of milliseconds then 80 random bits, Crockford base32: sorts by creation time,
+    and cannot be guessed from another id."""
+    value = (int(now.timestamp() * 1000) << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def fingerprint(data: DocumentCreate) -> str:
+    """Same validated body, same fingerprint, whatever the whitespace or key order sent."""
+    return hashlib.sha256(data.model_dump_json().encode()).hexdigest()
+
+
+def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document:
+    """RFC 7386 merge of `patch` into `doc`; returns `doc` itself when nothing changes."""
+    changes: dict[str, Any] = {}
+    fields = patch.model_fields_set
+    if "title" in fields and patch.title != doc.title:
+        changes["title"] = patch.title
+    if "content" in fields and patch.content != doc.content:
+        changes["content"] = patch.content
+    if "tags" in fields and (patch.tags or []) != doc.tags:
+        changes["tags"] = patch.tags or []
+    if "metadata" in fields:
+        merged = dict(doc.metadata) if patch.metadata is not None else {}
+        for key, value in (patch.metadata or {}).items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        if len(merged) > METADATA_MAX_KEYS:
+            raise DocumentInvalid(
+                "metadata",
+                f"metadata would have {len(merged)} keys; at most {METADATA_MAX_KEYS}",
+            )
+        if merged != doc.metadata:
+            changes["metadata"] = merged
+    if not changes:
+        return doc
+    return doc.model_copy(update={**changes, "updated_at": now, "version": doc.version + 1})
+
+
+# --- TinyDB store -----------------------------------------------------------------------------
+
+
+class IdempotencyRecord(BaseModel):
+    scope: str
+    key: str
+    fingerprint: str
+    document_id: str
+    created_at: datetime
+
+
+class _JournalEntry(BaseModel):
+    table: str
+    id: str
+    value: dict[str, Any] | None
+
+
+_SNAPSHOT = TypeAdapter(dict[str, dict[str, Any]])
+_DOCUMENTS = "documents"
+_IDEMPOTENCY = "idempotency"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DurableJSONStorage(Storage):
+    """A TinyDB storage that parses with orjson and replaces the file atomically and durably.
+
+    Unlike TinyDB's `JSONStorage` it never truncates the live file in place, so a crash at any
+    instant leaves either the old or the new database, never a torn one.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        # We only ever write complete databases, so an empty file is damage, not "no data".
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise StoreCorrupt(self.path, f"not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+            raise StoreCorrupt(self.path, "not a TinyDB database (expected an object of tables)")
+        return data
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        # Write the whole database beside the live one, make it durable, then swap it in.
+        with open(tmp, "wb") as fh:
+            fh.write(_SNAPSHOT.dump_json(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        # fsync the directory too: the rename is durable only once the dirent is.
+        _fsync_dir(self.path.parent)
+
+    def close(self) -> None:
+        """Nothing stays open between calls."""
+
+
+def _journal_line(entry: _JournalEntry) -> bytes:
+    body = entry.model_dump_json().encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _read_journal(path: Path) -> Iterator[_JournalEntry]:
+    """Yield complete, checksummed entries; a torn last line (a crash mid-append, never
+    acknowledged) is skipped, anything else that does not check out is corruption."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = raw.split(b"\n")
+    # Everything after the last newline was being appended when the process died.
+    for number, line in enumerate(lines[:-1], start=1):
+        crc, _, body = line.partition(b" ")
+        try:
+            valid = int(crc, 16) == zlib.crc32(body)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise StoreCorrupt(path, f"line {number} fails its checksum")
+        try:
+            yield _JournalEntry.model_validate_json(body)
+        except ValidationError as exc:
+            raise StoreCorrupt(path, f"line {number} is not a journal entry") from exc
+
+
+class TinyDBStore:
+    """The embedded store: all documents in memory, every write journalled and fsync'ed."""
+
+    backend = "tinydb"
+
+    def __init__(self, data_dir: Path, *, clock: Clock = utc_now) -> None:
+        """Use `TinyDBStore.open`, which also loads the data."""
+        self.data_dir = data_dir
+        self._clock = clock
+        self._docs: dict[str, Document] = {}
+        self._order: list[str] = []  # ids ascending; ids sort by creation time
+        self._by_tag: dict[str, list[str]] = {}
+        self._idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
+        # _lock guards the memory state and the pending journal lines; it is only ever held for
+        # memory work. _flush_lock serialises file writes, which happen outside _lock.
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._written_seq = 0
+        self._durable_seq = 0
+        self._journal_bytes = 0
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._lock_fd = -1
+        self._journal_fd = -1
+        self._db = TinyDB(str(data_dir / DATA_FILE), storage=DurableJSONStorage)
+        self.load_seconds = 0.0
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir / DATA_FILE
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_dir / JOURNAL_FILE
+
+    @classmethod
+    def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> TinyDBStore:
+        """Lock the directory, load the database, replay the journal and fold it in."""
+        started = time.perf_counter()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create data directory {data_dir}: {exc}") from exc
+        store = cls(data_dir, clock=clock)
+        try:
+            store._take_lock()
+            store._load()
+            store._journal_fd = os.open(
+                store.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+            )
+            store._compact()
+        except BaseException:
+            store._release()
+            raise
+        store.load_seconds = time.perf_counter() - started
+        return store
+
+    def _take_lock(self) -> None:
+        lock_path = self.data_dir / LOCK_FILE
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StoreLocked(self.data_dir, lock_path) from exc
+
+    def _load(self) -> None:
+        tables = self._db.storage.read() or {}
+        now = self._clock()
+        try:
+            for raw in tables.get(_DOCUMENTS, {}).values():
+                self._index(Document.model_validate(raw))
+            for raw in tables.get(_IDEMPOTENCY, {}).values():
+                self._remember(IdempotencyRecord.model_validate(raw), now)
+        except ValidationError as exc:
+            raise StoreCorrupt(self.data_path, f"a record does not validate: {exc}") from exc
+        try:
+            for entry in _read_journal(self.journal_path):
+                self._replay(entry, now)
+        except ValidationError as exc:
+            raise StoreCorrupt(self.journal_path, f"an entry does not validate: {exc}") from exc
+
+    def _replay(self, entry: _JournalEntry, now: datetime) -> None:
+        if entry.table == _DOCUMENTS:
+            old = self._docs.get(entry.id)
+            if old is not None:
+                self._unindex(old)
+            if entry.value is not None:
+                self._index(Document.model_validate(entry.value))
+        elif entry.table == _IDEMPOTENCY and entry.value is not None:
+            self._remember(IdempotencyRecord.model_validate(entry.value), now)
+
+    def _remember(self, record: IdempotencyRecord, now: datetime) -> None:
+        if now - record.created_at < IDEMPOTENCY_TTL:
+            self._idempotency[record.scope, record.key] = record
+
+    # memory indexes; callers hold _lock (or own the store exclusively, at open)
+
+    def _index(self, doc: Document) -> None:
+        self._docs[doc.id] = doc
+        bisect.insort(self._order, doc.id)
+        for tag in doc.tags:
+            bisect.insort(self._by_tag.setdefault(tag, []), doc.id)
+
+    def _unindex(self, doc: Document) -> None:
+        del self._docs[doc.id]
+        _remove_sorted(self._order, doc.id)
+        for tag in doc.tags:
+            ids = self._by_tag[tag]
+            _remove_sorted(ids, doc.id)
+            if not ids:
+                del self._by_tag[tag]
+
+    def _usable(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        if self._failed is not None:
+            raise StoreUnavailable("the data directory failed a write; restart after fixing it")
+
+    def _journal(self, *entries: _JournalEntry) -> int:
+        """Queue entries for the next flush; returns the sequence number to wait for."""
+        self._pending.extend(_journal_line(e) for e in entries)
+        self._written_seq += 1
+        return self._written_seq
+
+    def _doc_entry(self, doc_id: str, doc: Document | None) -> _JournalEntry:
+        value = None if doc is None else doc.model_dump(mode="json")
+        return _JournalEntry(table=_DOCUMENTS, id=doc_id, value=value)
+
+    # durability
+
+    def _flush(self, seq: int) -> None:
+        """Return once change `seq` is on disk. The first writer in flushes for everyone queued
+        behind it, so N concurrent writes cost one fdatasync, not N."""
+        with self._flush_lock:
+            if self._durable_seq >= seq:
+                return
+            self._usable()
+            with self._lock:
+                lines, self._pending = self._pending, []
+                upto = self._written_seq
+            data = b"".join(lines)
+            try:
+                os.write(self._journal_fd, data)
+                os.fdatasync(self._journal_fd)
+            except OSError as exc:
+                self._fail(exc)
+            self._journal_bytes += len(data)
+            self._durable_seq = upto
+            if self._journal_bytes > max(COMPACT_MIN_BYTES, self._data_bytes()):
+                self._compact()
+
+    def _fail(self, exc: OSError) -> None:
+        # After a failed fsync the page cache may not match the disk: stop writing for good.
+        self._failed = exc
+        log.error("store.write_failed", extra={"data_dir": str(self.data_dir)}, exc_info=exc)
+        raise StoreUnavailable("cannot write to the data directory") from exc
+
+    def _data_bytes(self) -> int:
+        try:
+            return self.data_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _compact(self) -> None:
+        """Write memory as the new TinyDB file, then empty the journal. Caller holds
+        _flush_lock (or owns the store exclusively). A crash between the two steps only
+        replays entries the new file already holds, which is harmless."""
+        started = time.perf_counter()
+        with self._lock:
+            docs = {str(n): d for n, d in enumerate(map(self._docs.__getitem__, self._order), 1)}
+            now = self._clock()
+            live = [r for r in self._idempotency.values() if now - r.created_at < IDEMPOTENCY_TTL]
+            self._idempotency = {(r.scope, r.key): r for r in live}
+            upto = self._written_seq
+            self._pending = []
+        try:
+            self._db.storage.write(
+                {
+                    _DOCUMENTS: docs,
+                    _IDEMPOTENCY: {str(n): r for n, r in enumerate(live, 1)},
+                }
+            )
+            os.ftruncate(self._journal_fd, 0)
+            os.fsync(self._journal_fd)
+        except OSError as exc:
+            self._fail(exc)
+        self._journal_bytes = 0
+        self._durable_seq = upto
+        log.info(
+            "store.compacted",
+            extra={
+                "documents": len(docs),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+
+    # the contract
+
+    async def create(
+        self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
+    ) -> tuple[Document, bool]:
+        return await anyio.to_thread.run_sync(self._create, data, idempotency)
+
+    def _create(
+        self, data: DocumentCreate, idempotency: IdempotencyKey | None
+    ) -> tuple[Document, bool]:
+        body_print = fingerprint(data) if idempotency is not None else ""
+        with self._lock:
+            self._usable()
+            now = self._clock()
+            original = self._replay_of(idempotency, body_print, now)
+            if original is not None:
+                # The original may still be waiting for its flush: wait for it as well.
+                seq = self._written_seq
+            else:
+                doc = Document(
+                    id=new_id(now),
+                    title=data.title,
+                    content=data.content,
+                    tags=data.tags,
+                    metadata=data.metadata,
+                    created_at=now,
+                    updated_at=now,
+                    version=1,
+                )
+                self._index(doc)
+                entries = [self._doc_entry(doc.id, doc)]
+                if idempotency is not None:
+                    entries.append(self._record_key(idempotency, body_print, doc.id, now))
+                seq = self._journal(*entries)
+        self._flush(seq)
+        if original is not None:
+            return original, True
+        return doc, False
+
+    def _replay_of(
+        self, idempotency: IdempotencyKey | None, body_print: str, now: datetime
+    ) -> Document | None:
+        if idempotency is None:
+            return None
+        known = self._idempotency.get((idempotency.scope, idempotency.key))
+        if known is None or now - known.created_at >= IDEMPOTENCY_TTL:
+            return None
+        if known.fingerprint != body_print:
+            raise IdempotencyConflict(idempotency.key)
+        original = self._docs.get(known.document_id)
+        if original is None:
+            raise DocumentNotFound(known.document_id)
+        return original
+
+    def _record_key(
+        self, idempotency: IdempotencyKey, body_print: str, doc_id: str, now: datetime
+    ) -> _JournalEntry:
+        record = IdempotencyRecord(
+            scope=idempotency.scope,
+            key=idempotency.key,
+            fingerprint=body_print,
+            document_id=doc_id,
+            created_at=now,
+        )
+        self._idempotency[idempotency.scope, idempotency.key] = record
+        return _JournalEntry(
+            table=_IDEMPOTENCY,
+            id=f"{record.scope}:{record.key}",
+            value=record.model_dump(mode="json"),
+        )
+
+    async def get(self, doc_id: str) -> Document:
+        # Memory only, and _lock is never held across I/O: safe on the event loop.
+        with self._lock:
+            self._usable()
+            doc = self._docs.get(doc_id)
+        if doc is None:
+            raise DocumentNotFound(doc_id)
+        return doc
+
+    async def page(
+        self, *, limit: int, after: str | None = None, tag: str | None = None
+    ) -> tuple[list[Document], str | None]:
+        with self._lock:
+            self._usable()
+            ids = self._order if tag is None else self._by_tag.get(tag, [])
+            end = len(ids) if after is None else bisect.bisect_left(ids, after)
+            start = max(0, end - limit)
+            chosen = ids[start:end]
+            items = [self._docs[i] for i in reversed(chosen)]
+        next_after = items[-1].id if start > 0 and items else None
+        return items, next_after
+
+    async def update(
+        self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
+    ) -> Document:
+        return await anyio.to_thread.run_sync(self._update, doc_id, patch, if_version)
+
+    def _update(self, doc_id: str, patch: DocumentUpdate, if_version: int | None) -> Document:
+        # Check and change under one hold of the lock, so two PATCHes cannot interleave.
+        with self._lock:
+            current = self._current(doc_id, if_version)
+            new = apply_patch(current, patch, self._clock())
+            if new is current:
+                return current
+            self._unindex(current)
+            self._index(new)
+            seq = self._journal(self._doc_entry(doc_id, new))
+        self._flush(seq)
+        return new
+
+    def _current(self, doc_id: str, if_version: int | None) -> Document:
+        self._usable()
+        current = self._docs.get(doc_id)
+        if current is None:
+            raise DocumentNotFound(doc_id)
+        if if_version is not None and current.version != if_version:
+            raise PreconditionFailed(doc_id, current.version)
+        return current
+
+    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        await anyio.to_thread.run_sync(self._delete, doc_id, if_version)
+
+    def _delete(self, doc_id: str, if_version: int | None) -> None:
+        with self._lock:
+            self._unindex(self._current(doc_id, if_version))
+            seq = self._journal(self._doc_entry(doc_id, None))
+        self._flush(seq)
+
+    async def import_document(self, doc: Document) -> bool:
+        return await anyio.to_thread.run_sync(self._import, doc)
+
+    def _import(self, doc: Document) -> bool:
+        with self._lock:
+            self._usable()
+            if doc.id in self._docs:
+                return False
+            self._index(doc)
+            seq = self._journal(self._doc_entry(doc.id, doc))
+        self._flush(seq)
+        return True
+
+    def export_documents(self) -> Iterator[Document]:
+        with self._lock:
+            docs = [self._docs[i] for i in self._order]
+        yield from docs
+
+    async def count(self) -> int:
+        return len(self._docs)
+
+    async def check(self) -> None:
+        self._usable()
+        await anyio.to_thread.run_sync(self._probe)
+
+    def _probe(self) -> None:
+        probe = self.data_dir / ".ready-probe"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"ok")
+                os.fsync(fh.fileno())
+            os.unlink(probe)
+            os.fstat(self._journal_fd)
+        except OSError as exc:
+            raise StoreUnavailable(f"data directory is not writable: {exc.strerror}") from exc
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self.close_sync)
+
+    def close_sync(self) -> None:
+        """Fold the journal into the TinyDB file and release the directory."""
+        with self._flush_lock:
+            if self._closed:
+                return
+            try:
+                if self._failed is None:
+                    self._compact()
+            finally:
+                self._closed = True
+                self._release()
+
+    def _release(self) -> None:
+        for fd in (self._journal_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)  # closing the lock fd releases the flock
+        self._journal_fd = self._lock_fd = -1
+
+
+def _remove_sorted(ids: list[str], doc_id: str) -> None:
+    index = bisect.bisect_left(ids, doc_id)
+    if index < len(ids) and ids[index] == doc_id:
+        del ids[index]
+
+
+@contextmanager
+def opened(data_dir: Path) -> Iterator[TinyDBStore]:
+    """A TinyDB store for the length of a `with` block (command-line tasks, tests)."""
+    store = TinyDBStore.open(data_dir)
+    try:
+        yield store
+    finally:
+        store.close_sync()
