@@ -219,11 +219,16 @@ def etag(doc: Document) -> str:
     return f'"{doc.version}"'
 
 
-def _etag_versions(header: str) -> list[int | Literal["*"]]:
-    """Versions named by an If-Match / If-None-Match list; weak tags count as their version."""
+def _etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
+    """Versions named by an ETag list. If-None-Match compares weakly (W/"3" names version 3);
+    If-Match compares strongly, so a weak tag there names nothing (RFC 9110, 13.1)."""
     versions: list[int | Literal["*"]] = []
     for raw in header.split(","):
-        tag = raw.strip().removeprefix("W/")
+        tag = raw.strip()
+        if tag.startswith("W/"):
+            if not weak:
+                continue
+            tag = tag[2:]
         if tag == "*":
             versions.append("*")
         elif len(tag) >= 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
@@ -231,11 +236,12 @@ def _etag_versions(header: str) -> list[int | Literal["*"]]:
     return versions
 
 
-def _if_match_version(header: str | None, current: Document | None = None) -> int | None:
-    """The version an If-Match demands; -1 (which never matches) for tags we never issued."""
+def _if_match_version(header: str | None) -> int | None:
+    """The version an If-Match demands: None for no header or `*`, -1 (never matches) for
+    tags this service never issued."""
     if header is None:
         return None
-    versions = _etag_versions(header)
+    versions = _etag_versions(header, weak=False)
     if "*" in versions:
         return None
     numbers = [v for v in versions if isinstance(v, int)]
@@ -407,7 +413,7 @@ def build_router() -> APIRouter:
         """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
         doc = await store.get(document_id)
         if if_none_match is not None:
-            versions = _etag_versions(if_none_match)
+            versions = _etag_versions(if_none_match, weak=True)
             if "*" in versions or doc.version in versions:
                 return Response(status_code=304, headers={"ETag": etag(doc)})
         return _json(doc, headers={"ETag": etag(doc)})

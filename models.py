@@ -38,10 +38,18 @@ MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA
 MetadataValue = (
     Annotated[str, StringConstraints(max_length=METADATA_STRING_MAX_CHARS)]
     | bool
-    | Annotated[int, Field(ge=METADATA_INT_MIN, le=METADATA_INT_MAX)]
+    | int
     | Annotated[float, Field(allow_inf_nan=False)]
     | None
 )
+
+
+def _bounded_ints(metadata: dict[str, Any]) -> dict[str, Any]:
+    # Checked here, not on the int branch: a failed int there would fall through to float.
+    for key, value in metadata.items():
+        if isinstance(value, int) and not METADATA_INT_MIN <= value <= METADATA_INT_MAX:
+            raise ValueError(f"metadata[{key!r}] is outside the 64-bit integer range")
+    return metadata
 
 
 def _unique(tags: list[str]) -> list[str]:
@@ -63,6 +71,7 @@ Metadata = Annotated[
         max_length=METADATA_MAX_KEYS,
         description="Flat object of up to 50 keys; values are strings, numbers, booleans or null.",
     ),
+    AfterValidator(_bounded_ints),
 ]
 Content = Annotated[
     str,

@@ -166,15 +166,28 @@ class DocumentStore(Protocol):
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-def new_id(now: datetime) -> str:
-    """48 bits of milliseconds then 80 random bits, Crockford base32: sorts by creation time,
-    and cannot be guessed from another id."""
-    value = (int(now.timestamp() * 1000) << 80) | secrets.randbits(80)
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+class IdGenerator:
+    """48 bits of milliseconds then 80 random bits, in Crockford base32 (26 URL-safe chars).
+
+    Ids sort by creation time, which is what newest-first pages rely on; within one millisecond
+    a later id is the previous one plus a random step, so order holds and ids stay unguessable.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, now: datetime) -> str:
+        value = (int(now.timestamp() * 1000) << 80) | secrets.randbits(80)
+        with self._lock:
+            if value <= self._last:
+                value = self._last + 1 + secrets.randbits(40)
+            self._last = value
+        chars = []
+        for _ in range(26):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))
 
 
 def fingerprint(data: DocumentCreate) -> str:
@@ -313,10 +326,14 @@ class TinyDBStore:
 
     backend = "tinydb"
 
-    def __init__(self, data_dir: Path, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, data_dir: Path, *, clock: Clock = utc_now, compact_min_bytes: int = COMPACT_MIN_BYTES
+    ) -> None:
         """Use `TinyDBStore.open`, which also loads the data."""
         self.data_dir = data_dir
         self._clock = clock
+        self._new_id = IdGenerator()
+        self._compact_min_bytes = compact_min_bytes
         self._docs: dict[str, Document] = {}
         self._order: list[str] = []  # ids ascending; ids sort by creation time
         self._by_tag: dict[str, list[str]] = {}
@@ -345,14 +362,16 @@ class TinyDBStore:
         return self.data_dir / JOURNAL_FILE
 
     @classmethod
-    def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> TinyDBStore:
+    def open(
+        cls, data_dir: Path, *, clock: Clock = utc_now, compact_min_bytes: int = COMPACT_MIN_BYTES
+    ) -> TinyDBStore:
         """Lock the directory, load the database, replay the journal and fold it in."""
         started = time.perf_counter()
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create data directory {data_dir}: {exc}") from exc
-        store = cls(data_dir, clock=clock)
+        store = cls(data_dir, clock=clock, compact_min_bytes=compact_min_bytes)
         try:
             store._take_lock()
             store._load()
@@ -457,7 +476,7 @@ class TinyDBStore:
                 self._fail(exc)
             self._journal_bytes += len(data)
             self._durable_seq = upto
-            if self._journal_bytes > max(COMPACT_MIN_BYTES, self._data_bytes()):
+            if self._journal_bytes > max(self._compact_min_bytes, self._data_bytes()):
                 self._compact()
 
     def _fail(self, exc: OSError) -> None:
@@ -525,7 +544,7 @@ class TinyDBStore:
                 seq = self._written_seq
             else:
                 doc = Document(
-                    id=new_id(now),
+                    id=self._new_id(now),
                     title=data.title,
                     content=data.content,
                     tags=data.tags,

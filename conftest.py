@@ -1,0 +1,144 @@
+"""Shared fixtures: the real app on a temp dir, and the real service as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from main import Settings, create_app
+
+KEY = "test-key-0001"
+OTHER_KEY = "test-key-0002"
+HERE = Path(__file__).parent
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "api_keys": f"alice:{KEY},bob:{OTHER_KEY}",
+        "rate_limit": "10000/minute",
+    }
+    values.update(overrides)
+    # _env_file=None: a developer's .env must not change what the tests see.
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(tmp_path)), headers={"X-API-Key": KEY}) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Service:
+    """`python main.py` in a subprocess, as a user starts it."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "API_KEYS": f"alice:{KEY}",
+            "DATA_DIR": str(data_dir),
+            "PORT": str(self.port),
+            "RATE_LIMIT": "1000000/minute",
+            "LOG_LEVEL": "INFO",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.output: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait: bool = True) -> Service:
+        self.output = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "main.py")],
+            cwd=HERE,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_for_line("Application startup complete", timeout=20)
+        return self
+
+    def wait_for_line(self, text: str, timeout: float) -> str:
+        """Read the service's output until a line contains `text` (the process tells us it is
+        ready: no sleeping and hoping)."""
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                if not sel.select(left):
+                    break
+                line = self.proc.stdout.readline().decode(errors="replace")
+                if not line:
+                    break
+                self.output.append(line)
+                if text in line:
+                    return line
+        raise AssertionError(f"no line with {text!r}; output so far:\n{''.join(self.output)}")
+
+    def rest_of_output(self, timeout: float = 10) -> str:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        self.proc.wait(timeout)
+        self.output.append(self.proc.stdout.read().decode(errors="replace"))
+        return "".join(self.output)
+
+    def client(self, key: str = KEY) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-API-Key": key}, timeout=10)
+
+    def terminate(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop_quietly(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Service] = []
+
+    def make(data_dir: Path | None = None, env: dict[str, str] | None = None) -> Service:
+        service = Service(data_dir or tmp_path / "data", env)
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop_quietly()

@@ -1,0 +1,528 @@
+"""The HTTP contract, through the real app on a temp data dir."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from tinydb import TinyDB
+
+from conftest import KEY, OTHER_KEY, make_settings
+from main import create_app
+
+DOC = {"title": "Quarterly report", "content": "Revenue grew.", "tags": ["Finance"]}
+
+
+def create(client: TestClient, body: dict[str, Any] | None = None, **headers: str) -> Any:
+    response = client.post("/v1/documents", json=body or DOC, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
+    assert body["type"].startswith("urn:")
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+    return body
+
+
+# --- create -----------------------------------------------------------------------------------
+
+
+def test_create_returns_201_with_location_etag_and_normalised_document(client: TestClient) -> None:
+    response = client.post(
+        "/v1/documents",
+        json={
+            "title": "  Hello  ",
+            "content": "x",
+            "tags": ["B", "b", " a "],
+            "metadata": {"n": 1},
+        },
+    )
+    assert response.status_code == 201
+    doc = response.json()
+    assert response.headers["location"] == f"/v1/documents/{doc['id']}"
+    assert response.headers["etag"] == '"1"'
+    assert doc["title"] == "Hello"
+    assert doc["tags"] == ["b", "a"]
+    assert doc["metadata"] == {"n": 1}
+    assert doc["version"] == 1
+    assert doc["created_at"] == doc["updated_at"]
+    assert doc["created_at"].endswith("Z")
+
+
+def test_ids_are_distinct_url_safe_and_unguessable(client: TestClient) -> None:
+    ids = [create(client)["id"] for _ in range(20)]
+    assert len(set(ids)) == 20
+    assert all(i.isalnum() and len(i) == 26 for i in ids)
+    # 80 random bits follow the timestamp: neighbours share no random suffix.
+    assert len({i[10:] for i in ids}) == 20
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"title": "   ", "content": "x"}, "title"),
+        ({"title": "t" * 201, "content": "x"}, "title"),
+        ({"content": "x"}, "title"),
+        ({"title": 5, "content": "x"}, "title"),
+        ({"title": "t"}, "content"),
+        ({"title": "t", "content": ["x"]}, "content"),
+        ({"title": "t", "content": "x", "tags": [f"t{i}" for i in range(21)]}, "tags"),
+        ({"title": "t", "content": "x", "tags": ["x" * 51]}, "tags"),
+        ({"title": "t", "content": "x", "tags": [""]}, "tags"),
+        ({"title": "t", "content": "x", "metadata": {"a": {"nested": 1}}}, "metadata"),
+        ({"title": "t", "content": "x", "metadata": {f"k{i}": i for i in range(51)}}, "metadata"),
+        ({"title": "t", "content": "x", "metadata": {"big": 2**70}}, "metadata"),
+        ({"title": "t", "content": "x", "id": "chosen"}, "id"),
+    ],
+)
+def test_invalid_body_returns_422_naming_the_field(
+    client: TestClient, body: dict[str, Any], field: str
+) -> None:
+    problem = assert_problem(client.post("/v1/documents", json=body), 422)
+    assert any(field in e["loc"] for e in problem["errors"]), problem["errors"]
+    assert client.get("/v1/documents").json()["items"] == []
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e999"])
+def test_non_finite_numbers_are_rejected(client: TestClient, number: str) -> None:
+    raw = f'{{"title": "t", "content": "x", "metadata": {{"n": {number}}}}}'
+    response = client.post(
+        "/v1/documents", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert_problem(response, 422)
+
+
+def test_content_longer_than_setting_returns_422(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_content_chars=10)
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        problem = assert_problem(
+            client.post("/v1/documents", json={"title": "t", "content": "x" * 11}), 422
+        )
+        assert problem["errors"][0]["loc"] == ["body", "content"]
+        assert client.post("/v1/documents", json={"title": "t", "content": "x" * 10}).is_success
+
+
+@pytest.mark.parametrize("raw", [b'{"title": "t",', b"not json", b'{"title": "\xff"}'])
+def test_malformed_json_returns_400_problem(client: TestClient, raw: bytes) -> None:
+    response = client.post(
+        "/v1/documents", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert_problem(response, 400)
+
+
+def test_non_json_body_returns_415_problem(client: TestClient) -> None:
+    response = client.post(
+        "/v1/documents", content=b"title=x", headers={"Content-Type": "text/plain"}
+    )
+    assert_problem(response, 415)
+
+
+def test_body_over_limit_returns_413_before_parsing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_body_bytes=2048)
+    big = {"title": "t", "content": "x" * 4000}
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        assert_problem(client.post("/v1/documents", json=big), 413)
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"title": "t", "content": "'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'"}'
+
+        # A chunked body declares no length; it is cut off once it passes the limit.
+        chunked = client.post(
+            "/v1/documents", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert_problem(chunked, 413)
+        assert client.get("/v1/documents").json()["items"] == []
+
+
+# --- read -------------------------------------------------------------------------------------
+
+
+def test_read_returns_document_and_etag(client: TestClient) -> None:
+    doc = create(client)
+    response = client.get(f"/v1/documents/{doc['id']}")
+    assert response.status_code == 200
+    assert response.json() == doc
+    assert response.headers["etag"] == '"1"'
+
+
+@pytest.mark.parametrize("header", ['"1"', 'W/"1"', '"7", "1"', "*"])
+def test_if_none_match_current_etag_returns_304_without_body(
+    client: TestClient, header: str
+) -> None:
+    doc = create(client)
+    response = client.get(f"/v1/documents/{doc['id']}", headers={"If-None-Match": header})
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["etag"] == '"1"'
+
+
+def test_if_none_match_stale_etag_returns_200(client: TestClient) -> None:
+    doc = create(client)
+    response = client.get(f"/v1/documents/{doc['id']}", headers={"If-None-Match": '"0"'})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("doc_id", ["missing", "..%2F..%2Fetc", "%00", "x" * 300])
+def test_read_missing_document_returns_404_problem(client: TestClient, doc_id: str) -> None:
+    assert_problem(client.get(f"/v1/documents/{doc_id}"), 404)
+
+
+# --- list -------------------------------------------------------------------------------------
+
+
+def walk(client: TestClient, **params: Any) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        response = client.get("/v1/documents", params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
+def test_list_is_newest_first_and_walks_every_document_once(client: TestClient) -> None:
+    ids = [create(client, {"title": f"d{i}", "content": "x"})["id"] for i in range(23)]
+    first = client.get("/v1/documents").json()
+    assert len(first["items"]) == 20
+    assert first["next_cursor"]
+    assert [d["id"] for d in walk(client, limit=7)] == ids[::-1]
+
+
+def test_walk_sees_each_existing_document_once_while_others_are_created(
+    client: TestClient,
+) -> None:
+    ids = [create(client, {"title": f"d{i}", "content": "x"})["id"] for i in range(10)]
+    seen: list[str] = []
+    page = client.get("/v1/documents", params={"limit": 3}).json()
+    while True:
+        seen.extend(d["id"] for d in page["items"])
+        create(client, {"title": "new during walk", "content": "x"})
+        if page["next_cursor"] is None:
+            break
+        page = client.get(
+            "/v1/documents", params={"limit": 3, "cursor": page["next_cursor"]}
+        ).json()
+    assert seen == ids[::-1]
+
+
+def test_list_filters_by_tag_case_insensitively(client: TestClient) -> None:
+    tagged = create(client, {"title": "a", "content": "x", "tags": ["Red"]})
+    create(client, {"title": "b", "content": "x", "tags": ["blue"]})
+    assert [d["id"] for d in walk(client, tag="RED", limit=1)] == [tagged["id"]]
+    assert walk(client, tag="green") == []
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "-1", "ten", "1.5"])
+def test_list_limit_out_of_range_returns_422(client: TestClient, limit: str) -> None:
+    problem = assert_problem(client.get("/v1/documents", params={"limit": limit}), 422)
+    assert problem["errors"][0]["loc"] == ["query", "limit"]
+
+
+def test_bad_tampered_or_foreign_cursor_returns_400(client: TestClient) -> None:
+    for i in range(3):
+        create(client, {"title": f"d{i}", "content": "x", "tags": ["t"]})
+    cursor = client.get("/v1/documents", params={"limit": 1}).json()["next_cursor"]
+    payload, _, signature = cursor.partition(".")
+    tampered = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + signature
+    for bad in ["garbage", "a.b", tampered, cursor + "x"]:
+        assert_problem(client.get("/v1/documents", params={"cursor": bad}), 400)
+    foreign = client.get(
+        "/v1/documents", params={"cursor": cursor}, headers={"X-API-Key": OTHER_KEY}
+    )
+    assert_problem(foreign, 400)
+    other_listing = client.get("/v1/documents", params={"cursor": cursor, "tag": "t"})
+    assert_problem(other_listing, 400)
+
+
+# --- update -----------------------------------------------------------------------------------
+
+
+def test_patch_merges_fields_and_bumps_version_and_etag(client: TestClient) -> None:
+    doc = create(
+        client, {"title": "t", "content": "c", "tags": ["a"], "metadata": {"x": 1, "y": 2}}
+    )
+    response = client.patch(
+        f"/v1/documents/{doc['id']}",
+        json={"title": "new", "tags": ["B"], "metadata": {"x": None, "z": True}},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert response.status_code == 200
+    new = response.json()
+    assert response.headers["etag"] == '"2"'
+    assert (new["title"], new["content"], new["tags"]) == ("new", "c", ["b"])
+    assert new["metadata"] == {"y": 2, "z": True}
+    assert new["version"] == 2
+    assert new["created_at"] == doc["created_at"]
+    assert new["updated_at"] > doc["updated_at"]
+    assert client.get(f"/v1/documents/{doc['id']}").json() == new
+
+
+def test_patch_with_current_if_match_applies(client: TestClient) -> None:
+    doc = create(client)
+    response = client.patch(
+        f"/v1/documents/{doc['id']}", json={"content": "v2"}, headers={"If-Match": '"1"'}
+    )
+    assert response.status_code == 200
+    assert response.json()["content"] == "v2"
+
+
+@pytest.mark.parametrize("if_match", ['"0"', '"2"', 'W/"1"', "garbage"])
+def test_stale_if_match_returns_412_and_changes_nothing(client: TestClient, if_match: str) -> None:
+    doc = create(client)
+    problem = assert_problem(
+        client.patch(
+            f"/v1/documents/{doc['id']}", json={"content": "v2"}, headers={"If-Match": if_match}
+        ),
+        412,
+    )
+    assert "If-Match" in problem["detail"]
+    assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"title": None}, "title"),
+        ({"content": None}, "content"),
+        ({"title": ""}, "title"),
+        ({"version": 9}, "version"),
+    ],
+)
+def test_invalid_patch_returns_422_and_changes_nothing(
+    client: TestClient, patch: dict[str, Any], field: str
+) -> None:
+    doc = create(client)
+    problem = assert_problem(client.patch(f"/v1/documents/{doc['id']}", json=patch), 422)
+    assert any(field in e["loc"] for e in problem["errors"])
+    assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+def test_patch_that_would_exceed_metadata_limit_returns_422(client: TestClient) -> None:
+    doc = create(
+        client, {"title": "t", "content": "c", "metadata": {f"a{i}": i for i in range(30)}}
+    )
+    patch = {"metadata": {f"b{i}": i for i in range(30)}}
+    assert_problem(client.patch(f"/v1/documents/{doc['id']}", json=patch), 422)
+    assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+def test_patch_without_changes_keeps_version(client: TestClient) -> None:
+    doc = create(client)
+    response = client.patch(f"/v1/documents/{doc['id']}", json={"title": doc["title"]})
+    assert response.json() == doc
+
+
+def test_patch_missing_document_returns_404(client: TestClient) -> None:
+    assert_problem(client.patch("/v1/documents/missing", json={"title": "x"}), 404)
+
+
+# --- delete -----------------------------------------------------------------------------------
+
+
+def test_delete_returns_204_then_404(client: TestClient) -> None:
+    doc = create(client)
+    response = client.delete(f"/v1/documents/{doc['id']}")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert_problem(client.get(f"/v1/documents/{doc['id']}"), 404)
+    assert_problem(client.delete(f"/v1/documents/{doc['id']}"), 404)
+    assert client.get("/v1/documents").json()["items"] == []
+
+
+def test_delete_with_stale_if_match_returns_412_and_keeps_document(client: TestClient) -> None:
+    doc = create(client)
+    assert_problem(client.delete(f"/v1/documents/{doc['id']}", headers={"If-Match": '"5"'}), 412)
+    assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+    assert (
+        client.delete(f"/v1/documents/{doc['id']}", headers={"If-Match": '"1"'}).status_code == 204
+    )
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+def test_same_idempotency_key_and_body_returns_original_and_creates_nothing(
+    client: TestClient,
+) -> None:
+    first = create(client, DOC, **{"Idempotency-Key": "req-1"})
+    again = client.post("/v1/documents", json=DOC, headers={"Idempotency-Key": "req-1"})
+    assert again.status_code == 201
+    assert again.json() == first
+    assert again.headers["idempotent-replayed"] == "true"
+    assert len(walk(client)) == 1
+
+
+def test_same_idempotency_key_with_other_body_returns_409(client: TestClient) -> None:
+    create(client, DOC, **{"Idempotency-Key": "req-1"})
+    other = {**DOC, "title": "different"}
+    problem = assert_problem(
+        client.post("/v1/documents", json=other, headers={"Idempotency-Key": "req-1"}), 409
+    )
+    assert "Idempotency-Key" in problem["detail"]
+    assert len(walk(client)) == 1
+
+
+def test_idempotency_keys_are_scoped_per_api_key(client: TestClient) -> None:
+    mine = create(client, DOC, **{"Idempotency-Key": "shared"})
+    theirs = client.post(
+        "/v1/documents", json=DOC, headers={"Idempotency-Key": "shared", "X-API-Key": OTHER_KEY}
+    )
+    assert theirs.status_code == 201
+    assert theirs.json()["id"] != mine["id"]
+
+
+def test_idempotency_keys_survive_a_restart(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        first = create(client, DOC, **{"Idempotency-Key": "req-1"})
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        again = client.post("/v1/documents", json=DOC, headers={"Idempotency-Key": "req-1"})
+        assert again.json()["id"] == first["id"]
+        assert len(walk(client)) == 1
+
+
+# --- auth and rate limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong-key-123"}, {"X-API-Key": ""}])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/documents"),
+        ("POST", "/v1/documents"),
+        ("GET", "/v1/documents/x"),
+        ("PATCH", "/v1/documents/x"),
+        ("DELETE", "/v1/documents/x"),
+    ],
+)
+def test_missing_or_wrong_key_returns_401(
+    tmp_path: Path, headers: dict[str, str], method: str, path: str
+) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.request(method, path, headers=headers, json=DOC)
+        assert_problem(response, 401)
+        assert response.headers["www-authenticate"] == "ApiKey"
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/ready", "/docs", "/redoc", "/openapi.json"])
+def test_public_endpoints_need_no_key(tmp_path: Path, path: str) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        assert client.get(path).status_code == 200
+
+
+def test_without_configured_keys_a_key_is_generated_and_auth_stays_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with TestClient(create_app(make_settings(tmp_path, api_keys=""))) as client:
+        assert_problem(client.get("/v1/documents"), 401)
+        printed = capsys.readouterr().err
+        key = printed.split("export KEY=")[1].split()[0]
+        assert client.get("/v1/documents", headers={"X-API-Key": key}).status_code == 200
+
+
+def test_rate_limit_per_key_returns_429_with_retry_after(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, rate_limit="3/minute"))) as client:
+        alice = {"X-API-Key": KEY}
+        responses = [client.get("/v1/documents", headers=alice) for _ in range(3)]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert [r.headers["x-ratelimit-remaining"] for r in responses] == ["2", "1", "0"]
+        assert responses[0].headers["x-ratelimit-limit"] == "3"
+        limited = client.get("/v1/documents", headers=alice)
+        assert_problem(limited, 429)
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert limited.headers["x-ratelimit-remaining"] == "0"
+        # bob has a budget of his own; health checks are never limited.
+        assert client.get("/v1/documents", headers={"X-API-Key": OTHER_KEY}).status_code == 200
+        assert all(client.get("/health").status_code == 200 for _ in range(5))
+        assert client.get("/health/ready").status_code == 200
+
+
+# --- errors and headers -----------------------------------------------------------------------
+
+
+def test_unknown_route_and_wrong_method_are_problems(client: TestClient) -> None:
+    assert_problem(client.get("/nowhere"), 404)
+    problem = assert_problem(client.put("/v1/documents", json=DOC), 405)
+    assert "PUT" in problem["detail"]
+
+
+def test_unhandled_error_returns_500_problem_without_internals(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    with TestClient(app) as client:
+        response = client.get("/boom", headers={"X-Request-ID": "trace-500"})
+        problem = assert_problem(response, 500)
+        assert problem["request_id"] == "trace-500"
+        assert "secret internal detail" not in response.text
+
+
+def test_valid_request_id_is_echoed_and_invalid_one_replaced(client: TestClient) -> None:
+    assert (
+        client.get("/health", headers={"X-Request-ID": "abc-123.x:y"}).headers["x-request-id"]
+        == "abc-123.x:y"
+    )
+    for bad in ['has "quotes"', "x" * 129, "sp ace"]:
+        echoed = client.get("/health", headers={"X-Request-ID": bad}).headers["x-request-id"]
+        assert echoed != bad
+        assert len(echoed) == 32
+
+
+def test_api_responses_carry_security_headers(client: TestClient) -> None:
+    response = client.get("/v1/documents")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    assert "server" not in response.headers
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+def test_readiness_is_503_problem_when_the_data_dir_cannot_be_written(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with TestClient(create_app(make_settings(data_dir))) as client:
+        assert client.get("/health/ready").json()["status"] == "ready"
+        for child in data_dir.iterdir():
+            child.unlink()
+        data_dir.rmdir()
+        assert_problem(client.get("/health/ready"), 503)
+        assert client.get("/health").status_code == 200
+        data_dir.mkdir()
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+
+def test_documents_survive_an_app_restart_and_the_file_opens_with_tinydb(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        kept = create(client)
+        gone = create(client)
+        client.delete(f"/v1/documents/{gone['id']}")
+        client.patch(f"/v1/documents/{kept['id']}", json={"title": "renamed"})
+    with TinyDB(tmp_path / "documents.json") as db:
+        rows = db.table("documents").all()
+        assert [(r["id"], r["title"], r["version"]) for r in rows] == [(kept["id"], "renamed", 2)]
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        assert client.get(f"/v1/documents/{kept['id']}").json()["title"] == "renamed"
