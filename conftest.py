@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ class Service:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.output: list[str] = []
+        self._changed = threading.Condition()
 
     @property
     def url(self) -> str:
@@ -79,34 +79,45 @@ class Service:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+        self.follow()
         if wait:
             self.wait_for_line("Application startup complete", timeout=20)
         return self
 
+    def follow(self) -> None:
+        """Drain the output continuously (a full pipe would stall the server)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        stdout = self.proc.stdout
+
+        def drain() -> None:
+            for raw in stdout:
+                with self._changed:
+                    self.output.append(raw.decode(errors="replace"))
+                    self._changed.notify_all()
+            with self._changed:
+                self._eof = True
+                self._changed.notify_all()
+
+        self._eof = False
+        self._reader = threading.Thread(target=drain, daemon=True)
+        self._reader.start()
+
     def wait_for_line(self, text: str, timeout: float) -> str:
-        """Read the service's output until a line contains `text` (the process tells us it is
-        ready: no sleeping and hoping)."""
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0:
-                if not sel.select(left):
-                    break
-                line = self.proc.stdout.readline().decode(errors="replace")
-                if not line:
-                    break
-                self.output.append(line)
-                if text in line:
-                    return line
-        raise AssertionError(f"no line with {text!r}; output so far:\n{''.join(self.output)}")
+        """Block until the service prints a line containing `text`: the process tells us it is
+        ready, no sleeping and hoping."""
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: self._eof or any(text in line for line in self.output), timeout
+            )
+            matches = [line for line in self.output if text in line]
+        if not found or not matches:
+            raise AssertionError(f"no line with {text!r}; output:\n{''.join(self.output)}")
+        return matches[0]
 
     def rest_of_output(self, timeout: float = 10) -> str:
         assert self.proc is not None
-        assert self.proc.stdout is not None
         self.proc.wait(timeout)
-        self.output.append(self.proc.stdout.read().decode(errors="replace"))
+        self._reader.join(timeout)
         return "".join(self.output)
 
     def client(self, key: str = KEY) -> httpx.Client:
@@ -126,8 +137,6 @@ class Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 @pytest.fixture

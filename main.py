@@ -732,15 +732,19 @@ def _load_settings() -> Settings:
 async def _seed(store: DocumentStore, path: Path) -> int:
     """Sample documents go through the API's own validation; fixed ids make it idempotent."""
     added = 0
-    for raw in orjson.loads(await anyio.Path(path).read_bytes()):
-        body = DocumentCreate.model_validate({k: v for k, v in raw.items() if k != "id"})
-        doc = Document(
-            id=raw["id"],
-            **body.model_dump(),
-            created_at=raw["created_at"],
-            updated_at=raw["created_at"],
-            version=1,
-        )
+    for number, raw in enumerate(orjson.loads(await anyio.Path(path).read_bytes()), 1):
+        fields = {k: v for k, v in raw.items() if k not in ("id", "created_at")}
+        try:
+            body = DocumentCreate.model_validate(fields)
+            doc = Document(
+                id=raw["id"],
+                **body.model_dump(),
+                created_at=raw["created_at"],
+                updated_at=raw["created_at"],
+                version=1,
+            )
+        except (ValidationError, KeyError) as exc:
+            raise SystemExit(f"sample {number} in {path} is not valid: {exc}") from None
         added += await store.import_document(doc)
     return added
 

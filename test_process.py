@@ -1,0 +1,192 @@
+"""Process-level behaviour, with the real service in real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import HERE, KEY, Service
+
+ServiceFactory = Any
+CLEAN_EXITS = (0, 143, -signal.SIGTERM)
+
+
+def run_task(data_dir: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {"PATH": os.environ.get("PATH", ""), "DATA_DIR": str(data_dir), "API_KEYS": KEY}
+    return subprocess.run(
+        [sys.executable, str(HERE / "main.py"), *args],
+        cwd=HERE,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_documents_survive_a_restart(service_factory: ServiceFactory) -> None:
+    service = service_factory().start()
+    with service.client() as client:
+        doc = client.post("/v1/documents", json={"title": "kept", "content": "c"}).json()
+    assert service.terminate() in CLEAN_EXITS
+    service.start()
+    with service.client() as client:
+        assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+def test_sigterm_finishes_cleanly_within_10_seconds(service_factory: ServiceFactory) -> None:
+    service = service_factory().start()
+    with service.client() as client:
+        client.post("/v1/documents", json={"title": "t", "content": "c"})
+    started = time.monotonic()
+    assert service.terminate(timeout=10) in CLEAN_EXITS
+    assert time.monotonic() - started < 10
+    output = service.rest_of_output()
+    assert "service.stopped" in output
+    assert "Traceback" not in output
+
+
+def test_kill_9_during_concurrent_writes_loses_no_acknowledged_document(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory().start()
+    acknowledged: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def writer(n: int) -> None:
+        with service.client() as client:
+            for i in range(10_000):
+                try:
+                    response = client.post(
+                        "/v1/documents", json={"title": f"w{n}-{i}", "content": "x" * 200}
+                    )
+                except httpx.HTTPError:
+                    return  # the server is gone: this write was never acknowledged
+                assert response.status_code == 201
+                with lock:
+                    acknowledged[response.json()["id"]] = response.json()
+                    if len(acknowledged) >= 300:
+                        enough.set()
+
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in writers:
+        thread.start()
+    assert enough.wait(60)
+    service.kill()
+    for thread in writers:
+        thread.join(30)
+    service.start()
+    with service.client() as client:
+        for doc_id, doc in acknowledged.items():
+            assert client.get(f"/v1/documents/{doc_id}").json() == doc
+
+
+def test_second_process_on_the_same_data_dir_exits_within_5_seconds(
+    service_factory: ServiceFactory,
+) -> None:
+    first = service_factory().start()
+    second = service_factory(first.data_dir).start(wait=False)
+    started = time.monotonic()
+    assert second.proc is not None
+    assert second.proc.wait(5) != 0
+    assert time.monotonic() - started < 5
+    output = second.rest_of_output()
+    assert str(first.data_dir / "documents.lock") in output
+    assert "in use by another process" in output
+    with first.client() as client:
+        assert client.get("/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"", b'{"documents": {"1": {"id": 1}}}'])
+def test_corrupt_data_file_is_refused_and_left_byte_for_byte_intact(
+    service_factory: ServiceFactory, tmp_path: Path, damage: bytes
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_file = data_dir / "documents.json"
+    data_file.write_bytes(damage)
+    service = service_factory(data_dir).start(wait=False)
+    assert service.proc is not None
+    assert service.proc.wait(10) != 0
+    output = service.rest_of_output()
+    assert "corrupt" in output
+    assert str(data_file) in output
+    assert data_file.read_bytes() == damage
+    assert sorted(p.name for p in data_dir.iterdir()) == ["documents.json", "documents.lock"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RATE_LIMIT", "lots"), ("PORT", "eighty"), ("LOG_LEVEL", "chatty"), ("API_KEYS", "short")],
+)
+def test_bad_setting_stops_startup_with_one_line_naming_it(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "DATA_DIR": str(tmp_path), variable: value}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "main.py")],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"configuration error: {variable}:")
+
+
+def test_seed_is_idempotent_and_validated(tmp_path: Path) -> None:
+    for _ in range(2):
+        assert run_task(tmp_path, "seed").returncode == 0
+    exported = run_task(tmp_path, "export").stdout.decode().splitlines()
+    assert len(exported) == 10
+
+
+def test_export_then_import_round_trips_documents(tmp_path: Path) -> None:
+    source, target = tmp_path / "a", tmp_path / "b"
+    assert run_task(source, "seed").returncode == 0
+    backup = run_task(source, "export").stdout
+    backup_file = tmp_path / "backup.jsonl"
+    backup_file.write_bytes(backup)
+    for _ in range(2):  # importing twice adds nothing the second time
+        assert run_task(target, "import", str(backup_file)).returncode == 0
+    assert run_task(target, "export").stdout == backup
+
+
+def test_import_refuses_an_invalid_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x"}\n')
+    result = run_task(tmp_path / "data", "import", str(bad))
+    assert result.returncode != 0
+    assert b"line 1" in result.stderr
+
+
+def test_uvicorn_main_app_serves(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(service.port)],
+        cwd=HERE,
+        env=service.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    service.proc = proc
+    service.follow()
+    try:
+        service.wait_for_line("Application startup complete", timeout=20)
+        with service.client() as client:
+            assert client.get("/v1/documents").status_code == 200
+    finally:
+        service.stop_quietly()
