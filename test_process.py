@@ -20,7 +20,9 @@ ServiceFactory = Any
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
 
-def run_task(data_dir: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def run_task(
+    data_dir: Path, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ.get("PATH", ""), "DATA_DIR": str(data_dir), "API_KEYS": KEY}
     return subprocess.run(
         [sys.executable, str(HERE / "main.py"), *args],
