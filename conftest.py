@@ -86,7 +86,8 @@ class Service:
 
     def follow(self) -> None:
         """Drain the output continuously (a full pipe would stall the server)."""
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         stdout = self.proc.stdout
 
         def drain() -> None:
