@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["json", "console"]
+_HANDLER_NAME = "documents"
 
 # Set by the request middleware; every line logged while serving the request carries it.
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -70,8 +71,10 @@ def configure_logging(
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(json_formatter() if log_format == "json" else ConsoleFormatter())
     handler.addFilter(RequestIdFilter())
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    # Replace our own handler from an earlier call; leave others (a test runner's) alone.
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
@@ -81,8 +84,3 @@ def configure_logging(
         uvicorn_logger.propagate = True
     # Our middleware writes one access line per request; uvicorn's would be a second.
     logging.getLogger("uvicorn.access").disabled = True
-
-
-def context(**fields: Any) -> dict[str, Any]:
-    """`extra=` for a log call, dropping fields that are None."""
-    return {k: v for k, v in fields.items() if v is not None}

@@ -25,7 +25,9 @@ import orjson
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.security import APIKeyHeader
+from fastapi_offline import FastAPIOffline
 from limits import RateLimitItem, parse
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +36,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from logging_config import LogFormat, configure_logging
+from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from metrics import MeteredStore, Metrics, MetricsMiddleware
 from middleware import BodyLimitMiddleware, RequestContextMiddleware, problem_response
 from models import (
     DEFAULT_CONTENT_MAX_CHARS,
@@ -150,7 +154,10 @@ class UnsupportedMediaType(Exception):
 
 
 _api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="An API key from `API_KEYS`."
+    name="X-API-Key",
+    scheme_name="ApiKey",
+    auto_error=False,
+    description="An API key from `API_KEYS`.",
 )
 
 
@@ -307,13 +314,28 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         s: {
             "model": Problem,
             "description": described[s],
-            "content": {"application/problem+json": {}},
+            "content": {
+                "application/problem+json": {
+                    "example": {
+                        "type": "urn:documents:problem:...",
+                        "title": _title(s),
+                        "status": s,
+                        "detail": described[s],
+                        "request_id": "4f9c2b7e0a1d4c3b",
+                    }
+                }
+            },
         }
         for s in statuses
     }
 
 
-_ETAG_HEADER = {"ETag": {"description": "Current version, for If-Match / If-None-Match."}}
+_ETAG_HEADER = {
+    "ETag": {
+        "description": 'Current version, e.g. `"3"`, for If-Match / If-None-Match.',
+        "schema": {"type": "string"},
+    }
+}
 
 
 def build_router() -> APIRouter:
@@ -321,7 +343,7 @@ def build_router() -> APIRouter:
         prefix="/v1",
         tags=["documents"],
         dependencies=[Depends(require_api_key), Depends(rate_limit)],
-        responses=_problems(401, 429, 503),
+        responses=_problems(401, 422, 429, 503),
     )
 
     @router.post(
@@ -335,7 +357,10 @@ def build_router() -> APIRouter:
                 "description": "Created (or replayed, with `Idempotent-Replayed: true`).",
                 "headers": {
                     **_ETAG_HEADER,
-                    "Location": {"description": "URL of the new document."},
+                    "Location": {
+                        "description": "URL of the new document.",
+                        "schema": {"type": "string"},
+                    },
                 },
             },
             **_problems(400, 409, 413, 415, 422),
@@ -400,7 +425,7 @@ def build_router() -> APIRouter:
         response_model=Document,
         summary="Read a document",
         responses={
-            200: {"headers": _ETAG_HEADER},
+            200: {"description": "The document.", "headers": _ETAG_HEADER},
             304: {"description": "Not modified: `If-None-Match` names the current ETag."},
             **_problems(404),
         },
@@ -458,7 +483,7 @@ def build_router() -> APIRouter:
         "/documents/{document_id}",
         status_code=204,
         summary="Delete a document",
-        responses=_problems(404, 412),
+        responses={204: {"description": "Deleted."}, **_problems(404, 412)},
     )
     async def delete_document(
         document_id: str,
@@ -493,6 +518,17 @@ def build_health_router() -> APIRouter:
             "backend": store.backend,
             "documents": await store.count(),
         }
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def read_metrics(request: Request) -> Response:
+        """Request counts and latencies by route, store timings, documents, process stats."""
+        metrics: Metrics = request.app.state.metrics
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return router
 
@@ -557,6 +593,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 async def _domain_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, AuthFailed):
+        request.app.state.metrics.auth_failures.inc()
         client = request.client.host if request.client else None
         log.warning("auth.failed", extra={"reason": exc.reason, "client": client})
         detail = "Send a valid key in the X-API-Key header."
@@ -568,7 +605,11 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
             headers={"WWW-Authenticate": "ApiKey"},
         )
     if isinstance(exc, RateLimited):
-        log.warning("rate_limit.rejected", extra={"retry_after": exc.retry_after})
+        request.app.state.metrics.rate_limited.inc()
+        log.warning(
+            "rate_limit.rejected",
+            extra={"api_key": request.state.api_key_name, "retry_after": exc.retry_after},
+        )
         return problem_response(
             429,
             _title(429),
@@ -643,11 +684,17 @@ that is also in the `X-Request-ID` response header.
 """
 
 
+TAGS = [
+    {"name": "documents", "description": "Create, read, list, update and delete documents."},
+    {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
+]
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     try:
-        store = TinyDBStore.open(settings.data_dir)
+        store = MeteredStore(TinyDBStore.open(settings.data_dir), app.state.metrics)
     except StoreError as exc:
         log.critical("store.open_failed", extra={"error": str(exc)})
         raise
@@ -671,7 +718,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "backend": store.backend,
             "data_dir": str(settings.data_dir),
             "documents": await store.count(),
-            "load_seconds": round(store.load_seconds, 3),
+            "load_seconds": round(store.inner.load_seconds, 3),
             "api_keys": [k.name for k in app.state.api_keys],
         },
     )
@@ -685,11 +732,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A fresh, independent app; state that needs I/O is built in the lifespan."""
     settings = settings if settings is not None else Settings()
-    app = FastAPI(
+    # Swagger UI and ReDoc are served from fastapi-offline's bundled files: /docs works offline.
+    app = FastAPIOffline(
         title="Documents API",
         version=VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=TAGS,
+        static_url="/docs-static",
     )
     app.state.settings = settings
     app.state.api_keys = parse_api_keys(settings.api_keys)
@@ -699,12 +749,48 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.generated_key = secrets.token_urlsafe(24)
         app.state.api_keys = [ApiKey("generated", _digest(app.state.generated_key))]
     app.state.rate_limit = parse(settings.rate_limit)
+    # Memory only, so built here: the middleware below needs it before the lifespan runs.
+    app.state.metrics = Metrics()
     app.include_router(build_health_router())
     app.include_router(build_router())
     _add_error_map(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Added innermost first: a request meets RequestContext, then Metrics, then BodyLimit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestContextMiddleware, slow_request_ms=settings.slow_request_ms)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus what it cannot infer: problem responses are
+    `application/problem+json` only, and every response documents `X-Request-ID`."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            for status, response in operation["responses"].items():
+                content = response.get("content", {})
+                if "application/problem+json" in content:
+                    typed = content.pop("application/json", {})
+                    content["application/problem+json"].update(typed)
+                headers = response.setdefault("headers", {})
+                headers["X-Request-ID"] = {
+                    "description": "Echo of a valid incoming X-Request-ID, else a new id.",
+                    "schema": {"type": "string"},
+                }
+                if status in ("429", "503"):
+                    headers["Retry-After"] = {
+                        "description": "Seconds to wait before retrying.",
+                        "schema": {"type": "integer"},
+                    }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def __getattr__(name: str) -> FastAPI:

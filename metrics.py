@@ -1,0 +1,175 @@
+"""Prometheus metrics: one registry per app, a pure ASGI middleware for HTTP metrics, and a
+store wrapper that times every store operation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware import route_template
+from models import Document, DocumentCreate, DocumentUpdate
+from storage import DocumentStore, IdempotencyKey
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the service exports, on its own registry so that apps never share state."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        process_collector.ProcessCollector(registry=self.registry)
+        platform_collector.PlatformCollector(registry=self.registry)
+        gc_collector.GCCollector(registry=self.registry)
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered, by route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from request start to the last response byte.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "http_requests_in_progress", "HTTP requests being served.", registry=self.registry
+        )
+        self.documents = Gauge("documents", "Documents in the store.", registry=self.registry)
+        self.store_duration = Histogram(
+            "store_operation_duration_seconds",
+            "Time spent in each store operation, including waiting for durable writes.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "rate_limited_total", "Requests refused with 429.", registry=self.registry
+        )
+        self.auth_failures = Counter(
+            "auth_failures_total", "Requests refused with 401.", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Count and time every HTTP request by its route template (never the raw path, whose ids
+    would make a new series per document)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_progress.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_progress.dec()
+            route = route_template(scope)
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
+
+
+class MeteredStore:
+    """A DocumentStore that times each operation and keeps the `documents` gauge current."""
+
+    def __init__(self, store: DocumentStore, metrics: Metrics) -> None:
+        self.inner = store
+        self.backend = store.backend
+        self._metrics = metrics
+        self._timers = {
+            op: metrics.store_duration.labels(op)
+            for op in ("create", "get", "page", "update", "delete", "import", "check")
+        }
+
+    @contextmanager
+    def _timed(self, operation: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timers[operation].observe(time.perf_counter() - started)
+
+    async def create(
+        self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
+    ) -> tuple[Document, bool]:
+        with self._timed("create"):
+            doc, replayed = await self.inner.create(data, idempotency=idempotency)
+        if not replayed:
+            self._metrics.documents.inc()
+        return doc, replayed
+
+    async def get(self, doc_id: str) -> Document:
+        with self._timed("get"):
+            return await self.inner.get(doc_id)
+
+    async def page(
+        self, *, limit: int, after: str | None = None, tag: str | None = None
+    ) -> tuple[list[Document], str | None]:
+        with self._timed("page"):
+            return await self.inner.page(limit=limit, after=after, tag=tag)
+
+    async def update(
+        self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
+    ) -> Document:
+        with self._timed("update"):
+            return await self.inner.update(doc_id, patch, if_version=if_version)
+
+    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        with self._timed("delete"):
+            await self.inner.delete(doc_id, if_version=if_version)
+        self._metrics.documents.dec()
+
+    async def import_document(self, doc: Document) -> bool:
+        with self._timed("import"):
+            inserted = await self.inner.import_document(doc)
+        if inserted:
+            self._metrics.documents.inc()
+        return inserted
+
+    def export_documents(self) -> Iterator[Document]:
+        return self.inner.export_documents()
+
+    async def count(self) -> int:
+        count = await self.inner.count()
+        self._metrics.documents.set(count)
+        return count
+
+    async def check(self) -> None:
+        with self._timed("check"):
+            await self.inner.check()
+
+    async def close(self) -> None:
+        await self.inner.close()

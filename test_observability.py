@@ -1,0 +1,323 @@
+"""Logs, metrics and API docs: what an operator and an API user rely on."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import KEY, OTHER_KEY, Service, make_settings
+from logging_config import configure_logging
+from main import create_app
+
+LogLines = Callable[[], list[dict[str, Any]]]
+DOC = {"title": "t", "content": "secret body text", "tags": ["x"]}
+
+
+def require_tool(path: str) -> str:
+    """Tools from Debian packages that .ci/run installs; a bare laptop skips, CI never does."""
+    found = shutil.which(path)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: .ci/run must install it")
+        pytest.skip(f"{path} is not installed (`apt-get install` it, as .ci/run does)")
+    return found
+
+
+@pytest.fixture
+def log_lines() -> Iterator[LogLines]:
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    yield lines
+    configure_logging("INFO", "json")
+
+
+def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in lines if line["logger"] == "documents.access"]
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+
+def test_create_logs_event_and_one_access_line_with_every_field(
+    tmp_path: Path, log_lines: LogLines
+) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.post(
+            "/v1/documents",
+            json=DOC,
+            headers={"X-API-Key": KEY, "X-Request-ID": "req-create-1", "User-Agent": "probe/1"},
+        )
+    lines = log_lines()
+    created = [line for line in lines if line["message"] == "document.created"]
+    assert created[0]["document_id"] == response.json()["id"]
+    assert created[0]["request_id"] == "req-create-1"
+    (access,) = access_lines(lines)
+    assert access["level"] == "INFO"
+    assert access["timestamp"].endswith("+00:00")
+    assert {k: access[k] for k in ("method", "path", "route", "status_code", "api_key")} == {
+        "method": "POST",
+        "path": "/v1/documents",
+        "route": "/v1/documents",
+        "status_code": 201,
+        "api_key": "alice",
+    }
+    assert access["user_agent"] == "probe/1"
+    assert access["request_id"] == "req-create-1"
+    assert access["duration_ms"] >= 0
+    assert access["client"]
+    started = next(line for line in lines if line["message"] == "service.started")
+    assert started["backend"] == "tinydb"
+    assert started["documents"] == 0
+    assert "load_seconds" in started
+    assert any(line["message"] == "service.stopped" for line in lines)
+
+
+def test_404_and_401_access_lines_are_warnings(tmp_path: Path, log_lines: LogLines) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        client.get("/v1/documents/missing", headers={"X-API-Key": KEY})
+        client.get("/v1/documents", headers={"X-API-Key": "not-a-real-key"})
+        client.get("/v1/documents")
+    lines = log_lines()
+    statuses = [(a["status_code"], a["level"], a["route"]) for a in access_lines(lines)]
+    assert statuses == [
+        (404, "WARNING", "/v1/documents/{document_id}"),
+        (401, "WARNING", "/v1/documents"),
+        (401, "WARNING", "/v1/documents"),
+    ]
+    failures = [line for line in lines if line["message"] == "auth.failed"]
+    assert [f["reason"] for f in failures] == ["invalid", "missing"]
+    assert all(f["client"] and f["request_id"] for f in failures)
+
+
+def test_429_is_logged_with_key_name(tmp_path: Path, log_lines: LogLines) -> None:
+    with TestClient(create_app(make_settings(tmp_path, rate_limit="1/minute"))) as client:
+        client.get("/v1/documents", headers={"X-API-Key": KEY})
+        client.get("/v1/documents", headers={"X-API-Key": KEY})
+    lines = log_lines()
+    (rejected,) = [line for line in lines if line["message"] == "rate_limit.rejected"]
+    assert rejected["api_key"] == "alice"
+    assert access_lines(lines)[-1]["status_code"] == 429
+
+
+def test_500_is_logged_once_with_traceback_and_request_id(
+    tmp_path: Path, log_lines: LogLines
+) -> None:
+    app = create_app(make_settings(tmp_path))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    with TestClient(app) as client:
+        client.get("/boom", headers={"X-Request-ID": "req-500"})
+    lines = log_lines()
+    errors = [line for line in lines if line["level"] == "ERROR"]
+    assert [e["message"] for e in errors] == ["request.unhandled_error", "request"]
+    assert "RuntimeError: kaboom" in errors[0]["exc_info"]
+    assert all(e["request_id"] == "req-500" for e in errors)
+    assert errors[1]["status_code"] == 500
+
+
+def test_keys_and_document_content_never_reach_the_log(tmp_path: Path, log_lines: LogLines) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        doc = client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY}).json()
+        client.get(f"/v1/documents/{doc['id']}", headers={"X-API-Key": OTHER_KEY})
+        client.get("/v1/documents", headers={"X-API-Key": "wrong-but-secret-key"})
+        client.get("/v1/documents", headers={"Authorization": "Bearer very-secret-token"})
+    text = json.dumps(log_lines())
+    for secret in (KEY, OTHER_KEY, "wrong-but-secret-key", "very-secret-token", "secret body"):
+        assert secret not in text
+
+
+def test_request_id_with_newline_or_quote_is_replaced_not_logged(
+    tmp_path: Path, log_lines: LogLines
+) -> None:
+    hostile = 'evil\n{"level": "CRITICAL"}"'
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.get("/health", headers={"X-Request-ID": hostile, "User-Agent": hostile})
+    assert response.headers["x-request-id"] != hostile
+    lines = log_lines()  # every line still parses as one JSON object
+    (access,) = access_lines(lines)
+    assert access["request_id"] == response.headers["x-request-id"]
+    assert access["user_agent"] == hostile  # kept as data, escaped inside one JSON line
+
+
+def test_console_format_is_one_readable_line(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", "console", stream=stream)
+    try:
+        logging.getLogger("documents.api").info("document.created", extra={"document_id": "abc"})
+    finally:
+        configure_logging("INFO", "json")
+    line = stream.getvalue().strip()
+    assert "INFO" in line
+    assert "document.created document_id='abc'" in line
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def scrape(client: TestClient) -> dict[str, Any]:
+    text = client.get("/metrics").text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
+    doc = client.post("/v1/documents", json=DOC).json()
+    client.get(f"/v1/documents/{doc['id']}")
+    client.get("/v1/documents/missing")
+    client.get(f"/no/such/{doc['id']}")
+    families = scrape(client)
+    requests = {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for s in families["http_requests"].samples
+        if s.name == "http_requests_total"
+    }
+    assert requests[("POST", "/v1/documents", "201")] == 1
+    assert requests[("GET", "/v1/documents/{document_id}", "200")] == 1
+    assert requests[("GET", "/v1/documents/{document_id}", "404")] == 1
+    assert requests[("GET", "<unmatched>", "404")] == 1
+    all_labels = " ".join(str(s.labels) for f in families.values() for s in f.samples)
+    assert doc["id"] not in all_labels
+    assert "http_request_duration_seconds" in families
+    assert "http_requests_in_progress" in families
+
+
+def test_metrics_track_documents_store_timings_and_refusals(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, rate_limit="2/minute"))) as client:
+        client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
+        client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
+        client.get("/v1/documents", headers={"X-API-Key": KEY})  # over the limit
+        client.get("/v1/documents", headers={"X-API-Key": "wrong-key-123"})
+        families = scrape(client)
+    assert families["documents"].samples[0].value == 2
+    assert families["rate_limited"].samples[0].value == 1
+    assert families["auth_failures"].samples[0].value == 1
+    store_ops = {
+        s.labels["operation"]: s.value
+        for s in families["store_operation_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert store_ops["create"] == 2
+    assert "process_resident_memory_bytes" in families
+    assert "python_gc_objects_collected" in families
+
+
+def test_metrics_pass_promtool_check(client: TestClient) -> None:
+    promtool = require_tool("promtool")
+    client.post("/v1/documents", json=DOC)
+    text = client.get("/metrics").text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- API docs ---------------------------------------------------------------------------------
+
+
+def test_openapi_spec_validates_and_documents_every_operation(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    validate(spec)
+    assert spec["info"]["title"] == "Documents API"
+    assert "make run" in spec["info"]["description"]
+    assert spec["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "An API key from `API_KEYS`.",
+    }
+    expected_errors = {
+        ("post", "/v1/documents"): {"401", "409", "413", "422", "429"},
+        ("get", "/v1/documents"): {"401", "422", "429"},
+        ("get", "/v1/documents/{document_id}"): {"401", "404", "429"},
+        ("patch", "/v1/documents/{document_id}"): {"401", "404", "412", "413", "422", "429"},
+        ("delete", "/v1/documents/{document_id}"): {"401", "404", "412", "429"},
+    }
+    for (method, path), errors in expected_errors.items():
+        operation = spec["paths"][path][method]
+        assert operation["summary"]
+        assert operation["description"]
+        assert operation["tags"]
+        assert errors <= set(operation["responses"]), (method, path)
+        for status in errors:
+            content = operation["responses"][status]["content"]
+            assert list(content) == ["application/problem+json"]
+            problem = content["application/problem+json"]
+            assert problem["schema"] == {"$ref": "#/components/schemas/Problem"}
+            assert problem["example"]["status"] == int(status)
+        assert "X-Request-ID" in operation["responses"][next(iter(errors))]["headers"]
+    create = spec["paths"]["/v1/documents"]["post"]
+    assert {"ETag", "Location"} <= set(create["responses"]["201"]["headers"])
+    assert "Retry-After" in create["responses"]["429"]["headers"]
+    schemas = spec["components"]["schemas"]
+    assert schemas["DocumentCreate"]["examples"]
+    assert schemas["Document"]["examples"]
+    assert schemas["Problem"]["examples"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_reference_no_outside_host(client: TestClient, page: str) -> None:
+    html = client.get(page).text
+    assert "http://" not in html
+    assert "https://" not in html
+    for asset in ("/docs-static/swagger-ui-bundle.js", "/docs-static/redoc.standalone.js"):
+        assert client.get(asset).status_code == 200
+
+
+def test_swagger_ui_works_offline_in_a_real_browser(service_factory: Any) -> None:
+    chromium = require_tool("chromium")
+    from playwright.sync_api import Route, sync_playwright
+
+    service: Service = service_factory().start()
+    outside: list[str] = []
+
+    def block_outside(route: Route) -> None:
+        url = route.request.url
+        if url.startswith(service.url):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.route("**/*", block_outside)
+            page.goto(f"{service.url}/docs")
+            page.get_by_role("button", name="Authorize").click()
+            page.locator("input[type=text]").last.fill(KEY)
+            page.locator(".auth-btn-wrapper button.authorize").click()
+            page.locator("button.btn-done").click()
+            operation = page.locator("#operations-documents-create_document_v1_documents_post")
+            operation.locator(".opblock-summary").click()
+            operation.get_by_role("button", name="Try it out").click()
+            operation.get_by_role("button", name="Execute").click()
+            status = operation.locator(".live-responses-table tbody .response-col_status").first
+            status.wait_for(timeout=15_000)
+            assert status.inner_text().strip().startswith("201")
+        finally:
+            browser.close()
+    assert outside == []
+    with service.client() as client:
+        assert client.get("/v1/documents").json()["items"][0]["title"] == "Quarterly report"
