@@ -351,7 +351,6 @@ class TinyDBStore:
         self._lock_fd = -1
         self._journal_fd = -1
         self._db = TinyDB(str(data_dir / DATA_FILE), storage=DurableJSONStorage)
-        self.load_seconds = 0.0
 
     @property
     def data_path(self) -> Path:
@@ -366,7 +365,6 @@ class TinyDBStore:
         cls, data_dir: Path, *, clock: Clock = utc_now, compact_min_bytes: int = COMPACT_MIN_BYTES
     ) -> TinyDBStore:
         """Lock the directory, load the database, replay the journal and fold it in."""
-        started = time.perf_counter()
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -382,7 +380,6 @@ class TinyDBStore:
         except BaseException:
             store._release()
             raise
-        store.load_seconds = time.perf_counter() - started
         return store
 
     def _take_lock(self) -> None:
