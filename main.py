@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: LogFormat = "json"
     slow_request_ms: float = Field(default=500.0, gt=0)
+    forwarded_allow_ips: str = "127.0.0.1"
+    root_path: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -906,6 +908,10 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
+        # Behind a reverse proxy: trust X-Forwarded-For/-Proto from these addresses only.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        root_path=settings.root_path,
         timeout_graceful_shutdown=8,
     )
     return 0
