@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format seed container-check clean
+.PHONY: run test lint format seed bench container-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -29,6 +29,11 @@ format: $(STAMP)
 
 seed: $(STAMP)
 	$(BIN)/python main.py seed
+
+# Side-by-side throughput against a bare FastAPI app (needs wrk: apt-get install wrk).
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (apt-get install wrk)"; exit 1; }
+	$(BIN)/python bench/run.py
 
 # The image's behaviour without a Docker engine: lint the Dockerfile and workflow, then run the
 # image's command as the container would (see tools/container_check.py).

@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from typing import Literal, TextIO
 
 from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 LogFormat = Literal["json", "console"]
 _HANDLER_NAME = "documents"
@@ -53,14 +53,14 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def json_formatter() -> logging.Formatter:
-    return JsonFormatter(
+    # orjson: the access line is written for every request, so its encoder is on the hot path.
+    return OrjsonFormatter(
         "{levelname}{name}{message}",
         style="{",
         # uvicorn adds an ANSI-coloured copy of its message; the plain one is enough.
         reserved_attrs=[*RESERVED_ATTRS, "color_message"],
         rename_fields={"levelname": "level", "name": "logger"},
         timestamp=True,
-        json_ensure_ascii=False,
     )
 
 

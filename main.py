@@ -37,7 +37,7 @@ from starlette.responses import Response
 
 from logging_config import LogFormat, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from metrics import MeteredStore, Metrics, MetricsMiddleware
+from metrics import MeteredStore, Metrics
 from middleware import BodyLimitMiddleware, RequestContextMiddleware, problem_response
 from models import (
     DEFAULT_CONTENT_MAX_CHARS,
@@ -163,40 +163,47 @@ _api_key_header = APIKeyHeader(
 )
 
 
-async def require_api_key(
+async def authorize(
     request: Request, presented: Annotated[str | None, Depends(_api_key_header)]
 ) -> ApiKey:
-    """Memory-only, so it runs on the event loop. Every key is compared, in constant time."""
+    """Check the key, then spend one unit of its rate budget. Memory-only, so it runs on the
+    event loop: one dependency, no thread hop."""
+    key = _authenticate(request.app.state.api_keys, presented)
+    request.state.api_key_name = key.name
+    _spend_budget(request, key)
+    return key
+
+
+def _authenticate(keys: list[ApiKey], presented: str | None) -> ApiKey:
+    """Every configured key is compared, in constant time, whether or not one matched."""
     if not presented:
         raise AuthFailed("missing")
     digest = _digest(presented)
     match: ApiKey | None = None
-    for key in request.app.state.api_keys:
+    for key in keys:
         if hmac.compare_digest(digest, key.digest):
             match = key
     if match is None:
         raise AuthFailed("invalid")
-    request.state.api_key_name = match.name
     return match
 
 
-ApiKeyDep = Annotated[ApiKey, Depends(require_api_key)]
-
-
-async def rate_limit(request: Request, key: ApiKeyDep) -> None:
+def _spend_budget(request: Request, key: ApiKey) -> None:
     """One budget per API key (not per client address), shared through RATE_LIMIT_STORAGE_URI."""
     limiter: Limiter = request.app.state.limiter
     item: RateLimitItem = request.app.state.rate_limit
     allowed = limiter.limiter.hit(item, key.name)
     reset_at, remaining = limiter.limiter.get_window_stats(item, key.name)
-    retry_after = max(1, int(reset_at - time.time()) + 1)
     request.state.response_headers = [
         (b"x-ratelimit-limit", str(item.amount).encode()),
         (b"x-ratelimit-remaining", str(remaining).encode()),
         (b"x-ratelimit-reset", str(int(reset_at)).encode()),
     ]
     if not allowed:
-        raise RateLimited(retry_after)
+        raise RateLimited(max(1, int(reset_at - time.time()) + 1))
+
+
+ApiKeyDep = Annotated[ApiKey, Depends(authorize)]
 
 
 async def get_store(request: Request) -> DocumentStore:
@@ -344,7 +351,7 @@ def build_router() -> APIRouter:
     router = APIRouter(
         prefix="/v1",
         tags=["documents"],
-        dependencies=[Depends(require_api_key), Depends(rate_limit)],
+        dependencies=[Depends(authorize)],
         responses=_problems(401, 422, 429, 503),
     )
 
@@ -758,10 +765,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_router())
     _add_error_map(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    # Added innermost first: a request meets RequestContext, then Metrics, then BodyLimit.
+    # Added innermost first: a request meets RequestContext (ids, logs, metrics), then BodyLimit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(RequestContextMiddleware, slow_request_ms=settings.slow_request_ms)
+    app.add_middleware(
+        RequestContextMiddleware,
+        slow_request_ms=settings.slow_request_ms,
+        observer=app.state.metrics,
+    )
     return app
 
 

@@ -1,5 +1,5 @@
-"""Prometheus metrics: one registry per app, a pure ASGI middleware for HTTP metrics, and a
-store wrapper that times every store operation."""
+"""Prometheus metrics: one registry per app, fed by the request middleware, and a store
+wrapper that times every store operation."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware import route_template
 from models import Document, DocumentCreate, DocumentUpdate
 from storage import DocumentStore, IdempotencyKey
 
@@ -69,37 +67,16 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    # RequestObserver: called by the request middleware, labelled by route template (never the
+    # raw path, whose ids would make a new series per document).
 
-class MetricsMiddleware:
-    """Count and time every HTTP request by its route template (never the raw path, whose ids
-    would make a new series per document)."""
+    def request_started(self) -> None:
+        self.in_progress.inc()
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.metrics.in_progress.inc()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.in_progress.dec()
-            route = route_template(scope)
-            method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.in_progress.dec()
+        self.requests.labels(method, route, str(status)).inc()
+        self.duration.labels(method, route).observe(seconds)
 
 
 class MeteredStore:

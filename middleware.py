@@ -4,11 +4,10 @@ they share with the API's error map."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -52,7 +51,12 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"The request body is larger than the limit of {limit} bytes.")
 
 
-RequestObserver = Callable[[Scope, int, float], None]
+class RequestObserver(Protocol):
+    """Told when a request starts and ends (the metrics use this: one middleware, not two)."""
+
+    def request_started(self) -> None: ...
+
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None: ...
 
 
 class RequestContextMiddleware:
@@ -64,11 +68,11 @@ class RequestContextMiddleware:
         app: ASGIApp,
         *,
         slow_request_ms: float = 500.0,
-        observers: tuple[RequestObserver, ...] = (),
+        observer: RequestObserver | None = None,
     ) -> None:
         self.app = app
         self.slow_request_seconds = slow_request_ms / 1000
-        self.observers = observers
+        self.observer = observer
         self.fixed_headers = [
             (b"x-content-type-options", b"nosniff"),
             (b"cache-control", b"no-store"),
@@ -79,11 +83,13 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_request_id(scope) or os.urandom(16).hex()
         request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         status = 500
         response_started = False
+        if self.observer is not None:
+            self.observer.request_started()
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status, response_started
@@ -111,19 +117,19 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_headers)
         finally:
             duration = time.perf_counter() - started
-            self._log_access(scope, state, status, duration)
-            for observe in self.observers:
-                observe(scope, status, duration)
+            route = route_template(scope)
+            self._log_access(scope, route, state, status, duration)
+            if self.observer is not None:
+                self.observer.request_finished(scope["method"], route, status, duration)
 
     def _log_access(
-        self, scope: Scope, state: dict[str, Any], status: int, duration: float
+        self, scope: Scope, route: str, state: dict[str, Any], status: int, duration: float
     ) -> None:
         level = (
             logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
         )
-        route = route_template(scope)
-        headers = dict(scope["headers"])
         client = scope.get("client")
+        user_agent = next((v for k, v in scope["headers"] if k == b"user-agent"), b"")
         fields = {
             "method": scope["method"],
             "path": scope["path"],
@@ -132,7 +138,7 @@ class RequestContextMiddleware:
             "duration_ms": round(duration * 1000, 2),
             "client": f"{client[0]}:{client[1]}" if client else None,
             "api_key": state.get("api_key_name"),
-            "user_agent": headers.get(b"user-agent", b"").decode("latin-1"),
+            "user_agent": user_agent.decode("latin-1"),
         }
         access_log.log(level, "request", extra=fields)
         if duration >= self.slow_request_seconds:

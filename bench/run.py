@@ -1,0 +1,282 @@
+"""`make bench`: the service as in production against the bare-FastAPI ceiling, with wrk.
+
+For each N it writes an N-document data dir (through the store's own TinyDB storage), starts
+`python main.py` (auth, JSON logs, metrics, durable writes; rate limit raised out of the way),
+measures start-to-ready and RSS, and drives four paths with wrk. The ceiling runs under the same
+uvicorn options in the same run, and every rate is also printed as a ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from models import Document  # noqa: E402
+from storage import DATA_FILE, DurableJSONStorage, IdGenerator  # noqa: E402
+
+KEY = "bench-key-0001"
+CONTENT = "lorem ipsum dolor sit amet " * 30  # ~800 chars: ~1 KB documents
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def seed(data_dir: Path, n: int) -> list[str]:
+    """Write an n-document database the way the store writes one (its TinyDB storage)."""
+    ids = IdGenerator()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    docs = []
+    for i in range(n):
+        at = start + timedelta(seconds=i)
+        docs.append(
+            Document(
+                id=ids(at),
+                title=f"Document {i}",
+                content=CONTENT,
+                tags=[f"tag{i % 20}", "bench"],
+                metadata={"n": i, "team": "bench"},
+                created_at=at,
+                updated_at=at,
+                version=1,
+            )
+        )
+    data_dir.mkdir(parents=True)
+    table = {str(i): doc for i, doc in enumerate(docs, 1)}
+    DurableJSONStorage(str(data_dir / DATA_FILE)).write({"documents": table, "idempotency": {}})
+    return [d.id for d in docs]
+
+
+def get(url: str) -> Any:
+    req = urllib.request.Request(url, headers={"X-API-Key": KEY})
+    with urllib.request.urlopen(req, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> float:
+    started = time.monotonic()
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health/ready", timeout=5) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.02)  # the port is not open yet
+    raise SystemExit(f"server exited with {proc.returncode}")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wrk(
+    url: str, script: str, env: dict[str, str], seconds: int, connections: int
+) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(HERE / script),
+            url,
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"wrk saw {errors.group(1)} error responses:\n{out}")
+
+    def latency(pct: str) -> float:
+        match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        assert match is not None, out
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return {"rps": rate, "p50": latency("50"), "p99": latency("99")}
+
+
+def start(cmd: list[str], env: dict[str, str], url: str) -> tuple[subprocess.Popen[bytes], float]:
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return proc, wait_ready(url, proc) if "main.py" in cmd[-1] else 0.0
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def bench_ceiling(ids_file: Path, seconds: int, connections: int) -> dict[str, float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "ceiling.py")],
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/v1/documents/x", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        env = {"IDS_FILE": str(ids_file), "API_KEY": KEY}
+        return wrk(url, "get_one.lua", env, seconds, connections)
+    finally:
+        stop(proc)
+
+
+def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[str, Any]:
+    data_dir = work / f"data-{n}"
+    ids = seed(data_dir, n)
+    ids_file = work / f"ids-{n}.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "PATH": os.environ["PATH"],
+        "API_KEYS": f"bench:{KEY}",
+        "DATA_DIR": str(data_dir),
+        "PORT": str(port),
+        "RATE_LIMIT": "100000000/minute",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "main.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = wait_ready(url, proc)
+        rss = rss_mb(proc.pid)
+        # A cursor half-way down the chain, walked through the API like a client would.
+        cursor, depth = None, 0
+        while depth < n // 2:
+            page = get(f"{url}/v1/documents?limit=100" + (f"&cursor={cursor}" if cursor else ""))
+            cursor, depth = page["next_cursor"], depth + 100
+        wrk_env = {"IDS_FILE": str(ids_file), "API_KEY": KEY}
+        results = {
+            "n": n,
+            "ready_s": ready,
+            "rss_mb": rss,
+            "get": wrk(url, "get_one.lua", wrk_env, seconds, connections),
+            "list": wrk(
+                url,
+                "get_path.lua",
+                {**wrk_env, "PATH_QUERY": "/v1/documents?limit=50"},
+                seconds,
+                connections,
+            ),
+            "deep": wrk(
+                url,
+                "get_path.lua",
+                {**wrk_env, "PATH_QUERY": f"/v1/documents?limit=50&cursor={cursor}"},
+                seconds,
+                connections,
+            ),
+            "post": wrk(url, "post.lua", wrk_env, seconds, connections),
+        }
+        results["ceiling"] = bench_ceiling(ids_file, seconds, connections)
+        return results
+    finally:
+        stop(proc)
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"n": runs[0]["n"]}
+    for key in ("ready_s", "rss_mb"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    for path in ("get", "list", "deep", "post", "ceiling"):
+        merged[path] = {
+            m: statistics.median(r[path][m] for r in runs) for m in ("rps", "p50", "p99")
+        }
+    return merged
+
+
+def table(results: list[dict[str, Any]], runs: int) -> str:
+    lines = [
+        f"Median of {runs} run(s); wrk -t2, {results[0].get('connections', 32)} connections; "
+        "ratio = req/s divided by the ceiling's GET req/s in the same run.",
+        "",
+        "| N | path | req/s | ratio | p50 ms | p99 ms |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    names = {
+        "ceiling": "ceiling (bare FastAPI GET)",
+        "get": "GET one",
+        "list": "list 50",
+        "deep": "list 50, deep cursor",
+        "post": "POST (fsync)",
+    }
+    for r in results:
+        ceiling = r["ceiling"]["rps"]
+        for path in ("ceiling", "get", "list", "deep", "post"):
+            m = r[path]
+            lines.append(
+                f"| {r['n']:,} | {names[path]} | {m['rps']:,.0f} | {m['rps'] / ceiling:.2f} | {m['p50']:.2f} | {m['p99']:.2f} |"
+            )
+    lines += ["", "| N | RSS after start (MB) | start to ready (s) |", "|---:|---:|---:|"]
+    lines += [f"| {r['n']:,} | {r['rss_mb']:.0f} | {r['ready_s']:.2f} |" for r in results]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for n in (int(s) for s in args.sizes.split(",")):
+            runs = []
+            for run in range(args.runs):
+                work = Path(tmp) / f"{n}-{run}"
+                work.mkdir()
+                runs.append(bench_service(n, work, args.seconds, args.connections))
+                print(f"N={n} run {run + 1}: done", file=sys.stderr)
+            results.append(median_of(runs))
+    for r in results:
+        r["connections"] = args.connections
+    print(table(results, args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
