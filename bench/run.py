@@ -247,8 +247,10 @@ def table(results: list[dict[str, Any]], runs: int) -> str:
         ceiling = r["ceiling"]["rps"]
         for path in ("ceiling", "get", "list", "deep", "post"):
             m = r[path]
+            ratio = m["rps"] / ceiling
             lines.append(
-                f"| {r['n']:,} | {names[path]} | {m['rps']:,.0f} | {m['rps'] / ceiling:.2f} | {m['p50']:.2f} | {m['p99']:.2f} |"
+                f"| {r['n']:,} | {names[path]} | {m['rps']:,.0f} | {ratio:.2f} "
+                f"| {m['p50']:.2f} | {m['p99']:.2f} |"
             )
     lines += ["", "| N | RSS after start (MB) | start to ready (s) |", "|---:|---:|---:|"]
     lines += [f"| {r['n']:,} | {r['rss_mb']:.0f} | {r['ready_s']:.2f} |" for r in results]
