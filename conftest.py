@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from secantus import SecantusDBServer
 
 from main import Settings, create_app
 
@@ -32,6 +34,22 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     values.update(overrides)
     # _env_file=None: a developer's .env must not change what the tests see.
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusDBServer]:
+    """A real MongoDB wire-protocol server (SecantusDB) on a free port, for the whole session."""
+    server = SecantusDBServer(port=0, storage_path=str(tmp_path_factory.mktemp("mongo")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) -> str:
+    """A database of its own for each test."""
+    name = "t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]  # noqa: S324
+    return f"{mongo_server.uri}{name}"
 
 
 @pytest.fixture

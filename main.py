@@ -11,8 +11,10 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +31,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
 from limits import RateLimitItem, parse
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from slowapi import Limiter
 from starlette.exceptions import HTTPException
@@ -53,6 +55,7 @@ from storage import (
     DocumentStore,
     IdempotencyConflict,
     IdempotencyKey,
+    MongoStore,
     PreconditionFailed,
     StoreError,
     StoreUnavailable,
@@ -84,6 +87,11 @@ class Settings(BaseSettings):
     slow_request_ms: float = Field(default=500.0, gt=0)
     forwarded_allow_ips: str = "127.0.0.1"
     root_path: str = ""
+    database_url: str | None = Field(
+        default=None, description="mongodb:// or mongodb+srv:// selects MongoDB; unset: TinyDB."
+    )
+    mongo_timeout_ms: int = Field(default=5000, ge=100)
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -103,6 +111,23 @@ class Settings(BaseSettings):
     @classmethod
     def _well_formed(cls, value: str) -> str:
         parse_api_keys(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _mongodb_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError("expected a mongodb:// or mongodb+srv:// URL")
+        return value or None
+
+    @field_validator("workers")
+    @classmethod
+    def _one_process_per_data_dir(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and not info.data.get("database_url"):
+            raise ValueError(
+                "more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB store "
+                "is owned by one process per data directory"
+            )
         return value
 
 
@@ -534,9 +559,12 @@ def build_health_router() -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
-    async def read_metrics(request: Request) -> Response:
+    async def read_metrics(request: Request, store: StoreDep) -> Response:
         """Request counts and latencies by route, store timings, documents, process stats."""
         metrics: Metrics = request.app.state.metrics
+        count = await _count_or_none(store)
+        if count is not None:
+            metrics.documents.set(count)
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return router
@@ -704,7 +732,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     started = time.perf_counter()
     try:
-        store = MeteredStore(TinyDBStore.open(settings.data_dir), app.state.metrics)
+        store = MeteredStore(await open_store(settings), app.state.metrics)
     except StoreError as exc:
         log.critical("store.open_failed", extra={"error": str(exc)})
         raise
@@ -726,8 +754,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={
             "version": VERSION,
             "backend": store.backend,
-            "data_dir": str(settings.data_dir),
-            "documents": await store.count(),
+            "data_dir": str(settings.data_dir) if store.backend == "tinydb" else None,
+            "documents": await _count_or_none(store),
             "load_seconds": round(time.perf_counter() - started, 3),
             "api_keys": [k.name for k in app.state.api_keys],
         },
@@ -736,7 +764,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await store.close()
+        app.state.metrics.close()
         log.info("service.stopped", extra={"backend": store.backend})
+
+
+async def open_store(settings: Settings) -> DocumentStore:
+    """MongoDB when DATABASE_URL is set, else the embedded TinyDB store."""
+    if settings.database_url:
+        return await MongoStore.open(settings.database_url, timeout_ms=settings.mongo_timeout_ms)
+    return TinyDBStore.open(settings.data_dir)
+
+
+async def _count_or_none(store: DocumentStore) -> int | None:
+    try:
+        return await store.count()
+    except StoreUnavailable:
+        return None  # MongoDB down at startup: serve 503s and recover when it returns
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -760,7 +803,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.api_keys = [ApiKey("generated", _digest(app.state.generated_key))]
     app.state.rate_limit = parse(settings.rate_limit)
     # Memory only, so built here: the middleware below needs it before the lifespan runs.
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(multiprocess=settings.workers > 1)
     app.include_router(build_health_router())
     app.include_router(build_router())
     _add_error_map(app)
@@ -864,13 +907,13 @@ def _document_from(line: bytes, number: int) -> Document:
 
 
 async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
-    store = TinyDBStore.open(settings.data_dir)
+    store = await open_store(settings)
     try:
         if task == "seed":
             added = await _seed(store, file or SAMPLES)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
-            for doc in store.export_documents():
+            async for doc in store.export_documents():
                 sys.stdout.write(doc.model_dump_json() + "\n")
         elif task == "import" and file is not None:
             added = seen = 0
@@ -911,8 +954,14 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    if settings.workers > 1:
+        # Each worker writes its metrics to files here; /metrics sums them (prometheus-client's
+        # multiprocess mode reads this variable when the workers import it).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="documents-metrics-")
     uvicorn.run(
-        create_app(settings),
+        # Several workers each import the app by name; one worker gets the instance directly.
+        "main:app" if settings.workers > 1 else create_app(settings),
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_config=None,

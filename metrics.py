@@ -3,8 +3,9 @@ wrapper that times every store operation."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import (
@@ -14,6 +15,7 @@ from prometheus_client import (
     Histogram,
     gc_collector,
     generate_latest,
+    multiprocess,
     platform_collector,
     process_collector,
 )
@@ -28,11 +30,16 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     """Every metric the service exports, on its own registry so that apps never share state."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, multiprocess: bool = False) -> None:
+        """With `multiprocess` (several uvicorn workers; PROMETHEUS_MULTIPROC_DIR set before they
+        start), values live in files that /metrics sums across workers."""
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry()
-        process_collector.ProcessCollector(registry=self.registry)
-        platform_collector.PlatformCollector(registry=self.registry)
-        gc_collector.GCCollector(registry=self.registry)
+        if not multiprocess:
+            # These read this process only; prometheus-client cannot merge them across workers.
+            process_collector.ProcessCollector(registry=self.registry)
+            platform_collector.PlatformCollector(registry=self.registry)
+            gc_collector.GCCollector(registry=self.registry)
         self.requests = Counter(
             "http_requests_total",
             "HTTP requests answered, by route template and status.",
@@ -47,9 +54,17 @@ class Metrics:
             registry=self.registry,
         )
         self.in_progress = Gauge(
-            "http_requests_in_progress", "HTTP requests being served.", registry=self.registry
+            "http_requests_in_progress",
+            "HTTP requests being served.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
-        self.documents = Gauge("documents", "Documents in the store.", registry=self.registry)
+        self.documents = Gauge(
+            "documents",
+            "Documents in the store, as of the last scrape.",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.store_duration = Histogram(
             "store_operation_duration_seconds",
             "Time spent in each store operation, including waiting for durable writes.",
@@ -65,7 +80,15 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
 
     # RequestObserver: called by the request middleware, labelled by route template (never the
     # raw path, whose ids would make a new series per document).
@@ -80,7 +103,7 @@ class Metrics:
 
 
 class MeteredStore:
-    """A DocumentStore that times each operation and keeps the `documents` gauge current."""
+    """A DocumentStore that times each operation."""
 
     def __init__(self, store: DocumentStore, metrics: Metrics) -> None:
         self.inner = store
@@ -103,10 +126,7 @@ class MeteredStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         with self._timed("create"):
-            doc, replayed = await self.inner.create(data, idempotency=idempotency)
-        if not replayed:
-            self._metrics.documents.inc()
-        return doc, replayed
+            return await self.inner.create(data, idempotency=idempotency)
 
     async def get(self, doc_id: str) -> Document:
         with self._timed("get"):
@@ -127,22 +147,16 @@ class MeteredStore:
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         with self._timed("delete"):
             await self.inner.delete(doc_id, if_version=if_version)
-        self._metrics.documents.dec()
 
     async def import_document(self, doc: Document) -> bool:
         with self._timed("import"):
-            inserted = await self.inner.import_document(doc)
-        if inserted:
-            self._metrics.documents.inc()
-        return inserted
+            return await self.inner.import_document(doc)
 
-    def export_documents(self) -> Iterator[Document]:
+    def export_documents(self) -> AsyncIterator[Document]:
         return self.inner.export_documents()
 
     async def count(self) -> int:
-        count = await self.inner.count()
-        self._metrics.documents.set(count)
-        return count
+        return await self.inner.count()
 
     async def check(self) -> None:
         with self._timed("check"):

@@ -20,9 +20,9 @@ TAG_MAX_CHARS = 50
 METADATA_MAX_KEYS = 50
 METADATA_KEY_MAX_CHARS = 64
 METADATA_STRING_MAX_CHARS = 1_000
-# Integers travel as JSON numbers; beyond 64 bits many clients (and orjson) lose them.
+# Signed 64-bit: what JSON clients, orjson and BSON all keep exactly.
 METADATA_INT_MIN = -(2**63)
-METADATA_INT_MAX = 2**64 - 1
+METADATA_INT_MAX = 2**63 - 1
 DEFAULT_CONTENT_MAX_CHARS = 100_000
 
 Title = Annotated[

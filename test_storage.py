@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 from tinydb import TinyDB
 
@@ -19,6 +20,7 @@ from storage import (
     DocumentStore,
     IdempotencyConflict,
     IdempotencyKey,
+    MongoStore,
     PreconditionFailed,
     StoreCorrupt,
     StoreLocked,
@@ -53,11 +55,16 @@ def clock() -> FakeClock:
 StoreFactory = Callable[[], TinyDBStore]
 
 
-@pytest.fixture(params=["tinydb"])
+@pytest.fixture(params=["tinydb", "mongodb"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[DocumentStore]:
-    opened = TinyDBStore.open(tmp_path, clock=clock)
+    """The contract is one suite, run against each backend."""
+    opened: DocumentStore
+    if request.param == "tinydb":
+        opened = TinyDBStore.open(tmp_path, clock=clock)
+    else:
+        opened = await MongoStore.open(request.getfixturevalue("mongo_url"), clock=clock)
     yield opened
     await opened.close()
 
@@ -66,6 +73,10 @@ def body(title: str = "t", tags: list[str] | None = None, **extra: object) -> Do
     return DocumentCreate.model_validate(
         {"title": title, "content": "c", "tags": tags or [], **extra}
     )
+
+
+async def exported(store: DocumentStore) -> list[Document]:
+    return [doc async for doc in store.export_documents()]
 
 
 async def walk(store: DocumentStore, limit: int, tag: str | None = None) -> list[str]:
@@ -177,7 +188,7 @@ async def test_import_keeps_ids_and_timestamps_and_skips_existing(store: Documen
     assert await store.import_document(doc)
     assert not await store.import_document(doc.model_copy(update={"title": "other"}))
     assert await store.get(doc.id) == doc
-    assert list(store.export_documents()) == [doc]
+    assert await exported(store) == [doc]
 
 
 # --- the TinyDB store's files -----------------------------------------------------------------
@@ -203,7 +214,7 @@ async def test_journal_is_replayed_when_the_process_did_not_close(tmp_path: Path
     store._release()  # what a crash leaves: a journal not yet folded into the file
     assert (tmp_path / JOURNAL_FILE).stat().st_size > 0
     reopened = TinyDBStore.open(tmp_path)
-    assert [d.id for d in reopened.export_documents()] == [doc.id]
+    assert [d.id for d in await exported(reopened)] == [doc.id]
     await reopened.close()
 
 
@@ -214,7 +225,7 @@ async def test_torn_last_journal_line_is_dropped(tmp_path: Path) -> None:
     with open(tmp_path / JOURNAL_FILE, "ab") as fh:
         fh.write(b'0badc0de {"table": "documents", "id": "half-writ')
     reopened = TinyDBStore.open(tmp_path)
-    assert [d.id for d in reopened.export_documents()] == [doc.id]
+    assert [d.id for d in await exported(reopened)] == [doc.id]
     await reopened.close()
 
 
@@ -267,7 +278,7 @@ async def test_journal_is_compacted_into_the_file_while_running(tmp_path: Path) 
     assert (tmp_path / JOURNAL_FILE).stat().st_size < 2000 + 500
     await store.close()
     reopened = TinyDBStore.open(tmp_path)
-    assert [d.id for d in reopened.export_documents()] == ids
+    assert [d.id for d in await exported(reopened)] == ids
     await reopened.close()
 
 
@@ -296,6 +307,6 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         t.join()
     store.close_sync()
     reopened = TinyDBStore.open(tmp_path)
-    assert sorted(d.id for d in reopened.export_documents()) == sorted(created)
+    assert sorted(d.id for d in anyio.run(exported, reopened)) == sorted(created)
     assert len(created) == 320
     reopened.close_sync()
