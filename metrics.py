@@ -83,12 +83,12 @@ class Metrics:
         if not self.multiprocess:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # untyped upstream
         return generate_latest(merged)
 
     def close(self) -> None:
         if self.multiprocess:
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # untyped upstream
 
     # RequestObserver: called by the request middleware, labelled by route template (never the
     # raw path, whose ids would make a new series per document).
