@@ -850,9 +850,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> FastAPI:
-    # `uvicorn main:app` builds the app on first access, not at import.
+    # `uvicorn main:app` (and each of several workers) builds the app on first access, not at
+    # import, with logging set up as `python main.py` does.
     if name == "app":
-        return create_app()
+        settings = Settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return create_app(settings)
     raise AttributeError(name)
 
 

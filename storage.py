@@ -886,13 +886,16 @@ class MongoStore:
     async def page(
         self, *, limit: int, after: str | None = None, tag: str | None = None
     ) -> tuple[list[Document], str | None]:
+        await self._ensure_indexes()
         query: dict[str, Any] = {}
         if tag is not None:
             query["tags"] = tag
         if after is not None:
             query["_id"] = {"$lt": after}
+        # Name the index: one scan, newest first, stopping after limit + 1 entries.
+        index = "tag_newest" if tag is not None else "_id_"
         with _driver_errors():
-            cursor = self._docs.find(query).sort("_id", DESCENDING).limit(limit + 1)
+            cursor = self._docs.find(query).sort("_id", DESCENDING).hint(index).limit(limit + 1)
             rows = await cursor.to_list(limit + 1)
         items = [_from_mongo(raw) for raw in rows[:limit]]
         return items, items[-1].id if len(rows) > limit else None

@@ -1,0 +1,315 @@
+"""Scale-out: the MongoDB backend through the API, outages, several workers, shared limits,
+and moving data between backends. MongoDB is SecantusDB, a real wire-protocol server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pymongo import DESCENDING, AsyncMongoClient
+from secantus import SecantusDBServer
+
+from conftest import HERE, KEY, Service, TcpProxy, free_port, make_settings
+from main import create_app
+from models import DocumentCreate
+from storage import MongoStore
+
+DOC = {"title": "t", "content": "c", "tags": ["x"]}
+
+
+def until_ready(client: TestClient, seconds: float = 15) -> None:
+    """The driver rediscovers a returning server on its own heartbeat: poll readiness (each
+    poll is a request a load balancer would make), never a fixed sleep."""
+    deadline = time.monotonic() + seconds
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "did not recover"
+
+
+def mongo_app_client(url: str, tmp_path: Path, **overrides: Any) -> TestClient:
+    settings = make_settings(tmp_path, database_url=url, mongo_timeout_ms=500, **overrides)
+    return TestClient(create_app(settings), headers={"X-API-Key": KEY})
+
+
+# --- the API on MongoDB -----------------------------------------------------------------------
+
+
+def test_api_round_trip_on_mongodb(mongo_url: str, tmp_path: Path) -> None:
+    with mongo_app_client(mongo_url, tmp_path) as client:
+        created = client.post("/v1/documents", json=DOC)
+        assert created.status_code == 201
+        doc = created.json()
+        assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+        assert client.get("/v1/documents", params={"tag": "x"}).json()["items"] == [doc]
+        stale = client.patch(
+            f"/v1/documents/{doc['id']}", json={"title": "u"}, headers={"If-Match": '"0"'}
+        )
+        assert stale.status_code == 412
+        patched = client.patch(
+            f"/v1/documents/{doc['id']}", json={"title": "u"}, headers={"If-Match": '"1"'}
+        )
+        assert patched.json()["version"] == 2
+        assert client.delete(f"/v1/documents/{doc['id']}").status_code == 204
+        assert client.get(f"/v1/documents/{doc['id']}").status_code == 404
+        ready = client.get("/health/ready").json()
+        assert ready["backend"] == "mongodb"
+    assert not list(tmp_path.iterdir()), "the MongoDB backend must not touch DATA_DIR"
+
+
+def test_metadata_keys_that_bson_forbids_round_trip(mongo_url: str, tmp_path: Path) -> None:
+    metadata = {"a.b": 1, "$where": "x", "nul\x00key": True, "big": 2**63 - 1}
+    with mongo_app_client(mongo_url, tmp_path) as client:
+        doc = client.post("/v1/documents", json={**DOC, "metadata": metadata}).json()
+        assert client.get(f"/v1/documents/{doc['id']}").json()["metadata"] == metadata
+
+
+def test_indexes_serve_pages_in_one_index_scan(mongo_url: str) -> None:
+    async def plans() -> tuple[list[dict[str, Any]], list[str]]:
+        store = await MongoStore.open(mongo_url)
+        for i in range(5):
+            await store.create(DocumentCreate(title=f"d{i}", content="c", tags=["t"]))
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+        collection = client.get_default_database()["documents"]
+        found = []
+        for query, index in (
+            ({}, "_id_"),
+            ({"_id": {"$lt": "Z"}}, "_id_"),
+            ({"tags": "t"}, "tag_newest"),
+        ):
+            cursor = collection.find(query).sort("_id", DESCENDING).hint(index).limit(3)
+            found.append((await cursor.explain())["queryPlanner"]["winningPlan"])
+        ttl = [
+            ix["name"]
+            async for ix in await client.get_default_database()["idempotency"].list_indexes()
+            if "expireAfterSeconds" in ix and ix["expireAfterSeconds"] == 86400
+        ]
+        await client.close()
+        await store.close()
+        return found, ttl
+
+    found, ttl = anyio.run(plans)
+
+    def stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
+        return [plan, *stages(plan["inputStage"])] if "inputStage" in plan else [plan]
+
+    for plan, index in zip(found, ["_id_", "_id_", "tag_newest"], strict=True):
+        scans = [s for s in stages(plan) if s["stage"] in ("IXSCAN", "COLLSCAN")]
+        assert [(s["stage"], s.get("indexName")) for s in scans] == [("IXSCAN", index)]
+    # Without a tag the _id index alone gives newest-first order: no sort stage at all.
+    assert all(s["stage"] != "SORT" for s in stages(found[0]) + stages(found[1]))
+    assert ttl == ["ttl_24h"]
+
+
+# --- outages ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxied_mongo(mongo_server: SecantusDBServer, mongo_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    proxy = TcpProxy(mongo_server.address)
+    database = mongo_url.rsplit("/", 1)[1]
+    yield proxy, f"mongodb://{proxy.address}/{database}?directConnection=true"
+    proxy.stop()
+
+
+def test_mongodb_down_at_startup_then_back(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    proxy, url = proxied_mongo
+    with mongo_app_client(url, tmp_path) as client:
+        assert client.get("/health").status_code == 200
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.headers["content-type"] == "application/problem+json"
+        down = client.post("/v1/documents", json=DOC)
+        assert down.status_code == 503
+        assert "Traceback" not in down.text
+        assert "pymongo" not in down.text.lower()
+        proxy.start()
+        until_ready(client)
+        assert client.post("/v1/documents", json=DOC).status_code == 201
+
+
+def test_mongodb_lost_mid_run_then_recovers(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        proxy.stop()
+        assert client.get(f"/v1/documents/{doc['id']}").status_code == 503
+        assert client.get("/v1/documents").status_code == 503
+        assert client.get("/health/ready").status_code == 503
+        assert client.get("/health").status_code == 200
+        proxy.start()
+        until_ready(client)
+        assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+# --- several workers --------------------------------------------------------------------------
+
+
+def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path), "WORKERS": "2"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "main.py")],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    message = result.stderr.decode()
+    assert message.startswith("configuration error: WORKERS:")
+    assert "DATABASE_URL" in message
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: .ci/run must install it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            redis_server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # redis says when it accepts connections
+        if b"Ready to accept connections" in line:
+            break
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def two_workers(service_factory: Any, mongo_url: str, **env: str) -> Service:
+    service: Service = service_factory(env={"DATABASE_URL": mongo_url, "WORKERS": "2", **env})
+    service.start(wait=False)
+    # Each worker announces its own startup: wait for both.
+    service.wait_for_line("Application startup complete", timeout=30)
+    with service._changed:
+        service._changed.wait_for(
+            lambda: sum("Application startup complete" in line for line in service.output) >= 2, 30
+        )
+    return service
+
+
+def fresh_connection_get(url: str, path: str, key: str = KEY) -> httpx.Response:
+    # A new connection per request, so the kernel spreads them over both workers.
+    with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=10) as client:
+        return client.get(path)
+
+
+def test_two_workers_share_the_rate_limit_through_redis(
+    service_factory: Any, mongo_url: str, redis_url: str
+) -> None:
+    service = two_workers(
+        service_factory, mongo_url, RATE_LIMIT="10/minute", RATE_LIMIT_STORAGE_URI=redis_url
+    )
+    statuses = [fresh_connection_get(service.url, "/v1/documents").status_code for _ in range(20)]
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 10
+
+
+def test_two_workers_racing_on_one_if_match_exactly_one_wins(
+    service_factory: Any, mongo_url: str
+) -> None:
+    service = two_workers(service_factory, mongo_url)
+    with service.client() as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+    results: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def racer(n: int) -> None:
+        with service.client() as client:
+            barrier.wait()
+            response = client.patch(
+                f"/v1/documents/{doc['id']}",
+                json={"title": f"winner {n}"},
+                headers={"If-Match": '"1"'},
+            )
+            results.append(response.status_code)
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200] + [412] * 7
+    with service.client() as client:
+        assert client.get(f"/v1/documents/{doc['id']}").json()["version"] == 2
+
+
+def test_metrics_add_up_across_two_workers(service_factory: Any, mongo_url: str) -> None:
+    service = two_workers(service_factory, mongo_url)
+    for _ in range(30):
+        assert fresh_connection_get(service.url, "/health").status_code == 200
+    text = fresh_connection_get(service.url, "/metrics").text
+    line = next(
+        row
+        for row in text.splitlines()
+        if row.startswith("http_requests_total{") and 'route="/health"' in row
+    )
+    assert float(line.rsplit(" ", 1)[1]) == 30
+    pids = {row for row in service.output if "Started server process" in row}
+    assert len(pids) == 2
+
+
+# --- moving data ------------------------------------------------------------------------------
+
+
+def run_main(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, str(HERE / "main.py"), *args],
+        cwd=HERE,
+        env={"PATH": os.environ["PATH"], "API_KEYS": KEY, **env},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_tinydb_to_mongodb_and_back_gives_identical_documents(
+    mongo_url: str, tmp_path: Path
+) -> None:
+    tinydb = {"DATA_DIR": str(tmp_path / "data")}
+    mongodb = {"DATABASE_URL": mongo_url}
+    assert run_main(tinydb, "seed").returncode == 0
+    with TestClient(create_app(make_settings(tmp_path / "data")), headers={"X-API-Key": KEY}) as c:
+        doc = c.post("/v1/documents", json={**DOC, "metadata": {"a.b": 1.5}}).json()
+        c.patch(f"/v1/documents/{doc['id']}", json={"content": "v2"})
+    first = run_main(tinydb, "export").stdout
+    backup = tmp_path / "backup.jsonl"
+    backup.write_bytes(first)
+    for _ in range(2):  # idempotent: the second import adds nothing
+        imported = run_main(mongodb, "import", str(backup))
+        assert imported.returncode == 0, imported.stderr
+    second = run_main(mongodb, "export").stdout
+    assert second == first
+    assert len(first.splitlines()) == 11
