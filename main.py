@@ -27,6 +27,7 @@ import orjson
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
@@ -75,6 +76,11 @@ class Settings(BaseSettings):
         default="",
         description="Comma-separated `key` or `name:key` entries; empty generates one per start.",
     )
+    api_key_hashes: str = Field(
+        default="",
+        description="Comma-separated `name:sha256hex` entries, so no plaintext key is configured.",
+    )
+    cors_origins: str = Field(default="", description="Comma-separated origins; empty: no CORS.")
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -113,6 +119,15 @@ class Settings(BaseSettings):
         parse_api_keys(value)
         return value
 
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _well_formed_hashes(cls, value: str, info: ValidationInfo) -> str:
+        names = [k.name for k in parse_api_keys(info.data.get("api_keys", ""))]
+        names += [k.name for k in parse_api_key_hashes(value)]
+        if len(set(names)) != len(names):
+            raise ValueError("key names must be unique across API_KEYS and API_KEY_HASHES")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _mongodb_url(cls, value: str | None) -> str | None:
@@ -146,18 +161,39 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def _entries(spec: str) -> list[tuple[int, str, str]]:
+    """(number, name, value) for each `value` or `name:value` in a comma-separated list."""
+    entries = []
+    for number, entry in enumerate(filter(None, (e.strip() for e in spec.split(","))), 1):
+        name, sep, value = entry.partition(":")
+        entries.append((number, name, value) if sep else (number, "", entry))
+    return entries
+
+
 def parse_api_keys(spec: str) -> list[ApiKey]:
     keys: list[ApiKey] = []
-    for number, entry in enumerate(filter(None, (e.strip() for e in spec.split(","))), 1):
-        name, sep, key = entry.partition(":")
-        if not sep:
-            name, key = f"key{number}", entry
-        if not name or len(key) < 8:
+    for number, name, key in _entries(spec):
+        if len(key) < 8:
             raise ValueError(f"entry {number} must be 'key' or 'name:key' with a key of 8+ chars")
-        keys.append(ApiKey(name, _digest(key)))
-    if len({k.name for k in keys}) != len(keys):
-        raise ValueError("key names must be unique")
+        keys.append(ApiKey(name or f"key{number}", _digest(key)))
     return keys
+
+
+def parse_api_key_hashes(spec: str) -> list[ApiKey]:
+    keys: list[ApiKey] = []
+    for number, name, value in _entries(spec):
+        try:
+            digest = bytes.fromhex(value)
+        except ValueError:
+            digest = b""
+        if len(digest) != hashlib.sha256().digest_size:
+            raise ValueError(f"entry {number} must be 'name:<64 hex chars of SHA-256(key)>'")
+        keys.append(ApiKey(name or f"hash{number}", digest))
+    return keys
+
+
+def configured_keys(settings: Settings) -> list[ApiKey]:
+    return parse_api_keys(settings.api_keys) + parse_api_key_hashes(settings.api_key_hashes)
 
 
 class AuthFailed(Exception):
@@ -782,6 +818,26 @@ async def _count_or_none(store: DocumentStore) -> int | None:
         return None  # MongoDB down at startup: serve 503s and recover when it returns
 
 
+CORS_REQUEST_HEADERS = [
+    "X-API-Key",
+    "Content-Type",
+    "If-Match",
+    "If-None-Match",
+    "Idempotency-Key",
+    "X-Request-ID",
+]
+CORS_RESPONSE_HEADERS = [
+    "ETag",
+    "Location",
+    "Retry-After",
+    "X-Request-ID",
+    "Idempotent-Replayed",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A fresh, independent app; state that needs I/O is built in the lifespan."""
     settings = settings if settings is not None else Settings()
@@ -795,7 +851,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         static_url="/docs-static",
     )
     app.state.settings = settings
-    app.state.api_keys = parse_api_keys(settings.api_keys)
+    app.state.api_keys = configured_keys(settings)
     app.state.generated_key = None
     if not app.state.api_keys:
         # Never run open: with no configured key, make one and show it once on the console.
@@ -808,8 +864,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_router())
     _add_error_map(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    # Added innermost first: a request meets RequestContext (ids, logs, metrics), then BodyLimit.
+    # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS
+    # (only when CORS_ORIGINS is set), then BodyLimit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_RESPONSE_HEADERS,
+        )
     app.add_middleware(
         RequestContextMiddleware,
         slow_request_ms=settings.slow_request_ms,

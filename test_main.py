@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from tinydb import TinyDB
 
 from conftest import KEY, OTHER_KEY, make_settings
@@ -526,3 +528,48 @@ def test_documents_survive_an_app_restart_and_the_file_opens_with_tinydb(tmp_pat
         assert [(r["id"], r["title"], r["version"]) for r in rows] == [(kept["id"], "renamed", 2)]
     with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
         assert client.get(f"/v1/documents/{kept['id']}").json()["title"] == "renamed"
+
+
+# --- security settings ------------------------------------------------------------------------
+
+
+def test_keys_configured_as_sha256_hashes_authenticate(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"hashed-secret-key").hexdigest()
+    settings = make_settings(tmp_path, api_keys="", api_key_hashes=f"ops:{digest}")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/documents", headers={"X-API-Key": "hashed-secret-key"}).is_success
+        assert_problem(client.get("/v1/documents", headers={"X-API-Key": digest}), 401)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"api_key_hashes": "ops:not-hex"}, "64 hex"),
+        ({"api_keys": "alice:short"}, r"8\+ chars"),
+        ({"api_keys": "a:aaaaaaaaaa", "api_key_hashes": f"a:{'0' * 64}"}, "unique"),
+    ],
+)
+def test_malformed_key_settings_are_refused(
+    tmp_path: Path, overrides: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make_settings(tmp_path, **overrides)
+
+
+def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "X-API-Key, Content-Type",
+    }
+    with TestClient(create_app(make_settings(tmp_path / "a"))) as client:
+        response = client.options("/v1/documents", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    settings = make_settings(tmp_path / "b", cors_origins="https://app.example")
+    with TestClient(create_app(settings)) as client:
+        response = client.options("/v1/documents", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.options(
+            "/v1/documents", headers={**preflight, "Origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in other.headers
