@@ -87,8 +87,8 @@ class PreconditionFailed(StoreError):
 
 
 class IdempotencyConflict(StoreError):
-    def __init__(self, key: str) -> None:
-        super().__init__("this Idempotency-Key was already used with a different body")
+    def __init__(self, key: str, reason: str = "with a different body") -> None:
+        super().__init__(f"this Idempotency-Key was already used {reason}")
         self.key = key
 
 
@@ -583,7 +583,7 @@ class TinyDBStore:
             raise IdempotencyConflict(idempotency.key)
         original = self._docs.get(known.document_id)
         if original is None:
-            raise DocumentNotFound(known.document_id)
+            raise IdempotencyConflict(idempotency.key, "for a document that has since been deleted")
         return original
 
     def _record_key(
@@ -873,7 +873,12 @@ class MongoStore:
                 continue
             if known["fingerprint"] != body_print:
                 raise IdempotencyConflict(idempotency.key)
-            return await self.get(known["document_id"])
+            try:
+                return await self.get(known["document_id"])
+            except DocumentNotFound:
+                raise IdempotencyConflict(
+                    idempotency.key, "for a document that has since been deleted"
+                ) from None
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:

@@ -573,3 +573,10 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
             "/v1/documents", headers={**preflight, "Origin": "https://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_replay_after_the_original_was_deleted_returns_409(client: TestClient) -> None:
+    first = create(client, DOC, **{"Idempotency-Key": "req-9"})
+    client.delete(f"/v1/documents/{first['id']}")
+    again = client.post("/v1/documents", json=DOC, headers={"Idempotency-Key": "req-9"})
+    assert "deleted" in assert_problem(again, 409)["detail"]

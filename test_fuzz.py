@@ -1,0 +1,52 @@
+"""Schema-driven fuzzing: schemathesis against the running service's own OpenAPI document."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import HERE, KEY
+
+CHECKS = [
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
+    "ignored_auth",
+    "use_after_free",
+    "ensure_resource_availability",
+]
+
+
+def test_schemathesis_finds_nothing(service_factory: Any) -> None:
+    service = service_factory().start()
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")),
+            "--config-file",
+            str(HERE / "schemathesis.toml"),
+            "run",
+            f"{service.url}/openapi.json",
+            "--header",
+            f"X-API-Key: {KEY}",
+            "--checks",
+            ",".join(CHECKS),
+            "--seed",
+            "20261127",
+            "--max-examples",
+            "60",
+            "--generation-database",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
+    server_errors = [line for line in service.output if '"status_code":5' in line]
+    assert server_errors == []
