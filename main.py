@@ -10,13 +10,14 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
 from limits import RateLimitItem, parse
@@ -286,6 +288,60 @@ async def require_json(request: Request) -> None:
         raise UnsupportedMediaType(content_type or "none")
 
 
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} does not fit a 64-bit float")
+    return value
+
+
+class StrictJSONRequest(Request):
+    """Parses bodies as strict JSON: a duplicate key, NaN, Infinity or an overflowing number is
+    a malformed body (400), where `json.loads` would silently keep one value or an infinity."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = json.loads(
+                    body,
+                    object_pairs_hook=_reject_duplicates,
+                    parse_constant=_reject_constant,
+                    parse_float=_finite,
+                )
+            except ValueError as exc:
+                if isinstance(exc, json.JSONDecodeError):
+                    raise
+                raise json.JSONDecodeError(str(exc), body.decode(errors="replace"), 0) from exc
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies go through StrictJSONRequest (FastAPI's custom route hook)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not (self.methods or set()) & {"POST", "PATCH", "PUT"}:
+            return handler
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
+
+
 StoreDep = Annotated[DocumentStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -411,6 +467,7 @@ _ETAG_HEADER = {
 def build_router() -> APIRouter:
     router = APIRouter(
         prefix="/v1",
+        route_class=StrictJSONRoute,
         tags=["documents"],
         dependencies=[Depends(authorize)],
         responses=_problems(401, 422, 429, 503),

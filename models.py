@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -25,14 +26,25 @@ METADATA_INT_MIN = -(2**63)
 METADATA_INT_MAX = 2**63 - 1
 DEFAULT_CONTENT_MAX_CHARS = 100_000
 
+
+def _printable(text: str) -> str:
+    # Titles and tags are one-line labels: control characters (NUL, newlines, escapes) only
+    # ever arrive by accident or by attack.
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
 Title = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_CHARS),
-    Field(description="Human-readable title, 1-200 characters after trimming."),
+    AfterValidator(_printable),
+    Field(description="Human-readable title, 1-200 characters after trimming, one line."),
 ]
 Tag = Annotated[
     str,
     StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=TAG_MAX_CHARS),
+    AfterValidator(_printable),
 ]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_MAX_CHARS)]
 MetadataValue = (
