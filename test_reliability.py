@@ -1,0 +1,389 @@
+"""Reliability, proven: crash loops, damaged files, hostile input, and a stateful model check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from conftest import KEY, Service
+from models import DocumentCreate, DocumentUpdate
+from storage import (
+    DATA_FILE,
+    DocumentNotFound,
+    DocumentStore,
+    MongoStore,
+    PreconditionFailed,
+    StoreCorrupt,
+    TinyDBStore,
+)
+
+ServiceFactory = Any
+
+
+# --- crash loop -------------------------------------------------------------------------------
+
+
+def write_until_killed(service: Service, target: int, rng: random.Random) -> dict[str, Any]:
+    """8 writers post until `target` writes are acknowledged; then kill -9 mid-stream."""
+    acknowledged: dict[str, Any] = {}
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def writer(n: int) -> None:
+        with service.client() as client:
+            for i in itertools.count():
+                body = {
+                    "title": f"w{n}-{i}",
+                    "content": "x" * rng.randint(1, 2000),
+                    "tags": [f"t{n}"],
+                }
+                try:
+                    response = client.post("/v1/documents", json=body)
+                except httpx.HTTPError:
+                    return  # killed: this one was never acknowledged
+                with lock:
+                    acknowledged[response.json()["id"]] = response.json()
+                    if len(acknowledged) >= target:
+                        enough.set()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    assert enough.wait(60)
+    service.kill()
+    for thread in threads:
+        thread.join(30)
+    return acknowledged
+
+
+def test_twenty_kill_9_rounds_lose_no_acknowledged_write(service_factory: ServiceFactory) -> None:
+    rng = random.Random(20261127)
+    service = service_factory()
+    everything: dict[str, Any] = {}
+    for _ in range(20):
+        service.start()
+        with service.client() as client:
+            for doc_id, doc in everything.items():
+                assert client.get(f"/v1/documents/{doc_id}").json() == doc
+        everything.update(write_until_killed(service, rng.randint(5, 80), rng))
+    service.start()
+    with service.client() as client:
+        listed: list[str] = []
+        cursor = None
+        while True:
+            page = client.get(
+                "/v1/documents", params={"limit": 100, **({"cursor": cursor} if cursor else {})}
+            ).json()
+            listed += [d["id"] for d in page["items"]]
+            if (cursor := page["next_cursor"]) is None:
+                break
+    assert set(everything) <= set(listed)
+    assert len(listed) == len(set(listed))
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> bytes:
+    async def fill() -> None:
+        store = TinyDBStore.open(tmp_path)
+        for i in range(30):
+            await store.create(DocumentCreate(title=f"d{i}", content="c" * 50, tags=["t"]))
+        await store.close()
+
+    anyio.run(fill)
+    return (tmp_path / DATA_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("twentieth", range(20))
+def test_data_file_truncated_at_each_twentieth_is_refused_untouched(
+    tmp_path: Path, data_file: bytes, twentieth: int
+) -> None:
+    damaged = data_file[: len(data_file) * twentieth // 20]
+    (tmp_path / DATA_FILE).write_bytes(damaged)
+    with pytest.raises(StoreCorrupt, match="corrupt"):
+        TinyDBStore.open(tmp_path)
+    assert (tmp_path / DATA_FILE).read_bytes() == damaged
+
+
+def test_data_file_of_garbage_is_refused_untouched(tmp_path: Path, data_file: bytes) -> None:
+    garbage = random.Random(7).randbytes(len(data_file))
+    (tmp_path / DATA_FILE).write_bytes(garbage)
+    with pytest.raises(StoreCorrupt, match="corrupt"):
+        TinyDBStore.open(tmp_path)
+    assert (tmp_path / DATA_FILE).read_bytes() == garbage
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+
+def rss_kb(service: Service) -> int:
+    assert service.proc is not None
+    for line in Path(f"/proc/{service.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(service: Service, head: bytes, body: bytes) -> bytes:
+    """Send bytes as they are (no client library fixing them up) and read the status line."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):  # the server may refuse the rest once it answered
+            sock.sendall(body)
+        return sock.recv(65536)
+
+
+MB = 1024 * 1024
+
+
+def hostile_cases(service: Service) -> list[tuple[str, int, int]]:
+    """(name, expected status, actual status) for each hostile request."""
+    results = []
+    headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
+    with httpx.Client(base_url=service.url, headers=headers, timeout=30) as client:
+
+        def post(name: str, expected: int, content: bytes | Any) -> None:
+            results.append(
+                (name, expected, client.post("/v1/documents", content=content).status_code)
+            )
+
+        post("JSON nested 100 000 deep", 400, b"[" * 100_000 + b"]" * 100_000)
+        post("invalid UTF-8", 400, b'{"title": "\xff\xfe", "content": "x"}')
+        post("raw NUL byte", 400, b'{"title": "a\x00b", "content": "x"}')
+        post("escaped NUL in title", 422, b'{"title": "a\\u0000b", "content": "x"}')
+        post(
+            "10 000 tags",
+            422,
+            httpx.Request(
+                "POST",
+                "/",
+                json={"title": "t", "content": "x", "tags": [f"t{i}" for i in range(10_000)]},
+            ).content,
+        )
+        post(
+            "10 000 metadata keys",
+            422,
+            httpx.Request(
+                "POST",
+                "/",
+                json={
+                    "title": "t",
+                    "content": "x",
+                    "metadata": {f"k{i}": i for i in range(10_000)},
+                },
+            ).content,
+        )
+        post("number 1e999", 400, b'{"title": "t", "content": "x", "metadata": {"n": 1e999}}')
+        post("duplicate keys", 400, b'{"title": "t", "title": "u", "content": "x"}')
+
+        def chunks() -> Any:
+            for _ in range(50):
+                yield b"x" * MB
+
+        post("50 MB chunked, no Content-Length", 413, chunks())
+        for path, expected in [
+            ("/v1/documents/..%2F..%2Fetc%2Fpasswd", 404),
+            ("/v1/documents/%00", 404),
+            ("/v1/documents/a%0Ab%22c", 404),
+        ]:
+            results.append((f"id {path}", expected, client.get(path).status_code))
+        results.append(
+            (
+                "header with quote",
+                200,
+                client.get(
+                    "/health", headers={"X-Request-ID": 'a"b', "User-Agent": 'x"\\y'}
+                ).status_code,
+            )
+        )
+        for name, cursor in [("tampered cursor", "eyJ4Ijo.AAAA"), ("garbage cursor", "%%%")]:
+            results.append(
+                (name, 400, client.get("/v1/documents", params={"cursor": cursor}).status_code)
+            )
+    head = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {50 * MB}\r\n\r\n"
+    ).encode()
+    status = raw_request(service, head, b"x" * MB).split(b" ")[1]
+    results.append(("50 MB with Content-Length", 413, int(status)))
+    return results
+
+
+def test_hostile_input_gets_4xx_and_the_process_stays_small(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory().start()
+    with service.client() as client:
+        client.get("/v1/documents")
+    baseline = rss_kb(service)
+    for _ in range(3):  # again and again: nothing may accumulate
+        results = hostile_cases(service)
+        assert [(n, e) for n, e, _ in results] == [(n, a) for n, _, a in results]
+    with service.client() as client:
+        for i in range(1000):  # 1 000 idempotency keys from one client
+            response = client.post(
+                "/v1/documents",
+                json={"title": "t", "content": "x"},
+                headers={"Idempotency-Key": f"k{i}"},
+            )
+            assert response.status_code == 201
+        assert client.get("/health/ready").status_code == 200
+    assert service.proc is not None
+    assert service.proc.poll() is None
+    # Memory returns near its baseline: bodies are refused, not buffered (1 000 small documents
+    # and their keys account for well under a megabyte of the allowance).
+    assert rss_kb(service) - baseline < 40 * 1024
+    log = "".join(service.output)
+    assert all(line.startswith("{") for line in log.splitlines() if line.strip())
+
+
+# --- stateful model check ---------------------------------------------------------------------
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random create/patch/delete/get/list sequences against a plain dict of expected documents."""
+
+    backend = "tinydb"
+    mongo_uri = ""
+    docs = Bundle("docs")
+    counter = itertools.count()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runner = asyncio.Runner()
+        self.tmp = Path(self.runner.run(anyio.to_thread.run_sync(_mkdtemp)))
+        self.store: DocumentStore = self.runner.run(self._open())
+        self.model: dict[str, dict[str, Any]] = {}
+
+    async def _open(self) -> DocumentStore:
+        if self.backend == "tinydb":
+            return TinyDBStore.open(self.tmp)
+        return await MongoStore.open(f"{self.mongo_uri}sm_{next(self.counter)}")
+
+    def teardown(self) -> None:
+        self.runner.run(self.store.close())
+        self.runner.close()
+
+    @staticmethod
+    def _fields(doc: Any) -> dict[str, Any]:
+        return {k: getattr(doc, k) for k in ("title", "content", "tags", "metadata", "version")}
+
+    @rule(
+        target=docs,
+        title=st.text("abc ", min_size=1, max_size=5).filter(str.strip),
+        tags=st.lists(st.sampled_from(["x", "y", "z"]), max_size=2),
+    )
+    def create(self, title: str, tags: list[str]) -> str:
+        doc, _ = self.runner.run(
+            self.store.create(DocumentCreate(title=title, content="c", tags=tags))
+        )
+        self.model[doc.id] = self._fields(doc)
+        return doc.id
+
+    @rule(
+        doc_id=docs,
+        title=st.sampled_from(["p", "q"]),
+        use_if_match=st.booleans(),
+        stale=st.booleans(),
+    )
+    def patch(self, doc_id: str, title: str, use_if_match: bool, stale: bool) -> None:
+        expected = self.model.get(doc_id)
+        version = (expected["version"] - (1 if stale else 0)) if expected else 1
+        try:
+            doc = self.runner.run(
+                self.store.update(
+                    doc_id,
+                    DocumentUpdate(title=title),
+                    if_version=version if use_if_match else None,
+                )
+            )
+        except DocumentNotFound:
+            assert expected is None
+            return
+        except PreconditionFailed:
+            assert expected is not None
+            assert use_if_match
+            assert stale
+            return
+        assert expected is not None
+        assert not (use_if_match and stale)
+        if title != expected["title"]:
+            expected.update(title=title, version=expected["version"] + 1)
+        assert self._fields(doc) == expected
+
+    @rule(doc_id=consumes(docs), use_if_match=st.booleans())
+    def delete(self, doc_id: str, use_if_match: bool) -> None:
+        expected = self.model.pop(doc_id, None)
+        try:
+            self.runner.run(
+                self.store.delete(
+                    doc_id, if_version=expected["version"] if expected and use_if_match else None
+                )
+            )
+        except DocumentNotFound:
+            assert expected is None
+            return
+        assert expected is not None
+
+    @rule(doc_id=docs)
+    def get(self, doc_id: str) -> None:
+        try:
+            doc = self.runner.run(self.store.get(doc_id))
+        except DocumentNotFound:
+            assert doc_id not in self.model
+            return
+        assert self._fields(doc) == self.model[doc_id]
+
+    @invariant()
+    def every_page_walk_returns_each_live_document_once(self) -> None:
+        for limit, tag in ((1, None), (3, None), (100, None), (2, "x")):
+            seen: list[str] = []
+            after = None
+            while True:
+                items, after = self.runner.run(self.store.page(limit=limit, after=after, tag=tag))
+                seen += [d.id for d in items]
+                if after is None:
+                    break
+            live = [i for i, d in self.model.items() if tag is None or tag in d["tags"]]
+            assert seen == sorted(live, reverse=True)
+
+
+def _mkdtemp() -> str:
+    return tempfile.mkdtemp(prefix="store-machine-")
+
+
+@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+def test_store_agrees_with_a_model_under_random_operations(backend: str, mongo_server: Any) -> None:
+    machine = type(
+        f"{backend}Machine", (StoreMachine,), {"backend": backend, "mongo_uri": mongo_server.uri}
+    )
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=25,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
