@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format seed bench container-check clean
+.PHONY: run test lint format seed bench soak container-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -34,6 +34,11 @@ seed: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (apt-get install wrk)"; exit 1; }
 	$(BIN)/python bench/run.py
+
+# 60 s of mixed load: no 5xx, no lost write, flat memory and descriptors (needs wrk).
+soak: $(STAMP)
+	@command -v wrk >/dev/null || { echo "make soak needs wrk (apt-get install wrk)"; exit 1; }
+	cd bench && ../$(BIN)/python soak.py
 
 # The image's behaviour without a Docker engine: lint the Dockerfile and workflow, then run the
 # image's command as the container would (see tools/container_check.py).
