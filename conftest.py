@@ -132,6 +132,20 @@ def free_port() -> int:
         return port
 
 
+def run_main(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    """`python main.py ARGS` with only PATH and `env` in its environment."""
+    return subprocess.run(
+        [sys.executable, str(HERE / "main.py"), *args],
+        cwd=HERE,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class Service:
     """`python main.py` in a subprocess, as a user starts it."""
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -63,6 +64,7 @@ from storage import (
     StoreError,
     StoreUnavailable,
     TinyDBStore,
+    new_document,
 )
 
 VERSION = "1.0.0"
@@ -1010,15 +1012,9 @@ async def _seed(store: DocumentStore, path: Path) -> int:
     for number, raw in enumerate(orjson.loads(await anyio.Path(path).read_bytes()), 1):
         fields = {k: v for k, v in raw.items() if k not in ("id", "created_at")}
         try:
-            body = DocumentCreate.model_validate(fields)
-            doc = Document(
-                id=raw["id"],
-                **body.model_dump(),
-                created_at=raw["created_at"],
-                updated_at=raw["created_at"],
-                version=1,
-            )
-        except (ValidationError, KeyError) as exc:
+            created_at = datetime.fromisoformat(raw["created_at"])
+            doc = new_document(DocumentCreate.model_validate(fields), raw["id"], created_at)
+        except (ValidationError, KeyError, TypeError, ValueError) as exc:
             raise SystemExit(f"sample {number} in {path} is not valid: {exc}") from None
         added += await store.import_document(doc)
     return added

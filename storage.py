@@ -201,6 +201,11 @@ class IdGenerator:
         return "".join(reversed(chars))
 
 
+def new_document(data: DocumentCreate, doc_id: str, now: datetime) -> Document:
+    """Version 1 of a document, created and updated `now`."""
+    return Document(id=doc_id, **data.model_dump(), created_at=now, updated_at=now, version=1)
+
+
 def fingerprint(data: DocumentCreate) -> str:
     """Same validated body, same fingerprint, whatever the whitespace or key order sent."""
     return hashlib.sha256(data.model_dump_json().encode()).hexdigest()
@@ -551,16 +556,7 @@ class TinyDBStore:
                 # The original may still be waiting for its flush: wait for it as well.
                 seq = self._written_seq
             else:
-                doc = Document(
-                    id=self._new_id(now),
-                    title=data.title,
-                    content=data.content,
-                    tags=data.tags,
-                    metadata=data.metadata,
-                    created_at=now,
-                    updated_at=now,
-                    version=1,
-                )
+                doc = new_document(data, self._new_id(now), now)
                 self._index(doc)
                 entries = [self._doc_entry(doc.id, doc)]
                 if idempotency is not None:
@@ -822,16 +818,7 @@ class MongoStore:
     ) -> tuple[Document, bool]:
         await self._ensure_indexes()
         now = self._clock()
-        doc = Document(
-            id=self._new_id(now),
-            title=data.title,
-            content=data.content,
-            tags=data.tags,
-            metadata=data.metadata,
-            created_at=now,
-            updated_at=now,
-            version=1,
-        )
+        doc = new_document(data, self._new_id(now), now)
         if idempotency is not None:
             original = await self._claim(idempotency, fingerprint(data), doc.id, now)
             if original is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,25 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import HERE, KEY, Service
+from conftest import HERE, KEY, Service, run_main
 
 ServiceFactory = Any
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
 
-def run_task(
-    data_dir: Path, *args: str, stdin: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    env = {"PATH": os.environ.get("PATH", ""), "DATA_DIR": str(data_dir), "API_KEYS": KEY}
-    return subprocess.run(
-        [sys.executable, str(HERE / "main.py"), *args],
-        cwd=HERE,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+def run_task(data_dir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return run_main({"DATA_DIR": str(data_dir), "API_KEYS": KEY}, *args)
 
 
 def test_documents_survive_a_restart(service_factory: ServiceFactory) -> None:
@@ -134,15 +122,7 @@ def test_corrupt_data_file_is_refused_and_left_byte_for_byte_intact(
 def test_bad_setting_stops_startup_with_one_line_naming_it(
     tmp_path: Path, variable: str, value: str
 ) -> None:
-    env = {"PATH": os.environ.get("PATH", ""), "DATA_DIR": str(tmp_path), variable: value}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "main.py")],
-        cwd=HERE,
-        env=env,
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_main({"DATA_DIR": str(tmp_path), variable: value}, timeout=30)
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from fastapi.testclient import TestClient
 from pymongo import DESCENDING, AsyncMongoClient
 from secantus import SecantusDBServer
 
-from conftest import HERE, KEY, Service, TcpProxy, free_port, make_settings
+from conftest import KEY, Service, TcpProxy, free_port, make_settings, run_main
 from main import create_app
 from models import DocumentCreate
 from storage import MongoStore
@@ -160,15 +159,7 @@ def test_mongodb_lost_mid_run_then_recovers(
 
 
 def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path), "WORKERS": "2"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "main.py")],
-        cwd=HERE,
-        env=env,
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_main({"DATA_DIR": str(tmp_path), "WORKERS": "2"}, timeout=30)
     assert result.returncode == 2
     message = result.stderr.decode()
     assert message.startswith("configuration error: WORKERS:")
@@ -284,22 +275,11 @@ def test_metrics_add_up_across_two_workers(service_factory: Any, mongo_url: str)
 # --- moving data ------------------------------------------------------------------------------
 
 
-def run_main(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, str(HERE / "main.py"), *args],
-        cwd=HERE,
-        env={"PATH": os.environ["PATH"], "API_KEYS": KEY, **env},
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_tinydb_to_mongodb_and_back_gives_identical_documents(
     mongo_url: str, tmp_path: Path
 ) -> None:
-    tinydb = {"DATA_DIR": str(tmp_path / "data")}
-    mongodb = {"DATABASE_URL": mongo_url}
+    tinydb = {"DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY}
+    mongodb = {"DATABASE_URL": mongo_url, "API_KEYS": KEY}
     assert run_main(tinydb, "seed").returncode == 0
     with TestClient(create_app(make_settings(tmp_path / "data")), headers={"X-API-Key": KEY}) as c:
         doc = c.post("/v1/documents", json={**DOC, "metadata": {"a.b": 1.5}}).json()
