@@ -160,13 +160,10 @@ def bench_ceiling(ids_file: Path, seconds: int, connections: int) -> dict[str, f
         stop(proc)
 
 
-def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[str, Any]:
-    data_dir = work / f"data-{n}"
-    ids = seed(data_dir, n)
-    ids_file = work / f"ids-{n}.txt"
-    ids_file.write_text("\n".join(ids) + "\n")
+def start_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`python main.py` as in production (auth, JSON logs, metrics, durable writes), with the
+    rate limit raised out of the way; its logs go to /dev/null."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {
         "PATH": os.environ["PATH"],
         "API_KEYS": f"bench:{KEY}",
@@ -181,6 +178,15 @@ def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[st
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[str, Any]:
+    data_dir = work / f"data-{n}"
+    ids = seed(data_dir, n)
+    ids_file = work / f"ids-{n}.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+    proc, url = start_service(data_dir)
     try:
         ready = wait_ready(url, proc)
         rss = rss_mb(proc.pid)

@@ -10,7 +10,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
-from run import KEY, ROOT, free_port, rss_mb, seed, wait_ready
+from run import KEY, rss_mb, seed, start_service, wait_ready
 
 DURATION = 60
 CONNECTIONS = 64
@@ -89,18 +88,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         data_dir = Path(tmp) / "data"
         ids = seed(data_dir, 1000)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {
-            "PATH": os.environ["PATH"],
-            "API_KEYS": f"soak:{KEY}",
-            "DATA_DIR": str(data_dir),
-            "PORT": str(port),
-            "RATE_LIMIT": "100000000/minute",
-        }
-        server = subprocess.Popen(
-            [sys.executable, "main.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-        )
+        server, url = start_service(data_dir)
         try:
             wait_ready(url, server)
             samples: dict[int, tuple[float, int]] = {}
