@@ -19,7 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from secantus import SecantusDBServer
 
-from main import Settings, create_app
+from config import Settings
+from main import create_app
 
 KEY = "test-key-0001"
 OTHER_KEY = "test-key-0002"

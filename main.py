@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,18 +34,17 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
 from limits import RateLimitItem, parse
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 from slowapi import Limiter
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from logging_config import LogFormat, configure_logging
+from config import ApiKey, Settings, configured_keys, digest_key
+from logging_config import configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
 from middleware import BodyLimitMiddleware, RequestContextMiddleware, problem_response
 from models import (
-    DEFAULT_CONTENT_MAX_CHARS,
     Document,
     DocumentCreate,
     DocumentPage,
@@ -69,135 +67,6 @@ from storage import (
 
 VERSION = "1.0.0"
 log = logging.getLogger("documents.api")
-
-
-class Settings(BaseSettings):
-    """Every option, read once from the environment and `.env`."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    api_keys: str = Field(
-        default="",
-        description="Comma-separated `key` or `name:key` entries; empty generates one per start.",
-    )
-    api_key_hashes: str = Field(
-        default="",
-        description="Comma-separated `name:sha256hex` entries, so no plaintext key is configured.",
-    )
-    cors_origins: str = Field(default="", description="Comma-separated origins; empty: no CORS.")
-    data_dir: Path = Path("data")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    rate_limit: str = "600/minute"
-    rate_limit_storage_uri: str = "memory://"
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
-    max_content_chars: int = Field(default=DEFAULT_CONTENT_MAX_CHARS, ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: LogFormat = "json"
-    slow_request_ms: float = Field(default=500.0, gt=0)
-    forwarded_allow_ips: str = "127.0.0.1"
-    root_path: str = ""
-    database_url: str | None = Field(
-        default=None, description="mongodb:// or mongodb+srv:// selects MongoDB; unset: TinyDB."
-    )
-    mongo_timeout_ms: int = Field(default=5000, ge=100)
-    workers: int = Field(default=1, ge=1, le=64)
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _parseable(cls, value: str) -> str:
-        try:
-            parse(value)
-        except ValueError as exc:
-            raise ValueError("expected a rate such as '600/minute' or '10/second'") from exc
-        return value
-
-    @field_validator("api_keys")
-    @classmethod
-    def _well_formed(cls, value: str) -> str:
-        parse_api_keys(value)
-        return value
-
-    @field_validator("api_key_hashes")
-    @classmethod
-    def _well_formed_hashes(cls, value: str, info: ValidationInfo) -> str:
-        names = [k.name for k in parse_api_keys(info.data.get("api_keys", ""))]
-        names += [k.name for k in parse_api_key_hashes(value)]
-        if len(set(names)) != len(names):
-            raise ValueError("key names must be unique across API_KEYS and API_KEY_HASHES")
-        return value
-
-    @field_validator("database_url")
-    @classmethod
-    def _mongodb_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("mongodb://", "mongodb+srv://")):
-            raise ValueError("expected a mongodb:// or mongodb+srv:// URL")
-        return value or None
-
-    @field_validator("workers")
-    @classmethod
-    def _one_process_per_data_dir(cls, value: int, info: ValidationInfo) -> int:
-        if value > 1 and not info.data.get("database_url"):
-            raise ValueError(
-                "more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB store "
-                "is owned by one process per data directory"
-            )
-        return value
-
-
-# --- API keys -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A configured key: only its name is ever logged; only its digest is kept."""
-
-    name: str
-    digest: bytes
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def _entries(spec: str) -> list[tuple[int, str, str]]:
-    """(number, name, value) for each `value` or `name:value` in a comma-separated list."""
-    entries = []
-    for number, entry in enumerate(filter(None, (e.strip() for e in spec.split(","))), 1):
-        name, sep, value = entry.partition(":")
-        entries.append((number, name, value) if sep else (number, "", entry))
-    return entries
-
-
-def parse_api_keys(spec: str) -> list[ApiKey]:
-    keys: list[ApiKey] = []
-    for number, name, key in _entries(spec):
-        if len(key) < 8:
-            raise ValueError(f"entry {number} must be 'key' or 'name:key' with a key of 8+ chars")
-        keys.append(ApiKey(name or f"key{number}", _digest(key)))
-    return keys
-
-
-def parse_api_key_hashes(spec: str) -> list[ApiKey]:
-    keys: list[ApiKey] = []
-    for number, name, value in _entries(spec):
-        try:
-            digest = bytes.fromhex(value)
-        except ValueError:
-            digest = b""
-        if len(digest) != hashlib.sha256().digest_size:
-            raise ValueError(f"entry {number} must be 'name:<64 hex chars of SHA-256(key)>'")
-        keys.append(ApiKey(name or f"hash{number}", digest))
-    return keys
-
-
-def configured_keys(settings: Settings) -> list[ApiKey]:
-    return parse_api_keys(settings.api_keys) + parse_api_key_hashes(settings.api_key_hashes)
 
 
 class AuthFailed(Exception):
@@ -243,7 +112,7 @@ def _authenticate(keys: list[ApiKey], presented: str | None) -> ApiKey:
     """Every configured key is compared, in constant time, whether or not one matched."""
     if not presented:
         raise AuthFailed("missing")
-    digest = _digest(presented)
+    digest = digest_key(presented)
     match: ApiKey | None = None
     for key in keys:
         if hmac.compare_digest(digest, key.digest):
@@ -915,7 +784,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not app.state.api_keys:
         # Never run open: with no configured key, make one and show it once on the console.
         app.state.generated_key = secrets.token_urlsafe(24)
-        app.state.api_keys = [ApiKey("generated", _digest(app.state.generated_key))]
+        app.state.api_keys = [ApiKey("generated", digest_key(app.state.generated_key))]
     app.state.rate_limit = parse(settings.rate_limit)
     # Memory only, so built here: the middleware below needs it before the lifespan runs.
     app.state.metrics = Metrics(multiprocess=settings.workers > 1)

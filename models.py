@@ -24,7 +24,6 @@ METADATA_STRING_MAX_CHARS = 1_000
 # Signed 64-bit: what JSON clients, orjson and BSON all keep exactly.
 METADATA_INT_MIN = -(2**63)
 METADATA_INT_MAX = 2**63 - 1
-DEFAULT_CONTENT_MAX_CHARS = 100_000
 
 
 def _printable(text: str) -> str:
@@ -89,7 +88,7 @@ Content = Annotated[
     str,
     Field(
         description="The document body. Its length is bounded by the MAX_CONTENT_CHARS setting "
-        f"(default {DEFAULT_CONTENT_MAX_CHARS:,} characters)."
+        "(100,000 characters unless configured otherwise)."
     ),
 ]
 

@@ -1,0 +1,140 @@
+"""Settings: every option, read once from the environment and `.env`, and the API keys in them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from limits import parse
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogFormat = Literal["json", "console"]
+
+
+class Settings(BaseSettings):
+    """Every option, read once from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated `key` or `name:key` entries; empty generates one per start.",
+    )
+    api_key_hashes: str = Field(
+        default="",
+        description="Comma-separated `name:sha256hex` entries, so no plaintext key is configured.",
+    )
+    cors_origins: str = Field(default="", description="Comma-separated origins; empty: no CORS.")
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    rate_limit: str = "600/minute"
+    rate_limit_storage_uri: str = "memory://"
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_content_chars: int = Field(default=100_000, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: LogFormat = "json"
+    slow_request_ms: float = Field(default=500.0, gt=0)
+    forwarded_allow_ips: str = "127.0.0.1"
+    root_path: str = ""
+    database_url: str | None = Field(
+        default=None, description="mongodb:// or mongodb+srv:// selects MongoDB; unset: TinyDB."
+    )
+    mongo_timeout_ms: int = Field(default=5000, ge=100)
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parseable(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError("expected a rate such as '600/minute' or '10/second'") from exc
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _well_formed(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _well_formed_hashes(cls, value: str, info: ValidationInfo) -> str:
+        names = [k.name for k in parse_api_keys(info.data.get("api_keys", ""))]
+        names += [k.name for k in parse_api_key_hashes(value)]
+        if len(set(names)) != len(names):
+            raise ValueError("key names must be unique across API_KEYS and API_KEY_HASHES")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _mongodb_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError("expected a mongodb:// or mongodb+srv:// URL")
+        return value or None
+
+    @field_validator("workers")
+    @classmethod
+    def _one_process_per_data_dir(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and not info.data.get("database_url"):
+            raise ValueError(
+                "more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB store "
+                "is owned by one process per data directory"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A configured key: only its name is ever logged; only its digest is kept."""
+
+    name: str
+    digest: bytes
+
+
+def digest_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _entries(spec: str) -> list[tuple[int, str, str]]:
+    """(number, name, value) for each `value` or `name:value` in a comma-separated list."""
+    entries = []
+    for number, entry in enumerate(filter(None, (e.strip() for e in spec.split(","))), 1):
+        name, sep, value = entry.partition(":")
+        entries.append((number, name, value) if sep else (number, "", entry))
+    return entries
+
+
+def parse_api_keys(spec: str) -> list[ApiKey]:
+    keys: list[ApiKey] = []
+    for number, name, key in _entries(spec):
+        if len(key) < 8:
+            raise ValueError(f"entry {number} must be 'key' or 'name:key' with a key of 8+ chars")
+        keys.append(ApiKey(name or f"key{number}", digest_key(key)))
+    return keys
+
+
+def parse_api_key_hashes(spec: str) -> list[ApiKey]:
+    keys: list[ApiKey] = []
+    for number, name, value in _entries(spec):
+        try:
+            digest = bytes.fromhex(value)
+        except ValueError:
+            digest = b""
+        if len(digest) != hashlib.sha256().digest_size:
+            raise ValueError(f"entry {number} must be 'name:<64 hex chars of SHA-256(key)>'")
+        keys.append(ApiKey(name or f"hash{number}", digest))
+    return keys
+
+
+def configured_keys(settings: Settings) -> list[ApiKey]:
+    return parse_api_keys(settings.api_keys) + parse_api_key_hashes(settings.api_key_hashes)
