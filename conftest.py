@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +240,11 @@ class Service:
             self.proc.wait(10)
 
 
+ServiceFactory = Callable[..., Service]
+
+
 @pytest.fixture
-def service_factory(tmp_path: Path) -> Iterator[Any]:
+def service_factory(tmp_path: Path) -> Iterator[ServiceFactory]:
     started: list[Service] = []
 
     def make(data_dir: Path | None = None, env: dict[str, str] | None = None) -> Service:

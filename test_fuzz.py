@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from conftest import HERE, KEY
+from conftest import HERE, KEY, ServiceFactory
 
 CHECKS = [
     "not_a_server_error",
@@ -21,7 +20,7 @@ CHECKS = [
 ]
 
 
-def test_schemathesis_finds_nothing(service_factory: Any) -> None:
+def test_schemathesis_finds_nothing(service_factory: ServiceFactory) -> None:
     service = service_factory().start()
     result = subprocess.run(
         [

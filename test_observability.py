@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEY, OTHER_KEY, Service, make_settings
+from conftest import KEY, OTHER_KEY, Service, ServiceFactory, make_settings
 from logging_config import configure_logging
 from main import create_app
 
@@ -282,7 +282,7 @@ def test_docs_pages_reference_no_outside_host(client: TestClient, page: str) -> 
         assert client.get(asset).status_code == 200
 
 
-def test_swagger_ui_works_offline_in_a_real_browser(service_factory: Any) -> None:
+def test_swagger_ui_works_offline_in_a_real_browser(service_factory: ServiceFactory) -> None:
     chromium = require_tool("chromium")
     from playwright.sync_api import Route, sync_playwright
 

@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import HERE, KEY, Service, run_main
+from conftest import HERE, KEY, Service, ServiceFactory, run_main
 
-ServiceFactory = Any
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
 

@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from conftest import KEY, Service
+from conftest import KEY, Service, ServiceFactory
 from models import DocumentCreate, DocumentUpdate
 from storage import (
     DATA_FILE,
@@ -37,9 +37,6 @@ from storage import (
     StoreCorrupt,
     TinyDBStore,
 )
-
-ServiceFactory = Any
-
 
 # --- crash loop -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from pymongo import DESCENDING, AsyncMongoClient
 from secantus import SecantusDBServer
 
-from conftest import KEY, Service, TcpProxy, free_port, make_settings, run_main
+from conftest import KEY, Service, ServiceFactory, TcpProxy, free_port, make_settings, run_main
 from main import create_app
 from models import DocumentCreate
 from storage import MongoStore
@@ -199,7 +199,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     proc.wait(10)
 
 
-def two_workers(service_factory: Any, mongo_url: str, **env: str) -> Service:
+def two_workers(service_factory: ServiceFactory, mongo_url: str, **env: str) -> Service:
     service: Service = service_factory(env={"DATABASE_URL": mongo_url, "WORKERS": "2", **env})
     service.start(wait=False)
     # Each worker announces its own startup: wait for both.
@@ -218,7 +218,7 @@ def fresh_connection_get(url: str, path: str, key: str = KEY) -> httpx.Response:
 
 
 def test_two_workers_share_the_rate_limit_through_redis(
-    service_factory: Any, mongo_url: str, redis_url: str
+    service_factory: ServiceFactory, mongo_url: str, redis_url: str
 ) -> None:
     service = two_workers(
         service_factory, mongo_url, RATE_LIMIT="10/minute", RATE_LIMIT_STORAGE_URI=redis_url
@@ -229,7 +229,7 @@ def test_two_workers_share_the_rate_limit_through_redis(
 
 
 def test_two_workers_racing_on_one_if_match_exactly_one_wins(
-    service_factory: Any, mongo_url: str
+    service_factory: ServiceFactory, mongo_url: str
 ) -> None:
     service = two_workers(service_factory, mongo_url)
     with service.client() as client:
@@ -257,7 +257,7 @@ def test_two_workers_racing_on_one_if_match_exactly_one_wins(
         assert client.get(f"/v1/documents/{doc['id']}").json()["version"] == 2
 
 
-def test_metrics_add_up_across_two_workers(service_factory: Any, mongo_url: str) -> None:
+def test_metrics_add_up_across_two_workers(service_factory: ServiceFactory, mongo_url: str) -> None:
     service = two_workers(service_factory, mongo_url)
     for _ in range(30):
         assert fresh_connection_get(service.url, "/health").status_code == 200

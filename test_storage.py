@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -50,9 +50,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-StoreFactory = Callable[[], TinyDBStore]
 
 
 @pytest.fixture(params=["tinydb", "mongodb"])
