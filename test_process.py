@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from conftest import HERE, KEY, Service, ServiceFactory, run_main
 
@@ -171,3 +172,14 @@ def test_uvicorn_main_app_serves(tmp_path: Path) -> None:
             assert client.get("/v1/documents").status_code == 200
     finally:
         service.stop_quietly()
+
+
+def test_compose_file_runs_the_image_with_a_volume_and_a_mongo_profile() -> None:
+    compose = yaml.safe_load((HERE / "compose.yaml").read_text())
+    service = compose["services"]["documents"]
+    assert "documents-data:/app/data" in service["volumes"]
+    assert "API_KEYS" in service["environment"]
+    mongo = compose["services"]["documents-mongo"]
+    assert mongo["profiles"] == ["mongo"]
+    assert mongo["environment"]["DATABASE_URL"].startswith("mongodb://")
+    assert set(compose["volumes"]) == {"documents-data", "mongo-data"}

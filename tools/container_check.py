@@ -175,6 +175,13 @@ def check(condition: bool, what: str) -> None:
 
 def main() -> int:
     stage = final_stage(ROOT / "Dockerfile")
+    allowed = {
+        line[1:]
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copied = {source for sources, _ in stage.copies for source in sources}
+    check(copied | {"requirements.txt"} == allowed, ".dockerignore admits exactly what is copied")
     uid, _, gid = stage.user.partition(":")
     uid_n, gid_n = int(uid), int(gid or uid)
     check(uid_n != 0, f"the image runs as an unprivileged uid ({uid_n})")
