@@ -51,6 +51,7 @@ from models import (
     DocumentUpdate,
     Problem,
 )
+from ratelimit import storage_uri
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -703,7 +704,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     app.state.limiter = Limiter(
         key_func=lambda: "",
-        storage_uri=settings.rate_limit_storage_uri,
+        storage_uri=storage_uri(settings.rate_limit_storage_uri),
         strategy="fixed-window",
     )
     if app.state.generated_key:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from limits.storage import storage_from_string
 from pydantic import ValidationError
 from tinydb import TinyDB
 
 from conftest import KEY, OTHER_KEY, make_settings
 from main import create_app
+from ratelimit import LocalStorage
 
 DOC = {"title": "Quarterly report", "content": "Revenue grew.", "tags": ["Finance"]}
 
@@ -592,3 +595,16 @@ def test_replay_after_the_original_was_deleted_returns_409(client: TestClient) -
     client.delete(f"/v1/documents/{first['id']}")
     again = client.post("/v1/documents", json=DOC, headers={"Idempotency-Key": "req-9"})
     assert "deleted" in assert_problem(again, 409)["detail"]
+
+
+def test_local_rate_limit_storage_counts_per_window_and_key() -> None:
+    storage = LocalStorage()
+    assert [storage.incr("alice", 60) for _ in range(3)] == [1, 2, 3]
+    assert storage.get("alice") == 3
+    assert storage.get("bob") == 0
+    assert storage.get_expiry("alice") > time.time()
+    assert storage.incr("bob", 0) == 1  # a zero-length window is over at once:
+    assert storage.incr("bob", 0) == 1  # each hit opens a new one
+    storage.clear("alice")
+    assert storage.get("alice") == 0
+    assert storage_from_string("local://").__class__ is LocalStorage
