@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import signal
 import socket
@@ -241,6 +242,53 @@ class Service:
 
 
 ServiceFactory = Callable[..., Service]
+
+
+def run_threads(target: Callable[[int], None], count: int = 8) -> None:
+    """Run target(0) ... target(count - 1) at once and wait for all of them."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def write_until_killed(
+    service: Service, target: int, content_size: Callable[[], int] = lambda: 200
+) -> dict[str, Any]:
+    """Eight clients create documents until `target` are acknowledged, then the server gets
+    kill -9 mid-stream. Returns every acknowledged document; anything but 201 fails the test."""
+    acknowledged: dict[str, Any] = {}
+    refused: list[int] = []
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def writer(n: int) -> None:
+        with service.client() as client:
+            for i in itertools.count():
+                body = {"title": f"w{n}-{i}", "content": "x" * content_size(), "tags": [f"t{n}"]}
+                try:
+                    response = client.post("/v1/documents", json=body)
+                except httpx.HTTPError:
+                    return  # the server is gone: this write was never acknowledged
+                with lock:
+                    if response.status_code != 201:
+                        refused.append(response.status_code)
+                        enough.set()
+                        return
+                    acknowledged[response.json()["id"]] = response.json()
+                    if len(acknowledged) >= target:
+                        enough.set()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    assert enough.wait(60)
+    service.kill()
+    for thread in threads:
+        thread.join(30)
+    assert refused == []
+    return acknowledged
 
 
 @pytest.fixture

@@ -5,16 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import yaml
 
-from conftest import HERE, KEY, Service, ServiceFactory, run_main
+from conftest import HERE, KEY, Service, ServiceFactory, run_main, write_until_killed
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
@@ -49,32 +46,7 @@ def test_kill_9_during_concurrent_writes_loses_no_acknowledged_document(
     service_factory: ServiceFactory,
 ) -> None:
     service = service_factory().start()
-    acknowledged: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
-    enough = threading.Event()
-
-    def writer(n: int) -> None:
-        with service.client() as client:
-            for i in range(10_000):
-                try:
-                    response = client.post(
-                        "/v1/documents", json={"title": f"w{n}-{i}", "content": "x" * 200}
-                    )
-                except httpx.HTTPError:
-                    return  # the server is gone: this write was never acknowledged
-                assert response.status_code == 201
-                with lock:
-                    acknowledged[response.json()["id"]] = response.json()
-                    if len(acknowledged) >= 300:
-                        enough.set()
-
-    writers = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in writers:
-        thread.start()
-    assert enough.wait(60)
-    service.kill()
-    for thread in writers:
-        thread.join(30)
+    acknowledged = write_until_killed(service, 300)
     service.start()
     with service.client() as client:
         for doc_id, doc in acknowledged.items():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import random
 import socket
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from conftest import KEY, Service, ServiceFactory
+from conftest import KEY, Service, ServiceFactory, write_until_killed
 from models import DocumentCreate, DocumentUpdate
 from storage import (
     DATA_FILE,
@@ -43,39 +43,6 @@ from storage import (
 # --- crash loop -------------------------------------------------------------------------------
 
 
-def write_until_killed(service: Service, target: int, rng: random.Random) -> dict[str, Any]:
-    """8 writers post until `target` writes are acknowledged; then kill -9 mid-stream."""
-    acknowledged: dict[str, Any] = {}
-    lock = threading.Lock()
-    enough = threading.Event()
-
-    def writer(n: int) -> None:
-        with service.client() as client:
-            for i in itertools.count():
-                body = {
-                    "title": f"w{n}-{i}",
-                    "content": "x" * rng.randint(1, 2000),
-                    "tags": [f"t{n}"],
-                }
-                try:
-                    response = client.post("/v1/documents", json=body)
-                except httpx.HTTPError:
-                    return  # killed: this one was never acknowledged
-                with lock:
-                    acknowledged[response.json()["id"]] = response.json()
-                    if len(acknowledged) >= target:
-                        enough.set()
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    assert enough.wait(60)
-    service.kill()
-    for thread in threads:
-        thread.join(30)
-    return acknowledged
-
-
 def test_twenty_kill_9_rounds_lose_no_acknowledged_write(service_factory: ServiceFactory) -> None:
     rng = random.Random(20261127)
     service = service_factory()
@@ -85,7 +52,8 @@ def test_twenty_kill_9_rounds_lose_no_acknowledged_write(service_factory: Servic
         with service.client() as client:
             for doc_id, doc in everything.items():
                 assert client.get(f"/v1/documents/{doc_id}").json() == doc
-        everything.update(write_until_killed(service, rng.randint(5, 80), rng))
+        sizes = functools.partial(rng.randint, 1, 2000)
+        everything.update(write_until_killed(service, rng.randint(5, 80), sizes))
     service.start()
     with service.client() as client:
         listed: list[str] = []

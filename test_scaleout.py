@@ -19,7 +19,16 @@ from fastapi.testclient import TestClient
 from pymongo import DESCENDING, AsyncMongoClient
 from secantus import SecantusDBServer
 
-from conftest import KEY, Service, ServiceFactory, TcpProxy, free_port, make_settings, run_main
+from conftest import (
+    KEY,
+    Service,
+    ServiceFactory,
+    TcpProxy,
+    free_port,
+    make_settings,
+    run_main,
+    run_threads,
+)
 from main import create_app
 from models import DocumentCreate
 from storage import MongoStore
@@ -247,11 +256,7 @@ def test_two_workers_racing_on_one_if_match_exactly_one_wins(
             )
             results.append(response.status_code)
 
-    threads = [threading.Thread(target=racer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(racer)
     assert sorted(results) == [200] + [412] * 7
     with service.client() as client:
         assert client.get(f"/v1/documents/{doc['id']}").json()["version"] == 2

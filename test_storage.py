@@ -11,6 +11,7 @@ import anyio
 import pytest
 from tinydb import TinyDB
 
+from conftest import run_threads
 from models import Document, DocumentCreate, DocumentUpdate
 from storage import (
     DATA_FILE,
@@ -297,11 +298,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
             with lock:
                 created.append(doc.id)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(writer)
     store.close_sync()
     reopened = TinyDBStore.open(tmp_path)
     assert sorted(d.id for d in anyio.run(exported, reopened)) == sorted(created)
