@@ -362,6 +362,7 @@ class TinyDBStore:
         self._written_seq = 0
         self._durable_seq = 0
         self._journal_bytes = 0
+        self._data_file_bytes = 0
         self._failed: BaseException | None = None
         self._closed = False
         self._lock_fd = -1
@@ -489,7 +490,7 @@ class TinyDBStore:
                 self._fail(exc)
             self._journal_bytes += len(data)
             self._durable_seq = upto
-            if self._journal_bytes > max(self._compact_min_bytes, self._data_bytes()):
+            if self._journal_bytes > max(self._compact_min_bytes, self._data_file_bytes):
                 self._compact()
 
     def _fail(self, exc: OSError) -> None:
@@ -497,12 +498,6 @@ class TinyDBStore:
         self._failed = exc
         log.error("store.write_failed", extra={"data_dir": str(self.data_dir)}, exc_info=exc)
         raise StoreUnavailable("cannot write to the data directory") from exc
-
-    def _data_bytes(self) -> int:
-        try:
-            return self.data_path.stat().st_size
-        except FileNotFoundError:
-            return 0
 
     def _compact(self) -> None:
         """Write memory as the new TinyDB file, then empty the journal. Caller holds
@@ -525,6 +520,8 @@ class TinyDBStore:
             )
             os.ftruncate(self._journal_fd, 0)
             os.fsync(self._journal_fd)
+            # Only compaction changes the file, so its size is read here, not on every flush.
+            self._data_file_bytes = self.data_path.stat().st_size
         except OSError as exc:
             self._fail(exc)
         self._journal_bytes = 0
@@ -720,16 +717,6 @@ def _remove_sorted(ids: list[str], doc_id: str) -> None:
     index = bisect.bisect_left(ids, doc_id)
     if index < len(ids) and ids[index] == doc_id:
         del ids[index]
-
-
-@contextmanager
-def opened(data_dir: Path) -> Iterator[TinyDBStore]:
-    """A TinyDB store for the length of a `with` block (command-line tasks, tests)."""
-    store = TinyDBStore.open(data_dir)
-    try:
-        yield store
-    finally:
-        store.close_sync()
 
 
 # --- MongoDB store ----------------------------------------------------------------------------
