@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -90,23 +91,40 @@ class UnsupportedMediaType(Exception):
     pass
 
 
-_api_key_header = APIKeyHeader(
-    name="X-API-Key",
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated request that has paid for itself, and what its handler works with."""
+
+    key: ApiKey
+    store: DocumentStore
+    settings: Settings
+
+
+class ApiKeyAuth(APIKeyHeader):
+    """The X-API-Key security scheme (so /docs offers Authorize) that also does the work: check
+    the key, spend one unit of its rate budget, and hand the handler its store. Memory-only, so
+    it runs on the event loop. It is each /v1 route's only dependency on purpose: FastAPI solves
+    every Depends in a pass of its own, which a profile of GET put at about 12 us each."""
+
+    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]
+        # Returns a Caller, not the header's text: FastAPI reads only the scheme from the base.
+        state = request.app.state
+        key = _authenticate(state.api_keys, request.headers.get(API_KEY_HEADER))
+        request.state.api_key_name = key.name
+        _spend_budget(request, key)
+        return Caller(key, state.store, state.settings)
+
+
+authorize = ApiKeyAuth(
+    name=API_KEY_HEADER,
     scheme_name="ApiKey",
     auto_error=False,
     description="An API key from `API_KEYS`.",
 )
-
-
-async def authorize(
-    request: Request, presented: Annotated[str | None, Depends(_api_key_header)]
-) -> ApiKey:
-    """Check the key, then spend one unit of its rate budget. Memory-only, so it runs on the
-    event loop: one dependency, no thread hop."""
-    key = _authenticate(request.app.state.api_keys, presented)
-    request.state.api_key_name = key.name
-    _spend_budget(request, key)
-    return key
+CallerDep = Annotated[Caller, Depends(authorize)]
 
 
 def _authenticate(keys: list[ApiKey], presented: str | None) -> ApiKey:
@@ -138,21 +156,12 @@ def _spend_budget(request: Request, key: ApiKey) -> None:
         raise RateLimited(max(1, int(reset_at - time.time()) + 1))
 
 
-ApiKeyDep = Annotated[ApiKey, Depends(authorize)]
-
-
 async def get_store(request: Request) -> DocumentStore:
     store: DocumentStore = request.app.state.store
     return store
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-async def require_json(request: Request) -> None:
-    content_type = request.headers.get("content-type", "")
+def _require_json(content_type: str) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
@@ -201,7 +210,8 @@ class StrictJSONRequest(Request):
 
 
 class StrictJSONRoute(APIRoute):
-    """Routes whose JSON bodies go through StrictJSONRequest (FastAPI's custom route hook)."""
+    """Routes that take JSON bodies only (415 otherwise), parsed by StrictJSONRequest
+    (FastAPI's custom route hook)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -209,13 +219,13 @@ class StrictJSONRoute(APIRoute):
             return handler
 
         async def strict_handler(request: Request) -> Response:
+            _require_json(request.headers.get("content-type", ""))
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict_handler
 
 
 StoreDep = Annotated[DocumentStore, Depends(get_store)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 # --- HTTP details: ETags and cursors ---------------------------------------------------------
 
@@ -276,7 +286,7 @@ def decode_cursor(cursor: str, tag: str | None, key: ApiKey) -> str:
 
 def _json(doc: Document, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     # The store hands out validated models: serialise once, skipping response_model's re-check.
-    return Response(doc.model_dump_json(), status, headers, media_type="application/json")
+    return Response(doc.json_bytes, status, headers, media_type="application/json")
 
 
 def _check_content(content: str | None, settings: Settings) -> None:
@@ -341,7 +351,6 @@ def build_router() -> APIRouter:
         prefix="/v1",
         route_class=StrictJSONRoute,
         tags=["documents"],
-        dependencies=[Depends(authorize)],
         responses=_problems(401, 422, 429, 503),
     )
 
@@ -350,7 +359,6 @@ def build_router() -> APIRouter:
         status_code=201,
         response_model=Document,
         summary="Create a document",
-        dependencies=[Depends(require_json)],
         responses={
             201: {
                 "description": "Created (or replayed, with `Idempotent-Replayed: true`).",
@@ -367,9 +375,7 @@ def build_router() -> APIRouter:
     )
     async def create_document(
         body: DocumentCreate,
-        store: StoreDep,
-        key: ApiKeyDep,
-        settings: SettingsDep,
+        caller: CallerDep,
         idempotency_key: Annotated[
             str | None,
             Header(
@@ -381,9 +387,9 @@ def build_router() -> APIRouter:
         ] = None,
     ) -> Response:
         """Store a new document. The response carries its `Location` and `ETag`."""
-        _check_content(body.content, settings)
-        scope = IdempotencyKey(key.name, idempotency_key) if idempotency_key else None
-        doc, replayed = await store.create(body, idempotency=scope)
+        _check_content(body.content, caller.settings)
+        scope = IdempotencyKey(caller.key.name, idempotency_key) if idempotency_key else None
+        doc, replayed = await caller.store.create(body, idempotency=scope)
         headers = {"Location": f"/v1/documents/{doc.id}", "ETag": etag(doc)}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -399,8 +405,7 @@ def build_router() -> APIRouter:
         responses=_problems(400, 422),
     )
     async def list_documents(
-        store: StoreDep,
-        key: ApiKeyDep,
+        caller: CallerDep,
         limit: Annotated[int, Query(ge=1, le=100, description="Page size, 1-100.")] = 20,
         cursor: Annotated[
             str | None,
@@ -413,11 +418,15 @@ def build_router() -> APIRouter:
         """Walk every document exactly once by following `next_cursor`, even while others are
         created. Cursors are opaque and only valid for the key and `tag` that produced them."""
         tag = tag.strip().lower() if tag is not None else None
-        after = decode_cursor(cursor, tag, key) if cursor else None
-        items, next_after = await store.page(limit=limit, after=after, tag=tag)
-        next_cursor = encode_cursor(next_after, tag, key) if next_after else None
-        page = DocumentPage(items=items, next_cursor=next_cursor)
-        return Response(page.model_dump_json(), media_type="application/json")
+        after = decode_cursor(cursor, tag, caller.key) if cursor else None
+        items, next_after = await caller.store.page(limit=limit, after=after, tag=tag)
+        next_cursor = encode_cursor(next_after, tag, caller.key) if next_after else None
+        # A DocumentPage, joined from each document's cached body rather than re-encoded.
+        body = b'{"items":[%s],"next_cursor":%s}' % (
+            b",".join(doc.json_bytes for doc in items),
+            orjson.dumps(next_cursor),
+        )
+        return Response(body, media_type="application/json")
 
     @router.get(
         "/documents/{document_id}",
@@ -431,11 +440,11 @@ def build_router() -> APIRouter:
     )
     async def read_document(
         document_id: str,
-        store: StoreDep,
+        caller: CallerDep,
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
         """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
-        doc = await store.get(document_id)
+        doc = await caller.store.get(document_id)
         if if_none_match is not None:
             versions = _etag_versions(if_none_match, weak=True)
             if "*" in versions or doc.version in versions:
@@ -446,7 +455,6 @@ def build_router() -> APIRouter:
         "/documents/{document_id}",
         response_model=Document,
         summary="Update a document (JSON merge patch)",
-        dependencies=[Depends(require_json)],
         openapi_extra={
             "requestBody": {
                 "content": {
@@ -464,8 +472,7 @@ def build_router() -> APIRouter:
     async def update_document(
         document_id: str,
         body: DocumentUpdate,
-        store: StoreDep,
-        settings: SettingsDep,
+        caller: CallerDep,
         if_match: Annotated[
             str | None,
             Header(description="Only apply if the document still has this ETag."),
@@ -473,8 +480,8 @@ def build_router() -> APIRouter:
     ) -> Response:
         """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
         `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
-        _check_content(body.content, settings)
-        doc = await store.update(document_id, body, if_version=_if_match_version(if_match))
+        _check_content(body.content, caller.settings)
+        doc = await caller.store.update(document_id, body, if_version=_if_match_version(if_match))
         log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
         return _json(doc, headers={"ETag": etag(doc)})
 
@@ -486,14 +493,14 @@ def build_router() -> APIRouter:
     )
     async def delete_document(
         document_id: str,
-        store: StoreDep,
+        caller: CallerDep,
         if_match: Annotated[
             str | None,
             Header(description="Only delete if the document still has this ETag."),
         ] = None,
     ) -> Response:
         """Delete for good; later reads get `404`."""
-        await store.delete(document_id, if_version=_if_match_version(if_match))
+        await caller.store.delete(document_id, if_version=_if_match_version(if_match))
         log.info("document.deleted", extra={"document_id": document_id})
         return Response(status_code=204)
 
@@ -778,6 +785,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         openapi_tags=TAGS,
         static_url="/docs-static",
+        # The routers' routes, flat and API first. include_router() would keep each router as
+        # a nested branch that FastAPI re-checks for changes on every request: 16% of a GET.
+        routes=[*build_router().routes, *build_health_router().routes],
     )
     app.state.settings = settings
     app.state.api_keys = configured_keys(settings)
@@ -789,8 +799,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limit = parse(settings.rate_limit)
     # Memory only, so built here: the middleware below needs it before the lifespan runs.
     app.state.metrics = Metrics(multiprocess=settings.workers > 1)
-    app.include_router(build_health_router())
-    app.include_router(build_router())
     _add_error_map(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS

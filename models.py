@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from datetime import datetime
+from functools import cached_property
 from typing import Annotated, Any
 
 from pydantic import (
@@ -168,6 +170,20 @@ class Document(BaseModel):
     created_at: datetime = Field(description="ISO 8601, UTC.")
     updated_at: datetime = Field(description="ISO 8601, UTC.")
     version: int = Field(ge=1, description="Starts at 1 and grows by one on every change.")
+
+    @cached_property
+    def json_bytes(self) -> bytes:
+        """The response body, serialised once per version: the embedded store hands out the
+        same frozen instance on every read, so a hot document costs no encoding at all."""
+        return self.__pydantic_serializer__.to_json(self)
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> Document:
+        copy = super().model_copy(update=update, deep=deep)
+        # model_copy copies __dict__, cached body included: a changed copy must encode anew.
+        copy.__dict__.pop("json_bytes", None)
+        return copy
 
 
 class DocumentPage(BaseModel):

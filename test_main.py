@@ -290,6 +290,7 @@ def test_patch_merges_fields_and_bumps_version_and_etag(client: TestClient) -> N
     assert new["created_at"] == doc["created_at"]
     assert new["updated_at"] > doc["updated_at"]
     assert client.get(f"/v1/documents/{doc['id']}").json() == new
+    assert client.get("/v1/documents").json()["items"] == [new]
 
 
 def test_patch_with_current_if_match_applies(client: TestClient) -> None:
@@ -419,17 +420,20 @@ def test_idempotency_keys_survive_a_restart(tmp_path: Path) -> None:
 # --- auth and rate limits ---------------------------------------------------------------------
 
 
+def _api_operations() -> list[tuple[str, str]]:
+    """Every operation under /v1, read from the app itself: a route added without the key
+    dependency fails the test below."""
+    paths = create_app(make_settings(Path("unused"))).openapi()["paths"]
+    return [
+        (method.upper(), path.replace("{document_id}", "x"))
+        for path, operations in paths.items()
+        if path.startswith("/v1/")
+        for method in operations
+    ]
+
+
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong-key-123"}, {"X-API-Key": ""}])
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("GET", "/v1/documents"),
-        ("POST", "/v1/documents"),
-        ("GET", "/v1/documents/x"),
-        ("PATCH", "/v1/documents/x"),
-        ("DELETE", "/v1/documents/x"),
-    ],
-)
+@pytest.mark.parametrize(("method", "path"), _api_operations())
 def test_missing_or_wrong_key_returns_401(
     tmp_path: Path, headers: dict[str, str], method: str, path: str
 ) -> None:
@@ -504,6 +508,14 @@ def test_valid_request_id_is_echoed_and_invalid_one_replaced(client: TestClient)
         echoed = client.get("/health", headers={"X-Request-ID": bad}).headers["x-request-id"]
         assert echoed != bad
         assert len(echoed) == 32
+
+
+def test_generated_request_ids_differ_between_requests_and_apps(tmp_path: Path) -> None:
+    ids = set()
+    for data_dir in (tmp_path / "a", tmp_path / "b"):
+        with TestClient(create_app(make_settings(data_dir))) as client:
+            ids |= {client.get("/health").headers["x-request-id"] for _ in range(20)}
+    assert len(ids) == 40
 
 
 def test_api_responses_carry_security_headers(client: TestClient) -> None:
