@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +10,6 @@ import anyio
 import pytest
 from tinydb import TinyDB
 
-from conftest import run_threads
 from models import Document, DocumentCreate, DocumentUpdate
 from storage import (
     DATA_FILE,
@@ -287,20 +285,20 @@ async def test_closed_store_raises_unavailable(tmp_path: Path) -> None:
         await store.get("x")
 
 
-def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     store = TinyDBStore.open(tmp_path)
     created: list[str] = []
-    lock = threading.Lock()
 
-    def writer(n: int) -> None:
+    async def writer(n: int) -> None:
         for i in range(40):
-            doc, _ = store._create(body(f"w{n}-{i}"), None)
-            with lock:
-                created.append(doc.id)
+            doc, _ = await store.create(body(f"w{n}-{i}"))
+            created.append(doc.id)
 
-    run_threads(writer)
-    store.close_sync()
+    async with anyio.create_task_group() as tasks:
+        for n in range(8):
+            tasks.start_soon(writer, n)
+    await store.close()
     reopened = TinyDBStore.open(tmp_path)
-    assert sorted(d.id for d in anyio.run(exported, reopened)) == sorted(created)
+    assert sorted(d.id for d in await exported(reopened)) == sorted(created)
     assert len(created) == 320
-    reopened.close_sync()
+    await reopened.close()
