@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -75,6 +74,8 @@ class Metrics:
         self.rate_limited = Counter(
             "rate_limited_total", "Requests refused with 429.", registry=self.registry
         )
+        # Bounded: methods x route templates x statuses, never raw paths.
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.auth_failures = Counter(
             "auth_failures_total", "Requests refused with 401.", registry=self.registry
         )
@@ -98,8 +99,33 @@ class Metrics:
 
     def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
         self.in_progress.dec()
-        self.requests.labels(method, route, str(status)).inc()
-        self.duration.labels(method, route).observe(seconds)
+        series = self._request_series.get((method, route, status))
+        if series is None:
+            # labels() validates and locks on every call: look each labelled child up once.
+            series = (
+                self.requests.labels(method, route, str(status)),
+                self.duration.labels(method, route),
+            )
+            self._request_series[method, route, status] = series
+        series[0].inc()
+        series[1].observe(seconds)
+
+
+class _Timer:
+    """Observes the time spent in its `with` block (a class, not @contextmanager: this wraps
+    every store call, and a generator per call cost as much as the dictionary lookup it times)."""
+
+    __slots__ = ("histogram", "started")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.histogram.observe(time.perf_counter() - self.started)
 
 
 class MeteredStore:
@@ -114,13 +140,8 @@ class MeteredStore:
             for op in ("create", "get", "page", "update", "delete", "import", "check")
         }
 
-    @contextmanager
-    def _timed(self, operation: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._timers[operation].observe(time.perf_counter() - started)
+    def _timed(self, operation: str) -> _Timer:
+        return _Timer(self._timers[operation])
 
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
