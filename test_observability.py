@@ -251,11 +251,14 @@ def test_openapi_spec_validates_and_documents_every_operation(client: TestClient
         ("patch", "/v1/documents/{document_id}"): {"401", "404", "412", "413", "422", "429"},
         ("delete", "/v1/documents/{document_id}"): {"401", "404", "412", "429"},
     }
+    for path in ("/health", "/health/ready", "/metrics"):
+        assert "security" not in spec["paths"][path]["get"]
     for (method, path), errors in expected_errors.items():
         operation = spec["paths"][path][method]
         assert operation["summary"]
         assert operation["description"]
         assert operation["tags"]
+        assert operation["security"] == [{"ApiKey": []}]
         assert errors <= set(operation["responses"]), (method, path)
         for status in errors:
             content = operation["responses"][status]["content"]
