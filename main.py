@@ -51,7 +51,7 @@ from models import (
     DocumentUpdate,
     Problem,
 )
-from ratelimit import storage_uri
+from ratelimit import spend, storage_uri
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -146,15 +146,14 @@ def _spend_budget(request: Request, key: ApiKey) -> None:
     """One budget per API key (not per client address), shared through RATE_LIMIT_STORAGE_URI."""
     limiter: Limiter = request.app.state.limiter
     item: RateLimitItem = request.app.state.rate_limit
-    allowed = limiter.limiter.hit(item, key.name)
-    reset_at, remaining = limiter.limiter.get_window_stats(item, key.name)
+    budget = spend(limiter.limiter, item, key.name)
     request.state.response_headers = [
         (b"x-ratelimit-limit", str(item.amount).encode()),
-        (b"x-ratelimit-remaining", str(remaining).encode()),
-        (b"x-ratelimit-reset", str(int(reset_at)).encode()),
+        (b"x-ratelimit-remaining", str(budget.remaining).encode()),
+        (b"x-ratelimit-reset", str(int(budget.reset_at)).encode()),
     ]
-    if not allowed:
-        raise RateLimited(max(1, int(reset_at - time.time()) + 1))
+    if not budget.allowed:
+        raise RateLimited(max(1, int(budget.reset_at - time.time()) + 1))
 
 
 async def get_store(request: Request) -> DocumentStore:

@@ -1,4 +1,5 @@
-"""The in-process rate-limit storage behind `RATE_LIMIT_STORAGE_URI=memory://`.
+"""Rate-limit accounting: `spend()`, one hit on a key's budget in any limits storage, and the
+in-process storage behind `RATE_LIMIT_STORAGE_URI=memory://`.
 
 A `limits` storage backend (registered as `local://` through limits' storage registry) that keeps
 fixed-window counters in a dict and expires them lazily when they are read. limits' own
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
+from limits import RateLimitItem
 from limits.storage import Storage
+from limits.strategies import RateLimiter
 
 
 class LocalStorage(Storage):
@@ -68,3 +72,24 @@ class LocalStorage(Storage):
 def storage_uri(configured: str) -> str:
     """`memory://` (in-process counting) is served by LocalStorage; other URIs pass through."""
     return "local://" if configured == "memory://" else configured
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One hit's outcome, with what the X-RateLimit-* headers report."""
+
+    allowed: bool
+    remaining: int
+    reset_at: float  # epoch seconds
+
+
+def spend(limiter: RateLimiter, item: RateLimitItem, identifier: str) -> Budget:
+    """Spend one unit of `identifier`'s budget in the fixed window the service configures. The
+    same arithmetic as limits' `FixedWindowRateLimiter.hit()` followed by `get_window_stats()`,
+    but those ask the storage three times (and build the window's key three times) where
+    `incr()` already returns the count: two storage calls instead of three, which with Redis
+    are two round trips on the event loop, not three."""
+    storage = limiter.storage
+    window = item.key_for(identifier)
+    count = storage.incr(window, item.get_expiry())
+    return Budget(count <= item.amount, max(0, item.amount - count), storage.get_expiry(window))

@@ -10,13 +10,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from limits import parse
 from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
 from pydantic import ValidationError
 from tinydb import TinyDB
 
 from conftest import KEY, OTHER_KEY, make_settings
 from main import create_app
-from ratelimit import LocalStorage
+from ratelimit import LocalStorage, spend
 
 DOC = {"title": "Quarterly report", "content": "Revenue grew.", "tags": ["Finance"]}
 
@@ -620,3 +622,15 @@ def test_local_rate_limit_storage_counts_per_window_and_key() -> None:
     storage.clear("alice")
     assert storage.get("alice") == 0
     assert storage_from_string("local://").__class__ is LocalStorage
+
+
+def test_spending_a_budget_agrees_with_limits_fixed_window() -> None:
+    ours, theirs = FixedWindowRateLimiter(LocalStorage()), FixedWindowRateLimiter(LocalStorage())
+    item = parse("3/minute")
+    for _ in range(5):
+        budget = spend(ours, item, "alice")
+        allowed = theirs.hit(item, "alice")
+        reset_at, remaining = theirs.get_window_stats(item, "alice")
+        assert (budget.allowed, budget.remaining) == (allowed, remaining)
+        assert budget.reset_at == pytest.approx(reset_at, abs=1)
+    assert [spend(ours, item, "bob").allowed for _ in range(4)] == [True, True, True, False]
