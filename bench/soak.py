@@ -2,7 +2,8 @@
 70% reads, 20% lists, 10% writes (creates, and deletes of documents the soak created, so the
 live set stays level and memory growth means a leak, not more data). Every acknowledged write is
 checked afterwards. Fails on any 5xx, any lost or resurrected write, RSS growth of 10% or more
-between the 20th and the 60th second, or any growth in open file descriptors."""
+between the 20th and the 60th second, a rise in the floor of open non-socket descriptors, or
+more open sockets than the client has connections."""
 
 from __future__ import annotations
 
