@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from limits import parse
+from limits import parse_many
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,11 +21,13 @@ class Settings(BaseSettings):
 
     api_keys: str = Field(
         default="",
-        description="Comma-separated `key` or `name:key` entries; empty generates one per start.",
+        description="Comma-separated `key`, `name:key` or `name:key:read` (read-only) entries; "
+        "empty generates one per start.",
     )
     api_key_hashes: str = Field(
         default="",
-        description="Comma-separated `name:sha256hex` entries, so no plaintext key is configured.",
+        description="Comma-separated `name:sha256hex` or `name:sha256hex:read` entries, so no "
+        "plaintext key is configured.",
     )
     cors_origins: str = Field(default="", description="Comma-separated origins; empty: no CORS.")
     data_dir: Path = Path("data")
@@ -35,6 +37,7 @@ class Settings(BaseSettings):
     rate_limit_storage_uri: str = "memory://"
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_content_chars: int = Field(default=100_000, ge=1)
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: LogFormat = "json"
     slow_request_ms: float = Field(default=500.0, gt=0)
@@ -55,9 +58,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parseable(cls, value: str) -> str:
         try:
-            parse(value)
+            items = parse_many(value)
         except ValueError as exc:
-            raise ValueError("expected a rate such as '600/minute' or '10/second'") from exc
+            raise ValueError("expected rates such as '600/minute' or '10/second;500/hour'") from exc
+        if any(item.amount < 1 for item in items):
+            raise ValueError("a rate of 0 lets no request through; use at least 1")
         return value
 
     @field_validator("api_keys")
@@ -95,10 +100,12 @@ class Settings(BaseSettings):
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A configured key: only its name is ever logged; only its digest is kept."""
+    """A configured key: only its name is ever logged; only its digest is kept. A read-only
+    key may GET and HEAD, nothing else."""
 
     name: str
     digest: bytes
+    read_only: bool = False
 
 
 def digest_key(key: str) -> bytes:
@@ -114,25 +121,42 @@ def _entries(spec: str) -> list[tuple[int, str, str]]:
     return entries
 
 
+def _scope(number: int, name: str, value: str) -> tuple[str, bool]:
+    """`secret` or `secret:read` after a name; any other suffix is refused, not guessed at."""
+    if not name:
+        return value, False
+    secret, sep, scope = value.rpartition(":")
+    if not sep:
+        return value, False
+    if scope != "read":
+        raise ValueError(f"entry {number} has the scope {scope[:20]!r}; the only scope is 'read'")
+    return secret, True
+
+
 def parse_api_keys(spec: str) -> list[ApiKey]:
     keys: list[ApiKey] = []
-    for number, name, key in _entries(spec):
+    for number, name, value in _entries(spec):
+        key, read_only = _scope(number, name, value)
         if len(key) < 8:
-            raise ValueError(f"entry {number} must be 'key' or 'name:key' with a key of 8+ chars")
-        keys.append(ApiKey(name or f"key{number}", digest_key(key)))
+            raise ValueError(
+                f"entry {number} must be 'key', 'name:key' or 'name:key:read' with a key of "
+                "8+ chars"
+            )
+        keys.append(ApiKey(name or f"key{number}", digest_key(key), read_only))
     return keys
 
 
 def parse_api_key_hashes(spec: str) -> list[ApiKey]:
     keys: list[ApiKey] = []
-    for number, name, value in _entries(spec):
+    for number, name, entry in _entries(spec):
+        value, read_only = _scope(number, name, entry)
         try:
             digest = bytes.fromhex(value)
         except ValueError:
             digest = b""
         if len(digest) != hashlib.sha256().digest_size:
             raise ValueError(f"entry {number} must be 'name:<64 hex chars of SHA-256(key)>'")
-        keys.append(ApiKey(name or f"hash{number}", digest))
+        keys.append(ApiKey(name or f"hash{number}", digest, read_only))
     return keys
 
 

@@ -12,6 +12,9 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 
 LogFormat = Literal["json", "console"]
 _HANDLER_NAME = "documents"
+# The most of any client-controlled text (a path, a User-Agent) that a log line or an error
+# detail repeats: an attacker's 20 MB header must not become a 20 MB line.
+CLIENT_TEXT_MAX = 512
 
 # Set by the request middleware; every line logged while serving the request carries it.
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -24,6 +27,13 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "color_message",
     "taskName",
 }
+
+
+def clip(text: str, limit: int = CLIENT_TEXT_MAX) -> str:
+    """`text`, cut to `limit` characters with a marker saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
 
 
 class RequestIdFilter(logging.Filter):
@@ -64,6 +74,12 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+def _drop_startup_traceback(record: logging.LogRecord) -> bool:
+    # uvicorn repeats a failed start as a bare traceback message; the lifespan has already
+    # logged that failure once, as one line (store.open_failed or service.start_failed).
+    return not str(record.msg).startswith("Traceback (most recent call last)")
+
+
 def configure_logging(
     level: str = "INFO", log_format: LogFormat = "json", stream: TextIO | None = None
 ) -> None:
@@ -88,5 +104,6 @@ def configure_logging(
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_drop_startup_traceback)
     # Our middleware writes one access line per request; uvicorn's would be a second.
     logging.getLogger("uvicorn.access").disabled = True

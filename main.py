@@ -33,17 +33,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse_many
 from pydantic import ValidationError
 from slowapi import Limiter
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from config import ApiKey, Settings, configured_keys, digest_key
-from logging_config import configure_logging
+from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
-from middleware import BodyLimitMiddleware, RequestContextMiddleware, problem_response
+from middleware import (
+    BodyLimitMiddleware,
+    HeadAsGetMiddleware,
+    RequestContextMiddleware,
+    problem_response,
+)
 from models import (
     Document,
     DocumentCreate,
@@ -52,6 +58,7 @@ from models import (
     Problem,
 )
 from ratelimit import spend, storage_uri
+from server import MAX_HEAD_BYTES, MAX_HEADERS, SERVER_OPTIONS
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -82,6 +89,10 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class Forbidden(Exception):
+    """A read-only key asked to write."""
+
+
 class InvalidCursor(Exception):
     pass
 
@@ -91,6 +102,7 @@ class UnsupportedMediaType(Exception):
 
 
 API_KEY_HEADER = "X-API-Key"
+READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +127,8 @@ class ApiKeyAuth:
         key = _authenticate(state.api_keys, request.headers.get(API_KEY_HEADER))
         request.state.api_key_name = key.name
         _spend_budget(request, key)
+        if key.read_only and request.method not in READ_METHODS:
+            raise Forbidden
         return Caller(key, state.store, state.settings)
 
 
@@ -143,17 +157,20 @@ def _authenticate(keys: list[ApiKey], presented: str | None) -> ApiKey:
 
 
 def _spend_budget(request: Request, key: ApiKey) -> None:
-    """One budget per API key (not per client address), shared through RATE_LIMIT_STORAGE_URI."""
+    """One budget per API key (not per client address) in every configured window, shared
+    through RATE_LIMIT_STORAGE_URI. The headers describe the window closest to refusing."""
     limiter: Limiter = request.app.state.limiter
-    item: RateLimitItem = request.app.state.rate_limit
-    budget = spend(limiter.limiter, item, key.name)
+    items: list[RateLimitItem] = request.app.state.rate_limits
+    budgets = [spend(limiter.limiter, item, key.name) for item in items]
+    refused = [b for b in budgets if not b.allowed]
+    shown = max(refused, key=lambda b: b.reset_at) if refused else min(budgets)
     request.state.response_headers = [
-        (b"x-ratelimit-limit", str(item.amount).encode()),
-        (b"x-ratelimit-remaining", str(budget.remaining).encode()),
-        (b"x-ratelimit-reset", str(int(budget.reset_at)).encode()),
+        (b"x-ratelimit-limit", str(shown.limit).encode()),
+        (b"x-ratelimit-remaining", str(shown.remaining).encode()),
+        (b"x-ratelimit-reset", str(int(shown.reset_at)).encode()),
     ]
-    if not budget.allowed:
-        raise RateLimited(max(1, int(budget.reset_at - time.time()) + 1))
+    if refused:
+        raise RateLimited(max(1, int(shown.reset_at - time.time()) + 1))
 
 
 async def get_store(request: Request) -> DocumentStore:
@@ -170,11 +187,15 @@ def _require_json(content_type: str) -> None:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        duplicate = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {duplicate!r}")
-    return dict(pairs)
+    """Linear in the number of keys: this runs before authentication, on any body."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {clip(key, 64)!r}")
+            seen.add(key)
+    return result
 
 
 def _reject_constant(name: str) -> Any:
@@ -309,6 +330,7 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Malformed request (bad JSON, invalid cursor).",
         401: "Missing or invalid X-API-Key.",
+        403: "The key is read-only (`name:key:read`) and this operation writes.",
         404: "No such document.",
         409: "Idempotency-Key reused with a different body.",
         412: "If-Match does not match the current ETag.",
@@ -316,6 +338,8 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         415: "Body is not JSON.",
         422: "A field failed validation; `errors` names each one.",
         429: "Rate limit exceeded; see Retry-After.",
+        431: f"Request head over {MAX_HEAD_BYTES // 1024} KiB or {MAX_HEADERS} headers "
+        "(refused by the server).",
         503: "The store is unavailable.",
     }
     return {
@@ -351,7 +375,7 @@ def build_router() -> APIRouter:
         prefix="/v1",
         route_class=StrictJSONRoute,
         tags=["documents"],
-        responses=_problems(401, 422, 429, 503),
+        responses=_problems(401, 422, 429, 431, 503),
     )
 
     @router.post(
@@ -370,7 +394,7 @@ def build_router() -> APIRouter:
                     },
                 },
             },
-            **_problems(400, 409, 413, 415, 422),
+            **_problems(400, 403, 409, 413, 415, 422),
         },
     )
     async def create_document(
@@ -468,7 +492,7 @@ def build_router() -> APIRouter:
         },
         responses={
             200: {"headers": _ETAG_HEADER},
-            **_problems(400, 404, 412, 413, 415, 422),
+            **_problems(400, 403, 404, 412, 413, 415, 422),
         },
     )
     async def update_document(
@@ -491,7 +515,7 @@ def build_router() -> APIRouter:
         "/documents/{document_id}",
         status_code=204,
         summary="Delete a document",
-        responses={204: {"description": "Deleted."}, **_problems(404, 412)},
+        responses={204: {"description": "Deleted."}, **_problems(403, 404, 412)},
     )
     async def delete_document(
         document_id: str,
@@ -549,18 +573,26 @@ def build_health_router() -> APIRouter:
 _STATUS_TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+_SLUGS = {
+    404: "not-found",
+    405: "method-not-allowed",
+    408: "body-timeout",
+    413: "body-too-large",
+}
 
 
 def _title(status: int) -> str:
@@ -568,19 +600,33 @@ def _title(status: int) -> str:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    detail = exc.detail if exc.status_code == 413 else None
+    detail = exc.detail if exc.status_code in (408, 413) else None
     if exc.status_code == 404:
-        detail = f"Nothing at {request.url.path}."
-    elif exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}."
+        detail = f"Nothing at {clip(request.url.path)}."
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {clip(request.url.path)}."
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     slug = _SLUGS.get(exc.status_code, "http-error")
     return problem_response(
         exc.status_code,
         _title(exc.status_code),
         detail or str(exc.detail),
         slug=slug,
-        headers=dict(exc.headers or {}),
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method any route serves at this path (RFC 9110: Allow lists them all, where
+    Starlette names only the first route's), HEAD wherever GET is."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -615,6 +661,10 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
             slug="unauthorized",
             headers={"WWW-Authenticate": "ApiKey"},
         )
+    if isinstance(exc, Forbidden):
+        log.warning("auth.forbidden", extra={"api_key": request.state.api_key_name})
+        detail = f"This key may only read ({', '.join(sorted(READ_METHODS))})."
+        return problem_response(403, _title(403), detail, slug="forbidden")
     if isinstance(exc, RateLimited):
         request.app.state.metrics.rate_limited.inc()
         log.warning(
@@ -634,7 +684,7 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
         detail = f"Send JSON (Content-Type: application/json), not {exc}."
         return problem_response(415, _title(415), detail, slug="unsupported-media-type")
     if isinstance(exc, DocumentNotFound):
-        detail = f"No document with id {exc.doc_id!r}."
+        detail = f"No document with id {clip(exc.doc_id, 64)!r}."
         return problem_response(404, _title(404), detail, slug="not-found")
     if isinstance(exc, PreconditionFailed):
         log.info("document.precondition_failed", extra={"document_id": exc.doc_id})
@@ -674,6 +724,7 @@ def _add_error_map(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     for exc_class in (
         AuthFailed,
+        Forbidden,
         RateLimited,
         InvalidCursor,
         UnsupportedMediaType,
@@ -709,6 +760,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = MeteredStore(await open_store(settings), app.state.metrics)
     except StoreError as exc:
         log.critical("store.open_failed", extra={"error": str(exc)})
+        raise
+    except Exception:
+        log.critical("service.start_failed", exc_info=True)
         raise
     app.state.store = store
     app.state.limiter = Limiter(
@@ -790,6 +844,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Observability is Prometheus and JSON logs; FastAPI's OpenTelemetry bridge would
         # otherwise look up the global OTel providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # `/v1/documents/` is a 404, not a redirect built from the client's Host header.
+        redirect_slashes=False,
         # The routers' routes, flat and API first. include_router() would keep each router as
         # a nested branch that FastAPI re-checks for changes on every request: 16% of a GET.
         routes=[*build_router().routes, *build_health_router().routes],
@@ -801,14 +857,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Never run open: with no configured key, make one and show it once on the console.
         app.state.generated_key = secrets.token_urlsafe(24)
         app.state.api_keys = [ApiKey("generated", digest_key(app.state.generated_key))]
-    app.state.rate_limit = parse(settings.rate_limit)
+    app.state.rate_limits = parse_many(settings.rate_limit)
     # Memory only, so built here: the middleware below needs it before the lifespan runs.
     app.state.metrics = Metrics(multiprocess=settings.workers > 1)
     _add_error_map(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS
-    # (only when CORS_ORIGINS is set), then BodyLimit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # (only when CORS_ORIGINS is set), then BodyLimit, then HeadAsGet.
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout_seconds,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -978,9 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=settings.workers,
         host=settings.host,
         port=settings.port,
-        log_config=None,
-        access_log=False,
-        server_header=False,
+        **SERVER_OPTIONS,
         # Behind a reverse proxy: trust X-Forwarded-For/-Proto from these addresses only.
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,

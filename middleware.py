@@ -10,12 +10,13 @@ import re
 import time
 from typing import Any, Protocol
 
+import anyio
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from logging_config import request_id_var
+from logging_config import clip, request_id_var
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -50,6 +51,15 @@ def problem_response(
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"The request body is larger than the limit of {limit} bytes.")
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"The request body did not arrive within {seconds:g} seconds.",
+            headers={"Connection": "close"},
+        )
 
 
 class RequestObserver(Protocol):
@@ -138,15 +148,17 @@ class RequestContextMiddleware:
         )
         client = scope.get("client")
         user_agent = next((v for k, v in scope["headers"] if k == b"user-agent"), b"")
+        # Path, client (X-Forwarded-For from a trusted proxy) and User-Agent come from the
+        # request: cut, so a line stays small whatever was sent.
         fields = {
             "method": scope["method"],
-            "path": scope["path"],
+            "path": clip(scope["path"]),
             "route": route,
             "status_code": status,
             "duration_ms": round(duration * 1000, 2),
-            "client": f"{client[0]}:{client[1]}" if client else None,
+            "client": clip(f"{client[0]}:{client[1]}") if client else None,
             "api_key": state.get("api_key_name"),
-            "user_agent": user_agent.decode("latin-1"),
+            "user_agent": clip(user_agent.decode("latin-1")),
         }
         access_log.log(level, "request", extra=fields)
         if duration >= self.slow_request_seconds:
@@ -171,13 +183,29 @@ def _incoming_request_id(scope: Scope) -> str | None:
     return None
 
 
+class HeadAsGetMiddleware:
+    """HEAD is GET without the body (RFC 9110, 9.3.2), so every GET route answers it. Routes
+    see GET; the server, which still sees HEAD, sends the headers only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over `max_bytes` before anything parses them, whether or not the client
-    declared a Content-Length, and without buffering past the limit."""
+    declared a Content-Length, and without buffering past the limit; refuse a body that takes
+    longer than `timeout` seconds to arrive, so a client dripping bytes cannot hold a request
+    open for ever."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,18 +213,27 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         received = 0
+        deadline: float | None = None
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, deadline, complete
             # Raised while the route reads its body, so the API's error map answers it.
             if declared is not None and declared > self.max_bytes:
                 raise BodyTooLarge(self.max_bytes)
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
+            if complete:  # after the body only a disconnect can come: no deadline for it
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            with anyio.move_on_after(deadline - time.monotonic()):
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise BodyTooLarge(self.max_bytes)
+                    complete = not message.get("more_body", False)
+                return message
+            raise BodyTimeout(self.timeout)
 
         await self.app(scope, limited_receive, send)
 

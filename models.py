@@ -28,6 +28,17 @@ METADATA_INT_MIN = -(2**63)
 METADATA_INT_MAX = 2**63 - 1
 
 
+def _unicode(text: str) -> str:
+    # JSON's \ud800 escape decodes to a lone surrogate: not Unicode text, so no UTF-8 file,
+    # BSON string or response body can hold it. Refused here, before anything is stored.
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        raise ValueError(f"must be Unicode text: \\u{code:04x} is a lone surrogate") from None
+    return text
+
+
 def _printable(text: str) -> str:
     # Titles and tags are one-line labels: control characters (NUL, newlines, escapes) only
     # ever arrive by accident or by attack.
@@ -39,17 +50,25 @@ def _printable(text: str) -> str:
 Title = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_CHARS),
+    AfterValidator(_unicode),
     AfterValidator(_printable),
     Field(description="Human-readable title, 1-200 characters after trimming, one line."),
 ]
 Tag = Annotated[
     str,
     StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=TAG_MAX_CHARS),
+    AfterValidator(_unicode),
     AfterValidator(_printable),
 ]
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_MAX_CHARS)]
+MetadataKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=METADATA_KEY_MAX_CHARS),
+    AfterValidator(_unicode),
+]
 MetadataValue = (
-    Annotated[str, StringConstraints(max_length=METADATA_STRING_MAX_CHARS)]
+    Annotated[
+        str, StringConstraints(max_length=METADATA_STRING_MAX_CHARS), AfterValidator(_unicode)
+    ]
     | bool
     | int
     | Annotated[float, Field(allow_inf_nan=False)]
@@ -88,6 +107,7 @@ Metadata = Annotated[
 ]
 Content = Annotated[
     str,
+    AfterValidator(_unicode),
     Field(
         description="The document body. Its length is bounded by the MAX_CONTENT_CHARS setting "
         "(100,000 characters unless configured otherwise)."

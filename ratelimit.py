@@ -74,12 +74,14 @@ def storage_uri(configured: str) -> str:
     return "local://" if configured == "memory://" else configured
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class Budget:
-    """One hit's outcome, with what the X-RateLimit-* headers report."""
+    """One hit's outcome in one window, with what the X-RateLimit-* headers report; budgets
+    order by what remains."""
 
-    allowed: bool
     remaining: int
+    allowed: bool
+    limit: int
     reset_at: float  # epoch seconds
 
 
@@ -92,4 +94,6 @@ def spend(limiter: RateLimiter, item: RateLimitItem, identifier: str) -> Budget:
     storage = limiter.storage
     window = item.key_for(identifier)
     count = storage.incr(window, item.get_expiry())
-    return Budget(count <= item.amount, max(0, item.amount - count), storage.get_expiry(window))
+    return Budget(
+        max(0, item.amount - count), count <= item.amount, item.amount, storage.get_expiry(window)
+    )

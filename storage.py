@@ -15,11 +15,13 @@ once, at open) and makes each write durable before it returns:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import zlib
@@ -42,7 +44,6 @@ from pymongo.errors import (
     WaitQueueTimeoutError,
     WriteConcernError,
 )
-from tinydb import TinyDB
 from tinydb.storages import Storage
 
 from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentUpdate
@@ -260,6 +261,8 @@ class _JournalEntry(BaseModel):
 _SNAPSHOT = TypeAdapter(dict[str, dict[str, Any]])
 _DOCUMENTS = "documents"
 _IDEMPOTENCY = "idempotency"
+# Neither blocks on a FIFO nor follows a link: the store reads and writes only regular files.
+_NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 def _fsync_dir(path: Path) -> None:
@@ -268,6 +271,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a nearly full disk): carry on until all is written
+    or the kernel reports why not."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _require_regular(path: Path) -> None:
+    """A path the store owns is a regular file or absent: anything else (a directory, a FIFO
+    that would hang a read, a link, even a dangling one) is damage to report, never to replace."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
+
+
+def _read_regular(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreCorrupt(path, "not a regular file")
+        return fh.read()
 
 
 class DurableJSONStorage(Storage):
@@ -279,11 +313,11 @@ class DurableJSONStorage(Storage):
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
 
     def read(self) -> dict[str, dict[str, Any]] | None:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
+        raw = _read_regular(self.path)
+        if raw is None:
             return None
         # We only ever write complete databases, so an empty file is damage, not "no data".
         try:
@@ -295,13 +329,24 @@ class DurableJSONStorage(Storage):
         return data
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        # Write the whole database beside the live one, make it durable, then swap it in.
-        with open(tmp, "wb") as fh:
-            fh.write(_SNAPSHOT.dump_json(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        # Encode first: data that cannot be encoded leaves no file behind.
+        encoded = _SNAPSHOT.dump_json(data)
+        # A leftover temp file is an unfinished earlier write: the live file never depended on it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_path)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_SURPRISES, 0o600)
+        try:
+            # Write the whole database beside the live one, make it durable, then swap it in.
+            try:
+                _write_all(fd, encoded)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp_path)
+            raise
         # fsync the directory too: the rename is durable only once the dirent is.
         _fsync_dir(self.path.parent)
 
@@ -314,14 +359,13 @@ def _journal_line(entry: _JournalEntry) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def _read_journal(path: Path) -> Iterator[_JournalEntry]:
-    """Yield complete, checksummed entries; a torn last line (a crash mid-append, never
-    acknowledged) is skipped, anything else that does not check out is corruption."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return
+def _read_journal(path: Path) -> tuple[list[_JournalEntry], int]:
+    """Complete, checksummed entries and the length they span. A torn last line (a crash
+    mid-append, never acknowledged) is left out; anything else that does not check out is
+    corruption."""
+    raw = _read_regular(path) or b""
     lines = raw.split(b"\n")
+    entries = []
     # Everything after the last newline was being appended when the process died.
     for number, line in enumerate(lines[:-1], start=1):
         crc, _, body = line.partition(b" ")
@@ -332,13 +376,52 @@ def _read_journal(path: Path) -> Iterator[_JournalEntry]:
         if not valid:
             raise StoreCorrupt(path, f"line {number} fails its checksum")
         try:
-            yield _JournalEntry.model_validate_json(body)
+            entries.append(_JournalEntry.model_validate_json(body))
         except ValidationError as exc:
             raise StoreCorrupt(path, f"line {number} is not a journal entry") from exc
+    return entries, len(raw) - len(lines[-1])
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """One write's claim on durability; `lost` once a failed flush has undone it."""
+
+    seq: int
+    lost: bool = False
+
+
+@dataclass(slots=True)
+class _Change:
+    """One queued journal line, the memory change it records, and what that change replaced."""
+
+    line: bytes
+    table: str
+    key: Any
+    value: Any
+    ticket: _Ticket | None = None
+    old: Any = None
+
+
+def _doc_change(doc_id: str, doc: Document | None) -> _Change:
+    value = None if doc is None else doc.model_dump(mode="json")
+    line = _journal_line(_JournalEntry(table=_DOCUMENTS, id=doc_id, value=value))
+    return _Change(line, _DOCUMENTS, doc_id, doc)
+
+
+def _key_change(record: IdempotencyRecord) -> _Change:
+    entry = _JournalEntry(
+        table=_IDEMPOTENCY, id=f"{record.scope}:{record.key}", value=record.model_dump(mode="json")
+    )
+    return _Change(_journal_line(entry), _IDEMPOTENCY, (record.scope, record.key), record)
 
 
 class TinyDBStore:
-    """The embedded store: all documents in memory, every write journalled and fsync'ed."""
+    """The embedded store: all documents in memory, every write journalled and fsync'ed.
+
+    TinyDB provides the file format (`TinyDB(path)` opens `documents.json`) and the `Storage`
+    contract `DurableJSONStorage` fulfils; the store adds the journal, group commit, memory
+    indexes, the directory lock and recovery from failed writes.
+    """
 
     backend = "tinydb"
 
@@ -354,22 +437,23 @@ class TinyDBStore:
         self._order: list[str] = []  # ids ascending; ids sort by creation time
         self._by_tag: dict[str, list[str]] = {}
         self._idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
-        # _lock guards the memory state and the pending journal lines; it is only ever held for
+        # _lock guards the memory state and the pending changes; it is only ever held for
         # memory work, so the event loop takes it directly. _flush_lock serialises file writes
         # (in worker threads, outside _lock); _flush_turn lets one waiting writer start them.
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._flush_turn = anyio.Lock()
-        self._pending: list[bytes] = []
+        self._pending: list[_Change] = []
         self._written_seq = 0
         self._durable_seq = 0
-        self._journal_bytes = 0
-        self._data_file_bytes = 0
+        self._last_ticket = _Ticket(0)
+        self._journal_bytes = 0  # the journal file's length: everything in it is durable
+        self._compact_at = compact_min_bytes
         self._failed: BaseException | None = None
         self._closed = False
         self._lock_fd = -1
         self._journal_fd = -1
-        self._db = TinyDB(str(data_dir / DATA_FILE), storage=DurableJSONStorage)
+        self._storage = DurableJSONStorage(str(data_dir / DATA_FILE))
 
     @property
     def data_path(self) -> Path:
@@ -384,77 +468,89 @@ class TinyDBStore:
         cls, data_dir: Path, *, clock: Clock = utc_now, compact_min_bytes: int = COMPACT_MIN_BYTES
     ) -> TinyDBStore:
         """Lock the directory, load the database, replay the journal and fold it in."""
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot create data directory {data_dir}: {exc}") from exc
         store = cls(data_dir, clock=clock, compact_min_bytes=compact_min_bytes)
         try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            for path in (data_dir / LOCK_FILE, store.data_path, store.journal_path):
+                _require_regular(path)
+            _require_regular(store._storage.tmp_path)
             store._take_lock()
-            store._load()
+            journal_length = store._load()
             store._journal_fd = os.open(
-                store.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+                store.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_SURPRISES, 0o600
             )
+            # Cut a torn last line now: appended after, it would read as damage at the next open.
+            os.ftruncate(store._journal_fd, journal_length)
+            store._journal_bytes = journal_length
             store._compact()
-        except BaseException:
+        except BaseException as exc:
             store._release()
+            if isinstance(exc, OSError):
+                raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
             raise
         return store
 
     def _take_lock(self) -> None:
         lock_path = self.data_dir / LOCK_FILE
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NO_SURPRISES, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise StoreLocked(self.data_dir, lock_path) from exc
 
-    def _load(self) -> None:
-        tables = self._db.storage.read() or {}
+    def _load(self) -> int:
+        """Fill memory from the database and the journal; returns the journal's valid length."""
+        tables = self._storage.read() or {}
         now = self._clock()
         try:
             for raw in tables.get(_DOCUMENTS, {}).values():
-                self._index(Document.model_validate(raw))
+                doc = Document.model_validate(raw)
+                if doc.id in self._docs:
+                    raise StoreCorrupt(self.data_path, f"two records have the id {doc.id!r}")
+                self._set(_DOCUMENTS, doc.id, doc)
             for raw in tables.get(_IDEMPOTENCY, {}).values():
                 self._remember(IdempotencyRecord.model_validate(raw), now)
         except ValidationError as exc:
             raise StoreCorrupt(self.data_path, f"a record does not validate: {exc}") from exc
+        entries, length = _read_journal(self.journal_path)
         try:
-            for entry in _read_journal(self.journal_path):
-                self._replay(entry, now)
+            for entry in entries:
+                if entry.table == _DOCUMENTS:
+                    value = None if entry.value is None else Document.model_validate(entry.value)
+                    self._set(_DOCUMENTS, entry.id, value)
+                elif entry.table == _IDEMPOTENCY and entry.value is not None:
+                    self._remember(IdempotencyRecord.model_validate(entry.value), now)
         except ValidationError as exc:
             raise StoreCorrupt(self.journal_path, f"an entry does not validate: {exc}") from exc
-
-    def _replay(self, entry: _JournalEntry, now: datetime) -> None:
-        if entry.table == _DOCUMENTS:
-            old = self._docs.get(entry.id)
-            if old is not None:
-                self._unindex(old)
-            if entry.value is not None:
-                self._index(Document.model_validate(entry.value))
-        elif entry.table == _IDEMPOTENCY and entry.value is not None:
-            self._remember(IdempotencyRecord.model_validate(entry.value), now)
+        return length
 
     def _remember(self, record: IdempotencyRecord, now: datetime) -> None:
         if now - record.created_at < IDEMPOTENCY_TTL:
             self._idempotency[record.scope, record.key] = record
 
-    # memory indexes; callers hold _lock (or own the store exclusively, at open)
+    # memory; callers hold _lock (or own the store exclusively, at open)
 
-    def _index(self, doc: Document) -> None:
-        self._docs[doc.id] = doc
-        bisect.insort(self._order, doc.id)
-        for tag in doc.tags:
-            bisect.insort(self._by_tag.setdefault(tag, []), doc.id)
-
-    def _unindex(self, doc: Document) -> None:
-        del self._docs[doc.id]
-        _remove_sorted(self._order, doc.id)
-        for tag in doc.tags:
-            ids = self._by_tag[tag]
-            _remove_sorted(ids, doc.id)
-            if not ids:
-                del self._by_tag[tag]
+    def _set(self, table: str, key: Any, value: Any) -> Any:
+        """Put `value` in memory (None removes); returns what was there, which undoes it."""
+        if table == _IDEMPOTENCY:
+            old_record = self._idempotency.pop(key, None)
+            if value is not None:
+                self._idempotency[key] = value
+            return old_record
+        old = self._docs.pop(key, None)
+        if old is not None:
+            _remove_sorted(self._order, key)
+            for tag in old.tags:
+                ids = self._by_tag[tag]
+                _remove_sorted(ids, key)
+                if not ids:
+                    del self._by_tag[tag]
+        if value is not None:
+            self._docs[key] = value
+            bisect.insort(self._order, key)
+            for tag in value.tags:
+                bisect.insort(self._by_tag.setdefault(tag, []), key)
+        return old
 
     def _usable(self) -> None:
         if self._closed:
@@ -462,77 +558,99 @@ class TinyDBStore:
         if self._failed is not None:
             raise StoreUnavailable("the data directory failed a write; restart after fixing it")
 
-    def _journal(self, *entries: _JournalEntry) -> int:
-        """Queue entries for the next flush; returns the sequence number to wait for."""
-        self._pending.extend(_journal_line(e) for e in entries)
+    def _stage(self, *changes: _Change) -> _Ticket:
+        """Apply changes to memory and queue their journal lines. Every line is encoded before
+        this is called, so a change that cannot be written never reaches memory."""
         self._written_seq += 1
-        return self._written_seq
-
-    def _doc_entry(self, doc_id: str, doc: Document | None) -> _JournalEntry:
-        value = None if doc is None else doc.model_dump(mode="json")
-        return _JournalEntry(table=_DOCUMENTS, id=doc_id, value=value)
+        ticket = self._last_ticket = _Ticket(self._written_seq)
+        for change in changes:
+            change.ticket = ticket
+            change.old = self._set(change.table, change.key, change.value)
+        self._pending.extend(changes)
+        return ticket
 
     # durability
 
-    async def _durable(self, seq: int) -> None:
-        """Return once change `seq` is on disk. The first writer in flushes everything queued so
+    async def _durable(self, ticket: _Ticket) -> None:
+        """Return once the change is on disk. The first writer in flushes everything queued so
         far, in a worker thread, while the others wait their turn and usually find their change
         already written: N concurrent writes cost one fdatasync and one thread hop, not N."""
         async with self._flush_turn:
-            if self._durable_seq < seq:
+            if self._durable_seq < ticket.seq and not ticket.lost:
                 await anyio.to_thread.run_sync(self._flush)
+        if ticket.lost:
+            raise StoreUnavailable("the change could not be written; nothing was stored")
 
     def _flush(self) -> None:
         """Write and fdatasync every queued journal line; compact when the journal has grown."""
         with self._flush_lock:
             self._usable()
-            with self._lock:
-                lines, self._pending = self._pending, []
-                upto = self._written_seq
-            data = b"".join(lines)
-            try:
-                os.write(self._journal_fd, data)
-                os.fdatasync(self._journal_fd)
-            except OSError as exc:
-                self._fail(exc)
-            self._journal_bytes += len(data)
-            self._durable_seq = upto
-            if self._journal_bytes > max(self._compact_min_bytes, self._data_file_bytes):
+            self._write_pending()
+            if self._journal_bytes > self._compact_at:
                 self._compact()
 
-    def _fail(self, exc: OSError) -> None:
-        # After a failed fsync the page cache may not match the disk: stop writing for good.
-        self._failed = exc
-        log.error("store.write_failed", extra={"data_dir": str(self.data_dir)}, exc_info=exc)
-        raise StoreUnavailable("cannot write to the data directory") from exc
+    def _write_pending(self) -> None:
+        """Append the queued lines and fdatasync them; on failure undo them (see _roll_back)."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            upto = self._written_seq
+        if batch:
+            data = b"".join(change.line for change in batch)
+            try:
+                _write_all(self._journal_fd, data)
+                os.fdatasync(self._journal_fd)
+            except OSError as exc:
+                self._roll_back(batch, exc)
+            self._journal_bytes += len(data)
+        self._durable_seq = upto
+
+    def _roll_back(self, batch: list[_Change], exc: OSError) -> None:
+        """A write failed (full disk, I/O error, read-only remount): cut the journal back to
+        its durable length and undo in memory every change not yet durable, newest first, so
+        the process serves exactly what a restart would load, and writes again once the disk
+        does. If even the cut fails, the disk cannot be trusted: refuse everything until a
+        restart."""
+        log.error("store.write_failed", extra={"data_dir": str(self.data_dir), "error": str(exc)})
+        try:
+            os.ftruncate(self._journal_fd, self._journal_bytes)
+            os.fsync(self._journal_fd)
+        except OSError:
+            self._failed = exc
+        with self._lock:
+            undone, self._pending = batch + self._pending, []
+            for change in reversed(undone):
+                self._set(change.table, change.key, change.old)
+                if change.ticket is not None:
+                    change.ticket.lost = True
+        raise StoreUnavailable(f"cannot write to the data directory: {exc.strerror}") from exc
 
     def _compact(self) -> None:
-        """Write memory as the new TinyDB file, then empty the journal. Caller holds
-        _flush_lock (or owns the store exclusively). A crash between the two steps only
-        replays entries the new file already holds, which is harmless."""
+        """Write the durable state as the new TinyDB file, then empty the journal. Best effort:
+        on any failure the journal still holds everything and compaction is tried again later.
+        Caller holds _flush_lock (or owns the store exclusively). The snapshot is taken with
+        nothing queued, so it is exactly the durable state: a crash between the swap and the
+        truncation replays entries the snapshot already ends with, which changes nothing."""
         started = time.perf_counter()
-        with self._lock:
-            docs = {str(n): d for n, d in enumerate(map(self._docs.__getitem__, self._order), 1)}
-            now = self._clock()
-            live = [r for r in self._idempotency.values() if now - r.created_at < IDEMPOTENCY_TTL]
-            self._idempotency = {(r.scope, r.key): r for r in live}
-            upto = self._written_seq
-            self._pending = []
         try:
-            self._db.storage.write(
-                {
-                    _DOCUMENTS: docs,
-                    _IDEMPOTENCY: {str(n): r for n, r in enumerate(live, 1)},
-                }
+            snapshot = self._drained_snapshot()
+            if snapshot is None:
+                return  # writers keep the queue busy: the next flush tries again
+            docs, live = snapshot
+            self._storage.write(
+                {_DOCUMENTS: docs, _IDEMPOTENCY: {str(n): r for n, r in enumerate(live, 1)}}
             )
             os.ftruncate(self._journal_fd, 0)
+            self._journal_bytes = 0
             os.fsync(self._journal_fd)
             # Only compaction changes the file, so its size is read here, not on every flush.
-            self._data_file_bytes = self.data_path.stat().st_size
-        except OSError as exc:
-            self._fail(exc)
-        self._journal_bytes = 0
-        self._durable_seq = upto
+            self._compact_at = max(self._compact_min_bytes, self.data_path.stat().st_size)
+        except StoreUnavailable:
+            return  # a queued write failed and was rolled back; its writer hears of it
+        except Exception as exc:
+            # Try again only once the journal has grown as much again, not on every write.
+            self._compact_at = self._journal_bytes + max(self._compact_min_bytes, self._compact_at)
+            log.error("store.compaction_failed", exc_info=exc)
+            return
         log.info(
             "store.compacted",
             extra={
@@ -541,21 +659,41 @@ class TinyDBStore:
             },
         )
 
+    def _drained_snapshot(
+        self,
+    ) -> tuple[dict[str, Document], list[IdempotencyRecord]] | None:
+        """Memory with nothing queued (written first), which is the durable state; None if
+        writers keep refilling the queue."""
+        for _ in range(3):
+            self._write_pending()
+            with self._lock:
+                if self._pending:
+                    continue
+                now = self._clock()
+                live = [
+                    r for r in self._idempotency.values() if now - r.created_at < IDEMPOTENCY_TTL
+                ]
+                self._idempotency = {(r.scope, r.key): r for r in live}
+                ordered = map(self._docs.__getitem__, self._order)
+                return {str(n): doc for n, doc in enumerate(ordered, 1)}, live
+        return None
+
     # the contract
 
-    # Each write changes memory and queues its journal line on the event loop (memory work
-    # only), then waits until the line is durable before the caller hears of success.
+    # Each write is validated and encoded first, then changes memory and queues its journal
+    # line on the event loop (memory work only), then waits until the line is durable before
+    # the caller hears of success.
 
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
-        doc, replayed, seq = self._create(data, idempotency)
-        await self._durable(seq)
+        doc, replayed, ticket = self._create(data, idempotency)
+        await self._durable(ticket)
         return doc, replayed
 
     def _create(
         self, data: DocumentCreate, idempotency: IdempotencyKey | None
-    ) -> tuple[Document, bool, int]:
+    ) -> tuple[Document, bool, _Ticket]:
         body_print = fingerprint(data) if idempotency is not None else ""
         with self._lock:
             self._usable()
@@ -563,17 +701,19 @@ class TinyDBStore:
             original = self._replay_of(idempotency, body_print, now)
             if original is not None:
                 # The original may still be waiting for its flush: wait for it as well.
-                seq = self._written_seq
-            else:
-                doc = new_document(data, self._new_id(now), now)
-                self._index(doc)
-                entries = [self._doc_entry(doc.id, doc)]
-                if idempotency is not None:
-                    entries.append(self._record_key(idempotency, body_print, doc.id, now))
-                seq = self._journal(*entries)
-        if original is not None:
-            return original, True, seq
-        return doc, False, seq
+                return original, True, self._last_ticket
+            doc = new_document(data, self._new_id(now), now)
+            changes = [_doc_change(doc.id, doc)]
+            if idempotency is not None:
+                record = IdempotencyRecord(
+                    scope=idempotency.scope,
+                    key=idempotency.key,
+                    fingerprint=body_print,
+                    document_id=doc.id,
+                    created_at=now,
+                )
+                changes.append(_key_change(record))
+            return doc, False, self._stage(*changes)
 
     def _replay_of(
         self, idempotency: IdempotencyKey | None, body_print: str, now: datetime
@@ -589,23 +729,6 @@ class TinyDBStore:
         if original is None:
             raise IdempotencyConflict(idempotency.key, "for a document that has since been deleted")
         return original
-
-    def _record_key(
-        self, idempotency: IdempotencyKey, body_print: str, doc_id: str, now: datetime
-    ) -> _JournalEntry:
-        record = IdempotencyRecord(
-            scope=idempotency.scope,
-            key=idempotency.key,
-            fingerprint=body_print,
-            document_id=doc_id,
-            created_at=now,
-        )
-        self._idempotency[idempotency.scope, idempotency.key] = record
-        return _JournalEntry(
-            table=_IDEMPOTENCY,
-            id=f"{record.scope}:{record.key}",
-            value=record.model_dump(mode="json"),
-        )
 
     async def get(self, doc_id: str) -> Document:
         # Memory only, and _lock is never held across I/O: safe on the event loop.
@@ -638,10 +761,8 @@ class TinyDBStore:
             new = apply_patch(current, patch, self._clock())
             if new is current:
                 return current
-            self._unindex(current)
-            self._index(new)
-            seq = self._journal(self._doc_entry(doc_id, new))
-        await self._durable(seq)
+            ticket = self._stage(_doc_change(doc_id, new))
+        await self._durable(ticket)
         return new
 
     def _current(self, doc_id: str, if_version: int | None) -> Document:
@@ -655,18 +776,18 @@ class TinyDBStore:
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         with self._lock:
-            self._unindex(self._current(doc_id, if_version))
-            seq = self._journal(self._doc_entry(doc_id, None))
-        await self._durable(seq)
+            self._current(doc_id, if_version)
+            ticket = self._stage(_doc_change(doc_id, None))
+        await self._durable(ticket)
 
     async def import_document(self, doc: Document) -> bool:
+        change = _doc_change(doc.id, doc)
         with self._lock:
             self._usable()
             if doc.id in self._docs:
                 return False
-            self._index(doc)
-            seq = self._journal(self._doc_entry(doc.id, doc))
-        await self._durable(seq)
+            ticket = self._stage(change)
+        await self._durable(ticket)
         return True
 
     async def export_documents(self) -> AsyncIterator[Document]:
@@ -683,15 +804,19 @@ class TinyDBStore:
         await anyio.to_thread.run_sync(self._probe)
 
     def _probe(self) -> None:
-        probe = self.data_dir / ".ready-probe"
+        """Writes nothing, so any number of probes at any rate cost a few system calls: the
+        journal is still open and is the file we believe, and the directory accepts writes."""
         try:
-            with open(probe, "wb") as fh:
-                fh.write(b"ok")
-                os.fsync(fh.fileno())
-            os.unlink(probe)
-            os.fstat(self._journal_fd)
+            journal = os.fstat(self._journal_fd)
+            on_disk = os.stat(self.journal_path, follow_symlinks=False)
+            if (journal.st_dev, journal.st_ino) != (on_disk.st_dev, on_disk.st_ino):
+                raise StoreUnavailable("the journal was replaced or removed under the store")
+            if not os.access(self.data_dir, os.W_OK):
+                raise StoreUnavailable("the data directory is not writable")
+            if os.statvfs(self.data_dir).f_bavail == 0:
+                raise StoreUnavailable("the data directory's filesystem is full")
         except OSError as exc:
-            raise StoreUnavailable(f"data directory is not writable: {exc.strerror}") from exc
+            raise StoreUnavailable(f"the data directory cannot be read: {exc.strerror}") from exc
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self.close_sync)

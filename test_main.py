@@ -16,7 +16,7 @@ from limits.strategies import FixedWindowRateLimiter
 from pydantic import ValidationError
 from tinydb import TinyDB
 
-from conftest import KEY, OTHER_KEY, make_settings
+from conftest import KEY, OTHER_KEY, assert_problem, make_settings
 from main import create_app
 from ratelimit import LocalStorage, spend
 
@@ -27,19 +27,6 @@ def create(client: TestClient, body: dict[str, Any] | None = None, **headers: st
     response = client.post("/v1/documents", json=body or DOC, headers=headers)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["title"]
-    assert body["detail"]
-    assert body["type"].startswith("urn:")
-    assert body["request_id"] == response.headers["x-request-id"]
-    assert "Traceback" not in response.text
-    return body
 
 
 # --- create -----------------------------------------------------------------------------------
@@ -476,6 +463,68 @@ def test_rate_limit_per_key_returns_429_with_retry_after(tmp_path: Path) -> None
         assert client.get("/v1/documents", headers={"X-API-Key": OTHER_KEY}).status_code == 200
         assert all(client.get("/health").status_code == 200 for _ in range(5))
         assert client.get("/health/ready").status_code == 200
+
+
+def test_every_window_of_a_multi_window_rate_limit_is_enforced(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, rate_limit="5/minute;2/hour")
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        statuses = [client.get("/v1/documents").status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        assert client.get("/v1/documents").headers["x-ratelimit-limit"] == "2"
+
+
+@pytest.mark.parametrize("rate", ["0/minute", "5/minute;0/hour", "-1/second"])
+def test_a_rate_limit_that_can_never_pass_is_refused(tmp_path: Path, rate: str) -> None:
+    with pytest.raises(ValidationError, match="rate"):
+        make_settings(tmp_path, rate_limit=rate)
+
+
+READER = "reader-key-0003"
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"api_keys": f"alice:{KEY},reader:{READER}:read"},
+        {
+            "api_keys": f"alice:{KEY}",
+            "api_key_hashes": f"reader:{hashlib.sha256(READER.encode()).hexdigest()}:read",
+        },
+    ],
+    ids=["plain", "hashed"],
+)
+def test_a_read_only_key_reads_and_every_write_gets_403(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    with TestClient(create_app(make_settings(tmp_path, **keys))) as client:
+        doc = client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY}).json()
+        reader = {"X-API-Key": READER}
+        assert client.get(f"/v1/documents/{doc['id']}", headers=reader).status_code == 200
+        assert client.head(f"/v1/documents/{doc['id']}", headers=reader).status_code == 200
+        assert client.get("/v1/documents", headers=reader).status_code == 200
+        writes = [
+            client.post("/v1/documents", json=DOC, headers=reader),
+            client.patch(f"/v1/documents/{doc['id']}", json={"title": "x"}, headers=reader),
+            client.delete(f"/v1/documents/{doc['id']}", headers=reader),
+        ]
+        for response in writes:
+            assert_problem(response, 403)
+        listed = client.get("/v1/documents", headers=reader).json()["items"]
+        assert listed == [doc]
+
+
+def test_the_openapi_document_describes_403_on_every_write(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/") and method != "get":
+                assert "403" in operation["responses"], (method, path)
+
+
+@pytest.mark.parametrize("entry", [f"reader:{READER}:admin", f"reader:{READER}:"])
+def test_an_unknown_key_scope_is_refused(tmp_path: Path, entry: str) -> None:
+    with pytest.raises(ValidationError, match="scope"):
+        make_settings(tmp_path, api_keys=entry)
 
 
 # --- errors and headers -----------------------------------------------------------------------

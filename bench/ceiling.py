@@ -4,9 +4,14 @@ options. Every benchmark figure is also given as a ratio to this app's GET rate.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server import SERVER_OPTIONS
 
 DOCUMENT = {
     "id": "01M8DRM5YHTJDT3EERCK50Z03Q",
@@ -32,7 +37,5 @@ if __name__ == "__main__":
         app,
         host="127.0.0.1",
         port=int(os.environ["PORT"]),
-        log_config=None,
-        access_log=False,
-        server_header=False,
+        **SERVER_OPTIONS,
     )

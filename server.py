@@ -1,0 +1,137 @@
+"""The HTTP server: uvicorn's httptools protocol with request heads bounded in size, count and time.
+
+uvicorn with httptools sets no limit on a request head: one connection without a key could send
+hundreds of megabytes of headers, or one byte every few seconds for ever. This protocol refuses a
+head over `MAX_HEAD_BYTES` or `MAX_HEADERS` with 431 and closes a connection whose head has not
+arrived `HEAD_TIMEOUT` seconds after its first byte (or after the connection opened) with 408,
+before the application sees anything. Idle keep-alive connections close after
+`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADERS = 100
+HEAD_TIMEOUT = 10.0
+KEEP_ALIVE_TIMEOUT = 5
+
+
+def _problem(status: int, title: str, detail: str) -> bytes:
+    body = orjson.dumps(
+        {
+            "type": f"urn:documents:problem:{title.lower().replace(' ', '-')}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "request_id": "",
+        }
+    )
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (status, title.encode(), len(body), body)
+    )
+
+
+HEAD_TOO_LARGE = _problem(
+    431,
+    "Request Header Fields Too Large",
+    f"A request head may hold at most {MAX_HEADERS} headers and {MAX_HEAD_BYTES} bytes.",
+)
+HEAD_TIMED_OUT = _problem(
+    408, "Request Timeout", f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds."
+)
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """Counts what a head costs as it arrives; memory stays within one read of the limit."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._headers = 0
+        self._awaiting_head = True
+        self._heads = 0  # heads completed on this connection
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head and self._head_timer is None:
+            self._start_head_timer()
+        before = (self._awaiting_head, self._heads)
+        super().data_received(data)
+        if (
+            before == (True, self._heads)
+            and self._awaiting_head
+            and not self.transport.is_closing()
+        ):
+            # This read began and ended inside one head, all of it still unparsed (httptools
+            # buffers a header's name and value until they end): the head's cost so far.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(HEAD_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._headers = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers += 1
+        if self._headers > MAX_HEADERS:
+            # Raising stops the parser; uvicorn then answers through send_400_response.
+            raise ValueError("too many headers")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._heads += 1
+        self._awaiting_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The next request's head is bounded again from its first byte.
+        self._awaiting_head = True
+        self._head_bytes = 0
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers every parser error here, the one on_header raised included.
+        if self._headers > MAX_HEADERS:
+            self._refuse(HEAD_TOO_LARGE)
+        else:
+            super().send_400_response(msg)
+
+    def _refuse(self, response: bytes) -> None:
+        self._stop_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._refuse, HEAD_TIMED_OUT)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+
+# What both the service and the benchmark's ceiling run under.
+SERVER_OPTIONS: dict[str, Any] = {
+    "http": BoundedHttpToolsProtocol,
+    "timeout_keep_alive": KEEP_ALIVE_TIMEOUT,
+    "log_config": None,
+    "access_log": False,
+    "server_header": False,
+}

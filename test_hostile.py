@@ -1,0 +1,340 @@
+"""A hostile client: every input costs time linear in its size and bounded memory before a key is
+checked, is refused with a 4xx (or the connection closed), and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import KEY, Service, assert_problem, make_settings
+from logging_config import CLIENT_TEXT_MAX
+from main import create_app
+from server import HEAD_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS
+
+KB = 1024
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = Service(tmp_path_factory.mktemp("hostile-http") / "data").start()
+    yield service
+    service.stop_quietly()
+
+
+def rss_kb(service: Service) -> int:
+    assert service.proc is not None
+    status = Path(f"/proc/{service.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+def exchange(service: Service, head: bytes, *, more: Iterable[bytes] = ()) -> bytes:
+    """Send raw bytes (no client library fixing them up) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=HEAD_TIMEOUT + 10) as sock:
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            sock.sendall(head)
+            for chunk in more:
+                sock.sendall(chunk)
+        received = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        return received
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response else 0
+
+
+# --- request heads: size, count, time ---------------------------------------------------------
+
+
+def _many(count: int, size: int) -> bytes:
+    return b"".join(b"X-Filler-%d: %s\r\n" % (n, b"v" * size) for n in range(count))
+
+
+HEADS: list[tuple[str, bytes]] = [
+    ("101 headers", b"GET /health HTTP/1.1\r\nHost: x\r\n" + _many(MAX_HEADERS + 1, 1) + b"\r\n"),
+    (
+        "one 17 KiB header",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 17 * KB + b"\r\n\r\n",
+    ),
+    ("50 headers of 400 bytes", b"GET /health HTTP/1.1\r\nHost: x\r\n" + _many(50, 400) + b"\r\n"),
+    ("a 20 KiB path", b"GET /" + b"a" * 20 * KB + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("head", [h[1] for h in HEADS], ids=[h[0] for h in HEADS])
+def test_a_head_over_the_limits_gets_431_without_a_key(server: Service, head: bytes) -> None:
+    response = exchange(server, head)
+    assert status_of(response) == 431
+    assert b"application/problem+json" in response
+
+
+def test_an_endless_head_is_cut_off_while_memory_stays_flat(server: Service) -> None:
+    before = rss_kb(server)
+
+    def headers() -> Iterator[bytes]:
+        for _ in range(400):  # 400 MiB if the server kept reading
+            yield _many(1000, 1000)
+
+    def value() -> Iterator[bytes]:
+        for _ in range(200):  # one 200 MiB header value
+            yield b"v" * MB
+
+    for more, start in ((headers(), b""), (value(), b"User-Agent: ")):
+        response = exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + start, more=more)
+        assert status_of(response) == 431
+    assert rss_kb(server) - before < 10 * KB
+    with server.client() as client:
+        assert client.get("/health").status_code == 200
+
+
+def test_a_head_within_the_limits_is_served(server: Service) -> None:
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + _many(40, 300) + b"Connection: close\r\n\r\n"
+    assert len(head) < MAX_HEAD_BYTES
+    assert status_of(exchange(server, head)) == 200
+
+
+def test_slow_and_silent_connections_are_closed_and_others_are_served(server: Service) -> None:
+    """Half-sent heads and connections that send nothing are closed
+    once HEAD_TIMEOUT has passed; meanwhile the service answers everyone else."""
+    sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
+    started = time.monotonic()
+    try:
+        for n, sock in enumerate(sockets):
+            if n % 2:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
+        for sock in sockets:
+            sock.settimeout(HEAD_TIMEOUT + 10)
+            received = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(4096):
+                    received += chunk
+            assert status_of(received) == 408
+        assert time.monotonic() - started < HEAD_TIMEOUT + 10
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed(server: Service) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(KEEP_ALIVE_TIMEOUT + 10)
+        first = sock.recv(65536)
+        assert status_of(first) == 200
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the server, not by us
+        assert time.monotonic() - started < KEEP_ALIVE_TIMEOUT + 5
+
+
+def test_a_body_that_stops_arriving_gets_408_once_the_body_timeout_passes(tmp_path: Path) -> None:
+    service = Service(tmp_path / "data", {"BODY_TIMEOUT_SECONDS": "1"}).start()
+    try:
+        head = (
+            f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        ).encode()
+
+        response = exchange(service, head + b'{"title": "t", ')  # and the rest never comes
+        assert status_of(response) == 408
+        assert b"application/problem+json" in response
+        with service.client() as client:
+            assert client.get("/v1/documents").json()["items"] == []
+    finally:
+        service.stop_quietly()
+
+
+# --- logs: every client-controlled field is bounded -------------------------------------------
+
+
+def test_long_paths_user_agents_and_forwarded_addresses_are_cut_in_the_access_line(
+    server: Service,
+) -> None:
+    with server.client() as client:
+        long_path = "/v1/documents/" + "p" * 6000
+        headers = {"User-Agent": "u" * 8000, "X-Forwarded-For": "f" * 1000}
+        assert_problem(client.get(long_path, headers=headers), 404)
+    line = next(
+        json.loads(line)
+        for line in reversed(server.output)
+        if '"request"' in line and "pppp" in line
+    )
+    for field in ("path", "user_agent", "client"):
+        assert len(line[field]) < CLIENT_TEXT_MAX + 50
+        assert "more characters" in line[field]
+    assert len(json.dumps(line)) < 4 * KB
+
+
+# --- bodies: linear cost ----------------------------------------------------------------------
+
+
+def _object(keys: int) -> bytes:
+    pairs = ",".join(f'"k{n}": {n}' for n in range(keys))
+    return b'{"title": "t", "content": "x", "metadata": {%s, "k0": 0}}' % pairs.encode()
+
+
+def _tags(count: int) -> bytes:
+    return json.dumps(
+        {"title": "t", "content": "x", "tags": [f"t{n}" for n in range(count)]}
+    ).encode()
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"title": "t", "content": "x", "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _escapes(count: int) -> bytes:
+    return b'{"title": "t", "content": "' + b"\\u00e9" * count + b'"}'
+
+
+BODIES: list[tuple[str, Callable[[int], bytes], int]] = [
+    ("keys with the last repeated", _object, 400),
+    ("tags", _tags, 422),
+    ("nested arrays", _nested, 400),
+    ("escapes in a string", _escapes, 201),
+]
+
+
+@pytest.mark.parametrize(("make", "status"), [b[1:] for b in BODIES], ids=[b[0] for b in BODIES])
+def test_reading_a_body_costs_time_linear_in_its_size(
+    client: TestClient, make: Callable[[int], bytes], status: int
+) -> None:
+    """Twice the body, at most about twice the time: the minimum of several runs of each, as a
+    ratio (a quadratic step shows as 4)."""
+    headers = {"Content-Type": "application/json"}
+
+    def cost(size: int) -> float:
+        body = make(size)
+        assert len(body) < MB
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            response = client.post("/v1/documents", content=body, headers=headers)
+            timings.append(time.perf_counter() - started)
+            assert response.status_code == status, response.text[:200]
+        return min(timings)
+
+    cost(1000)  # warm up
+    assert cost(40_000) / cost(20_000) < 3
+
+
+# --- input that must never be stored ----------------------------------------------------------
+
+SURROGATES: list[tuple[str, dict[str, Any]]] = [
+    ("content", {"title": "t", "content": "x\ud800"}),
+    ("title", {"title": "t\udfff", "content": "x"}),
+    ("tags", {"title": "t", "content": "x", "tags": ["a\ud800"]}),
+    ("metadata", {"title": "t", "content": "x", "metadata": {"k\ud800": 1}}),
+    ("metadata", {"title": "t", "content": "x", "metadata": {"k": "v\ud800"}}),
+]
+
+
+def _raw(body: dict[str, Any]) -> bytes:
+    # json.dumps writes a lone surrogate as the escape \ud800, exactly as an attacker would.
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+def test_a_lone_surrogate_is_a_422_naming_the_field_and_stores_nothing(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    extra = {"database_url": request.getfixturevalue("mongo_url")} if backend == "mongodb" else {}
+    app = create_app(make_settings(tmp_path, **extra))
+    headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
+    with TestClient(app, headers=headers) as client:
+        kept = client.post("/v1/documents", json={"title": "kept", "content": "c"}).json()
+        for field, body in SURROGATES:
+            for method, path, sent in (
+                ("POST", "/v1/documents", body),
+                ("PATCH", f"/v1/documents/{kept['id']}", {field: body[field]}),
+            ):
+                response = client.request(method, path, content=_raw(sent))
+                problem = assert_problem(response, 422)
+                assert problem["errors"][0]["loc"][:2] == ["body", field]
+        assert client.get("/v1/documents").json()["items"] == [kept]
+        assert client.get(f"/v1/documents/{kept['id']}").json() == kept
+
+
+# --- methods, HEAD, Allow and URLs ------------------------------------------------------------
+
+
+def test_head_answers_like_get_without_a_body(client: TestClient) -> None:
+    doc = client.post("/v1/documents", json={"title": "t", "content": "c"}).json()
+    for path in (f"/v1/documents/{doc['id']}", "/v1/documents", "/health"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == 200
+        assert head.content == b""
+        assert head.headers["content-length"] == got.headers["content-length"]
+        assert head.headers.get("etag") == got.headers.get("etag")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/documents", "GET, HEAD, POST"),
+        ("HEAD", "/v1/documents/x", None),
+        ("POST", "/v1/documents/x", "DELETE, GET, HEAD, PATCH"),
+        ("DELETE", "/health", "GET, HEAD"),
+        ("TRACE", "/health/ready", "GET, HEAD"),
+    ],
+)
+def test_a_method_a_path_does_not_serve_gets_405_with_every_allowed_method(
+    client: TestClient, method: str, path: str, allowed: str | None
+) -> None:
+    response = client.request(method, path)
+    if allowed is None:
+        assert response.status_code == 404  # HEAD of a missing document: like its GET
+        return
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize("path", ["/v1/documents/", "/health/", "//v1/documents"])
+def test_no_redirect_is_built_from_what_the_client_sent(client: TestClient, path: str) -> None:
+    response = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+    assert_problem(response, 404)
+    assert "location" not in response.headers
+
+
+def test_location_never_carries_the_client_host(client: TestClient) -> None:
+    response = client.post(
+        "/v1/documents", json={"title": "t", "content": "c"}, headers={"Host": "evil.example"}
+    )
+    assert response.status_code == 201
+    assert response.headers["location"].startswith("/v1/documents/")
+
+
+# --- readiness ------------------------------------------------------------------------------
+
+
+def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
+    server: Service,
+) -> None:
+    before = sorted(p.name for p in server.data_dir.iterdir())
+    mtime = server.data_dir.stat().st_mtime_ns
+
+    async def probe_all() -> list[int]:
+        limits = httpx.Limits(max_connections=400)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
+            responses = await asyncio.gather(*(client.get("/health/ready") for _ in range(400)))
+        return [r.status_code for r in responses]
+
+    statuses = anyio.run(probe_all)
+    assert statuses == [200] * 400
+    assert sorted(p.name for p in server.data_dir.iterdir()) == before
+    assert server.data_dir.stat().st_mtime_ns == mtime
