@@ -195,7 +195,7 @@ class Service:
         )
         self.follow()
         if wait:
-            self.wait_for_line("Application startup complete", timeout=20)
+            self.wait_for_line("Uvicorn running on", timeout=20)
         return self
 
     def follow(self) -> None:

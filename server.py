@@ -58,6 +58,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._headers = 0
         self._awaiting_head = True
         self._heads = 0  # heads completed on this connection
+        self._parsed = 0  # bytes of URL and headers parsed in the current head
+        self._too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._start_head_timer()
 
@@ -85,13 +87,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_bytes = 0
         self._headers = 0
+        self._parsed = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
-        if self._headers > MAX_HEADERS:
-            # Raising stops the parser; uvicorn then answers through send_400_response.
-            raise ValueError("too many headers")
+        self._count(len(name) + len(value) + 4)
         super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        self._parsed += size
+        if self._headers > MAX_HEADERS or self._parsed > MAX_HEAD_BYTES:
+            self._too_large = True
+            # Raising stops the parser; uvicorn then answers through send_400_response.
+            raise ValueError("request head over the limits")
 
     def on_headers_complete(self) -> None:
         self._heads += 1
@@ -106,8 +118,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn answers every parser error here, the one on_header raised included.
-        if self._headers > MAX_HEADERS:
+        # uvicorn answers every parser error here, the one _count raised included.
+        if self._too_large:
             self._refuse(HEAD_TOO_LARGE)
         else:
             super().send_400_response(msg)

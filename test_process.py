@@ -139,7 +139,7 @@ def test_uvicorn_main_app_serves(tmp_path: Path) -> None:
     service.proc = proc
     service.follow()
     try:
-        service.wait_for_line("Application startup complete", timeout=20)
+        service.wait_for_line("Uvicorn running on", timeout=20)
         with service.client() as client:
             assert client.get("/v1/documents").status_code == 200
     finally:
