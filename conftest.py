@@ -213,6 +213,9 @@ class Service:
                 self._eof = True
                 self._changed.notify_all()
 
+        previous = getattr(self, "_reader", None)
+        if previous is not None:
+            previous.join(10)  # its end-of-output must not be taken for this process's
         self._eof = False
         self._reader = threading.Thread(target=drain, daemon=True)
         self._reader.start()
