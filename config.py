@@ -12,6 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogFormat = Literal["json", "console"]
+RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://")
 
 
 class Settings(BaseSettings):
@@ -63,6 +64,13 @@ class Settings(BaseSettings):
             raise ValueError("expected rates such as '600/minute' or '10/second;500/hour'") from exc
         if any(item.amount < 1 for item in items):
             raise ValueError("a rate of 0 lets no request through; use at least 1")
+        return value
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        if not value.startswith(RATE_LIMIT_SCHEMES):
+            raise ValueError(f"expected a URI starting with one of {', '.join(RATE_LIMIT_SCHEMES)}")
         return value
 
     @field_validator("api_keys")

@@ -33,13 +33,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
-from limits import RateLimitItem, parse_many
+from limits import parse_many
 from pydantic import ValidationError
-from slowapi import Limiter
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
+import ratelimit
 from config import ApiKey, Settings, configured_keys, digest_key
 from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -57,7 +57,7 @@ from models import (
     DocumentUpdate,
     Problem,
 )
-from ratelimit import spend, storage_uri
+from ratelimit import LimiterUnavailable, open_storage, spend
 from server import MAX_HEAD_BYTES, MAX_HEADERS, SERVER_OPTIONS
 from storage import (
     DocumentInvalid,
@@ -126,7 +126,7 @@ class ApiKeyAuth:
         state = request.app.state
         key = _authenticate(state.api_keys, request.headers.get(API_KEY_HEADER))
         request.state.api_key_name = key.name
-        _spend_budget(request, key)
+        await _spend_budget(request, key)
         if key.read_only and request.method not in READ_METHODS:
             raise Forbidden
         return Caller(key, state.store, state.settings)
@@ -156,12 +156,11 @@ def _authenticate(keys: list[ApiKey], presented: str | None) -> ApiKey:
     return match
 
 
-def _spend_budget(request: Request, key: ApiKey) -> None:
+async def _spend_budget(request: Request, key: ApiKey) -> None:
     """One budget per API key (not per client address) in every configured window, shared
     through RATE_LIMIT_STORAGE_URI. The headers describe the window closest to refusing."""
-    limiter: Limiter = request.app.state.limiter
-    items: list[RateLimitItem] = request.app.state.rate_limits
-    budgets = [spend(limiter.limiter, item, key.name) for item in items]
+    state = request.app.state
+    budgets = await spend(state.rate_storage, state.rate_limits, key.name)
     refused = [b for b in budgets if not b.allowed]
     shown = max(refused, key=lambda b: b.reset_at) if refused else min(budgets)
     request.state.response_headers = [
@@ -542,9 +541,11 @@ def build_health_router() -> APIRouter:
         return {"status": "ok"}
 
     @router.get("/health/ready", summary="Readiness", responses=_problems(503))
-    async def read_readiness(store: StoreDep) -> dict[str, str | int]:
-        """`200` when the store can be read and written right now, `503` otherwise."""
+    async def read_readiness(request: Request, store: StoreDep) -> dict[str, str | int]:
+        """`200` when the store can be read and written and the rate-limit store answers right
+        now, `503` otherwise."""
         await store.check()
+        await ratelimit.check(request.app.state.rate_storage)
         return {
             "status": "ready",
             "backend": store.backend,
@@ -700,6 +701,15 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, DocumentInvalid):
         errors = [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]
         return problem_response(422, _title(422), str(exc), slug="validation-error", errors=errors)
+    if isinstance(exc, LimiterUnavailable):
+        log.error("rate_limit.unavailable", extra={"error": str(exc.__cause__ or exc)})
+        return problem_response(
+            503,
+            _title(503),
+            "The rate-limit store is unavailable; try again shortly.",
+            slug="rate-limit-store-unavailable",
+            headers={"Retry-After": "5"},
+        )
     if isinstance(exc, StoreUnavailable):
         log.error("store.unavailable", exc_info=exc)
         return problem_response(
@@ -729,6 +739,7 @@ def _add_error_map(app: FastAPI) -> None:
         InvalidCursor,
         UnsupportedMediaType,
         StoreError,
+        LimiterUnavailable,
     ):
         app.add_exception_handler(exc_class, _domain_error)
 
@@ -765,11 +776,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.critical("service.start_failed", exc_info=True)
         raise
     app.state.store = store
-    app.state.limiter = Limiter(
-        key_func=lambda: "",
-        storage_uri=storage_uri(settings.rate_limit_storage_uri),
-        strategy="fixed-window",
-    )
+    app.state.rate_storage = open_storage(settings.rate_limit_storage_uri)
     if app.state.generated_key:
         sys.stderr.write(
             "\nNo API_KEYS set: generated a key for this run only.\n"

@@ -1,77 +1,90 @@
-"""Rate-limit accounting: `spend()`, one hit on a key's budget in any limits storage, and the
-in-process storage behind `RATE_LIMIT_STORAGE_URI=memory://`.
+"""Rate-limit accounting on `limits`' asyncio API: `spend()`, one hit on a key's budget in every
+configured window, and the storages behind `RATE_LIMIT_STORAGE_URI`.
 
-A `limits` storage backend (registered as `local://` through limits' storage registry) that keeps
-fixed-window counters in a dict and expires them lazily when they are read. limits' own
-`MemoryStorage` starts a fresh timer thread every 10 ms while any window is open, to sweep
-expired keys; under load those threads contend for the GIL with the event loop, which measured
-20-45 us per request here. The keys are API key names, so the dict is bounded by the number of
-configured keys and needs no sweep.
+`memory://` is `LocalStorage` below: fixed-window counters in a dict, expired lazily when read.
+limits' own memory storages sweep expired keys on a timer every few milliseconds, which under
+load competes with the event loop; here the keys are API key names, so the dict is bounded by
+the number of configured keys and needs no sweep. `redis://` and `rediss://` are limits' asyncio
+Redis storage over redis-py, so a round trip never blocks the event loop, and every spend is
+bounded by `TIMEOUT`: a slow or unreachable Redis costs a request a 503, never the process its
+liveness.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
+import anyio
 from limits import RateLimitItem
-from limits.storage import Storage
-from limits.strategies import RateLimiter
+from limits.aio.storage import RedisStorage, Storage
+from limits.errors import StorageError
+
+# How long one request may wait on the rate-limit store before it is answered 503.
+TIMEOUT = 1.0
+
+
+class LimiterUnavailable(Exception):
+    """The rate-limit store did not answer within TIMEOUT, or failed."""
 
 
 class LocalStorage(Storage):
-    STORAGE_SCHEME = ["local"]
+    STORAGE_SCHEME = ["async+local"]
 
     def __init__(
         self, uri: str | None = None, wrap_exceptions: bool = False, **options: float | str | bool
     ) -> None:
         super().__init__(uri, wrap_exceptions, **options)
         self._windows: dict[str, tuple[int, float]] = {}  # key -> (count, expires at)
-        self._lock = threading.Lock()
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return ValueError
 
-    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        now = time.time()
-        with self._lock:
-            count, expires = self._windows.get(key, (0, 0.0))
-            if expires <= now:  # the previous window is over: this hit opens a new one
-                count, expires = 0, now + expiry
-            count += amount
-            self._windows[key] = (count, expires)
-            return count
+    # Each method runs on the event loop without awaiting: no lock is needed.
 
-    def get(self, key: str) -> int:
-        with self._lock:
-            count, expires = self._windows.get(key, (0, 0.0))
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+        count, expires = self._windows.get(key, (0, 0.0))
+        if expires <= now:  # the previous window is over: this hit opens a new one
+            count, expires = 0, now + expiry
+        count += amount
+        self._windows[key] = (count, expires)
+        return count
+
+    async def get(self, key: str) -> int:
+        count, expires = self._windows.get(key, (0, 0.0))
         return count if expires > time.time() else 0
 
-    def get_expiry(self, key: str) -> float:
+    async def get_expiry(self, key: str) -> float:
         now = time.time()
-        with self._lock:
-            _, expires = self._windows.get(key, (0, 0.0))
+        _, expires = self._windows.get(key, (0, 0.0))
         return expires if expires > now else now
 
-    def check(self) -> bool:
+    async def check(self) -> bool:
         return True
 
-    def reset(self) -> int | None:
-        with self._lock:
-            cleared = len(self._windows)
-            self._windows.clear()
+    async def reset(self) -> int | None:
+        cleared = len(self._windows)
+        self._windows.clear()
         return cleared
 
-    def clear(self, key: str) -> None:
-        with self._lock:
-            self._windows.pop(key, None)
+    async def clear(self, key: str) -> None:
+        self._windows.pop(key, None)
 
 
-def storage_uri(configured: str) -> str:
-    """`memory://` (in-process counting) is served by LocalStorage; other URIs pass through."""
-    return "local://" if configured == "memory://" else configured
+def open_storage(uri: str) -> Storage:
+    """The storage for a `RATE_LIMIT_STORAGE_URI` (`memory://` or a Redis URI: Settings checks)."""
+    if uri == "memory://":
+        return LocalStorage()
+    # redis-py's own timeouts bound each socket operation; TIMEOUT bounds the whole spend.
+    return RedisStorage(
+        f"async+{uri}",
+        implementation="redispy",
+        wrap_exceptions=True,
+        socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT,
+    )
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -85,15 +98,31 @@ class Budget:
     reset_at: float  # epoch seconds
 
 
-def spend(limiter: RateLimiter, item: RateLimitItem, identifier: str) -> Budget:
-    """Spend one unit of `identifier`'s budget in the fixed window the service configures. The
-    same arithmetic as limits' `FixedWindowRateLimiter.hit()` followed by `get_window_stats()`,
-    but those ask the storage three times (and build the window's key three times) where
-    `incr()` already returns the count: two storage calls instead of three, which with Redis
-    are two round trips on the event loop, not three."""
-    storage = limiter.storage
-    window = item.key_for(identifier)
-    count = storage.incr(window, item.get_expiry())
-    return Budget(
-        max(0, item.amount - count), count <= item.amount, item.amount, storage.get_expiry(window)
-    )
+async def spend(storage: Storage, items: list[RateLimitItem], identifier: str) -> list[Budget]:
+    """Spend one unit of `identifier`'s budget in each window: limits' fixed-window arithmetic,
+    but with `incr()`'s returned count instead of a separate read, so two storage calls per
+    window rather than three (two Redis round trips)."""
+    budgets = []
+    try:
+        with anyio.fail_after(TIMEOUT):
+            for item in items:
+                window = item.key_for(identifier)
+                count = await storage.incr(window, item.get_expiry())
+                reset_at = await storage.get_expiry(window)
+                budgets.append(
+                    Budget(max(0, item.amount - count), count <= item.amount, item.amount, reset_at)
+                )
+    except (TimeoutError, StorageError) as exc:
+        raise LimiterUnavailable("the rate-limit store did not answer") from exc
+    return budgets
+
+
+async def check(storage: Storage) -> None:
+    """Raise LimiterUnavailable unless the store answers within TIMEOUT."""
+    try:
+        with anyio.fail_after(TIMEOUT):
+            reachable = await storage.check()
+    except (TimeoutError, StorageError) as exc:
+        raise LimiterUnavailable("the rate-limit store did not answer") from exc
+    if not reachable:
+        raise LimiterUnavailable("the rate-limit store is unreachable")

@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from limits import parse
+from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
-from limits.strategies import FixedWindowRateLimiter
 from pydantic import ValidationError
 from tinydb import TinyDB
 
@@ -661,25 +662,32 @@ def test_replay_after_the_original_was_deleted_returns_409(client: TestClient) -
 
 
 def test_local_rate_limit_storage_counts_per_window_and_key() -> None:
-    storage = LocalStorage()
-    assert [storage.incr("alice", 60) for _ in range(3)] == [1, 2, 3]
-    assert storage.get("alice") == 3
-    assert storage.get("bob") == 0
-    assert storage.get_expiry("alice") > time.time()
-    assert storage.incr("bob", 0) == 1  # a zero-length window is over at once:
-    assert storage.incr("bob", 0) == 1  # each hit opens a new one
-    storage.clear("alice")
-    assert storage.get("alice") == 0
-    assert storage_from_string("local://").__class__ is LocalStorage
+    async def scenario() -> None:
+        storage = LocalStorage()
+        assert [await storage.incr("alice", 60) for _ in range(3)] == [1, 2, 3]
+        assert await storage.get("alice") == 3
+        assert await storage.get("bob") == 0
+        assert await storage.get_expiry("alice") > time.time()
+        assert await storage.incr("bob", 0) == 1  # a zero-length window is over at once:
+        assert await storage.incr("bob", 0) == 1  # each hit opens a new one
+        await storage.clear("alice")
+        assert await storage.get("alice") == 0
+        assert storage_from_string("async+local://").__class__ is LocalStorage
+
+    anyio.run(scenario)
 
 
 def test_spending_a_budget_agrees_with_limits_fixed_window() -> None:
-    ours, theirs = FixedWindowRateLimiter(LocalStorage()), FixedWindowRateLimiter(LocalStorage())
-    item = parse("3/minute")
-    for _ in range(5):
-        budget = spend(ours, item, "alice")
-        allowed = theirs.hit(item, "alice")
-        reset_at, remaining = theirs.get_window_stats(item, "alice")
-        assert (budget.allowed, budget.remaining) == (allowed, remaining)
-        assert budget.reset_at == pytest.approx(reset_at, abs=1)
-    assert [spend(ours, item, "bob").allowed for _ in range(4)] == [True, True, True, False]
+    async def scenario() -> None:
+        ours, theirs = LocalStorage(), FixedWindowRateLimiter(LocalStorage())
+        item = parse("3/minute")
+        for _ in range(5):
+            [budget] = await spend(ours, [item], "alice")
+            allowed = await theirs.hit(item, "alice")
+            reset_at, remaining = await theirs.get_window_stats(item, "alice")
+            assert (budget.allowed, budget.remaining) == (allowed, remaining)
+            assert budget.reset_at == pytest.approx(reset_at, abs=1)
+        spent = [(await spend(ours, [item], "bob"))[0].allowed for _ in range(4)]
+        assert spent == [True, True, True, False]
+
+    anyio.run(scenario)
