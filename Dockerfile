@@ -29,7 +29,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # Code stays owned by root: the service cannot modify itself.
-COPY main.py config.py storage.py models.py logging_config.py middleware.py metrics.py ratelimit.py ./
+COPY main.py config.py storage.py models.py logging_config.py middleware.py metrics.py ratelimit.py server.py ./
 COPY data/sample_documents.json ./samples/
 RUN mkdir -p /app/data && chown app:app /app/data
 
