@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
-from typing import Literal, TextIO
+from typing import TextIO
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.orjson import OrjsonFormatter
 
-LogFormat = Literal["json", "console"]
 _HANDLER_NAME = "documents"
 # The most of any client-controlled text (a path, a User-Agent) that a log line or an error
 # detail repeats: an attacker's 20 MB header must not become a 20 MB line.
@@ -81,11 +80,11 @@ def _drop_startup_traceback(record: logging.LogRecord) -> bool:
 
 
 def configure_logging(
-    level: str = "INFO", log_format: LogFormat = "json", stream: TextIO | None = None
+    level: str = "INFO", *, json_lines: bool = True, stream: TextIO | None = None
 ) -> None:
     """Route the root logger and uvicorn's loggers to one handler (stdout by default)."""
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(json_formatter() if log_format == "json" else ConsoleFormatter())
+    handler.setFormatter(json_formatter() if json_lines else ConsoleFormatter())
     handler.addFilter(RequestIdFilter())
     handler.set_name(_HANDLER_NAME)
     # The logging HOWTO's "Optimization" switches: no record needs its caller's frame, thread

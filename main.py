@@ -1,4 +1,5 @@
-"""The documents service: settings, app factory, dependencies, routes and the one error map.
+"""The documents service: the app factory, the key dependency, routes, the one error map and the
+command line.
 
 `python main.py` serves it; `python main.py seed|export|import FILE` manage its data.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -27,10 +30,9 @@ from typing import Annotated, Any, Literal
 import anyio
 import orjson
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from limits import parse_many
@@ -39,33 +41,41 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
+import openapi
 import ratelimit
 from config import ApiKey, Settings, configured_keys, digest_key
 from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
-from middleware import (
-    BodyLimitMiddleware,
-    HeadAsGetMiddleware,
-    RequestContextMiddleware,
-    problem_response,
-)
-from models import (
-    Document,
-    DocumentCreate,
-    DocumentPage,
-    DocumentUpdate,
-    Problem,
+from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, RequestContextMiddleware
+from models import Document, DocumentCreate, DocumentPage, DocumentUpdate
+from problems import (
+    HTTP_ERROR,
+    IDEMPOTENCY_CONFLICT,
+    INTERNAL,
+    LIMITER_UNAVAILABLE,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    PRECONDITION_FAILED,
+    STORE_UNAVAILABLE,
+    VALIDATION,
+    Forbidden,
+    HTTPProblem,
+    InvalidCursor,
+    MalformedBody,
+    ProblemType,
+    RateLimited,
+    Unauthorized,
+    UnsupportedMediaType,
 )
 from ratelimit import LimiterUnavailable, open_storage, spend
-from server import MAX_HEAD_BYTES, MAX_HEADERS, SERVER_OPTIONS
+from server import SERVER_OPTIONS
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
     DocumentStore,
     IdempotencyConflict,
     IdempotencyKey,
-    MongoStore,
     PreconditionFailed,
     StoreError,
     StoreUnavailable,
@@ -76,33 +86,11 @@ from storage import (
 VERSION = "1.0.0"
 log = logging.getLogger("documents.api")
 
-
-class AuthFailed(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class RateLimited(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"retry after {retry_after}s")
-        self.retry_after = retry_after
-
-
-class Forbidden(Exception):
-    """A read-only key asked to write."""
-
-
-class InvalidCursor(Exception):
-    pass
-
-
-class UnsupportedMediaType(Exception):
-    pass
-
-
 API_KEY_HEADER = "X-API-Key"
 READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+# --- the key dependency -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,48 +100,44 @@ class Caller:
     key: ApiKey
     store: DocumentStore
     settings: Settings
+    cursor_secret: bytes
 
 
-class ApiKeyAuth:
+async def authorize(request: Request) -> Caller:
     """Check the X-API-Key, spend one unit of its rate budget, and hand the handler its store.
-    Memory-only, so it runs on the event loop. It is each /v1 route's only dependency on purpose:
-    FastAPI solves every Depends in a pass of its own, which a profile of GET put at about 12 us
-    each. It is a plain callable rather than an `APIKeyHeader` subclass because FastAPI does
-    per-request scope bookkeeping for security classes (4% of a GET); `_openapi` declares the
-    `ApiKey` scheme on every operation that depends on it instead."""
-
-    async def __call__(self, request: Request) -> Caller:
-        state = request.app.state
-        key = _authenticate(state.api_keys, request.headers.get(API_KEY_HEADER))
-        request.state.api_key_name = key.name
-        await _spend_budget(request, key)
-        if key.read_only and request.method not in READ_METHODS:
-            raise Forbidden
-        return Caller(key, state.store, state.settings)
+    It is each /v1 route's only dependency on purpose: FastAPI solves every `Depends` in a pass
+    of its own, and a security class adds per-request scope bookkeeping; `openapi.py` declares
+    the `ApiKey` scheme on these routes instead."""
+    state = request.app.state
+    key = _authenticate(request, state.api_keys)
+    request.state.api_key_name = key.name
+    await _spend_budget(request, key)
+    if key.read_only and request.method not in READ_METHODS:
+        log.warning("auth.forbidden", extra={"api_key": key.name})
+        raise Forbidden(f"This key may only read ({', '.join(sorted(READ_METHODS))}).")
+    return Caller(key, state.store, state.settings, state.cursor_secret)
 
 
-authorize = ApiKeyAuth()
-API_KEY_SCHEME = {
-    "type": "apiKey",
-    "in": "header",
-    "name": API_KEY_HEADER,
-    "description": "An API key from `API_KEYS`.",
-}
 CallerDep = Annotated[Caller, Depends(authorize)]
 
 
-def _authenticate(keys: list[ApiKey], presented: str | None) -> ApiKey:
+def _authenticate(request: Request, keys: list[ApiKey]) -> ApiKey:
     """Every configured key is compared, in constant time, whether or not one matched."""
-    if not presented:
-        raise AuthFailed("missing")
-    digest = digest_key(presented)
+    presented = request.headers.get(API_KEY_HEADER)
+    digest = digest_key(presented or "")
     match: ApiKey | None = None
     for key in keys:
         if hmac.compare_digest(digest, key.digest):
             match = key
-    if match is None:
-        raise AuthFailed("invalid")
-    return match
+    if presented and match is not None:
+        return match
+    request.app.state.metrics.auth_failures.inc()
+    client = request.client.host if request.client else None
+    reason = "invalid" if presented else "missing"
+    log.warning("auth.failed", extra={"reason": reason, "client": clip(client or "")})
+    raise Unauthorized(
+        "Send a valid key in the X-API-Key header.", headers={"WWW-Authenticate": "ApiKey"}
+    )
 
 
 async def _spend_budget(request: Request, key: ApiKey) -> None:
@@ -169,7 +153,13 @@ async def _spend_budget(request: Request, key: ApiKey) -> None:
         (b"x-ratelimit-reset", str(int(shown.reset_at)).encode()),
     ]
     if refused:
-        raise RateLimited(max(1, int(shown.reset_at - time.time()) + 1))
+        retry_after = max(1, int(shown.reset_at - time.time()) + 1)
+        state.metrics.rate_limited.inc()
+        log.warning("rate_limit.rejected", extra={"api_key": key.name, "retry_after": retry_after})
+        raise RateLimited(
+            f"Rate limit of {state.settings.rate_limit} for this key reached.",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 async def get_store(request: Request) -> DocumentStore:
@@ -177,12 +167,20 @@ async def get_store(request: Request) -> DocumentStore:
     return store
 
 
+StoreDep = Annotated[DocumentStore, Depends(get_store)]
+
+
+# --- strict JSON bodies -----------------------------------------------------------------------
+
+
 def _require_json(content_type: str) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
-        raise UnsupportedMediaType(content_type or "none")
+        raise UnsupportedMediaType(
+            f"Send JSON (Content-Type: application/json), not {clip(content_type or 'none', 64)}."
+        )
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -204,7 +202,7 @@ def _reject_constant(name: str) -> Any:
 def _finite(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} does not fit a 64-bit float")
+        raise ValueError(f"{clip(text, 64)} does not fit a 64-bit float")
     return value
 
 
@@ -213,20 +211,17 @@ class StrictJSONRequest(Request):
     a malformed body (400), where `json.loads` would silently keep one value or an infinity."""
 
     async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
+        if not hasattr(self, "_parsed_body"):
             try:
-                self._json = json.loads(
-                    body,
+                self._parsed_body = json.loads(
+                    await self.body(),
                     object_pairs_hook=_reject_duplicates,
                     parse_constant=_reject_constant,
                     parse_float=_finite,
                 )
-            except ValueError as exc:
-                if isinstance(exc, json.JSONDecodeError):
-                    raise
-                raise json.JSONDecodeError(str(exc), body.decode(errors="replace"), 0) from exc
-        return self._json
+            except (ValueError, RecursionError) as exc:
+                raise MalformedBody(f"The body is not valid JSON: {exc}.") from None
+        return self._parsed_body
 
 
 class StrictJSONRoute(APIRoute):
@@ -245,9 +240,7 @@ class StrictJSONRoute(APIRoute):
         return strict_handler
 
 
-StoreDep = Annotated[DocumentStore, Depends(get_store)]
-
-# --- HTTP details: ETags and cursors ---------------------------------------------------------
+# --- HTTP details: ETags, cursors, bodies -----------------------------------------------------
 
 
 def etag(doc: Document) -> str:
@@ -283,28 +276,34 @@ def _if_match_version(header: str | None) -> int | None:
     return numbers[0] if len(numbers) == 1 else -1
 
 
-def encode_cursor(after: str, tag: str | None, key: ApiKey) -> str:
+def cursor_secret(keys: list[ApiKey]) -> bytes:
+    """Signs cursors: the same for every key and every worker of one configuration."""
+    return hashlib.sha256(b"cursor\0" + b"".join(sorted(k.digest for k in keys))).digest()
+
+
+def encode_cursor(after: str, tag: str | None, secret: bytes) -> str:
     payload = base64.urlsafe_b64encode(orjson.dumps([after, tag])).rstrip(b"=")
-    # Signed with the caller's key digest: a cursor is useless to another key, and tamper-evident.
-    signature = hmac.new(key.digest, payload, hashlib.sha256).digest()[:16]
+    signature = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
     return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
 
 
-def decode_cursor(cursor: str, tag: str | None, key: ApiKey) -> str:
+def decode_cursor(cursor: str, tag: str | None, secret: bytes) -> str:
     try:
         payload, _, signature = cursor.encode("ascii").partition(b".")
-        expected = hmac.new(key.digest, payload, hashlib.sha256).digest()[:16]
+        expected = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
         if not hmac.compare_digest(base64.urlsafe_b64decode(signature + b"=="), expected):
-            raise InvalidCursor("signature does not match")
+            raise InvalidCursor("Invalid cursor: signature does not match.")
         after, cursor_tag = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
     except (ValueError, TypeError, UnicodeError) as exc:
-        raise InvalidCursor("does not decode") from exc
+        raise InvalidCursor("Invalid cursor: does not decode.") from exc
     if not isinstance(after, str) or cursor_tag != tag:
-        raise InvalidCursor("belongs to another listing")
+        raise InvalidCursor("Invalid cursor: belongs to another listing.")
     return after
 
 
-def _json(doc: Document, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _document_response(
+    doc: Document, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     # The store hands out validated models: serialise once, skipping response_model's re-check.
     return Response(doc.json_bytes, status, headers, media_type="application/json")
 
@@ -322,300 +321,226 @@ def _check_content(content: str | None, settings: Settings) -> None:
         )
 
 
-# --- routes ---------------------------------------------------------------------------------
+# --- routes -----------------------------------------------------------------------------------
 
 
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {
-        400: "Malformed request (bad JSON, invalid cursor).",
-        401: "Missing or invalid X-API-Key.",
-        403: "The key is read-only (`name:key:read`) and this operation writes.",
-        404: "No such document.",
-        409: "Idempotency-Key reused with a different body.",
-        412: "If-Match does not match the current ETag.",
-        413: "Request body over MAX_BODY_BYTES.",
-        415: "Body is not JSON.",
-        422: "A field failed validation; `errors` names each one.",
-        429: "Rate limit exceeded; see Retry-After.",
-        431: f"Request head over {MAX_HEAD_BYTES // 1024} KiB or {MAX_HEADERS} headers "
-        "(refused by the server).",
-        503: "The store is unavailable.",
-    }
-    return {
-        s: {
-            "model": Problem,
-            "description": described[s],
-            "content": {
-                "application/problem+json": {
-                    "example": {
-                        "type": "urn:documents:problem:...",
-                        "title": _title(s),
-                        "status": s,
-                        "detail": described[s],
-                        "request_id": "4f9c2b7e0a1d4c3b",
-                    }
-                }
-            },
-        }
-        for s in statuses
-    }
+async def create_document(
+    body: DocumentCreate,
+    caller: CallerDep,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Retry-safe creation: the same key and body within 24 h return "
+            "the original document; a different body gets 409.",
+        ),
+    ] = None,
+) -> Response:
+    """Store a new document. The response carries its `Location` and `ETag`."""
+    _check_content(body.content, caller.settings)
+    scope = IdempotencyKey(caller.key.name, idempotency_key) if idempotency_key else None
+    doc, replayed = await caller.store.create(body, idempotency=scope)
+    # The path as the client reached it: behind ROOT_PATH, Location stays under the prefix.
+    location = f"{request.scope.get('root_path', '')}/v1/documents/{doc.id}"
+    headers = {"Location": location, "ETag": etag(doc)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+        log.info("document.idempotent_replay", extra={"document_id": doc.id})
+    else:
+        log.info("document.created", extra={"document_id": doc.id})
+    return _document_response(doc, 201, headers)
 
 
-_ETAG_HEADER = {
-    "ETag": {
-        "description": 'Current version, e.g. `"3"`, for If-Match / If-None-Match.',
-        "schema": {"type": "string"},
-    }
-}
-
-
-def build_router() -> APIRouter:
-    router = APIRouter(
-        prefix="/v1",
-        route_class=StrictJSONRoute,
-        tags=["documents"],
-        responses=_problems(401, 422, 429, 431, 503),
+async def list_documents(
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size, 1-100.")] = 20,
+    # `str = ""` rather than `str | None`: FastAPI re-inspects an Optional annotation on every
+    # request. (`tag` keeps None: "" would break its minLength.)
+    cursor: Annotated[
+        str, Query(max_length=512, description="`next_cursor` of the previous page.")
+    ] = "",
+    tag: Annotated[
+        str | None, Query(min_length=1, max_length=50, description="Only this tag.")
+    ] = None,
+) -> Response:
+    """Walk every document exactly once by following `next_cursor`, even while others are
+    created. Cursors are opaque and only valid for the `tag` that produced them."""
+    tag = tag.strip().lower() if tag is not None else None
+    secret = caller.cursor_secret
+    after = decode_cursor(cursor, tag, secret) if cursor else None
+    items, next_after = await caller.store.page(limit=limit, after=after, tag=tag)
+    next_cursor = encode_cursor(next_after, tag, secret) if next_after else None
+    # A DocumentPage, joined from each document's cached body rather than re-encoded.
+    body = b'{"items":[%s],"next_cursor":%s}' % (
+        b",".join(doc.json_bytes for doc in items),
+        orjson.dumps(next_cursor),
     )
+    return Response(body, media_type="application/json")
 
-    @router.post(
-        "/documents",
+
+async def read_document(
+    document_id: str,
+    caller: CallerDep,
+    # `str = ""`, not `str | None`: an Optional header is re-inspected on every request.
+    if_none_match: Annotated[str, Header()] = "",
+) -> Response:
+    """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
+    doc = await caller.store.get(document_id)
+    if if_none_match:
+        versions = _etag_versions(if_none_match, weak=True)
+        if "*" in versions or doc.version in versions:
+            return Response(status_code=304, headers={"ETag": etag(doc)})
+    return _document_response(doc, headers={"ETag": etag(doc)})
+
+
+async def update_document(
+    document_id: str,
+    body: DocumentUpdate,
+    caller: CallerDep,
+    if_match: Annotated[
+        str | None,
+        Header(description="Only apply if the document still has this ETag."),
+    ] = None,
+) -> Response:
+    """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
+    `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
+    _check_content(body.content, caller.settings)
+    doc = await caller.store.update(document_id, body, if_version=_if_match_version(if_match))
+    log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
+    return _document_response(doc, headers={"ETag": etag(doc)})
+
+
+async def delete_document(
+    document_id: str,
+    caller: CallerDep,
+    if_match: Annotated[
+        str | None,
+        Header(description="Only delete if the document still has this ETag."),
+    ] = None,
+) -> Response:
+    """Delete for good; later reads get `404`."""
+    await caller.store.delete(document_id, if_version=_if_match_version(if_match))
+    log.info("document.deleted", extra={"document_id": document_id})
+    return Response(status_code=204)
+
+
+async def read_health() -> dict[str, str]:
+    """Answers as long as the process serves HTTP; never touches the store."""
+    return {"status": "ok"}
+
+
+async def read_readiness(request: Request, store: StoreDep) -> dict[str, str | int]:
+    """`200` when the store can be read and written and the rate-limit store answers right
+    now, `503` otherwise."""
+    await store.check()
+    await ratelimit.check(request.app.state.rate_storage)
+    return {"status": "ready", "backend": store.backend, "documents": await store.count()}
+
+
+async def read_metrics(request: Request, store: StoreDep) -> Response:
+    """Request counts and latencies by route, store timings, documents, process stats."""
+    metrics: Metrics = request.app.state.metrics
+    count = await _count_or_none(store)
+    if count is not None:
+        metrics.documents.set(count)
+    return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def _add_routes(app: FastAPI) -> None:
+    """Every route, added to the app's own router: flat, API routes first. Operation ids are
+    the handlers' names, which is what generated clients call them."""
+    document_route = functools.partial(
+        app.router.add_api_route, tags=["documents"], route_class_override=StrictJSONRoute
+    )
+    document_route(
+        "/v1/documents",
+        create_document,
+        methods=["POST"],
         status_code=201,
         response_model=Document,
         summary="Create a document",
-        responses={
-            201: {
-                "description": "Created (or replayed, with `Idempotent-Replayed: true`).",
-                "headers": {
-                    **_ETAG_HEADER,
-                    "Location": {
-                        "description": "URL of the new document.",
-                        "schema": {"type": "string"},
-                    },
-                },
-            },
-            **_problems(400, 403, 409, 413, 415, 422),
-        },
+        responses=openapi.created_responses(),
     )
-    async def create_document(
-        body: DocumentCreate,
-        caller: CallerDep,
-        idempotency_key: Annotated[
-            str | None,
-            Header(
-                max_length=255,
-                pattern=r"^[\x21-\x7e]+$",
-                description="Retry-safe creation: the same key and body within 24 h return "
-                "the original document; a different body gets 409.",
-            ),
-        ] = None,
-    ) -> Response:
-        """Store a new document. The response carries its `Location` and `ETag`."""
-        _check_content(body.content, caller.settings)
-        scope = IdempotencyKey(caller.key.name, idempotency_key) if idempotency_key else None
-        doc, replayed = await caller.store.create(body, idempotency=scope)
-        headers = {"Location": f"/v1/documents/{doc.id}", "ETag": etag(doc)}
-        if replayed:
-            headers["Idempotent-Replayed"] = "true"
-            log.info("document.idempotent_replay", extra={"document_id": doc.id})
-        else:
-            log.info("document.created", extra={"document_id": doc.id})
-        return _json(doc, 201, headers)
-
-    @router.get(
-        "/documents",
+    document_route(
+        "/v1/documents",
+        list_documents,
+        methods=["GET"],
         response_model=DocumentPage,
         summary="List documents, newest first",
-        responses=_problems(400, 422),
+        responses=openapi.problems(400),
     )
-    async def list_documents(
-        caller: CallerDep,
-        limit: Annotated[int, Query(ge=1, le=100, description="Page size, 1-100.")] = 20,
-        # Plain `str` defaulting to "" rather than `str | None`: FastAPI re-inspects an Optional
-        # annotation on every request. (`tag` keeps None: "" would break its minLength.)
-        cursor: Annotated[
-            str, Query(max_length=512, description="`next_cursor` of the previous page.")
-        ] = "",
-        tag: Annotated[
-            str | None, Query(min_length=1, max_length=50, description="Only this tag.")
-        ] = None,
-    ) -> Response:
-        """Walk every document exactly once by following `next_cursor`, even while others are
-        created. Cursors are opaque and only valid for the key and `tag` that produced them."""
-        tag = tag.strip().lower() if tag is not None else None
-        after = decode_cursor(cursor, tag, caller.key) if cursor else None
-        items, next_after = await caller.store.page(limit=limit, after=after, tag=tag)
-        next_cursor = encode_cursor(next_after, tag, caller.key) if next_after else None
-        # A DocumentPage, joined from each document's cached body rather than re-encoded.
-        body = b'{"items":[%s],"next_cursor":%s}' % (
-            b",".join(doc.json_bytes for doc in items),
-            orjson.dumps(next_cursor),
-        )
-        return Response(body, media_type="application/json")
-
-    @router.get(
-        "/documents/{document_id}",
+    document_route(
+        "/v1/documents/{document_id}",
+        read_document,
+        methods=["GET"],
         response_model=Document,
         summary="Read a document",
-        responses={
-            200: {"description": "The document.", "headers": _ETAG_HEADER},
-            304: {"description": "Not modified: `If-None-Match` names the current ETag."},
-            **_problems(404),
-        },
+        responses=openapi.read_responses(),
     )
-    async def read_document(
-        document_id: str,
-        caller: CallerDep,
-        # `str = ""`, not `str | None`: as an Optional, this one header cost 7% of a GET more.
-        if_none_match: Annotated[str, Header()] = "",
-    ) -> Response:
-        """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
-        doc = await caller.store.get(document_id)
-        if if_none_match:
-            versions = _etag_versions(if_none_match, weak=True)
-            if "*" in versions or doc.version in versions:
-                return Response(status_code=304, headers={"ETag": etag(doc)})
-        return _json(doc, headers={"ETag": etag(doc)})
-
-    @router.patch(
-        "/documents/{document_id}",
+    document_route(
+        "/v1/documents/{document_id}",
+        update_document,
+        methods=["PATCH"],
         response_model=Document,
         summary="Update a document (JSON merge patch)",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/merge-patch+json": {
-                        "schema": {"$ref": "#/components/schemas/DocumentUpdate"}
-                    }
-                }
-            }
-        },
-        responses={
-            200: {"headers": _ETAG_HEADER},
-            **_problems(400, 403, 404, 412, 413, 415, 422),
-        },
+        openapi_extra=openapi.MERGE_PATCH_BODY,
+        responses=openapi.update_responses(),
     )
-    async def update_document(
-        document_id: str,
-        body: DocumentUpdate,
-        caller: CallerDep,
-        if_match: Annotated[
-            str | None,
-            Header(description="Only apply if the document still has this ETag."),
-        ] = None,
-    ) -> Response:
-        """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
-        `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
-        _check_content(body.content, caller.settings)
-        doc = await caller.store.update(document_id, body, if_version=_if_match_version(if_match))
-        log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
-        return _json(doc, headers={"ETag": etag(doc)})
-
-    @router.delete(
-        "/documents/{document_id}",
+    document_route(
+        "/v1/documents/{document_id}",
+        delete_document,
+        methods=["DELETE"],
         status_code=204,
         summary="Delete a document",
-        responses={204: {"description": "Deleted."}, **_problems(403, 404, 412)},
+        responses={204: {"description": "Deleted."}, **openapi.problems(403, 404, 412)},
     )
-    async def delete_document(
-        document_id: str,
-        caller: CallerDep,
-        if_match: Annotated[
-            str | None,
-            Header(description="Only delete if the document still has this ETag."),
-        ] = None,
-    ) -> Response:
-        """Delete for good; later reads get `404`."""
-        await caller.store.delete(document_id, if_version=_if_match_version(if_match))
-        log.info("document.deleted", extra={"document_id": document_id})
-        return Response(status_code=204)
-
-    return router
-
-
-def build_health_router() -> APIRouter:
-    router = APIRouter(tags=["health"])
-
-    @router.get("/health", summary="Liveness")
-    async def read_health() -> dict[str, str]:
-        """Answers as long as the process serves HTTP; never touches the store."""
-        return {"status": "ok"}
-
-    @router.get("/health/ready", summary="Readiness", responses=_problems(503))
-    async def read_readiness(request: Request, store: StoreDep) -> dict[str, str | int]:
-        """`200` when the store can be read and written and the rate-limit store answers right
-        now, `503` otherwise."""
-        await store.check()
-        await ratelimit.check(request.app.state.rate_storage)
-        return {
-            "status": "ready",
-            "backend": store.backend,
-            "documents": await store.count(),
-        }
-
-    @router.get(
+    health_route = functools.partial(app.router.add_api_route, tags=["health"], methods=["GET"])
+    health_route("/health", read_health, summary="Liveness")
+    health_route(
+        "/health/ready",
+        read_readiness,
+        summary="Readiness",
+        responses=openapi.problems(503, v1=False),
+    )
+    health_route(
         "/metrics",
+        read_metrics,
         summary="Prometheus metrics",
         response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses=openapi.METRICS_RESPONSE,
     )
-    async def read_metrics(request: Request, store: StoreDep) -> Response:
-        """Request counts and latencies by route, store timings, documents, process stats."""
-        metrics: Metrics = request.app.state.metrics
-        count = await _count_or_none(store)
-        if count is not None:
-            metrics.documents.set(count)
-        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
-
-    return router
 
 
-# --- the one error-to-HTTP map ---------------------------------------------------------------
+# --- the one error-to-HTTP map ----------------------------------------------------------------
 
-_STATUS_TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    412: "Precondition Failed",
-    413: "Content Too Large",
-    415: "Unsupported Media Type",
-    422: "Unprocessable Content",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
+# Store and rate-limit errors, by class: the first class an error is an instance of decides.
+DOMAIN_PROBLEMS: dict[type[Exception], ProblemType] = {
+    DocumentNotFound: NOT_FOUND,
+    PreconditionFailed: PRECONDITION_FAILED,
+    IdempotencyConflict: IDEMPOTENCY_CONFLICT,
+    DocumentInvalid: VALIDATION,
+    StoreUnavailable: STORE_UNAVAILABLE,
+    LimiterUnavailable: LIMITER_UNAVAILABLE,
 }
-_SLUGS = {
-    404: "not-found",
-    405: "method-not-allowed",
-    408: "body-timeout",
-    413: "body-too-large",
-}
+RETRY_AFTER_SECONDS = "5"
 
 
-def _title(status: int) -> str:
-    return _STATUS_TITLES.get(status, "Error")
-
-
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    detail = exc.detail if exc.status_code in (408, 413) else None
-    if exc.status_code == 404:
-        detail = f"Nothing at {clip(request.url.path)}."
+async def _http_problem(request: Request, exc: HTTPException) -> Response:
+    """HTTP-layer errors: ours carry their problem type; Starlette's own 404 and 405 get one."""
     headers = dict(exc.headers or {})
+    if isinstance(exc, HTTPProblem):
+        return exc.kind.response(str(exc.detail), headers=headers)
+    path = clip(request.url.path)
+    if exc.status_code == 404:
+        return NOT_FOUND.response(f"Nothing at {path}.", headers=headers)
     if exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {clip(request.url.path)}."
         headers["Allow"] = ", ".join(_allowed_methods(request))
-    slug = _SLUGS.get(exc.status_code, "http-error")
-    return problem_response(
-        exc.status_code,
-        _title(exc.status_code),
-        detail or str(exc.detail),
-        slug=slug,
-        headers=headers,
-    )
+        return METHOD_NOT_ALLOWED.response(
+            f"{request.method} is not allowed on {path}.", headers=headers
+        )
+    return HTTP_ERROR.response(str(exc.detail), headers=headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -630,137 +555,38 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+async def _validation_problem(request: Request, exc: RequestValidationError) -> Response:
     errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    if any(e["type"] == "json_invalid" for e in errors):
-        return problem_response(
-            400,
-            "Bad Request",
-            "The body is not valid JSON.",
-            slug="malformed-json",
-            errors=errors,
-        )
-    return problem_response(
-        422,
-        _title(422),
-        "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)[:1000],
-        slug="validation-error",
-        errors=errors,
-    )
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    return VALIDATION.response(clip(detail, 1000), errors=errors)
 
 
-async def _domain_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, AuthFailed):
-        request.app.state.metrics.auth_failures.inc()
-        client = request.client.host if request.client else None
-        log.warning("auth.failed", extra={"reason": exc.reason, "client": client})
-        detail = "Send a valid key in the X-API-Key header."
-        return problem_response(
-            401,
-            _title(401),
-            detail,
-            slug="unauthorized",
-            headers={"WWW-Authenticate": "ApiKey"},
-        )
-    if isinstance(exc, Forbidden):
-        log.warning("auth.forbidden", extra={"api_key": request.state.api_key_name})
-        detail = f"This key may only read ({', '.join(sorted(READ_METHODS))})."
-        return problem_response(403, _title(403), detail, slug="forbidden")
-    if isinstance(exc, RateLimited):
-        request.app.state.metrics.rate_limited.inc()
-        log.warning(
-            "rate_limit.rejected",
-            extra={"api_key": request.state.api_key_name, "retry_after": exc.retry_after},
-        )
-        return problem_response(
-            429,
-            _title(429),
-            f"Rate limit of {request.app.state.settings.rate_limit} for this key reached.",
-            slug="rate-limited",
-            headers={"Retry-After": str(exc.retry_after)},
-        )
-    if isinstance(exc, InvalidCursor):
-        return problem_response(400, _title(400), f"Invalid cursor: {exc}.", slug="invalid-cursor")
-    if isinstance(exc, UnsupportedMediaType):
-        detail = f"Send JSON (Content-Type: application/json), not {exc}."
-        return problem_response(415, _title(415), detail, slug="unsupported-media-type")
-    if isinstance(exc, DocumentNotFound):
-        detail = f"No document with id {clip(exc.doc_id, 64)!r}."
-        return problem_response(404, _title(404), detail, slug="not-found")
+async def _domain_problem(request: Request, exc: Exception) -> Response:
+    """Store and rate-limit errors through DOMAIN_PROBLEMS; anything else there is a bug."""
+    kind = next((k for cls, k in DOMAIN_PROBLEMS.items() if isinstance(exc, cls)), INTERNAL)
+    headers: dict[str, str] = {}
+    errors = None
+    if kind.status == 503:
+        headers["Retry-After"] = RETRY_AFTER_SECONDS
     if isinstance(exc, PreconditionFailed):
-        log.info("document.precondition_failed", extra={"document_id": exc.doc_id})
-        return problem_response(
-            412,
-            _title(412),
-            "If-Match does not match the document's current ETag; fetch it again.",
-            slug="precondition-failed",
-            headers={"ETag": f'"{exc.current_version}"'},
-        )
-    if isinstance(exc, IdempotencyConflict):
-        return problem_response(409, _title(409), str(exc), slug="idempotency-conflict")
+        headers["ETag"] = f'"{exc.current_version}"'
     if isinstance(exc, DocumentInvalid):
         errors = [{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}]
-        return problem_response(422, _title(422), str(exc), slug="validation-error", errors=errors)
-    if isinstance(exc, LimiterUnavailable):
-        log.error("rate_limit.unavailable", extra={"error": str(exc.__cause__ or exc)})
-        return problem_response(
-            503,
-            _title(503),
-            "The rate-limit store is unavailable; try again shortly.",
-            slug="rate-limit-store-unavailable",
-            headers={"Retry-After": "5"},
-        )
-    if isinstance(exc, StoreUnavailable):
-        log.error("store.unavailable", exc_info=exc)
-        return problem_response(
-            503,
-            _title(503),
-            "The document store is unavailable; try again shortly.",
-            slug="store-unavailable",
-            headers={"Retry-After": "5"},
-        )
-    log.error("store.error", exc_info=exc)
-    return problem_response(
-        500,
-        _title(500),
-        "The server failed to handle this request.",
-        slug="internal-error",
-    )
+    if kind is INTERNAL:
+        log.error("store.error", exc_info=exc)
+        return kind.response("The server failed to handle this request.")
+    return kind.response(clip(str(exc)), headers=headers, errors=errors)
 
 
 def _add_error_map(app: FastAPI) -> None:
     # Starlette types every handler as taking the base Exception; each gets only its own class.
-    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    for exc_class in (
-        AuthFailed,
-        Forbidden,
-        RateLimited,
-        InvalidCursor,
-        UnsupportedMediaType,
-        StoreError,
-        LimiterUnavailable,
-    ):
-        app.add_exception_handler(exc_class, _domain_error)
+    app.add_exception_handler(HTTPException, _http_problem)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_problem)  # type: ignore[arg-type]
+    app.add_exception_handler(StoreError, _domain_problem)
+    app.add_exception_handler(LimiterUnavailable, _domain_problem)
 
 
 # --- app factory ------------------------------------------------------------------------------
-
-DESCRIPTION = """\
-Create, read, list, update and delete JSON documents over a durable store.
-
-**Quick start:** `make run`, then send the printed key as `X-API-Key`
-(use **Authorize** above), e.g. `POST /v1/documents` with `{"title": "Hello", "content": "..."}`.
-
-Every error is an RFC 9457 `application/problem+json` document carrying the `request_id`
-that is also in the `X-Request-ID` response header.
-"""
-
-
-TAGS = [
-    {"name": "documents", "description": "Create, read, list, update and delete documents."},
-    {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
-]
 
 
 @asynccontextmanager
@@ -778,12 +604,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     app.state.rate_storage = open_storage(settings.rate_limit_storage_uri)
     if app.state.generated_key:
-        sys.stderr.write(
-            "\nNo API_KEYS set: generated a key for this run only.\n"
-            f"  export KEY={app.state.generated_key}\n"
-            '  curl -H "X-API-Key: $KEY" http://HOST:PORT/v1/documents\n'
-            "Set API_KEYS (e.g. in .env) to choose your own.\n\n"
-        )
+        _announce_generated_key(app.state.generated_key, settings)
     log.info(
         "service.started",
         extra={
@@ -806,6 +627,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def open_store(settings: Settings) -> DocumentStore:
     """MongoDB when DATABASE_URL is set, else the embedded TinyDB store."""
     if settings.database_url:
+        # Imported here: pymongo is only loaded by a service that uses it.
+        from mongo_store import MongoStore
+
         return await MongoStore.open(settings.database_url, timeout_ms=settings.mongo_timeout_ms)
     return TinyDBStore.open(settings.data_dir)
 
@@ -844,19 +668,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(
         title="Documents API",
         version=VERSION,
-        description=DESCRIPTION,
+        description=openapi.DESCRIPTION,
         lifespan=lifespan,
-        openapi_tags=TAGS,
+        openapi_tags=openapi.TAGS,
         static_url="/docs-static",
         # Observability is Prometheus and JSON logs; FastAPI's OpenTelemetry bridge would
         # otherwise look up the global OTel providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
         # `/v1/documents/` is a 404, not a redirect built from the client's Host header.
         redirect_slashes=False,
-        # The routers' routes, flat and API first. include_router() would keep each router as
-        # a nested branch that FastAPI re-checks for changes on every request: 16% of a GET.
-        routes=[*build_router().routes, *build_health_router().routes],
     )
+    _add_routes(app)
     app.state.settings = settings
     app.state.api_keys = configured_keys(settings)
     app.state.generated_key = None
@@ -864,11 +686,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Never run open: with no configured key, make one and show it once on the console.
         app.state.generated_key = secrets.token_urlsafe(24)
         app.state.api_keys = [ApiKey("generated", digest_key(app.state.generated_key))]
+    app.state.cursor_secret = cursor_secret(app.state.api_keys)
     app.state.rate_limits = parse_many(settings.rate_limit)
     # Memory only, so built here: the middleware below needs it before the lifespan runs.
     app.state.metrics = Metrics(multiprocess=settings.workers > 1)
     _add_error_map(app)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi.schema(app)  # type: ignore[method-assign]
     # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS
     # (only when CORS_ORIGINS is set), then BodyLimit, then HeadAsGet.
     app.add_middleware(HeadAsGetMiddleware)
@@ -893,55 +716,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, plus what it cannot infer: the `ApiKey` scheme on each operation that
-    depends on `authorize`, problem responses as `application/problem+json` only, and
-    `X-Request-ID` on every response."""
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title,
-            version=app.version,
-            description=app.description,
-            routes=app.routes,
-            tags=app.openapi_tags,
-        )
-        schema.setdefault("components", {})["securitySchemes"] = {"ApiKey": API_KEY_SCHEME}
-        for route in app.routes:
-            if isinstance(route, APIRoute) and any(
-                dependency.call is authorize for dependency in route.dependant.dependencies
-            ):
-                for method in route.methods or ():
-                    schema["paths"][route.path_format][method.lower()]["security"] = [
-                        {"ApiKey": []}
-                    ]
-        for operation in (op for path in schema["paths"].values() for op in path.values()):
-            for status, response in operation["responses"].items():
-                content = response.get("content", {})
-                if "application/problem+json" in content:
-                    typed = content.pop("application/json", {})
-                    content["application/problem+json"].update(typed)
-                headers = response.setdefault("headers", {})
-                headers["X-Request-ID"] = {
-                    "description": "Echo of a valid incoming X-Request-ID, else a new id.",
-                    "schema": {"type": "string"},
-                }
-                if status in ("429", "503"):
-                    headers["Retry-After"] = {
-                        "description": "Seconds to wait before retrying.",
-                        "schema": {"type": "integer"},
-                    }
-        app.openapi_schema = schema
-    return app.openapi_schema
+def _announce_generated_key(key: str, settings: Settings) -> None:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    sys.stderr.write(
+        "\nNo API_KEYS set: generated a key for this run only.\n"
+        f"  export KEY={key}\n"
+        f'  curl -H "X-API-Key: $KEY" http://{host}:{settings.port}{settings.root_path}'
+        "/v1/documents\n"
+        "Set API_KEYS (e.g. in .env) to choose your own.\n\n"
+    )
 
 
-def __getattr__(name: str) -> FastAPI:
-    # `uvicorn main:app` (and each of several workers) builds the app on first access, not at
-    # import, with logging set up as `python main.py` does.
-    if name == "app":
-        settings = Settings()
-        configure_logging(settings.log_level, settings.log_format)
-        return create_app(settings)
-    raise AttributeError(name)
+def serve_app() -> FastAPI:
+    """uvicorn's app factory for each of several workers: settings (already checked by the
+    parent) and logging as `python main.py` sets them up."""
+    settings = load_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    return create_app(settings)
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -957,7 +748,8 @@ SAMPLES = next(
 )
 
 
-def _load_settings() -> Settings:
+def load_settings() -> Settings:
+    """Settings, or one `configuration error` line per bad variable and exit status 2."""
     try:
         return Settings()
     except ValidationError as exc:
@@ -1022,11 +814,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.task == "import" and args.file is None:
         parser.error("import needs a FILE of JSON lines")
-    settings = _load_settings()
+    settings = load_settings()
     # Data tasks keep stdout for their output (export); their logs go to stderr.
     configure_logging(
         settings.log_level,
-        settings.log_format,
+        json_lines=settings.log_format == "json",
         stream=sys.stderr if args.task != "serve" else sys.stdout,
     )
     try:
@@ -1036,23 +828,30 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    metrics_dir = None
     if settings.workers > 1:
         # Each worker writes its metrics to files here; /metrics sums them (prometheus-client's
         # multiprocess mode reads this variable when the workers import it).
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="documents-metrics-")
-    uvicorn.run(
-        # Several workers each import the app by name; one worker gets the instance directly.
-        "main:app" if settings.workers > 1 else create_app(settings),
-        workers=settings.workers,
-        host=settings.host,
-        port=settings.port,
-        **SERVER_OPTIONS,
-        # Behind a reverse proxy: trust X-Forwarded-For/-Proto from these addresses only.
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        root_path=settings.root_path,
-        timeout_graceful_shutdown=8,
-    )
+        metrics_dir = tempfile.mkdtemp(prefix="documents-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            # Several workers each build the app through the factory; one gets it directly.
+            "main:serve_app" if settings.workers > 1 else create_app(settings),
+            factory=settings.workers > 1,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            **SERVER_OPTIONS,
+            # Behind a reverse proxy: trust X-Forwarded-For/-Proto from these addresses only.
+            proxy_headers=True,
+            forwarded_allow_ips=settings.forwarded_allow_ips,
+            root_path=settings.root_path,
+            timeout_graceful_shutdown=8,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -11,55 +11,16 @@ import time
 from typing import Any, Protocol
 
 import anyio
-import orjson
-from starlette.exceptions import HTTPException
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logging_config import clip, request_id_var
+from problems import INTERNAL, BodyTimeout, BodyTooLarge
 
-PROBLEM_MEDIA_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 access_log = logging.getLogger("documents.access")
 log = logging.getLogger("documents.api")
-
-
-def problem_response(
-    status: int,
-    title: str,
-    detail: str,
-    *,
-    slug: str,
-    headers: dict[str, str] | None = None,
-    errors: list[dict[str, Any]] | None = None,
-) -> Response:
-    """An RFC 9457 problem document; the request id comes from the current context."""
-    body: dict[str, Any] = {
-        "type": f"urn:documents:problem:{slug}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "request_id": request_id_var.get() or "",
-    }
-    if errors is not None:
-        body["errors"] = errors
-    return Response(orjson.dumps(body), status, headers, media_type=PROBLEM_MEDIA_TYPE)
-
-
-class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"The request body is larger than the limit of {limit} bytes.")
-
-
-class BodyTimeout(HTTPException):
-    def __init__(self, seconds: float) -> None:
-        super().__init__(
-            408,
-            f"The request body did not arrive within {seconds:g} seconds.",
-            headers={"Connection": "close"},
-        )
 
 
 class RequestObserver(Protocol):
@@ -126,11 +87,8 @@ class RequestContextMiddleware:
             log.exception("request.unhandled_error")
             status = 500
             if not response_started:
-                response = problem_response(
-                    500,
-                    "Internal Server Error",
-                    "The server failed to handle this request; quote the request id to report it.",
-                    slug="internal-error",
+                response = INTERNAL.response(
+                    "The server failed to handle this request; quote the request id to report it."
                 )
                 await response(scope, receive, send_with_headers)
         finally:
@@ -220,7 +178,7 @@ class BodyLimitMiddleware:
             nonlocal received, deadline, complete
             # Raised while the route reads its body, so the API's error map answers it.
             if declared is not None and declared > self.max_bytes:
-                raise BodyTooLarge(self.max_bytes)
+                raise BodyTooLarge(_too_large(self.max_bytes))
             if complete:  # after the body only a disconnect can come: no deadline for it
                 return await receive()
             if deadline is None:
@@ -230,12 +188,19 @@ class BodyLimitMiddleware:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_bytes:
-                        raise BodyTooLarge(self.max_bytes)
+                        raise BodyTooLarge(_too_large(self.max_bytes))
                     complete = not message.get("more_body", False)
                 return message
-            raise BodyTimeout(self.timeout)
+            raise BodyTimeout(
+                f"The request body did not arrive within {self.timeout:g} seconds.",
+                headers={"Connection": "close"},
+            )
 
         await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit} bytes."
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -25,8 +25,7 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,15 +34,6 @@ from typing import Any, Protocol
 import anyio.to_thread
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, uri_parser
-from pymongo.errors import (
-    ConnectionFailure,
-    DuplicateKeyError,
-    ExecutionTimeout,
-    PyMongoError,
-    WaitQueueTimeoutError,
-    WriteConcernError,
-)
 from tinydb.storages import Storage
 
 from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentUpdate
@@ -76,20 +66,29 @@ class StoreError(Exception):
 
 class DocumentNotFound(StoreError):
     def __init__(self, doc_id: str) -> None:
-        super().__init__(f"no document with id {doc_id!r}")
+        super().__init__(f"No document with id {doc_id[:64]!r}.")
         self.doc_id = doc_id
 
 
 class PreconditionFailed(StoreError):
     def __init__(self, doc_id: str, current_version: int) -> None:
-        super().__init__(f"document {doc_id!r} is at version {current_version}")
+        super().__init__(
+            f"If-Match does not match document {doc_id!r}, now at version {current_version}; "
+            "fetch it again."
+        )
         self.doc_id = doc_id
         self.current_version = current_version
 
 
+def stale(doc_id: str, current_version: int) -> PreconditionFailed:
+    """The error for a stale If-Match, logged where it is raised."""
+    log.info("document.precondition_failed", extra={"document_id": doc_id})
+    return PreconditionFailed(doc_id, current_version)
+
+
 class IdempotencyConflict(StoreError):
     def __init__(self, key: str, reason: str = "with a different body") -> None:
-        super().__init__(f"this Idempotency-Key was already used {reason}")
+        super().__init__(f"This Idempotency-Key was already used {reason}.")
         self.key = key
 
 
@@ -771,7 +770,7 @@ class TinyDBStore:
         if current is None:
             raise DocumentNotFound(doc_id)
         if if_version is not None and current.version != if_version:
-            raise PreconditionFailed(doc_id, current.version)
+            raise stale(doc_id, current.version)
         return current
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
@@ -844,225 +843,3 @@ def _remove_sorted(ids: list[str], doc_id: str) -> None:
     index = bisect.bisect_left(ids, doc_id)
     if index < len(ids) and ids[index] == doc_id:
         del ids[index]
-
-
-# --- MongoDB store ----------------------------------------------------------------------------
-
-
-def _to_mongo(doc: Document) -> dict[str, Any]:
-    raw = doc.model_dump()
-    raw["_id"] = raw.pop("id")
-    # Metadata keys are user data: as {k, v} pairs they may contain "." "$" or NUL, which BSON
-    # field names may not.
-    raw["metadata"] = [{"k": k, "v": v} for k, v in doc.metadata.items()]
-    return raw
-
-
-def _from_mongo(raw: dict[str, Any]) -> Document:
-    raw["id"] = raw.pop("_id")
-    raw["metadata"] = {pair["k"]: pair["v"] for pair in raw["metadata"]}
-    return Document.model_validate(raw)
-
-
-@contextmanager
-def _driver_errors() -> Iterator[None]:
-    """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
-    try:
-        yield
-    except (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError, WriteConcernError) as exc:
-        raise StoreUnavailable("cannot reach MongoDB") from exc
-    except PyMongoError as exc:
-        raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
-
-
-class MongoStore:
-    """The scale-out store: any number of processes share one MongoDB database.
-
-    Uses PyMongo's asyncio client, so no call blocks the event loop. Conditional writes are
-    compare-and-set on `version` in one server operation; indexes are created at startup (or on
-    first contact, if MongoDB was down then).
-    """
-
-    backend = "mongodb"
-
-    def __init__(self, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> None:
-        database = uri_parser.parse_uri(url).get("database") or "documents"
-        self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            url,
-            w="majority",
-            tz_aware=True,
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
-        )
-        self._db = self._client[database]
-        self._docs = self._db["documents"]
-        self._idempotency = self._db["idempotency"]
-        self._clock = clock
-        self._new_id = IdGenerator()
-        self._indexes_ready = False
-
-    @classmethod
-    async def open(cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> MongoStore:
-        """Never fails for an unreachable server: the process stays up and reports not ready."""
-        store = cls(url, timeout_ms=timeout_ms, clock=clock)
-        try:
-            await store._ensure_indexes()
-        except StoreUnavailable:
-            log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
-        return store
-
-    async def _ensure_indexes(self) -> None:
-        if self._indexes_ready:
-            return
-        with _driver_errors():
-            # Newest-first pages by tag in one index scan; without a tag, the _id index serves.
-            await self._docs.create_index(
-                [("tags", ASCENDING), ("_id", DESCENDING)], name="tag_newest"
-            )
-            await self._idempotency.create_index(
-                "created_at",
-                expireAfterSeconds=int(IDEMPOTENCY_TTL.total_seconds()),
-                name="ttl_24h",
-            )
-        self._indexes_ready = True
-
-    async def create(
-        self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
-    ) -> tuple[Document, bool]:
-        await self._ensure_indexes()
-        now = self._clock()
-        doc = new_document(data, self._new_id(now), now)
-        if idempotency is not None:
-            original = await self._claim(idempotency, fingerprint(data), doc.id, now)
-            if original is not None:
-                return original, True
-        with _driver_errors():
-            await self._docs.insert_one(_to_mongo(doc))
-        return doc, False
-
-    async def _claim(
-        self, idempotency: IdempotencyKey, body_print: str, doc_id: str, now: datetime
-    ) -> Document | None:
-        """Record the key before the document exists, so two racing requests cannot both
-        create. Returns the original document when the key is already taken."""
-        key_id = f"{len(idempotency.scope)}:{idempotency.scope}:{idempotency.key}"
-        record = {
-            "_id": key_id,
-            "fingerprint": body_print,
-            "document_id": doc_id,
-            "created_at": now,
-        }
-        for _ in range(2):
-            try:
-                with _driver_errors():
-                    await self._idempotency.insert_one(record)
-                return None
-            except StoreError as exc:
-                if not isinstance(exc.__cause__, DuplicateKeyError):
-                    raise
-            with _driver_errors():
-                known = await self._idempotency.find_one({"_id": key_id})
-            if known is None:
-                continue
-            if now - known["created_at"] >= IDEMPOTENCY_TTL:
-                # Expired but not yet swept by the TTL monitor: take the key over.
-                with _driver_errors():
-                    await self._idempotency.delete_one(
-                        {"_id": key_id, "created_at": known["created_at"]}
-                    )
-                continue
-            if known["fingerprint"] != body_print:
-                raise IdempotencyConflict(idempotency.key)
-            try:
-                return await self.get(known["document_id"])
-            except DocumentNotFound:
-                raise IdempotencyConflict(
-                    idempotency.key, "for a document that has since been deleted"
-                ) from None
-        raise StoreUnavailable("idempotency key is contended; retry")
-
-    async def get(self, doc_id: str) -> Document:
-        with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id})
-        if raw is None:
-            raise DocumentNotFound(doc_id)
-        return _from_mongo(raw)
-
-    async def page(
-        self, *, limit: int, after: str | None = None, tag: str | None = None
-    ) -> tuple[list[Document], str | None]:
-        await self._ensure_indexes()
-        query: dict[str, Any] = {}
-        if tag is not None:
-            query["tags"] = tag
-        if after is not None:
-            query["_id"] = {"$lt": after}
-        # Name the index: one scan, newest first, stopping after limit + 1 entries.
-        index = "tag_newest" if tag is not None else "_id_"
-        with _driver_errors():
-            cursor = self._docs.find(query).sort("_id", DESCENDING).hint(index).limit(limit + 1)
-            rows = await cursor.to_list(limit + 1)
-        items = [_from_mongo(raw) for raw in rows[:limit]]
-        return items, items[-1].id if len(rows) > limit else None
-
-    async def update(
-        self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
-    ) -> Document:
-        # Compare-and-set on version: of two writers that read the same version, one wins.
-        while True:
-            current = await self.get(doc_id)
-            if if_version is not None and current.version != if_version:
-                raise PreconditionFailed(doc_id, current.version)
-            new = apply_patch(current, patch, self._clock())
-            if new is current:
-                return current
-            with _driver_errors():
-                result = await self._docs.replace_one(
-                    {"_id": doc_id, "version": current.version}, _to_mongo(new)
-                )
-            if result.matched_count == 1:
-                return new
-            if if_version is not None:
-                latest = await self.get(doc_id)
-                raise PreconditionFailed(doc_id, latest.version)
-
-    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
-        query: dict[str, Any] = {"_id": doc_id}
-        if if_version is not None:
-            query["version"] = if_version
-        with _driver_errors():
-            result = await self._docs.delete_one(query)
-        if result.deleted_count == 0:
-            current = await self.get(doc_id)  # raises DocumentNotFound when it is gone
-            raise PreconditionFailed(doc_id, current.version)
-
-    async def import_document(self, doc: Document) -> bool:
-        await self._ensure_indexes()
-        try:
-            with _driver_errors():
-                await self._docs.insert_one(_to_mongo(doc))
-        except StoreError as exc:
-            if isinstance(exc.__cause__, DuplicateKeyError):
-                return False
-            raise
-        return True
-
-    async def export_documents(self) -> AsyncIterator[Document]:
-        with _driver_errors():
-            async for raw in self._docs.find({}).sort("_id", ASCENDING):
-                yield _from_mongo(raw)
-
-    async def count(self) -> int:
-        with _driver_errors():
-            return await self._docs.count_documents({})
-
-    async def check(self) -> None:
-        await self._ensure_indexes()
-        with _driver_errors():
-            await self._db["health"].update_one(
-                {"_id": "ready"}, {"$set": {"at": self._clock()}}, upsert=True
-            )
-
-    async def close(self) -> None:
-        await self._client.close()

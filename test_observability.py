@@ -39,13 +39,13 @@ def require_tool(path: str) -> str:
 @pytest.fixture
 def log_lines() -> Iterator[LogLines]:
     stream = io.StringIO()
-    configure_logging("INFO", "json", stream=stream)
+    configure_logging("INFO", stream=stream)
 
     def lines() -> list[dict[str, Any]]:
         return [json.loads(line) for line in stream.getvalue().splitlines()]
 
     yield lines
-    configure_logging("INFO", "json")
+    configure_logging("INFO")
 
 
 def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,11 +161,11 @@ def test_request_id_with_newline_or_quote_is_replaced_not_logged(
 
 def test_console_format_is_one_readable_line(tmp_path: Path) -> None:
     stream = io.StringIO()
-    configure_logging("INFO", "console", stream=stream)
+    configure_logging("INFO", json_lines=False, stream=stream)
     try:
         logging.getLogger("documents.api").info("document.created", extra={"document_id": "abc"})
     finally:
-        configure_logging("INFO", "json")
+        configure_logging("INFO")
     line = stream.getvalue().strip()
     assert "INFO" in line
     assert "document.created document_id='abc'" in line
@@ -242,7 +242,7 @@ def test_openapi_spec_validates_and_documents_every_operation(client: TestClient
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "An API key from `API_KEYS`.",
+        "description": "An API key from `API_KEYS` (`name:key:read` keys may only read).",
     }
     expected_errors = {
         ("post", "/v1/documents"): {"401", "409", "413", "422", "429"},

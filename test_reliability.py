@@ -30,11 +30,11 @@ from hypothesis.stateful import (
 
 from conftest import KEY, Service, ServiceFactory, write_until_killed
 from models import DocumentCreate, DocumentUpdate
+from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
     DocumentNotFound,
     DocumentStore,
-    MongoStore,
     PreconditionFailed,
     StoreCorrupt,
     TinyDBStore,

@@ -31,7 +31,7 @@ from conftest import (
 )
 from main import create_app
 from models import DocumentCreate
-from storage import MongoStore
+from mongo_store import MongoStore
 
 DOC = {"title": "t", "content": "c", "tags": ["x"]}
 

@@ -11,6 +11,7 @@ import pytest
 from tinydb import TinyDB
 
 from models import Document, DocumentCreate, DocumentUpdate
+from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
     JOURNAL_FILE,
@@ -19,7 +20,6 @@ from storage import (
     DocumentStore,
     IdempotencyConflict,
     IdempotencyKey,
-    MongoStore,
     PreconditionFailed,
     StoreCorrupt,
     StoreLocked,

@@ -1,0 +1,169 @@
+"""The OpenAPI document: what FastAPI infers, plus what it cannot (problem responses described once
+per status from the problem types, the `ApiKey` scheme, `X-Request-ID` and `Retry-After`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from models import Problem
+from problems import ALL, TITLES
+
+DESCRIPTION = """\
+Create, read, list, update and delete JSON documents over a durable store.
+
+**Quick start:** `make run`, then send the printed key as `X-API-Key`
+(in Swagger UI at `/docs`, use **Authorize**), e.g. `POST /v1/documents` with
+`{"title": "Hello", "content": "..."}`.
+
+Every error is an RFC 9457 `application/problem+json` document carrying the `request_id`
+that is also in the `X-Request-ID` response header.
+"""
+
+TAGS = [
+    {"name": "documents", "description": "Create, read, list, update and delete documents."},
+    {"name": "health", "description": "Liveness, readiness and metrics; no key needed."},
+]
+
+API_KEY_SCHEME = {
+    "type": "apiKey",
+    "in": "header",
+    "name": "X-API-Key",
+    "description": "An API key from `API_KEYS` (`name:key:read` keys may only read).",
+}
+
+# Each status described once, from every problem type that answers with it.
+DESCRIPTIONS = {
+    status: " ".join(k.description for k in ALL if k.status == status)
+    for status in sorted({k.status for k in ALL})
+}
+# Every /v1 operation may answer these.
+V1_STATUSES = (401, 422, 429, 431, 503)
+
+
+def problems(*statuses: int, v1: bool = True) -> dict[int | str, dict[str, Any]]:
+    """Problem responses for these statuses (and, on /v1, the ones every operation has)."""
+    return {
+        status: {
+            "model": Problem,
+            "description": DESCRIPTIONS[status],
+            "content": {
+                "application/problem+json": {
+                    "example": {
+                        "type": "urn:documents:problem:...",
+                        "title": TITLES[status],
+                        "status": status,
+                        "detail": DESCRIPTIONS[status],
+                        "request_id": "c815a78dc41cfb350000000000000007",
+                    }
+                }
+            },
+        }
+        for status in sorted({*statuses, *(V1_STATUSES if v1 else ())})
+    }
+
+
+ETAG_HEADER = {
+    "ETag": {
+        "description": 'Current version, e.g. `"3"`, for If-Match / If-None-Match.',
+        "schema": {"type": "string"},
+    }
+}
+RATE_LIMIT_HEADERS = {
+    f"X-RateLimit-{name}": {"description": text, "schema": {"type": "integer"}}
+    for name, text in (
+        ("Limit", "Requests allowed in the window closest to refusing."),
+        ("Remaining", "Requests left in that window."),
+        ("Reset", "When that window ends, in seconds since the epoch."),
+    )
+}
+
+
+def created_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        201: {
+            "description": "Created (or replayed, with `Idempotent-Replayed: true`).",
+            "headers": {
+                **ETAG_HEADER,
+                "Location": {
+                    "description": "Path of the new document (under ROOT_PATH, if set).",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        **problems(400, 403, 409, 413, 415),
+    }
+
+
+def read_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": "The document.", "headers": ETAG_HEADER},
+        304: {
+            "description": "Not modified: `If-None-Match` names the current ETag.",
+            "headers": ETAG_HEADER,
+        },
+        **problems(404),
+    }
+
+
+def update_responses() -> dict[int | str, dict[str, Any]]:
+    return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 412, 413, 415)}
+
+
+MERGE_PATCH_BODY = {
+    "requestBody": {
+        "content": {
+            "application/merge-patch+json": {
+                "schema": {"$ref": "#/components/schemas/DocumentUpdate"}
+            }
+        }
+    }
+}
+METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+
+
+def schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus: the `ApiKey` scheme on every /v1 operation, problem responses as
+    `application/problem+json` only, `X-Request-ID` on every response, `Retry-After` on 429 and
+    503, and the rate-limit headers on every /v1 response."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    document.setdefault("components", {})["securitySchemes"] = {"ApiKey": API_KEY_SCHEME}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                operation["security"] = [{"ApiKey": []}]
+            for status, response in operation["responses"].items():
+                _shape(response, status, v1=path.startswith("/v1/"))
+    app.openapi_schema = document
+    return document
+
+
+def _shape(response: dict[str, Any], status: str, *, v1: bool) -> None:
+    content = response.get("content", {})
+    if "application/problem+json" in content:
+        typed = content.pop("application/json", {})
+        content["application/problem+json"].update(typed)
+    headers = response.setdefault("headers", {})
+    headers["X-Request-ID"] = {
+        "description": "Echo of a valid incoming X-Request-ID, else a new id.",
+        "schema": {"type": "string"},
+    }
+    if v1 and status not in ("401", "431"):
+        headers.update(RATE_LIMIT_HEADERS)
+    if status in ("429", "503"):
+        headers["Retry-After"] = {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "integer"},
+        }
