@@ -391,14 +391,13 @@ class _Ticket:
 
 @dataclass(slots=True)
 class _Change:
-    """One queued journal line, the memory change it records, and what that change replaced."""
+    """One queued journal line and the memory change it makes once it is durable."""
 
     line: bytes
     table: str
     key: Any
     value: Any
     ticket: _Ticket | None = None
-    old: Any = None
 
 
 def _doc_change(doc_id: str, doc: Document | None) -> _Change:
@@ -436,6 +435,9 @@ class TinyDBStore:
         self._order: list[str] = []  # ids ascending; ids sort by creation time
         self._by_tag: dict[str, list[str]] = {}
         self._idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
+        # Changes queued but not yet durable, newest per key: what writers build on. Readers
+        # never see them, so nothing is served that a restart would not load.
+        self._queued: dict[tuple[str, Any], _Change] = {}
         # _lock guards the memory state and the pending changes; it is only ever held for
         # memory work, so the event loop takes it directly. _flush_lock serialises file writes
         # (in worker threads, outside _lock); _flush_turn lets one waiting writer start them.
@@ -529,13 +531,11 @@ class TinyDBStore:
 
     # memory; callers hold _lock (or own the store exclusively, at open)
 
-    def _set(self, table: str, key: Any, value: Any) -> Any:
-        """Put `value` in memory (None removes); returns what was there, which undoes it."""
+    def _set(self, table: str, key: Any, value: Any) -> None:
+        """Put a durable `value` in memory (None removes it)."""
         if table == _IDEMPOTENCY:
-            old_record = self._idempotency.pop(key, None)
-            if value is not None:
-                self._idempotency[key] = value
-            return old_record
+            self._idempotency[key] = value
+            return
         old = self._docs.pop(key, None)
         if old is not None:
             _remove_sorted(self._order, key)
@@ -549,7 +549,17 @@ class TinyDBStore:
             bisect.insort(self._order, key)
             for tag in value.tags:
                 bisect.insort(self._by_tag.setdefault(tag, []), key)
-        return old
+
+    def _latest(self, table: str, key: Any) -> Any:
+        """What a writer builds on: the newest queued change to `key`, else memory."""
+        queued = self._queued.get((table, key))
+        if queued is not None:
+            return queued.value
+        return (self._docs if table == _DOCUMENTS else self._idempotency).get(key)
+
+    def _queued_ticket(self, doc_id: str) -> _Ticket | None:
+        queued = self._queued.get((_DOCUMENTS, doc_id))
+        return None if queued is None else queued.ticket
 
     def _usable(self) -> None:
         if self._closed:
@@ -558,22 +568,25 @@ class TinyDBStore:
             raise StoreUnavailable("the data directory failed a write; restart after fixing it")
 
     def _stage(self, *changes: _Change) -> _Ticket:
-        """Apply changes to memory and queue their journal lines. Every line is encoded before
-        this is called, so a change that cannot be written never reaches memory."""
+        """Queue changes for the next flush; writers see them at once, readers once durable.
+        Every line is encoded before this is called, so a change that cannot be written is
+        never queued."""
         self._written_seq += 1
         ticket = self._last_ticket = _Ticket(self._written_seq)
         for change in changes:
             change.ticket = ticket
-            change.old = self._set(change.table, change.key, change.value)
+            self._queued[change.table, change.key] = change
         self._pending.extend(changes)
         return ticket
 
     # durability
 
-    async def _durable(self, ticket: _Ticket) -> None:
+    async def _durable(self, ticket: _Ticket | None) -> None:
         """Return once the change is on disk. The first writer in flushes everything queued so
         far, in a worker thread, while the others wait their turn and usually find their change
         already written: N concurrent writes cost one fdatasync and one thread hop, not N."""
+        if ticket is None:
+            return
         async with self._flush_turn:
             if self._durable_seq < ticket.seq and not ticket.lost:
                 await anyio.to_thread.run_sync(self._flush)
@@ -601,14 +614,19 @@ class TinyDBStore:
             except OSError as exc:
                 self._roll_back(batch, exc)
             self._journal_bytes += len(data)
+            with self._lock:
+                for change in batch:
+                    self._set(change.table, change.key, change.value)
+                    if self._queued.get((change.table, change.key)) is change:
+                        del self._queued[change.table, change.key]
         self._durable_seq = upto
 
     def _roll_back(self, batch: list[_Change], exc: OSError) -> None:
         """A write failed (full disk, I/O error, read-only remount): cut the journal back to
-        its durable length and undo in memory every change not yet durable, newest first, so
-        the process serves exactly what a restart would load, and writes again once the disk
-        does. If even the cut fails, the disk cannot be trusted: refuse everything until a
-        restart."""
+        its durable length and drop every queued change (later ones may build on the failed
+        ones); their writers hear of it. Readers never saw them, and the store writes again
+        once the disk does. If even the cut fails, the disk cannot be trusted: refuse
+        everything until a restart."""
         log.error("store.write_failed", extra={"data_dir": str(self.data_dir), "error": str(exc)})
         try:
             os.ftruncate(self._journal_fd, self._journal_bytes)
@@ -616,11 +634,11 @@ class TinyDBStore:
         except OSError:
             self._failed = exc
         with self._lock:
-            undone, self._pending = batch + self._pending, []
-            for change in reversed(undone):
-                self._set(change.table, change.key, change.old)
+            for change in batch + self._pending:
                 if change.ticket is not None:
                     change.ticket.lost = True
+            self._pending = []
+            self._queued.clear()
         raise StoreUnavailable(f"cannot write to the data directory: {exc.strerror}") from exc
 
     def _compact(self) -> None:
@@ -692,7 +710,7 @@ class TinyDBStore:
 
     def _create(
         self, data: DocumentCreate, idempotency: IdempotencyKey | None
-    ) -> tuple[Document, bool, _Ticket]:
+    ) -> tuple[Document, bool, _Ticket | None]:
         body_print = fingerprint(data) if idempotency is not None else ""
         with self._lock:
             self._usable()
@@ -700,7 +718,7 @@ class TinyDBStore:
             original = self._replay_of(idempotency, body_print, now)
             if original is not None:
                 # The original may still be waiting for its flush: wait for it as well.
-                return original, True, self._last_ticket
+                return original, True, self._queued_ticket(original.id)
             doc = new_document(data, self._new_id(now), now)
             changes = [_doc_change(doc.id, doc)]
             if idempotency is not None:
@@ -719,12 +737,12 @@ class TinyDBStore:
     ) -> Document | None:
         if idempotency is None:
             return None
-        known = self._idempotency.get((idempotency.scope, idempotency.key))
+        known = self._latest(_IDEMPOTENCY, (idempotency.scope, idempotency.key))
         if known is None or now - known.created_at >= IDEMPOTENCY_TTL:
             return None
         if known.fingerprint != body_print:
             raise IdempotencyConflict(idempotency.key)
-        original = self._docs.get(known.document_id)
+        original: Document | None = self._latest(_DOCUMENTS, known.document_id)
         if original is None:
             raise IdempotencyConflict(idempotency.key, "for a document that has since been deleted")
         return original
@@ -758,15 +776,19 @@ class TinyDBStore:
         with self._lock:
             current = self._current(doc_id, if_version)
             new = apply_patch(current, patch, self._clock())
-            if new is current:
-                return current
-            ticket = self._stage(_doc_change(doc_id, new))
+            # With nothing to write, `current` may still be queued: answer once it is durable.
+            ticket = (
+                self._queued_ticket(doc_id)
+                if new is current
+                else self._stage(_doc_change(doc_id, new))
+            )
         await self._durable(ticket)
         return new
 
     def _current(self, doc_id: str, if_version: int | None) -> Document:
+        """The document a write builds on (queued changes included), checked against If-Match."""
         self._usable()
-        current = self._docs.get(doc_id)
+        current: Document | None = self._latest(_DOCUMENTS, doc_id)
         if current is None:
             raise DocumentNotFound(doc_id)
         if if_version is not None and current.version != if_version:
@@ -783,7 +805,7 @@ class TinyDBStore:
         change = _doc_change(doc.id, doc)
         with self._lock:
             self._usable()
-            if doc.id in self._docs:
+            if self._latest(_DOCUMENTS, doc.id) is not None:
                 return False
             ticket = self._stage(change)
         await self._durable(ticket)

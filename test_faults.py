@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from conftest import ServiceFactory
@@ -169,6 +170,57 @@ def test_every_writer_in_a_failed_group_commit_hears_of_it_and_nothing_of_theirs
     assert len(outcomes) == 8
     assert all(isinstance(o, StoreUnavailable) for o in outcomes)
     assert reopened(tmp_path) == {}
+
+
+def test_readers_never_see_a_queued_change_and_no_write_succeeds_on_one_that_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a group commit is on its way to a failing disk, reads show only what is durable,
+    and a PATCH that changes nothing on top of the queued change waits for it and fails too."""
+    flushing, looked = threading.Event(), threading.Event()
+
+    def write(fd: int, data: Any) -> int:
+        if not _is_journal(fd):
+            return REAL_WRITE(fd, data)
+        flushing.set()
+        looked.wait(10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def scenario() -> None:
+        store = TinyDBStore.open(tmp_path)
+        kept, _ = await store.create(doc("kept"))
+        monkeypatch.setattr(os, "write", write)
+        outcomes: dict[str, Any] = {}
+
+        async def writer(name: str, call: Any) -> None:
+            try:
+                outcomes[name] = await call
+            except StoreError as exc:
+                outcomes[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer, "create", store.create(doc("queued")))
+            tg.start_soon(writer, "rename", store.update(kept.id, DocumentUpdate(title="renamed")))
+            await anyio.to_thread.run_sync(flushing.wait, 10)
+            # The create and the rename are queued and being written: none of it shows.
+            outcomes["listed"] = [d.id for d in (await store.page(limit=100))[0]]
+            outcomes["read"] = await store.get(kept.id)
+            outcomes["count"] = await store.count()
+            tg.start_soon(
+                writer, "same patch", store.update(kept.id, DocumentUpdate(title="renamed"))
+            )
+            await anyio.lowlevel.checkpoint()  # the patch runs until it waits on the rename
+            looked.set()
+        monkeypatch.undo()
+        assert outcomes["listed"] == [kept.id]
+        assert outcomes["read"] == kept
+        assert outcomes["count"] == 1
+        for name in ("create", "rename", "same patch"):
+            assert isinstance(outcomes[name], StoreUnavailable), name
+        assert await store.get(kept.id) == kept
+        await store.close()
+
+    anyio.run(scenario)
 
 
 def test_when_the_journal_cannot_even_be_cut_back_the_store_refuses_all_until_restart(

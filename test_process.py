@@ -127,10 +127,18 @@ def test_import_refuses_an_invalid_line(tmp_path: Path) -> None:
     assert b"line 1" in result.stderr
 
 
-def test_uvicorn_main_app_serves(tmp_path: Path) -> None:
+def test_uvicorn_factory_serves(tmp_path: Path) -> None:
     service = Service(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(service.port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "main:serve_app",
+            "--port",
+            str(service.port),
+        ],
         cwd=HERE,
         env=service.env,
         stdout=subprocess.PIPE,
