@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -84,6 +85,18 @@ def _bounded_ints(metadata: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+def _at_most(limit: int) -> BeforeValidator:
+    """Refuse an over-long list or object before validating any of its items: a body of 60 000
+    items must cost one error, not 60 000 of them."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise ValueError(f"at most {limit} items, not {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
 def _unique(tags: list[str]) -> list[str]:
     """Drop repeats after normalisation, keeping the first occurrence's position."""
     return list(dict.fromkeys(tags))
@@ -91,6 +104,7 @@ def _unique(tags: list[str]) -> list[str]:
 
 Tags = Annotated[
     list[Tag],
+    _at_most(TAGS_MAX),
     Field(
         max_length=TAGS_MAX,
         description="Up to 20 tags of 1-50 characters; stored lower-case, repeats dropped.",
@@ -99,6 +113,7 @@ Tags = Annotated[
 ]
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
+    _at_most(METADATA_MAX_KEYS),
     Field(
         max_length=METADATA_MAX_KEYS,
         description="Flat object of up to 50 keys; values are strings, numbers, booleans or null.",

@@ -44,6 +44,7 @@ HEAD_TOO_LARGE = _problem(
     "Request Header Fields Too Large",
     f"A request head may hold at most {MAX_HEADERS} headers and {MAX_HEAD_BYTES} bytes.",
 )
+MALFORMED = _problem(400, "Bad Request", "The request is not valid HTTP/1.1.")
 HEAD_TIMED_OUT = _problem(
     408, "Request Timeout", f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds."
 )
@@ -117,12 +118,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = True
         self._head_bytes = 0
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body:
+            # Answered before the body arrived (a 413, or a route that reads none): end the
+            # connection rather than go on reading a body nobody will use, at the client's pace.
+            self.transport.close()
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers every parser error here, the one _count raised included.
-        if self._too_large:
-            self._refuse(HEAD_TOO_LARGE)
-        else:
-            super().send_400_response(msg)
+        self._refuse(HEAD_TOO_LARGE if self._too_large else MALFORMED)
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
