@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from limits import parse_many
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogFormat = Literal["json", "console"]
@@ -64,6 +66,9 @@ class Settings(BaseSettings):
             raise ValueError("expected rates such as '600/minute' or '10/second;500/hour'") from exc
         if any(item.amount < 1 for item in items):
             raise ValueError("a rate of 0 lets no request through; use at least 1")
+        if re.search(r"/\s*0+\s*[a-z]", value, re.IGNORECASE):
+            # limits reads "5/0minute" as 5/minute: refuse it rather than guess.
+            raise ValueError("a window must be at least one unit long")
         return value
 
     @field_validator("rate_limit_storage_uri")
@@ -81,29 +86,70 @@ class Settings(BaseSettings):
 
     @field_validator("api_key_hashes")
     @classmethod
-    def _well_formed_hashes(cls, value: str, info: ValidationInfo) -> str:
-        names = [k.name for k in parse_api_keys(info.data.get("api_keys", ""))]
-        names += [k.name for k in parse_api_key_hashes(value)]
-        if len(set(names)) != len(names):
-            raise ValueError("key names must be unique across API_KEYS and API_KEY_HASHES")
+    def _well_formed_hashes(cls, value: str) -> str:
+        parse_api_key_hashes(value)
+        return value
+
+    @field_validator("root_path")
+    @classmethod
+    def _a_path_prefix(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError("expected a path prefix such as /documents (a leading /, no trailing)")
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry[:64]!r} is not an IP address or network") from None
         return value
 
     @field_validator("database_url")
     @classmethod
     def _mongodb_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("mongodb://", "mongodb+srv://")):
+        if not value:
+            return None
+        if not value.startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError("expected a mongodb:// or mongodb+srv:// URL")
-        return value or None
+        if value.startswith("mongodb://"):
+            # Imported here: only a service configured for MongoDB loads pymongo.
+            from pymongo import uri_parser
+            from pymongo.errors import InvalidURI
 
-    @field_validator("workers")
-    @classmethod
-    def _one_process_per_data_dir(cls, value: int, info: ValidationInfo) -> int:
-        if value > 1 and not info.data.get("database_url"):
-            raise ValueError(
-                "more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB store "
-                "is owned by one process per data directory"
-            )
+            try:
+                uri_parser.parse_uri(value)
+            except (InvalidURI, ValueError) as exc:
+                # pymongo's messages name what is wrong, never the password.
+                raise ValueError(f"not a valid MongoDB URL: {exc}") from None
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Checks across settings, each reported under the variable to change."""
+        plain = parse_api_keys(self.api_keys)
+        for variable, keys in (
+            ("API_KEYS", plain),
+            ("API_KEY_HASHES", plain + parse_api_key_hashes(self.api_key_hashes)),
+        ):
+            names = [k.name for k in keys]
+            if repeated := next((n for n in names if names.count(n) > 1), None):
+                raise ValueError(
+                    f"{variable}: the name {repeated!r} is used twice; names are unique across "
+                    "API_KEYS and API_KEY_HASHES"
+                )
+            digests = [k.digest for k in keys]
+            if len(set(digests)) != len(digests):
+                raise ValueError(f"{variable}: the same key is configured twice")
+        if self.workers > 1 and not self.database_url:
+            raise ValueError(
+                "WORKERS: more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB "
+                "store is owned by one process per data directory"
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, RequestContextMiddleware
-from models import Document, DocumentCreate, DocumentPage, DocumentUpdate
+from models import Document, DocumentCreate, DocumentPage, DocumentUpdate, check_stored
 from problems import (
     HTTP_ERROR,
     IDEMPOTENCY_CONFLICT,
@@ -777,8 +777,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         for error in exc.errors():
-            variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
-            sys.stderr.write(f"configuration error: {variable}: {error['msg']}\n")
+            message = error["msg"].removeprefix("Value error, ")
+            # Checks across settings name their variable in the message itself.
+            where = f"{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+            sys.stderr.write(f"configuration error: {where}{message}\n")
         raise SystemExit(2) from None
 
 
@@ -798,8 +800,8 @@ async def _seed(store: DocumentStore, path: Path) -> int:
 
 def _document_from(line: bytes, number: int) -> Document:
     try:
-        return Document.model_validate_json(line)
-    except ValidationError as exc:
+        return check_stored(Document.model_validate_json(line))
+    except ValueError as exc:  # pydantic's ValidationError included
         raise SystemExit(f"line {number} is not a valid document: {exc}") from None
 
 

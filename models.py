@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Mapping
 from datetime import datetime
@@ -201,7 +202,7 @@ class Document(BaseModel):
     title: str
     content: str
     tags: list[str]
-    metadata: dict[str, Any]
+    metadata: dict[str, str | bool | int | float | None]
     created_at: datetime = Field(description="ISO 8601, UTC.")
     updated_at: datetime = Field(description="ISO 8601, UTC.")
     version: int = Field(ge=1, description="Starts at 1 and grows by one on every change.")
@@ -219,6 +220,20 @@ class Document(BaseModel):
         # model_copy copies __dict__, cached body included: a changed copy must encode anew.
         copy.__dict__.pop("json_bytes", None)
         return copy
+
+
+ID_PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # Crockford base32, as ids are made
+
+
+def check_stored(doc: Document) -> Document:
+    """A document read back from a file or an import carries an id this service could have made
+    and consistent times; the model itself checks the shape of every field. Raises ValueError.
+    (Cheap on purpose: it runs for every document at every start.)"""
+    if not ID_PATTERN.fullmatch(doc.id):
+        raise ValueError(f"id {doc.id[:64]!r} is not a document id")
+    if doc.updated_at < doc.created_at:
+        raise ValueError(f"document {doc.id!r} was updated before it was created")
+    return doc
 
 
 class DocumentPage(BaseModel):

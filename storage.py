@@ -36,7 +36,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from tinydb.storages import Storage
 
-from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentUpdate
+from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentUpdate, check_stored
 
 log = logging.getLogger("documents.store")
 
@@ -502,28 +502,46 @@ class TinyDBStore:
     def _load(self) -> int:
         """Fill memory from the database and the journal; returns the journal's valid length."""
         tables = self._storage.read() or {}
+        unknown = set(tables) - {_DOCUMENTS, _IDEMPOTENCY}
+        if unknown:
+            raise StoreCorrupt(self.data_path, f"unknown tables {sorted(unknown)[:5]}")
         now = self._clock()
         try:
             for raw in tables.get(_DOCUMENTS, {}).values():
-                doc = Document.model_validate(raw)
+                doc = check_stored(Document.model_validate(raw))
                 if doc.id in self._docs:
                     raise StoreCorrupt(self.data_path, f"two records have the id {doc.id!r}")
                 self._set(_DOCUMENTS, doc.id, doc)
             for raw in tables.get(_IDEMPOTENCY, {}).values():
                 self._remember(IdempotencyRecord.model_validate(raw), now)
-        except ValidationError as exc:
+        except ValueError as exc:  # pydantic's ValidationError included
             raise StoreCorrupt(self.data_path, f"a record does not validate: {exc}") from exc
         entries, length = _read_journal(self.journal_path)
         try:
-            for entry in entries:
-                if entry.table == _DOCUMENTS:
-                    value = None if entry.value is None else Document.model_validate(entry.value)
-                    self._set(_DOCUMENTS, entry.id, value)
-                elif entry.table == _IDEMPOTENCY and entry.value is not None:
-                    self._remember(IdempotencyRecord.model_validate(entry.value), now)
-        except ValidationError as exc:
+            for number, entry in enumerate(entries, 1):
+                self._replay(entry, now, number)
+        except ValueError as exc:  # pydantic's ValidationError included
             raise StoreCorrupt(self.journal_path, f"an entry does not validate: {exc}") from exc
         return length
+
+    def _replay(self, entry: _JournalEntry, now: datetime, number: int) -> None:
+        """Apply one journal entry, which must be exactly what this store writes."""
+        if entry.table == _DOCUMENTS:
+            value = None
+            if entry.value is not None:
+                value = check_stored(Document.model_validate(entry.value))
+                if value.id != entry.id:
+                    raise ValueError(
+                        f"line {number} files document {value.id!r} under {entry.id!r}"
+                    )
+            self._set(_DOCUMENTS, entry.id, value)
+        elif entry.table == _IDEMPOTENCY and entry.value is not None:
+            record = IdempotencyRecord.model_validate(entry.value)
+            if entry.id != f"{record.scope}:{record.key}":
+                raise ValueError(f"line {number} files a key under {entry.id[:64]!r}")
+            self._remember(record, now)
+        else:
+            raise ValueError(f"line {number} belongs to no table this store writes")
 
     def _remember(self, record: IdempotencyRecord, now: datetime) -> None:
         if now - record.created_at < IDEMPOTENCY_TTL:

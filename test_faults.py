@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -335,8 +336,16 @@ def test_a_path_of_the_wrong_shape_is_refused_untouched_without_a_hang(
 
 
 def test_two_records_with_one_id_are_refused_untouched(tmp_path: Path) -> None:
-    record = {
-        "id": "01JDQ7Z8X4M2N6P9R3T5V7W9YB",
+    data = json.dumps({"documents": {"1": _record(), "2": _record()}}).encode()
+    (tmp_path / DATA_FILE).write_bytes(data)
+    with pytest.raises(StoreCorrupt, match="two records"):
+        TinyDBStore.open(tmp_path)
+    assert (tmp_path / DATA_FILE).read_bytes() == data
+
+
+def _record(doc_id: str = "01JDQ7Z8X4M2N6P9R3T5V7W9YB", **fields: Any) -> dict[str, Any]:
+    return {
+        "id": doc_id,
         "title": "t",
         "content": "c",
         "tags": [],
@@ -344,12 +353,61 @@ def test_two_records_with_one_id_are_refused_untouched(tmp_path: Path) -> None:
         "created_at": "2026-11-27T09:30:00Z",
         "updated_at": "2026-11-27T09:30:00Z",
         "version": 1,
+        **fields,
     }
-    data = b'{"documents": {"1": %s, "2": %s}}' % ((str(record).replace("'", '"').encode(),) * 2)
-    (tmp_path / DATA_FILE).write_bytes(data)
-    with pytest.raises(StoreCorrupt, match="two records"):
+
+
+def _journal(*entries: dict[str, Any]) -> bytes:
+    """Lines exactly as the store writes them: CRC-32 of the body, then the body."""
+    lines = []
+    for entry in entries:
+        body = json.dumps(entry).encode()
+        lines.append(b"%08x %s\n" % (zlib.crc32(body), body))
+    return b"".join(lines)
+
+
+ODD_BUT_CHECKSUMMED = {
+    "a document filed under another id": _journal(
+        {"table": "documents", "id": "01JDQ7Z8X4M2N6P9R3T5V7W9YA", "value": _record()}
+    ),
+    "an unknown table": _journal({"table": "other", "id": "x", "value": {}}),
+    "an id the service never makes": _journal(
+        {"table": "documents", "id": "", "value": _record(doc_id="")}
+    ),
+    "nested metadata": _journal(
+        {
+            "table": "documents",
+            "id": "01JDQ7Z8X4M2N6P9R3T5V7W9YB",
+            "value": _record(metadata={"k": {"nested": 1}}),
+        }
+    ),
+}
+
+
+@pytest.mark.parametrize("journal", ODD_BUT_CHECKSUMMED.values(), ids=ODD_BUT_CHECKSUMMED)
+def test_a_journal_line_the_store_would_never_write_is_refused_untouched(
+    tmp_path: Path, journal: bytes
+) -> None:
+    (tmp_path / JOURNAL_FILE).write_bytes(journal)
+    with pytest.raises(StoreCorrupt):
         TinyDBStore.open(tmp_path)
-    assert (tmp_path / DATA_FILE).read_bytes() == data
+    assert (tmp_path / JOURNAL_FILE).read_bytes() == journal
+    assert not (tmp_path / DATA_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "database",
+    [{"documents": {}, "extra": {"1": {}}}, {"documents": {"1": _record(doc_id="nope")}}],
+    ids=["an unknown table", "an id the service never makes"],
+)
+def test_a_database_the_store_would_never_write_is_refused_untouched(
+    tmp_path: Path, database: dict[str, Any]
+) -> None:
+    raw = json.dumps(database).encode()
+    (tmp_path / DATA_FILE).write_bytes(raw)
+    with pytest.raises(StoreCorrupt):
+        TinyDBStore.open(tmp_path)
+    assert (tmp_path / DATA_FILE).read_bytes() == raw
 
 
 def test_a_torn_last_journal_line_is_cut_at_open_so_later_writes_stay_readable(

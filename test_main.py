@@ -479,10 +479,30 @@ def test_every_window_of_a_multi_window_rate_limit_is_enforced(tmp_path: Path) -
         assert client.get("/v1/documents").headers["x-ratelimit-limit"] == "2"
 
 
-@pytest.mark.parametrize("rate", ["0/minute", "5/minute;0/hour", "-1/second"])
+@pytest.mark.parametrize("rate", ["0/minute", "5/minute;0/hour", "-1/second", "5/0minute"])
 def test_a_rate_limit_that_can_never_pass_is_refused(tmp_path: Path, rate: str) -> None:
     with pytest.raises(ValidationError, match="rate"):
         make_settings(tmp_path, rate_limit=rate)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("api_keys", f"a:{KEY},a:{OTHER_KEY}", "API_KEYS: the name 'a' is used twice"),
+        ("api_keys", f"a:{KEY},b:{KEY}", "API_KEYS: the same key is configured twice"),
+        ("root_path", "documents", "leading /"),
+        ("forwarded_allow_ips", "10.0.0.1,proxy", "not an IP address"),
+        ("database_url", "mongodb://", "at least one hostname"),
+        ("database_url", "mongodb://u:p@ss:w@host/db", "escaped"),
+        ("rate_limit_storage_uri", "bogus://x", "memory://"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_what_to_change(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        make_settings(tmp_path, **{variable: value})
+    assert message in str(caught.value)
 
 
 READER = "reader-key-0003"

@@ -163,3 +163,12 @@ def test_compose_file_runs_the_image_with_a_volume_and_a_mongo_profile() -> None
     assert mongo["profiles"] == ["mongo"]
     assert mongo["environment"]["DATABASE_URL"].startswith("mongodb://")
     assert set(compose["volumes"]) == {"documents-data", "mongo-data"}
+
+
+def test_a_malformed_database_url_is_one_line_without_the_password(tmp_path: Path) -> None:
+    result = run_main({"DATA_DIR": str(tmp_path), "DATABASE_URL": "mongodb://ada:s3cr3t@x@db/d"})
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("configuration error: DATABASE_URL: ")
+    assert b"s3cr3t" not in result.stdout + result.stderr
