@@ -397,9 +397,10 @@ class Checker:
         out = logs(name)
         refused = next((line for line in out.splitlines() if "store.open_failed" in line), "")
         reason = json.loads(refused)["error"] if refused else out[-500:]
+        code = state(name)["ExitCode"]
         check(
-            state(name)["ExitCode"] != 0 and "Permission denied" in refused,
-            f"a root-owned bind mount is refused: {reason}",
+            code != 0 and "Permission denied" in refused,
+            f"a root-owned bind mount is refused, exit {code}: {reason}",
         )
         os.chown(path, 10001, 10001)
         name, url = self.start("bind-chowned", str(path))
@@ -496,6 +497,7 @@ def check_compose(health: dict[str, Any]) -> None:
 
 
 def main() -> int:
+    started = time.monotonic()
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
     allowed = {
         line[1:]
@@ -527,7 +529,7 @@ def main() -> int:
         return 1
     finally:
         checker.cleanup()
-    print("container-check: passed")
+    print(f"container-check: passed in {time.monotonic() - started:.0f} s")
     return 0
 
 
