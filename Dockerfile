@@ -5,8 +5,11 @@ FROM python:3.12.12-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 COPY requirements.txt /tmp/requirements.txt
+# The lock pins every package with its hashes; pip then leaves the virtualenv, which needs no
+# installer at run time.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools wheel
 
 # --- runtime stage: the interpreter, the virtualenv and the service's own files only ---
 FROM python:3.12.12-slim-bookworm
@@ -16,8 +19,12 @@ LABEL org.opencontainers.image.title="documents-service" \
       org.opencontainers.image.licenses="MIT"
 
 # A fixed uid/gid, so a host directory can be prepared for the volume (chown 10001:10001).
+# The base's own pip goes too: nothing installs anything into the running image.
 RUN groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
+    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
+    && mkdir -p /app/data && chown app:app /app/data \
+    && if python -m pip --version >/dev/null 2>&1; then \
+        python -m pip uninstall --yes --quiet pip setuptools wheel; fi
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -31,7 +38,6 @@ WORKDIR /app
 # Code stays owned by root: the service cannot modify itself.
 COPY main.py config.py storage.py models.py logging_config.py middleware.py metrics.py ratelimit.py server.py ./
 COPY data/sample_documents.json ./samples/
-RUN mkdir -p /app/data && chown app:app /app/data
 
 USER 10001:10001
 VOLUME /app/data
