@@ -70,10 +70,12 @@ def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) ->
 
 class TcpProxy:
     """A loopback TCP relay in front of a server; stopping it is a network outage that the
-    test controls (listener closed, every open connection cut)."""
+    test controls (listener closed, every open connection cut). While `cut_when` is set, a
+    client message it matches is not delivered: that connection is cut instead."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
+        self.cut_when: Callable[[bytes], bool] | None = None
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -104,13 +106,15 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, outbound in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, outbound), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, outbound: bool) -> None:
         try:
             while data := source.recv(65536):
+                cut = self.cut_when
+                if outbound and cut is not None and cut(data):
+                    break
                 sink.sendall(data)
         except OSError:
             pass

@@ -48,8 +48,13 @@ def _to_mongo(doc: Document) -> dict[str, Any]:
     return raw
 
 
+def _key_id(idempotency: IdempotencyKey) -> str:
+    return f"{len(idempotency.scope)}:{idempotency.scope}:{idempotency.key}"
+
+
 def _from_mongo(raw: dict[str, Any]) -> Document:
     raw["id"] = raw.pop("_id")
+    raw.pop("idempotency_key", None)
     raw["metadata"] = {pair["k"]: pair["v"] for pair in raw["metadata"]}
     return Document.model_validate(raw)
 
@@ -123,28 +128,27 @@ class MongoStore:
         await self._ensure_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
+        raw = _to_mongo(doc)
         if idempotency is not None:
-            original = await self._claim(idempotency, fingerprint(data), doc.id, now)
+            raw["idempotency_key"] = _key_id(idempotency)
+            original = await self._claim(idempotency, fingerprint(data), raw, now)
             if original is not None:
                 return original, True
-        with _driver_errors():
-            await self._docs.insert_one(_to_mongo(doc))
+        # A retry may already have finished this create from the claim: then it is done.
+        await self._insert_new(self._docs, raw)
         return doc, False
 
     async def _claim(
-        self, idempotency: IdempotencyKey, body_print: str, doc_id: str, now: datetime
+        self, idempotency: IdempotencyKey, body_print: str, raw: dict[str, Any], now: datetime
     ) -> Document | None:
-        """Record the key before the document exists, so two racing requests cannot both
-        create. Returns the original document when the key is already taken."""
-        key_id = f"{len(idempotency.scope)}:{idempotency.scope}:{idempotency.key}"
-        record = {
-            "_id": key_id,
-            "fingerprint": body_print,
-            "document_id": doc_id,
-            "created_at": now,
-        }
+        """Record the key, with the whole document it creates, before the document exists: two
+        racing requests cannot both create, and a retry can finish a create whose insert was
+        lost (a cut connection, a timeout, a worker killed between the two writes). Returns the
+        original document when the key is already taken."""
+        key_id = raw["idempotency_key"]
+        claim = {"_id": key_id, "fingerprint": body_print, "document": raw, "created_at": now}
         for _ in range(2):
-            if await self._insert_new(self._idempotency, record):
+            if await self._insert_new(self._idempotency, claim):
                 return None
             with _driver_errors():
                 known = await self._idempotency.find_one({"_id": key_id})
@@ -159,12 +163,16 @@ class MongoStore:
                 continue
             if known["fingerprint"] != body_print:
                 raise IdempotencyConflict(idempotency.key)
+            deleted = IdempotencyConflict(idempotency.key, "for a document since deleted")
+            if known.get("deleted"):
+                raise deleted
+            # The first attempt's insert may be lost or still in flight: finish it (a
+            # duplicate id means it landed), then answer with what is stored.
+            await self._insert_new(self._docs, known["document"])
             try:
-                return await self.get(known["document_id"])
+                return await self.get(known["document"]["_id"])
             except DocumentNotFound:
-                raise IdempotencyConflict(
-                    idempotency.key, "for a document that has since been deleted"
-                ) from None
+                raise deleted from None
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:
@@ -203,8 +211,10 @@ class MongoStore:
             if new is current:
                 return current
             with _driver_errors():
-                result = await self._docs.replace_one(
-                    {"_id": doc_id, "version": current.version}, _to_mongo(new)
+                # $set, not a replacement: the key that created the document stays with it.
+                fields = {k: v for k, v in _to_mongo(new).items() if k != "_id"}
+                result = await self._docs.update_one(
+                    {"_id": doc_id, "version": current.version}, {"$set": fields}
                 )
             if result.matched_count == 1:
                 return new
@@ -213,10 +223,23 @@ class MongoStore:
                 raise stale(doc_id, latest.version)
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
-        query: dict[str, Any] = {"_id": doc_id}
-        if if_version is not None:
-            query["version"] = if_version
         with _driver_errors():
+            raw = await self._docs.find_one({"_id": doc_id})
+        if raw is None:
+            raise DocumentNotFound(doc_id)
+        if if_version is not None and raw["version"] != if_version:
+            raise stale(doc_id, raw["version"])
+        with _driver_errors():
+            if "idempotency_key" in raw:
+                # Mark the key that created it as spent first, so that a retry of that create
+                # cannot bring the document back; if the delete below is lost, the document is
+                # still there and a retry replays it.
+                await self._idempotency.update_one(
+                    {"_id": raw["idempotency_key"]}, {"$set": {"deleted": True}}
+                )
+            query: dict[str, Any] = {"_id": doc_id}
+            if if_version is not None:
+                query["version"] = if_version
             result = await self._docs.delete_one(query)
         if result.deleted_count == 0:
             current = await self.get(doc_id)  # raises DocumentNotFound when it is gone

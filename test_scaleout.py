@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pymongo
 import pytest
 from fastapi.testclient import TestClient
 from pymongo import DESCENDING, AsyncMongoClient
@@ -24,6 +25,7 @@ from conftest import (
     Service,
     ServiceFactory,
     TcpProxy,
+    assert_problem,
     free_port,
     make_settings,
     run_main,
@@ -32,6 +34,7 @@ from conftest import (
 from main import create_app
 from models import DocumentCreate
 from mongo_store import MongoStore
+from storage import IdempotencyKey
 
 DOC = {"title": "t", "content": "c", "tags": ["x"]}
 
@@ -165,6 +168,94 @@ def test_mongodb_lost_mid_run_then_recovers(
 
 
 # --- several workers --------------------------------------------------------------------------
+
+
+# --- idempotent creates under lost writes -----------------------------------------------------
+
+# How an insert into the documents collection starts on the wire: {"insert": "documents", ...}.
+INSERT_INTO_DOCUMENTS = b"insert\x00\x0a\x00\x00\x00documents\x00"
+KEYED = {"Idempotency-Key": "order-42"}
+
+
+def test_a_create_whose_insert_is_cut_is_finished_by_its_retry(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """The key is claimed, then every insert into the documents collection is cut (pymongo's own
+    retry included): 503. Once the network heals, the same key and body create the document,
+    and a further retry replays it; a different body is still a 409."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        proxy.cut_when = lambda message: INSERT_INTO_DOCUMENTS in message
+        cut = client.post("/v1/documents", json=DOC, headers=KEYED)
+        assert_problem(cut, 503)
+        assert client.get("/v1/documents").json()["items"] == []
+        proxy.cut_when = None
+        retried = client.post("/v1/documents", json=DOC, headers=KEYED)
+        assert retried.status_code == 201
+        again = client.post("/v1/documents", json=DOC, headers=KEYED)
+        assert again.json() == retried.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        assert client.get("/v1/documents").json()["items"] == [retried.json()]
+        other = client.post("/v1/documents", json={**DOC, "title": "other"}, headers=KEYED)
+        assert_problem(other, 409)
+
+
+def _lose_the_document_insert(mongo_url: str, doc_id: str) -> None:
+    """The state a worker killed between the two writes leaves: the claim, no document."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_url, directConnection=True
+    )
+    with client:
+        database = client.get_default_database()
+        assert database["documents"].delete_one({"_id": doc_id}).deleted_count == 1
+        assert database["idempotency"].count_documents({}) == 1
+
+
+async def _create(store: MongoStore, body: dict[str, Any]) -> tuple[Any, bool]:
+    return await store.create(DocumentCreate.model_validate(body), idempotency=KEY_SCOPE)
+
+
+KEY_SCOPE = IdempotencyKey("alice", "order-42")
+
+
+def test_retries_racing_a_lost_create_make_exactly_one_document(mongo_url: str) -> None:
+    async def scenario() -> None:
+        store = await MongoStore.open(mongo_url)
+        try:
+            first, _ = await _create(store, DOC)
+            _lose_the_document_insert(mongo_url, first.id)
+            results = []
+
+            async def retry() -> None:
+                results.append(await _create(store, DOC))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(retry)
+            assert {doc.id for doc, _ in results} == {first.id}
+            assert all(replayed for _, replayed in results)
+            assert [d.id async for d in store.export_documents()] == [first.id]
+        finally:
+            await store.close()
+
+    anyio.run(scenario)
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["deleted", "patched then deleted"])
+def test_a_retry_after_a_real_delete_is_409_and_brings_nothing_back(
+    mongo_url: str, tmp_path: Path, patched: bool
+) -> None:
+    with mongo_app_client(mongo_url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC, headers=KEYED).json()
+        if patched:
+            client.patch(f"/v1/documents/{doc['id']}", json={"title": "changed"})
+        assert client.delete(f"/v1/documents/{doc['id']}").status_code == 204
+        assert (
+            "deleted"
+            in assert_problem(client.post("/v1/documents", json=DOC, headers=KEYED), 409)["detail"]
+        )
+        assert client.get("/v1/documents").json()["items"] == []
 
 
 def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
