@@ -76,6 +76,7 @@ class TcpProxy:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.cut_when: Callable[[bytes], bool] | None = None
+        self.black_hole = False  # while True, client messages are swallowed: no answer ever
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -115,6 +116,8 @@ class TcpProxy:
                 cut = self.cut_when
                 if outbound and cut is not None and cut(data):
                     break
+                if outbound and self.black_hole:
+                    continue
                 sink.sendall(data)
         except OSError:
             pass
@@ -196,6 +199,8 @@ class Service:
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            # A group of its own: several workers (and their helpers) are stopped together.
+            start_new_session=True,
         )
         self.follow()
         if wait:
@@ -224,15 +229,15 @@ class Service:
         self._reader = threading.Thread(target=drain, daemon=True)
         self._reader.start()
 
-    def wait_for_line(self, text: str, timeout: float) -> str:
-        """Block until the service prints a line containing `text`: the process tells us it is
-        ready, no sleeping and hoping."""
+    def wait_for_line(self, text: str, timeout: float, count: int = 1) -> str:
+        """Block until the service prints `count` lines containing `text` (say, one per
+        worker): the process tells us it is ready, no sleeping and hoping."""
         with self._changed:
             found = self._changed.wait_for(
-                lambda: self._eof or any(text in line for line in self.output), timeout
+                lambda: self._eof or sum(text in line for line in self.output) >= count, timeout
             )
             matches = [line for line in self.output if text in line]
-        if not found or not matches:
+        if not found or len(matches) < count:
             raise AssertionError(f"no line with {text!r}; output:\n{''.join(self.output)}")
         return matches[0]
 
@@ -251,14 +256,21 @@ class Service:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        """kill -9, of every process the service started too."""
         assert self.proc is not None
-        self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def stop_quietly(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGTERM first, so the service cleans up after itself, then the whole group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        self.kill()
 
 
 ServiceFactory = Callable[..., Service]

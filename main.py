@@ -30,7 +30,6 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import orjson
-import uvicorn
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -70,7 +69,7 @@ from problems import (
     UnsupportedMediaType,
 )
 from ratelimit import LimiterUnavailable, open_storage, spend
-from server import SERVER_OPTIONS
+from server import SERVER_OPTIONS, serve
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -658,10 +657,13 @@ async def open_store(settings: Settings) -> DocumentStore:
 
 
 async def _count_or_none(store: DocumentStore) -> int | None:
-    try:
-        return await store.count()
-    except StoreUnavailable:
-        return None  # MongoDB down at startup: serve 503s and recover when it returns
+    """The count, or None when the store cannot say within a second (MongoDB down)."""
+    with anyio.move_on_after(1):
+        try:
+            return await store.count()
+        except StoreUnavailable:
+            pass
+    return None
 
 
 CORS_REQUEST_HEADERS = [
@@ -860,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="documents-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        uvicorn.run(
+        return serve(
             # Several workers each build the app through the factory; one gets it directly.
             "main:serve_app" if settings.workers > 1 else create_app(settings),
             factory=settings.workers > 1,
@@ -877,7 +879,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

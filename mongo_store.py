@@ -9,11 +9,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import anyio
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, uri_parser
 from pymongo.errors import (
     ConnectionFailure,
     DuplicateKeyError,
     ExecutionTimeout,
+    OperationFailure,
     PyMongoError,
     WaitQueueTimeoutError,
     WriteConcernError,
@@ -27,6 +29,7 @@ from storage import (
     IdempotencyConflict,
     IdempotencyKey,
     IdGenerator,
+    StoreAuthenticationFailed,
     StoreError,
     StoreUnavailable,
     apply_patch,
@@ -37,6 +40,9 @@ from storage import (
 )
 
 log = logging.getLogger("documents.store")
+# How long the start waits for MongoDB before it serves anyway (not ready until it answers).
+FIRST_CONTACT_SECONDS = 1.0
+AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
 
 def _to_mongo(doc: Document) -> dict[str, Any]:
@@ -66,6 +72,12 @@ def _driver_errors() -> Iterator[None]:
         yield
     except (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError, WriteConcernError) as exc:
         raise StoreUnavailable("cannot reach MongoDB") from exc
+    except OperationFailure as exc:
+        if exc.code == AUTHENTICATION_FAILED:
+            raise StoreAuthenticationFailed(
+                "MongoDB authentication failed: check the user and password in DATABASE_URL"
+            ) from exc
+        raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
     except PyMongoError as exc:
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
 
@@ -99,11 +111,17 @@ class MongoStore:
 
     @classmethod
     async def open(cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> MongoStore:
-        """Never fails for an unreachable server: the process stays up and reports not ready."""
+        """Waits at most FIRST_CONTACT_SECONDS for MongoDB, so the service answers liveness
+        at once. Refused credentials stop the start; an unreachable server does not: the
+        process stays up, reports not ready, and makes the indexes on first contact."""
         store = cls(url, timeout_ms=timeout_ms, clock=clock)
         try:
-            await store._ensure_indexes()
-        except StoreUnavailable:
+            with anyio.fail_after(FIRST_CONTACT_SECONDS):
+                await store._ensure_indexes()
+        except StoreAuthenticationFailed:
+            await store.close()
+            raise
+        except (StoreUnavailable, TimeoutError):
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
         return store
 

@@ -1,4 +1,5 @@
-"""The HTTP server: uvicorn's httptools protocol with request heads bounded in size, count and time.
+"""The HTTP server: uvicorn's httptools protocol with request heads bounded in size, count and time,
+and `serve()`, which runs it and reports a failed start of any worker as a non-zero exit.
 
 uvicorn with httptools sets no limit on a request head: one connection without a key could send
 hundreds of megabytes of headers, or one byte every few seconds for ever. This protocol refuses a
@@ -14,7 +15,10 @@ import asyncio
 from typing import Any
 
 import orjson
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
@@ -142,6 +146,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+
+def serve(app: Any, **options: Any) -> int:
+    """Run uvicorn until it stops; the exit status to report. uvicorn's own `run` exits 0 when
+    one of several workers failed to start (its supervisor stops all of them quietly), so the
+    workers are supervised here, where their exit codes can be seen."""
+    config = uvicorn.Config(app, **options)
+    if config.workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else STARTUP_FAILURE
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    return STARTUP_FAILURE if failed else 0
 
 
 # What both the service and the benchmark's ceiling run under.

@@ -104,6 +104,10 @@ class StoreUnavailable(StoreError):
     """The store cannot serve right now (disk failure, database unreachable)."""
 
 
+class StoreAuthenticationFailed(StoreUnavailable):
+    """The database refused the configured credentials."""
+
+
 class StoreCorrupt(StoreError):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"data file {path} is corrupt ({reason}); it was left untouched")

@@ -143,6 +143,7 @@ def test_uvicorn_factory_serves(tmp_path: Path) -> None:
         env=service.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     service.proc = proc
     service.follow()

@@ -258,6 +258,55 @@ def test_a_retry_after_a_real_delete_is_409_and_brings_nothing_back(
         assert client.get("/v1/documents").json()["items"] == []
 
 
+def test_liveness_answers_at_once_while_mongodb_does_not_then_all_recovers(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """MongoDB black-holed (connections accepted, nothing answered): /health answers at once,
+    readiness and the API answer 503 within the MongoDB timeout, and when MongoDB answers
+    again the indexes are made and everything works."""
+    proxy = TcpProxy(mongo_server.address)
+    proxy.black_hole = True
+    proxy.start()
+    try:
+        database = mongo_url.rsplit("/", 1)[1]
+        url = f"mongodb://{proxy.address}/{database}?directConnection=true"
+        service = service_factory(
+            env={"DATABASE_URL": url, "WORKERS": "2", "MONGO_TIMEOUT_MS": "1000"}
+        )
+        started = time.monotonic()
+        service.start(wait=False)
+        service.wait_for_line("Application startup complete", timeout=30, count=2)
+        with service.client() as client:
+            assert client.get("/health").status_code == 200
+            assert time.monotonic() - started < 6  # it waited two 5 s timeouts before
+            assert_problem(client.get("/health/ready"), 503)
+            assert_problem(client.post("/v1/documents", json=DOC), 503)
+            proxy.black_hole = False
+            proxy.stop()  # cut the connections that hold swallowed requests
+            proxy.start()
+            deadline = time.monotonic() + 30
+            while client.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "did not recover"
+            assert client.post("/v1/documents", json=DOC).status_code == 201
+    finally:
+        proxy.stop()
+
+
+def test_a_worker_that_cannot_start_stops_the_service_with_a_non_zero_exit(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer
+) -> None:
+    host, port = mongo_server.address
+    url = f"mongodb://ada:wrong-password@{host}:{port}/d?directConnection=true"
+    service = service_factory(env={"DATABASE_URL": url, "WORKERS": "2"})
+    service.start(wait=False)
+    assert service.proc is not None
+    assert service.proc.wait(30) != 0
+    output = service.rest_of_output()
+    assert "authentication failed" in output
+    assert "wrong-password" not in output
+    assert "Traceback" not in output
+
+
 def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
     result = run_main({"DATA_DIR": str(tmp_path), "WORKERS": "2"}, timeout=30)
     assert result.returncode == 2
@@ -303,11 +352,7 @@ def two_workers(service_factory: ServiceFactory, mongo_url: str, **env: str) -> 
     service: Service = service_factory(env={"DATABASE_URL": mongo_url, "WORKERS": "2", **env})
     service.start(wait=False)
     # Each worker announces its own startup: wait for both.
-    service.wait_for_line("Application startup complete", timeout=30)
-    with service._changed:
-        service._changed.wait_for(
-            lambda: sum("Application startup complete" in line for line in service.output) >= 2, 30
-        )
+    service.wait_for_line("Application startup complete", timeout=30, count=2)
     return service
 
 
@@ -326,6 +371,48 @@ def test_two_workers_share_the_rate_limit_through_redis(
     statuses = [fresh_connection_get(service.url, "/v1/documents").status_code for _ in range(20)]
     assert statuses.count(200) == 10
     assert statuses.count(429) == 10
+
+
+@pytest.mark.parametrize("fault", ["black hole", "down"])
+def test_a_redis_that_cannot_answer_costs_requests_a_bounded_503_never_liveness(
+    service_factory: ServiceFactory, mongo_url: str, redis_url: str, fault: str
+) -> None:
+    """Limits are spent asynchronously with a one-second bound: with Redis black-holed or down,
+    /health answers at once on every worker, /v1 answers 503 with Retry-After within the
+    bound, readiness says not ready, and all recovers when Redis answers again."""
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(("127.0.0.1", redis_port))
+    proxy.start()
+    try:
+        service = two_workers(
+            service_factory,
+            mongo_url,
+            RATE_LIMIT_STORAGE_URI=f"redis://{proxy.address}/0",
+        )
+        assert fresh_connection_get(service.url, "/v1/documents").status_code == 200
+        if fault == "black hole":
+            proxy.black_hole = True
+        else:
+            proxy.stop()
+        for _ in range(4):
+            started = time.monotonic()
+            assert fresh_connection_get(service.url, "/health").status_code == 200
+            assert time.monotonic() - started < 0.5
+            started = time.monotonic()
+            refused = fresh_connection_get(service.url, "/v1/documents")
+            assert time.monotonic() - started < 3
+            assert_problem(refused, 503)
+            assert refused.headers["retry-after"] == "5"
+        assert_problem(fresh_connection_get(service.url, "/health/ready"), 503)
+        proxy.black_hole = False
+        proxy.stop()
+        proxy.start()
+        deadline = time.monotonic() + 30
+        while fresh_connection_get(service.url, "/v1/documents").status_code != 200:
+            assert time.monotonic() < deadline, "did not recover"
+        assert fresh_connection_get(service.url, "/health/ready").status_code == 200
+    finally:
+        proxy.stop()
 
 
 def test_two_workers_racing_on_one_if_match_exactly_one_wins(
