@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogFormat = Literal["json", "console"]
 RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://")
+# The key .env.example ships with: copied as it is, it would silently be the service's key.
+PLACEHOLDER_KEY = "change-me-to-a-long-random-string"
 
 
 class Settings(BaseSettings):
@@ -81,7 +83,8 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _well_formed(cls, value: str) -> str:
-        parse_api_keys(value)
+        if any(k.digest == digest_key(PLACEHOLDER_KEY) for k in parse_api_keys(value)):
+            raise ValueError("still the placeholder from .env.example: set a long random key")
         return value
 
     @field_validator("api_key_hashes")

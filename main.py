@@ -135,9 +135,7 @@ def _authenticate(request: Request, keys: list[ApiKey]) -> ApiKey:
     client = request.client.host if request.client else None
     reason = "invalid" if presented else "missing"
     log.warning("auth.failed", extra={"reason": reason, "client": clip(client or "")})
-    raise Unauthorized(
-        "Send a valid key in the X-API-Key header.", headers={"WWW-Authenticate": "ApiKey"}
-    )
+    raise Unauthorized(Unauthorized.kind.description, headers={"WWW-Authenticate": "ApiKey"})
 
 
 async def _spend_budget(request: Request, key: ApiKey) -> None:
@@ -702,6 +700,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
         # `/v1/documents/` is a 404, not a redirect built from the client's Host header.
         redirect_slashes=False,
+        # Operation ids are the handlers' names: what generated clients call the operations.
+        generate_unique_id_function=lambda route: route.name,
     )
     _add_routes(app)
     app.state.settings = settings

@@ -16,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    field_validator,
 )
 
 TITLE_MAX_CHARS = 200
@@ -163,18 +162,12 @@ class DocumentUpdate(BaseModel):
         json_schema_extra={"examples": [{"title": "Quarterly report (final)", "tags": ["final"]}]},
     )
 
-    title: Title | None = None
-    content: Content | None = None
+    # Optional but not nullable: in a merge patch null means "remove", and a document cannot
+    # lose these two (null is refused as not a string, and the schema says so).
+    title: Title = Field(default=None)  # type: ignore[assignment]  # None means absent only
+    content: Content = Field(default=None)  # type: ignore[assignment]  # None means absent only
     tags: Tags | None = None
     metadata: Metadata | None = None
-
-    @field_validator("title", "content")
-    @classmethod
-    def _not_removable(cls, value: str | None) -> str:
-        # In a merge patch null means "remove", and a document cannot lose these fields.
-        if value is None:
-            raise ValueError("cannot be null: title and content are required")
-        return value
 
 
 class Document(BaseModel):

@@ -144,6 +144,11 @@ def schema(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             if path.startswith("/v1/"):
                 operation["security"] = [{"ApiKey": []}]
+            for parameter in operation.get("parameters", []):
+                # `cursor` and `If-None-Match` default to "" in code, which means absent: a
+                # generated client must not send that default.
+                if parameter["schema"].get("default") == "":
+                    del parameter["schema"]["default"]
             for status, response in operation["responses"].items():
                 _shape(response, status, v1=path.startswith("/v1/"))
     app.openapi_schema = document

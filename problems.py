@@ -92,7 +92,7 @@ class InvalidCursor(HTTPProblem):
 
 
 class Unauthorized(HTTPProblem):
-    kind = ProblemType(401, "unauthorized", "Missing or invalid X-API-Key.")
+    kind = ProblemType(401, "unauthorized", "Send a valid key in the X-API-Key header.")
 
 
 class Forbidden(HTTPProblem):

@@ -155,7 +155,8 @@ def serve(app: Any, **options: Any) -> int:
     config = uvicorn.Config(app, **options)
     if config.workers == 1:
         server = uvicorn.Server(config)
-        server.run()
+        # Bound before the app starts, so a port in use fails before `service.started`.
+        server.run(sockets=[config.bind_socket()])
         return 0 if server.started else STARTUP_FAILURE
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()

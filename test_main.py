@@ -495,6 +495,7 @@ def test_a_rate_limit_that_can_never_pass_is_refused(tmp_path: Path, rate: str) 
         ("database_url", "mongodb://", "at least one hostname"),
         ("database_url", "mongodb://u:p@ss:w@host/db", "escaped"),
         ("rate_limit_storage_uri", "bogus://x", "memory://"),
+        ("api_keys", "dev:change-me-to-a-long-random-string", "placeholder"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_what_to_change(

@@ -207,7 +207,7 @@ def test_metrics_track_documents_store_timings_and_refusals(tmp_path: Path) -> N
         client.get("/v1/documents", headers={"X-API-Key": KEY})  # over the limit
         client.get("/v1/documents", headers={"X-API-Key": "wrong-key-123"})
         families = scrape(client)
-    assert families["documents"].samples[0].value == 2
+    assert families["documents_stored"].samples[0].value == 2
     assert families["rate_limited"].samples[0].value == 1
     assert families["auth_failures"].samples[0].value == 1
     store_ops = {
@@ -218,6 +218,22 @@ def test_metrics_track_documents_store_timings_and_refusals(tmp_path: Path) -> N
     assert store_ops["create"] == 2
     assert "process_resident_memory_bytes" in families
     assert "python_gc_objects_collected" in families
+
+
+def test_scrapes_are_not_api_traffic_and_fast_reads_land_in_a_bucket(client: TestClient) -> None:
+    for _ in range(3):
+        client.get("/metrics")
+    client.get("/health")
+    families = scrape(client)
+    routes = {s.labels["route"] for s in families["http_requests"].samples}
+    assert "/metrics" not in routes
+    assert "/health" in routes
+    buckets = [
+        float(s.labels["le"])
+        for s in families["http_request_duration_seconds"].samples
+        if s.name.endswith("_bucket")
+    ]
+    assert min(buckets) <= 0.0001
 
 
 def test_metrics_pass_promtool_check(client: TestClient) -> None:
