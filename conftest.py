@@ -52,6 +52,21 @@ def assert_problem(response: Any, status: int) -> dict[str, Any]:
     return body
 
 
+def walk(client: httpx.Client | TestClient, **params: Any) -> list[dict[str, Any]]:
+    """Every document of a listing, following `next_cursor` to the last page."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        response = client.get("/v1/documents", params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
 @pytest.fixture(scope="session")
 def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusDBServer]:
     """A real MongoDB wire-protocol server (SecantusDB) on a free port, for the whole session."""

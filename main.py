@@ -800,11 +800,15 @@ async def _seed(store: DocumentStore, path: Path) -> int:
     return added
 
 
-def _document_from(line: bytes, number: int) -> Document:
+def _document_from(line: bytes, where: str) -> Document:
     try:
         return check_stored(Document.model_validate_json(line))
-    except ValueError as exc:  # pydantic's ValidationError included
-        raise SystemExit(f"line {number} is not a valid document: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "document"
+        raise SystemExit(f"{where}: {field}: {first['msg']}") from None
+    except ValueError as exc:
+        raise SystemExit(f"{where}: {exc}") from None
 
 
 async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
@@ -814,13 +818,20 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             added = await _seed(store, file or SAMPLES)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
-            async for doc in store.export_documents():
-                sys.stdout.write(doc.model_dump_json() + "\n")
+            target = (
+                await anyio.open_file(file, "w")
+                if file
+                else await anyio.open_file(sys.stdout.fileno(), "w", closefd=False)
+            )
+            async with target as out:
+                async for doc in store.export_documents():
+                    await out.write(doc.model_dump_json() + "\n")
         elif task == "import" and file is not None:
             added = seen = 0
             async with await anyio.open_file(file, "rb") as fh:
                 async for line in fh:
-                    added += await store.import_document(_document_from(line, seen + 1))
+                    doc = _document_from(line, f"{file}:{seen + 1}")
+                    added += await store.import_document(doc)
                     seen += 1
                     if seen % 10_000 == 0:
                         sys.stderr.write(f"imported {seen} lines\n")
@@ -830,14 +841,25 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The documents service.")
+    parser = argparse.ArgumentParser(
+        description="The documents service. Settings come from the environment and .env.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""tasks:
+  serve           serve the API (the default)
+  seed [FILE]     load sample documents (data/sample_documents.json); idempotent
+  export [FILE]   write every document as JSON lines, oldest first (to stdout without FILE)
+  import FILE     read JSON lines as export writes them; existing ids are skipped
+
+On the embedded store, run seed, export and import while the server is stopped.""",
+    )
     parser.add_argument(
         "task",
         nargs="?",
         default="serve",
         choices=["serve", "seed", "export", "import"],
+        help="what to do (see below)",
     )
-    parser.add_argument("file", nargs="?", type=Path, help="seed or import: a file to read")
+    parser.add_argument("file", nargs="?", type=Path, help="the file seed, export or import uses")
     args = parser.parse_args(argv)
     if args.task == "import" and args.file is None:
         parser.error("import needs a FILE of JSON lines")
@@ -854,6 +876,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except StoreError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"error: {exc.filename or args.file}: {exc.strerror}\n")
         return 1
     metrics_dir = None
     if settings.workers > 1:

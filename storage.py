@@ -135,17 +135,23 @@ class IdempotencyKey:
 
 
 class DocumentStore(Protocol):
-    """What the API needs from a backend. Methods are async; each store decides what to offload."""
+    """What the API needs from a backend. Methods are async; each store decides what to offload.
+    Every method may raise StoreUnavailable (the disk or the database cannot serve right now:
+    nothing was changed, retrying later is safe); the others each method names."""
 
     backend: str
 
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
-        """Return the new document, or the original one and True for a replayed key."""
+        """Return the new document once durable, or the original one and True for a replayed
+        key. Raises IdempotencyConflict (the key was used with another body, or for a document
+        since deleted)."""
         ...
 
-    async def get(self, doc_id: str) -> Document: ...
+    async def get(self, doc_id: str) -> Document:
+        """The durable document. Raises DocumentNotFound."""
+        ...
 
     async def page(
         self, *, limit: int, after: str | None = None, tag: str | None = None
@@ -155,9 +161,14 @@ class DocumentStore(Protocol):
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
-    ) -> Document: ...
+    ) -> Document:
+        """Merge `patch` (only at `if_version`, if given). Raises DocumentNotFound,
+        PreconditionFailed, DocumentInvalid (the merge would break a limit)."""
+        ...
 
-    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None: ...
+    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        """Raises DocumentNotFound, PreconditionFailed."""
+        ...
 
     async def import_document(self, doc: Document) -> bool:
         """Insert `doc` as it is (id and timestamps kept) unless its id exists; True if inserted."""

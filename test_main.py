@@ -17,7 +17,7 @@ from limits.storage import storage_from_string
 from pydantic import ValidationError
 from tinydb import TinyDB
 
-from conftest import KEY, OTHER_KEY, assert_problem, make_settings
+from conftest import KEY, OTHER_KEY, assert_problem, make_settings, walk
 from main import create_app
 from ratelimit import LocalStorage, spend
 
@@ -189,20 +189,6 @@ def test_read_missing_document_returns_404_problem(client: TestClient, doc_id: s
 
 
 # --- list -------------------------------------------------------------------------------------
-
-
-def walk(client: TestClient, **params: Any) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        query = {**params, **({"cursor": cursor} if cursor else {})}
-        response = client.get("/v1/documents", params=query)
-        assert response.status_code == 200, response.text
-        page = response.json()
-        items.extend(page["items"])
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return items
 
 
 def test_list_is_newest_first_and_walks_every_document_once(client: TestClient) -> None:

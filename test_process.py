@@ -121,12 +121,42 @@ def test_export_then_import_round_trips_documents(tmp_path: Path) -> None:
     assert run_task(target, "export").stdout == backup
 
 
-def test_import_refuses_an_invalid_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"id": "x"}', b"bad.jsonl:1: title: Field required"),
+        (b"not json", b"bad.jsonl:1: document: Invalid JSON"),
+    ],
+)
+def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(
+    tmp_path: Path, line: bytes, message: bytes
+) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "x"}\n')
+    bad.write_bytes(line + b"\n")
     result = run_task(tmp_path / "data", "import", str(bad))
     assert result.returncode != 0
-    assert b"line 1" in result.stderr
+    assert message in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) <= 3  # the store's open and close lines, then this
+
+
+def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    result = run_task(tmp_path / "data", "import", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 1
+    assert (
+        result.stderr.splitlines()[-1]
+        == f"error: {tmp_path}/missing.jsonl: No such file or directory".encode()
+    )
+    assert b"Traceback" not in result.stderr
+
+
+def test_export_writes_the_file_it_is_given(tmp_path: Path) -> None:
+    assert run_task(tmp_path / "data", "seed").returncode == 0
+    to_stdout = run_task(tmp_path / "data", "export").stdout
+    result = run_task(tmp_path / "data", "export", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 0
+    assert result.stdout == b""
+    assert (tmp_path / "out.jsonl").read_bytes() == to_stdout
 
 
 def test_uvicorn_factory_serves(tmp_path: Path) -> None:
