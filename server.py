@@ -155,8 +155,11 @@ def serve(app: Any, **options: Any) -> int:
     config = uvicorn.Config(app, **options)
     if config.workers == 1:
         server = uvicorn.Server(config)
-        # Bound before the app starts, so a port in use fails before `service.started`.
-        server.run(sockets=[config.bind_socket()])
+        # Bound and listening before the app starts: a port in use fails before
+        # `service.started`, and a client that connects during the start waits, not refused.
+        sock = config.bind_socket()
+        sock.listen(config.backlog)
+        server.run(sockets=[sock])
         return 0 if server.started else STARTUP_FAILURE
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()
