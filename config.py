@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
             raise ValueError("expected rates such as '600/minute' or '10/second;500/hour'") from exc
         if any(item.amount < 1 for item in items):
             raise ValueError("a rate of 0 lets no request through; use at least 1")
-        if re.search(r"/\s*0+\s*[a-z]", value, re.IGNORECASE):
+        if re.search(r"(/|\bper)\s*0+\s*[a-z]", value, re.IGNORECASE):
             # limits reads "5/0minute" as 5/minute: refuse it rather than guess.
             raise ValueError("a window must be at least one unit long")
         return value
@@ -76,8 +77,19 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_storage_uri")
     @classmethod
     def _known_storage(cls, value: str) -> str:
-        if not value.startswith(RATE_LIMIT_SCHEMES):
-            raise ValueError(f"expected a URI starting with one of {', '.join(RATE_LIMIT_SCHEMES)}")
+        if value == "memory://":
+            return value
+        if not value.startswith(RATE_LIMIT_SCHEMES[1:]):
+            raise ValueError(
+                f"expected memory:// or a URI starting {' or '.join(RATE_LIMIT_SCHEMES[1:])}"
+            )
+        try:
+            parts = urllib.parse.urlsplit(value)
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ValueError("not a valid Redis URL (host, port and database)") from None
+        if not parts.hostname:
+            raise ValueError("a Redis URL needs a host")
         return value
 
     @field_validator("api_keys")
@@ -91,6 +103,13 @@ class Settings(BaseSettings):
     @classmethod
     def _well_formed_hashes(cls, value: str) -> str:
         parse_api_key_hashes(value)
+        return value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _a_directory(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: name the directory (the current one would be used silently)")
         return value
 
     @field_validator("root_path")
@@ -121,13 +140,18 @@ class Settings(BaseSettings):
         if value.startswith("mongodb://"):
             # Imported here: only a service configured for MongoDB loads pymongo.
             from pymongo import uri_parser
-            from pymongo.errors import InvalidURI
+            from pymongo.errors import ConfigurationError
 
             try:
                 uri_parser.parse_uri(value)
-            except (InvalidURI, ValueError) as exc:
+            except (ConfigurationError, ValueError) as exc:
                 # pymongo's messages name what is wrong, never the password.
                 raise ValueError(f"not a valid MongoDB URL: {exc}") from None
+        else:
+            # mongodb+srv:// is resolved through DNS only when used: check its form here.
+            parts = urllib.parse.urlsplit(value)
+            if not parts.hostname or ":" in parts.netloc.rpartition("@")[2]:
+                raise ValueError("a mongodb+srv:// URL names one host, without a port")
         return value
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ OTHER_KEY = "test-key-0002"
 HERE = Path(__file__).parent
 
 
-def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+def make_settings(data_dir: Path | str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "data_dir": data_dir,
         "api_keys": f"alice:{KEY},bob:{OTHER_KEY}",

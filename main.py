@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -249,6 +250,11 @@ class StrictJSONRoute(APIRoute):
 # --- HTTP details: ETags, cursors, bodies -----------------------------------------------------
 
 
+# The tags this service issues: a version in ASCII digits, no leading zero, at most 18 digits
+# (anything else, "01", "²", or 5 000 digits, names no version).
+_ISSUED_TAG = re.compile(r'"[1-9][0-9]{0,17}"')
+
+
 def etag(doc: Document) -> str:
     return f'"{doc.version}"'
 
@@ -265,7 +271,7 @@ def _etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
             tag = tag[2:]
         if tag == "*":
             versions.append("*")
-        elif len(tag) >= 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+        elif _ISSUED_TAG.fullmatch(tag):
             versions.append(int(tag[1:-1]))
     return versions
 
@@ -278,8 +284,8 @@ def _if_match_version(header: str | None) -> int | None:
     versions = _etag_versions(header, weak=False)
     if "*" in versions:
         return None
-    numbers = [v for v in versions if isinstance(v, int)]
-    return numbers[0] if len(numbers) == 1 else -1
+    numbers = {v for v in versions if isinstance(v, int)}
+    return numbers.pop() if len(numbers) == 1 else -1
 
 
 def cursor_secret(keys: list[ApiKey]) -> bytes:

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 TITLE_MAX_CHARS = 200
@@ -130,6 +131,19 @@ Content = Annotated[
 ]
 
 
+# More unknown fields than this are one error, not one each: a 1 MB body of unknown keys would
+# otherwise cost a second of building errors that are then never shown.
+UNKNOWN_FIELDS_REPORTED = 20
+
+
+def _few_unknown_fields(model: type[BaseModel], data: Any) -> Any:
+    if isinstance(data, dict) and len(data) > len(model.model_fields) + UNKNOWN_FIELDS_REPORTED:
+        unknown = [k for k in data if k not in model.model_fields]
+        shown = ", ".join(repr(str(k)[:64]) for k in unknown[:5])
+        raise ValueError(f"{len(unknown)} unknown fields, such as {shown}")
+    return data
+
+
 class DocumentCreate(BaseModel):
     """What a client sends to create a document."""
 
@@ -152,6 +166,11 @@ class DocumentCreate(BaseModel):
     tags: Tags = []
     metadata: Metadata = {}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_errors(cls, data: Any) -> Any:
+        return _few_unknown_fields(cls, data)
+
 
 class DocumentUpdate(BaseModel):
     """A JSON merge patch (RFC 7386): absent fields stay, `tags` is replaced whole,
@@ -168,6 +187,11 @@ class DocumentUpdate(BaseModel):
     content: Content = Field(default=None)  # type: ignore[assignment]  # None means absent only
     tags: Tags | None = None
     metadata: Metadata | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_errors(cls, data: Any) -> Any:
+        return _few_unknown_fields(cls, data)
 
 
 class Document(BaseModel):

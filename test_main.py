@@ -323,6 +323,32 @@ def test_patch_that_would_exceed_metadata_limit_returns_422(client: TestClient) 
     assert client.get(f"/v1/documents/{doc['id']}").json() == doc
 
 
+@pytest.mark.parametrize(
+    ("header", "value", "status"),
+    [
+        ("If-None-Match", '"\u00b2"', 200),
+        ("If-None-Match", '"' + "9" * 5000 + '"', 200),
+        ("If-Match", '"\u00b9"', 412),
+        ("If-Match", '"01"', 412),
+        ("If-Match", '"' + "9" * 5000 + '"', 412),
+        ("If-Match", '"1", "1"', 200),
+    ],
+)
+def test_etags_this_service_never_issued_name_no_version(
+    client: TestClient, header: str, value: str, status: int
+) -> None:
+    doc = create(client)
+    path = f"/v1/documents/{doc['id']}"
+    headers = {header.encode(): value.encode("latin-1")}  # the raw bytes a client may send
+    if header == "If-None-Match":
+        response = client.get(path, headers=headers)
+    else:
+        response = client.patch(path, json={"title": "x"}, headers=headers)
+    assert response.status_code == status, response.text
+    if status == 412:
+        assert_problem(response, 412)
+
+
 def test_patch_without_changes_keeps_version(client: TestClient) -> None:
     doc = create(client)
     response = client.patch(f"/v1/documents/{doc['id']}", json={"title": doc["title"]})
@@ -482,13 +508,20 @@ def test_a_rate_limit_that_can_never_pass_is_refused(tmp_path: Path, rate: str) 
         ("database_url", "mongodb://u:p@ss:w@host/db", "escaped"),
         ("rate_limit_storage_uri", "bogus://x", "memory://"),
         ("api_keys", "dev:change-me-to-a-long-random-string", "placeholder"),
+        ("rate_limit", "5 per 0 minute", "at least one unit"),
+        ("rate_limit_storage_uri", "memory://x", "memory://"),
+        ("rate_limit_storage_uri", "redis://u:pw@host:notaport/0", "not a valid Redis URL"),
+        ("database_url", "mongodb://user:pw@/db", "not a valid MongoDB URL"),
+        ("database_url", "mongodb+srv://u:pw@host:27017/db", "without a port"),
+        ("data_dir", "", "empty"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_what_to_change(
     tmp_path: Path, variable: str, value: str, message: str
 ) -> None:
+    overrides: dict[str, Any] = {"data_dir": tmp_path, variable: value}
     with pytest.raises(ValidationError) as caught:
-        make_settings(tmp_path, **{variable: value})
+        make_settings(**overrides)
     assert message in str(caught.value)
 
 
