@@ -329,7 +329,7 @@ def test_swagger_ui_works_offline_in_a_real_browser(service_factory: ServiceFact
             page.locator("input[type=text]").last.fill(KEY)
             page.locator(".auth-btn-wrapper button.authorize").click()
             page.locator("button.btn-done").click()
-            operation = page.locator("#operations-documents-create_document_v1_documents_post")
+            operation = page.locator("#operations-documents-create_document")
             operation.locator(".opblock-summary").click()
             operation.get_by_role("button", name="Try it out").click()
             operation.get_by_role("button", name="Execute").click()
