@@ -35,9 +35,9 @@ def generated(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Ite
     root = tmp_path_factory.mktemp("generated")
     spec = root / "openapi.json"
     spec.write_bytes(httpx.get(f"{service.url}/openapi.json").content)
+    command = ["generate", "--path", str(spec), "--output-path", str(root / PACKAGE)]
     result = subprocess.run(
-        [generator, "generate", "--path", str(spec), "--output-path", str(root / PACKAGE)]
-        + ["--meta", "none"],
+        [generator, *command, "--meta", "none"],
         capture_output=True,
         text=True,
         check=False,
