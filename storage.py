@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import stat
 import threading
@@ -307,6 +308,20 @@ def _require_regular(path: Path) -> None:
         raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
 
 
+# `"key": {` outside any string (a quote inside a string is escaped, and the key here cannot
+# hold a backslash): one per member whose value is an object, unless a key is repeated.
+_OBJECT_MEMBER = re.compile(rb'"[^"\\]*"\s*:\s*\{')
+
+
+def _object_members(value: Any) -> int:
+    """Members whose value is an object, anywhere in a parsed JSON value."""
+    if isinstance(value, dict):
+        return sum(isinstance(v, dict) + _object_members(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(map(_object_members, value))
+    return 0
+
+
 def _read_regular(path: Path) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
@@ -340,6 +355,10 @@ class DurableJSONStorage(Storage):
             raise StoreCorrupt(self.path, f"not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
             raise StoreCorrupt(self.path, "not a TinyDB database (expected an object of tables)")
+        # orjson keeps the last of two equal keys, which would silently drop a record: count
+        # the members whose value is an object in the text and in what was parsed.
+        if len(_OBJECT_MEMBER.findall(raw)) > _object_members(data):
+            raise StoreCorrupt(self.path, "a key appears twice in one object")
         return data
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:

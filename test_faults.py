@@ -395,15 +395,23 @@ def test_a_journal_line_the_store_would_never_write_is_refused_untouched(
     assert not (tmp_path / DATA_FILE).exists()
 
 
+def _twice_under_one_key() -> bytes:
+    first, second = json.dumps(_record()), json.dumps(_record(doc_id="01JDQ7Z8X4M2N6P9R3T5V7W9YC"))
+    return b'{"documents": {"1": %s, "1": %s}}' % (first.encode(), second.encode())
+
+
 @pytest.mark.parametrize(
-    "database",
-    [{"documents": {}, "extra": {"1": {}}}, {"documents": {"1": _record(doc_id="nope")}}],
-    ids=["an unknown table", "an id the service never makes"],
+    "raw",
+    [
+        json.dumps({"documents": {}, "extra": {"1": {}}}).encode(),
+        json.dumps({"documents": {"1": _record(doc_id="nope")}}).encode(),
+        _twice_under_one_key(),
+    ],
+    ids=["an unknown table", "an id the service never makes", "two records under one key"],
 )
 def test_a_database_the_store_would_never_write_is_refused_untouched(
-    tmp_path: Path, database: dict[str, Any]
+    tmp_path: Path, raw: bytes
 ) -> None:
-    raw = json.dumps(database).encode()
     (tmp_path / DATA_FILE).write_bytes(raw)
     with pytest.raises(StoreCorrupt):
         TinyDBStore.open(tmp_path)

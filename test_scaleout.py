@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -305,6 +306,20 @@ def test_a_worker_that_cannot_start_stops_the_service_with_a_non_zero_exit(
     assert "authentication failed" in output
     assert "wrong-password" not in output
     assert "Traceback" not in output
+
+
+def test_stopping_several_workers_leaves_no_process_and_no_metrics_directory(
+    service_factory: ServiceFactory, mongo_url: str
+) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("documents-metrics-*"))
+    service = two_workers(service_factory, mongo_url)
+    assert service.proc is not None
+    group = service.proc.pid
+    assert set(Path(tempfile.gettempdir()).glob("documents-metrics-*")) - before
+    service.stop_quietly()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)  # no worker, no resource tracker: nothing of the group is left
+    assert set(Path(tempfile.gettempdir()).glob("documents-metrics-*")) - before == set()
 
 
 def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
