@@ -156,9 +156,16 @@ class TcpProxy:
             s.close()
 
 
+def app_client(
+    data_dir: Path, *, headers: dict[str, str] | None = None, **settings: Any
+) -> TestClient:
+    """The real app on `data_dir` with test settings; `with` runs its lifespan."""
+    return TestClient(create_app(make_settings(data_dir, **settings)), headers=headers)
+
+
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(tmp_path)), headers={"X-API-Key": KEY}) as c:
+    with app_client(tmp_path, headers={"X-API-Key": KEY}) as c:
         yield c
 
 

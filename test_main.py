@@ -17,7 +17,7 @@ from limits.storage import storage_from_string
 from pydantic import ValidationError
 from tinydb import TinyDB
 
-from conftest import KEY, OTHER_KEY, assert_problem, make_settings, walk
+from conftest import KEY, OTHER_KEY, app_client, assert_problem, make_settings, walk
 from main import create_app
 from ratelimit import LocalStorage, spend
 
@@ -444,7 +444,7 @@ def _api_operations() -> list[tuple[str, str]]:
 def test_missing_or_wrong_key_returns_401(
     tmp_path: Path, headers: dict[str, str], method: str, path: str
 ) -> None:
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with app_client(tmp_path) as client:
         response = client.request(method, path, headers=headers, json=DOC)
         assert_problem(response, 401)
         assert response.headers["www-authenticate"] == "ApiKey"
@@ -452,14 +452,14 @@ def test_missing_or_wrong_key_returns_401(
 
 @pytest.mark.parametrize("path", ["/health", "/health/ready", "/docs", "/redoc", "/openapi.json"])
 def test_public_endpoints_need_no_key(tmp_path: Path, path: str) -> None:
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with app_client(tmp_path) as client:
         assert client.get(path).status_code == 200
 
 
 def test_without_configured_keys_a_key_is_generated_and_auth_stays_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with TestClient(create_app(make_settings(tmp_path, api_keys=""))) as client:
+    with app_client(tmp_path, api_keys="") as client:
         assert_problem(client.get("/v1/documents"), 401)
         printed = capsys.readouterr().err
         key = printed.split("export KEY=")[1].split()[0]
@@ -467,7 +467,7 @@ def test_without_configured_keys_a_key_is_generated_and_auth_stays_on(
 
 
 def test_rate_limit_per_key_returns_429_with_retry_after(tmp_path: Path) -> None:
-    with TestClient(create_app(make_settings(tmp_path, rate_limit="3/minute"))) as client:
+    with app_client(tmp_path, rate_limit="3/minute") as client:
         alice = {"X-API-Key": KEY}
         responses = [client.get("/v1/documents", headers=alice) for _ in range(3)]
         assert [r.status_code for r in responses] == [200, 200, 200]
@@ -540,9 +540,9 @@ READER = "reader-key-0003"
     ids=["plain", "hashed"],
 )
 def test_a_read_only_key_reads_and_every_write_gets_403(
-    tmp_path: Path, keys: dict[str, str]
+    tmp_path: Path, keys: dict[str, Any]
 ) -> None:
-    with TestClient(create_app(make_settings(tmp_path, **keys))) as client:
+    with app_client(tmp_path, **keys) as client:
         doc = client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY}).json()
         reader = {"X-API-Key": READER}
         assert client.get(f"/v1/documents/{doc['id']}", headers=reader).status_code == 200
@@ -610,7 +610,7 @@ def test_valid_request_id_is_echoed_and_invalid_one_replaced(client: TestClient)
 def test_generated_request_ids_differ_between_requests_and_apps(tmp_path: Path) -> None:
     ids = set()
     for data_dir in (tmp_path / "a", tmp_path / "b"):
-        with TestClient(create_app(make_settings(data_dir))) as client:
+        with app_client(data_dir) as client:
             ids |= {client.get("/health").headers["x-request-id"] for _ in range(20)}
     assert len(ids) == 40
 
@@ -627,7 +627,7 @@ def test_api_responses_carry_security_headers(client: TestClient) -> None:
 
 def test_readiness_is_503_problem_when_the_data_dir_cannot_be_written(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    with TestClient(create_app(make_settings(data_dir))) as client:
+    with app_client(data_dir) as client:
         assert client.get("/health/ready").json()["status"] == "ready"
         for child in data_dir.iterdir():
             child.unlink()
@@ -686,7 +686,7 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "X-API-Key, Content-Type",
     }
-    with TestClient(create_app(make_settings(tmp_path / "a"))) as client:
+    with app_client(tmp_path / "a") as client:
         response = client.options("/v1/documents", headers=preflight)
         assert "access-control-allow-origin" not in response.headers
     settings = make_settings(tmp_path / "b", cors_origins="https://app.example")

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEY, OTHER_KEY, Service, ServiceFactory, make_settings
+from conftest import KEY, OTHER_KEY, Service, ServiceFactory, app_client, make_settings
 from logging_config import configure_logging
 from main import create_app
 
@@ -58,7 +58,7 @@ def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_create_logs_event_and_one_access_line_with_every_field(
     tmp_path: Path, log_lines: LogLines
 ) -> None:
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with app_client(tmp_path) as client:
         response = client.post(
             "/v1/documents",
             json=DOC,
@@ -90,7 +90,7 @@ def test_create_logs_event_and_one_access_line_with_every_field(
 
 
 def test_404_and_401_access_lines_are_warnings(tmp_path: Path, log_lines: LogLines) -> None:
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with app_client(tmp_path) as client:
         client.get("/v1/documents/missing", headers={"X-API-Key": KEY})
         client.get("/v1/documents", headers={"X-API-Key": "not-a-real-key"})
         client.get("/v1/documents")
@@ -107,7 +107,7 @@ def test_404_and_401_access_lines_are_warnings(tmp_path: Path, log_lines: LogLin
 
 
 def test_429_is_logged_with_key_name(tmp_path: Path, log_lines: LogLines) -> None:
-    with TestClient(create_app(make_settings(tmp_path, rate_limit="1/minute"))) as client:
+    with app_client(tmp_path, rate_limit="1/minute") as client:
         client.get("/v1/documents", headers={"X-API-Key": KEY})
         client.get("/v1/documents", headers={"X-API-Key": KEY})
     lines = log_lines()
@@ -136,7 +136,7 @@ def test_500_is_logged_once_with_traceback_and_request_id(
 
 
 def test_keys_and_document_content_never_reach_the_log(tmp_path: Path, log_lines: LogLines) -> None:
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with app_client(tmp_path) as client:
         doc = client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY}).json()
         client.get(f"/v1/documents/{doc['id']}", headers={"X-API-Key": OTHER_KEY})
         client.get("/v1/documents", headers={"X-API-Key": "wrong-but-secret-key"})
@@ -150,7 +150,7 @@ def test_request_id_with_newline_or_quote_is_replaced_not_logged(
     tmp_path: Path, log_lines: LogLines
 ) -> None:
     hostile = 'evil\n{"level": "CRITICAL"}"'
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with app_client(tmp_path) as client:
         response = client.get("/health", headers={"X-Request-ID": hostile, "User-Agent": hostile})
     assert response.headers["x-request-id"] != hostile
     lines = log_lines()  # every line still parses as one JSON object
@@ -201,7 +201,7 @@ def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
 
 
 def test_metrics_track_documents_store_timings_and_refusals(tmp_path: Path) -> None:
-    with TestClient(create_app(make_settings(tmp_path, rate_limit="2/minute"))) as client:
+    with app_client(tmp_path, rate_limit="2/minute") as client:
         client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
         client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
         client.get("/v1/documents", headers={"X-API-Key": KEY})  # over the limit

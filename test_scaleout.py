@@ -26,13 +26,12 @@ from conftest import (
     Service,
     ServiceFactory,
     TcpProxy,
+    app_client,
     assert_problem,
     free_port,
-    make_settings,
     run_main,
     run_threads,
 )
-from main import create_app
 from models import DocumentCreate
 from mongo_store import MongoStore
 from storage import IdempotencyKey
@@ -49,8 +48,9 @@ def until_ready(client: TestClient, seconds: float = 15) -> None:
 
 
 def mongo_app_client(url: str, tmp_path: Path, **overrides: Any) -> TestClient:
-    settings = make_settings(tmp_path, database_url=url, mongo_timeout_ms=500, **overrides)
-    return TestClient(create_app(settings), headers={"X-API-Key": KEY})
+    return app_client(
+        tmp_path, headers={"X-API-Key": KEY}, database_url=url, mongo_timeout_ms=500, **overrides
+    )
 
 
 # --- the API on MongoDB -----------------------------------------------------------------------
@@ -479,7 +479,7 @@ def test_tinydb_to_mongodb_and_back_gives_identical_documents(
     tinydb = {"DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY}
     mongodb = {"DATABASE_URL": mongo_url, "API_KEYS": KEY}
     assert run_main(tinydb, "seed").returncode == 0
-    with TestClient(create_app(make_settings(tmp_path / "data")), headers={"X-API-Key": KEY}) as c:
+    with app_client(tmp_path / "data", headers={"X-API-Key": KEY}) as c:
         doc = c.post("/v1/documents", json={**DOC, "metadata": {"a.b": 1.5}}).json()
         c.patch(f"/v1/documents/{doc['id']}", json={"content": "v2"})
     first = run_main(tinydb, "export").stdout
