@@ -12,6 +12,7 @@ liveness.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from limits import RateLimitItem
 from limits.aio.storage import RedisStorage, Storage
 from limits.errors import StorageError
 
+log = logging.getLogger("documents.ratelimit")
 # How long one request may wait on the rate-limit store before it is answered 503.
 TIMEOUT = 1.0
 
@@ -113,7 +115,8 @@ async def spend(storage: Storage, items: list[RateLimitItem], identifier: str) -
                     Budget(max(0, item.amount - count), count <= item.amount, item.amount, reset_at)
                 )
     except (TimeoutError, StorageError) as exc:
-        raise LimiterUnavailable("the rate-limit store did not answer") from exc
+        log.error("rate_limit.unavailable", extra={"error": repr(exc.__cause__ or exc)[:200]})
+        raise LimiterUnavailable("The rate-limit store did not answer; try again shortly.") from exc
     return budgets
 
 
@@ -123,6 +126,6 @@ async def check(storage: Storage) -> None:
         with anyio.fail_after(TIMEOUT):
             reachable = await storage.check()
     except (TimeoutError, StorageError) as exc:
-        raise LimiterUnavailable("the rate-limit store did not answer") from exc
+        raise LimiterUnavailable("The rate-limit store did not answer.") from exc
     if not reachable:
-        raise LimiterUnavailable("the rate-limit store is unreachable")
+        raise LimiterUnavailable("The rate-limit store is unreachable.")
