@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import secrets
 import stat
 import threading
@@ -308,18 +307,24 @@ def _require_regular(path: Path) -> None:
         raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
 
 
-# `"key": {` outside any string (a quote inside a string is escaped, and the key here cannot
-# hold a backslash): one per member whose value is an object, unless a key is repeated.
-_OBJECT_MEMBER = re.compile(rb'"[^"\\]*"\s*:\s*\{')
+def _objects_opened(raw: bytes) -> int:
+    """How many `"key":{` (or `"key": {`) the text holds outside strings, where a quote is
+    always escaped."""
+    return sum(
+        raw.count(b'"' + sep + b"{") - raw.count(b'\\"' + sep + b"{") for sep in (b":", b": ")
+    )
 
 
-def _object_members(value: Any) -> int:
-    """Members whose value is an object, anywhere in a parsed JSON value."""
-    if isinstance(value, dict):
-        return sum(isinstance(v, dict) + _object_members(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(map(_object_members, value))
-    return 0
+def _objects_parsed(tables: dict[str, dict[str, Any]]) -> int:
+    """The same count in what was parsed: every table, every record, every record's object
+    member (a document's metadata): the only objects this store writes."""
+    opened = 0
+    for records in tables.values():
+        opened += 1 + len(records)
+        for record in records.values():
+            if isinstance(record, dict):
+                opened += sum(isinstance(value, dict) for value in record.values())
+    return opened
 
 
 def _read_regular(path: Path) -> bytes | None:
@@ -355,9 +360,9 @@ class DurableJSONStorage(Storage):
             raise StoreCorrupt(self.path, f"not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
             raise StoreCorrupt(self.path, "not a TinyDB database (expected an object of tables)")
-        # orjson keeps the last of two equal keys, which would silently drop a record: count
-        # the members whose value is an object in the text and in what was parsed.
-        if len(_OBJECT_MEMBER.findall(raw)) > _object_members(data):
+        # orjson keeps the last of two equal keys, which would silently drop a record: an
+        # object in the text that did not make it into what was parsed is such a key.
+        if _objects_opened(raw) > _objects_parsed(data):
             raise StoreCorrupt(self.path, "a key appears twice in one object")
         return data
 
