@@ -464,6 +464,16 @@ def test_without_configured_keys_a_key_is_generated_and_auth_stays_on(
         printed = capsys.readouterr().err
         key = printed.split("export KEY=")[1].split()[0]
         assert client.get("/v1/documents", headers={"X-API-Key": key}).status_code == 200
+        assert "http://127.0.0.1:8000/v1/documents" in printed  # a URL to paste, not HOST:PORT
+
+
+def test_behind_a_path_prefix_location_leads_back_to_the_document(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path, root_path="/documents"))
+    with TestClient(app, root_path="/documents", headers={"X-API-Key": KEY}) as client:
+        created = client.post("/v1/documents", json=DOC)
+        location = created.headers["location"]
+        assert location == f"/documents/v1/documents/{created.json()['id']}"
+        assert client.get(location).json() == created.json()
 
 
 def test_rate_limit_per_key_returns_429_with_retry_after(tmp_path: Path) -> None:
