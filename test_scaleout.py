@@ -34,6 +34,7 @@ from conftest import (
 )
 from models import DocumentCreate
 from mongo_store import MongoStore
+from ratelimit import TIMEOUT as LIMITER_TIMEOUT
 from storage import IdempotencyKey
 
 DOC = {"title": "t", "content": "c", "tags": ["x"]}
@@ -428,7 +429,8 @@ def test_a_redis_that_cannot_answer_costs_requests_a_bounded_503_never_liveness(
         for _ in range(4):
             started = time.monotonic()
             assert fresh_connection_get(service.url, "/health").status_code == 200
-            assert time.monotonic() - started < 0.5
+            # Well under the one-second bound a request spends waiting on Redis: never waited.
+            assert time.monotonic() - started < LIMITER_TIMEOUT
             started = time.monotonic()
             refused = fresh_connection_get(service.url, "/v1/documents")
             assert time.monotonic() - started < 3
