@@ -384,38 +384,34 @@ ODD_BUT_CHECKSUMMED = {
 }
 
 
-@pytest.mark.parametrize("journal", ODD_BUT_CHECKSUMMED.values(), ids=ODD_BUT_CHECKSUMMED)
-def test_a_journal_line_the_store_would_never_write_is_refused_untouched(
-    tmp_path: Path, journal: bytes
-) -> None:
-    (tmp_path / JOURNAL_FILE).write_bytes(journal)
-    with pytest.raises(StoreCorrupt):
-        TinyDBStore.open(tmp_path)
-    assert (tmp_path / JOURNAL_FILE).read_bytes() == journal
-    assert not (tmp_path / DATA_FILE).exists()
-
-
 def _twice_under_one_key() -> bytes:
     first, second = json.dumps(_record()), json.dumps(_record(doc_id="01JDQ7Z8X4M2N6P9R3T5V7W9YC"))
     return b'{"documents": {"1": %s, "1": %s}}' % (first.encode(), second.encode())
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
+NEVER_WRITTEN = {
+    **{f"journal: {case}": (JOURNAL_FILE, raw) for case, raw in ODD_BUT_CHECKSUMMED.items()},
+    "database: an unknown table": (
+        DATA_FILE,
         json.dumps({"documents": {}, "extra": {"1": {}}}).encode(),
+    ),
+    "database: an id the service never makes": (
+        DATA_FILE,
         json.dumps({"documents": {"1": _record(doc_id="nope")}}).encode(),
-        _twice_under_one_key(),
-    ],
-    ids=["an unknown table", "an id the service never makes", "two records under one key"],
-)
-def test_a_database_the_store_would_never_write_is_refused_untouched(
-    tmp_path: Path, raw: bytes
+    ),
+    "database: two records under one key": (DATA_FILE, _twice_under_one_key()),
+}
+
+
+@pytest.mark.parametrize(("name", "raw"), NEVER_WRITTEN.values(), ids=NEVER_WRITTEN)
+def test_a_file_the_store_would_never_write_is_refused_untouched(
+    tmp_path: Path, name: str, raw: bytes
 ) -> None:
-    (tmp_path / DATA_FILE).write_bytes(raw)
+    (tmp_path / name).write_bytes(raw)
     with pytest.raises(StoreCorrupt):
         TinyDBStore.open(tmp_path)
-    assert (tmp_path / DATA_FILE).read_bytes() == raw
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, LOCK_FILE])
+    assert (tmp_path / name).read_bytes() == raw
 
 
 def test_a_torn_last_journal_line_is_cut_at_open_so_later_writes_stay_readable(
