@@ -171,6 +171,11 @@ class Settings(BaseSettings):
             digests = [k.digest for k in keys]
             if len(set(digests)) != len(digests):
                 raise ValueError(f"{variable}: the same key is configured twice")
+        if self.workers > 1 and not (self.api_keys or self.api_key_hashes):
+            raise ValueError(
+                "WORKERS: several workers need API_KEYS or API_KEY_HASHES: a key generated at "
+                "start would be a different one in each worker"
+            )
         if self.workers > 1 and not self.database_url:
             raise ValueError(
                 "WORKERS: more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB "

@@ -507,6 +507,12 @@ def test_a_rate_limit_that_can_never_pass_is_refused(tmp_path: Path, rate: str) 
         make_settings(tmp_path, rate_limit=rate)
 
 
+def test_several_workers_without_configured_keys_are_refused(tmp_path: Path) -> None:
+    # A key generated at start would differ from worker to worker.
+    with pytest.raises(ValidationError, match="WORKERS: several workers need API_KEYS"):
+        make_settings(tmp_path, api_keys="", workers=2, database_url="mongodb://db/d")
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
