@@ -276,16 +276,21 @@ def _etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
     return versions
 
 
-def _if_match_version(header: str | None) -> int | None:
-    """The version an If-Match demands: None for no header or `*`, -1 (never matches) for
-    tags this service never issued."""
+async def _if_match_version(store: DocumentStore, doc_id: str, header: str | None) -> int | None:
+    """The version an If-Match demands: None for no header or `*`, -1 (never matches) when it
+    names no tag this service issued. A list matches if any tag does (RFC 9110, 13.1.1): of
+    several versions, the current one if named, which the write's compare-and-set then holds
+    to, so a change in between is still a 412."""
     if header is None:
         return None
     versions = _etag_versions(header, weak=False)
     if "*" in versions:
         return None
     numbers = {v for v in versions if isinstance(v, int)}
-    return numbers.pop() if len(numbers) == 1 else -1
+    if len(numbers) > 1:
+        current = (await store.get(doc_id)).version
+        return current if current in numbers else -1
+    return numbers.pop() if numbers else -1
 
 
 def cursor_secret(keys: list[ApiKey]) -> bytes:
@@ -419,7 +424,8 @@ async def update_document(
     """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
     `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
     _check_content(body.content, caller.settings)
-    doc = await caller.store.update(document_id, body, if_version=_if_match_version(if_match))
+    version = await _if_match_version(caller.store, document_id, if_match)
+    doc = await caller.store.update(document_id, body, if_version=version)
     log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
     return _document_response(doc, headers={"ETag": etag(doc)})
 
@@ -433,7 +439,8 @@ async def delete_document(
     ] = None,
 ) -> Response:
     """Delete for good; later reads get `404`."""
-    await caller.store.delete(document_id, if_version=_if_match_version(if_match))
+    version = await _if_match_version(caller.store, document_id, if_match)
+    await caller.store.delete(document_id, if_version=version)
     log.info("document.deleted", extra={"document_id": document_id})
     return Response(status_code=204)
 

@@ -332,6 +332,8 @@ def test_patch_that_would_exceed_metadata_limit_returns_422(client: TestClient) 
         ("If-Match", '"01"', 412),
         ("If-Match", '"' + "9" * 5000 + '"', 412),
         ("If-Match", '"1", "1"', 200),
+        ("If-Match", '"2", "1"', 200),
+        ("If-Match", '"2", "3"', 412),
     ],
 )
 def test_etags_this_service_never_issued_name_no_version(
