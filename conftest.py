@@ -193,8 +193,12 @@ def run_main(
 class Service:
     """`python main.py` in a subprocess, as a user starts it."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> None:
+        """`wrapper` runs before the interpreter (say, `setpriv ...` to drop privileges)."""
         self.data_dir = data_dir
+        self.wrapper = wrapper or []
         self.port = free_port()
         self.env = {
             "PATH": os.environ.get("PATH", ""),
@@ -216,7 +220,7 @@ class Service:
     def start(self, *, wait: bool = True) -> Service:
         self.output = []
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "main.py")],
+            [*self.wrapper, sys.executable, str(HERE / "main.py")],
             cwd=HERE,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -349,8 +353,12 @@ def write_until_killed(
 def service_factory(tmp_path: Path) -> Iterator[ServiceFactory]:
     started: list[Service] = []
 
-    def make(data_dir: Path | None = None, env: dict[str, str] | None = None) -> Service:
-        service = Service(data_dir or tmp_path / "data", env)
+    def make(
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+    ) -> Service:
+        service = Service(data_dir or tmp_path / "data", env, wrapper)
         started.append(service)
         return service
 

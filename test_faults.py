@@ -495,20 +495,31 @@ def test_a_full_disk_answers_503_loses_no_acknowledged_write_and_recovers(
         assert len(listed) == len(acknowledged)
 
 
-@pytest.mark.parametrize("damage", ["fifo", "readonly"])
+# Root that obeys file permissions: without these capabilities it is refused like anyone else.
+NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("damage", ["fifo", "readonly", "owner"])
 def test_an_unusable_data_directory_stops_the_service_with_one_clean_line(
     tmp_path: Path, service_factory: ServiceFactory, damage: str
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / DATA_FILE).write_bytes(b'{"documents": {}}')
+    wrapper = None
     if damage == "fifo":
         os.mkfifo(data_dir / JOURNAL_FILE)
     elif damage == "readonly":
         if subprocess.run(["mount", "--bind", str(data_dir), str(data_dir)]).returncode != 0:
             pytest.skip("cannot bind-mount here")
         subprocess.run(["mount", "-o", "remount,bind,ro", str(data_dir)], check=True)
-    service = service_factory(data_dir)
+    else:
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("needs root and setpriv (util-linux) to drop the permission override")
+        os.chown(data_dir / DATA_FILE, 65534, 65534)  # another user's file, mode 0600
+        os.chmod(data_dir / DATA_FILE, 0o600)
+        wrapper = NO_OVERRIDE
+    service = service_factory(data_dir, wrapper=wrapper)
     try:
         service.start(wait=False)
         assert service.proc is not None
@@ -522,4 +533,6 @@ def test_an_unusable_data_directory_stops_the_service_with_one_clean_line(
     assert str(data_dir) in output
     if damage == "fifo":
         assert (data_dir / JOURNAL_FILE).is_fifo()
+    if damage == "owner":
+        assert (data_dir / DATA_FILE).read_bytes() == b'{"documents": {}}'
     shutil.rmtree(data_dir, ignore_errors=True)
