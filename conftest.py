@@ -273,6 +273,13 @@ class Service:
         self._reader.join(timeout)
         return "".join(self.output)
 
+    def rss_kb(self) -> int:
+        """The server process's resident memory."""
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1])
+
     def client(self, key: str = KEY) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-API-Key": key}, timeout=10)
 

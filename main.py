@@ -51,7 +51,6 @@ from metrics import MeteredStore, Metrics
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, RequestContextMiddleware
 from models import Document, DocumentCreate, DocumentPage, DocumentUpdate, check_stored
 from problems import (
-    HTTP_ERROR,
     IDEMPOTENCY_CONFLICT,
     INTERNAL,
     LIMITER_UNAVAILABLE,
@@ -68,6 +67,7 @@ from problems import (
     RateLimited,
     Unauthorized,
     UnsupportedMediaType,
+    for_status,
 )
 from ratelimit import LimiterUnavailable, open_storage, spend
 from server import SERVER_OPTIONS, serve
@@ -327,14 +327,8 @@ def _document_response(
 
 def _check_content(content: str | None, settings: Settings) -> None:
     if content is not None and len(content) > settings.max_content_chars:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("body", "content"),
-                    "msg": f"String should have at most {settings.max_content_chars} characters",
-                    "type": "string_too_long",
-                }
-            ]
+        raise DocumentInvalid(
+            "content", f"content should have at most {settings.max_content_chars} characters"
         )
 
 
@@ -559,7 +553,7 @@ async def _http_problem(request: Request, exc: HTTPException) -> Response:
         return METHOD_NOT_ALLOWED.response(
             f"{request.method} is not allowed on {path}.", headers=headers
         )
-    return HTTP_ERROR.response(str(exc.detail), headers=headers)
+    return for_status(exc.status_code).response(str(exc.detail), headers=headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:

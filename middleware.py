@@ -1,5 +1,5 @@
-"""Pure ASGI middleware (request context + access log, body limit) and the problem response
-they share with the API's error map."""
+"""Pure ASGI middleware: request id, access log and metrics hook, security headers, body limit
+and timeout, HEAD as GET."""
 
 from __future__ import annotations
 

@@ -131,8 +131,8 @@ Content = Annotated[
 ]
 
 
-# More unknown fields than this are one error, not one each: a 1 MB body of unknown keys would
-# otherwise cost a second of building errors that are then never shown.
+# More unknown fields than this are one error, not one each: a body of many unknown keys would
+# otherwise cost building errors that are never shown.
 UNKNOWN_FIELDS_REPORTED = 20
 
 

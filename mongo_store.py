@@ -71,7 +71,8 @@ def _driver_errors() -> Iterator[None]:
     try:
         yield
     except (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError, WriteConcernError) as exc:
-        raise StoreUnavailable("cannot reach MongoDB") from exc
+        log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
+        raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc
     except OperationFailure as exc:
         if exc.code == AUTHENTICATION_FAILED:
             raise StoreAuthenticationFailed(

@@ -93,7 +93,7 @@ def created_responses() -> dict[int | str, dict[str, Any]]:
                 },
             },
         },
-        **problems(400, 403, 409, 413, 415),
+        **problems(400, 403, 408, 409, 413, 415),
     }
 
 

@@ -49,7 +49,7 @@ class ProblemType:
 
     @property
     def title(self) -> str:
-        return TITLES[self.status]
+        return TITLES.get(self.status, "Error")
 
     def response(
         self,
@@ -139,6 +139,13 @@ LIMITER_UNAVAILABLE = ProblemType(
     503, "rate-limit-store-unavailable", "The rate-limit store cannot answer right now."
 )
 HTTP_ERROR = ProblemType(400, "http-error", "A request the server could not handle.")
+
+
+def for_status(status: int) -> ProblemType:
+    """A problem type for an HTTP error nothing here names (Starlette's own, say)."""
+    return ProblemType(status, "http-error", TITLES.get(status, "Error"))
+
+
 INTERNAL = ProblemType(500, "internal-error", "A bug; the detail says nothing of internals.")
 
 ALL: tuple[ProblemType, ...] = (

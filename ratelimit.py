@@ -2,12 +2,12 @@
 configured window, and the storages behind `RATE_LIMIT_STORAGE_URI`.
 
 `memory://` is `LocalStorage` below: fixed-window counters in a dict, expired lazily when read.
-limits' own memory storages sweep expired keys on a timer every few milliseconds, which under
-load competes with the event loop; here the keys are API key names, so the dict is bounded by
-the number of configured keys and needs no sweep. `redis://` and `rediss://` are limits' asyncio
-Redis storage over redis-py, so a round trip never blocks the event loop, and every spend is
-bounded by `TIMEOUT`: a slow or unreachable Redis costs a request a 503, never the process its
-liveness.
+limits' asyncio memory storage schedules an expiry task on every hit (and its sync one a sweeper
+timer), work on the event loop for every request; here the keys are API key names, so the dict
+is bounded by the number of configured keys and needs no sweep. `redis://` and `rediss://` are
+limits' asyncio Redis storage over redis-py, so a round trip never blocks the event loop, and
+every spend is bounded by `TIMEOUT`: a slow or unreachable Redis costs a request a 503, never
+the process its liveness.
 """
 
 from __future__ import annotations

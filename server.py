@@ -7,6 +7,12 @@ head over `MAX_HEAD_BYTES` or `MAX_HEADERS` with 431 and closes a connection who
 arrived `HEAD_TIMEOUT` seconds after its first byte (or after the connection opened) with 408,
 before the application sees anything. Idle keep-alive connections close after
 `KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer).
+
+uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
+leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
+callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`, its
+`transport`, `loop` and `cycle.more_body`; `Multiprocess` with its `processes` and their
+`exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed start.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ HEAD_TIMED_OUT = _problem(
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Counts what a head costs as it arrives; memory stays within one read of the limit."""
 
+    # uvicorn narrows the parameter to asyncio.Transport; BaseTransport in asyncio.Protocol.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0

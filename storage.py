@@ -484,9 +484,8 @@ class TinyDBStore:
         self._flush_lock = threading.Lock()
         self._flush_turn = anyio.Lock()
         self._pending: list[_Change] = []
-        self._written_seq = 0
+        self._staged_seq = 0
         self._durable_seq = 0
-        self._last_ticket = _Ticket(0)
         self._journal_bytes = 0  # the journal file's length: everything in it is durable
         self._compact_at = compact_min_bytes
         self._failed: BaseException | None = None
@@ -628,8 +627,8 @@ class TinyDBStore:
         """Queue changes for the next flush; writers see them at once, readers once durable.
         Every line is encoded before this is called, so a change that cannot be written is
         never queued."""
-        self._written_seq += 1
-        ticket = self._last_ticket = _Ticket(self._written_seq)
+        self._staged_seq += 1
+        ticket = _Ticket(self._staged_seq)
         for change in changes:
             change.ticket = ticket
             self._queued[change.table, change.key] = change
@@ -662,7 +661,7 @@ class TinyDBStore:
         """Append the queued lines and fdatasync them; on failure undo them (see _roll_back)."""
         with self._lock:
             batch, self._pending = self._pending, []
-            upto = self._written_seq
+            upto = self._staged_seq
         if batch:
             data = b"".join(change.line for change in batch)
             try:

@@ -95,14 +95,6 @@ def test_data_file_of_garbage_is_refused_untouched(tmp_path: Path, data_file: by
 # --- hostile input ----------------------------------------------------------------------------
 
 
-def rss_kb(service: Service) -> int:
-    assert service.proc is not None
-    for line in Path(f"/proc/{service.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def raw_request(service: Service, head: bytes, body: bytes) -> bytes:
     """Send bytes as they are (no client library fixing them up) and read the status line."""
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
@@ -122,7 +114,7 @@ def hostile_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S
     service = Service(tmp_path_factory.mktemp("hostile") / "data").start()
     with service.client() as client:
         client.get("/v1/documents")
-    yield service, rss_kb(service)
+    yield service, service.rss_kb()
     service.stop_quietly()
 
 
@@ -216,7 +208,8 @@ def test_the_catalogue_leaves_the_process_up_and_its_memory_near_baseline(
 ) -> None:
     """Every hostile body again, then the process: bodies are refused, not buffered, so memory
     does not follow them."""
-    service, baseline = hostile_target
+    service, _ = hostile_target
+    baseline = service.rss_kb()
     with httpx.Client(base_url=service.url, headers=JSON, timeout=30) as client:
         for _, body, status in POST_BODIES:
             response = client.post("/v1/documents", content=body() if callable(body) else body)
@@ -225,7 +218,7 @@ def test_the_catalogue_leaves_the_process_up_and_its_memory_near_baseline(
     assert service.proc.poll() is None
     with service.client() as client:
         assert client.get("/health/ready").status_code == 200
-    assert rss_kb(service) - baseline < 40 * 1024
+    assert service.rss_kb() - baseline < 40 * 1024
 
 
 # --- stateful model check ---------------------------------------------------------------------
