@@ -230,7 +230,8 @@ class Service:
         )
         self.follow()
         if wait:
-            self.wait_for_line("Uvicorn running on", timeout=20)
+            # `python main.py` listens before the app starts: once it has, connections are served.
+            self.wait_for_line("Application startup complete", timeout=20)
         return self
 
     def follow(self) -> None:
