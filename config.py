@@ -112,6 +112,16 @@ class Settings(BaseSettings):
             raise ValueError("empty: name the directory (the current one would be used silently)")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+                raise ValueError("expected an IP address or a host name to bind to") from None
+        return value
+
     @field_validator("root_path")
     @classmethod
     def _a_path_prefix(cls, value: str) -> str:

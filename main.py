@@ -177,9 +177,8 @@ def _require_json(content_type: str) -> None:
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
-        raise UnsupportedMediaType(
-            f"Send JSON (Content-Type: application/json), not {clip(content_type or 'none', 64)}."
-        )
+        sent = f"not {clip(content_type, 64)}" if content_type else "this request had none"
+        raise UnsupportedMediaType(f"Send JSON (Content-Type: application/json); {sent}.")
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -482,7 +481,7 @@ def _add_routes(app: FastAPI) -> None:
         methods=["GET"],
         response_model=DocumentPage,
         summary="List documents, newest first",
-        responses=openapi.problems(400),
+        responses=openapi.problems(400, 422),
     )
     document_route(
         "/v1/documents/{document_id}",

@@ -279,7 +279,7 @@ class Problem(BaseModel):
                     "title": "Not Found",
                     "status": 404,
                     "detail": "No document with id '01JDQ7Z8X4M2N6P9R3T5V7W9YB'.",
-                    "request_id": "4f9c2b7e0a1d4c3b",
+                    "request_id": "c815a78dc41cfb350000000000000007",
                 }
             ]
         }

@@ -40,7 +40,7 @@ DESCRIPTIONS = {
     for status in sorted({k.status for k in ALL})
 }
 # Every /v1 operation may answer these.
-V1_STATUSES = (401, 422, 429, 431, 503)
+V1_STATUSES = (401, 429, 431, 500, 503)
 
 
 def problems(*statuses: int, v1: bool = True) -> dict[int | str, dict[str, Any]]:
@@ -93,7 +93,7 @@ def created_responses() -> dict[int | str, dict[str, Any]]:
                 },
             },
         },
-        **problems(400, 403, 408, 409, 413, 415),
+        **problems(400, 403, 408, 409, 413, 415, 422),
     }
 
 
@@ -109,7 +109,7 @@ def read_responses() -> dict[int | str, dict[str, Any]]:
 
 
 def update_responses() -> dict[int | str, dict[str, Any]]:
-    return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 412, 413, 415)}
+    return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 412, 413, 415, 422)}
 
 
 MERGE_PATCH_BODY = {

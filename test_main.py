@@ -532,6 +532,7 @@ def test_several_workers_without_configured_keys_are_refused(tmp_path: Path) -> 
         ("database_url", "mongodb://user:pw@/db", "not a valid MongoDB URL"),
         ("database_url", "mongodb+srv://u:pw@host:27017/db", "without a port"),
         ("data_dir", "", "empty"),
+        ("host", "not a host", "IP address or a host name"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_what_to_change(

@@ -25,6 +25,10 @@ LogLines = Callable[[], list[dict[str, Any]]]
 DOC = {"title": "t", "content": "secret body text", "tags": ["x"]}
 
 
+# The Debian package each tool comes in.
+PACKAGES = {"promtool": "prometheus", "chromium": "chromium"}
+
+
 def require_tool(path: str) -> str:
     """Tools from Debian packages that .ci/run installs; a bare laptop skips, CI never does.
     An environment variable named like the tool (CHROMIUM=...) points at another build."""
@@ -32,7 +36,8 @@ def require_tool(path: str) -> str:
     if found is None:
         if os.environ.get("CI"):
             pytest.fail(f"{path} is missing: .ci/run must install it")
-        pytest.skip(f"{path} is not installed (`apt-get install` it, as .ci/run does)")
+        package = PACKAGES.get(path, path)
+        pytest.skip(f"{path} is not installed (`apt-get install {package}`, as .ci/run does)")
     return found
 
 

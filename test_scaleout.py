@@ -340,7 +340,7 @@ def _living_members(group: int) -> list[int]:
 
 
 def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
-    result = run_main({"DATA_DIR": str(tmp_path), "WORKERS": "2"}, timeout=30)
+    result = run_main({"DATA_DIR": str(tmp_path), "WORKERS": "2", "API_KEYS": KEY}, timeout=30)
     assert result.returncode == 2
     message = result.stderr.decode()
     assert message.startswith("configuration error: WORKERS:")
