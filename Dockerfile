@@ -36,7 +36,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # Code stays owned by root: the service cannot modify itself.
-COPY main.py config.py storage.py mongo_store.py models.py problems.py openapi.py logging_config.py middleware.py metrics.py ratelimit.py server.py ./
+COPY main.py config.py storage.py mongo_store.py models.py problems.py openapi.py bodies.py conditional.py cursors.py \
+     logging_config.py middleware.py metrics.py ratelimit.py server.py ./
 COPY data/sample_documents.json ./samples/
 
 USER 10001:10001

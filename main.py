@@ -8,33 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import functools
-import gc
-import hashlib
 import hmac
-import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 import anyio
 import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from limits import parse_many
 from pydantic import ValidationError
@@ -44,7 +38,10 @@ from starlette.routing import Match, Route
 
 import openapi
 import ratelimit
+from bodies import StrictJSONRoute
+from conditional import etag, etag_versions, if_match_version
 from config import ApiKey, Settings, configured_keys, digest_key
+from cursors import cursor_secret, decode_cursor, encode_cursor
 from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
@@ -61,12 +58,9 @@ from problems import (
     VALIDATION,
     Forbidden,
     HTTPProblem,
-    InvalidCursor,
-    MalformedBody,
     ProblemType,
     RateLimited,
     Unauthorized,
-    UnsupportedMediaType,
     for_status,
 )
 from ratelimit import LimiterUnavailable, open_storage, spend
@@ -169,152 +163,7 @@ async def get_store(request: Request) -> DocumentStore:
 StoreDep = Annotated[DocumentStore, Depends(get_store)]
 
 
-# --- strict JSON bodies -----------------------------------------------------------------------
-
-
-def _require_json(content_type: str) -> None:
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        sent = f"not {clip(content_type, 64)}" if content_type else "this request had none"
-        raise UnsupportedMediaType(f"Send JSON (Content-Type: application/json); {sent}.")
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Linear in the number of keys: this runs before authentication, on any body."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"duplicate key {clip(key, 64)!r}")
-            seen.add(key)
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{clip(text, 64)} does not fit a 64-bit float")
-    return value
-
-
-class StrictJSONRequest(Request):
-    """Parses bodies as strict JSON: a duplicate key, NaN, Infinity or an overflowing number is
-    a malformed body (400), where `json.loads` would silently keep one value or an infinity."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_parsed_body"):
-            body = await self.body()
-            # Parsed JSON holds no reference cycles: pausing the cyclic collector keeps a large
-            # body's parse linear (its passes over every new container made it superlinear).
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                self._parsed_body = json.loads(
-                    body,
-                    object_pairs_hook=_reject_duplicates,
-                    parse_constant=_reject_constant,
-                    parse_float=_finite,
-                )
-            except (ValueError, RecursionError) as exc:
-                raise MalformedBody(f"The body is not valid JSON: {exc}.") from None
-            finally:
-                if collecting:
-                    gc.enable()
-        return self._parsed_body
-
-
-class StrictJSONRoute(APIRoute):
-    """Routes that take JSON bodies only (415 otherwise), parsed by StrictJSONRequest
-    (FastAPI's custom route hook)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        if not (self.methods or set()) & {"POST", "PATCH", "PUT"}:
-            return handler
-
-        async def strict_handler(request: Request) -> Response:
-            _require_json(request.headers.get("content-type", ""))
-            return await handler(StrictJSONRequest(request.scope, request.receive))
-
-        return strict_handler
-
-
-# --- HTTP details: ETags, cursors, bodies -----------------------------------------------------
-
-
-# The tags this service issues: a version in ASCII digits, no leading zero, at most 18 digits
-# (anything else, "01", "²", or 5 000 digits, names no version).
-_ISSUED_TAG = re.compile(r'"[1-9][0-9]{0,17}"')
-
-
-def etag(doc: Document) -> str:
-    return f'"{doc.version}"'
-
-
-def _etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
-    """Versions named by an ETag list. If-None-Match compares weakly (W/"3" names version 3);
-    If-Match compares strongly, so a weak tag there names nothing (RFC 9110, 13.1)."""
-    versions: list[int | Literal["*"]] = []
-    for raw in header.split(","):
-        tag = raw.strip()
-        if tag.startswith("W/"):
-            if not weak:
-                continue
-            tag = tag[2:]
-        if tag == "*":
-            versions.append("*")
-        elif _ISSUED_TAG.fullmatch(tag):
-            versions.append(int(tag[1:-1]))
-    return versions
-
-
-async def _if_match_version(store: DocumentStore, doc_id: str, header: str | None) -> int | None:
-    """The version an If-Match demands: None for no header or `*`, -1 (never matches) when it
-    names no tag this service issued. A list matches if any tag does (RFC 9110, 13.1.1): of
-    several versions, the current one if named, which the write's compare-and-set then holds
-    to, so a change in between is still a 412."""
-    if header is None:
-        return None
-    versions = _etag_versions(header, weak=False)
-    if "*" in versions:
-        return None
-    numbers = {v for v in versions if isinstance(v, int)}
-    if len(numbers) > 1:
-        current = (await store.get(doc_id)).version
-        return current if current in numbers else -1
-    return numbers.pop() if numbers else -1
-
-
-def cursor_secret(keys: list[ApiKey]) -> bytes:
-    """Signs cursors: the same for every key and every worker of one configuration."""
-    return hashlib.sha256(b"cursor\0" + b"".join(sorted(k.digest for k in keys))).digest()
-
-
-def encode_cursor(after: str, tag: str | None, secret: bytes) -> str:
-    payload = base64.urlsafe_b64encode(orjson.dumps([after, tag])).rstrip(b"=")
-    signature = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
-    return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
-
-
-def decode_cursor(cursor: str, tag: str | None, secret: bytes) -> str:
-    try:
-        payload, _, signature = cursor.encode("ascii").partition(b".")
-        expected = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
-        if not hmac.compare_digest(base64.urlsafe_b64decode(signature + b"=="), expected):
-            raise InvalidCursor("Invalid cursor: signature does not match.")
-        after, cursor_tag = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
-    except (ValueError, TypeError, UnicodeError) as exc:
-        raise InvalidCursor("Invalid cursor: does not decode.") from exc
-    if not isinstance(after, str) or cursor_tag != tag:
-        raise InvalidCursor("Invalid cursor: belongs to another listing.")
-    return after
+# --- HTTP details ------------------------------------------------------------------------------
 
 
 def _document_response(
@@ -399,7 +248,7 @@ async def read_document(
     """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
     doc = await caller.store.get(document_id)
     if if_none_match:
-        versions = _etag_versions(if_none_match, weak=True)
+        versions = etag_versions(if_none_match, weak=True)
         if "*" in versions or doc.version in versions:
             return Response(status_code=304, headers={"ETag": etag(doc)})
     return _document_response(doc, headers={"ETag": etag(doc)})
@@ -417,7 +266,7 @@ async def update_document(
     """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
     `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
     _check_content(body.content, caller.settings)
-    version = await _if_match_version(caller.store, document_id, if_match)
+    version = await if_match_version(caller.store, document_id, if_match)
     doc = await caller.store.update(document_id, body, if_version=version)
     log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
     return _document_response(doc, headers={"ETag": etag(doc)})
@@ -432,7 +281,7 @@ async def delete_document(
     ] = None,
 ) -> Response:
     """Delete for good; later reads get `404`."""
-    version = await _if_match_version(caller.store, document_id, if_match)
+    version = await if_match_version(caller.store, document_id, if_match)
     await caller.store.delete(document_id, if_version=version)
     log.info("document.deleted", extra={"document_id": document_id})
     return Response(status_code=204)

@@ -504,9 +504,10 @@ def main() -> int:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     }
+    instructions = (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
     copied = {
         source
-        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        for line in instructions
         if line.startswith("COPY ") and "--from" not in line
         for source in line.split()[1:-1]
     }

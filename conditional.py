@@ -1,0 +1,52 @@
+"""ETags and conditional requests: the tags this service issues and what If-Match and
+If-None-Match name (RFC 9110, 13.1)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from models import Document
+from storage import DocumentStore
+
+# The tags this service issues: a version in ASCII digits, no leading zero, at most 18 digits
+# (anything else, "01", "²", or 5 000 digits, names no version).
+_ISSUED_TAG = re.compile(r'"[1-9][0-9]{0,17}"')
+
+
+def etag(doc: Document) -> str:
+    return f'"{doc.version}"'
+
+
+def etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
+    """Versions named by an ETag list. If-None-Match compares weakly (W/"3" names version 3);
+    If-Match compares strongly, so a weak tag there names nothing (RFC 9110, 13.1)."""
+    versions: list[int | Literal["*"]] = []
+    for raw in header.split(","):
+        tag = raw.strip()
+        if tag.startswith("W/"):
+            if not weak:
+                continue
+            tag = tag[2:]
+        if tag == "*":
+            versions.append("*")
+        elif _ISSUED_TAG.fullmatch(tag):
+            versions.append(int(tag[1:-1]))
+    return versions
+
+
+async def if_match_version(store: DocumentStore, doc_id: str, header: str | None) -> int | None:
+    """The version an If-Match demands: None for no header or `*`, -1 (never matches) when it
+    names no tag this service issued. A list matches if any tag does (RFC 9110, 13.1.1): of
+    several versions, the current one if named, which the write's compare-and-set then holds
+    to, so a change in between is still a 412."""
+    if header is None:
+        return None
+    versions = etag_versions(header, weak=False)
+    if "*" in versions:
+        return None
+    numbers = {v for v in versions if isinstance(v, int)}
+    if len(numbers) > 1:
+        current = (await store.get(doc_id)).version
+        return current if current in numbers else -1
+    return numbers.pop() if numbers else -1
