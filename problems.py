@@ -148,20 +148,10 @@ def for_status(status: int) -> ProblemType:
 
 INTERNAL = ProblemType(500, "internal-error", "A bug; the detail says nothing of internals.")
 
+# Every problem the API can answer with, for the OpenAPI descriptions: each HTTP-layer error,
+# then the rest. main's DOMAIN_PROBLEMS may only map to these (a test holds it to that).
 ALL: tuple[ProblemType, ...] = (
-    *(
-        cls.kind
-        for cls in (
-            MalformedBody,
-            InvalidCursor,
-            Unauthorized,
-            Forbidden,
-            BodyTimeout,
-            BodyTooLarge,
-            UnsupportedMediaType,
-            RateLimited,
-        )
-    ),
+    *(cls.kind for cls in HTTPProblem.__subclasses__()),
     NOT_FOUND,
     METHOD_NOT_ALLOWED,
     IDEMPOTENCY_CONFLICT,

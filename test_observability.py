@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
+import problems
 from conftest import KEY, OTHER_KEY, Service, ServiceFactory, app_client, make_settings
 from logging_config import configure_logging
-from main import create_app
+from main import DOMAIN_PROBLEMS, create_app
 
 LogLines = Callable[[], list[dict[str, Any]]]
 DOC = {"title": "t", "content": "secret body text", "tags": ["x"]}
@@ -346,3 +347,21 @@ def test_swagger_ui_works_offline_in_a_real_browser(service_factory: ServiceFact
     assert outside == []
     with service.client() as client:
         assert client.get("/v1/documents").json()["items"][0]["title"] == "Quarterly report"
+
+
+def test_every_problem_the_error_map_answers_with_is_described_in_the_spec(
+    client: TestClient,
+) -> None:
+    assert set(DOMAIN_PROBLEMS.values()) <= set(problems.ALL)
+    responses = [
+        (status, response["description"])
+        for operations in client.get("/openapi.json").json()["paths"].values()
+        for operation in operations.values()
+        for status, response in operation["responses"].items()
+    ]
+    for kind in problems.ALL:
+        if kind is not problems.METHOD_NOT_ALLOWED:  # a path's, not an operation's
+            assert any(
+                status == str(kind.status) and kind.description in text
+                for status, text in responses
+            ), kind
