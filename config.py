@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogFormat = Literal["json", "console"]
-RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://")
+REDIS_SCHEMES = ("redis://", "rediss://")
 # The key .env.example ships with: copied as it is, it would silently be the service's key.
 PLACEHOLDER_KEY = "change-me-to-a-long-random-string"
 
@@ -79,10 +79,8 @@ class Settings(BaseSettings):
     def _known_storage(cls, value: str) -> str:
         if value == "memory://":
             return value
-        if not value.startswith(RATE_LIMIT_SCHEMES[1:]):
-            raise ValueError(
-                f"expected memory:// or a URI starting {' or '.join(RATE_LIMIT_SCHEMES[1:])}"
-            )
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"expected memory:// or a URI starting {' or '.join(REDIS_SCHEMES)}")
         try:
             parts = urllib.parse.urlsplit(value)
             parts.port  # noqa: B018 - parsing the port is the check

@@ -138,7 +138,6 @@ STORE_UNAVAILABLE = ProblemType(503, "store-unavailable", "The store cannot serv
 LIMITER_UNAVAILABLE = ProblemType(
     503, "rate-limit-store-unavailable", "The rate-limit store cannot answer right now."
 )
-HTTP_ERROR = ProblemType(400, "http-error", "A request the server could not handle.")
 
 
 def for_status(status: int) -> ProblemType:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -100,32 +102,36 @@ class Budget:
     reset_at: float  # epoch seconds
 
 
+@contextmanager
+def _bounded() -> Iterator[None]:
+    """At most TIMEOUT on the rate-limit store; its failures become LimiterUnavailable here."""
+    try:
+        with anyio.fail_after(TIMEOUT):
+            yield
+    except (TimeoutError, StorageError) as exc:
+        log.error("rate_limit.unavailable", extra={"error": repr(exc.__cause__ or exc)[:200]})
+        raise LimiterUnavailable("The rate-limit store did not answer; try again shortly.") from exc
+
+
 async def spend(storage: Storage, items: list[RateLimitItem], identifier: str) -> list[Budget]:
     """Spend one unit of `identifier`'s budget in each window: limits' fixed-window arithmetic,
     but with `incr()`'s returned count instead of a separate read, so two storage calls per
     window rather than three (two Redis round trips)."""
     budgets = []
-    try:
-        with anyio.fail_after(TIMEOUT):
-            for item in items:
-                window = item.key_for(identifier)
-                count = await storage.incr(window, item.get_expiry())
-                reset_at = await storage.get_expiry(window)
-                budgets.append(
-                    Budget(max(0, item.amount - count), count <= item.amount, item.amount, reset_at)
-                )
-    except (TimeoutError, StorageError) as exc:
-        log.error("rate_limit.unavailable", extra={"error": repr(exc.__cause__ or exc)[:200]})
-        raise LimiterUnavailable("The rate-limit store did not answer; try again shortly.") from exc
+    with _bounded():
+        for item in items:
+            window = item.key_for(identifier)
+            count = await storage.incr(window, item.get_expiry())
+            reset_at = await storage.get_expiry(window)
+            budgets.append(
+                Budget(max(0, item.amount - count), count <= item.amount, item.amount, reset_at)
+            )
     return budgets
 
 
 async def check(storage: Storage) -> None:
     """Raise LimiterUnavailable unless the store answers within TIMEOUT."""
-    try:
-        with anyio.fail_after(TIMEOUT):
-            reachable = await storage.check()
-    except (TimeoutError, StorageError) as exc:
-        raise LimiterUnavailable("The rate-limit store did not answer.") from exc
+    with _bounded():
+        reachable = await storage.check()
     if not reachable:
         raise LimiterUnavailable("The rate-limit store is unreachable.")

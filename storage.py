@@ -422,7 +422,7 @@ def _read_journal(path: Path) -> tuple[list[_JournalEntry], int]:
 
 @dataclass(slots=True)
 class _Ticket:
-    """One write's claim on durability; `lost` once a failed flush has undone it."""
+    """One write's claim on durability; `lost` once a failed flush has dropped it."""
 
     seq: int
     lost: bool = False
@@ -510,9 +510,9 @@ class TinyDBStore:
         store = cls(data_dir, clock=clock, compact_min_bytes=compact_min_bytes)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            for path in (data_dir / LOCK_FILE, store.data_path, store.journal_path):
-                _require_regular(path)
-            _require_regular(store._storage.tmp_path)
+            owned = (LOCK_FILE, DATA_FILE, JOURNAL_FILE, store._storage.tmp_path.name)
+            for name in owned:
+                _require_regular(data_dir / name)
             store._take_lock()
             journal_length = store._load()
             store._journal_fd = os.open(
@@ -658,7 +658,8 @@ class TinyDBStore:
                 self._compact()
 
     def _write_pending(self) -> None:
-        """Append the queued lines and fdatasync them; on failure undo them (see _roll_back)."""
+        """Append the queued lines, fdatasync them, then apply them to memory; on failure drop
+        them (see _roll_back)."""
         with self._lock:
             batch, self._pending = self._pending, []
             upto = self._staged_seq
@@ -753,9 +754,9 @@ class TinyDBStore:
 
     # the contract
 
-    # Each write is validated and encoded first, then changes memory and queues its journal
-    # line on the event loop (memory work only), then waits until the line is durable before
-    # the caller hears of success.
+    # Each write is validated and encoded first, then queued on the event loop (memory work
+    # only), then waits until its line is durable; only then does memory, and so every reader,
+    # see it, and the caller hear of success.
 
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
