@@ -1,15 +1,20 @@
-"""Cursors: opaque, tamper-evident (HMAC-SHA256) and bound to the listing that made them."""
+"""Cursors: opaque, tamper-evident (HMAC-SHA256) and bound to the query that made them."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
 from config import ApiKey
+from index import Key
 from problems import InvalidCursor
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
 
 
 def cursor_secret(keys: list[ApiKey]) -> bytes:
@@ -17,21 +22,32 @@ def cursor_secret(keys: list[ApiKey]) -> bytes:
     return hashlib.sha256(b"cursor\0" + b"".join(sorted(k.digest for k in keys))).digest()
 
 
-def encode_cursor(after: str, tag: str | None, secret: bytes) -> str:
-    payload = base64.urlsafe_b64encode(orjson.dumps([after, tag])).rstrip(b"=")
+def _query_digest(binding: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(binding).digest()[:12]).decode()
+
+
+def encode_cursor(after: Key, binding: bytes, secret: bytes) -> str:
+    """`after` is where the next page starts (its sort time and id); `binding` is the query's
+    filters and sort, so a cursor cannot be replayed against another query."""
+    at, doc_id = after
+    position = [_query_digest(binding), (at - EPOCH) // MILLISECOND, doc_id]
+    payload = base64.urlsafe_b64encode(orjson.dumps(position)).rstrip(b"=")
     signature = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
     return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
 
 
-def decode_cursor(cursor: str, tag: str | None, secret: bytes) -> str:
+def decode_cursor(cursor: str, binding: bytes, secret: bytes) -> Key:
     try:
         payload, _, signature = cursor.encode("ascii").partition(b".")
         expected = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
         if not hmac.compare_digest(base64.urlsafe_b64decode(signature + b"=="), expected):
             raise InvalidCursor("Invalid cursor: signature does not match.")
-        after, cursor_tag = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
-    except (ValueError, TypeError, UnicodeError) as exc:
+        digest, millis, doc_id = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
+        at = EPOCH + millis * MILLISECOND
+    except (ValueError, TypeError, UnicodeError, OverflowError) as exc:
         raise InvalidCursor("Invalid cursor: does not decode.") from exc
-    if not isinstance(after, str) or cursor_tag != tag:
-        raise InvalidCursor("Invalid cursor: belongs to another listing.")
-    return after
+    if digest != _query_digest(binding) or not isinstance(doc_id, str):
+        raise InvalidCursor(
+            "Invalid cursor: it belongs to another query; send the same filters and sort."
+        )
+    return at, doc_id

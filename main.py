@@ -46,7 +46,14 @@ from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, RequestContextMiddleware
-from models import Document, DocumentCreate, DocumentPage, DocumentUpdate, check_stored
+from models import (
+    Document,
+    DocumentCreate,
+    DocumentPage,
+    DocumentQuery,
+    DocumentUpdate,
+    check_stored,
+)
 from problems import (
     IDEMPOTENCY_CONFLICT,
     INTERNAL,
@@ -213,24 +220,19 @@ async def create_document(
 
 
 async def list_documents(
-    caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=100, description="Page size, 1-100.")] = 20,
-    # `str = ""` rather than `str | None`: FastAPI re-inspects an Optional annotation on every
-    # request. (`tag` keeps None: "" would break its minLength.)
-    cursor: Annotated[
-        str, Query(max_length=512, description="`next_cursor` of the previous page.")
-    ] = "",
-    tag: Annotated[
-        str | None, Query(min_length=1, max_length=50, description="Only this tag.")
-    ] = None,
+    caller: CallerDep, query: Annotated[DocumentQuery, Query()]
 ) -> Response:
-    """Walk every document exactly once by following `next_cursor`, even while others are
-    created. Cursors are opaque and only valid for the `tag` that produced them."""
-    tag = tag.strip().lower() if tag is not None else None
+    """Find documents: every filter given must hold. Follow `next_cursor` to walk every match
+    exactly once, in order, even while others are created; a cursor is only valid with the
+    filters and sort that produced it. Unknown parameters are refused, never ignored.
+
+    `metadata.KEY=VALUE` (repeatable over keys) keeps documents whose metadata KEY equals
+    VALUE as a string, or as the JSON number or boolean VALUE spells: `metadata.pages=12`
+    finds 12 and "12", `metadata.draft=true` finds true and "true"."""
     secret = caller.cursor_secret
-    after = decode_cursor(cursor, tag, secret) if cursor else None
-    items, next_after = await caller.store.page(limit=limit, after=after, tag=tag)
-    next_cursor = encode_cursor(next_after, tag, secret) if next_after else None
+    after = decode_cursor(query.cursor, query.binding, secret) if query.cursor else None
+    items, next_after = await caller.store.page(query, limit=query.limit, after=after)
+    next_cursor = encode_cursor(next_after, query.binding, secret) if next_after else None
     # A DocumentPage, joined from each document's cached body rather than re-encoded.
     body = b'{"items":[%s],"next_cursor":%s}' % (
         b",".join(doc.json_bytes for doc in items),
@@ -329,7 +331,7 @@ def _add_routes(app: FastAPI) -> None:
         list_documents,
         methods=["GET"],
         response_model=DocumentPage,
-        summary="List documents, newest first",
+        summary="Find and list documents",
         responses=openapi.problems(400, 422),
     )
     document_route(

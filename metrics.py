@@ -19,7 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.context_managers import Timer
 
-from models import Document, DocumentCreate, DocumentUpdate
+from index import Key
+from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from storage import DocumentStore, IdempotencyKey
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -157,10 +158,10 @@ class MeteredStore:
             return await self.inner.get(doc_id)
 
     async def page(
-        self, *, limit: int, after: str | None = None, tag: str | None = None
-    ) -> tuple[list[Document], str | None]:
+        self, query: DocumentQuery, *, limit: int, after: Key | None = None
+    ) -> tuple[list[Document], Key | None]:
         with self._timed("page"):
-            return await self.inner.page(limit=limit, after=after, tag=tag)
+            return await self.inner.page(query, limit=limit, after=after)
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None

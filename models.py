@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
+import string
 import unicodedata
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -251,6 +254,190 @@ def check_stored(doc: Document) -> Document:
     if doc.updated_at < doc.created_at:
         raise ValueError(f"document {doc.id!r} was updated before it was created")
     return doc
+
+
+# --- finding documents ------------------------------------------------------------------------
+
+QUERY_MAX_CHARS = 200
+QUERY_MAX_WORDS = 10
+PAGE_MAX = 100
+Sort = Literal["-created_at", "created_at", "-updated_at", "updated_at"]
+
+_WORD = re.compile(r"[^\W_]+")  # runs of Unicode letters and digits
+# ASCII text, most text, needs no Unicode folding: one C-level pass maps it to lower-case words
+# separated by spaces.
+_ASCII_WORDS = str.maketrans(
+    {
+        c: c.lower() if c in string.ascii_letters + string.digits else " "
+        for c in map(chr, range(128))
+    }
+)
+
+
+def words(text: str) -> list[str]:
+    """The words of `text` as `q` matches them and both stores index them: runs of Unicode
+    letters and digits, case-folded and stripped of accents (`Crème` is `creme`)."""
+    if text.isascii():
+        return text.translate(_ASCII_WORDS).split()
+    folded = unicodedata.normalize("NFKD", text.casefold())
+    return _WORD.findall("".join(c for c in folded if not unicodedata.combining(c)))
+
+
+def document_words(title: str, content: str) -> set[str]:
+    return set(words(title)) | set(words(content))
+
+
+def _few_words(q: str) -> str:
+    if not 1 <= len(words(q)) <= QUERY_MAX_WORDS:
+        raise ValueError(f"must hold 1-{QUERY_MAX_WORDS} words (runs of letters and digits)")
+    return q
+
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+def _rfc3339(value: Any) -> datetime:
+    """An RFC 3339 time with its offset, in UTC, rounded up to the millisecond: stored times are
+    whole milliseconds, so `t >= x` and `t < x` mean the same for x and its ceiling."""
+    found = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if found is None:
+        raise ValueError("must be an RFC 3339 time with an offset, e.g. 2026-11-27T09:30:00Z")
+    day, clock, fraction, offset = found.groups()
+    try:
+        at = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if offset in 'Zz' else offset}")
+        nanoseconds = int((fraction or "0").ljust(9, "0"))
+        return (at + timedelta(milliseconds=math.ceil(nanoseconds / 1e6))).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError("is not a valid time (RFC 3339, e.g. 2026-11-27T09:30:00Z)") from None
+
+
+Time = Annotated[
+    datetime,
+    BeforeValidator(_rfc3339),
+    Field(
+        description="RFC 3339 with an offset, e.g. `2026-11-27T09:30:00Z` (send `+` as `%2B`).",
+        examples=["2026-11-27T09:30:00Z"],
+    ),
+]
+
+
+def metadata_values(value: str) -> tuple[str | bool | int | float, ...]:
+    """What `metadata.KEY=VALUE` finds: the string VALUE, and the JSON number or boolean it
+    spells (`12` finds 12, 12.0 and "12"; `true` finds true and "true")."""
+    if value in ("true", "false"):
+        return value, value == "true"
+    if _JSON_NUMBER.fullmatch(value):
+        number = float(value) if any(c in value for c in ".eE") else int(value)
+        if METADATA_INT_MIN <= number <= METADATA_INT_MAX or (
+            isinstance(number, float) and math.isfinite(number)
+        ):
+            return value, number
+    return (value,)
+
+
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+class DocumentQuery(BaseModel):
+    """The query parameters of a listing; every filter must hold for a document to be listed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    q: Annotated[
+        Annotated[
+            str,
+            StringConstraints(min_length=1, max_length=QUERY_MAX_CHARS),
+            AfterValidator(_unicode),
+            AfterValidator(_few_words),
+        ]
+        | None,
+        Field(
+            description="Full-text search: 1-200 characters holding 1-10 words. A document "
+            "matches when every word is a whole word of its title or content, ignoring case "
+            "and accents (`creme` finds `Crème`; `reven` does not find `revenue`).",
+            examples=["quarterly revenue"],
+        ),
+    ] = None
+    tag: Annotated[
+        list[Tag],
+        _at_most(TAGS_MAX),
+        Field(
+            max_length=TAGS_MAX,
+            description="Repeatable: documents carrying every given tag (compared lower-case).",
+            examples=[["finance", "q3"]],
+        ),
+    ] = []
+    metadata: Annotated[
+        dict[
+            MetadataKey,
+            Annotated[
+                str,
+                StringConstraints(max_length=METADATA_STRING_MAX_CHARS),
+                AfterValidator(_unicode),
+            ],
+        ],
+        _at_most(METADATA_MAX_KEYS),
+        Field(max_length=METADATA_MAX_KEYS),
+    ] = {}
+    created_after: Time | None = None
+    created_before: Time | None = None
+    updated_after: Time | None = None
+    updated_before: Time | None = None
+    sort: Sort = Field(
+        "-created_at",
+        description="Order of the listing; ties are broken by id, so every order is total.",
+    )
+    limit: int = Field(20, ge=1, le=PAGE_MAX, description="Page size, 1-100.")
+    cursor: str = Field(
+        "",
+        max_length=512,
+        description="`next_cursor` of the previous page, with the same filters and sort.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metadata_parameters(cls, data: Any) -> Any:
+        """`metadata.KEY=VALUE` parameters become the `metadata` filter."""
+        if not isinstance(data, dict) or not any(_is_metadata_filter(k) for k in data):
+            return data
+        rest = {k: v for k, v in data.items() if not _is_metadata_filter(k)}
+        return {**rest, "metadata": {k[9:]: v for k, v in data.items() if _is_metadata_filter(k)}}
+
+    @cached_property
+    def words(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(words(self.q))) if self.q else ()
+
+    @cached_property
+    def metadata_values(self) -> tuple[tuple[str, tuple[str | bool | int | float, ...]], ...]:
+        return tuple((key, metadata_values(value)) for key, value in self.metadata.items())
+
+    @cached_property
+    def binding(self) -> bytes:
+        """What a cursor is bound to: the filters and the sort, as they are compared (so
+        `q=Crème` and `q=creme` are one query), not the page size."""
+        return orjson.dumps(
+            [
+                sorted(self.words),
+                sorted(self.tag),
+                sorted(self.metadata.items()),
+                [
+                    None if at is None else at.isoformat()
+                    for at in (
+                        self.created_after,
+                        self.created_before,
+                        self.updated_after,
+                        self.updated_before,
+                    )
+                ],
+                self.sort,
+            ]
+        )
+
+
+def _is_metadata_filter(name: Any) -> bool:
+    return isinstance(name, str) and name.startswith("metadata.")
 
 
 class DocumentPage(BaseModel):

@@ -21,7 +21,8 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from models import Document, DocumentCreate, DocumentUpdate
+from index import Key
+from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, document_words
 from storage import (
     IDEMPOTENCY_TTL,
     Clock,
@@ -43,6 +44,16 @@ log = logging.getLogger("documents.store")
 # How long the start waits for MongoDB before it serves anyway (not ready until it answers).
 FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
+INDEX_NOT_FOUND = 27
+NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
+# Every listing names its index (see MongoStore._index_for): one scan, never the collection.
+INDEXES = {
+    "created": NEWEST,
+    "updated": [("updated_at", DESCENDING), ("_id", DESCENDING)],
+    "words_created": [("words", ASCENDING), *NEWEST],
+    "tags_created": [("tags", ASCENDING), *NEWEST],
+    "metadata_created": [("metadata.k", ASCENDING), ("metadata.v", ASCENDING), *NEWEST],
+}
 
 
 def _to_mongo(doc: Document) -> dict[str, Any]:
@@ -51,6 +62,9 @@ def _to_mongo(doc: Document) -> dict[str, Any]:
     # Metadata keys are user data: as {k, v} pairs they may contain "." "$" or NUL, which BSON
     # field names may not.
     raw["metadata"] = [{"k": k, "v": v} for k, v in doc.metadata.items()]
+    # The words `q` finds, from the same tokenizer as the embedded store: MongoDB's own text
+    # index stems words and would find other documents.
+    raw["words"] = sorted(document_words(doc.title, doc.content))
     return raw
 
 
@@ -61,6 +75,7 @@ def _key_id(idempotency: IdempotencyKey) -> str:
 def _from_mongo(raw: dict[str, Any]) -> Document:
     raw["id"] = raw.pop("_id")
     raw.pop("idempotency_key", None)
+    raw.pop("words", None)
     raw["metadata"] = {pair["k"]: pair["v"] for pair in raw["metadata"]}
     return Document.model_validate(raw)
 
@@ -130,10 +145,13 @@ class MongoStore:
         if self._indexes_ready:
             return
         with _driver_errors():
-            # Newest-first pages by tag in one index scan; without a tag, the _id index serves.
-            await self._docs.create_index(
-                [("tags", ASCENDING), ("_id", DESCENDING)], name="tag_newest"
-            )
+            for name, keys in INDEXES.items():
+                await self._docs.create_index(keys, name=name)
+            try:
+                await self._docs.drop_index("tag_newest")  # replaced by tags_created
+            except OperationFailure as exc:
+                if exc.code != INDEX_NOT_FOUND:
+                    raise
             await self._idempotency.create_index(
                 "created_at",
                 expireAfterSeconds=int(IDEMPOTENCY_TTL.total_seconds()),
@@ -202,21 +220,60 @@ class MongoStore:
         return _from_mongo(raw)
 
     async def page(
-        self, *, limit: int, after: str | None = None, tag: str | None = None
-    ) -> tuple[list[Document], str | None]:
+        self, query: DocumentQuery, *, limit: int, after: Key | None = None
+    ) -> tuple[list[Document], Key | None]:
         await self._ensure_indexes()
-        query: dict[str, Any] = {}
-        if tag is not None:
-            query["tags"] = tag
-        if after is not None:
-            query["_id"] = {"$lt": after}
-        # Name the index: one scan, newest first, stopping after limit + 1 entries.
-        index = "tag_newest" if tag is not None else "_id_"
         with _driver_errors():
-            cursor = self._docs.find(query).sort("_id", DESCENDING).hint(index).limit(limit + 1)
-            rows = await cursor.to_list(limit + 1)
+            rows = await self._find(query, limit + 1, after).to_list(limit + 1)
         items = [_from_mongo(raw) for raw in rows[:limit]]
-        return items, items[-1].id if len(rows) > limit else None
+        if len(rows) <= limit:
+            return items, None
+        last = items[-1]
+        return items, (last.updated_at if "updated" in query.sort else last.created_at, last.id)
+
+    def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
+        field = "updated_at" if "updated" in query.sort else "created_at"
+        direction = DESCENDING if query.sort.startswith("-") else ASCENDING
+        clauses: list[dict[str, Any]] = []
+        if query.words:
+            clauses.append({"words": {"$all": list(query.words)}})
+        if query.tag:
+            clauses.append({"tags": {"$all": list(dict.fromkeys(query.tag))}})
+        for name, values in query.metadata_values:
+            match = {"k": name, "v": {"$in": list(values)}}
+            clauses.append({"metadata": {"$elemMatch": match}})
+        for name, start, end in (
+            ("created_at", query.created_after, query.created_before),
+            ("updated_at", query.updated_after, query.updated_before),
+        ):
+            if start is not None:
+                clauses.append({name: {"$gte": start}})
+            if end is not None:
+                clauses.append({name: {"$lt": end}})
+        if after is not None:
+            # Past `after` in the sort order: the time bound alone narrows the index scan.
+            beyond, up_to = ("$lt", "$lte") if direction == DESCENDING else ("$gt", "$gte")
+            at, doc_id = after
+            clauses.append({field: {up_to: at}})
+            clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
+        return (
+            self._docs.find({"$and": clauses} if clauses else {})
+            .sort([(field, direction), ("_id", direction)])
+            .hint(self._index_for(query))
+            .limit(limit)
+        )
+
+    @staticmethod
+    def _index_for(query: DocumentQuery) -> str:
+        """Words and tags are the most selective filters; a metadata value may match most
+        documents, so sorting by update time walks that order instead."""
+        if query.words:
+            return "words_created"
+        if query.tag:
+            return "tags_created"
+        if "updated" in query.sort:
+            return "updated"
+        return "metadata_created" if query.metadata else "created"
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None

@@ -14,7 +14,6 @@ once, at open) and makes each write durable before it returns:
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -36,7 +35,16 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from tinydb.storages import Storage
 
-from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentUpdate, check_stored
+from index import DocumentIndex, Key
+from models import (
+    METADATA_MAX_KEYS,
+    Document,
+    DocumentCreate,
+    DocumentQuery,
+    DocumentUpdate,
+    check_stored,
+    document_words,
+)
 
 log = logging.getLogger("documents.store")
 
@@ -154,9 +162,11 @@ class DocumentStore(Protocol):
         ...
 
     async def page(
-        self, *, limit: int, after: str | None = None, tag: str | None = None
-    ) -> tuple[list[Document], str | None]:
-        """Newest first, strictly older than `after`; the second item is the next `after`."""
+        self, query: DocumentQuery, *, limit: int, after: Key | None = None
+    ) -> tuple[list[Document], Key | None]:
+        """Up to `limit` documents matching `query`, in its order, strictly after the position
+        `after` (the sort time and the id); the second item is the next `after`, None on the
+        last page."""
         ...
 
     async def update(
@@ -436,13 +446,17 @@ class _Change:
     table: str
     key: Any
     value: Any
+    words: set[str] | None = None  # a document's, worked out before it is queued
     ticket: _Ticket | None = None
 
 
 def _doc_change(doc_id: str, doc: Document | None) -> _Change:
-    value = None if doc is None else doc.model_dump(mode="json")
-    line = _journal_line(_JournalEntry(table=_DOCUMENTS, id=doc_id, value=value))
-    return _Change(line, _DOCUMENTS, doc_id, doc)
+    if doc is None:
+        line = _journal_line(_JournalEntry(table=_DOCUMENTS, id=doc_id, value=None))
+        return _Change(line, _DOCUMENTS, doc_id, None)
+    entry = _JournalEntry(table=_DOCUMENTS, id=doc_id, value=doc.model_dump(mode="json"))
+    words = document_words(doc.title, doc.content)
+    return _Change(_journal_line(entry), _DOCUMENTS, doc_id, doc, words)
 
 
 def _key_change(record: IdempotencyRecord) -> _Change:
@@ -470,9 +484,7 @@ class TinyDBStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._compact_min_bytes = compact_min_bytes
-        self._docs: dict[str, Document] = {}
-        self._order: list[str] = []  # ids ascending; ids sort by creation time
-        self._by_tag: dict[str, list[str]] = {}
+        self._index = DocumentIndex()  # durable documents only
         self._idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
         # Changes queued but not yet durable, newest per key: what writers build on. Readers
         # never see them, so nothing is served that a restart would not load.
@@ -521,7 +533,8 @@ class TinyDBStore:
             # Cut a torn last line now: appended after, it would read as damage at the next open.
             os.ftruncate(store._journal_fd, journal_length)
             store._journal_bytes = journal_length
-            store._compact()
+            if journal_length:
+                store._compact()
         except BaseException as exc:
             store._release()
             if isinstance(exc, OSError):
@@ -547,7 +560,7 @@ class TinyDBStore:
         try:
             for raw in tables.get(_DOCUMENTS, {}).values():
                 doc = check_stored(Document.model_validate(raw))
-                if doc.id in self._docs:
+                if self._index.get(doc.id) is not None:
                     raise StoreCorrupt(self.data_path, f"two records have the id {doc.id!r}")
                 self._set(_DOCUMENTS, doc.id, doc)
             for raw in tables.get(_IDEMPOTENCY, {}).values():
@@ -587,31 +600,23 @@ class TinyDBStore:
 
     # memory; callers hold _lock (or own the store exclusively, at open)
 
-    def _set(self, table: str, key: Any, value: Any) -> None:
+    def _set(self, table: str, key: Any, value: Any, words: set[str] | None = None) -> None:
         """Put a durable `value` in memory (None removes it)."""
         if table == _IDEMPOTENCY:
             self._idempotency[key] = value
-            return
-        old = self._docs.pop(key, None)
-        if old is not None:
-            _remove_sorted(self._order, key)
-            for tag in old.tags:
-                ids = self._by_tag[tag]
-                _remove_sorted(ids, key)
-                if not ids:
-                    del self._by_tag[tag]
-        if value is not None:
-            self._docs[key] = value
-            bisect.insort(self._order, key)
-            for tag in value.tags:
-                bisect.insort(self._by_tag.setdefault(tag, []), key)
+        elif value is None:
+            self._index.remove(key)
+        else:
+            self._index.put(value, words)
 
     def _latest(self, table: str, key: Any) -> Any:
         """What a writer builds on: the newest queued change to `key`, else memory."""
         queued = self._queued.get((table, key))
         if queued is not None:
             return queued.value
-        return (self._docs if table == _DOCUMENTS else self._idempotency).get(key)
+        if table == _DOCUMENTS:
+            return self._index.get(key)
+        return self._idempotency.get(key)
 
     def _queued_ticket(self, doc_id: str) -> _Ticket | None:
         queued = self._queued.get((_DOCUMENTS, doc_id))
@@ -673,7 +678,7 @@ class TinyDBStore:
             self._journal_bytes += len(data)
             with self._lock:
                 for change in batch:
-                    self._set(change.table, change.key, change.value)
+                    self._set(change.table, change.key, change.value, change.words)
                     if self._queued.get((change.table, change.key)) is change:
                         del self._queued[change.table, change.key]
         self._durable_seq = upto
@@ -748,7 +753,7 @@ class TinyDBStore:
                     r for r in self._idempotency.values() if now - r.created_at < IDEMPOTENCY_TTL
                 ]
                 self._idempotency = {(r.scope, r.key): r for r in live}
-                ordered = map(self._docs.__getitem__, self._order)
+                ordered = self._index.oldest_first()
                 return {str(n): doc for n, doc in enumerate(ordered, 1)}, live
         return None
 
@@ -808,23 +813,18 @@ class TinyDBStore:
         # Memory only, and _lock is never held across I/O: safe on the event loop.
         with self._lock:
             self._usable()
-            doc = self._docs.get(doc_id)
+            doc = self._index.get(doc_id)
         if doc is None:
             raise DocumentNotFound(doc_id)
         return doc
 
     async def page(
-        self, *, limit: int, after: str | None = None, tag: str | None = None
-    ) -> tuple[list[Document], str | None]:
+        self, query: DocumentQuery, *, limit: int, after: Key | None = None
+    ) -> tuple[list[Document], Key | None]:
+        # Memory only, and the walk is bounded (see DocumentIndex): safe on the event loop.
         with self._lock:
             self._usable()
-            ids = self._order if tag is None else self._by_tag.get(tag, [])
-            end = len(ids) if after is None else bisect.bisect_left(ids, after)
-            start = max(0, end - limit)
-            chosen = ids[start:end]
-            items = [self._docs[i] for i in reversed(chosen)]
-        next_after = items[-1].id if start > 0 and items else None
-        return items, next_after
+            return self._index.page(query, limit, after)
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
@@ -870,12 +870,12 @@ class TinyDBStore:
 
     async def export_documents(self) -> AsyncIterator[Document]:
         with self._lock:
-            docs = [self._docs[i] for i in self._order]
+            docs = self._index.oldest_first()
         for doc in docs:
             yield doc
 
     async def count(self) -> int:
-        return len(self._docs)
+        return len(self._index)
 
     async def check(self) -> None:
         self._usable()
@@ -917,8 +917,3 @@ class TinyDBStore:
                 os.close(fd)  # closing the lock fd releases the flock
         self._journal_fd = self._lock_fd = -1
 
-
-def _remove_sorted(ids: list[str], doc_id: str) -> None:
-    index = bisect.bisect_left(ids, doc_id)
-    if index < len(ids) and ids[index] == doc_id:
-        del ids[index]

@@ -19,7 +19,7 @@ import anyio.lowlevel
 import pytest
 
 from conftest import ServiceFactory
-from models import DocumentCreate, DocumentUpdate
+from models import DocumentCreate, DocumentQuery, DocumentUpdate
 from storage import (
     DATA_FILE,
     JOURNAL_FILE,
@@ -204,7 +204,7 @@ def test_readers_never_see_a_queued_change_and_no_write_succeeds_on_one_that_fai
             tg.start_soon(writer, "rename", store.update(kept.id, DocumentUpdate(title="renamed")))
             await anyio.to_thread.run_sync(flushing.wait, 10)
             # The create and the rename are queued and being written: none of it shows.
-            outcomes["listed"] = [d.id for d in (await store.page(limit=100))[0]]
+            outcomes["listed"] = [d.id for d in (await store.page(DocumentQuery(), limit=100))[0]]
             outcomes["read"] = await store.get(kept.id)
             outcomes["count"] = await store.count()
             tg.start_soon(

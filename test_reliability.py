@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 )
 
 from conftest import KEY, Service, ServiceFactory, walk, write_until_killed
-from models import DocumentCreate, DocumentUpdate
+from models import DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
@@ -321,10 +321,11 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def every_page_walk_returns_each_live_document_once(self) -> None:
         for limit, tag in ((1, None), (3, None), (100, None), (2, "x")):
+            query = DocumentQuery(tag=[tag] if tag else [])
             seen: list[str] = []
             after = None
             while True:
-                items, after = self.runner.run(self.store.page(limit=limit, after=after, tag=tag))
+                items, after = self.runner.run(self.store.page(query, limit=limit, after=after))
                 seen += [d.id for d in items]
                 if after is None:
                     break

@@ -10,7 +10,7 @@ import anyio
 import pytest
 from tinydb import TinyDB
 
-from models import Document, DocumentCreate, DocumentUpdate
+from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
@@ -75,11 +75,13 @@ async def exported(store: DocumentStore) -> list[Document]:
     return [doc async for doc in store.export_documents()]
 
 
-async def walk(store: DocumentStore, limit: int, tag: str | None = None) -> list[str]:
+async def walk(store: DocumentStore, limit: int, **params: object) -> list[str]:
+    """Every id a walk of the listing with these query parameters visits, in order."""
+    query = DocumentQuery.model_validate(params)
     ids: list[str] = []
     after = None
     while True:
-        items, after = await store.page(limit=limit, after=after, tag=tag)
+        items, after = await store.page(query, limit=limit, after=after)
         ids.extend(d.id for d in items)
         if after is None:
             return ids
@@ -108,8 +110,8 @@ async def test_pages_walk_newest_first_exactly_once(store: DocumentStore, limit:
         (await store.create(body(f"d{i}", ["even" if i % 2 else "odd"])))[0].id for i in range(9)
     ]
     assert await walk(store, limit) == ids[::-1]
-    assert await walk(store, limit, tag="even") == ids[1::2][::-1]
-    assert await walk(store, limit, tag="none") == []
+    assert await walk(store, limit, tag=["even"]) == ids[1::2][::-1]
+    assert await walk(store, limit, tag=["none"]) == []
 
 
 async def test_update_merges_and_bumps_version(store: DocumentStore, clock: FakeClock) -> None:
@@ -118,8 +120,8 @@ async def test_update_merges_and_bumps_version(store: DocumentStore, clock: Fake
     new = await store.update(doc.id, patch, if_version=1)
     assert (new.tags, new.metadata, new.version) == (["b"], {"j": 2, "n": "x"}, 2)
     assert new.updated_at > doc.updated_at
-    assert await walk(store, 10, tag="a") == []
-    assert await walk(store, 10, tag="b") == [doc.id]
+    assert await walk(store, 10, tag=["a"]) == []
+    assert await walk(store, 10, tag=["b"]) == [doc.id]
 
 
 async def test_stale_version_raises_precondition_failed_and_changes_nothing(
@@ -147,7 +149,7 @@ async def test_delete_removes_from_reads_and_pages(store: DocumentStore) -> None
     with pytest.raises(DocumentNotFound):
         await store.get(doc.id)
     assert await walk(store, 5) == []
-    assert await walk(store, 5, tag="x") == []
+    assert await walk(store, 5, tag=["x"]) == []
     with pytest.raises(DocumentNotFound):
         await store.delete(doc.id)
 
