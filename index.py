@@ -19,6 +19,10 @@ Key = tuple[datetime, str]  # a time, then the id: every order is total
 WALK_BUDGET_PER_CANDIDATE = 8
 
 
+class _OverBudget(Exception):
+    """A walk read its budget of entries before it found a page."""
+
+
 def _meta_term(key: str, value: Any) -> tuple[str, bool, Any]:
     # In Python True == 1 == 1.0: the flag keeps booleans apart from numbers, while 12 and 12.0,
     # one JSON number, stay one term.
@@ -132,21 +136,25 @@ class DocumentIndex:
 
         # The smallest list of candidates in creation order, within the creation range.
         created = [self._created] + [g[0] if len(g) == 1 else list(heapq.merge(*g)) for g in groups]
-        spans = [(keys, *_span(keys, query.created_after, query.created_before)) for keys in created]
+        spans = [
+            (keys, *_span(keys, query.created_after, query.created_before)) for keys in created
+        ]
         by_created = min(spans, key=lambda s: s[2] - s[1])
-        by_update = (self._updated, *_span(self._updated, query.updated_after, query.updated_before))
+        by_update = (
+            self._updated,
+            *_span(self._updated, query.updated_after, query.updated_before),
+        )
         ordered, other = (by_update, by_created) if by_updated else (by_created, by_update)
-        budget = None
         if other[2] - other[1] < ordered[2] - ordered[1]:
             budget = WALK_BUDGET_PER_CANDIDATE * (other[2] - other[1]) + limit
-        found = self._walk(*ordered, descending, after, matches, limit, sort_key, budget)
-        if found is None:
-            # The walk found too few among too many: sort the fewer candidates instead.
-            keys, lo, hi = other
-            resorted = sorted(sort_key(self._docs[doc_id]) for _, doc_id in keys[lo:hi])
-            found = self._walk(resorted, 0, len(resorted), descending, after, matches, limit, sort_key)
-        assert found is not None
-        return found
+            try:
+                return self._walk(*ordered, descending, after, matches, limit, sort_key, budget)
+            except _OverBudget:
+                # Too few matches among too many entries: sort the fewer candidates instead.
+                keys, lo, hi = other
+                resorted = sorted(sort_key(self._docs[doc_id]) for _, doc_id in keys[lo:hi])
+                ordered = (resorted, 0, len(resorted))
+        return self._walk(*ordered, descending, after, matches, limit, sort_key)
 
     def _walk(
         self,
@@ -159,8 +167,8 @@ class DocumentIndex:
         limit: int,
         sort_key: Callable[[Document], Key],
         budget: int | None = None,
-    ) -> tuple[list[Document], Key | None] | None:
-        """Walk keys[lo:hi] past `after`; None if `budget` entries were read first."""
+    ) -> tuple[list[Document], Key | None]:
+        """Walk keys[lo:hi] past `after`; raises _OverBudget after reading `budget` entries."""
         if after is not None:
             if descending:
                 hi = max(lo, min(hi, bisect.bisect_left(keys, after, lo, hi)))
@@ -170,7 +178,7 @@ class DocumentIndex:
         positions = range(hi - 1, lo - 1, -1) if descending else range(lo, hi)
         for read, at in enumerate(positions):
             if budget is not None and read >= budget:
-                return None
+                raise _OverBudget
             doc = self._docs[keys[at][1]]
             if matches(doc):
                 if len(found) == limit:

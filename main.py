@@ -219,9 +219,7 @@ async def create_document(
     return _document_response(doc, 201, headers)
 
 
-async def list_documents(
-    caller: CallerDep, query: Annotated[DocumentQuery, Query()]
-) -> Response:
+async def list_documents(caller: CallerDep, query: Annotated[DocumentQuery, Query()]) -> Response:
     """Find documents: every filter given must hold. Follow `next_cursor` to walk every match
     exactly once, in order, even while others are created; a cursor is only valid with the
     filters and sort that produced it. Unknown parameters are refused, never ignored.

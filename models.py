@@ -313,14 +313,8 @@ def _rfc3339(value: Any) -> datetime:
         raise ValueError("is not a valid time (RFC 3339, e.g. 2026-11-27T09:30:00Z)") from None
 
 
-Time = Annotated[
-    datetime,
-    BeforeValidator(_rfc3339),
-    Field(
-        description="RFC 3339 with an offset, e.g. `2026-11-27T09:30:00Z` (send `+` as `%2B`).",
-        examples=["2026-11-27T09:30:00Z"],
-    ),
-]
+# RFC 3339 with an offset, e.g. `2026-11-27T09:30:00Z`; in a URL, `+` must be sent as `%2B`.
+Time = Annotated[datetime, BeforeValidator(_rfc3339), Field(examples=["2026-11-27T09:30:00Z"])]
 
 
 def metadata_values(value: str) -> tuple[str | bool | int | float, ...]:
@@ -381,17 +375,23 @@ class DocumentQuery(BaseModel):
         _at_most(METADATA_MAX_KEYS),
         Field(max_length=METADATA_MAX_KEYS),
     ] = {}
-    created_after: Time | None = None
-    created_before: Time | None = None
-    updated_after: Time | None = None
-    updated_before: Time | None = None
-    sort: Sort = Field(
-        "-created_at",
-        description="Order of the listing; ties are broken by id, so every order is total.",
+    created_after: Time | None = Field(default=None, description="Created at or after this time.")
+    created_before: Time | None = Field(default=None, description="Created before this time.")
+    updated_after: Time | None = Field(
+        default=None, description="Last changed at or after this time."
     )
-    limit: int = Field(20, ge=1, le=PAGE_MAX, description="Page size, 1-100.")
+    updated_before: Time | None = Field(default=None, description="Last changed before this time.")
+    sort: Sort = Field(
+        default="-created_at",
+        description="Order of the listing, newest first by default; ties are broken by id, "
+        "so every order is total.",
+        examples=["-updated_at"],
+    )
+    limit: int = Field(
+        default=20, ge=1, le=PAGE_MAX, description="Page size, 1-100.", examples=[50]
+    )
     cursor: str = Field(
-        "",
+        default="",
         max_length=512,
         description="`next_cursor` of the previous page, with the same filters and sort.",
     )

@@ -126,6 +126,23 @@ METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The model holds `metadata.KEY=VALUE` parameters as one `metadata` object; OpenAPI has no name
+# patterns, so the spec describes the family by its pattern.
+METADATA_FILTER = {
+    "name": "metadata.{key}",
+    "in": "query",
+    "required": False,
+    "description": "Repeatable over keys, e.g. `metadata.pages=12`: documents whose metadata "
+    "`{key}` (1-64 characters) equals the value as a string, or as the JSON number or boolean "
+    'it spells (`12` finds 12 and "12", `true` finds true and "true"). At most 50 keys.',
+    "schema": {"type": "string", "maxLength": 1000},
+    "examples": {
+        "number": {"summary": "metadata.pages=12", "value": "12"},
+        "string": {"summary": "metadata.author=ada", "value": "ada"},
+    },
+}
+
+
 def schema(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, plus: the `ApiKey` scheme on every /v1 operation, problem responses as
     `application/problem+json` only, `X-Request-ID` on every response, `Retry-After` on 429 and
@@ -144,11 +161,14 @@ def schema(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             if path.startswith("/v1/"):
                 operation["security"] = [{"ApiKey": []}]
-            for parameter in operation.get("parameters", []):
+            parameters = operation.get("parameters", [])
+            for at, parameter in enumerate(parameters):
                 # `cursor` and `If-None-Match` default to "" in code, which means absent: a
                 # generated client must not send that default.
                 if parameter["schema"].get("default") == "":
                     del parameter["schema"]["default"]
+                if parameter["in"] == "query" and parameter["name"] == "metadata":
+                    parameters[at] = METADATA_FILTER
             for status, response in operation["responses"].items():
                 _shape(response, status, v1=path.startswith("/v1/"))
     app.openapi_schema = document

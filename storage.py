@@ -916,4 +916,3 @@ class TinyDBStore:
             if fd >= 0:
                 os.close(fd)  # closing the lock fd releases the flock
         self._journal_fd = self._lock_fd = -1
-

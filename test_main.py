@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,6 +228,134 @@ def test_list_filters_by_tag_case_insensitively(client: TestClient) -> None:
 def test_list_limit_out_of_range_returns_422(client: TestClient, limit: str) -> None:
     problem = assert_problem(client.get("/v1/documents", params={"limit": limit}), 422)
     assert problem["errors"][0]["loc"] == ["query", "limit"]
+
+
+def test_every_finding_parameter_reaches_the_listing(client: TestClient) -> None:
+    report = create(
+        client,
+        {
+            "title": "Quarterly report",
+            "content": "Revenue grew.",
+            "tags": ["finance", "q3"],
+            "metadata": {"pages": 12, "draft": True},
+        },
+    )
+    note = create(client, {"title": "Crème brûlée", "content": "dessert", "tags": ["finance"]})
+    client.patch(f"/v1/documents/{report['id']}", json={"content": "Revenue grew 12%."})
+
+    def ids(query: str) -> list[str]:
+        response = client.get(f"/v1/documents?{query}")
+        assert response.status_code == 200, response.text
+        return [d["id"] for d in response.json()["items"]]
+
+    assert ids("q=REVENUE") == [report["id"]]
+    assert ids("q=creme%20BRULEE") == [note["id"]]
+    assert ids("q=reven") == []
+    assert ids("tag=Finance&tag=q3") == [report["id"]]
+    assert ids("tag=finance") == [note["id"], report["id"]]
+    assert ids("metadata.pages=12&metadata.draft=true") == [report["id"]]
+    assert ids("metadata.pages=%2212%22") == []
+    assert ids(f"created_after={note['created_at']}") == [note["id"]]
+    assert ids(f"created_before={note['created_at']}") == [report["id"]]
+    assert ids("created_after=2000-01-01T00:00:00%2B01:00") == [note["id"], report["id"]]
+    assert ids("sort=-updated_at") == [report["id"], note["id"]]
+    assert ids("sort=created_at") == [report["id"], note["id"]]
+    assert [d["id"] for d in walk(client, q="grew", limit=1)] == [report["id"]]
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ("q=", "q"),
+        ("q=" + "a" * 201, "q"),
+        ("q=!!!", "q"),
+        ("q=" + "+".join("abcdefghijk"), "q"),
+        ("sort=title", "sort"),
+        ("sort=-created", "sort"),
+        ("created_after=2026-11-27", "created_after"),
+        ("created_before=2026-11-27T09:30:00", "created_before"),
+        ("updated_after=2026-02-30T00:00:00Z", "updated_after"),
+        ("updated_before=1700000000", "updated_before"),
+        ("created_after=2026-11-27T09:30:00+01:00", "created_after"),  # + is a space in a URL
+        ("metadata.=x", "metadata"),
+        ("metadata." + "k" * 65 + "=x", "metadata"),
+        ("metadata.pages=" + "1" * 1001, "metadata.pages"),
+        ("metadata.pages=1&metadata.pages=2", "metadata.pages"),
+        ("&".join(f"metadata.k{i}=v" for i in range(51)), "metadata"),
+        ("&".join(f"tag=t{i}" for i in range(21)), "tag"),
+        ("tag=", "tag"),
+        ("tags=finance", "tags"),
+        ("q=x&nope=1", "nope"),
+    ],
+)
+def test_malformed_finding_parameters_get_422_naming_the_parameter(
+    client: TestClient, query: str, parameter: str
+) -> None:
+    create(client)
+    problem = assert_problem(client.get(f"/v1/documents?{query}"), 422)
+    assert f"query.{parameter}" in problem["detail"]
+
+
+def test_a_cursor_is_valid_only_for_the_query_that_made_it(client: TestClient) -> None:
+    for i in range(3):
+        create(client, {**DOC, "title": f"Crème {i}", "tags": ["a", "b"], "metadata": {"n": 1}})
+    query: dict[str, Any] = {
+        "q": "creme",
+        "tag": ["a", "b"],
+        "metadata.n": "1",
+        "created_after": "2000-01-01T00:00:00Z",
+        "sort": "created_at",
+        "limit": 1,
+    }
+    cursor = client.get("/v1/documents", params=query).json()["next_cursor"]
+    # The same query spelled otherwise, or with another page size, carries on.
+    for same in [
+        {**query, "q": "CRÈME", "tag": ["B", "a"], "limit": 2},
+        {**query, "created_after": "2000-01-01T01:00:00+01:00"},
+    ]:
+        assert client.get("/v1/documents", params={**same, "cursor": cursor}).status_code == 200
+    for changed in [
+        {**query, "q": "creme 1"},
+        {**query, "tag": ["a"]},
+        {**query, "metadata.n": "2"},
+        {**query, "metadata.m": "1"},
+        {**query, "created_after": "2000-01-01T00:00:00.001Z"},
+        {**query, "created_before": "2100-01-01T00:00:00Z"},
+        {**query, "updated_after": "2000-01-01T00:00:00Z"},
+        {**query, "sort": "-created_at"},
+        {key: value for key, value in query.items() if key != "q"},
+    ]:
+        response = client.get("/v1/documents", params={**changed, "cursor": cursor})
+        assert "query" in assert_problem(response, 400)["detail"], changed
+
+
+def test_every_finding_parameter_is_documented_with_its_rules(client: TestClient) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/v1/documents"]["get"]
+    parameters = {p["name"]: p for p in operation["parameters"]}
+    assert set(parameters) == {
+        "q",
+        "tag",
+        "metadata.{key}",
+        "created_after",
+        "created_before",
+        "updated_after",
+        "updated_before",
+        "sort",
+        "limit",
+        "cursor",
+    }
+    for name, parameter in parameters.items():
+        assert parameter["description"], name
+    for name in ("q", "tag", "created_after", "sort", "limit"):
+        assert "examples" in json.dumps(parameters[name]["schema"]), name
+    assert parameters["metadata.{key}"]["examples"]
+    assert parameters["sort"]["schema"]["enum"] == [
+        "-created_at",
+        "created_at",
+        "-updated_at",
+        "updated_at",
+    ]
+    assert parameters["q"]["schema"]["anyOf"][0]["maxLength"] == 200
 
 
 def test_bad_or_tampered_cursor_returns_400_and_another_key_may_continue_a_walk(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from tinydb import TinyDB
 
-from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
+from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, words
 from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
@@ -187,6 +190,237 @@ async def test_import_keeps_ids_and_timestamps_and_skips_existing(store: Documen
     assert not await store.import_document(doc.model_copy(update={"title": "other"}))
     assert await store.get(doc.id) == doc
     assert await exported(store) == [doc]
+
+
+# --- finding documents ------------------------------------------------------------------------
+
+
+def imported(n: int, title: str = "t", content: str = "c", **fields: Any) -> Document:
+    """Document n, created n milliseconds into 2025 unless `fields` say otherwise."""
+    at = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(milliseconds=n)
+    values: dict[str, Any] = {
+        "tags": [],
+        "metadata": {},
+        "created_at": at,
+        "updated_at": at,
+        "version": 1,
+        **fields,
+    }
+    return Document(id=f"01J{n:023d}", title=title, content=content, **values)
+
+
+async def test_q_finds_whole_words_of_title_or_content_ignoring_case_and_accents(
+    store: DocumentStore,
+) -> None:
+    docs = [
+        imported(1, "Crème brûlée", "a recipe"),
+        imported(2, "Report", "REVENUE grew; costs fell"),
+        imported(3, "Revenues", "plural, and crème_brûlée is two words"),
+        imported(4, "Straße 12", "Ünïcödé"),
+    ]
+    for doc in docs:
+        await store.import_document(doc)
+    ids = [doc.id for doc in docs]
+    for q, found in [
+        ("creme", [ids[2], ids[0]]),
+        ("CRÈME Brulee", [ids[2], ids[0]]),
+        ("revenue", [ids[1]]),
+        ("reven", []),
+        ("revenue grew", [ids[1]]),
+        ("revenue recipe", []),  # every word must be in the document
+        ("report costs", [ids[1]]),  # one word in the title, one in the content
+        ("strasse", [ids[3]]),
+        ("12 unicode", [ids[3]]),
+    ]:
+        assert await walk(store, 2, q=q) == found, q
+
+
+async def test_tags_must_all_match(store: DocumentStore) -> None:
+    a, _ = await store.create(body("a", ["x", "y"]))
+    b, _ = await store.create(body("b", ["x"]))
+    assert await walk(store, 5, tag=["x"]) == [b.id, a.id]
+    assert await walk(store, 5, tag=["X ", "y"]) == [a.id]
+    assert await walk(store, 5, tag=["x", "z"]) == []
+
+
+async def test_metadata_value_matches_as_string_or_as_the_number_or_boolean_it_spells(
+    store: DocumentStore,
+) -> None:
+    values: list[Any] = [12, "12", 12.0, 12.5, True, "true", 1, None, "TRUE", 2**63 - 1]
+    docs = [imported(n, metadata={"v": value}) for n, value in enumerate(values)]
+    for doc in docs:
+        await store.import_document(doc)
+    await store.import_document(imported(99, metadata={"other": 12}))
+
+    def having(*wanted: int) -> list[str]:
+        return [docs[n].id for n in sorted(wanted, reverse=True)]
+
+    for value, found in [
+        ("12", having(0, 1, 2)),
+        ("12.0", having(0, 2)),
+        ("1.2e1", having(0, 2)),
+        ("12.5", having(3)),
+        ("true", having(4, 5)),
+        ("1", having(6)),  # a number is never a boolean
+        ("null", []),  # null spells neither a number nor a boolean
+        ("TRUE", having(8)),
+        ("9223372036854775807", having(9)),
+        ("012", []),  # not JSON's spelling of a number
+    ]:
+        assert await walk(store, 3, **{"metadata.v": value}) == found, value
+    both = {"metadata.v": "12", "metadata.other": "12"}
+    assert await walk(store, 3, **both) == []
+
+
+async def test_time_ranges_are_half_open(store: DocumentStore, clock: FakeClock) -> None:
+    docs = [imported(n) for n in range(5)]
+    for doc in docs:
+        await store.import_document(doc)
+    touched = await store.update(docs[1].id, DocumentUpdate(title="touched"))
+    ids = [doc.id for doc in docs]
+    created = [doc.created_at.isoformat() for doc in docs]
+    assert await walk(store, 2, created_after=created[1], created_before=created[3]) == [
+        ids[2],
+        ids[1],
+    ]
+    assert await walk(store, 2, created_before=created[0]) == []
+    since = touched.updated_at.isoformat()
+    assert await walk(store, 2, updated_after=since) == [ids[1]]
+    assert await walk(store, 2, updated_before=since) == [ids[4], ids[3], ids[2], ids[0]]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 100])
+async def test_every_sort_is_total_with_ties_broken_by_id(store: DocumentStore, limit: int) -> None:
+    # Three documents created in one millisecond, two updated in another.
+    docs = [imported(n % 2, updated_at=imported(10 + n % 3).created_at) for n in range(6)]
+    docs = [doc.model_copy(update={"id": f"01J{n:023d}"}) for n, doc in enumerate(docs)]
+    for doc in docs:
+        await store.import_document(doc)
+    for sort, field in [
+        ("-created_at", "created_at"),
+        ("created_at", "created_at"),
+        ("-updated_at", "updated_at"),
+        ("updated_at", "updated_at"),
+    ]:
+        ordered = sorted(docs, key=lambda d: (getattr(d, field), d.id))
+        expected = [d.id for d in (ordered[::-1] if sort.startswith("-") else ordered)]
+        assert await walk(store, limit, sort=sort) == expected, sort
+
+
+@pytest.mark.parametrize("sort", ["-created_at", "created_at"])
+async def test_a_walk_visits_every_match_once_while_documents_are_created(
+    store: DocumentStore, sort: str
+) -> None:
+    first = [(await store.create(body(f"d{i}", ["t"])))[0].id for i in range(5)]
+    query = DocumentQuery(tag=["t"], sort=sort)  # type: ignore[arg-type]
+    seen: list[str] = []
+    added: list[str] = []
+    items, after = await store.page(query, limit=2)
+    while True:
+        seen += [doc.id for doc in items]
+        added.append((await store.create(body("new", ["t"])))[0].id)
+        if after is None:
+            break
+        items, after = await store.page(query, limit=2, after=after)
+    if sort == "-created_at":
+        assert seen == first[::-1]
+    else:  # documents created during the walk come after every older one
+        assert seen[:5] == first
+        assert seen[5:] == added[: len(seen) - 5]
+    assert len(set(seen)) == len(seen)
+
+
+def reference(docs: list[Document], params: dict[str, Any]) -> list[str]:
+    """The listing the contract describes, computed by brute force over every document."""
+    query = DocumentQuery.model_validate(params)
+
+    def spelled(value: Any, text: str) -> bool:
+        if isinstance(value, str):
+            return value == text
+        if isinstance(value, bool):
+            return text == str(value).lower()
+        try:
+            number = json.loads(text)
+        except ValueError:
+            return False
+        return type(number) in (int, float) and number == value
+
+    def matches(doc: Document) -> bool:
+        text = set(words(doc.title)) | set(words(doc.content))
+        return (
+            set(query.words) <= text
+            and set(query.tag) <= set(doc.tags)
+            and all(spelled(doc.metadata.get(k), v) for k, v in query.metadata.items())
+            and (query.created_after or doc.created_at) <= doc.created_at
+            and doc.created_at < (query.created_before or datetime.max.replace(tzinfo=UTC))
+            and (query.updated_after or doc.updated_at) <= doc.updated_at
+            and doc.updated_at < (query.updated_before or datetime.max.replace(tzinfo=UTC))
+        )
+
+    field = query.sort.lstrip("-")
+    found = sorted(filter(matches, docs), key=lambda d: (getattr(d, field), d.id))
+    return [d.id for d in (found[::-1] if query.sort.startswith("-") else found)]
+
+
+async def test_every_combination_of_filters_and_sorts_agrees_with_brute_force(
+    store: DocumentStore,
+) -> None:
+    rng = random.Random(7)
+    vocabulary = ["alpha", "Beta", "gamma", "délta", "12", "omega"]
+    values: list[Any] = [12, "12", 12.0, True, "true", 1, "x", None]
+    for n in range(60):
+        created = rng.randrange(20)
+        await store.import_document(
+            imported(
+                n,
+                title=rng.choice(vocabulary),
+                content=" ".join(rng.sample(vocabulary, 3)),
+                tags=rng.sample(["a", "b", "c"], rng.randrange(3)),
+                metadata={"k": rng.choice(values), "j": rng.choice(values)},
+                created_at=imported(created).created_at,
+                updated_at=imported(created + rng.randrange(10)).created_at,
+            ).model_copy(update={"id": f"01J{n:023d}"})
+        )
+    for doc in rng.sample(await exported(store), 10):
+        await store.update(doc.id, DocumentUpdate(title=rng.choice(vocabulary), tags=["a"]))
+    for doc in rng.sample(await exported(store), 5):
+        await store.delete(doc.id)
+    docs = await exported(store)
+    times = [imported(n).created_at.isoformat() for n in range(0, 30, 3)]
+    for _ in range(40):
+        sort = rng.choice(["-created_at", "created_at", "-updated_at", "updated_at"])
+        params: dict[str, Any] = {"sort": sort}
+        if rng.random() < 0.5:
+            params["q"] = " ".join(rng.sample(vocabulary, rng.randrange(1, 3))).upper()
+        if rng.random() < 0.4:
+            params["tag"] = rng.sample(["a", "b", "c"], rng.randrange(1, 3))
+        if rng.random() < 0.4:
+            params["metadata." + rng.choice("kj")] = rng.choice(["12", "12.0", "true", "1", "x"])
+        for bound in ("created_after", "created_before", "updated_after", "updated_before"):
+            if rng.random() < 0.2:
+                params[bound] = rng.choice(times)
+        limit = rng.choice([1, 3, 100])
+        assert await walk(store, limit, **params) == reference(docs, params), params
+
+
+async def test_indexes_are_rebuilt_at_open(tmp_path: Path) -> None:
+    store = TinyDBStore.open(tmp_path)
+    kept, _ = await store.create(body("Crème", ["t"], metadata={"n": 1}))
+    renamed, _ = await store.create(body("old", ["t"]))
+    await store.update(renamed.id, DocumentUpdate(title="new"))
+    await store.close()
+    for crashed in (False, True):
+        store = TinyDBStore.open(tmp_path)
+        assert await walk(store, 5, q="creme", tag=["t"], **{"metadata.n": "1"}) == [kept.id]
+        assert await walk(store, 5, q="new") == [renamed.id]
+        assert await walk(store, 5, q="old") == []
+        assert await walk(store, 5, sort="-updated_at") == [renamed.id, kept.id]
+        if not crashed:
+            # A journal the next open must replay: the indexes follow it too.
+            await store.update(renamed.id, DocumentUpdate(content="newer"))
+            store._release()
+        else:
+            await store.close()
 
 
 # --- the TinyDB store's files -----------------------------------------------------------------

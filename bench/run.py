@@ -2,7 +2,8 @@
 
 For each N it writes an N-document data dir (through the store's own TinyDB storage), starts
 `python main.py` (auth, JSON logs, metrics, durable writes; rate limit raised out of the way),
-measures start-to-ready and RSS, and drives four paths with wrk. The ceiling runs under the same
+measures start-to-ready and RSS, and drives seven paths with wrk (reads, listings, the three ways
+of finding documents, durable writes). The ceiling runs under the same
 uvicorn options in the same run, and every rate is also printed as a ratio to it.
 """
 
@@ -33,6 +34,23 @@ from storage import DATA_FILE, DurableJSONStorage, IdGenerator  # noqa: E402
 
 KEY = "bench-key-0001"
 CONTENT = "lorem ipsum dolor sit amet " * 30  # ~800 chars: ~1 KB documents
+# Finding documents, first page of 50: one word in 1% of the documents; a tag and a metadata
+# value together (5%); every document by update time.
+FINDING = {
+    "search": "q=topic7&limit=50",
+    "filter": "tag=tag7&metadata.shard=7&limit=50",
+    "updated": "sort=-updated_at&limit=50",
+}
+PATHS = {
+    "ceiling": "ceiling (bare FastAPI GET)",
+    "get": "GET one",
+    "list": "list 50",
+    "deep": "list 50, deep cursor",
+    "search": "search q=topic7 (1%), 50",
+    "filter": "tag + metadata filter (5%), 50",
+    "updated": "sort=-updated_at, 50",
+    "post": "POST (fsync)",
+}
 
 
 def free_port() -> int:
@@ -53,11 +71,13 @@ def seed(data_dir: Path, n: int) -> list[str]:
             Document(
                 id=ids(at),
                 title=f"Document {i}",
-                content=CONTENT,
+                # topicK: a word in 1% of the documents, what the search path looks for
+                content=f"{CONTENT}topic{i % 100}",
                 tags=[f"tag{i % 20}", "bench"],
-                metadata={"n": i, "team": "bench"},
+                metadata={"n": i, "team": "bench", "shard": i % 10},
                 created_at=at,
-                updated_at=at,
+                # Updated in another order than created, so that sort=-updated_at is its own walk.
+                updated_at=at + timedelta(seconds=i * 7919 % n),
                 version=1,
             )
         )
@@ -216,6 +236,14 @@ def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[st
                 connections,
             ),
         }
+        for path, query in FINDING.items():
+            results[path] = wrk(
+                url,
+                "get_path.lua",
+                {**wrk_env, "PATH_QUERY": f"/v1/documents?{query}"},
+                seconds,
+                connections,
+            )
         # Walk the rest of the listing, so that each of the N documents holds its cached JSON
         # body (the most memory the reads can take), before POST adds documents of its own.
         while cursor:
@@ -233,7 +261,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"n": runs[0]["n"]}
     for key in ("ready_s", "rss_mb", "rss_read_mb"):
         merged[key] = statistics.median(r[key] for r in runs)
-    for path in ("get", "list", "deep", "post", "ceiling"):
+    for path in PATHS:
         merged[path] = {
             m: statistics.median(r[path][m] for r in runs) for m in ("rps", "p50", "p99")
         }
@@ -252,18 +280,11 @@ def table(results: list[dict[str, Any]], runs: int) -> str:
         "| N | path | req/s | ratio | p50 ms | p99 ms |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    names = {
-        "ceiling": "ceiling (bare FastAPI GET)",
-        "get": "GET one",
-        "list": "list 50",
-        "deep": "list 50, deep cursor",
-        "post": "POST (fsync)",
-    }
     for r in results:
-        for path in ("ceiling", "get", "list", "deep", "post"):
+        for path, name in PATHS.items():
             m = r[path]
             lines.append(
-                f"| {r['n']:,} | {names[path]} | {m['rps']:,.0f} | {m['ratio']:.2f} "
+                f"| {r['n']:,} | {name} | {m['rps']:,.0f} | {m['ratio']:.2f} "
                 f"| {m['p50']:.2f} | {m['p99']:.2f} |"
             )
     lines += [
