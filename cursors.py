@@ -5,16 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from datetime import UTC, datetime, timedelta
 
 import orjson
 
 from config import ApiKey
 from index import Key
 from problems import InvalidCursor
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MILLISECOND = timedelta(milliseconds=1)
 
 
 def cursor_secret(keys: list[ApiKey]) -> bytes:
@@ -30,7 +26,7 @@ def encode_cursor(after: Key, binding: bytes, secret: bytes) -> str:
     """`after` is where the next page starts (its sort time and id); `binding` is the query's
     filters and sort, so a cursor cannot be replayed against another query."""
     at, doc_id = after
-    position = [_query_digest(binding), (at - EPOCH) // MILLISECOND, doc_id]
+    position = [_query_digest(binding), at, doc_id]
     payload = base64.urlsafe_b64encode(orjson.dumps(position)).rstrip(b"=")
     signature = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
     return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
@@ -42,11 +38,10 @@ def decode_cursor(cursor: str, binding: bytes, secret: bytes) -> Key:
         expected = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
         if not hmac.compare_digest(base64.urlsafe_b64decode(signature + b"=="), expected):
             raise InvalidCursor("Invalid cursor: signature does not match.")
-        digest, millis, doc_id = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
-        at = EPOCH + millis * MILLISECOND
+        digest, at, doc_id = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
     except (ValueError, TypeError, UnicodeError, OverflowError) as exc:
         raise InvalidCursor("Invalid cursor: does not decode.") from exc
-    if digest != _query_digest(binding) or not isinstance(doc_id, str):
+    if digest != _query_digest(binding) or not (isinstance(at, int) and isinstance(doc_id, str)):
         raise InvalidCursor(
             "Invalid cursor: it belongs to another query; send the same filters and sort."
         )

@@ -5,18 +5,22 @@ and reads a few entries more than it returns; it never scans every document."""
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
-import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from models import Document, DocumentQuery, document_words
+from models import Document, DocumentQuery, document_words, millis
 
-Key = tuple[datetime, str]  # a time, then the id: every order is total
-# A walk that is not over the smallest candidate list gives up after this many entries per
-# candidate and sorts the candidates instead: never much slower than the better of the two.
-WALK_BUDGET_PER_CANDIDATE = 8
+Key = tuple[int, str]  # a time in milliseconds since the epoch, then the id: every order is total
+# What one page may cost, whatever the query: a page reads at most this many index entries.
+READS_PER_PAGE = 10_000
+# A walk in the order asked for, over more entries than another filter has candidates, gives up
+# after this many entries per candidate and sorts those candidates instead: never much slower
+# than the better of the two.
+SORT_INSTEAD_AFTER = 8
 
 
 class _OverBudget(Exception):
@@ -42,9 +46,33 @@ def _discard(keys: list[Key], key: Key) -> None:
 
 def _span(keys: list[Key], start: datetime | None, end: datetime | None) -> tuple[int, int]:
     """The positions of keys timed in [start, end): "" sorts before every id."""
-    lo = 0 if start is None else bisect.bisect_left(keys, (start, ""))
-    hi = len(keys) if end is None else bisect.bisect_left(keys, (end, ""))
+    lo = 0 if start is None else bisect.bisect_left(keys, (millis(start), ""))
+    hi = len(keys) if end is None else bisect.bisect_left(keys, (millis(end), ""))
     return lo, max(lo, hi)
+
+
+def _checks(
+    groups: list[list[list[Key]]],
+    created: tuple[datetime | None, datetime | None] = (None, None),
+    updated: tuple[datetime | None, datetime | None] = (None, None),
+) -> Callable[[Document], bool] | None:
+    """A document's test against these filters and ranges; None when there is nothing to test."""
+    if not groups and created == updated == (None, None):
+        return None
+
+    def within(at: datetime, bounds: tuple[datetime | None, datetime | None]) -> bool:
+        start, end = bounds
+        return (start is None or at >= start) and (end is None or at < end)
+
+    def matches(doc: Document) -> bool:
+        key = (millis(doc.created_at), doc.id)
+        return (
+            within(doc.created_at, created)
+            and within(doc.updated_at, updated)
+            and all(any(_contains(keys, key) for keys in group) for group in groups)
+        )
+
+    return matches
 
 
 class DocumentIndex:
@@ -53,12 +81,12 @@ class DocumentIndex:
 
     def __init__(self) -> None:
         self._docs: dict[str, Document] = {}
-        self._words: dict[str, tuple[str, ...]] = {}  # each document's words, to unindex it
         self._created: list[Key] = []
         self._updated: list[Key] = []
-        self._by_word: dict[str, list[Key]] = {}
-        self._by_tag: dict[str, list[Key]] = {}
-        self._by_meta: dict[tuple[str, bool, Any], list[Key]] = {}
+        # defaultdicts: adding a posting is one lookup (read them with .get, which adds nothing)
+        self._by_word: defaultdict[str, list[Key]] = defaultdict(list)
+        self._by_tag: defaultdict[str, list[Key]] = defaultdict(list)
+        self._by_meta: defaultdict[tuple[str, bool, Any], list[Key]] = defaultdict(list)
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -72,35 +100,55 @@ class DocumentIndex:
     def put(self, doc: Document, words: Iterable[str] | None = None) -> None:
         """Index `doc`, replacing any version of it; `words` are its words if already known."""
         self.remove(doc.id)
-        if words is None:
-            words = document_words(doc.title, doc.content)
-        # Interned: a word shared by many documents is held once.
-        terms = tuple(map(sys.intern, words))
-        key = (doc.created_at, doc.id)
         self._docs[doc.id] = doc
-        self._words[doc.id] = terms
+        key = (millis(doc.created_at), doc.id)
         bisect.insort(self._created, key)
-        bisect.insort(self._updated, (doc.updated_at, doc.id))
-        for postings, term in self._terms(doc, terms):
-            bisect.insort(postings.setdefault(term, []), key)
+        bisect.insort(self._updated, (millis(doc.updated_at), doc.id))
+        for postings, term in self._terms(doc, words):
+            bisect.insort(postings[term], key)
+
+    def extend(self, docs: Iterable[Document]) -> None:
+        """Index documents not indexed yet, many at once (at open): append everywhere, then
+        sort each list once, which costs little for lists that arrive nearly in order. The
+        hottest loop of a start, so written out flat."""
+        by_word, by_tag, by_meta = self._by_word, self._by_tag, self._by_meta
+        for doc in docs:
+            self._docs[doc.id] = doc
+            key = (millis(doc.created_at), doc.id)
+            self._created.append(key)
+            self._updated.append((millis(doc.updated_at), doc.id))
+            for word in document_words(doc.title, doc.content):
+                by_word[word].append(key)
+            for tag in doc.tags:
+                by_tag[tag].append(key)
+            for name, value in doc.metadata.items():
+                if value is not None:
+                    by_meta[_meta_term(name, value)].append(key)
+        for keys in (self._created, self._updated):
+            keys.sort()
+        for index in (self._by_word, self._by_tag, self._by_meta):
+            for keys in index.values():
+                keys.sort()
 
     def remove(self, doc_id: str) -> None:
         doc = self._docs.pop(doc_id, None)
         if doc is None:
             return
-        key = (doc.created_at, doc_id)
+        key = (millis(doc.created_at), doc_id)
         _discard(self._created, key)
-        _discard(self._updated, (doc.updated_at, doc_id))
-        for postings, term in self._terms(doc, self._words.pop(doc_id)):
+        _discard(self._updated, (millis(doc.updated_at), doc_id))
+        # Its words are worked out again rather than kept: memory for every document, against
+        # time for the ones that change.
+        for postings, term in self._terms(doc, None):
             keys = postings[term]
             _discard(keys, key)
             if not keys:
                 del postings[term]
 
     def _terms(
-        self, doc: Document, words: tuple[str, ...]
-    ) -> Iterator[tuple[dict[Any, list[Key]], Any]]:
-        for word in words:
+        self, doc: Document, words: Iterable[str] | None
+    ) -> Iterator[tuple[defaultdict[Any, list[Key]], Any]]:
+        for word in document_words(doc.title, doc.content) if words is None else words:
             yield self._by_word, word
         for tag in doc.tags:
             yield self._by_tag, tag
@@ -114,71 +162,80 @@ class DocumentIndex:
         self, query: DocumentQuery, limit: int, after: Key | None
     ) -> tuple[list[Document], Key | None]:
         """Up to `limit` matching documents in the query's order, strictly after `after`, and
-        the key to continue from when more match."""
+        the position to continue from while more may match. A page reads at most
+        READS_PER_PAGE entries, so one that finds its matches sparse ends early, with fewer
+        documents (even none) and the position it reached."""
         groups = self._candidates(query)
         if groups is None:
             return [], None
         by_updated = query.sort.endswith("updated_at")
         descending = query.sort.startswith("-")
-        sort_key: Callable[[Document], Key] = (
-            (lambda d: (d.updated_at, d.id)) if by_updated else (lambda d: (d.created_at, d.id))
-        )
 
-        def matches(doc: Document) -> bool:
-            key = (doc.created_at, doc.id)
-            return (
-                (query.created_after is None or doc.created_at >= query.created_after)
-                and (query.created_before is None or doc.created_at < query.created_before)
-                and (query.updated_after is None or doc.updated_at >= query.updated_after)
-                and (query.updated_before is None or doc.updated_at < query.updated_before)
-                and all(any(_contains(keys, key) for keys in group) for group in groups)
-            )
+        def sort_key(doc: Document) -> Key:
+            return (millis(doc.updated_at if by_updated else doc.created_at), doc.id)
 
-        # The smallest list of candidates in creation order, within the creation range.
-        created = [self._created] + [g[0] if len(g) == 1 else list(heapq.merge(*g)) for g in groups]
-        spans = [
-            (keys, *_span(keys, query.created_after, query.created_before)) for keys in created
-        ]
-        by_created = min(spans, key=lambda s: s[2] - s[1])
+        # Candidates in creation order: every document, or the smallest filter's documents
+        # (a metadata filter whose value is spelled two ways merges two lists).
+        smallest = min(groups, key=lambda g: sum(map(len, g)), default=None)
+        created, rest = self._created, groups
+        if smallest is not None and sum(map(len, smallest)) < len(created):
+            created = smallest[0] if len(smallest) == 1 else list(heapq.merge(*smallest))
+            rest = [group for group in groups if group is not smallest]
+        by_created = (created, *_span(created, query.created_after, query.created_before))
         by_update = (
             self._updated,
             *_span(self._updated, query.updated_after, query.updated_before),
         )
+        # What each list's entries still need checked: the other filters and the other range.
+        created_checks = _checks(rest, updated=(query.updated_after, query.updated_before))
+        update_checks = _checks(groups, created=(query.created_after, query.created_before))
         ordered, other = (by_update, by_created) if by_updated else (by_created, by_update)
-        if other[2] - other[1] < ordered[2] - ordered[1]:
-            budget = WALK_BUDGET_PER_CANDIDATE * (other[2] - other[1]) + limit
+        checks, other_checks = (
+            (update_checks, created_checks) if by_updated else (created_checks, update_checks)
+        )
+        walk = functools.partial(self._walk, descending=descending, after=after, limit=limit)
+        fewer = other[2] - other[1]
+        if fewer < ordered[2] - ordered[1] and fewer <= READS_PER_PAGE:
             try:
-                return self._walk(*ordered, descending, after, matches, limit, sort_key, budget)
+                return walk(*ordered, checks, sort_key, SORT_INSTEAD_AFTER * fewer + limit)
             except _OverBudget:
-                # Too few matches among too many entries: sort the fewer candidates instead.
+                # Few matches among many entries: sort the fewer candidates instead.
                 keys, lo, hi = other
                 resorted = sorted(sort_key(self._docs[doc_id]) for _, doc_id in keys[lo:hi])
-                ordered = (resorted, 0, len(resorted))
-        return self._walk(*ordered, descending, after, matches, limit, sort_key)
+                ordered, checks = (resorted, 0, len(resorted)), other_checks
+        return walk(*ordered, checks, sort_key)
 
     def _walk(
         self,
         keys: list[Key],
         lo: int,
         hi: int,
-        descending: bool,
-        after: Key | None,
-        matches: Callable[[Document], bool],
-        limit: int,
+        matches: Callable[[Document], bool] | None,
         sort_key: Callable[[Document], Key],
         budget: int | None = None,
+        *,
+        descending: bool,
+        after: Key | None,
+        limit: int,
     ) -> tuple[list[Document], Key | None]:
-        """Walk keys[lo:hi] past `after`; raises _OverBudget after reading `budget` entries."""
+        """Walk keys[lo:hi] (sort keys, in sort order) past `after`. Raises _OverBudget after
+        reading `budget` entries; ends the page after READS_PER_PAGE. With no `matches`, every
+        entry matches: the page is a slice."""
         if after is not None:
             if descending:
                 hi = max(lo, min(hi, bisect.bisect_left(keys, after, lo, hi)))
             else:
                 lo = min(hi, max(lo, bisect.bisect_right(keys, after, lo, hi)))
-        found: list[Document] = []
         positions = range(hi - 1, lo - 1, -1) if descending else range(lo, hi)
+        if matches is None:
+            page = [self._docs[keys[at][1]] for at in positions[:limit]]
+            return page, sort_key(page[-1]) if len(positions) > limit else None
+        found: list[Document] = []
         for read, at in enumerate(positions):
-            if budget is not None and read >= budget:
+            if read == budget:
                 raise _OverBudget
+            if read == READS_PER_PAGE:
+                return found, keys[at + 1 if descending else at - 1]
             doc = self._docs[keys[at][1]]
             if matches(doc):
                 if len(found) == limit:

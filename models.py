@@ -284,7 +284,17 @@ def words(text: str) -> list[str]:
 
 
 def document_words(title: str, content: str) -> set[str]:
-    return set(words(title)) | set(words(content))
+    return set(words(f"{title}\n{content}"))
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
+
+
+def millis(at: datetime) -> int:
+    """Milliseconds since the epoch. Stored times are whole milliseconds, so rounding the
+    float (exact to well under a millisecond until the year 9999) gives them exactly."""
+    return round(at.timestamp() * 1000)
 
 
 def _few_words(q: str) -> str:

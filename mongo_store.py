@@ -22,7 +22,16 @@ from pymongo.errors import (
 )
 
 from index import Key
-from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, document_words
+from models import (
+    EPOCH,
+    MILLISECOND,
+    Document,
+    DocumentCreate,
+    DocumentQuery,
+    DocumentUpdate,
+    document_words,
+    millis,
+)
 from storage import (
     IDEMPOTENCY_TTL,
     Clock,
@@ -229,7 +238,7 @@ class MongoStore:
         if len(rows) <= limit:
             return items, None
         last = items[-1]
-        return items, (last.updated_at if "updated" in query.sort else last.created_at, last.id)
+        return items, (millis(last.updated_at if "updated" in query.sort else last.created_at), last.id)
 
     def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
         field = "updated_at" if "updated" in query.sort else "created_at"
@@ -253,7 +262,7 @@ class MongoStore:
         if after is not None:
             # Past `after` in the sort order: the time bound alone narrows the index scan.
             beyond, up_to = ("$lt", "$lte") if direction == DESCENDING else ("$gt", "$gte")
-            at, doc_id = after
+            at, doc_id = EPOCH + after[0] * MILLISECOND, after[1]
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (

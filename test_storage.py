@@ -21,6 +21,7 @@ from storage import (
     DocumentInvalid,
     DocumentNotFound,
     DocumentStore,
+    DurableJSONStorage,
     IdempotencyConflict,
     IdempotencyKey,
     PreconditionFailed,
@@ -401,6 +402,30 @@ async def test_every_combination_of_filters_and_sorts_agrees_with_brute_force(
                 params[bound] = rng.choice(times)
         limit = rng.choice([1, 3, 100])
         assert await walk(store, limit, **params) == reference(docs, params), params
+
+
+async def test_a_page_reads_a_bounded_number_of_entries_and_the_walk_still_finds_every_match(
+    tmp_path: Path,
+) -> None:
+    # Two tags on half the documents each that meet three times: the smallest candidate list
+    # is longer than one page may read, so pages end early and the walk goes on.
+    both = {7, 12_001, 24_998}
+    docs = {
+        str(n): imported(n, tags=["a", "b"] if n in both else ["ab"[n % 2]]).model_dump(mode="json")
+        for n in range(25_000)
+    }
+    DurableJSONStorage(str(tmp_path / DATA_FILE)).write({"documents": docs, "idempotency": {}})
+    store = TinyDBStore.open(tmp_path)
+    query = DocumentQuery(tag=["a", "b"])
+    pages, found, after = 0, [], None
+    while True:
+        items, after = await store.page(query, limit=100, after=after)
+        pages, found = pages + 1, found + [doc.id for doc in items]
+        if after is None:
+            break
+    await store.close()
+    assert found == [imported(n).id for n in sorted(both, reverse=True)]
+    assert pages > 1
 
 
 async def test_indexes_are_rebuilt_at_open(tmp_path: Path) -> None:
