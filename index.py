@@ -9,6 +9,7 @@ import functools
 import heapq
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +34,26 @@ def _meta_term(key: str, value: Any) -> tuple[str, bool, Any]:
     return key, isinstance(value, bool), value
 
 
+# The tests a filter puts to one document.
+
+
+def _has_word(keys: list[Key], doc: Document) -> bool:
+    return _contains(keys, (millis(doc.created_at), doc.id))
+
+
+def _has_tag(tag: str, doc: Document) -> bool:
+    return tag in doc.tags
+
+
+def _has_value(name: str, terms: set[tuple[str, bool, Any]], doc: Document) -> bool:
+    return _meta_term(name, doc.metadata.get(name)) in terms
+
+
+def _within(name: str, start: datetime | None, end: datetime | None, doc: Document) -> bool:
+    at: datetime = getattr(doc, name)
+    return (start is None or at >= start) and (end is None or at < end)
+
+
 def _contains(keys: list[Key], key: Key) -> bool:
     at = bisect.bisect_left(keys, key)
     return at < len(keys) and keys[at] == key
@@ -51,28 +72,34 @@ def _span(keys: list[Key], start: datetime | None, end: datetime | None) -> tupl
     return lo, max(lo, hi)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Filter:
+    """One filter of a query: the lists its matches are in (in creation order), and the test
+    of one document against it that is cheapest without those lists."""
+
+    lists: list[list[Key]]
+    test: Callable[[Document], bool]
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.lists))
+
+
 def _checks(
-    groups: list[list[list[Key]]],
+    filters: list[_Filter],
     created: tuple[datetime | None, datetime | None] = (None, None),
     updated: tuple[datetime | None, datetime | None] = (None, None),
 ) -> Callable[[Document], bool] | None:
     """A document's test against these filters and ranges; None when there is nothing to test."""
-    if not groups and created == updated == (None, None):
+    tests = [f.test for f in filters]
+    for name, (start, end) in (("created_at", created), ("updated_at", updated)):
+        if start is not None or end is not None:
+            tests.append(functools.partial(_within, name, start, end))
+    if not tests:
         return None
-
-    def within(at: datetime, bounds: tuple[datetime | None, datetime | None]) -> bool:
-        start, end = bounds
-        return (start is None or at >= start) and (end is None or at < end)
-
-    def matches(doc: Document) -> bool:
-        key = (millis(doc.created_at), doc.id)
-        return (
-            within(doc.created_at, created)
-            and within(doc.updated_at, updated)
-            and all(any(_contains(keys, key) for keys in group) for group in groups)
-        )
-
-    return matches
+    if len(tests) == 1:
+        return tests[0]
+    return lambda doc: all(test(doc) for test in tests)
 
 
 class DocumentIndex:
@@ -165,8 +192,8 @@ class DocumentIndex:
         the position to continue from while more may match. A page reads at most
         READS_PER_PAGE entries, so one that finds its matches sparse ends early, with fewer
         documents (even none) and the position it reached."""
-        groups = self._candidates(query)
-        if groups is None:
+        filters = self._candidates(query)
+        if filters is None:
             return [], None
         by_updated = query.sort.endswith("updated_at")
         descending = query.sort.startswith("-")
@@ -176,11 +203,12 @@ class DocumentIndex:
 
         # Candidates in creation order: every document, or the smallest filter's documents
         # (a metadata filter whose value is spelled two ways merges two lists).
-        smallest = min(groups, key=lambda g: sum(map(len, g)), default=None)
-        created, rest = self._created, groups
-        if smallest is not None and sum(map(len, smallest)) < len(created):
-            created = smallest[0] if len(smallest) == 1 else list(heapq.merge(*smallest))
-            rest = [group for group in groups if group is not smallest]
+        smallest = min(filters, key=lambda f: f.size, default=None)
+        created, rest = self._created, filters
+        if smallest is not None and smallest.size < len(created):
+            lists = smallest.lists
+            created = lists[0] if len(lists) == 1 else list(heapq.merge(*lists))
+            rest = [f for f in filters if f is not smallest]
         by_created = (created, *_span(created, query.created_after, query.created_before))
         by_update = (
             self._updated,
@@ -188,7 +216,7 @@ class DocumentIndex:
         )
         # What each list's entries still need checked: the other filters and the other range.
         created_checks = _checks(rest, updated=(query.updated_after, query.updated_before))
-        update_checks = _checks(groups, created=(query.created_after, query.created_before))
+        update_checks = _checks(filters, created=(query.created_after, query.created_before))
         ordered, other = (by_update, by_created) if by_updated else (by_created, by_update)
         checks, other_checks = (
             (update_checks, created_checks) if by_updated else (created_checks, update_checks)
@@ -243,14 +271,18 @@ class DocumentIndex:
                 found.append(doc)
         return found, None
 
-    def _candidates(self, query: DocumentQuery) -> list[list[list[Key]]] | None:
-        """For each word, tag and metadata filter, the lists a match must be in one of; None
-        when a filter matches nothing."""
-        groups = [[self._by_word.get(word, [])] for word in query.words]
-        groups += [[self._by_tag.get(tag, [])] for tag in dict.fromkeys(query.tag)]
+    def _candidates(self, query: DocumentQuery) -> list[_Filter] | None:
+        """Each word, tag and metadata filter of `query`; None when one matches nothing."""
+        filters = []
+        for word in query.words:
+            keys = self._by_word.get(word, [])
+            filters.append(_Filter([keys], functools.partial(_has_word, keys)))
+        for tag in dict.fromkeys(query.tag):
+            filters.append(_Filter([self._by_tag.get(tag, [])], functools.partial(_has_tag, tag)))
         for name, values in query.metadata_values:
-            terms = (self._by_meta.get(_meta_term(name, value), []) for value in values)
-            groups.append([keys for keys in terms if keys])
-        if not all(any(group) for group in groups):
+            terms = {_meta_term(name, value) for value in values}
+            lists = [self._by_meta[term] for term in terms if term in self._by_meta]
+            filters.append(_Filter(lists, functools.partial(_has_value, name, terms)))
+        if not all(f.size for f in filters):
             return None
-        return [[keys for keys in group if keys] for group in groups]
+        return filters

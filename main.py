@@ -26,7 +26,7 @@ from typing import Annotated
 
 import anyio
 import orjson
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
@@ -219,14 +219,16 @@ async def create_document(
     return _document_response(doc, 201, headers)
 
 
-async def list_documents(caller: CallerDep, query: Annotated[DocumentQuery, Query()]) -> Response:
+async def list_documents(request: Request, caller: CallerDep) -> Response:
     """Find documents: every filter given must hold. Follow `next_cursor` to walk every match
     exactly once, in order, even while others are created; a cursor is only valid with the
-    filters and sort that produced it. Unknown parameters are refused, never ignored.
+    filters and sort that produced it. A page may hold fewer than `limit` documents (even none)
+    while `next_cursor` is set: only `null` ends the walk. Unknown parameters are refused.
 
     `metadata.KEY=VALUE` (repeatable over keys) keeps documents whose metadata KEY equals
     VALUE as a string, or as the JSON number or boolean VALUE spells: `metadata.pages=12`
     finds 12 and "12", `metadata.draft=true` finds true and "true"."""
+    query = _document_query(request)
     secret = caller.cursor_secret
     after = decode_cursor(query.cursor, query.binding, secret) if query.cursor else None
     items, next_after = await caller.store.page(query, limit=query.limit, after=after)
@@ -237,6 +239,16 @@ async def list_documents(caller: CallerDep, query: Annotated[DocumentQuery, Quer
         orjson.dumps(next_cursor),
     )
     return Response(body, media_type="application/json")
+
+
+def _document_query(request: Request) -> DocumentQuery:
+    """The query string, validated by the model the OpenAPI document describes it with, and
+    refused as FastAPI refuses any parameter."""
+    try:
+        return DocumentQuery.from_pairs(request.query_params.multi_items())
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None
 
 
 async def read_document(
@@ -331,6 +343,7 @@ def _add_routes(app: FastAPI) -> None:
         response_model=DocumentPage,
         summary="Find and list documents",
         responses=openapi.problems(400, 422),
+        openapi_extra={"parameters": openapi.query_parameters(DocumentQuery)},
     )
     document_route(
         "/v1/documents/{document_id}",

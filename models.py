@@ -6,7 +6,7 @@ import math
 import re
 import string
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -414,6 +414,19 @@ class DocumentQuery(BaseModel):
             return data
         rest = {k: v for k, v in data.items() if not _is_metadata_filter(k)}
         return {**rest, "metadata": {k[9:]: v for k, v in data.items() if _is_metadata_filter(k)}}
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> DocumentQuery:
+        """From a query string's (name, value) pairs: `tag` may repeat; any other parameter
+        given twice becomes a list, which its field refuses."""
+        values: dict[str, Any] = {}
+        for name, value in pairs:
+            if name == "tag" or name in values:
+                known = values.get(name, [])
+                values[name] = [*known, value] if isinstance(known, list) else [known, value]
+            else:
+                values[name] = value
+        return cls.model_validate(values)
 
     @cached_property
     def words(self) -> tuple[str, ...]:

@@ -238,7 +238,10 @@ class MongoStore:
         if len(rows) <= limit:
             return items, None
         last = items[-1]
-        return items, (millis(last.updated_at if "updated" in query.sort else last.created_at), last.id)
+        return items, (
+            millis(last.updated_at if "updated" in query.sort else last.created_at),
+            last.id,
+        )
 
     def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
         field = "updated_at" if "updated" in query.sort else "created_at"

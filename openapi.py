@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from models import Problem
 from problems import ALL, TITLES
@@ -128,7 +129,7 @@ METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 # The model holds `metadata.KEY=VALUE` parameters as one `metadata` object; OpenAPI has no name
 # patterns, so the spec describes the family by its pattern.
-METADATA_FILTER = {
+METADATA_FILTER: dict[str, Any] = {
     "name": "metadata.{key}",
     "in": "query",
     "required": False,
@@ -141,6 +142,28 @@ METADATA_FILTER = {
         "string": {"summary": "metadata.author=ada", "value": "ada"},
     },
 }
+
+
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """The model's fields as query parameters. The handler validates the query string with the
+    model itself, which costs less than FastAPI's parsing of each parameter."""
+    parameters = []
+    for name, field in model.model_json_schema()["properties"].items():
+        if name == "metadata":
+            parameters.append(METADATA_FILTER)
+            continue
+        field.pop("title", None)
+        description = field.pop("description")
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": description,
+                "schema": field,
+            }
+        )
+    return parameters
 
 
 def schema(app: FastAPI) -> dict[str, Any]:
@@ -161,14 +184,11 @@ def schema(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             if path.startswith("/v1/"):
                 operation["security"] = [{"ApiKey": []}]
-            parameters = operation.get("parameters", [])
-            for at, parameter in enumerate(parameters):
+            for parameter in operation.get("parameters", []):
                 # `cursor` and `If-None-Match` default to "" in code, which means absent: a
                 # generated client must not send that default.
                 if parameter["schema"].get("default") == "":
                     del parameter["schema"]["default"]
-                if parameter["in"] == "query" and parameter["name"] == "metadata":
-                    parameters[at] = METADATA_FILTER
             for status, response in operation["responses"].items():
                 _shape(response, status, v1=path.startswith("/v1/"))
     app.openapi_schema = document

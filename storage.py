@@ -8,7 +8,8 @@ once, at open) and makes each write durable before it returns:
 * `documents.journal` receives every change as one checksummed line, appended and fdatasync'ed
   before the write is acknowledged. Concurrent writers share one fdatasync (group commit).
   When the journal outgrows the database file it is folded into it (compaction), and it is folded
-  at every open and close, so after a clean shutdown the TinyDB file alone holds everything.
+  at open (if it holds anything) and at close, so after a clean shutdown the TinyDB file alone
+  holds everything.
 * `documents.lock` carries an exclusive ``flock``: one process owns a data directory.
 """
 
@@ -166,8 +167,9 @@ class DocumentStore(Protocol):
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
         """Up to `limit` documents matching `query`, in its order, strictly after the position
-        `after` (the sort time and the id); the second item is the next `after`, None on the
-        last page."""
+        `after` (the sort time in milliseconds and the id); the second item is the next
+        `after`, None on the last page. A page may hold fewer than `limit` (even none) while
+        more follow: only a None `after` ends a walk."""
         ...
 
     async def update(

@@ -417,7 +417,7 @@ async def test_a_page_reads_a_bounded_number_of_entries_and_the_walk_still_finds
     DurableJSONStorage(str(tmp_path / DATA_FILE)).write({"documents": docs, "idempotency": {}})
     store = TinyDBStore.open(tmp_path)
     query = DocumentQuery(tag=["a", "b"])
-    pages, found, after = 0, [], None
+    pages, found, after = 0, list[str](), None
     while True:
         items, after = await store.page(query, limit=100, after=after)
         pages, found = pages + 1, found + [doc.id for doc in items]
