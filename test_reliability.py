@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 )
 
 from conftest import KEY, Service, ServiceFactory, walk, write_until_killed
-from models import DocumentCreate, DocumentQuery, DocumentUpdate
+from models import DocumentCreate, DocumentQuery, DocumentUpdate, words
 from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
@@ -319,9 +319,16 @@ class StoreMachine(RuleBasedStateMachine):
         assert self._fields(doc) == self.model[doc_id]
 
     @invariant()
-    def every_page_walk_returns_each_live_document_once(self) -> None:
-        for limit, tag in ((1, None), (3, None), (100, None), (2, "x")):
-            query = DocumentQuery(tag=[tag] if tag else [])
+    def every_page_walk_returns_each_live_match_once(self) -> None:
+        for limit, tag, word in (
+            (1, None, None),
+            (3, None, None),
+            (100, None, None),
+            (2, "x", None),
+            (2, None, "p"),
+            (2, "y", "a"),
+        ):
+            query = DocumentQuery.model_validate({"tag": [tag] if tag else [], "q": word})
             seen: list[str] = []
             after = None
             while True:
@@ -329,7 +336,11 @@ class StoreMachine(RuleBasedStateMachine):
                 seen += [d.id for d in items]
                 if after is None:
                     break
-            live = [i for i, d in self.model.items() if tag is None or tag in d["tags"]]
+            live = [
+                i
+                for i, d in self.model.items()
+                if (tag is None or tag in d["tags"]) and (word is None or word in words(d["title"]))
+            ]
             assert seen == sorted(live, reverse=True)
 
 
