@@ -28,15 +28,19 @@ def encode_cursor(after: Key, binding: bytes, secret: bytes) -> str:
     at, doc_id = after
     position = [_query_digest(binding), at, doc_id]
     payload = base64.urlsafe_b64encode(orjson.dumps(position)).rstrip(b"=")
-    signature = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
-    return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
+    return (payload + b"." + _signature(payload, secret)).decode()
+
+
+def _signature(payload: bytes, secret: bytes) -> bytes:
+    mac = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).rstrip(b"=")
 
 
 def decode_cursor(cursor: str, binding: bytes, secret: bytes) -> Key:
     try:
         payload, _, signature = cursor.encode("ascii").partition(b".")
-        expected = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
-        if not hmac.compare_digest(base64.urlsafe_b64decode(signature + b"=="), expected):
+        # Compared as the exact text issued: base64 decoding would skip stray characters.
+        if not hmac.compare_digest(signature, _signature(payload, secret)):
             raise InvalidCursor("Invalid cursor: signature does not match.")
         digest, at, doc_id = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
     except (ValueError, TypeError, UnicodeError, OverflowError) as exc:

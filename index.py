@@ -16,8 +16,9 @@ from typing import Any
 from models import Document, DocumentQuery, document_words, millis
 
 Key = tuple[int, str]  # a time in milliseconds since the epoch, then the id: every order is total
-# What one page may cost, whatever the query: a page reads at most this many index entries.
-READS_PER_PAGE = 10_000
+# What one page may cost, whatever the query: at most this many index entries read and tests
+# put to documents (a query of many filters reads fewer entries).
+WORK_PER_PAGE = 10_000
 # A walk in the order asked for, over more entries than another filter has candidates, gives up
 # after this many entries per candidate and sorts those candidates instead: never much slower
 # than the better of the two.
@@ -85,21 +86,41 @@ class _Filter:
         return sum(map(len, self.lists))
 
 
-def _checks(
-    filters: list[_Filter],
-    created: tuple[datetime | None, datetime | None] = (None, None),
-    updated: tuple[datetime | None, datetime | None] = (None, None),
-) -> Callable[[Document], bool] | None:
-    """A document's test against these filters and ranges; None when there is nothing to test."""
-    tests = [f.test for f in filters]
-    for name, (start, end) in (("created_at", created), ("updated_at", updated)):
-        if start is not None or end is not None:
-            tests.append(functools.partial(_within, name, start, end))
-    if not tests:
-        return None
-    if len(tests) == 1:
-        return tests[0]
-    return lambda doc: all(test(doc) for test in tests)
+@dataclass(frozen=True, slots=True)
+class _Checks:
+    """What each entry of a walk must pass: the filters and the range its list does not
+    already guarantee."""
+
+    tests: list[Callable[[Document], bool]]
+
+    @classmethod
+    def of(
+        cls,
+        filters: list[_Filter],
+        created: tuple[datetime | None, datetime | None] = (None, None),
+        updated: tuple[datetime | None, datetime | None] = (None, None),
+    ) -> _Checks:
+        tests = [f.test for f in filters]
+        for name, (start, end) in (("created_at", created), ("updated_at", updated)):
+            if start is not None or end is not None:
+                tests.append(functools.partial(_within, name, start, end))
+        return cls(tests)
+
+    def __call__(self, doc: Document) -> bool:
+        return all(test(doc) for test in self.tests)
+
+    @property
+    def reads(self) -> int:
+        """How many entries a page may read: its work shared by the tests of each entry."""
+        return WORK_PER_PAGE // (1 + len(self.tests))
+
+
+# A list of keys in creation or update order, and the span [lo, hi) of it a query may match.
+Span = tuple[list[Key], int, int]
+
+
+def _size(spans: list[Span]) -> int:
+    return sum(hi - lo for _, lo, hi in spans)
 
 
 class DocumentIndex:
@@ -189,86 +210,95 @@ class DocumentIndex:
         self, query: DocumentQuery, limit: int, after: Key | None
     ) -> tuple[list[Document], Key | None]:
         """Up to `limit` matching documents in the query's order, strictly after `after`, and
-        the position to continue from while more may match. A page reads at most
-        READS_PER_PAGE entries, so one that finds its matches sparse ends early, with fewer
-        documents (even none) and the position it reached."""
+        the position to continue from while more may match. A page does at most WORK_PER_PAGE
+        reads and tests, so one that finds its matches sparse ends early, with fewer documents
+        (even none) and the position it reached."""
         filters = self._candidates(query)
         if filters is None:
             return [], None
         by_updated = query.sort.endswith("updated_at")
-        descending = query.sort.startswith("-")
 
         def sort_key(doc: Document) -> Key:
             return (millis(doc.updated_at if by_updated else doc.created_at), doc.id)
 
         # Candidates in creation order: every document, or the smallest filter's documents
-        # (a metadata filter whose value is spelled two ways merges two lists).
+        # (two lists when a metadata value is stored both as a number and as text).
         smallest = min(filters, key=lambda f: f.size, default=None)
-        created, rest = self._created, filters
-        if smallest is not None and smallest.size < len(created):
-            lists = smallest.lists
-            created = lists[0] if len(lists) == 1 else list(heapq.merge(*lists))
-            rest = [f for f in filters if f is not smallest]
-        by_created = (created, *_span(created, query.created_after, query.created_before))
-        by_update = (
-            self._updated,
-            *_span(self._updated, query.updated_after, query.updated_before),
+        created, rest = [self._created], filters
+        if smallest is not None and smallest.size < len(self._created):
+            created, rest = smallest.lists, [f for f in filters if f is not smallest]
+        by_created = [
+            (keys, *_span(keys, query.created_after, query.created_before)) for keys in created
+        ]
+        by_update = [
+            (self._updated, *_span(self._updated, query.updated_after, query.updated_before))
+        ]
+        # Each list's entries are checked against the filters and the range it does not hold.
+        created_checks = _Checks.of(rest, updated=(query.updated_after, query.updated_before))
+        update_checks = _Checks.of(filters, created=(query.created_after, query.created_before))
+        ordered, checks = (by_update, update_checks) if by_updated else (by_created, created_checks)
+        other, other_checks = (
+            (by_created, created_checks) if by_updated else (by_update, update_checks)
         )
-        # What each list's entries still need checked: the other filters and the other range.
-        created_checks = _checks(rest, updated=(query.updated_after, query.updated_before))
-        update_checks = _checks(filters, created=(query.created_after, query.created_before))
-        ordered, other = (by_update, by_created) if by_updated else (by_created, by_update)
-        checks, other_checks = (
-            (update_checks, created_checks) if by_updated else (created_checks, update_checks)
+        walk = functools.partial(
+            self._walk,
+            descending=query.sort.startswith("-"),
+            after=after,
+            limit=limit,
+            sort_key=sort_key,
         )
-        walk = functools.partial(self._walk, descending=descending, after=after, limit=limit)
-        fewer = other[2] - other[1]
-        if fewer < ordered[2] - ordered[1] and fewer <= READS_PER_PAGE:
+        fewer = _size(other)
+        if fewer < _size(ordered) and fewer <= other_checks.reads:
             try:
-                return walk(*ordered, checks, sort_key, SORT_INSTEAD_AFTER * fewer + limit)
+                return walk(ordered, checks, budget=SORT_INSTEAD_AFTER * fewer + limit)
             except _OverBudget:
                 # Few matches among many entries: sort the fewer candidates instead.
-                keys, lo, hi = other
-                resorted = sorted(sort_key(self._docs[doc_id]) for _, doc_id in keys[lo:hi])
-                ordered, checks = (resorted, 0, len(resorted)), other_checks
-        return walk(*ordered, checks, sort_key)
+                resorted = sorted(
+                    sort_key(self._docs[doc_id])
+                    for keys, lo, hi in other
+                    for _, doc_id in keys[lo:hi]
+                )
+                ordered, checks = [(resorted, 0, len(resorted))], other_checks
+        return walk(ordered, checks)
 
     def _walk(
         self,
-        keys: list[Key],
-        lo: int,
-        hi: int,
-        matches: Callable[[Document], bool] | None,
-        sort_key: Callable[[Document], Key],
+        spans: list[Span],
+        checks: _Checks,
         budget: int | None = None,
         *,
         descending: bool,
         after: Key | None,
         limit: int,
+        sort_key: Callable[[Document], Key],
     ) -> tuple[list[Document], Key | None]:
-        """Walk keys[lo:hi] (sort keys, in sort order) past `after`. Raises _OverBudget after
-        reading `budget` entries; ends the page after READS_PER_PAGE. With no `matches`, every
-        entry matches: the page is a slice."""
-        if after is not None:
-            if descending:
+        """Walk the spans' keys (sort keys), merged in sort order, past `after`. Raises
+        _OverBudget after reading `budget` entries; ends the page after `checks.reads`."""
+        walks: list[Iterator[Key]] = []
+        for keys, lo, hi in spans:
+            if after is not None and descending:
                 hi = max(lo, min(hi, bisect.bisect_left(keys, after, lo, hi)))
-            else:
+            elif after is not None:
                 lo = min(hi, max(lo, bisect.bisect_right(keys, after, lo, hi)))
-        positions = range(hi - 1, lo - 1, -1) if descending else range(lo, hi)
-        if matches is None:
-            page = [self._docs[keys[at][1]] for at in positions[:limit]]
-            return page, sort_key(page[-1]) if len(positions) > limit else None
+            walks.append(
+                map(keys.__getitem__, range(hi - 1, lo - 1, -1) if descending else range(lo, hi))
+            )
+        # Two lists are merged as they are read: a page costs what it reads, not their length.
+        merged = walks[0] if len(walks) == 1 else heapq.merge(*walks, reverse=descending)
         found: list[Document] = []
-        for read, at in enumerate(positions):
+        last: Key | None = None
+        reads = checks.reads
+        for read, key in enumerate(merged):
             if read == budget:
                 raise _OverBudget
-            if read == READS_PER_PAGE:
-                return found, keys[at + 1 if descending else at - 1]
-            doc = self._docs[keys[at][1]]
-            if matches(doc):
+            if read == reads:
+                return found, last
+            doc = self._docs[key[1]]
+            if not checks.tests or checks(doc):
                 if len(found) == limit:
                     return found, sort_key(found[-1])
                 found.append(doc)
+            last = key
         return found, None
 
     def _candidates(self, query: DocumentQuery) -> list[_Filter] | None:

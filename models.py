@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -19,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
+    field_serializer,
     model_validator,
 )
 
@@ -197,6 +201,10 @@ class DocumentUpdate(BaseModel):
         return _few_unknown_fields(cls, data)
 
 
+# What a document's times serialise to: still a date-time to the OpenAPI document.
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
 class Document(BaseModel):
     """A stored document as the API returns it."""
 
@@ -226,6 +234,12 @@ class Document(BaseModel):
     created_at: datetime = Field(description="ISO 8601, UTC.")
     updated_at: datetime = Field(description="ISO 8601, UTC.")
     version: int = Field(ge=1, description="Starts at 1 and grows by one on every change.")
+
+    @field_serializer("created_at", "updated_at", when_used="json")
+    def _six_digits(self, at: datetime) -> Timestamp:
+        """Always six fractional digits (pydantic drops them on a whole second), so that
+        every timestamp has one length and the strings sort as the times do."""
+        return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     @cached_property
     def json_bytes(self) -> bytes:
@@ -276,11 +290,21 @@ _ASCII_WORDS = str.maketrans(
 
 def words(text: str) -> list[str]:
     """The words of `text` as `q` matches them and both stores index them: runs of Unicode
-    letters and digits, case-folded and stripped of accents (`Crème` is `creme`)."""
+    letters and digits, compared without case, accents or other marks (`Crème` is `creme`,
+    mathematical bold Hello is `hello`, and a vowel sign stays inside its word)."""
     if text.isascii():
         return text.translate(_ASCII_WORDS).split()
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    return _WORD.findall("".join(c for c in folded if not unicodedata.combining(c)))
+    # Compatibility forms first, then case (which may need decomposing again), then no marks.
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
+    return _WORD.findall(folded.translate(_marks()))
+
+
+@functools.cache
+def _marks() -> dict[int, None]:
+    """Every mark (Unicode category M: accents, vowel signs), for str.translate to drop; made
+    on the first text that is not ASCII."""
+    marks = range(sys.maxunicode + 1)
+    return dict.fromkeys(c for c in marks if unicodedata.category(chr(c)).startswith("M"))
 
 
 def document_words(title: str, content: str) -> set[str]:
@@ -304,23 +328,35 @@ def _few_words(q: str) -> str:
 
 
 _RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
 )
+_FIRST = datetime.min.replace(tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
 
 
 def _rfc3339(value: Any) -> datetime:
     """An RFC 3339 time with its offset, in UTC, rounded up to the millisecond: stored times are
-    whole milliseconds, so `t >= x` and `t < x` mean the same for x and its ceiling."""
+    whole milliseconds, so `t >= x` and `t < x` mean the same for x and its ceiling. A leap
+    second is the instant after the second before it; a time beyond what Python represents
+    (9999-12-31T23:59:59.9999Z rounded up) is the last one it does."""
     found = _RFC3339.fullmatch(value) if isinstance(value, str) else None
     if found is None:
         raise ValueError("must be an RFC 3339 time with an offset, e.g. 2026-11-27T09:30:00Z")
-    day, clock, fraction, offset = found.groups()
+    day, minute, second, fraction, offset = found.groups()
+    leap = second == "60"
     try:
-        at = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if offset in 'Zz' else offset}")
-        nanoseconds = int((fraction or "0").ljust(9, "0"))
-        return (at + timedelta(milliseconds=math.ceil(nanoseconds / 1e6))).astimezone(UTC)
-    except (ValueError, OverflowError):
+        at = datetime.fromisoformat(
+            f"{day}T{minute}:{'59' if leap else second}{'+00:00' if offset in 'Zz' else offset}"
+        )
+    except ValueError:
         raise ValueError("is not a valid time (RFC 3339, e.g. 2026-11-27T09:30:00Z)") from None
+    # Whole milliseconds, plus one if any digit after them is not zero: the ceiling, exactly.
+    digits = "0" if leap else fraction or "0"  # nothing is stored within a leap second
+    millis = int(digits[:3].ljust(3, "0")) + (digits[3:].strip("0") != "") + 1000 * leap
+    try:
+        return (at + timedelta(milliseconds=millis)).astimezone(UTC)
+    except OverflowError:
+        return _FIRST if at.year == 1 else _LAST
 
 
 # RFC 3339 with an offset, e.g. `2026-11-27T09:30:00Z`; in a URL, `+` must be sent as `%2B`.

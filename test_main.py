@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tinydb import TinyDB
 
 from conftest import KEY, OTHER_KEY, app_client, assert_problem, make_settings, walk
 from main import create_app
+from models import DocumentQuery
 from ratelimit import LocalStorage, spend
 
 DOC = {"title": "Quarterly report", "content": "Revenue grew.", "tags": ["Finance"]}
@@ -296,6 +298,27 @@ def test_malformed_finding_parameters_get_422_naming_the_parameter(
     assert f"query.{parameter}" in problem["detail"]
 
 
+@pytest.mark.parametrize(
+    ("sent", "means"),
+    [
+        ("2026-11-27T10:30:00+01:00", "2026-11-27T09:30:00"),
+        ("2026-11-27t09:30:00z", "2026-11-27T09:30:00"),
+        ("2026-11-27T09:30:00.0001Z", "2026-11-27T09:30:00.001"),  # rounded up: half-open
+        ("2026-11-27T09:30:00.1234567891Z", "2026-11-27T09:30:00.124"),
+        ("2026-12-31T23:59:60Z", "2027-01-01T00:00:00"),  # a leap second
+        ("2026-12-31T23:59:60.5Z", "2027-01-01T00:00:00"),
+        ("9999-12-31T23:59:59.9999Z", "9999-12-31T23:59:59.999999"),  # the last instant
+        ("0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00"),  # the first
+    ],
+)
+def test_every_rfc_3339_time_is_taken_at_its_instant_to_the_millisecond_above(
+    sent: str, means: str
+) -> None:
+    query = DocumentQuery.model_validate({"created_after": sent, "updated_before": sent})
+    expected = datetime.fromisoformat(means).replace(tzinfo=UTC)
+    assert query.created_after == query.updated_before == expected
+
+
 def test_a_cursor_is_valid_only_for_the_query_that_made_it(client: TestClient) -> None:
     for i in range(3):
         create(client, {**DOC, "title": f"Crème {i}", "tags": ["a", "b"], "metadata": {"n": 1}})
@@ -366,7 +389,8 @@ def test_bad_or_tampered_cursor_returns_400_and_another_key_may_continue_a_walk(
     cursor = client.get("/v1/documents", params={"limit": 1}).json()["next_cursor"]
     payload, _, signature = cursor.partition(".")
     tampered = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + signature
-    for bad in ["garbage", "a.b", tampered, cursor + "x"]:
+    junk = [cursor + "==", cursor[:-2] + "!!" + cursor[-2:]]
+    for bad in ["garbage", "a.b", tampered, cursor + "x", *junk]:
         assert_problem(client.get("/v1/documents", params={"cursor": bad}), 400)
     # Keys are not tenants: a client that rotates its key mid-walk carries on where it was.
     mine = client.get("/v1/documents", params={"cursor": cursor})

@@ -218,6 +218,11 @@ async def test_q_finds_whole_words_of_title_or_content_ignoring_case_and_accents
         imported(2, "Report", "REVENUE grew; costs fell"),
         imported(3, "Revenues", "plural, and crème_brûlée is two words"),
         imported(4, "Straße 12", "Ünïcödé"),
+        imported(
+            5,
+            "\U0001d407\U0001d41e\U0001d425\U0001d425\U0001d428 \uff37\uff2f\uff32\uff2c\uff24",
+            "हिन्दी",
+        ),
     ]
     for doc in docs:
         await store.import_document(doc)
@@ -232,6 +237,9 @@ async def test_q_finds_whole_words_of_title_or_content_ignoring_case_and_accents
         ("report costs", [ids[1]]),  # one word in the title, one in the content
         ("strasse", [ids[3]]),
         ("12 unicode", [ids[3]]),
+        ("hello world", [ids[4]]),  # mathematical bold and fullwidth letters
+        ("हिन्दी", [ids[4]]),  # vowel signs stay inside their word...
+        ("ह", []),  # ...so its first letter is not a word of its own
     ]:
         assert await walk(store, 2, q=q) == found, q
 
@@ -425,6 +433,30 @@ async def test_a_page_reads_a_bounded_number_of_entries_and_the_walk_still_finds
             break
     await store.close()
     assert found == [imported(n).id for n in sorted(both, reverse=True)]
+    assert pages > 1
+
+
+async def test_a_page_of_many_filters_reads_fewer_entries(tmp_path: Path) -> None:
+    # 2 000 documents, each without one of 20 tags but three: every tag is on 95% of them,
+    # few enough for one page to read, but each entry puts 19 tests, so a page's work ends first.
+    tags = [f"t{i}" for i in range(20)]
+    full = {5, 1000, 1998}
+    docs = {
+        str(n): imported(n, tags=[t for t in tags if n in full or t != tags[n % 20]]).model_dump(
+            mode="json"
+        )
+        for n in range(2_000)
+    }
+    DurableJSONStorage(str(tmp_path / DATA_FILE)).write({"documents": docs, "idempotency": {}})
+    store = TinyDBStore.open(tmp_path)
+    query = DocumentQuery(tag=tags)
+    items, after = await store.page(query, limit=100)
+    pages, found = 1, [doc.id for doc in items]
+    while after is not None:
+        items, after = await store.page(query, limit=100, after=after)
+        pages, found = pages + 1, found + [doc.id for doc in items]
+    await store.close()
+    assert found == [imported(n).id for n in sorted(full, reverse=True)]
     assert pages > 1
 
 
