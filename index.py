@@ -250,7 +250,8 @@ class DocumentIndex:
         fewer = _size(other)
         if fewer < _size(ordered) and fewer <= other_checks.reads:
             try:
-                return walk(ordered, checks, budget=SORT_INSTEAD_AFTER * fewer + limit)
+                budget = min(SORT_INSTEAD_AFTER * fewer + limit, checks.reads)
+                return walk(ordered, checks, budget=budget)
             except _OverBudget:
                 # Few matches among many entries: sort the fewer candidates instead.
                 resorted = sorted(

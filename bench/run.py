@@ -257,6 +257,45 @@ def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[st
         stop(proc)
 
 
+def compare_p99(
+    work: Path, small: int, large: int, rounds: int, seconds: int, connections: int
+) -> str:
+    """p99 of each listing path at the largest N against the smallest, the two services up
+    side by side and measured in turns: tail latency on a shared machine drifts more from
+    minute to minute than it differs between sizes, so sizes measured minutes apart compare
+    the minutes, not the sizes."""
+    services = {}
+    try:
+        for n in (small, large):
+            ids = seed(work / f"p99-{n}", n)
+            (work / f"p99-ids-{n}").write_text("\n".join(ids) + "\n")
+            proc, url = start_service(work / f"p99-{n}")
+            wait_ready(url, proc)
+            services[n] = (proc, url, {"IDS_FILE": str(work / f"p99-ids-{n}"), "API_KEY": KEY})
+        paths = {"list": "limit=50", **FINDING}
+        p99: dict[tuple[int, str], list[float]] = {(n, p): [] for n in services for p in paths}
+        for _ in range(rounds):
+            for path, query in paths.items():
+                for n, (_, url, env) in services.items():
+                    script_env = {**env, "PATH_QUERY": f"/v1/documents?{query}"}
+                    p99[n, path].append(
+                        wrk(url, "get_path.lua", script_env, seconds, connections)["p99"]
+                    )
+    finally:
+        for proc, _, _ in services.values():
+            stop(proc)
+    lines = [
+        f"p99 in turns, median of {rounds} rounds:",
+        "",
+        f"| path | p99 at {small:,} (ms) | p99 at {large:,} (ms) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for path in paths:
+        low, high = statistics.median(p99[small, path]), statistics.median(p99[large, path])
+        lines.append(f"| {PATHS[path]} | {low:.1f} | {high:.1f} | {high / low:.2f} |")
+    return "\n".join(lines)
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"n": runs[0]["n"]}
     for key in ("ready_s", "rss_mb", "rss_read_mb"):
@@ -316,9 +355,16 @@ def main() -> int:
                 runs.append(bench_service(n, work, args.seconds, args.connections))
                 print(f"N={n} run {run + 1}: done", file=sys.stderr)
             results.append(median_of(runs))
+        sizes = [r["n"] for r in results]
+        p99 = None
+        if len(sizes) > 1:
+            p99 = compare_p99(Path(tmp), min(sizes), max(sizes), 4, args.seconds, args.connections)
     for r in results:
         r["connections"] = args.connections
     print(table(results, args.runs))
+    if p99:
+        print()
+        print(p99)
     return 0
 
 
