@@ -19,14 +19,6 @@ Key = tuple[int, str]  # a time in milliseconds since the epoch, then the id: ev
 # What one page may cost, whatever the query: at most this many index entries read and tests
 # put to documents (a query of many filters reads fewer entries).
 WORK_PER_PAGE = 10_000
-# A walk in the order asked for, over more entries than another filter has candidates, gives up
-# after this many entries per candidate and sorts those candidates instead: never much slower
-# than the better of the two.
-SORT_INSTEAD_AFTER = 8
-
-
-class _OverBudget(Exception):
-    """A walk read its budget of entries before it found a page."""
 
 
 def _meta_term(key: str, value: Any) -> tuple[str, bool, Any]:
@@ -119,6 +111,11 @@ class _Checks:
 Span = tuple[list[Key], int, int]
 
 
+def _keys(doc: Document) -> tuple[Key, Key]:
+    """Where a document sits in creation and in update order."""
+    return (millis(doc.created_at), doc.id), (millis(doc.updated_at), doc.id)
+
+
 def _size(spans: list[Span]) -> int:
     return sum(hi - lo for _, lo, hi in spans)
 
@@ -148,10 +145,9 @@ class DocumentIndex:
     def put(self, doc: Document, words: Iterable[str] | None = None) -> None:
         """Index `doc`, replacing any version of it; `words` are its words if already known."""
         self.remove(doc.id)
-        self._docs[doc.id] = doc
-        key = (millis(doc.created_at), doc.id)
+        key, updated = self._add(doc)
         bisect.insort(self._created, key)
-        bisect.insort(self._updated, (millis(doc.updated_at), doc.id))
+        bisect.insort(self._updated, updated)
         for postings, term in self._terms(doc, words):
             bisect.insort(postings[term], key)
 
@@ -161,10 +157,9 @@ class DocumentIndex:
         hottest loop of a start, so written out flat."""
         by_word, by_tag, by_meta = self._by_word, self._by_tag, self._by_meta
         for doc in docs:
-            self._docs[doc.id] = doc
-            key = (millis(doc.created_at), doc.id)
+            key, updated = self._add(doc)
             self._created.append(key)
-            self._updated.append((millis(doc.updated_at), doc.id))
+            self._updated.append(updated)
             for word in document_words(doc.title, doc.content):
                 by_word[word].append(key)
             for tag in doc.tags:
@@ -178,13 +173,17 @@ class DocumentIndex:
             for keys in index.values():
                 keys.sort()
 
+    def _add(self, doc: Document) -> tuple[Key, Key]:
+        self._docs[doc.id] = doc
+        return _keys(doc)
+
     def remove(self, doc_id: str) -> None:
         doc = self._docs.pop(doc_id, None)
         if doc is None:
             return
-        key = (millis(doc.created_at), doc_id)
+        key, updated = _keys(doc)
         _discard(self._created, key)
-        _discard(self._updated, (millis(doc.updated_at), doc_id))
+        _discard(self._updated, updated)
         # Its words are worked out again rather than kept: memory for every document, against
         # time for the ones that change.
         for postings, term in self._terms(doc, None):
@@ -217,9 +216,10 @@ class DocumentIndex:
         if filters is None:
             return [], None
         by_updated = query.sort.endswith("updated_at")
+        side = 1 if by_updated else 0
 
         def sort_key(doc: Document) -> Key:
-            return (millis(doc.updated_at if by_updated else doc.created_at), doc.id)
+            return _keys(doc)[side]
 
         # Candidates in creation order: every document, or the smallest filter's documents
         # (two lists when a metadata value is stored both as a number and as text).
@@ -247,34 +247,29 @@ class DocumentIndex:
             limit=limit,
             sort_key=sort_key,
         )
+        # Walking the order asked for reads about limit * ordered / fewer entries when the fewer
+        # candidates are spread through it; sorting those candidates costs about `fewer`. Sort
+        # when that is cheaper and within a page's work.
         fewer = _size(other)
-        if fewer < _size(ordered) and fewer <= other_checks.reads:
-            try:
-                budget = min(SORT_INSTEAD_AFTER * fewer + limit, checks.reads)
-                return walk(ordered, checks, budget=budget)
-            except _OverBudget:
-                # Few matches among many entries: sort the fewer candidates instead.
-                resorted = sorted(
-                    sort_key(self._docs[doc_id])
-                    for keys, lo, hi in other
-                    for _, doc_id in keys[lo:hi]
-                )
-                ordered, checks = [(resorted, 0, len(resorted))], other_checks
+        if fewer * fewer <= limit * _size(ordered) and fewer <= other_checks.reads:
+            resorted = sorted(
+                sort_key(self._docs[doc_id]) for keys, lo, hi in other for _, doc_id in keys[lo:hi]
+            )
+            ordered, checks = [(resorted, 0, len(resorted))], other_checks
         return walk(ordered, checks)
 
     def _walk(
         self,
         spans: list[Span],
         checks: _Checks,
-        budget: int | None = None,
         *,
         descending: bool,
         after: Key | None,
         limit: int,
         sort_key: Callable[[Document], Key],
     ) -> tuple[list[Document], Key | None]:
-        """Walk the spans' keys (sort keys), merged in sort order, past `after`. Raises
-        _OverBudget after reading `budget` entries; ends the page after `checks.reads`."""
+        """Walk the spans' keys (sort keys), merged in sort order, past `after`; end the page
+        after `checks.reads` entries."""
         walks: list[Iterator[Key]] = []
         for keys, lo, hi in spans:
             if after is not None and descending:
@@ -290,8 +285,6 @@ class DocumentIndex:
         last: Key | None = None
         reads = checks.reads
         for read, key in enumerate(merged):
-            if read == budget:
-                raise _OverBudget
             if read == reads:
                 return found, last
             doc = self._docs[key[1]]

@@ -52,7 +52,7 @@ from models import (
     DocumentPage,
     DocumentQuery,
     DocumentUpdate,
-    check_stored,
+    as_stored,
 )
 from problems import (
     IDEMPOTENCY_CONFLICT,
@@ -670,7 +670,7 @@ async def _seed(store: DocumentStore, path: Path) -> int:
 
 def _document_from(line: bytes, where: str) -> Document:
     try:
-        return check_stored(Document.model_validate_json(line))
+        return as_stored(Document.model_validate_json(line))
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(map(str, first["loc"])) or "document"

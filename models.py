@@ -270,6 +270,35 @@ def check_stored(doc: Document) -> Document:
     return doc
 
 
+def as_stored(doc: Document) -> Document:
+    """An imported document as this service would have stored it: times in UTC whole
+    milliseconds (a time without an offset taken as UTC), tags trimmed, lower-case and without
+    repeats, so that every filter and order sees one value, on either store. Raises ValueError
+    as check_stored does."""
+    changes: dict[str, Any] = {
+        name: stored
+        for name in ("created_at", "updated_at")
+        if (stored := _stored_time(getattr(doc, name))) is not getattr(doc, name)
+    }
+    tags = _unique([tag.strip().lower() for tag in doc.tags])
+    if tags != doc.tags:
+        changes["tags"] = tags
+    return check_stored(doc.model_copy(update=changes) if changes else doc)
+
+
+_NO_OFFSET = timedelta(0)
+
+
+def _stored_time(at: datetime) -> datetime:
+    """`at` itself when it is already a UTC time in whole milliseconds."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    elif at.microsecond % 1000 == 0 and at.utcoffset() == _NO_OFFSET:
+        return at
+    at = at.astimezone(UTC)
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
 # --- finding documents ------------------------------------------------------------------------
 
 QUERY_MAX_CHARS = 200
@@ -328,7 +357,8 @@ def _few_words(q: str) -> str:
 
 
 _RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    re.ASCII,  # \d is 0-9 only
 )
 _FIRST = datetime.min.replace(tzinfo=UTC)
 _LAST = datetime.max.replace(tzinfo=UTC)
@@ -479,7 +509,7 @@ class DocumentQuery(BaseModel):
         return orjson.dumps(
             [
                 sorted(self.words),
-                sorted(self.tag),
+                sorted(set(self.tag)),
                 sorted(self.metadata.items()),
                 [
                     None if at is None else at.isoformat()

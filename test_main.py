@@ -279,6 +279,8 @@ def test_every_finding_parameter_reaches_the_listing(client: TestClient) -> None
         ("updated_after=2026-02-30T00:00:00Z", "updated_after"),
         ("updated_before=1700000000", "updated_before"),
         ("created_after=2026-11-27T09:30:00+01:00", "created_after"),  # + is a space in a URL
+        ("created_after=2026-11-27T09:30:00%2B00:60", "created_after"),
+        ("created_after=2026-11-27T09:30:00.%D9%A1Z", "created_after"),  # an Arabic-Indic digit
         ("metadata.=x", "metadata"),
         ("metadata." + "k" * 65 + "=x", "metadata"),
         ("metadata.pages=" + "1" * 1001, "metadata.pages"),

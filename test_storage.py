@@ -13,7 +13,7 @@ import anyio
 import pytest
 from tinydb import TinyDB
 
-from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, words
+from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, as_stored, words
 from mongo_store import MongoStore
 from storage import (
     DATA_FILE,
@@ -410,6 +410,21 @@ async def test_every_combination_of_filters_and_sorts_agrees_with_brute_force(
                 params[bound] = rng.choice(times)
         limit = rng.choice([1, 3, 100])
         assert await walk(store, limit, **params) == reference(docs, params), params
+
+
+async def test_an_imported_document_is_found_as_if_the_service_had_stored_it(
+    store: DocumentStore,
+) -> None:
+    sub_millisecond = datetime(2026, 9, 2, 0, 0, 0, 600, tzinfo=UTC)
+    doc = imported(1, tags=[" Finance", "finance", "Q3"], created_at=sub_millisecond)
+    doc = doc.model_copy(update={"updated_at": sub_millisecond.replace(tzinfo=None)})
+    assert await store.import_document(as_stored(doc))
+    assert await walk(store, 5, tag=["finance", "q3"]) == [doc.id]
+    # .0006 is before .001 in every order: the time is kept to the millisecond, as stored.
+    window = {"created_after": "2026-09-02T00:00:00.001Z", "updated_before": "2026-09-03T00:00:00Z"}
+    for sort in ("-created_at", "-updated_at"):
+        assert await walk(store, 5, sort=sort, **window) == []
+    assert (await store.get(doc.id)).created_at == sub_millisecond.replace(microsecond=0)
 
 
 async def test_a_page_reads_a_bounded_number_of_entries_and_the_walk_still_finds_every_match(
