@@ -1,6 +1,7 @@
 """The embedded store's in-memory indexes: every document by id, in creation and update order,
 and by word, tag and metadata value. A listing walks the smallest of them in the order asked for
-and reads a few entries more than it returns; it never scans every document."""
+(or sorts it, when that is cheaper) and stops one match past the page; a page's work is bounded
+whatever the query, so no listing scans every document."""
 
 from __future__ import annotations
 
