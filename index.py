@@ -216,12 +216,8 @@ class DocumentIndex:
         filters = self._candidates(query)
         if filters is None:
             return [], None
-        by_updated = query.sort.endswith("updated_at")
-        side = 1 if by_updated else 0
-
-        def sort_key(doc: Document) -> Key:
-            return _keys(doc)[side]
-
+        by_updated = query.sort_field == "updated_at"
+        sort_key = query.position
         # Candidates in creation order: every document, or the smallest filter's documents
         # (two lists when a metadata value is stored both as a number and as text).
         smallest = min(filters, key=lambda f: f.size, default=None)
@@ -243,7 +239,7 @@ class DocumentIndex:
         )
         walk = functools.partial(
             self._walk,
-            descending=query.sort.startswith("-"),
+            descending=query.descending,
             after=after,
             limit=limit,
             sort_key=sort_key,
@@ -302,7 +298,7 @@ class DocumentIndex:
         for word in query.words:
             keys = self._by_word.get(word, [])
             filters.append(_Filter([keys], functools.partial(_has_word, keys)))
-        for tag in dict.fromkeys(query.tag):
+        for tag in query.tag:
             filters.append(_Filter([self._by_tag.get(tag, [])], functools.partial(_has_tag, tag)))
         for name, values in query.metadata_values:
             terms = {_meta_term(name, value) for value in values}

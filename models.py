@@ -340,14 +340,17 @@ def document_words(title: str, content: str) -> set[str]:
     return set(words(f"{title}\n{content}"))
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MILLISECOND = timedelta(milliseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def millis(at: datetime) -> int:
     """Milliseconds since the epoch. Stored times are whole milliseconds, so rounding the
     float (exact to well under a millisecond until the year 9999) gives them exactly."""
     return round(at.timestamp() * 1000)
+
+
+def from_millis(milliseconds: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=milliseconds)
 
 
 def _few_words(q: str) -> str:
@@ -438,6 +441,7 @@ class DocumentQuery(BaseModel):
             description="Repeatable: documents carrying every given tag (compared lower-case).",
             examples=[["finance", "q3"]],
         ),
+        AfterValidator(_unique),
     ] = []
     metadata: Annotated[
         dict[
@@ -494,6 +498,19 @@ class DocumentQuery(BaseModel):
                 values[name] = value
         return cls.model_validate(values)
 
+    @property
+    def sort_field(self) -> Literal["created_at", "updated_at"]:
+        return "updated_at" if self.sort.endswith("updated_at") else "created_at"
+
+    @property
+    def descending(self) -> bool:
+        return self.sort.startswith("-")
+
+    def position(self, doc: Document) -> tuple[int, str]:
+        """Where `doc` sits in this query's order: its sort time in milliseconds, then its id
+        (what a store continues a listing from)."""
+        return millis(getattr(doc, self.sort_field)), doc.id
+
     @cached_property
     def words(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(words(self.q))) if self.q else ()
@@ -509,7 +526,7 @@ class DocumentQuery(BaseModel):
         return orjson.dumps(
             [
                 sorted(self.words),
-                sorted(set(self.tag)),
+                sorted(self.tag),
                 sorted(self.metadata.items()),
                 [
                     None if at is None else at.isoformat()

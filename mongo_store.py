@@ -23,14 +23,12 @@ from pymongo.errors import (
 
 from index import Key
 from models import (
-    EPOCH,
-    MILLISECOND,
     Document,
     DocumentCreate,
     DocumentQuery,
     DocumentUpdate,
     document_words,
-    millis,
+    from_millis,
 )
 from storage import (
     IDEMPOTENCY_TTL,
@@ -235,22 +233,16 @@ class MongoStore:
         with _driver_errors():
             rows = await self._find(query, limit + 1, after).to_list(limit + 1)
         items = [_from_mongo(raw) for raw in rows[:limit]]
-        if len(rows) <= limit:
-            return items, None
-        last = items[-1]
-        return items, (
-            millis(last.updated_at if "updated" in query.sort else last.created_at),
-            last.id,
-        )
+        return items, query.position(items[-1]) if len(rows) > limit else None
 
     def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
-        field = "updated_at" if "updated" in query.sort else "created_at"
-        direction = DESCENDING if query.sort.startswith("-") else ASCENDING
+        field = query.sort_field
+        direction = DESCENDING if query.descending else ASCENDING
         clauses: list[dict[str, Any]] = []
         if query.words:
             clauses.append({"words": {"$all": list(query.words)}})
         if query.tag:
-            clauses.append({"tags": {"$all": list(dict.fromkeys(query.tag))}})
+            clauses.append({"tags": {"$all": query.tag}})
         for name, values in query.metadata_values:
             match = {"k": name, "v": {"$in": list(values)}}
             clauses.append({"metadata": {"$elemMatch": match}})
@@ -265,7 +257,7 @@ class MongoStore:
         if after is not None:
             # Past `after` in the sort order: the time bound alone narrows the index scan.
             beyond, up_to = ("$lt", "$lte") if direction == DESCENDING else ("$gt", "$gte")
-            at, doc_id = EPOCH + after[0] * MILLISECOND, after[1]
+            at, doc_id = from_millis(after[0]), after[1]
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (
@@ -283,7 +275,7 @@ class MongoStore:
             return "words_created"
         if query.tag:
             return "tags_created"
-        if "updated" in query.sort:
+        if query.sort_field == "updated_at":
             return "updated"
         return "metadata_created" if query.metadata else "created"
 
