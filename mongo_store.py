@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -131,6 +132,7 @@ class MongoStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._indexes_ready = False
+        self.words_added: asyncio.Task[int] | None = None
 
     @classmethod
     async def open(cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> MongoStore:
@@ -165,6 +167,33 @@ class MongoStore:
                 name="ttl_24h",
             )
         self._indexes_ready = True
+        # In the background, so that a large collection does not hold up the start.
+        self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+
+    async def _add_missing_words(self) -> int:
+        """Documents written before the word index have no `words`, so `q` cannot find them
+        until they get theirs here. A document changed since it was read is left to its writer.
+        Several workers may do this at once: each document is written once."""
+        added = 0
+        try:
+            with _driver_errors():
+                missing = {"words": {"$exists": False}}
+                fields = ["title", "content", "version"]
+                async for raw in self._docs.find(missing, fields).hint("words_created"):
+                    words = sorted(document_words(raw["title"], raw["content"]))
+                    result = await self._docs.update_one(
+                        {"_id": raw["_id"], "version": raw["version"], **missing},
+                        {"$set": {"words": words}},
+                    )
+                    added += result.modified_count
+        except StoreError:
+            # Tried again with the indexes, on the next contact.
+            self._indexes_ready = False
+            log.warning("store.words_not_added", extra={"added": added})
+            return added
+        if added:
+            log.info("store.words_added", extra={"added": added})
+        return added
 
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
@@ -356,4 +385,6 @@ class MongoStore:
             )
 
     async def close(self) -> None:
+        if self.words_added is not None:
+            self.words_added.cancel()
         await self._client.close()

@@ -86,6 +86,41 @@ def test_metadata_keys_that_bson_forbids_round_trip(mongo_url: str, tmp_path: Pa
         assert client.get(f"/v1/documents/{doc['id']}").json()["metadata"] == metadata
 
 
+def test_documents_from_before_the_word_index_get_their_words_and_are_found(
+    mongo_url: str,
+) -> None:
+    async def upgrade() -> tuple[list[str], int, dict[str, list[str]]]:
+        store = await MongoStore.open(mongo_url)
+        docs = []
+        for title, content in [(f"Crème brûlée {i}", "Old recipe") for i in range(3)] + [
+            ("Crème fraîche", "New")
+        ]:
+            doc, _ = await store.create(DocumentCreate(title=title, content=content))
+            docs.append(doc)
+        await store.close()
+        # The first three as an earlier version left them: without `words`.
+        old = [doc.id for doc in docs[:3]]
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+        await client.get_default_database()["documents"].update_many(
+            {"_id": {"$in": old}}, {"$unset": {"words": ""}}
+        )
+        await client.close()
+
+        store = await MongoStore.open(mongo_url)
+        assert store.words_added is not None
+        added = await store.words_added
+        found = {}
+        for q in ("creme", "recipe"):
+            items, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=10)
+            found[q] = [doc.id for doc in items]
+        await store.close()
+        return [doc.id for doc in reversed(docs)], added, found
+
+    newest_first, added, found = anyio.run(upgrade)
+    assert added == 3
+    assert found == {"creme": newest_first, "recipe": newest_first[1:]}
+
+
 FINDING = [
     ({}, "created"),
     ({"sort": "created_at", "created_before": "2100-01-01T00:00:00Z"}, "created"),
