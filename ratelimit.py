@@ -103,8 +103,13 @@ class Budget:
 
 
 @contextmanager
-def _bounded() -> Iterator[None]:
-    """At most TIMEOUT on the rate-limit store; its failures become LimiterUnavailable here."""
+def _bounded(storage: Storage) -> Iterator[None]:
+    """At most TIMEOUT on the rate-limit store; its failures become LimiterUnavailable here.
+    The local store never waits, so it goes unbounded: a timeout scope is the costliest part
+    of a spend, on every request."""
+    if isinstance(storage, LocalStorage):
+        yield
+        return
     try:
         with anyio.fail_after(TIMEOUT):
             yield
@@ -118,7 +123,7 @@ async def spend(storage: Storage, items: list[RateLimitItem], identifier: str) -
     but with `incr()`'s returned count instead of a separate read, so two storage calls per
     window rather than three (two Redis round trips)."""
     budgets = []
-    with _bounded():
+    with _bounded(storage):
         for item in items:
             window = item.key_for(identifier)
             count = await storage.incr(window, item.get_expiry())
@@ -131,7 +136,7 @@ async def spend(storage: Storage, items: list[RateLimitItem], identifier: str) -
 
 async def check(storage: Storage) -> None:
     """Raise LimiterUnavailable unless the store answers within TIMEOUT."""
-    with _bounded():
+    with _bounded(storage):
         reachable = await storage.check()
     if not reachable:
         raise LimiterUnavailable("The rate-limit store is unreachable.")
