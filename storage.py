@@ -361,11 +361,13 @@ class DurableJSONStorage(Storage):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.size = 0  # bytes of the database as last read or written
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         raw = _read_regular(self.path)
         if raw is None:
             return None
+        self.size = len(raw)
         # We only ever write complete databases, so an empty file is damage, not "no data".
         try:
             data = orjson.loads(raw)
@@ -394,6 +396,7 @@ class DurableJSONStorage(Storage):
             finally:
                 os.close(fd)
             os.replace(self.tmp_path, self.path)
+            self.size = len(encoded)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp_path)
@@ -502,7 +505,7 @@ class TinyDBStore:
         self._staged_seq = 0
         self._durable_seq = 0
         self._journal_bytes = 0  # the journal file's length: everything in it is durable
-        self._compact_at = compact_min_bytes
+        self._compact_at = compact_min_bytes  # journal bytes that trigger the next fold
         self._failed: BaseException | None = None
         self._closed = False
         self._lock_fd = -1
@@ -544,6 +547,8 @@ class TinyDBStore:
             # Cut a torn last line now: appended after, it would read as damage at the next open.
             os.ftruncate(store._journal_fd, journal_length)
             store._journal_bytes = journal_length
+            # As after any fold: the next once the journal outgrows the database file.
+            store._compact_at = max(compact_min_bytes, store._storage.size)
             if journal_length:
                 store._compact()
         except BaseException as exc:
@@ -733,8 +738,7 @@ class TinyDBStore:
             os.ftruncate(self._journal_fd, 0)
             self._journal_bytes = 0
             os.fsync(self._journal_fd)
-            # Only compaction changes the file, so its size is read here, not on every flush.
-            self._compact_at = max(self._compact_min_bytes, self.data_path.stat().st_size)
+            self._compact_at = max(self._compact_min_bytes, self._storage.size)
         except StoreUnavailable:
             return  # a queued write failed and was rolled back; its writer hears of it
         except Exception as exc:

@@ -586,6 +586,24 @@ async def test_journal_is_compacted_into_the_file_while_running(tmp_path: Path) 
     await reopened.close()
 
 
+async def test_after_a_restart_the_journal_is_folded_once_it_outgrows_the_file(
+    tmp_path: Path,
+) -> None:
+    store = TinyDBStore.open(tmp_path, compact_min_bytes=1000)
+    for i in range(40):
+        await store.create(body(f"d{i}"))
+    await store.close()  # folds everything in: the journal starts empty
+    database = (tmp_path / DATA_FILE).stat().st_size
+    store = TinyDBStore.open(tmp_path, compact_min_bytes=1000)
+    journal = [0]
+    while journal[-1] or len(journal) == 1:
+        await store.create(body("more"))
+        journal.append((tmp_path / JOURNAL_FILE).stat().st_size)
+    await store.close()
+    # Folded by the write that took the journal past the database's size, not earlier.
+    assert database - 1000 < journal[-2] <= database
+
+
 async def test_closed_store_raises_unavailable(tmp_path: Path) -> None:
     store = TinyDBStore.open(tmp_path)
     await store.close()
