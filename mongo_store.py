@@ -167,8 +167,10 @@ class MongoStore:
                 name="ttl_24h",
             )
         self._indexes_ready = True
-        # In the background, so that a large collection does not hold up the start.
-        self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+        # In the background, so that a large collection does not hold up the start; once,
+        # however many requests made the first contact together.
+        if self.words_added is None or self.words_added.done():
+            self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
 
     async def _add_missing_words(self) -> int:
         """Documents written before the word index have no `words`, so `q` cannot find them

@@ -3,6 +3,7 @@ and moving data between backends. MongoDB is SecantusDB, a real wire-protocol se
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -195,6 +196,31 @@ def test_mongodb_down_at_startup_then_back(
         proxy.start()
         until_ready(client)
         assert client.post("/v1/documents", json=DOC).status_code == 201
+
+
+def test_requests_that_make_the_first_contact_together_start_one_pass_for_missing_words(
+    proxied_mongo: tuple[TcpProxy, str],
+) -> None:
+    proxy, url = proxied_mongo
+
+    async def first_contact() -> int:
+        proxy.start()
+        store = await MongoStore.open(url)
+        for i in range(200):
+            await store.create(DocumentCreate(title=f"Old {i}", content="c"))
+        await store.close()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+        await client.get_default_database()["documents"].update_many({}, {"$unset": {"words": ""}})
+        await client.close()
+        proxy.stop()
+        store = await MongoStore.open(url)  # unreachable: the indexes wait for first contact
+        proxy.start()
+        await asyncio.gather(*(store.page(DocumentQuery(), limit=1) for _ in range(8)))
+        passes = [t for t in asyncio.all_tasks() if "_add_missing_words" in repr(t.get_coro())]
+        await store.close()
+        return len(passes)
+
+    assert anyio.run(first_contact) == 1
 
 
 def test_mongodb_lost_mid_run_then_recovers(
