@@ -385,9 +385,9 @@ def _rfc3339(value: Any) -> datetime:
         raise ValueError("is not a valid time (RFC 3339, e.g. 2026-11-27T09:30:00Z)") from None
     # Whole milliseconds, plus one if any digit after them is not zero: the ceiling, exactly.
     digits = "0" if leap else fraction or "0"  # nothing is stored within a leap second
-    millis = int(digits[:3].ljust(3, "0")) + (digits[3:].strip("0") != "") + 1000 * leap
+    ceiling = int(digits[:3].ljust(3, "0")) + (digits[3:].strip("0") != "") + 1000 * leap
     try:
-        return (at + timedelta(milliseconds=millis)).astimezone(UTC)
+        return (at + timedelta(milliseconds=ceiling)).astimezone(UTC)
     except OverflowError:
         return _FIRST if at.year == 1 else _LAST
 

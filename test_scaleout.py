@@ -99,13 +99,7 @@ def test_documents_from_before_the_word_index_get_their_words_and_are_found(
             doc, _ = await store.create(DocumentCreate(title=title, content=content))
             docs.append(doc)
         await store.close()
-        # The first three as an earlier version left them: without `words`.
-        old = [doc.id for doc in docs[:3]]
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
-        await client.get_default_database()["documents"].update_many(
-            {"_id": {"$in": old}}, {"$unset": {"words": ""}}
-        )
-        await client.close()
+        await _as_an_earlier_version_left(mongo_url, {"_id": {"$in": [d.id for d in docs[:3]]}})
 
         store = await MongoStore.open(mongo_url)
         assert store.words_added is not None
@@ -120,6 +114,13 @@ def test_documents_from_before_the_word_index_get_their_words_and_are_found(
     newest_first, added, found = anyio.run(upgrade)
     assert added == 3
     assert found == {"creme": newest_first, "recipe": newest_first[1:]}
+
+
+async def _as_an_earlier_version_left(url: str, which: dict[str, Any]) -> None:
+    """Take the `words` off these documents, as an earlier version wrote them."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    await client.get_default_database()["documents"].update_many(which, {"$unset": {"words": ""}})
+    await client.close()
 
 
 FINDING = [
@@ -209,9 +210,7 @@ def test_requests_that_make_the_first_contact_together_start_one_pass_for_missin
         for i in range(200):
             await store.create(DocumentCreate(title=f"Old {i}", content="c"))
         await store.close()
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
-        await client.get_default_database()["documents"].update_many({}, {"$unset": {"words": ""}})
-        await client.close()
+        await _as_an_earlier_version_left(url, {})
         proxy.stop()
         store = await MongoStore.open(url)  # unreachable: the indexes wait for first contact
         proxy.start()

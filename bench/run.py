@@ -206,12 +206,18 @@ def start_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[str, Any]:
+def seeded_service(work: Path, n: int) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """An n-document service started under `work` (not yet waited for): its process, its URL
+    and the file of its document ids."""
     data_dir = work / f"data-{n}"
-    ids = seed(data_dir, n)
     ids_file = work / f"ids-{n}.txt"
-    ids_file.write_text("\n".join(ids) + "\n")
+    ids_file.write_text("\n".join(seed(data_dir, n)) + "\n")
     proc, url = start_service(data_dir)
+    return proc, url, ids_file
+
+
+def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[str, Any]:
+    proc, url, ids_file = seeded_service(work, n)
     try:
         ready = wait_ready(url, proc)
         rss = rss_mb(proc.pid)
@@ -270,11 +276,9 @@ def compare_p99(work: Path, small: int, large: int, rounds: int, seconds: int) -
     services = {}
     try:
         for n in (small, large):
-            ids = seed(work / f"p99-{n}", n)
-            (work / f"p99-ids-{n}").write_text("\n".join(ids) + "\n")
-            proc, url = start_service(work / f"p99-{n}")
+            proc, url, ids_file = seeded_service(work / "p99", n)
+            services[n] = (proc, url, {"IDS_FILE": str(ids_file), "API_KEY": KEY})
             wait_ready(url, proc)
-            services[n] = (proc, url, {"IDS_FILE": str(work / f"p99-ids-{n}"), "API_KEY": KEY})
         paths = {"list": "limit=50", **FINDING}
         p99: dict[tuple[int, str], list[float]] = {(n, p): [] for n in services for p in paths}
         for _ in range(rounds):
