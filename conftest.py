@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from secantus import SecantusDBServer
 
 from config import Settings
@@ -26,6 +29,22 @@ from main import create_app
 KEY = "test-key-0001"
 OTHER_KEY = "test-key-0002"
 HERE = Path(__file__).parent
+
+
+# The Debian package each tool comes in.
+PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "chromium": "chromium"}
+
+
+def require_tool(path: str) -> str:
+    """Tools from Debian packages that .ci/run installs; a bare laptop skips, CI never does.
+    An environment variable named like the tool (CHROMIUM=...) points at another build."""
+    found = os.environ.get(path.upper()) or shutil.which(path)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: .ci/run must install it")
+        package = PACKAGES.get(path, path)
+        pytest.skip(f"{path} is not installed (`apt-get install {package}`, as .ci/run does)")
+    return found
 
 
 def make_settings(data_dir: Path | str, **overrides: Any) -> Settings:
@@ -65,6 +84,12 @@ def walk(client: httpx.Client | TestClient, **params: Any) -> list[dict[str, Any
         cursor = page["next_cursor"]
         if cursor is None:
             return items
+
+
+def scrape(client: httpx.Client | TestClient) -> dict[str, Metric]:
+    """/metrics, parsed: each metric family by name (a counter's without `_total`)."""
+    text = client.get("/metrics").text
+    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 @pytest.fixture(scope="session")

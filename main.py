@@ -313,12 +313,15 @@ async def read_readiness(request: Request, store: StoreDep) -> dict[str, str | i
 
 
 async def read_metrics(request: Request, store: StoreDep) -> Response:
-    """Request counts and latencies by route, store timings, documents, process stats."""
+    """Request counts and latencies by route, store timings and failures, documents, the data
+    directory's files and free space (embedded store), process stats."""
     metrics: Metrics = request.app.state.metrics
     count = await _count_or_none(store)
     if count is not None:
         metrics.documents.set(count)
-    return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+    # Rendering stats the data directory's files: off the event loop, like any disk access.
+    body = await anyio.to_thread.run_sync(metrics.render)
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -582,7 +585,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.cursor_secret = cursor_secret(app.state.api_keys)
     app.state.rate_limits = parse_many(settings.rate_limit)
     # Memory only, so built here: the middleware below needs it before the lifespan runs.
-    app.state.metrics = Metrics(multiprocess=settings.workers > 1)
+    app.state.metrics = Metrics(
+        multiprocess=settings.workers > 1,
+        data_dir=None if settings.database_url else settings.data_dir,
+    )
     _add_error_map(app)
     app.openapi = lambda: openapi.schema(app)  # type: ignore[method-assign]
     # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS

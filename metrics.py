@@ -1,10 +1,14 @@
 """Prometheus metrics: one registry per app, fed by the request middleware, and a store
-wrapper that times every store operation."""
+wrapper that times every store operation and counts its failures."""
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,11 +21,18 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-from prometheus_client.context_managers import Timer
 
 from index import Key
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
-from storage import DocumentStore, IdempotencyKey
+from storage import (
+    DocumentInvalid,
+    DocumentNotFound,
+    DocumentStore,
+    IdempotencyConflict,
+    IdempotencyKey,
+    PreconditionFailed,
+    StoreUnavailable,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # From 100 us: reads are answered in far less than the millisecond a coarser first bucket starts at.
@@ -44,15 +55,25 @@ _LATENCY_BUCKETS = (
 )
 # Routes that are not API traffic: a scrape is not counted by the metrics it reads.
 _UNCOUNTED_ROUTES = frozenset({"/metrics"})
+# The embedded store's files in DATA_DIR: the database and SQLite's write-ahead log.
+DATABASE_FILE = "documents.db"
+WAL_FILE = "documents.db-wal"
+_OPERATIONS = ("create", "get", "page", "update", "delete", "import", "check")
+# What a client caused (a missing document, a stale If-Match, a reused idempotency key, a change
+# the stored document refuses) is an answer, counted as a 4xx in http_requests_total, not a
+# failure of the store.
+_CLIENT_OUTCOMES = (DocumentNotFound, PreconditionFailed, IdempotencyConflict, DocumentInvalid)
 
 
 class Metrics:
     """Every metric the service exports, on its own registry so that apps never share state."""
 
-    def __init__(self, *, multiprocess: bool = False) -> None:
+    def __init__(self, *, multiprocess: bool = False, data_dir: Path | None = None) -> None:
         """With `multiprocess` (several uvicorn workers; PROMETHEUS_MULTIPROC_DIR set before they
-        start), values live in files that /metrics sums across workers."""
+        start), values live in files that /metrics sums across workers. `data_dir` (the embedded
+        store's; None with MongoDB) is measured at each scrape: its files' sizes, its free space."""
         self.multiprocess = multiprocess
+        self.data_dir = data_dir
         self.registry = CollectorRegistry()
         if not multiprocess:
             # These read this process only; prometheus-client cannot merge them across workers.
@@ -99,13 +120,68 @@ class Metrics:
         self.auth_failures = Counter(
             "auth_failures_total", "Requests refused with 401.", registry=self.registry
         )
+        self.store_errors = Counter(
+            "store_errors_total",
+            "Store operations that failed, by operation and error class (a client's mistake, "
+            "such as a missing document, is not counted).",
+            ["operation", "kind"],
+            registry=self.registry,
+        )
+        # The failure a running store raises (a disk that refuses a write, MongoDB out of
+        # reach): its series exist from the start at 0, so increase() sees the very first one.
+        for operation in _OPERATIONS:
+            self.store_errors.labels(operation, StoreUnavailable.__name__)
+        if data_dir is not None:
+            self.database_bytes = Gauge(
+                "store_database_bytes",
+                f"Size of DATA_DIR/{DATABASE_FILE} at the last scrape (0 when absent).",
+                registry=self.registry,
+                multiprocess_mode="mostrecent",
+            )
+            self.wal_bytes = Gauge(
+                "store_wal_bytes",
+                f"Size of DATA_DIR/{WAL_FILE} at the last scrape (0 when absent).",
+                registry=self.registry,
+                multiprocess_mode="mostrecent",
+            )
+            self.free_bytes = Gauge(
+                "data_dir_free_bytes",
+                "Bytes the service may still write on DATA_DIR's filesystem, at the last scrape.",
+                registry=self.registry,
+                multiprocess_mode="mostrecent",
+            )
+            self.size_bytes = Gauge(
+                "data_dir_size_bytes",
+                "Size of DATA_DIR's filesystem, at the last scrape.",
+                registry=self.registry,
+                multiprocess_mode="mostrecent",
+            )
 
     def render(self) -> bytes:
+        """The exposition text, with the data directory measured now. It may wait on the disk:
+        call it from a worker thread."""
+        if self.data_dir is not None:
+            self._measure(self.data_dir)
         if not self.multiprocess:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # untyped upstream
         return generate_latest(merged)
+
+    def _measure(self, data_dir: Path) -> None:
+        """Three system calls whatever the store holds: stat and statvfs never read a file.
+        NaN says "could not look" (the directory is gone, say): never a made-up number."""
+        self.database_bytes.set(_file_size(data_dir / DATABASE_FILE))
+        self.wal_bytes.set(_file_size(data_dir / WAL_FILE))
+        try:
+            volume = os.statvfs(data_dir)
+        except OSError:
+            self.free_bytes.set(math.nan)
+            self.size_bytes.set(math.nan)
+            return
+        # f_bavail, not f_bfree: the blocks reserved for root are not the service's to use.
+        self.free_bytes.set(volume.f_bavail * volume.f_frsize)
+        self.size_bytes.set(volume.f_blocks * volume.f_frsize)
 
     def close(self) -> None:
         if self.multiprocess:
@@ -133,19 +209,54 @@ class Metrics:
         series[1].observe(seconds)
 
 
+def _file_size(path: Path) -> float:
+    """0 for a file that is not there (SQLite makes its WAL on demand), NaN for one that cannot
+    be looked at."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return math.nan
+
+
+class _Measured:
+    """Times one store operation and counts its failure by error class."""
+
+    __slots__ = ("_duration", "_errors", "_operation", "_started")
+
+    def __init__(self, duration: Histogram, errors: Counter, operation: str) -> None:
+        self._duration = duration
+        self._errors = errors
+        self._operation = operation
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._duration.observe(time.perf_counter() - self._started)
+        # A cancellation (the client left, a timeout) is a BaseException: not the store's failure.
+        if isinstance(exc, Exception) and not isinstance(exc, _CLIENT_OUTCOMES):
+            self._errors.labels(self._operation, type(exc).__name__).inc()
+
+
 class MeteredStore:
-    """A DocumentStore that times each operation."""
+    """A DocumentStore that times each operation and counts the ones that fail."""
 
     def __init__(self, store: DocumentStore, metrics: Metrics) -> None:
         self.inner = store
         self.backend = store.backend
-        self._timers = {
-            op: metrics.store_duration.labels(op)
-            for op in ("create", "get", "page", "update", "delete", "import", "check")
-        }
+        self._errors = metrics.store_errors
+        self._timers = {op: metrics.store_duration.labels(op) for op in _OPERATIONS}
 
-    def _timed(self, operation: str) -> Timer:
-        return self._timers[operation].time()
+    def _timed(self, operation: str) -> _Measured:
+        return _Measured(self._timers[operation], self._errors, operation)
 
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,31 +13,23 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
-from prometheus_client.parser import text_string_to_metric_families
 
 import problems
-from conftest import KEY, OTHER_KEY, Service, ServiceFactory, app_client, make_settings
+from conftest import (
+    KEY,
+    OTHER_KEY,
+    Service,
+    ServiceFactory,
+    app_client,
+    make_settings,
+    require_tool,
+    scrape,
+)
 from logging_config import configure_logging
 from main import DOMAIN_PROBLEMS, create_app
 
 LogLines = Callable[[], list[dict[str, Any]]]
 DOC = {"title": "t", "content": "secret body text", "tags": ["x"]}
-
-
-# The Debian package each tool comes in.
-PACKAGES = {"promtool": "prometheus", "chromium": "chromium"}
-
-
-def require_tool(path: str) -> str:
-    """Tools from Debian packages that .ci/run installs; a bare laptop skips, CI never does.
-    An environment variable named like the tool (CHROMIUM=...) points at another build."""
-    found = os.environ.get(path.upper()) or shutil.which(path)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing: .ci/run must install it")
-        package = PACKAGES.get(path, path)
-        pytest.skip(f"{path} is not installed (`apt-get install {package}`, as .ci/run does)")
-    return found
 
 
 @pytest.fixture
@@ -178,11 +168,6 @@ def test_console_format_is_one_readable_line(tmp_path: Path) -> None:
 
 
 # --- metrics ----------------------------------------------------------------------------------
-
-
-def scrape(client: TestClient) -> dict[str, Any]:
-    text = client.get("/metrics").text
-    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
