@@ -195,7 +195,12 @@ def test_compose_file_runs_the_image_with_a_volume_and_a_mongo_profile() -> None
     mongo = compose["services"]["documents-mongo"]
     assert mongo["profiles"] == ["mongo"]
     assert mongo["environment"]["DATABASE_URL"].startswith("mongodb://")
-    assert set(compose["volumes"]) == {"documents-data", "mongo-data"}
+    assert set(compose["volumes"]) == {
+        "documents-data",
+        "mongo-data",
+        "prometheus-data",
+        "grafana-data",
+    }
 
 
 def test_a_malformed_database_url_is_one_line_without_the_password(tmp_path: Path) -> None:
