@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hmac
 import ipaddress
 import logging
@@ -187,11 +188,15 @@ class AdmissionMiddleware:
 
 def client_address(scope: Scope) -> str:
     """Who a keyless budget belongs to: the client's address (X-Forwarded-For's, when the peer
-    is in FORWARDED_ALLOW_IPS: uvicorn's proxy headers set `client` before the app runs). IPv6
-    clients are counted by /64, the block one subscriber gets: per address, one machine could
-    take a fresh budget for each of its 2^64 addresses."""
+    is in FORWARDED_ALLOW_IPS: uvicorn's proxy headers set `client` before the app runs)."""
     client = scope.get("client")
-    host = client[0] if client else ""
+    return _budget_holder(client[0] if client else "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_holder(host: str) -> str:
+    """IPv6 clients are counted by /64, the block one subscriber gets: per address, one machine
+    could take a fresh budget for each of its 2^64 addresses. Cached: a flood repeats a few."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
