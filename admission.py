@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from limits import RateLimitItem
@@ -45,18 +46,27 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 API_KEY_HEADER = b"x-api-key"
 
 
+@dataclass(slots=True)
+class _Window:
+    """A spent budget's refusals within its current window."""
+
+    refused: int
+    level: int
+    fields: dict[str, Any]  # what the summary line says of the budget
+    timer: asyncio.TimerHandle
+
+
 class RefusalTally:
     """Refusals of spent budgets, counted instead of logged: the first of a window writes its
     access line, the rest are summed into one line when the window ends."""
 
     def __init__(self) -> None:
-        # budget -> (refusals, level, what the line says of the budget, its timer)
-        self._open: dict[str, tuple[int, int, dict[str, Any], asyncio.TimerHandle]] = {}
+        self._open: dict[str, _Window] = {}
 
     def count(self, budget: str, until: float, level: int, fields: dict[str, Any]) -> bool:
         """Count one refusal; True for the window's first, the one whose line is written."""
-        if (entry := self._open.get(budget)) is not None:
-            self._open[budget] = (entry[0] + 1, *entry[1:])
+        if (window := self._open.get(budget)) is not None:
+            window.refused += 1
             return False
         # A fresh context: the summary belongs to no single request, so it carries no request id.
         timer = asyncio.get_running_loop().call_later(
@@ -65,17 +75,19 @@ class RefusalTally:
             budget,
             context=contextvars.Context(),
         )
-        self._open[budget] = (1, level, fields, timer)
+        self._open[budget] = _Window(1, level, fields, timer)
         return True
 
     def _summarise(self, budget: str) -> None:
-        refused, level, fields, _ = self._open.pop(budget)
-        log.log(level, "rate_limit.refused", extra={**fields, "refused": refused})
+        window = self._open.pop(budget)
+        log.log(
+            window.level, "rate_limit.refused", extra={**window.fields, "refused": window.refused}
+        )
 
     def close(self) -> None:
         """Write every open window's line now: at shutdown no timer fires any more."""
-        for budget in list(self._open):
-            self._open[budget][3].cancel()
+        for budget, window in list(self._open.items()):
+            window.timer.cancel()
             self._summarise(budget)
 
 

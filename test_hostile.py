@@ -355,6 +355,7 @@ def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFact
         for sock in held:  # each is served, so each is open on the server's side
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status_of(sock.recv(65536)) == 200
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # and kept open by a head under way
         refused = exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(refused) == 503
         assert b"retry-after: 1" in refused
