@@ -41,7 +41,17 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     rate_limit: str = "600/minute"
     rate_limit_storage_uri: str = "memory://"
+    keyless_rate_limit: str = Field(
+        default="30/minute",
+        description="Per client address, for requests without a valid key; counted in each "
+        "process.",
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_buffered_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        description="Bytes of request bodies held at once across all connections; over it, 503.",
+    )
+    max_connections: int = Field(default=1000, ge=1, description="Open connections per process.")
     max_content_chars: int = Field(default=100_000, ge=1)
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -60,7 +70,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "keyless_rate_limit")
     @classmethod
     def _parseable(cls, value: str) -> str:
         try:
@@ -188,6 +198,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "WORKERS: more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB "
                 "store is owned by one process per data directory"
+            )
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                "MAX_BUFFERED_BODY_BYTES: must be at least MAX_BODY_BYTES, or no full-size body "
+                "could ever be read"
             )
         return self
 

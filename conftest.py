@@ -52,6 +52,7 @@ def make_settings(data_dir: Path | str, **overrides: Any) -> Settings:
         "data_dir": data_dir,
         "api_keys": f"alice:{KEY},bob:{OTHER_KEY}",
         "rate_limit": "10000/minute",
+        "keyless_rate_limit": "10000/minute",
     }
     values.update(overrides)
     # _env_file=None: a developer's .env must not change what the tests see.
@@ -231,6 +232,7 @@ class Service:
             "DATA_DIR": str(data_dir),
             "PORT": str(self.port),
             "RATE_LIMIT": "1000000/minute",
+            "KEYLESS_RATE_LIMIT": "1000000/minute",
             "LOG_LEVEL": "INFO",
             **(env or {}),
         }

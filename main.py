@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import hmac
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ from starlette.routing import Match, Route
 
 import openapi
 import ratelimit
+from admission import AdmissionMiddleware, RefusalTally
 from bodies import StrictJSONRoute
 from conditional import etag, etag_versions, if_match_version
 from config import ApiKey, Settings, configured_keys, digest_key
@@ -61,16 +61,15 @@ from problems import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     PRECONDITION_FAILED,
+    RETRY_AFTER_SECONDS,
     STORE_UNAVAILABLE,
     VALIDATION,
-    Forbidden,
     HTTPProblem,
     ProblemType,
-    RateLimited,
     Unauthorized,
     for_status,
 )
-from ratelimit import LimiterUnavailable, open_storage, spend
+from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve
 from storage import (
     DocumentInvalid,
@@ -88,9 +87,6 @@ from storage import (
 VERSION = "1.0.0"
 log = logging.getLogger("documents.api")
 
-API_KEY_HEADER = "X-API-Key"
-READ_METHODS = frozenset({"GET", "HEAD"})
-
 
 # --- the key dependency -----------------------------------------------------------------------
 
@@ -106,60 +102,21 @@ class Caller:
 
 
 async def authorize(request: Request) -> Caller:
-    """Check the X-API-Key, spend one unit of its rate budget, and hand the handler its store.
-    It is each /v1 route's only dependency on purpose: FastAPI solves every `Depends` in a pass
-    of its own, and a security class adds per-request scope bookkeeping; `openapi.py` declares
-    the `ApiKey` scheme on these routes instead."""
+    """The key AdmissionMiddleware accepted from the request's head and charged to its budget,
+    before any body byte was read (FastAPI parses a body before it solves dependencies, too late
+    to refuse a stranger cheaply), and the store the handler works with. It is each /v1 route's
+    only dependency on purpose: FastAPI solves every `Depends` in a pass of its own, and a
+    security class adds per-request scope bookkeeping; `openapi.py` declares the `ApiKey` scheme
+    on these routes instead. A route outside what the middleware guards gets 401: a surprise
+    denies."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    if key is None:
+        raise Unauthorized(Unauthorized.kind.description, headers={"WWW-Authenticate": "ApiKey"})
     state = request.app.state
-    key = _authenticate(request, state.api_keys)
-    request.state.api_key_name = key.name
-    await _spend_budget(request, key)
-    if key.read_only and request.method not in READ_METHODS:
-        log.warning("auth.forbidden", extra={"api_key": key.name})
-        raise Forbidden(f"This key may only read ({', '.join(sorted(READ_METHODS))}).")
     return Caller(key, state.store, state.settings, state.cursor_secret)
 
 
 CallerDep = Annotated[Caller, Depends(authorize)]
-
-
-def _authenticate(request: Request, keys: list[ApiKey]) -> ApiKey:
-    """Every configured key is compared, in constant time, whether or not one matched."""
-    presented = request.headers.get(API_KEY_HEADER)
-    digest = digest_key(presented or "")
-    match: ApiKey | None = None
-    for key in keys:
-        if hmac.compare_digest(digest, key.digest):
-            match = key
-    if presented and match is not None:
-        return match
-    request.app.state.metrics.auth_failures.inc()
-    client = request.client.host if request.client else None
-    reason = "invalid" if presented else "missing"
-    log.warning("auth.failed", extra={"reason": reason, "client": clip(client or "")})
-    raise Unauthorized(Unauthorized.kind.description, headers={"WWW-Authenticate": "ApiKey"})
-
-
-async def _spend_budget(request: Request, key: ApiKey) -> None:
-    """One budget per API key (not per client address) in every configured window, shared
-    through RATE_LIMIT_STORAGE_URI. The headers describe the window closest to refusing."""
-    state = request.app.state
-    budgets = await spend(state.rate_storage, state.rate_limits, key.name)
-    refused = [b for b in budgets if not b.allowed]
-    shown = max(refused, key=lambda b: b.reset_at) if refused else min(budgets)
-    request.state.response_headers = [
-        (b"x-ratelimit-limit", str(shown.limit).encode()),
-        (b"x-ratelimit-remaining", str(shown.remaining).encode()),
-        (b"x-ratelimit-reset", str(int(shown.reset_at)).encode()),
-    ]
-    if refused:
-        retry_after = max(1, int(shown.reset_at - time.time()) + 1)
-        state.metrics.rate_limited.inc()
-        log.warning("rate_limit.rejected", extra={"api_key": key.name, "retry_after": retry_after})
-        raise RateLimited(
-            f"Rate limit of {state.settings.rate_limit} for this key reached.",
-            headers={"Retry-After": str(retry_after)},
-        )
 
 
 async def get_store(request: Request) -> DocumentStore:
@@ -401,7 +358,6 @@ DOMAIN_PROBLEMS: dict[type[Exception], ProblemType] = {
     StoreUnavailable: STORE_UNAVAILABLE,
     LimiterUnavailable: LIMITER_UNAVAILABLE,
 }
-RETRY_AFTER_SECONDS = "5"
 
 
 async def _http_problem(request: Request, exc: HTTPException) -> Response:
@@ -493,7 +449,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.critical("service.start_failed", exc_info=True)
         raise
     app.state.store = store
-    app.state.rate_storage = open_storage(settings.rate_limit_storage_uri)
     if app.state.generated_key:
         _announce_generated_key(app.state.generated_key, settings)
     log.info(
@@ -511,6 +466,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await store.close()
+        app.state.refusals.close()
         app.state.metrics.close()
         log.info("service.stopped", extra={"backend": store.backend})
 
@@ -583,8 +539,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.generated_key = secrets.token_urlsafe(24)
         app.state.api_keys = [ApiKey("generated", digest_key(app.state.generated_key))]
     app.state.cursor_secret = cursor_secret(app.state.api_keys)
-    app.state.rate_limits = parse_many(settings.rate_limit)
-    # Memory only, so built here: the middleware below needs it before the lifespan runs.
+    # Built here, without I/O (a Redis client connects on first use): the middleware below
+    # needs them, and Starlette builds it before the lifespan runs.
+    app.state.rate_storage = open_storage(settings.rate_limit_storage_uri)
+    app.state.refusals = RefusalTally()
     app.state.metrics = Metrics(
         multiprocess=settings.workers > 1,
         data_dir=None if settings.database_url else settings.data_dir,
@@ -592,12 +550,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_error_map(app)
     app.openapi = lambda: openapi.schema(app)  # type: ignore[method-assign]
     # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS
-    # (only when CORS_ORIGINS is set), then BodyLimit, then HeadAsGet.
+    # (only when CORS_ORIGINS is set: it answers preflights, which carry no key), then
+    # Admission (key, budget: refusals leave the body unread), BodyLimit, HeadAsGet.
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
+        max_buffered_bytes=settings.max_buffered_body_bytes,
         timeout=settings.body_timeout_seconds,
+    )
+    app.add_middleware(
+        AdmissionMiddleware,
+        keys=app.state.api_keys,
+        key_limits=parse_many(settings.rate_limit),
+        key_storage=app.state.rate_storage,
+        keyless_limits=parse_many(settings.keyless_rate_limit),
+        metrics=app.state.metrics,
+        tally=app.state.refusals,
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -769,6 +738,7 @@ On the embedded store, run seed, export and import while the server is stopped."
             host=settings.host,
             port=settings.port,
             **SERVER_OPTIONS,
+            limit_concurrency=settings.max_connections,
             # Behind a reverse proxy: trust X-Forwarded-For/-Proto from these addresses only.
             proxy_headers=True,
             forwarded_allow_ips=settings.forwarded_allow_ips,

@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: request id, access log and metrics hook, security headers, body limit
-and timeout, HEAD as GET."""
+"""Pure ASGI middleware: request id, access log and metrics hook, security headers, body limits
+(one request's and all requests' together) and timeout, HEAD as GET."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logging_config import clip, request_id_var
-from problems import INTERNAL, BodyTimeout, BodyTooLarge
+from problems import INTERNAL, BodyBufferFull, BodyTimeout, BodyTooLarge
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -94,16 +94,17 @@ class RequestContextMiddleware:
         finally:
             duration = time.perf_counter() - started
             route = route_template(scope)
-            self._log_access(scope, route, state, status, duration)
+            if state.get("log_access", True):  # a refusal counted by admission's tally: no line
+                self._log_access(scope, route, state, status, duration)
             if self.observer is not None:
                 self.observer.request_finished(scope["method"], route, status, duration)
 
     def _log_access(
         self, scope: Scope, route: str, state: dict[str, Any], status: int, duration: float
     ) -> None:
-        level = (
-            logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
-        )
+        # A client's error is the client's: INFO. WARNING is kept for what an operator should
+        # look at (a slow request here; repeated refusals of one client, in admission.py).
+        level = logging.ERROR if status >= 500 else logging.INFO
         client = scope.get("client")
         user_agent = next((v for k, v in scope["headers"] if k == b"user-agent"), b"")
         # Path, client (X-Forwarded-For from a trusted proxy) and User-Agent come from the
@@ -118,6 +119,8 @@ class RequestContextMiddleware:
             "api_key": state.get("api_key_name"),
             "user_agent": clip(user_agent.decode("latin-1")),
         }
+        if refusal := state.get("refusal"):
+            fields["refusal"] = refusal
         access_log.log(level, "request", extra=fields)
         if duration >= self.slow_request_seconds:
             log.warning(
@@ -158,21 +161,38 @@ class BodyLimitMiddleware:
     """Refuse bodies over `max_bytes` before anything parses them, whether or not the client
     declared a Content-Length, and without buffering past the limit; refuse a body that takes
     longer than `timeout` seconds to arrive, so a client dripping bytes cannot hold a request
-    open for ever."""
+    open for ever. Bodies held at once, across all connections, stay within
+    `max_buffered_bytes`: a request whose body would pass it gets 503 and Retry-After instead of
+    its body being read, so many slow uploads cannot add up to the process's memory."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout: float) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, max_buffered_bytes: int, timeout: float
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_buffered_bytes = max_buffered_bytes
         self.timeout = timeout
+        self.buffered = 0  # bytes held by the bodies of requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        received = 0
+        received = held = 0
         deadline: float | None = None
         complete = False
+
+        def hold(size: int) -> None:
+            nonlocal held
+            if self.buffered + size > self.max_buffered_bytes:
+                raise BodyBufferFull(
+                    "The server is receiving as many request bodies as it holds at once; retry "
+                    "shortly.",
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )
+            self.buffered += size
+            held += size
 
         async def limited_receive() -> Message:
             nonlocal received, deadline, complete
@@ -183,12 +203,16 @@ class BodyLimitMiddleware:
                 return await receive()
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
+                hold(declared or 0)  # a declared body is held whole before its first byte
             with anyio.move_on_after(deadline - time.monotonic()):
                 message = await receive()
                 if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
+                    size = len(message.get("body", b""))
+                    received += size
                     if received > self.max_bytes:
                         raise BodyTooLarge(_too_large(self.max_bytes))
+                    if declared is None:
+                        hold(size)
                     complete = not message.get("more_body", False)
                 return message
             raise BodyTimeout(
@@ -196,7 +220,12 @@ class BodyLimitMiddleware:
                 headers={"Connection": "close"},
             )
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            # Held until the request is answered: its handler keeps the body (and what was
+            # parsed from it) until then.
+            self.buffered -= held
 
 
 def _too_large(limit: int) -> str:

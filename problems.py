@@ -20,6 +20,8 @@ from models import Problem
 from server import MAX_HEAD_BYTES, MAX_HEADERS
 
 MEDIA_TYPE = "application/problem+json"
+# What a 503 asks the client to wait before trying again.
+RETRY_AFTER_SECONDS = "5"
 
 # Fixed here rather than taken from http.HTTPStatus, whose phrases differ between Pythons.
 TITLES = {
@@ -107,6 +109,14 @@ class BodyTimeout(HTTPProblem):
 
 class BodyTooLarge(HTTPProblem):
     kind = ProblemType(413, "body-too-large", "Request body over MAX_BODY_BYTES.")
+
+
+class BodyBufferFull(HTTPProblem):
+    kind = ProblemType(
+        503,
+        "body-buffer-full",
+        "Request bodies being received already fill MAX_BUFFERED_BODY_BYTES; see Retry-After.",
+    )
 
 
 class UnsupportedMediaType(HTTPProblem):

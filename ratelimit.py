@@ -3,8 +3,9 @@ configured window, and the storages behind `RATE_LIMIT_STORAGE_URI`.
 
 `memory://` is `LocalStorage` below: fixed-window counters in a dict, expired lazily when read.
 limits' asyncio memory storage schedules an expiry task on every hit (and its sync one a sweeper
-timer), work on the event loop for every request; here the keys are API key names, so the dict
-is bounded by the number of configured keys and needs no sweep. `redis://` and `rediss://` are
+timer), work on the event loop for every request; here windows that are over are dropped in one
+pass whenever the dict has doubled, so memory follows the budgets in use (API keys, and the client
+addresses of requests without a key), not every address ever seen. `redis://` and `rediss://` are
 limits' asyncio Redis storage over redis-py, so a round trip never blocks the event loop, and
 every spend is bounded by `TIMEOUT`: a slow or unreachable Redis costs a request a 503, never
 the process its liveness.
@@ -34,12 +35,14 @@ class LimiterUnavailable(Exception):
 
 class LocalStorage(Storage):
     STORAGE_SCHEME = ["async+local"]
+    SWEEP_FROM = 1024  # windows held before the first sweep for ended ones
 
     def __init__(
         self, uri: str | None = None, wrap_exceptions: bool = False, **options: float | str | bool
     ) -> None:
         super().__init__(uri, wrap_exceptions, **options)
         self._windows: dict[str, tuple[int, float]] = {}  # key -> (count, expires at)
+        self._sweep_at = self.SWEEP_FROM
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -52,9 +55,17 @@ class LocalStorage(Storage):
         count, expires = self._windows.get(key, (0, 0.0))
         if expires <= now:  # the previous window is over: this hit opens a new one
             count, expires = 0, now + expiry
+            if len(self._windows) >= self._sweep_at:
+                self._sweep(now)
         count += amount
         self._windows[key] = (count, expires)
         return count
+
+    def _sweep(self, now: float) -> None:
+        """Drop every ended window; the next sweep waits until the dict has doubled again, so
+        the cost per hit stays constant however many clients come and go."""
+        self._windows = {k: w for k, w in self._windows.items() if w[1] > now}
+        self._sweep_at = max(self.SWEEP_FROM, 2 * len(self._windows))
 
     async def get(self, key: str) -> int:
         count, expires = self._windows.get(key, (0, 0.0))

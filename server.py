@@ -32,7 +32,7 @@ HEAD_TIMEOUT = 10.0
 KEEP_ALIVE_TIMEOUT = 5
 
 
-def _problem(status: int, title: str, detail: str) -> bytes:
+def _problem(status: int, title: str, detail: str, extra: bytes = b"") -> bytes:
     body = orjson.dumps(
         {
             "type": f"urn:documents:problem:{title.lower().replace(' ', '-')}",
@@ -44,8 +44,8 @@ def _problem(status: int, title: str, detail: str) -> bytes:
     )
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-        % (status, title.encode(), len(body), body)
+        b"content-length: %d\r\nconnection: close\r\n%s\r\n%s"
+        % (status, title.encode(), len(body), extra, body)
     )
 
 
@@ -58,10 +58,24 @@ MALFORMED = _problem(400, "Bad Request", "The request is not valid HTTP/1.1.")
 HEAD_TIMED_OUT = _problem(
     408, "Request Timeout", f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds."
 )
+TOO_MANY_CONNECTIONS = _problem(
+    503,
+    "Service Unavailable",
+    "The server has as many connections open as it takes (MAX_CONNECTIONS); retry shortly.",
+    b"retry-after: 1\r\n",
+)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """Counts what a head costs as it arrives; memory stays within one read of the limit."""
+    """Counts what a head costs as it arrives; memory stays within one read of the limit. Open
+    connections are bounded by uvicorn's `limit_concurrency`, enforced here from accept."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn checks limit_concurrency only once a head has arrived (a connection that sends
+        # nothing is never counted against it) and answers in plain text; here a connection past
+        # the limit gets a 503 problem at once instead, and uvicorn's own check is off.
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
 
     # uvicorn narrows the parameter to asyncio.Transport; BaseTransport in asyncio.Protocol.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -73,6 +87,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self._refuse(TOO_MANY_CONNECTIONS)
+            return
         self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:

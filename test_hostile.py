@@ -17,8 +17,9 @@ import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEY, Service, assert_problem, make_settings
+from conftest import KEY, Service, ServiceFactory, assert_problem, make_settings
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
 from models import Problem
@@ -151,7 +152,11 @@ def test_an_idle_keep_alive_connection_is_closed(server: Service) -> None:
             "Content-Type: application/json\r\nContent-Length: 99999999\r\n\r\n".encode(),
             413,
         ),
-        (b"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n\r\n", 415),
+        (
+            f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+            "Content-Length: 9999\r\n\r\n".encode(),
+            415,
+        ),
     ],
     ids=["unread body", "unread chunked body", "body over the limit", "body of no JSON type"],
 )
@@ -170,6 +175,197 @@ def test_a_body_nobody_reads_ends_the_connection_once_answered(
                 with contextlib.suppress(OSError):
                     sock.sendall(b"a")
     assert status_of(received) == status
+
+
+# --- work before authentication: decided from the head ---------------------------------------
+
+READER = "reader-key-0003"
+SPENDER = "spender-key-0004"
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Small budgets, and a read-only key; each test sends as a client address of its own
+    (X-Forwarded-For, trusted from 127.0.0.1 by default)."""
+    env = {
+        "API_KEYS": f"alice:{KEY},reader:{READER}:read,spender:{SPENDER}",
+        "RATE_LIMIT": "3/minute",
+        "KEYLESS_RATE_LIMIT": "3/minute",
+    }
+    service = Service(tmp_path_factory.mktemp("gate") / "data", env).start()
+    yield service
+    service.stop_quietly()
+
+
+def _post_head(headers: str, framing: str = "Content-Length: 1000000") -> bytes:
+    return (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"{headers}{framing}\r\n\r\n"
+    ).encode()
+
+
+def _spend(service: Service, headers: dict[str, str], times: int = 3) -> None:
+    with httpx.Client(base_url=service.url, headers=headers) as client:
+        for _ in range(times):
+            client.get("/v1/documents")
+
+
+@pytest.mark.parametrize(
+    ("headers", "spent", "framing", "status"),
+    [
+        ("X-Forwarded-For: 198.51.100.1\r\n", {}, "Content-Length: 1000000", 401),
+        ("X-Forwarded-For: 198.51.100.2\r\n", {}, "Transfer-Encoding: chunked", 401),
+        (
+            "X-Forwarded-For: 198.51.100.3\r\nX-API-Key: wrong-key-123\r\n",
+            {},
+            "Content-Length: 1000000",
+            401,
+        ),
+        (
+            "X-Forwarded-For: 198.51.100.4\r\n",
+            {"X-Forwarded-For": "198.51.100.4"},
+            "Content-Length: 1000000",
+            429,
+        ),
+        (f"X-API-Key: {READER}\r\n", {}, "Content-Length: 1000000", 403),
+        (f"X-API-Key: {SPENDER}\r\n", {"X-API-Key": SPENDER}, "Content-Length: 1000000", 429),
+    ],
+    ids=[
+        "no key",
+        "no key, chunked",
+        "a wrong key",
+        "no key, over the keyless budget",
+        "a read-only key writes",
+        "a key over its budget",
+    ],
+)
+def test_a_refused_request_is_answered_from_its_head_and_the_connection_closed(
+    gate: Service, headers: str, spent: dict[str, str], framing: str, status: int
+) -> None:
+    """The client sends the head and a few bytes of a 1 MB body, then waits: the refusal comes
+    without the body being read, and the server ends the connection."""
+    if spent:
+        _spend(gate, spent)
+    with socket.create_connection(("127.0.0.1", gate.port)) as sock:
+        first = b'{"title": '
+        if "chunked" in framing:
+            first = b"a\r\n" + first + b"\r\n"
+        sock.sendall(_post_head(headers, framing) + first)
+        sock.settimeout(5)  # far below BODY_TIMEOUT_SECONDS: a server that waits fails here
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert status_of(received) == status
+    assert Problem.model_validate_json(received.split(b"\r\n\r\n", 1)[1]).status == status
+
+
+@pytest.mark.parametrize(
+    ("trusted", "first", "second", "status"),
+    [
+        ("127.0.0.1", "203.0.113.7", "203.0.113.8", 401),
+        ("10.0.0.1", "203.0.113.7", "203.0.113.8", 429),
+        ("127.0.0.1", "2001:db8::1", "2001:db8::2", 429),
+        ("127.0.0.1", "2001:db8::1", "2001:db8:0:1::1", 401),
+    ],
+    ids=[
+        "a trusted proxy's clients apart",
+        "an untrusted peer's forwarded address ignored",
+        "one IPv6 /64 is one client",
+        "another /64 is another client",
+    ],
+)
+def test_the_keyless_budget_is_per_client_behind_a_trusted_proxy(
+    service_factory: ServiceFactory, trusted: str, first: str, second: str, status: int
+) -> None:
+    env = {"KEYLESS_RATE_LIMIT": "2/minute", "FORWARDED_ALLOW_IPS": trusted}
+    service = service_factory(env=env).start()
+    _spend(service, {"X-Forwarded-For": first}, times=2)
+    with httpx.Client(base_url=service.url) as client:
+        assert client.get("/v1/documents", headers={"X-Forwarded-For": first}).status_code == 429
+        assert client.get("/v1/documents", headers={"X-Forwarded-For": second}).status_code == (
+            status
+        )
+        # A valid key from the very same address is never charged for the strangers' budget.
+        keyed = {"X-Forwarded-For": first, "X-API-Key": KEY}
+        assert client.get("/v1/documents", headers=keyed).status_code == 200
+
+
+def test_stalled_bodies_without_a_key_cost_no_memory(server: Service) -> None:
+    """150 connections each send 1 MB minus a byte without a key, then stall: each is refused
+    from its head, so none of those bytes is held."""
+    before = server.rss_kb()
+    head = _post_head("", f"Content-Length: {MB}")
+    sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(150)]
+    try:
+        for sock in sockets:
+            sock.settimeout(10)
+            with contextlib.suppress(OSError):  # refused and closed while we still send
+                sock.sendall(head + b"x" * (MB - 1))
+        assert server.rss_kb() - before < 30 * KB
+    finally:
+        for sock in sockets:
+            sock.close()
+    with server.client() as client:
+        assert client.get("/health").status_code == 200
+
+
+def _in_progress(service: Service) -> float:
+    with httpx.Client(base_url=service.url) as client:
+        text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return families["http_requests_in_progress"].samples[0].value
+
+
+def test_bodies_held_at_once_are_bounded_across_connections(
+    service_factory: ServiceFactory,
+) -> None:
+    """Two keyed uploads of 1 MB stall and hold the 2 MB allowed; a third body gets 503 with
+    Retry-After instead of being read; once they end, bodies are read again."""
+    env = {"MAX_BODY_BYTES": str(MB), "MAX_BUFFERED_BODY_BYTES": str(2 * MB)}
+    service = service_factory(env=env).start()
+    stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(_post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}"))
+        deadline = time.monotonic() + 10
+        while _in_progress(service) < 3:  # both uploads and this scrape are being served
+            assert time.monotonic() < deadline
+        with service.client() as client:
+            busy = client.post("/v1/documents", json={"title": "t", "content": "c"})
+            problem = assert_problem(busy, 503)
+            assert busy.headers["retry-after"] == "1"
+            assert "retry" in problem["detail"]
+    finally:
+        for sock in stalled:
+            sock.close()
+    with service.client() as client:
+        deadline = time.monotonic() + 10
+        while (
+            created := client.post("/v1/documents", json={"title": "t", "content": "c"})
+        ).status_code == 503:
+            assert time.monotonic() < deadline  # until the server has seen both uploads end
+        assert created.status_code == 201
+        assert [d["title"] for d in client.get("/v1/documents").json()["items"]] == ["t"]
+
+
+def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFactory) -> None:
+    service = service_factory(env={"MAX_CONNECTIONS": "8"}).start()
+    held = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
+    try:
+        for sock in held:  # each is served, so each is open on the server's side
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(sock.recv(65536)) == 200
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # and kept open by a head under way
+        refused = exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(refused) == 503
+        assert b"retry-after: 1" in refused
+        assert Problem.model_validate_json(refused.split(b"\r\n\r\n", 1)[1]).status == 503
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while status_of(exchange(service, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")) != 200:
+        assert time.monotonic() < deadline  # until the server has seen the others close
 
 
 @pytest.mark.parametrize(

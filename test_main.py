@@ -13,12 +13,13 @@ from typing import Any
 import anyio
 import pytest
 from fastapi.testclient import TestClient
-from limits import parse
+from limits import parse, parse_many
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 from pydantic import ValidationError
 from tinydb import TinyDB
 
+from config import Settings
 from conftest import KEY, OTHER_KEY, app_client, assert_problem, make_settings, walk
 from main import create_app
 from models import DocumentQuery
@@ -650,6 +651,48 @@ def test_rate_limit_per_key_returns_429_with_retry_after(tmp_path: Path) -> None
         assert client.get("/health/ready").status_code == 200
 
 
+def test_requests_without_a_valid_key_spend_a_budget_per_client_that_keys_never_touch(
+    tmp_path: Path,
+) -> None:
+    with app_client(tmp_path, keyless_rate_limit="3/minute") as client:
+        keyed = {"X-API-Key": KEY}
+        assert all(client.get("/v1/documents", headers=keyed).status_code == 200 for _ in range(5))
+        strangers = [
+            client.get("/v1/documents"),
+            client.get("/v1/documents", headers={"X-API-Key": "wrong-key-123"}),
+            client.get("/openapi.json"),
+            client.post("/v1/documents", json=DOC),
+        ]
+        assert [r.status_code for r in strangers] == [401, 401, 200, 429]
+        limited = strangers[-1]
+        assert_problem(limited, 429)
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert limited.headers["x-ratelimit-limit"] == "3"
+        # A valid key from the same address is never refused for it; probes spend no budget.
+        assert client.get("/v1/documents", headers=keyed).status_code == 200
+        for probe in ("/health", "/health/ready", "/metrics"):
+            assert client.get(probe).status_code == 200
+
+
+def test_the_keyless_budget_is_tens_a_minute_by_default() -> None:
+    (budget,) = parse_many(Settings(_env_file=None).keyless_rate_limit)  # type: ignore[call-arg]
+    assert 10 <= budget.amount / budget.get_expiry() * 60 < 100
+
+
+def test_local_rate_limit_storage_drops_ended_windows_as_clients_come_and_go() -> None:
+    async def scenario() -> None:
+        storage = LocalStorage()
+        for n in range(10 * LocalStorage.SWEEP_FROM):
+            await storage.incr(f"client-{n}", 0)  # each window ends as it opens
+        assert len(storage._windows) <= 2 * LocalStorage.SWEEP_FROM
+        await storage.incr("kept", 60)
+        for n in range(2 * LocalStorage.SWEEP_FROM):
+            await storage.incr(f"other-{n}", 0)
+        assert await storage.get("kept") == 1
+
+    anyio.run(scenario)
+
+
 def test_every_window_of_a_multi_window_rate_limit_is_enforced(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, rate_limit="5/minute;2/hour")
     with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
@@ -688,6 +731,9 @@ def test_several_workers_without_configured_keys_are_refused(tmp_path: Path) -> 
         ("database_url", "mongodb+srv://u:pw@host:27017/db", "without a port"),
         ("data_dir", "", "empty"),
         ("host", "not a host", "IP address or a host name"),
+        ("keyless_rate_limit", "0/minute", "a rate of 0"),
+        ("max_buffered_body_bytes", "1024", "MAX_BUFFERED_BODY_BYTES: must be at least"),
+        ("max_connections", "0", "greater than or equal to 1"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_what_to_change(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
@@ -30,6 +31,7 @@ from main import DOMAIN_PROBLEMS, create_app
 
 LogLines = Callable[[], list[dict[str, Any]]]
 DOC = {"title": "t", "content": "secret body text", "tags": ["x"]}
+READER = "reader-key-0003"
 
 
 @pytest.fixture
@@ -85,31 +87,77 @@ def test_create_logs_event_and_one_access_line_with_every_field(
     assert any(line["message"] == "service.stopped" for line in lines)
 
 
-def test_404_and_401_access_lines_are_warnings(tmp_path: Path, log_lines: LogLines) -> None:
-    with app_client(tmp_path) as client:
+def test_client_errors_are_info_and_each_refusal_writes_one_line(
+    tmp_path: Path, log_lines: LogLines
+) -> None:
+    with app_client(tmp_path, api_keys=f"alice:{KEY},reader:{READER}:read") as client:
         client.get("/v1/documents/missing", headers={"X-API-Key": KEY})
+        client.post("/v1/documents", json={"title": ""}, headers={"X-API-Key": KEY})
         client.get("/v1/documents", headers={"X-API-Key": "not-a-real-key"})
         client.get("/v1/documents")
+        client.post("/v1/documents", json=DOC, headers={"X-API-Key": READER})
     lines = log_lines()
-    statuses = [(a["status_code"], a["level"], a["route"]) for a in access_lines(lines)]
-    assert statuses == [
-        (404, "WARNING", "/v1/documents/{document_id}"),
-        (401, "WARNING", "/v1/documents"),
-        (401, "WARNING", "/v1/documents"),
+    served = [line for line in lines if line.get("request_id")]
+    assert [(a["status_code"], a["level"], a.get("refusal")) for a in served] == [
+        (404, "INFO", None),
+        (422, "INFO", None),
+        (401, "INFO", "key-invalid"),
+        (401, "INFO", "key-missing"),
+        (403, "INFO", "key-read-only"),
     ]
-    failures = [line for line in lines if line["message"] == "auth.failed"]
-    assert [f["reason"] for f in failures] == ["invalid", "missing"]
-    assert all(f["client"] and f["request_id"] for f in failures)
+    assert all(line["message"] == "request" for line in served)
+    assert [line for line in lines if line["level"] == "WARNING"] == []
 
 
-def test_429_is_logged_with_key_name(tmp_path: Path, log_lines: LogLines) -> None:
-    with app_client(tmp_path, rate_limit="1/minute") as client:
-        client.get("/v1/documents", headers={"X-API-Key": KEY})
-        client.get("/v1/documents", headers={"X-API-Key": KEY})
+@pytest.mark.parametrize(
+    ("settings", "headers", "budget", "level"),
+    [
+        ({"keyless_rate_limit": "3/minute"}, {}, {"client": "testclient"}, "WARNING"),
+        (
+            {"keyless_rate_limit": "3/minute"},
+            {"X-API-Key": "wrong-key-1"},
+            {"client": "testclient"},
+            "WARNING",
+        ),
+        ({"rate_limit": "3/minute"}, {"X-API-Key": KEY}, {"api_key": "alice"}, "INFO"),
+    ],
+    ids=["no key", "a wrong key", "a key over its budget"],
+)
+def test_a_flood_over_its_budget_writes_one_line_and_one_summary_per_window(
+    tmp_path: Path,
+    log_lines: LogLines,
+    settings: dict[str, Any],
+    headers: dict[str, str],
+    budget: dict[str, str],
+    level: str,
+) -> None:
+    """Three requests within the budget, one line each; of the 47 refused after them, the first
+    writes its line and the window's summary counts them all (written here at shutdown, before
+    the window ends)."""
+    with app_client(tmp_path, **settings) as client:
+        statuses = [client.get("/v1/documents", headers=headers).status_code for _ in range(50)]
+    assert statuses[3:] == [429] * 47
     lines = log_lines()
-    (rejected,) = [line for line in lines if line["message"] == "rate_limit.rejected"]
-    assert rejected["api_key"] == "alice"
-    assert access_lines(lines)[-1]["status_code"] == 429
+    assert [a["status_code"] for a in access_lines(lines)] == [*statuses[:3], 429]
+    (summary,) = [line for line in lines if line["message"] == "rate_limit.refused"]
+    assert summary["refused"] == 47
+    assert summary["level"] == level
+    assert {k: summary[k] for k in budget} == budget
+    assert "request_id" not in summary  # it speaks of many requests, not of one
+    others = [line for line in lines if line["level"] != "INFO" and line is not summary]
+    assert others == []
+
+
+def test_the_summary_is_written_when_the_window_ends(service_factory: ServiceFactory) -> None:
+    service = service_factory(env={"KEYLESS_RATE_LIMIT": "2/second"}).start()
+    with httpx.Client(base_url=service.url) as client:
+        statuses = [client.get("/v1/documents").status_code for _ in range(30)]
+    assert statuses.count(429) >= 20
+    summary = json.loads(service.wait_for_line("rate_limit.refused", timeout=10))
+    assert summary["client"] == "127.0.0.1"
+    assert 1 <= summary["refused"] <= statuses.count(429)
+    assert service.proc is not None
+    assert service.proc.poll() is None  # written by the running service, not at shutdown
 
 
 def test_500_is_logged_once_with_traceback_and_request_id(

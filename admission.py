@@ -1,0 +1,249 @@
+"""Admission: who a request is, and whether it may go on, decided from its head before any byte of
+its body is read. FastAPI reads and parses a body before it solves a route's dependencies, so the
+key dependency alone would decide only after the body had cost its parse; this pure ASGI
+middleware decides first, and the dependency (`main.authorize`) hands the handler what it found.
+
+Every request but the probes spends one unit of a budget: its key's (`RATE_LIMIT`, shared through
+`RATE_LIMIT_STORAGE_URI`) when it carries a valid `X-API-Key`, else its client address's
+(`KEYLESS_RATE_LIMIT`, counted in this process: a flood from strangers costs no Redis round trip,
+and a Redis outage does not turn their 401s into 503s). Over the budget: 429. Under /v1, no valid
+key: 401; a read-only key's write: 403. Each refusal is answered from here with the body unread,
+and a connection whose body is left unread is closed (`server.py`).
+
+A refusal writes its access line like any request; once a budget is spent within a window, its
+further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
+A flood's log volume so follows the number of its clients, not of its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import hmac
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from limits import RateLimitItem
+from limits.aio.storage import Storage
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from config import ApiKey, digest_key
+from logging_config import clip
+from metrics import Metrics
+from problems import LIMITER_UNAVAILABLE, RETRY_AFTER_SECONDS, Forbidden, RateLimited, Unauthorized
+from ratelimit import Budget, LimiterUnavailable, LocalStorage, spend
+
+log = logging.getLogger("documents.admission")
+
+# Load balancers and Prometheus poll these without a key; a refused liveness probe would get the
+# service restarted, so they spend no budget (each costs the same whatever the data).
+PROBES = frozenset({"/health", "/health/ready", "/metrics"})
+READ_METHODS = frozenset({"GET", "HEAD"})
+API_KEY_HEADER = b"x-api-key"
+
+
+@dataclass(slots=True)
+class _Window:
+    """A spent budget's refusals within its current window."""
+
+    refused: int
+    level: int
+    fields: dict[str, Any]  # what the summary line says of the budget
+    timer: asyncio.TimerHandle
+
+
+class RefusalTally:
+    """Refusals of spent budgets, counted instead of logged: the first of a window writes its
+    access line, the rest are summed into one line when the window ends."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, _Window] = {}
+
+    def count(self, budget: str, until: float, level: int, fields: dict[str, Any]) -> bool:
+        """Count one refusal; True for the window's first, the one whose line is written."""
+        if (window := self._open.get(budget)) is not None:
+            window.refused += 1
+            return False
+        # A fresh context: the summary belongs to no single request, so it carries no request id.
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, until - time.time()),
+            self._summarise,
+            budget,
+            context=contextvars.Context(),
+        )
+        self._open[budget] = _Window(1, level, fields, timer)
+        return True
+
+    def _summarise(self, budget: str) -> None:
+        window = self._open.pop(budget)
+        log.log(
+            window.level, "rate_limit.refused", extra={**window.fields, "refused": window.refused}
+        )
+
+    def close(self) -> None:
+        """Write every open window's line now: at shutdown no timer fires any more."""
+        for budget, window in list(self._open.items()):
+            window.timer.cancel()
+            self._summarise(budget)
+
+
+class AdmissionMiddleware:
+    """Authenticate, spend the budget and refuse (401, 403, 429) from the head alone."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: list[ApiKey],
+        key_limits: list[RateLimitItem],
+        key_storage: Storage,
+        keyless_limits: list[RateLimitItem],
+        metrics: Metrics,
+        tally: RefusalTally,
+        protected: str = "/v1",
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.key_limits = key_limits
+        self.key_storage = key_storage
+        self.keyless_limits = keyless_limits
+        self.keyless_storage = LocalStorage()
+        self.metrics = metrics
+        self.tally = tally
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if path in PROBES:
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+        protected = path == self.protected or path.startswith(self.protected + "/")
+        key, presented = self._authenticate(scope["headers"])
+        client = client_address(scope)
+        try:
+            if key is not None:
+                state["api_key"] = key
+                state["api_key_name"] = key.name
+                budgets = await spend(self.key_storage, self.key_limits, key.name)
+            else:
+                budgets = await spend(self.keyless_storage, self.keyless_limits, client)
+        except LimiterUnavailable as exc:
+            response = LIMITER_UNAVAILABLE.response(
+                str(exc), headers=_closing(scope, {"Retry-After": RETRY_AFTER_SECONDS})
+            )
+            await response(scope, receive, send)
+            return
+        refused = [b for b in budgets if not b.allowed]
+        shown = max(refused, key=lambda b: b.reset_at) if refused else min(budgets)
+        state["response_headers"] = _rate_limit_headers(shown)
+        if refused:
+            await self._refuse_over_budget(scope, receive, send, key or client, shown)
+        elif key is None and protected:
+            self.metrics.auth_failures.inc()
+            state["refusal"] = "key-invalid" if presented else "key-missing"
+            response = Unauthorized.kind.response(
+                Unauthorized.kind.description,
+                headers=_closing(scope, {"WWW-Authenticate": "ApiKey"}),
+            )
+            await response(scope, receive, send)
+        elif key is not None and key.read_only and protected and _writes(scope):
+            state["refusal"] = "key-read-only"
+            detail = f"This key may only read ({', '.join(sorted(READ_METHODS))})."
+            await Forbidden.kind.response(detail, headers=_closing(scope, {}))(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> tuple[ApiKey | None, bool]:
+        """The key and whether one was presented. Every configured key is compared, in constant
+        time, whether or not one matched."""
+        presented = next((v for k, v in headers if k == API_KEY_HEADER), b"")
+        digest = digest_key(presented.decode("latin-1"))
+        match: ApiKey | None = None
+        for key in self.keys:
+            if hmac.compare_digest(digest, key.digest):
+                match = key
+        return (match if presented else None), bool(presented)
+
+    async def _refuse_over_budget(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        spender: ApiKey | str,
+        budget: Budget,
+    ) -> None:
+        """429. Only the window's first refusal of this budget writes its access line."""
+        self.metrics.rate_limited.inc()
+        state: dict[str, Any] = scope["state"]
+        state["refusal"] = "rate-limited"
+        if isinstance(spender, ApiKey):
+            who, level, fields = f"key:{spender.name}", logging.INFO, {"api_key": spender.name}
+            detail = f"The rate limit of {budget.limit} for this key is reached."
+        else:
+            # Repeated requests without a valid key from one client: worth an operator's look.
+            who, level, fields = f"client:{spender}", logging.WARNING, {"client": spender}
+            detail = f"The rate limit of {budget.limit} without a valid key is reached."
+        if not self.tally.count(who, budget.reset_at, level, fields):
+            state["log_access"] = False
+        retry_after = max(1, int(budget.reset_at - time.time()) + 1)
+        headers = _closing(scope, {"Retry-After": str(retry_after)})
+        await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
+
+
+def client_address(scope: Scope) -> str:
+    """Who a keyless budget belongs to: the client's address (X-Forwarded-For's, when the peer
+    is in FORWARDED_ALLOW_IPS: uvicorn's proxy headers set `client` before the app runs)."""
+    client = scope.get("client")
+    return _budget_holder(client[0] if client else "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_holder(host: str) -> str:
+    """IPv6 clients are counted by /64, the block one subscriber gets: per address, one machine
+    could take a fresh budget for each of its 2^64 addresses. Cached: a flood repeats a few."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return clip(host, 64)  # not an address (a Unix socket, a test client)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below ROOT_PATH, which uvicorn puts in front of the path the client sent."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _writes(scope: Scope) -> bool:
+    return scope["method"] not in READ_METHODS
+
+
+def _closing(scope: Scope, headers: dict[str, str]) -> dict[str, str]:
+    """A refusal of a request that has a body ends its connection: the body stays unread."""
+    for name, value in scope["headers"]:
+        if (name == b"content-length" and value.strip() not in (b"", b"0")) or (
+            name == b"transfer-encoding"
+        ):
+            return {**headers, "Connection": "close"}
+    return headers
+
+
+def _rate_limit_headers(budget: Budget) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit", str(budget.limit).encode()),
+        (b"x-ratelimit-remaining", str(budget.remaining).encode()),
+        (b"x-ratelimit-reset", str(int(budget.reset_at)).encode()),
+    ]
