@@ -1,0 +1,196 @@
+"""The runbook (docs/operations.md) runs as written, against the real service on a temp DATA_DIR.
+
+Each `## ` procedure's ```sh runbook blocks run in order as one bash script, after the blocks
+marked `prelude`. Blocks marked `sqlite` need the SQLite store: the procedure runs them only once
+`main.py backup --help` works, and is skipped, saying so, before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from config import Settings
+from conftest import HERE, free_port, require_tool
+
+RUNBOOK = HERE / "docs" / "operations.md"
+FENCE = re.compile(r"^```(\S*)[ \t]*(.*?)\n(.*?)^```[ \t]*$", re.M | re.S)
+HEADING = re.compile(r"^## (.+)$", re.M)
+SCRIPT_TIMEOUT = 240
+
+# What the runbook's four commands are on a service started in the background; the last started
+# process group is the service (setsid: it and its workers are stopped as one).
+HARNESS = """
+service_start() {
+  setsid .venv/bin/python main.py >>"$RUN/service.log" 2>&1 &
+  SERVICE_PID=$!
+  echo "$SERVICE_PID" >>"$RUN/pids"
+}
+service_stop() { kill -TERM "$SERVICE_PID"; wait "$SERVICE_PID" || true; }
+service_reload() { kill -HUP "$SERVICE_PID"; }
+logs() { cat "$RUN/service.log"; }
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    procedure: str
+    tags: frozenset[str]
+    text: str
+
+
+def blocks(kind: str) -> list[Block]:
+    """The fenced blocks of a kind (`sh`, `yaml`) whose tags start with `runbook` or are named."""
+    text = RUNBOOK.read_text()
+    headings = [(m.start(), m.group(1)) for m in HEADING.finditer(text)]
+    found = []
+    for fence in FENCE.finditer(text):
+        language, tags, body = fence.groups()
+        if language != kind or not tags:
+            continue
+        procedure = next((h for at, h in reversed(headings) if at < fence.start()), "")
+        found.append(Block(procedure, frozenset(tags.split()), body))
+    return found
+
+
+def procedures() -> list[Any]:
+    """One case per procedure for its blocks that run now, one for all of them with SQLite."""
+    runbook = [b for b in blocks("sh") if "runbook" in b.tags and "prelude" not in b.tags]
+    cases = []
+    for name in dict.fromkeys(b.procedure for b in runbook):
+        own = [b for b in runbook if b.procedure == name]
+        if any("sqlite" not in b.tags for b in own):
+            now = [b for b in own if "sqlite" not in b.tags]
+            cases.append(pytest.param(now, False, id=name))
+        if any("sqlite" in b.tags for b in own):
+            cases.append(pytest.param(own, True, id=f"{name} (SQLite store)"))
+    return cases
+
+
+def _backup_supported() -> bool:
+    done = subprocess.run(
+        [sys.executable, "main.py", "backup", "--help"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode == 0 and "backup" in done.stdout
+
+
+def _app_dir(root: Path) -> Path:
+    """The service's directory as an operator has it: its modules, samples, .venv and a .env."""
+    app = root / "app"
+    (app / "data").mkdir(parents=True)
+    for module in HERE.glob("*.py"):
+        if not module.name.startswith(("test_", "conftest")):
+            (app / module.name).symlink_to(module)
+    (app / "data" / "sample_documents.json").symlink_to(HERE / "data" / "sample_documents.json")
+    (app / ".venv").symlink_to(HERE / ".venv")
+    return app
+
+
+def _environment(root: Path, key: str) -> dict[str, str]:
+    # Only what the runbook names: no setting of the developer's leaks into the service.
+    settings = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    port = free_port()
+    (root / "backups").mkdir()
+    return env | {
+        "RUN": str(root),
+        "DATA_DIR": str(root / "data"),
+        "PORT": str(port),
+        "BASE": f"http://127.0.0.1:{port}",
+        "KEY": key,
+        "BACKUPS": str(root / "backups"),
+    }
+
+
+def _stop_all(pids_file: Path) -> None:
+    for line in pids_file.read_text().split() if pids_file.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(line), signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("steps", "needs_sqlite"), procedures())
+def test_the_procedure_runs_as_written(
+    steps: list[Block], needs_sqlite: bool, tmp_path: Path
+) -> None:
+    require_tool("curl")
+    if needs_sqlite:
+        if not _backup_supported():
+            pytest.skip("needs the SQLite store: `python main.py backup --help` is not supported")
+        require_tool("sqlite3")
+    key = "runbook-key-0001"
+    app = _app_dir(tmp_path)
+    (app / ".env").write_text(f"API_KEYS=ops:{key}\n")
+    prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
+    script = "\n".join(
+        [
+            HARNESS,
+            *prelude,
+            '.venv/bin/python main.py seed >>"$RUN/service.log" 2>&1',
+            "service_start",
+            "wait_ready",
+            "trap 'kill -TERM \"$SERVICE_PID\" 2>/dev/null; wait' EXIT",
+            *(b.text for b in steps),
+        ]
+    )
+    try:
+        done = subprocess.run(
+            ["bash", "-euxo", "pipefail", "-c", script],
+            cwd=app,
+            env=_environment(tmp_path, key),
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+    finally:
+        _stop_all(tmp_path / "pids")
+    log = (tmp_path / "service.log").read_text()
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        f"\n--- service log (last 40 lines)\n" + "\n".join(log.splitlines()[-40:])
+    )
+
+
+def test_the_kubernetes_manifest_runs_one_replica_on_its_own_volume() -> None:
+    (manifest,) = [b for b in blocks("yaml") if "kubernetes" in b.tags]
+    claim, deployment = yaml.safe_load_all(manifest.text)
+    assert claim["kind"] == "PersistentVolumeClaim"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    spec = deployment["spec"]
+    assert (spec["replicas"], spec["strategy"]["type"]) == (1, "Recreate")
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 10001
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["volumes"]
+    assert mount == {"name": volume["name"], "mountPath": "/app/data"}
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_every_procedure_is_found() -> None:
+    names = {b.procedure for b in blocks("sh") if "runbook" in b.tags}
+    assert {
+        "Deploy strategies",
+        "Backup and restore",
+        "Upgrade and rollback",
+        "Rotating API keys",
+        "A corrupt database",
+        "A full disk",
+        "An unreachable MongoDB or Redis",
+        "Reading the logs for a request id",
+    } <= names
