@@ -176,10 +176,21 @@ def test_the_kubernetes_manifest_runs_one_replica_on_its_own_volume() -> None:
     (container,) = pod["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
-    (mount,) = container["volumeMounts"]
-    (volume,) = pod["volumes"]
-    assert mount == {"name": volume["name"], "mountPath": "/app/data"}
-    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    data = volumes[mounts["/app/data"]]
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize(
+    "block", blocks("sh"), ids=lambda b: f"{b.procedure} {' '.join(sorted(b.tags))}"
+)
+def test_every_runbook_block_is_valid_bash(block: Block) -> None:
+    """The blocks that wait for the SQLite store are at least parsed now."""
+    done = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_every_procedure_is_found() -> None:
