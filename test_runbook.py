@@ -1,8 +1,9 @@
 """The runbook (docs/operations.md) runs as written, against the real service on a temp DATA_DIR.
 
 Each `## ` procedure's ```sh runbook blocks run in order as one bash script, after the blocks
-marked `prelude`. Blocks marked `sqlite` need the SQLite store: the procedure runs them only once
-`main.py backup --help` works, and is skipped, saying so, before.
+marked `prelude`. Blocks marked `workers` need several workers: they run on MongoDB (SecantusDB)
+with WORKERS=2. Blocks marked `sqlite` need the SQLite store: they run once `main.py backup --help`
+works, and are skipped, saying so, before.
 """
 
 from __future__ import annotations
@@ -63,17 +64,24 @@ def blocks(kind: str) -> list[Block]:
     return found
 
 
+# A procedure's blocks tagged with a mode run, after its untagged ones, in a case of their own.
+MODES = {
+    "": "on the embedded store",
+    "workers": "with WORKERS=2 on MongoDB",
+    "sqlite": "on the SQLite store",
+}
+
+
 def procedures() -> list[Any]:
-    """One case per procedure for its blocks that run now, one for all of them with SQLite."""
+    """One case per procedure and mode: its untagged blocks alone, then with each mode's."""
     runbook = [b for b in blocks("sh") if "runbook" in b.tags and "prelude" not in b.tags]
     cases = []
     for name in dict.fromkeys(b.procedure for b in runbook):
         own = [b for b in runbook if b.procedure == name]
-        if any("sqlite" not in b.tags for b in own):
-            now = [b for b in own if "sqlite" not in b.tags]
-            cases.append(pytest.param(now, False, id=name))
-        if any("sqlite" in b.tags for b in own):
-            cases.append(pytest.param(own, True, id=f"{name} (SQLite store)"))
+        for mode, how in MODES.items():
+            steps = [b for b in own if not b.tags & MODES.keys() or mode in b.tags]
+            if any(mode in b.tags for b in steps) or (not mode and steps):
+                cases.append(pytest.param(steps, mode, id=f"{name}, {how}"))
     return cases
 
 
@@ -122,18 +130,21 @@ def _stop_all(pids_file: Path) -> None:
             os.killpg(int(line), signal.SIGKILL)
 
 
-@pytest.mark.parametrize(("steps", "needs_sqlite"), procedures())
+@pytest.mark.parametrize(("steps", "mode"), procedures())
 def test_the_procedure_runs_as_written(
-    steps: list[Block], needs_sqlite: bool, tmp_path: Path
+    steps: list[Block], mode: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     require_tool("curl")
-    if needs_sqlite:
+    key = "runbook-key-0001"
+    settings = [f"API_KEYS=ops:{key}"]
+    if mode == "sqlite":
         if not _backup_supported():
             pytest.skip("needs the SQLite store: `python main.py backup --help` is not supported")
         require_tool("sqlite3")
-    key = "runbook-key-0001"
+    if mode == "workers":
+        settings += [f"DATABASE_URL={request.getfixturevalue('mongo_url')}", "WORKERS=2"]
     app = _app_dir(tmp_path)
-    (app / ".env").write_text(f"API_KEYS=ops:{key}\n")
+    (app / ".env").write_text("".join(f"{line}\n" for line in settings))
     prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
     script = "\n".join(
         [
