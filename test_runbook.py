@@ -40,6 +40,9 @@ service_start() {
 service_stop() { kill -TERM "$SERVICE_PID"; wait "$SERVICE_PID" || true; }
 service_reload() { kill -HUP "$SERVICE_PID"; }
 logs() { cat "$RUN/service.log"; }
+wait_alive() {
+  timeout 30 sh -c 'until curl -fs "$1/health" >/dev/null; do sleep 0.2; done' sh "$BASE"
+}
 """
 
 
@@ -69,6 +72,8 @@ MODES = {
     "": "on the embedded store",
     "workers": "with WORKERS=2 on MongoDB",
     "sqlite": "on the SQLite store",
+    "mongo-down": "with MongoDB unreachable",
+    "redis-down": "with Redis unreachable",
 }
 
 
@@ -143,6 +148,12 @@ def test_the_procedure_runs_as_written(
         require_tool("sqlite3")
     if mode == "workers":
         settings += [f"DATABASE_URL={request.getfixturevalue('mongo_url')}", "WORKERS=2"]
+    nowhere = f"127.0.0.1:{free_port()}"  # a port nothing listens on
+    if mode == "mongo-down":
+        settings += [f"DATABASE_URL=mongodb://{nowhere}/documents", "MONGO_TIMEOUT_MS=500"]
+    if mode == "redis-down":
+        settings += [f"RATE_LIMIT_STORAGE_URI=redis://{nowhere}/0"]
+    down = mode.endswith("-down")
     app = _app_dir(tmp_path)
     (app / ".env").write_text("".join(f"{line}\n" for line in settings))
     prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
@@ -150,9 +161,9 @@ def test_the_procedure_runs_as_written(
         [
             HARNESS,
             *prelude,
-            '.venv/bin/python main.py seed >>"$RUN/service.log" 2>&1',
+            "" if down else '.venv/bin/python main.py seed >>"$RUN/service.log" 2>&1',
             "service_start",
-            "wait_ready",
+            "wait_alive" if down else "wait_ready",
             "trap 'kill -TERM \"$SERVICE_PID\" 2>/dev/null; wait' EXIT",
             *(b.text for b in steps),
         ]
