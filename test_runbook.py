@@ -28,6 +28,7 @@ RUNBOOK = HERE / "docs" / "operations.md"
 FENCE = re.compile(r"^```(\S*)[ \t]*(.*?)\n(.*?)^```[ \t]*$", re.M | re.S)
 HEADING = re.compile(r"^## (.+)$", re.M)
 SCRIPT_TIMEOUT = 240
+KEY = "runbook-key-0001"
 
 # What the runbook's four commands are on a service started in the background; the last started
 # process group is the service (setsid: it and its workers are stopped as one).
@@ -135,13 +136,47 @@ def _stop_all(pids_file: Path) -> None:
             os.killpg(int(line), signal.SIGKILL)
 
 
+def _run(root: Path, settings: list[str], steps: list[str], *, ready: bool = True) -> None:
+    """Start the service (seeded, and ready, unless a dependency is meant to be down), run the
+    steps as one strict bash script, then stop every process it started."""
+    app = _app_dir(root)
+    (app / ".env").write_text("".join(f"{line}\n" for line in settings))
+    prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
+    script = "\n".join(
+        [
+            HARNESS,
+            *prelude,
+            '.venv/bin/python main.py seed >>"$RUN/service.log" 2>&1' if ready else "",
+            "service_start",
+            "wait_ready" if ready else "wait_alive",
+            "trap 'kill -TERM \"$SERVICE_PID\" 2>/dev/null; wait' EXIT",
+            *steps,
+        ]
+    )
+    try:
+        done = subprocess.run(
+            ["bash", "-euxo", "pipefail", "-c", script],
+            cwd=app,
+            env=_environment(root, KEY),
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+    finally:
+        _stop_all(root / "pids")
+    log = (root / "service.log").read_text()
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        f"\n--- service log (last 40 lines)\n" + "\n".join(log.splitlines()[-40:])
+    )
+
+
 @pytest.mark.parametrize(("steps", "mode"), procedures())
 def test_the_procedure_runs_as_written(
     steps: list[Block], mode: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     require_tool("curl")
-    key = "runbook-key-0001"
-    settings = [f"API_KEYS=ops:{key}"]
+    settings = [f"API_KEYS=ops:{KEY}"]
     if mode == "sqlite":
         if not _backup_supported():
             pytest.skip("needs the SQLite store: `python main.py backup --help` is not supported")
@@ -153,37 +188,18 @@ def test_the_procedure_runs_as_written(
         settings += [f"DATABASE_URL=mongodb://{nowhere}/documents", "MONGO_TIMEOUT_MS=500"]
     if mode == "redis-down":
         settings += [f"RATE_LIMIT_STORAGE_URI=redis://{nowhere}/0"]
-    down = mode.endswith("-down")
-    app = _app_dir(tmp_path)
-    (app / ".env").write_text("".join(f"{line}\n" for line in settings))
-    prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
-    script = "\n".join(
-        [
-            HARNESS,
-            *prelude,
-            "" if down else '.venv/bin/python main.py seed >>"$RUN/service.log" 2>&1',
-            "service_start",
-            "wait_alive" if down else "wait_ready",
-            "trap 'kill -TERM \"$SERVICE_PID\" 2>/dev/null; wait' EXIT",
-            *(b.text for b in steps),
-        ]
-    )
-    try:
-        done = subprocess.run(
-            ["bash", "-euxo", "pipefail", "-c", script],
-            cwd=app,
-            env=_environment(tmp_path, key),
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT,
-        )
-    finally:
-        _stop_all(tmp_path / "pids")
-    log = (tmp_path / "service.log").read_text()
-    assert done.returncode == 0, (
-        f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
-        f"\n--- service log (last 40 lines)\n" + "\n".join(log.splitlines()[-40:])
-    )
+    _run(tmp_path, settings, [b.text for b in steps], ready=not mode.endswith("-down"))
+
+
+def test_the_readme_walkthrough_runs_against_a_fresh_service(tmp_path: Path) -> None:
+    """Every step of the README's curl walkthrough succeeds, and each lookup finds its document."""
+    require_tool("curl")
+    readme = (HERE / "README.md").read_text()
+    walk = readme[readme.index("## A walk through the API") :]
+    block = next(m.group(3) for m in FENCE.finditer(walk) if m.group(1) == "sh")
+    # The walkthrough names the default address; the test's service has a port of its own.
+    assert block.startswith("BASE=http://127.0.0.1:8000\n")
+    _run(tmp_path, [f"API_KEYS=ops:{KEY}"], [block.removeprefix("BASE=http://127.0.0.1:8000\n")])
 
 
 def test_the_kubernetes_manifest_runs_one_replica_on_its_own_volume() -> None:
