@@ -1,0 +1,245 @@
+"""The runbook (docs/operations.md) runs as written, against the real service on a temp DATA_DIR.
+
+Each `## ` procedure's ```sh runbook blocks run in order as one bash script, after the blocks
+marked `prelude`. Blocks marked `workers` need several workers: they run on MongoDB (SecantusDB)
+with WORKERS=2. Blocks marked `sqlite` need the SQLite store: they run once `main.py backup --help`
+works, and are skipped, saying so, before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from config import Settings
+from conftest import HERE, free_port, require_tool
+
+RUNBOOK = HERE / "docs" / "operations.md"
+FENCE = re.compile(r"^```(\S*)[ \t]*(.*?)\n(.*?)^```[ \t]*$", re.M | re.S)
+HEADING = re.compile(r"^## (.+)$", re.M)
+SCRIPT_TIMEOUT = 240
+KEY = "runbook-key-0001"
+
+# What the runbook's four commands are on a service started in the background; the last started
+# process group is the service (setsid: it and its workers are stopped as one).
+HARNESS = """
+service_start() {
+  setsid .venv/bin/python main.py >>"$RUN/service.log" 2>&1 &
+  SERVICE_PID=$!
+  echo "$SERVICE_PID" >>"$RUN/pids"
+}
+service_stop() { kill -TERM "$SERVICE_PID"; wait "$SERVICE_PID" || true; }
+service_reload() { kill -HUP "$SERVICE_PID"; }
+logs() { cat "$RUN/service.log"; }
+wait_alive() {
+  timeout 30 sh -c 'until curl -fs "$1/health" >/dev/null; do sleep 0.2; done' sh "$BASE"
+}
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    procedure: str
+    tags: frozenset[str]
+    text: str
+
+
+def blocks(kind: str) -> list[Block]:
+    """The fenced blocks of a kind (`sh`, `yaml`) whose tags start with `runbook` or are named."""
+    text = RUNBOOK.read_text()
+    headings = [(m.start(), m.group(1)) for m in HEADING.finditer(text)]
+    found = []
+    for fence in FENCE.finditer(text):
+        language, tags, body = fence.groups()
+        if language != kind or not tags:
+            continue
+        procedure = next((h for at, h in reversed(headings) if at < fence.start()), "")
+        found.append(Block(procedure, frozenset(tags.split()), body))
+    return found
+
+
+# A procedure's blocks tagged with a mode run, after its untagged ones, in a case of their own.
+MODES = {
+    "": "on the embedded store",
+    "workers": "with WORKERS=2 on MongoDB",
+    "sqlite": "on the SQLite store",
+    "mongo-down": "with MongoDB unreachable",
+    "redis-down": "with Redis unreachable",
+}
+
+
+def procedures() -> list[Any]:
+    """One case per procedure and mode: its untagged blocks alone, then with each mode's."""
+    runbook = [b for b in blocks("sh") if "runbook" in b.tags and "prelude" not in b.tags]
+    cases = []
+    for name in dict.fromkeys(b.procedure for b in runbook):
+        own = [b for b in runbook if b.procedure == name]
+        for mode, how in MODES.items():
+            steps = [b for b in own if not b.tags & MODES.keys() or mode in b.tags]
+            if any(mode in b.tags for b in steps) or (not mode and steps):
+                cases.append(pytest.param(steps, mode, id=f"{name}, {how}"))
+    return cases
+
+
+def _backup_supported() -> bool:
+    done = subprocess.run(
+        [sys.executable, "main.py", "backup", "--help"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode == 0 and "backup" in done.stdout
+
+
+def _app_dir(root: Path) -> Path:
+    """The service's directory as an operator has it: its modules, samples, .venv and a .env."""
+    app = root / "app"
+    (app / "data").mkdir(parents=True)
+    for module in HERE.glob("*.py"):
+        if not module.name.startswith(("test_", "conftest")):
+            (app / module.name).symlink_to(module)
+    (app / "data" / "sample_documents.json").symlink_to(HERE / "data" / "sample_documents.json")
+    (app / ".venv").symlink_to(HERE / ".venv")
+    return app
+
+
+def _environment(root: Path, key: str) -> dict[str, str]:
+    # Only what the runbook names: no setting of the developer's leaks into the service.
+    settings = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    port = free_port()
+    (root / "backups").mkdir()
+    return env | {
+        "RUN": str(root),
+        "DATA_DIR": str(root / "data"),
+        "PORT": str(port),
+        "BASE": f"http://127.0.0.1:{port}",
+        "KEY": key,
+        "BACKUPS": str(root / "backups"),
+    }
+
+
+def _stop_all(pids_file: Path) -> None:
+    for line in pids_file.read_text().split() if pids_file.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(line), signal.SIGKILL)
+
+
+def _run(root: Path, settings: list[str], steps: list[str], *, ready: bool = True) -> None:
+    """Start the service (seeded, and ready, unless a dependency is meant to be down), run the
+    steps as one strict bash script, then stop every process it started."""
+    app = _app_dir(root)
+    (app / ".env").write_text("".join(f"{line}\n" for line in settings))
+    prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
+    script = "\n".join(
+        [
+            HARNESS,
+            *prelude,
+            '.venv/bin/python main.py seed >>"$RUN/service.log" 2>&1' if ready else "",
+            "service_start",
+            "wait_ready" if ready else "wait_alive",
+            "trap 'kill -TERM \"$SERVICE_PID\" 2>/dev/null; wait' EXIT",
+            *steps,
+        ]
+    )
+    try:
+        done = subprocess.run(
+            ["bash", "-euxo", "pipefail", "-c", script],
+            cwd=app,
+            env=_environment(root, KEY),
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+    finally:
+        _stop_all(root / "pids")
+    log = (root / "service.log").read_text()
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        f"\n--- service log (last 40 lines)\n" + "\n".join(log.splitlines()[-40:])
+    )
+
+
+@pytest.mark.parametrize(("steps", "mode"), procedures())
+def test_the_procedure_runs_as_written(
+    steps: list[Block], mode: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    require_tool("curl")
+    settings = [f"API_KEYS=ops:{KEY}"]
+    if mode == "sqlite":
+        if not _backup_supported():
+            pytest.skip("needs the SQLite store: `python main.py backup --help` is not supported")
+        require_tool("sqlite3")
+    if mode == "workers":
+        settings += [f"DATABASE_URL={request.getfixturevalue('mongo_url')}", "WORKERS=2"]
+    nowhere = f"127.0.0.1:{free_port()}"  # a port nothing listens on
+    if mode == "mongo-down":
+        settings += [f"DATABASE_URL=mongodb://{nowhere}/documents", "MONGO_TIMEOUT_MS=500"]
+    if mode == "redis-down":
+        settings += [f"RATE_LIMIT_STORAGE_URI=redis://{nowhere}/0"]
+    _run(tmp_path, settings, [b.text for b in steps], ready=not mode.endswith("-down"))
+
+
+def test_the_readme_walkthrough_runs_against_a_fresh_service(tmp_path: Path) -> None:
+    """Every step of the README's curl walkthrough succeeds, and each lookup finds its document."""
+    require_tool("curl")
+    readme = (HERE / "README.md").read_text()
+    walk = readme[readme.index("## A walk through the API") :]
+    block = next(m.group(3) for m in FENCE.finditer(walk) if m.group(1) == "sh")
+    # The walkthrough names the default address; the test's service has a port of its own.
+    assert block.startswith("BASE=http://127.0.0.1:8000\n")
+    _run(tmp_path, [f"API_KEYS=ops:{KEY}"], [block.removeprefix("BASE=http://127.0.0.1:8000\n")])
+
+
+def test_the_kubernetes_manifest_runs_one_replica_on_its_own_volume() -> None:
+    (manifest,) = [b for b in blocks("yaml") if "kubernetes" in b.tags]
+    claim, deployment = yaml.safe_load_all(manifest.text)
+    assert claim["kind"] == "PersistentVolumeClaim"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    spec = deployment["spec"]
+    assert (spec["replicas"], spec["strategy"]["type"]) == (1, "Recreate")
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 10001
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    data = volumes[mounts["/app/data"]]
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize(
+    "block", blocks("sh"), ids=lambda b: f"{b.procedure} {' '.join(sorted(b.tags))}"
+)
+def test_every_runbook_block_is_valid_bash(block: Block) -> None:
+    """The blocks that wait for the SQLite store are at least parsed now."""
+    done = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_procedure_is_found() -> None:
+    names = {b.procedure for b in blocks("sh") if "runbook" in b.tags}
+    assert {
+        "Deploy strategies",
+        "Backup and restore",
+        "Upgrade and rollback",
+        "Rotating API keys",
+        "A corrupt database",
+        "A full disk",
+        "An unreachable MongoDB or Redis",
+        "Reading the logs for a request id",
+    } <= names
