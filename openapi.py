@@ -153,6 +153,10 @@ def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
             parameters.append(METADATA_FILTER)
             continue
         field.pop("title", None)
+        if "anyOf" in field:
+            # Optional in the model is absent from the URL: a query string has no null.
+            (kept,) = [branch for branch in field.pop("anyOf") if branch != {"type": "null"}]
+            field = {**kept, **field}
         description = field.pop("description")
         parameters.append(
             {
