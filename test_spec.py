@@ -180,15 +180,21 @@ def test_a_documents_indexed_words_are_bounded() -> None:
     assert document_words("a" * INDEXED_WORD_MAX_CHARS, long_word) == {"a" * 64}
 
 
-def test_words_past_the_bound_are_not_found(client: TestClient) -> None:
+@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+def test_words_past_the_bound_are_not_found(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    extra = {"database_url": request.getfixturevalue("mongo_url")} if backend == "mongodb" else {}
     content = " ".join(f"w{n}" for n in range(INDEXED_WORDS_MAX + 10))
-    doc = client.post("/v1/documents", json={"title": "many", "content": content}).json()
+    with app_client(tmp_path, headers={"X-API-Key": KEY}, **extra) as client:
+        doc = client.post("/v1/documents", json={"title": "many", "content": content}).json()
 
-    def found(q: str) -> list[str]:
-        return [d["id"] for d in client.get("/v1/documents", params={"q": q}).json()["items"]]
+        def found(q: str) -> list[str]:
+            page = client.get("/v1/documents", params={"q": q}).json()
+            return [d["id"] for d in page["items"]]
 
-    assert found(f"w{INDEXED_WORDS_MAX - 2}") == [doc["id"]]  # "many" is the first word
-    assert found(f"w{INDEXED_WORDS_MAX}") == []
+        assert found(f"w{INDEXED_WORDS_MAX - 2}") == [doc["id"]]  # "many" is the first word
+        assert found(f"w{INDEXED_WORDS_MAX}") == []
 
 
 def test_the_mark_table_holds_every_mark() -> None:
