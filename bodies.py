@@ -1,10 +1,12 @@
 """Strict JSON request bodies: the route class that takes JSON only (415 otherwise) and parses it
-strictly (a duplicate key, NaN, Infinity or an overflowing number is a malformed body, 400)."""
+strictly (a duplicate key, NaN, Infinity, an overflowing number or nesting deeper than
+MAX_NESTING is a malformed body, 400)."""
 
 from __future__ import annotations
 
 import gc
 import json
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,6 +25,36 @@ def _require_json(content_type: str) -> None:
     ):
         sent = f"not {clip(content_type, 64)}" if content_type else "this request had none"
         raise UnsupportedMediaType(f"Send JSON (Content-Type: application/json); {sent}.")
+
+
+# Arrays and objects nest at most this deep (a document body needs 2). Checked here, before the
+# parser: since Python 3.12 the C parser's own recursion limit is far higher, so the same body
+# would otherwise be a 400 on one Python and reach validation on another.
+MAX_NESTING = 32
+# A JSON string, escapes included; an unterminated one runs to the end of the body. Each
+# character is consumed one way only, so a body costs one pass, never backtracking.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+# Brackets only, objects' as arrays' (depth is what counts; a mismatch is the parser's to find).
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_TOO_DEEP = b"[" * (MAX_NESTING + 1)
+
+
+def _check_nesting(body: bytes) -> None:
+    """Raise ValueError if arrays and objects nest deeper than MAX_NESTING. Linear: strings
+    are cut out, then each pass drops the innermost pairs of what brackets remain, one level a
+    pass; a body nested no deeper than the limit is empty within MAX_NESTING passes."""
+    if body.count(b"[") + body.count(b"{") <= MAX_NESTING:
+        return  # too few brackets to nest that deep: most bodies stop here
+    brackets = _JSON_STRING.sub(b"", body).translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(MAX_NESTING):
+        if not brackets or _TOO_DEEP in brackets:
+            break
+        brackets = brackets.replace(b"[]", b"")  # one level: the result is not searched again
+    if brackets:
+        raise ValueError(
+            f"arrays and objects nest more than {MAX_NESTING} deep (or do not balance)"
+        )
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -60,6 +92,7 @@ class StrictJSONRequest(Request):
             collecting = gc.isenabled()
             gc.disable()
             try:
+                _check_nesting(body)
                 self._parsed_body = json.loads(
                     body,
                     object_pairs_hook=_reject_duplicates,

@@ -17,7 +17,10 @@ from logging_config import clip, request_id_var
 from problems import INTERNAL, BodyBufferFull, BodyTimeout, BodyTooLarge
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A client's own X-Request-ID is logged beside ours, cut to this and with any other character
+# replaced: it correlates the client's logs with ours, and can never pass for one of our ids.
+CLIENT_REQUEST_ID_MAX_CHARS = 128
+_UNSAFE_IN_REQUEST_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
 access_log = logging.getLogger("documents.access")
 log = logging.getLogger("documents.api")
@@ -32,8 +35,10 @@ class RequestObserver(Protocol):
 
 
 class RequestContextMiddleware:
-    """Give each request an id, stamp the response headers, log one access line, and turn an
-    unhandled exception into a logged 500 problem (so it is logged once, here)."""
+    """Give each request an id of ours (a client's X-Request-ID is logged beside it, never
+    taken for it: clients could otherwise make ids collide), stamp the response headers, log
+    one access line, and turn an unhandled exception into a logged 500 problem (so it is
+    logged once, here)."""
 
     def __init__(
         self,
@@ -62,7 +67,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_request_id(scope) or self._new_request_id()
+        request_id = self._new_request_id()
         request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         status = 500
@@ -119,6 +124,8 @@ class RequestContextMiddleware:
             "api_key": state.get("api_key_name"),
             "user_agent": clip(user_agent.decode("latin-1")),
         }
+        if client_request_id := _client_request_id(scope):
+            fields["client_request_id"] = client_request_id
         if refusal := state.get("refusal"):
             fields["refusal"] = refusal
         access_log.log(level, "request", extra=fields)
@@ -135,12 +142,11 @@ def route_template(scope: Scope) -> str:
     return getattr(route, "path", None) or "<unmatched>"
 
 
-def _incoming_request_id(scope: Scope) -> str | None:
+def _client_request_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            text = value.decode("latin-1")
-            # Anything else (newlines, quotes, huge values) is replaced, never echoed or logged.
-            return text if _VALID_REQUEST_ID.fullmatch(text) else None
+            text = value[:CLIENT_REQUEST_ID_MAX_CHARS].decode("latin-1")
+            return _UNSAFE_IN_REQUEST_ID.sub("_", text)
     return None
 
 

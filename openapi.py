@@ -153,6 +153,10 @@ def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
             parameters.append(METADATA_FILTER)
             continue
         field.pop("title", None)
+        if "anyOf" in field:
+            # Optional in the model is absent from the URL: a query string has no null.
+            (kept,) = [branch for branch in field.pop("anyOf") if branch != {"type": "null"}]
+            field = {**kept, **field}
         description = field.pop("description")
         parameters.append(
             {
@@ -169,7 +173,7 @@ def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
 def schema(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, plus: the `ApiKey` scheme on every /v1 operation, problem responses as
     `application/problem+json` only, `X-Request-ID` on every response, `Retry-After` on 429 and
-    503, and the rate-limit headers on every /v1 response."""
+    503, the rate-limit headers on every /v1 response, and content's configured length."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(
@@ -180,6 +184,10 @@ def schema(app: FastAPI) -> dict[str, Any]:
         tags=app.openapi_tags,
     )
     document.setdefault("components", {})["securitySchemes"] = {"ApiKey": API_KEY_SCHEME}
+    for name in ("DocumentCreate", "DocumentUpdate"):
+        content = document["components"]["schemas"][name]["properties"]["content"]
+        content["maxLength"] = app.state.settings.max_content_chars
+    _exact_bounds(document)
     for path, operations in document["paths"].items():
         for operation in operations.values():
             if path.startswith("/v1/"):
@@ -195,6 +203,23 @@ def schema(app: FastAPI) -> dict[str, Any]:
     return document
 
 
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _exact_bounds(node: Any) -> None:
+    """FastAPI's OpenAPI model holds numeric bounds as floats: written as integers again, ±2**63
+    stay exact, and a validator compares an integer with them exactly."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _BOUNDS and isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+            else:
+                _exact_bounds(value)
+    elif isinstance(node, list):
+        for item in node:
+            _exact_bounds(item)
+
+
 def _shape(response: dict[str, Any], status: str, *, v1: bool) -> None:
     content = response.get("content", {})
     if "application/problem+json" in content:
@@ -202,7 +227,8 @@ def _shape(response: dict[str, Any], status: str, *, v1: bool) -> None:
         content["application/problem+json"].update(typed)
     headers = response.setdefault("headers", {})
     headers["X-Request-ID"] = {
-        "description": "Echo of a valid incoming X-Request-ID, else a new id.",
+        "description": "The server's id for this request (a client's own X-Request-ID is "
+        "logged beside it, not used): quote it to report a problem.",
         "schema": {"type": "string"},
     }
     if v1 and status not in ("401", "431"):

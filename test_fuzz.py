@@ -1,4 +1,6 @@
-"""Schema-driven fuzzing: schemathesis against the running service's own OpenAPI document."""
+"""Schema-driven fuzzing: schemathesis against the running service's own OpenAPI document, with
+every check (`positive_data_acceptance` too: what the document calls valid is accepted) in every
+phase. Its only exceptions are listed, with their reasons, in schemathesis.toml."""
 
 from __future__ import annotations
 
@@ -7,17 +9,6 @@ import sys
 from pathlib import Path
 
 from conftest import HERE, KEY, ServiceFactory
-
-CHECKS = [
-    "not_a_server_error",
-    "status_code_conformance",
-    "content_type_conformance",
-    "response_schema_conformance",
-    "negative_data_rejection",
-    "ignored_auth",
-    "use_after_free",
-    "ensure_resource_availability",
-]
 
 
 def test_schemathesis_finds_nothing(service_factory: ServiceFactory) -> None:
@@ -32,7 +23,10 @@ def test_schemathesis_finds_nothing(service_factory: ServiceFactory) -> None:
             "--header",
             f"X-API-Key: {KEY}",
             "--checks",
-            ",".join(CHECKS),
+            "all",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            # Fixed, so that a run is repeatable and takes a bounded time (about 15 s).
             "--seed",
             "20261127",
             "--max-examples",

@@ -271,8 +271,6 @@ def test_every_finding_parameter_reaches_the_listing(client: TestClient) -> None
     [
         ("q=", "q"),
         ("q=" + "a" * 201, "q"),
-        ("q=!!!", "q"),
-        ("q=" + "+".join("abcdefghijk"), "q"),
         ("sort=title", "sort"),
         ("sort=-created", "sort"),
         ("created_after=2026-11-27", "created_after"),
@@ -381,7 +379,8 @@ def test_every_finding_parameter_is_documented_with_its_rules(client: TestClient
         "-updated_at",
         "updated_at",
     ]
-    assert parameters["q"]["schema"]["anyOf"][0]["maxLength"] == 200
+    assert parameters["q"]["schema"]["maxLength"] == 200
+    assert "null" not in json.dumps([p["schema"] for p in parameters.values()])  # no null in a URL
 
 
 def test_bad_or_tampered_cursor_returns_400_and_another_key_may_continue_a_walk(
@@ -812,19 +811,16 @@ def test_unhandled_error_returns_500_problem_without_internals(tmp_path: Path) -
     with TestClient(app) as client:
         response = client.get("/boom", headers={"X-Request-ID": "trace-500"})
         problem = assert_problem(response, 500)
-        assert problem["request_id"] == "trace-500"
+        assert problem["request_id"] != "trace-500"  # the server's own id, as in the header
         assert "secret internal detail" not in response.text
 
 
-def test_valid_request_id_is_echoed_and_invalid_one_replaced(client: TestClient) -> None:
-    assert (
-        client.get("/health", headers={"X-Request-ID": "abc-123.x:y"}).headers["x-request-id"]
-        == "abc-123.x:y"
-    )
-    for bad in ['has "quotes"', "x" * 129, "sp ace"]:
-        echoed = client.get("/health", headers={"X-Request-ID": bad}).headers["x-request-id"]
-        assert echoed != bad
-        assert len(echoed) == 32
+def test_client_request_id_never_becomes_the_request_id(client: TestClient) -> None:
+    """Two clients sending one X-Request-ID still get two ids: ids never collide in the logs."""
+    for sent in ["abc-123.x:y", "abc-123.x:y", 'has "quotes"', "x" * 129]:
+        given = client.get("/health", headers={"X-Request-ID": sent}).headers["x-request-id"]
+        assert given != sent
+        assert len(given) == 32
 
 
 def test_generated_request_ids_differ_between_requests_and_apps(tmp_path: Path) -> None:

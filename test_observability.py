@@ -65,7 +65,9 @@ def test_create_logs_event_and_one_access_line_with_every_field(
     lines = log_lines()
     created = [line for line in lines if line["message"] == "document.created"]
     assert created[0]["document_id"] == response.json()["id"]
-    assert created[0]["request_id"] == "req-create-1"
+    request_id = response.headers["x-request-id"]
+    assert request_id != "req-create-1"  # the server's own; the client's is logged beside it
+    assert created[0]["request_id"] == request_id
     (access,) = access_lines(lines)
     assert access["level"] == "INFO"
     assert access["timestamp"].endswith("+00:00")
@@ -77,7 +79,8 @@ def test_create_logs_event_and_one_access_line_with_every_field(
         "api_key": "alice",
     }
     assert access["user_agent"] == "probe/1"
-    assert access["request_id"] == "req-create-1"
+    assert access["request_id"] == request_id
+    assert access["client_request_id"] == "req-create-1"
     assert access["duration_ms"] >= 0
     assert access["client"]
     started = next(line for line in lines if line["message"] == "service.started")
@@ -170,12 +173,13 @@ def test_500_is_logged_once_with_traceback_and_request_id(
         raise RuntimeError("kaboom")
 
     with TestClient(app) as client:
-        client.get("/boom", headers={"X-Request-ID": "req-500"})
+        response = client.get("/boom", headers={"X-Request-ID": "req-500"})
     lines = log_lines()
     errors = [line for line in lines if line["level"] == "ERROR"]
     assert [e["message"] for e in errors] == ["request.unhandled_error", "request"]
     assert "RuntimeError: kaboom" in errors[0]["exc_info"]
-    assert all(e["request_id"] == "req-500" for e in errors)
+    assert all(e["request_id"] == response.headers["x-request-id"] for e in errors)
+    assert errors[1]["client_request_id"] == "req-500"
     assert errors[1]["status_code"] == 500
 
 
@@ -190,7 +194,7 @@ def test_keys_and_document_content_never_reach_the_log(tmp_path: Path, log_lines
         assert secret not in text
 
 
-def test_request_id_with_newline_or_quote_is_replaced_not_logged(
+def test_client_request_id_with_newline_or_quote_is_logged_sanitised(
     tmp_path: Path, log_lines: LogLines
 ) -> None:
     hostile = 'evil\n{"level": "CRITICAL"}"'
@@ -200,6 +204,7 @@ def test_request_id_with_newline_or_quote_is_replaced_not_logged(
     lines = log_lines()  # every line still parses as one JSON object
     (access,) = access_lines(lines)
     assert access["request_id"] == response.headers["x-request-id"]
+    assert access["client_request_id"] == "evil___level_:__CRITICAL___"
     assert access["user_agent"] == hostile  # kept as data, escaped inside one JSON line
 
 

@@ -1,0 +1,203 @@
+"""The OpenAPI document and the service agree: what the document calls valid is accepted, what it
+calls invalid is refused, and what is stored is itself valid input. Plus the service's own
+bounds where JSON Schema cannot speak: body nesting and the word index."""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import pytest
+from fastapi.testclient import TestClient
+
+import models
+from bodies import MAX_NESTING
+from conftest import KEY, app_client, assert_problem
+from models import INDEXED_WORD_MAX_CHARS, INDEXED_WORDS_MAX, document_words
+
+
+def _body_schema(client: TestClient, name: str) -> Any:
+    """The document's schema of a request body, as a validator reading it as JSON Schema does
+    (ECMA 262 patterns, as schemathesis reads them too)."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"][name]
+    return jsonschema_rs.validator_for(schema)
+
+
+def _parameter_schema(client: TestClient, name: str) -> Any:
+    operation = client.get("/openapi.json").json()["paths"]["/v1/documents"]["get"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == name]
+    return jsonschema_rs.validator_for(parameter["schema"])
+
+
+PADDED_TITLE = " " * 5 + "t" * 200 + " " * 5  # 210 characters, 200 once trimmed
+VALID = {"title": "t", "content": "x"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "valid"),
+    [
+        ({"title": "a\x00b"}, False),
+        ({"title": "line\nbreak"}, False),
+        ({"title": "   "}, False),
+        ({"title": "\u3000\u00a0"}, False),
+        ({"title": PADDED_TITLE}, False),
+        ({"title": " t" + "x" * 198}, True),
+        ({"title": "  Crème brûlée  "}, True),
+        ({"title": "\ufeff"}, True),  # not white space to str.strip (nor to JSON Schema's class)
+        ({"tags": ["a\tb"]}, False),
+        ({"tags": ["a\x85"]}, False),
+        ({"tags": [" "]}, False),
+        ({"tags": ["x" * 51]}, False),
+        ({"tags": ["\u0130" * 50]}, True),
+        ({"tags": [" Finance "]}, True),
+        ({"metadata": {"n": 2**63}}, False),
+        ({"metadata": {"n": -(2**63) - 1}}, False),
+        ({"metadata": {"n": 2.0**63}}, False),
+        ({"metadata": {"n": 1e300}}, False),
+        ({"metadata": {"n": 2**63 - 1}}, True),
+        ({"metadata": {"n": -(2**63)}}, True),
+        ({"metadata": {"n": 12.5}}, True),
+        ({"metadata": {f"k{i}": i for i in range(51)}}, False),
+        ({"metadata": {f"k{i}": i for i in range(50)}}, True),
+        ({"content": "x" * 11}, False),  # MAX_CONTENT_CHARS is 10 here
+        ({"content": "x" * 10}, True),
+    ],
+)
+def test_document_and_service_agree_on_what_a_create_body_is(
+    tmp_path: Path, fields: dict[str, Any], valid: bool
+) -> None:
+    body = {**VALID, **fields}
+    with app_client(tmp_path, headers={"X-API-Key": KEY}, max_content_chars=10) as client:
+        assert _body_schema(client, "DocumentCreate").is_valid(body) is valid
+        response = client.post("/v1/documents", json=body)
+    if valid:
+        assert response.status_code == 201, response.text
+    else:
+        assert_problem(response, 422)
+
+
+def test_title_is_stored_trimmed_within_the_declared_length(client: TestClient) -> None:
+    created = client.post("/v1/documents", json={**VALID, "title": "  Hello  "}).json()
+    assert created["title"] == "Hello"
+
+
+def test_a_stored_tag_is_itself_a_valid_tag_to_patch_and_filter_with(client: TestClient) -> None:
+    """Lower-casing never lengthens a tag (İ, whose lower case is two characters, becomes i):
+    what the service returns can be sent back as it is."""
+    sent = "\u0130" * 50
+    doc = client.post("/v1/documents", json={**VALID, "tags": [sent, "Q3"]}).json()
+    assert doc["tags"] == ["i" * 50, "q3"]
+    assert _body_schema(client, "DocumentUpdate").is_valid({"tags": doc["tags"]})
+    patched = client.patch(f"/v1/documents/{doc['id']}", json={"tags": doc["tags"]})
+    assert patched.status_code == 200, patched.text
+    for tag in (doc["tags"][0], sent):
+        assert _parameter_schema(client, "tag").is_valid([tag])
+        found = client.get("/v1/documents", params={"tag": tag})
+        assert found.status_code == 200, found.text
+        assert [d["id"] for d in found.json()["items"]] == [doc["id"]]
+
+
+@pytest.mark.parametrize("tag", ["a\x00", "a\nb", "\x85", " "])
+def test_a_tag_filter_the_document_refuses_is_refused(client: TestClient, tag: str) -> None:
+    assert not _parameter_schema(client, "tag").is_valid([tag])
+    body = assert_problem(client.get("/v1/documents", params={"tag": tag}), 422)
+    assert body["errors"][0]["loc"][:2] == ["query", "tag"]
+
+
+@pytest.mark.parametrize("limit", ["5_0", "5.0", "+5", " 5", "5 ", "05", "0x5", "\uff15"])
+def test_limit_must_be_a_plain_integer(client: TestClient, limit: str) -> None:
+    body = assert_problem(client.get("/v1/documents", params={"limit": limit}), 422)
+    assert body["errors"][0]["loc"] == ["query", "limit"]
+
+
+def test_limit_as_the_document_spells_it_is_taken(client: TestClient) -> None:
+    for n in range(3):
+        client.post("/v1/documents", json={**VALID, "title": f"t{n}"})
+    response = client.get("/v1/documents", params={"limit": "2"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["items"]) == 2
+
+
+@pytest.mark.parametrize("q", ["!!!", "a b c d e f g h i j k l", "x" * 200])
+def test_any_q_the_document_allows_is_answered(client: TestClient, q: str) -> None:
+    """`q` is 1-200 characters to the document; a q without words constrains nothing."""
+    doc = client.post("/v1/documents", json={**VALID, "content": "a b c d e f g h i j k l"})
+    assert _parameter_schema(client, "q").is_valid(q)
+    response = client.get("/v1/documents", params={"q": q})
+    assert response.status_code == 200, response.text
+    expected = [] if q.startswith("x") else [doc.json()["id"]]
+    assert [d["id"] for d in response.json()["items"]] == expected
+
+
+# --- nesting depth ------------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> bytes:
+    """A create body whose metadata nests arrays until the whole body is `depth` deep."""
+    inner = depth - 1
+    return b'{"title": "t", "content": "x", "metadata": ' + b"[" * inner + b"]" * inner + b"}"
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 1_000, 100_000])
+def test_a_body_nested_deeper_than_the_bound_is_malformed_on_every_python(
+    client: TestClient, depth: int
+) -> None:
+    response = client.post(
+        "/v1/documents", content=_nested(depth), headers={"Content-Type": "application/json"}
+    )
+    body = assert_problem(response, 400)
+    assert f"more than {MAX_NESTING} deep" in body["detail"]
+
+
+def test_a_body_at_the_bound_reaches_validation(client: TestClient) -> None:
+    response = client.post(
+        "/v1/documents",
+        content=_nested(MAX_NESTING),
+        headers={"Content-Type": "application/json"},
+    )
+    assert_problem(response, 422)  # metadata must be an object: parsed, then validated
+
+
+def test_brackets_inside_strings_are_text_not_nesting(client: TestClient) -> None:
+    content = '[{"\\"' * 200 + "]}" * 200
+    response = client.post("/v1/documents", json={**VALID, "content": content})
+    assert response.status_code == 201, response.text
+    assert response.json()["content"] == content
+
+
+# --- the word index -----------------------------------------------------------------------------
+
+
+def test_a_documents_indexed_words_are_bounded() -> None:
+    text = " ".join(f"w{n}" for n in range(INDEXED_WORDS_MAX + 500))
+    indexed = document_words("title", text)
+    assert len(indexed) == INDEXED_WORDS_MAX
+    assert "title" in indexed  # the title's words come first
+    long_word = "a" * (INDEXED_WORD_MAX_CHARS + 1)
+    assert document_words("a" * INDEXED_WORD_MAX_CHARS, long_word) == {"a" * 64}
+
+
+@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+def test_words_past_the_bound_are_not_found(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    extra = {"database_url": request.getfixturevalue("mongo_url")} if backend == "mongodb" else {}
+    content = " ".join(f"w{n}" for n in range(INDEXED_WORDS_MAX + 10))
+    with app_client(tmp_path, headers={"X-API-Key": KEY}, **extra) as client:
+        doc = client.post("/v1/documents", json={"title": "many", "content": content}).json()
+
+        def found(q: str) -> list[str]:
+            page = client.get("/v1/documents", params={"q": q}).json()
+            return [d["id"] for d in page["items"]]
+
+        assert found(f"w{INDEXED_WORDS_MAX - 2}") == [doc["id"]]  # "many" is the first word
+        assert found(f"w{INDEXED_WORDS_MAX}") == []
+
+
+def test_the_mark_table_holds_every_mark() -> None:
+    """Built at import from the planes that hold marks; it must not miss one elsewhere."""
+    every = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c))[0] == "M"}
+    assert set(models._MARKS) == every
