@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -53,6 +53,11 @@ log = logging.getLogger("documents.store")
 FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
+# A deleted document that its create's Idempotency-Key could bring back stays as a tombstone
+# (see MongoStore.delete) for as long as the key lives, with an hour's margin for clock skew.
+TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
+LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
+TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {
@@ -166,6 +171,11 @@ class MongoStore:
                 expireAfterSeconds=int(IDEMPOTENCY_TTL.total_seconds()),
                 name="ttl_24h",
             )
+            await self._docs.create_index(
+                "deleted_at",
+                expireAfterSeconds=int(TOMBSTONE_TTL.total_seconds()),
+                name="tombstones",
+            )
         self._indexes_ready = True
         # In the background, so that a large collection does not hold up the start; once,
         # however many requests made the first contact together.
@@ -179,7 +189,7 @@ class MongoStore:
         added = 0
         try:
             with _driver_errors():
-                missing = {"words": {"$exists": False}}
+                missing = {"words": {"$exists": False}, **LIVE}
                 fields = ["title", "content", "version"]
                 async for raw in self._docs.find(missing, fields).hint("words_created"):
                     words = sorted(document_words(raw["title"], raw["content"]))
@@ -238,21 +248,20 @@ class MongoStore:
                 continue
             if known["fingerprint"] != body_print:
                 raise IdempotencyConflict(idempotency.key)
-            deleted = IdempotencyConflict(idempotency.key, "for a document since deleted")
-            if known.get("deleted"):
-                raise deleted
-            # The first attempt's insert may be lost or still in flight: finish it (a
-            # duplicate id means it landed), then answer with what is stored.
+            # The first attempt's insert may be lost or still in flight: finish it. Its id
+            # taken means it landed, and then either the document or its tombstone answers:
+            # a delete leaves one in the same record, so this insert can never bring back a
+            # document that was deleted (see delete).
             await self._insert_new(self._docs, known["document"])
             try:
                 return await self.get(known["document"]["_id"])
             except DocumentNotFound:
-                raise deleted from None
+                raise IdempotencyConflict(idempotency.key, "for a document since deleted") from None
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id})
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE})
         if raw is None:
             raise DocumentNotFound(doc_id)
         return _from_mongo(raw)
@@ -269,7 +278,8 @@ class MongoStore:
     def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
         field = query.sort_field
         direction = DESCENDING if query.descending else ASCENDING
-        clauses: list[dict[str, Any]] = []
+        # Tombstones have no times: the bound keeps them out of every listing's index scan.
+        clauses: list[dict[str, Any]] = [{field: {"$type": "date"}}]
         if query.words:
             clauses.append({"words": {"$all": list(query.words)}})
         if query.tag:
@@ -292,7 +302,7 @@ class MongoStore:
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (
-            self._docs.find({"$and": clauses} if clauses else {})
+            self._docs.find({"$and": clauses})
             .sort([(field, direction), ("_id", direction)])
             .hint(self._index_for(query))
             .limit(limit)
@@ -334,31 +344,39 @@ class MongoStore:
                 raise stale(doc_id, latest.version)
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        """One conditional write on the document itself. A document its create's key may
+        still replay (for IDEMPOTENCY_TTL) becomes a tombstone under the same id instead of
+        going: a retry's insert then finds the id taken and answers 409, in whichever order
+        the two arrive, and a delete that does not happen (412, a cut connection) has
+        changed nothing, the key included."""
+        now = self._clock()
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id})
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version", "idempotency_key"])
         if raw is None:
             raise DocumentNotFound(doc_id)
         if if_version is not None and raw["version"] != if_version:
             raise stale(doc_id, raw["version"])
+        match: dict[str, Any] = {"_id": doc_id, **LIVE}
+        if if_version is not None:
+            match["version"] = if_version
         with _driver_errors():
             if "idempotency_key" in raw:
-                # Mark the key that created it as spent first, so that a retry of that create
-                # cannot bring the document back; if the delete below is lost, the document is
-                # still there and a retry replays it.
-                await self._idempotency.update_one(
-                    {"_id": raw["idempotency_key"]}, {"$set": {"deleted": True}}
-                )
-            query: dict[str, Any] = {"_id": doc_id}
-            if if_version is not None:
-                query["version"] = if_version
-            result = await self._docs.delete_one(query)
-        if result.deleted_count == 0:
+                tombstone = {"idempotency_key": raw["idempotency_key"], "deleted_at": now}
+                done = (await self._docs.replace_one(match, tombstone)).matched_count
+            else:
+                done = (await self._docs.delete_one(match)).deleted_count
+        if not done:
             current = await self.get(doc_id)  # raises DocumentNotFound when it is gone
             raise stale(doc_id, current.version)
 
     async def import_document(self, doc: Document) -> bool:
         await self._ensure_indexes()
-        return await self._insert_new(self._docs, _to_mongo(doc))
+        raw = _to_mongo(doc)
+        if await self._insert_new(self._docs, raw):
+            return True
+        with _driver_errors():  # a restore may bring back what was deleted: over its tombstone
+            result = await self._docs.replace_one({"_id": doc.id, **TOMBSTONE}, raw)
+        return result.matched_count == 1
 
     @staticmethod
     async def _insert_new(collection: Any, record: dict[str, Any]) -> bool:
@@ -372,7 +390,7 @@ class MongoStore:
 
     async def export_documents(self) -> AsyncIterator[Document]:
         with _driver_errors():
-            async for raw in self._docs.find({}).sort("_id", ASCENDING):
+            async for raw in self._docs.find(LIVE).sort("_id", ASCENDING):
                 yield _from_mongo(raw)
 
     async def count(self) -> int:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import bson
 import httpx
 import pymongo
 import pytest
@@ -24,6 +26,7 @@ from secantus import SecantusDBServer
 
 from conftest import (
     KEY,
+    Fate,
     Service,
     ServiceFactory,
     TcpProxy,
@@ -33,12 +36,19 @@ from conftest import (
     run_main,
     run_threads,
 )
-from models import DocumentCreate, DocumentQuery
+from models import DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
-from storage import IdempotencyKey
+from storage import (
+    DocumentNotFound,
+    IdempotencyConflict,
+    IdempotencyKey,
+    PreconditionFailed,
+    StoreUnavailable,
+)
 
 DOC = {"title": "t", "content": "c", "tags": ["x"]}
+OP_MSG = 2013  # the wire protocol's message kind for commands
 
 
 def until_ready(client: TestClient, seconds: float = 15) -> None:
@@ -330,6 +340,128 @@ def test_a_retry_after_a_real_delete_is_409_and_brings_nothing_back(
         assert client.get("/v1/documents").json()["items"] == []
 
 
+# --- a delete racing the create its document came from, with faults at every step --------------
+
+# The commands that read or change data; handshakes and heartbeats pass untouched.
+DATA_COMMANDS = {"insert", "find", "update", "delete", "findAndModify"}
+FATES: list[Fate] = ["deliver", "cut", "drop reply"]
+
+
+def _command(message: bytes) -> str:
+    """The command an OP_MSG carries (its first section's first key)."""
+    if int.from_bytes(message[12:16], "little") != OP_MSG or message[20] != 0:
+        return ""
+    return next(iter(bson.decode(message[21 : 21 + int.from_bytes(message[21:25], "little")])))
+
+
+class Interleaving:
+    """Each operation gets its own relay (its own worker) and a seeded plan: for each of its
+    data commands in turn, deliver, cut, drop the reply, or hold it until every other operation
+    has finished (one held at a time, so two holds never wait on each other)."""
+
+    def __init__(self, seed: int, server: SecantusDBServer, names: list[str]) -> None:
+        self.done = {name: threading.Event() for name in names}
+        self.proxies = {name: TcpProxy(server.address) for name in names}
+        self._holding = threading.Lock()
+        for name, proxy in self.proxies.items():
+            plan = random.Random(f"{seed}:{name}").choices(
+                ["deliver", "hold", "cut", "drop reply"], [5, 3, 1, 1], k=12
+            )
+            proxy.fault = self._fault(name, iter(plan))
+            proxy.start()
+
+    def _fault(self, name: str, plan: Iterator[str]) -> Callable[[bytes], Fate]:
+        def fate(message: bytes) -> Fate:
+            if _command(message) not in DATA_COMMANDS:
+                return "deliver"
+            step = next(plan, "deliver")
+            if step == "hold" and self._holding.acquire(blocking=False):
+                try:
+                    for other, finished in self.done.items():
+                        if other != name:
+                            finished.wait(30)
+                finally:
+                    self._holding.release()
+            return step if step in FATES else "deliver"
+
+        return fate
+
+    def url(self, name: str, database: str) -> str:
+        return f"mongodb://{self.proxies[name].address}/{database}?directConnection=true"
+
+    def stop(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.stop()
+
+
+async def _outcome(call: Awaitable[Any]) -> Any:
+    """What the API would answer: the result, or the store error it maps to a status."""
+    try:
+        return await call
+    except (StoreUnavailable, DocumentNotFound, PreconditionFailed, IdempotencyConflict) as exc:
+        return exc
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
+    mongo_server: SecantusDBServer, mongo_url: str, seed: int
+) -> None:
+    """A keyed create, maybe with its document insert lost, then concurrently: a retry of it, a
+    DELETE (with or without If-Match), maybe a PATCH, each through a relay that holds, cuts or
+    drops the replies of its commands as the seed says. Whatever happened: a delete that
+    answered 204 is final (the document never comes back and the key answers 409), and as long
+    as the document exists the key replays it (never a false 409)."""
+    rng = random.Random(seed)
+    database = mongo_url.rsplit("/", 1)[1]
+    names = ["retry", "delete", *(["patch"] if rng.random() < 0.5 else [])]
+    if_version = rng.choice([None, 1])
+    lose_insert = rng.random() < 0.3
+
+    async def scenario() -> None:
+        plain = await MongoStore.open(mongo_url)
+        first, _ = await _create(plain, DOC)
+        if lose_insert:
+            await anyio.to_thread.run_sync(_lose_the_document_insert, mongo_url, first.id)
+        races = Interleaving(seed, mongo_server, names)
+        stores = {n: await MongoStore.open(races.url(n, database), timeout_ms=3000) for n in names}
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "retry": lambda: _create(stores["retry"], DOC),
+            "delete": lambda: stores["delete"].delete(first.id, if_version=if_version),
+            "patch": lambda: stores["patch"].update(first.id, DocumentUpdate(title="patched")),
+        }
+        outcomes: dict[str, Any] = {}
+
+        async def run(name: str) -> None:
+            outcomes[name] = await _outcome(calls[name]())
+            races.done[name].set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(run, name)
+        finally:
+            for store in stores.values():
+                await store.close()
+            races.stop()
+        exists = await _outcome(plain.get(first.id))
+        final = await _outcome(_create(plain, DOC))
+        after = await _outcome(plain.get(first.id))
+        await plain.close()
+
+        deleted = outcomes["delete"] is None or isinstance(outcomes["retry"], IdempotencyConflict)
+        if deleted or (isinstance(exists, DocumentNotFound) and not lose_insert):
+            assert isinstance(exists, DocumentNotFound), outcomes
+            assert isinstance(final, IdempotencyConflict), outcomes
+            assert isinstance(after, DocumentNotFound), outcomes
+        if not isinstance(exists, DocumentNotFound):
+            assert final == (exists, True), outcomes
+        if not isinstance(final, IdempotencyConflict):
+            assert final[0].id == first.id
+            assert after == final[0]
+
+    anyio.run(scenario)
+
+
 def test_liveness_answers_at_once_while_mongodb_does_not_then_all_recovers(
     service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
 ) -> None:
@@ -483,7 +615,7 @@ def test_a_redis_that_cannot_answer_costs_requests_a_bounded_503_never_liveness(
     /health answers at once on every worker, /v1 answers 503 with Retry-After within the
     bound, readiness says not ready, and all recovers when Redis answers again."""
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = TcpProxy(("127.0.0.1", redis_port))
+    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
     proxy.start()
     try:
         service = two_workers(
