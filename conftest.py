@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -18,13 +20,16 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from secantus import SecantusDBServer
 
+import cursors
 from config import Settings
 from main import create_app
+from models import DocumentQuery
 
 KEY = "test-key-0001"
 OTHER_KEY = "test-key-0002"
@@ -85,6 +90,43 @@ def walk(client: httpx.Client | TestClient, **params: Any) -> list[dict[str, Any
         cursor = page["next_cursor"]
         if cursor is None:
             return items
+
+
+def minted_cursor(at: Any, doc_id: Any, secret: bytes) -> str:
+    """A cursor for the plain listing, signed with `secret`, holding any values at all."""
+    payload = base64.urlsafe_b64encode(
+        json.dumps([cursors._query_digest(DocumentQuery().binding), at, doc_id]).encode()
+    ).rstrip(b"=")
+    return (payload + b"." + cursors._signature(payload, secret)).decode()
+
+
+OUT_OF_RANGE = [
+    (10**15, "0" * 26),
+    (-(10**15), "0" * 26),
+    (2**70, "0" * 26),
+    (1.5, "0" * 26),
+    (0, "not-an-id"),
+    (0, 12),
+    (0, "0" * 27),
+]
+
+
+def cursor_values_out_of_range(client: TestClient) -> None:
+    """Even a cursor signed with the data set's own secret holds only positions a listing
+    can have: anything else is 400, never 500."""
+    assert client.post("/v1/documents", json={"title": "t", "content": "c"}).status_code == 201
+    app: FastAPI = client.app  # type: ignore[assignment]  # TestClient types it as any ASGI app
+    assert client.portal is not None  # inside `with`
+    secret: bytes = client.portal.call(app.state.store.cursor_secret)
+    for at, doc_id in OUT_OF_RANGE:
+        minted = minted_cursor(at, doc_id, secret)
+        assert_problem(client.get("/v1/documents", params={"cursor": minted}), 400)
+    assert client.get(
+        "/v1/documents", params={"cursor": minted_cursor(0, "0" * 26, secret)}
+    ).json() == {
+        "items": [],
+        "next_cursor": None,
+    }
 
 
 def scrape(client: httpx.Client | TestClient) -> dict[str, Metric]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -137,6 +138,7 @@ class MongoStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._indexes_ready = False
+        self._cursor_secret: bytes | None = None
         self.words_added: asyncio.Task[int] | None = None
 
     @classmethod
@@ -396,6 +398,18 @@ class MongoStore:
     async def count(self) -> int:
         with _driver_errors():
             return await self._docs.count_documents({})
+
+    async def cursor_secret(self) -> bytes:
+        """Made by the first process to ask and read by every other: insert-if-absent."""
+        if self._cursor_secret is None:
+            record = {"_id": "cursor_secret", "value": secrets.token_bytes(32)}
+            await self._insert_new(self._db["meta"], record)
+            with _driver_errors():
+                stored = await self._db["meta"].find_one({"_id": "cursor_secret"})
+            if stored is None:
+                raise StoreUnavailable("the cursor secret was not stored; try again")
+            self._cursor_secret = bytes(stored["value"])
+        return self._cursor_secret
 
     async def check(self) -> None:
         await self._ensure_indexes()

@@ -32,6 +32,7 @@ from conftest import (
     TcpProxy,
     app_client,
     assert_problem,
+    cursor_values_out_of_range,
     free_port,
     run_main,
     run_threads,
@@ -178,6 +179,29 @@ def test_every_listing_is_served_by_a_named_index_never_a_collection_scan(mongo_
         scans = [s for s in plan if s["stage"] in ("IXSCAN", "COLLSCAN")]
         assert [(s["stage"], s.get("indexName")) for s in scans] == [("IXSCAN", index)], params
     assert ttl == ["ttl_24h"]
+
+
+def test_cursor_values_are_range_checked_on_mongodb(mongo_url: str, tmp_path: Path) -> None:
+    with mongo_app_client(mongo_url, tmp_path) as client:
+        cursor_values_out_of_range(client)
+
+
+def test_every_process_sharing_the_database_signs_cursors_with_one_secret_made_once(
+    mongo_url: str,
+) -> None:
+    async def secrets() -> list[bytes]:
+        stores = [await MongoStore.open(mongo_url) for _ in range(4)]
+        made = await asyncio.gather(*(store.cursor_secret() for store in stores))
+        for store in stores:
+            await store.close()
+        later = await MongoStore.open(mongo_url)
+        made.append(await later.cursor_secret())
+        await later.close()
+        return made
+
+    made = anyio.run(secrets)
+    assert len(made[0]) == 32
+    assert set(made) == {made[0]}
 
 
 # --- outages ----------------------------------------------------------------------------------
