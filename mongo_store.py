@@ -54,11 +54,18 @@ log = logging.getLogger("documents.store")
 FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
+# Up to this many characters a document's words are found on the event loop (well under a
+# millisecond); beyond, in a worker thread.
+WORDS_INLINE_CHARS = 2_000
+# How long the background pass for missing words waits after a failure.
+WORDS_RETRY_SECONDS = 30.0
 # A deleted document that its create's Idempotency-Key could bring back stays as a tombstone
 # (see MongoStore.delete) for as long as the key lives, with an hour's margin for clock skew.
 TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
 LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
 TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
+# Reads leave `words` on the server: only queries use them, and a long text has many.
+NO_WORDS = {"words": False}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {
@@ -70,16 +77,25 @@ INDEXES = {
 }
 
 
-def _to_mongo(doc: Document) -> dict[str, Any]:
+def _to_mongo(doc: Document, words: list[str] | None) -> dict[str, Any]:
     raw = doc.model_dump()
     raw["_id"] = raw.pop("id")
     # Metadata keys are user data: as {k, v} pairs they may contain "." "$" or NUL, which BSON
     # field names may not.
     raw["metadata"] = [{"k": k, "v": v} for k, v in doc.metadata.items()]
-    # The words `q` finds, from the same tokenizer as the embedded store: MongoDB's own text
-    # index stems words and would find other documents.
-    raw["words"] = sorted(document_words(doc.title, doc.content))
+    if words is not None:
+        raw["words"] = words
     return raw
+
+
+async def _words_of(title: str, content: str) -> list[str]:
+    """The words `q` finds, from the same tokenizer as the embedded store (MongoDB's own text
+    index stems words and would find other documents). A large document's are found in a
+    worker thread: tokenizing costs milliseconds per 10 000 characters, which every other
+    request would otherwise wait out."""
+    if len(title) + len(content) <= WORDS_INLINE_CHARS:
+        return sorted(document_words(title, content))
+    return await anyio.to_thread.run_sync(lambda: sorted(document_words(title, content)))
 
 
 def _key_id(idempotency: IdempotencyKey) -> str:
@@ -130,7 +146,9 @@ class MongoStore:
             tz_aware=True,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
+            # Bounds every operation and sends what is left of it as maxTimeMS, so the server
+            # stops work nobody waits for any more.
+            timeoutMS=timeout_ms,
         )
         self._db = self._client[database]
         self._docs = self._db["documents"]
@@ -181,30 +199,34 @@ class MongoStore:
         self._indexes_ready = True
         # In the background, so that a large collection does not hold up the start; once,
         # however many requests made the first contact together.
-        if self.words_added is None or self.words_added.done():
+        if self.words_added is None:
             self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
 
     async def _add_missing_words(self) -> int:
         """Documents written before the word index have no `words`, so `q` cannot find them
-        until they get theirs here. A document changed since it was read is left to its writer.
-        Several workers may do this at once: each document is written once."""
+        until they get theirs here. A failed pass waits and starts again by itself: requests
+        that meet a struggling server are not the ones to restart it."""
+        while True:
+            try:
+                return await self._words_pass()
+            except StoreError:
+                log.warning("store.words_not_added", extra={"retry_seconds": WORDS_RETRY_SECONDS})
+                await asyncio.sleep(WORDS_RETRY_SECONDS)
+
+    async def _words_pass(self) -> int:
+        """A document changed since it was read is left to its writer. Several workers may do
+        this at once: each document is written once."""
         added = 0
-        try:
-            with _driver_errors():
-                missing = {"words": {"$exists": False}, **LIVE}
-                fields = ["title", "content", "version"]
-                async for raw in self._docs.find(missing, fields).hint("words_created"):
-                    words = sorted(document_words(raw["title"], raw["content"]))
-                    result = await self._docs.update_one(
-                        {"_id": raw["_id"], "version": raw["version"], **missing},
-                        {"$set": {"words": words}},
-                    )
-                    added += result.modified_count
-        except StoreError:
-            # Tried again with the indexes, on the next contact.
-            self._indexes_ready = False
-            log.warning("store.words_not_added", extra={"added": added})
-            return added
+        with _driver_errors():
+            missing = {"words": {"$exists": False}, **LIVE}
+            fields = ["title", "content", "version"]
+            async for raw in self._docs.find(missing, fields).hint("words_created"):
+                words = await _words_of(raw["title"], raw["content"])
+                result = await self._docs.update_one(
+                    {"_id": raw["_id"], "version": raw["version"], **missing},
+                    {"$set": {"words": words}},
+                )
+                added += result.modified_count
         if added:
             log.info("store.words_added", extra={"added": added})
         return added
@@ -215,7 +237,7 @@ class MongoStore:
         await self._ensure_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
-        raw = _to_mongo(doc)
+        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
         if idempotency is not None:
             raw["idempotency_key"] = _key_id(idempotency)
             original = await self._claim(idempotency, fingerprint(data), raw, now)
@@ -263,7 +285,7 @@ class MongoStore:
 
     async def get(self, doc_id: str) -> Document:
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id, **LIVE})
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
             raise DocumentNotFound(doc_id)
         return _from_mongo(raw)
@@ -304,7 +326,7 @@ class MongoStore:
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (
-            self._docs.find({"$and": clauses})
+            self._docs.find({"$and": clauses}, NO_WORDS)
             .sort([(field, direction), ("_id", direction)])
             .hint(self._index_for(query))
             .limit(limit)
@@ -335,7 +357,10 @@ class MongoStore:
                 return current
             with _driver_errors():
                 # $set, not a replacement: the key that created the document stays with it.
-                fields = {k: v for k, v in _to_mongo(new).items() if k != "_id"}
+                # Words only when the text changed: a tag or metadata edit leaves them as they are.
+                text = (new.title, new.content)
+                words = None if text == (current.title, current.content) else await _words_of(*text)
+                fields = {k: v for k, v in _to_mongo(new, words).items() if k != "_id"}
                 result = await self._docs.update_one(
                     {"_id": doc_id, "version": current.version}, {"$set": fields}
                 )
@@ -373,7 +398,7 @@ class MongoStore:
 
     async def import_document(self, doc: Document) -> bool:
         await self._ensure_indexes()
-        raw = _to_mongo(doc)
+        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
         if await self._insert_new(self._docs, raw):
             return True
         with _driver_errors():  # a restore may bring back what was deleted: over its tombstone
@@ -392,7 +417,7 @@ class MongoStore:
 
     async def export_documents(self) -> AsyncIterator[Document]:
         with _driver_errors():
-            async for raw in self._docs.find(LIVE).sort("_id", ASCENDING):
+            async for raw in self._docs.find(LIVE, NO_WORDS).sort("_id", ASCENDING):
                 yield _from_mongo(raw)
 
     async def count(self) -> int:
