@@ -4,6 +4,7 @@ and moving data between backends. MongoDB is SecantusDB, a real wire-protocol se
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ from fastapi.testclient import TestClient
 from pymongo import AsyncMongoClient
 from secantus import SecantusDBServer
 
+import mongo_store
 from conftest import (
     KEY,
     Fate,
@@ -271,6 +273,111 @@ def test_mongodb_lost_mid_run_then_recovers(
         proxy.start()
         until_ready(client)
         assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+# --- what probes, scrapes and a struggling server cost -----------------------------------------
+
+
+def _recording(proxy: TcpProxy) -> list[dict[str, Any]]:
+    """Every command the relay passes on, decoded, in order."""
+    seen: list[dict[str, Any]] = []
+
+    def record(message: bytes) -> Fate:
+        if _command(message):
+            seen.append(bson.decode(message[21 : 21 + int.from_bytes(message[21:25], "little")]))
+        return "deliver"
+
+    proxy.fault = record
+    return seen
+
+
+WRITES = {"insert", "update", "delete", "findAndModify"}
+
+
+def test_probes_and_scrapes_read_no_documents_and_write_nothing(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """A probe or a scrape costs the same at any size: no count over the documents (an
+    aggregate), and readiness writes nothing."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        for _ in range(3):
+            assert client.post("/v1/documents", json=DOC).status_code == 201
+        seen = _recording(proxy)
+        for _ in range(3):
+            ready = client.get("/health/ready")
+            assert ready.status_code == 200
+            assert ready.json()["documents"] == 3
+            assert client.get("/metrics").status_code == 200
+    commands = {next(iter(command)) for command in seen}
+    assert "count" in commands
+    assert commands.isdisjoint({"aggregate", *WRITES}), commands
+
+
+def test_every_mongodb_operation_carries_a_server_side_time_limit(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    proxy, url = proxied_mongo
+    proxy.start()
+    seen = _recording(proxy)
+    with mongo_app_client(url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC, headers=KEYED).json()
+        client.get(f"/v1/documents/{doc['id']}")
+        client.get("/v1/documents", params={"q": "t", "limit": 1})
+        client.patch(f"/v1/documents/{doc['id']}", json={"title": "u"})
+        client.delete(f"/v1/documents/{doc['id']}")
+        client.get("/health/ready")
+        client.get("/metrics")
+    handshakes = ("hello", "isMaster", "ismaster", "endSessions")
+    operations = [c for c in seen if next(iter(c)) not in handshakes]
+    assert {next(iter(c)) for c in operations} >= {"insert", "find", "update", "count"}
+    assert [next(iter(c)) for c in operations if "maxTimeMS" not in c] == []
+
+
+def test_a_failed_pass_for_missing_words_retries_itself_and_requests_do_not_restart_it(
+    proxied_mongo: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy, url = proxied_mongo
+    proxy.start()
+    monkeypatch.setattr(mongo_store, "WORDS_RETRY_SECONDS", 0.2)
+    failed = threading.Event()
+
+    class Failures(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "store.words_not_added":
+                failed.set()
+
+    handler = Failures()
+    logging.getLogger("documents.store").addHandler(handler)
+
+    async def scenario() -> tuple[list[str], int]:
+        store = await MongoStore.open(url)
+        for i in range(20):
+            await store.create(DocumentCreate(title=f"Old {i}", content="c"))
+        await store.close()
+        await _as_an_earlier_version_left(url, {})
+        # The pass's reads are cut until the test heals the network.
+        proxy.cut_when = lambda m: _command(m) == "find" and b"words_created" in m
+        store = await MongoStore.open(url, timeout_ms=2000)
+        await anyio.to_thread.run_sync(failed.wait, 30)
+        seen = _recording(proxy)
+        for i in range(5):
+            await store.page(DocumentQuery(), limit=1)
+            await store.create(DocumentCreate(title=f"New {i}", content="c"))
+        after_failure = [next(iter(c)) for c in seen]
+        proxy.cut_when = None
+        assert store.words_added is not None
+        added = await store.words_added
+        await store.close()
+        return after_failure, added
+
+    try:
+        after_failure, added = anyio.run(scenario)
+    finally:
+        logging.getLogger("documents.store").removeHandler(handler)
+    assert "createIndexes" not in after_failure
+    assert added == 20
 
 
 # --- several workers --------------------------------------------------------------------------
