@@ -136,6 +136,39 @@ async def _as_an_earlier_version_left(url: str, which: dict[str, Any]) -> None:
     await client.close()
 
 
+def _cjk_text(words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(chr(0x4E00 + rng.randrange(20_000)) * 2 for _ in range(words))
+
+
+def test_a_large_documents_words_are_found_off_the_event_loop_and_only_when_its_text_changes(
+    mongo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokenizing a long text takes milliseconds that every other request on the loop would
+    wait out; a tag or metadata edit needs no words at all."""
+    threads: list[bool] = []
+    tokenize = mongo_store.document_words
+
+    def on_the_loop(title: str, content: str) -> set[str]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return tokenize(title, content)
+
+    monkeypatch.setattr(mongo_store, "document_words", on_the_loop)
+
+    async def scenario() -> list[bool]:
+        store = await MongoStore.open(mongo_url)
+        big, _ = await store.create(DocumentCreate(title="big", content=_cjk_text(5_000)))
+        await store.create(DocumentCreate(title="small", content="a few words"))
+        await store.update(big.id, DocumentUpdate(tags=["edited"], metadata={"k": 1}))
+        await store.update(big.id, DocumentUpdate(content=_cjk_text(5_000, seed=1)))
+        found, _ = await store.page(DocumentQuery.model_validate({"q": "big"}), limit=1)
+        assert [d.id for d in found] == [big.id]
+        await store.close()
+        return threads
+
+    assert anyio.run(scenario) == [False, True, False]
+
+
 FINDING = [
     ({}, "created"),
     ({"sort": "created_at", "created_before": "2100-01-01T00:00:00Z"}, "created"),
