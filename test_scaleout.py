@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from pymongo import AsyncMongoClient
 from secantus import SecantusDBServer
 
+import models
 import mongo_store
 from conftest import (
     KEY,
@@ -147,7 +148,7 @@ def test_a_large_documents_words_are_found_off_the_event_loop_and_only_when_its_
     """Tokenizing a long text takes milliseconds that every other request on the loop would
     wait out; a tag or metadata edit needs no words at all."""
     threads: list[bool] = []
-    tokenize = mongo_store.document_words
+    tokenize = models.document_words
 
     def on_the_loop(title: str, content: str) -> set[str]:
         threads.append(threading.current_thread() is threading.main_thread())
