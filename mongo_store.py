@@ -275,8 +275,10 @@ class MongoStore:
             # The first attempt's insert may be lost or still in flight: finish it. Its id
             # taken means it landed, and then either the document or its tombstone answers:
             # a delete leaves one in the same record, so this insert can never bring back a
-            # document that was deleted (see delete).
-            await self._insert_new(self._docs, known["document"])
+            # document that was deleted (see delete). An earlier version's delete marked the
+            # key instead and left no tombstone: such a key never re-inserts.
+            if not known.get("deleted"):
+                await self._insert_new(self._docs, known["document"])
             try:
                 return await self.get(known["document"]["_id"])
             except DocumentNotFound:

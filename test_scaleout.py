@@ -627,6 +627,31 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
     anyio.run(scenario)
 
 
+def test_a_key_an_earlier_version_marked_deleted_replays_its_document_only_while_it_exists(
+    mongo_url: str,
+) -> None:
+    """Earlier versions marked the key before deleting (and left no tombstone)."""
+
+    async def scenario() -> tuple[Any, Any]:
+        store = await MongoStore.open(mongo_url)
+        first, _ = await _create(store, DOC)
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+        keys = client.get_default_database()["idempotency"]
+        await keys.update_one({}, {"$set": {"deleted": True}})
+        kept = await _outcome(_create(store, DOC))  # the delete that marked it did not happen
+        await client.get_default_database()["documents"].delete_one({"_id": first.id})
+        gone = await _outcome(_create(store, DOC))
+        await client.close()
+        after = await _outcome(store.get(first.id))
+        await store.close()
+        return (kept, first), (gone, after)
+
+    (kept, first), (gone, after) = anyio.run(scenario)
+    assert kept == (first, True)
+    assert isinstance(gone, IdempotencyConflict)
+    assert isinstance(after, DocumentNotFound)
+
+
 def test_liveness_answers_at_once_while_mongodb_does_not_then_all_recovers(
     service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
 ) -> None:
