@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,7 +58,7 @@ FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
 # Up to this many characters a document's words are found on the event loop (well under a
-# millisecond); beyond, in a worker thread.
+# millisecond); beyond, in a worker process.
 WORDS_INLINE_CHARS = 2_000
 # How long the background pass for missing words waits after a failure.
 WORDS_RETRY_SECONDS = 30.0
@@ -88,14 +91,10 @@ def _to_mongo(doc: Document, words: list[str] | None) -> dict[str, Any]:
     return raw
 
 
-async def _words_of(title: str, content: str) -> list[str]:
+def _sorted_words(title: str, content: str) -> list[str]:
     """The words `q` finds, from the same tokenizer as the embedded store (MongoDB's own text
-    index stems words and would find other documents). A large document's are found in a
-    worker thread: tokenizing costs milliseconds per 10 000 characters, which every other
-    request would otherwise wait out."""
-    if len(title) + len(content) <= WORDS_INLINE_CHARS:
-        return sorted(document_words(title, content))
-    return await anyio.to_thread.run_sync(lambda: sorted(document_words(title, content)))
+    index stems words and would find other documents)."""
+    return sorted(document_words(title, content))
 
 
 def _key_id(idempotency: IdempotencyKey) -> str:
@@ -157,6 +156,7 @@ class MongoStore:
         self._new_id = IdGenerator()
         self._indexes_ready = False
         self._cursor_secret: bytes | None = None
+        self._tokenizer: ProcessPoolExecutor | None = None
         self.words_added: asyncio.Task[int] | None = None
 
     @classmethod
@@ -174,6 +174,23 @@ class MongoStore:
         except (StoreUnavailable, TimeoutError):
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
         return store
+
+    async def _words_of(self, title: str, content: str) -> list[str]:
+        """A large document's words are found in a process of their own: the tokenizer's
+        Unicode work runs in long C calls that hold the interpreter lock, so a thread would
+        still keep every other request waiting (tens of milliseconds per 100 000 characters)."""
+        if len(title) + len(content) <= WORDS_INLINE_CHARS:
+            return _sorted_words(title, content)
+        if self._tokenizer is None:
+            self._tokenizer = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizer, _sorted_words, title, content)
+        except BrokenProcessPool as exc:
+            self._tokenizer = None  # the next large document starts another
+            raise StoreUnavailable("the tokenizer process stopped; try again") from exc
 
     async def _ensure_indexes(self) -> None:
         if self._indexes_ready:
@@ -221,7 +238,7 @@ class MongoStore:
             missing = {"words": {"$exists": False}, **LIVE}
             fields = ["title", "content", "version"]
             async for raw in self._docs.find(missing, fields).hint("words_created"):
-                words = await _words_of(raw["title"], raw["content"])
+                words = await self._words_of(raw["title"], raw["content"])
                 result = await self._docs.update_one(
                     {"_id": raw["_id"], "version": raw["version"], **missing},
                     {"$set": {"words": words}},
@@ -237,7 +254,7 @@ class MongoStore:
         await self._ensure_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
-        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
+        raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
         if idempotency is not None:
             raw["idempotency_key"] = _key_id(idempotency)
             original = await self._claim(idempotency, fingerprint(data), raw, now)
@@ -361,7 +378,11 @@ class MongoStore:
                 # $set, not a replacement: the key that created the document stays with it.
                 # Words only when the text changed: a tag or metadata edit leaves them as they are.
                 text = (new.title, new.content)
-                words = None if text == (current.title, current.content) else await _words_of(*text)
+                words = (
+                    None
+                    if text == (current.title, current.content)
+                    else await self._words_of(*text)
+                )
                 fields = {k: v for k, v in _to_mongo(new, words).items() if k != "_id"}
                 result = await self._docs.update_one(
                     {"_id": doc_id, "version": current.version}, {"$set": fields}
@@ -400,7 +421,7 @@ class MongoStore:
 
     async def import_document(self, doc: Document) -> bool:
         await self._ensure_indexes()
-        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
+        raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
         if await self._insert_new(self._docs, raw):
             return True
         with _driver_errors():  # a restore may bring back what was deleted: over its tombstone
@@ -452,4 +473,6 @@ class MongoStore:
     async def close(self) -> None:
         if self.words_added is not None:
             self.words_added.cancel()
+        if self._tokenizer is not None:
+            self._tokenizer.shutdown(wait=False, cancel_futures=True)
         await self._client.close()
