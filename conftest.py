@@ -144,6 +144,17 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusD
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def standalone_mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusDBServer]:
+    """The same, as a standalone server (no replica set: no transactions, no retried writes)."""
+    server = SecantusDBServer(
+        port=0, storage_path=str(tmp_path_factory.mktemp("standalone")), replica_set_name=None
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) -> str:
     """A database of its own for each test."""
