@@ -62,7 +62,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="mongodb:// or mongodb+srv:// selects MongoDB; unset: TinyDB."
     )
-    mongo_timeout_ms: int = Field(default=5000, ge=100)
+    mongo_timeout_ms: int = Field(
+        default=5000,
+        ge=100,
+        description="The most one MongoDB operation may take, the driver's retries included; "
+        "the server is told the same (maxTimeMS) and stops working on it after that.",
+    )
     workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("log_level", mode="before")

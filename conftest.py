@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -14,17 +16,20 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from secantus import SecantusDBServer
 
+import cursors
 from config import Settings
 from main import create_app
+from models import DocumentQuery
 
 KEY = "test-key-0001"
 OTHER_KEY = "test-key-0002"
@@ -87,6 +92,43 @@ def walk(client: httpx.Client | TestClient, **params: Any) -> list[dict[str, Any
             return items
 
 
+def minted_cursor(at: Any, doc_id: Any, secret: bytes) -> str:
+    """A cursor for the plain listing, signed with `secret`, holding any values at all."""
+    payload = base64.urlsafe_b64encode(
+        json.dumps([cursors._query_digest(DocumentQuery().binding), at, doc_id]).encode()
+    ).rstrip(b"=")
+    return (payload + b"." + cursors._signature(payload, secret)).decode()
+
+
+OUT_OF_RANGE = [
+    (10**15, "0" * 26),
+    (-(10**15), "0" * 26),
+    (2**70, "0" * 26),
+    (1.5, "0" * 26),
+    (0, "not-an-id"),
+    (0, 12),
+    (0, "0" * 27),
+]
+
+
+def cursor_values_out_of_range(client: TestClient) -> None:
+    """Even a cursor signed with the data set's own secret holds only positions a listing
+    can have: anything else is 400, never 500."""
+    assert client.post("/v1/documents", json={"title": "t", "content": "c"}).status_code == 201
+    app: FastAPI = client.app  # type: ignore[assignment]  # TestClient types it as any ASGI app
+    assert client.portal is not None  # inside `with`
+    secret: bytes = client.portal.call(app.state.store.cursor_secret)
+    for at, doc_id in OUT_OF_RANGE:
+        minted = minted_cursor(at, doc_id, secret)
+        assert_problem(client.get("/v1/documents", params={"cursor": minted}), 400)
+    assert client.get(
+        "/v1/documents", params={"cursor": minted_cursor(0, "0" * 26, secret)}
+    ).json() == {
+        "items": [],
+        "next_cursor": None,
+    }
+
+
 def scrape(client: httpx.Client | TestClient) -> dict[str, Metric]:
     """/metrics, parsed: each metric family by name (a counter's without `_total`)."""
     text = client.get("/metrics").text
@@ -102,6 +144,17 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusD
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def standalone_mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusDBServer]:
+    """The same, as a standalone server (no replica set: no transactions, no retried writes)."""
+    server = SecantusDBServer(
+        port=0, storage_path=str(tmp_path_factory.mktemp("standalone")), replica_set_name=None
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) -> str:
     """A database of its own for each test."""
@@ -109,15 +162,27 @@ def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) ->
     return f"{mongo_server.uri}{name}"
 
 
-class TcpProxy:
-    """A loopback TCP relay in front of a server; stopping it is a network outage that the
-    test controls (listener closed, every open connection cut). While `cut_when` is set, a
-    client message it matches is not delivered: that connection is cut instead."""
+# What a relay does with one client message: pass it on, cut the connection instead, or pass it
+# on and cut the connection before its reply comes back (the command ran; the client never hears).
+Fate = Literal["deliver", "cut", "drop reply"]
 
-    def __init__(self, target: tuple[str, int]) -> None:
+
+class TcpProxy:
+    """A loopback TCP relay in front of a MongoDB wire-protocol server; stopping it is a network
+    outage that the test controls (listener closed, every open connection cut). It relays whole
+    wire messages, so a test decides each client message's fate: `fault(message)` runs in the
+    relay's thread before the message is passed on and may block there, which holds that
+    message (and its connection) back while other connections go on. `cut_when` is the older
+    shorthand for a fault that cuts every message it matches; while `black_hole` is set, client
+    messages are swallowed: no answer ever. Another protocol (Redis) is relayed as it comes,
+    with `wire=False`: then a message is whatever one read returns."""
+
+    def __init__(self, target: tuple[str, int], *, wire: bool = True) -> None:
         self.target = target
+        self._read = _read_message if wire else lambda sock: sock.recv(65536)
         self.cut_when: Callable[[bytes], bool] | None = None
-        self.black_hole = False  # while True, client messages are swallowed: no answer ever
+        self.fault: Callable[[bytes], Fate] | None = None
+        self.black_hole = False
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -148,24 +213,39 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for a, b, outbound in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pipe, args=(a, b, outbound), daemon=True).start()
+            drop_reply = threading.Event()  # set: the next reply on this connection is lost
+            threading.Thread(
+                target=self._outbound, args=(client, upstream, drop_reply), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._inbound, args=(upstream, client, drop_reply), daemon=True
+            ).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, outbound: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                cut = self.cut_when
-                if outbound and cut is not None and cut(data):
-                    break
-                if outbound and self.black_hole:
-                    continue
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+    def _fate(self, message: bytes) -> Fate:
+        cut_when, fault = self.cut_when, self.fault
+        if cut_when is not None and cut_when(message):
+            return "cut"
+        return fault(message) if fault is not None else "deliver"
+
+    def _outbound(
+        self, client: socket.socket, upstream: socket.socket, drop: threading.Event
+    ) -> None:
+        with _cut_on_exit(client, upstream):
+            while message := self._read(client):
+                fate = self._fate(message)
+                if fate == "cut":
+                    return
+                if fate == "drop reply":
+                    drop.set()
+                if not self.black_hole:
+                    upstream.sendall(message)
+
+    def _inbound(
+        self, upstream: socket.socket, client: socket.socket, drop: threading.Event
+    ) -> None:
+        with _cut_on_exit(upstream, client):
+            while (message := self._read(upstream)) and not drop.is_set():
+                client.sendall(message)
 
     def stop(self) -> None:
         if self._listener is not None:
@@ -180,6 +260,33 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+def _read_message(sock: socket.socket) -> bytes:
+    """One whole wire message (its first four bytes are its length), or b"" at the end."""
+    data = b""
+    need = 4
+    while len(data) < need:
+        chunk = sock.recv(need - len(data))
+        if not chunk:
+            return b""
+        data += chunk
+        if len(data) == 4:
+            need = int.from_bytes(data, "little")
+    return data
+
+
+@contextlib.contextmanager
+def _cut_on_exit(*sockets: socket.socket) -> Iterator[None]:
+    """However a relay thread ends, both ends of its connection are cut."""
+    try:
+        yield
+    except OSError:
+        pass
+    finally:
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 def app_client(

@@ -1,4 +1,7 @@
-"""Cursors: opaque, tamper-evident (HMAC-SHA256) and bound to the query that made them."""
+"""Cursors: opaque, tamper-evident (HMAC-SHA256) and bound to the query that made them. The
+secret is the store's (DocumentStore.cursor_secret): made once with the data and known to no
+client, so no client can mint a cursor, one from another data set does not verify, and
+rotating API keys leaves open cursors valid."""
 
 from __future__ import annotations
 
@@ -8,14 +11,13 @@ import hmac
 
 import orjson
 
-from config import ApiKey
 from index import Key
+from models import ID_PATTERN
 from problems import InvalidCursor
 
-
-def cursor_secret(keys: list[ApiKey]) -> bytes:
-    """Signs cursors: the same for every key and every worker of one configuration."""
-    return hashlib.sha256(b"cursor\0" + b"".join(sorted(k.digest for k in keys))).digest()
+# The times a cursor may hold: those of year 1 to 9999, as a stored document's are.
+EARLIEST_MILLIS = -62_135_596_800_000
+LATEST_MILLIS = 253_402_300_799_999
 
 
 def _query_digest(binding: bytes) -> str:
@@ -45,8 +47,16 @@ def decode_cursor(cursor: str, binding: bytes, secret: bytes) -> Key:
         digest, at, doc_id = orjson.loads(base64.urlsafe_b64decode(payload + b"=="))
     except (ValueError, TypeError, UnicodeError, OverflowError) as exc:
         raise InvalidCursor("Invalid cursor: does not decode.") from exc
-    if digest != _query_digest(binding) or not (isinstance(at, int) and isinstance(doc_id, str)):
+    if digest != _query_digest(binding):
         raise InvalidCursor(
             "Invalid cursor: it belongs to another query; send the same filters and sort."
         )
+    # Signed by us, but checked all the same: a value out of range must never reach a store.
+    if not (
+        isinstance(at, int)
+        and EARLIEST_MILLIS <= at <= LATEST_MILLIS
+        and isinstance(doc_id, str)
+        and ID_PATTERN.fullmatch(doc_id)
+    ):
+        raise InvalidCursor("Invalid cursor: it holds no position a listing can have.")
     return at, doc_id

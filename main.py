@@ -41,7 +41,7 @@ from admission import AdmissionMiddleware, RefusalTally
 from bodies import StrictJSONRoute
 from conditional import etag, etag_versions, if_match_version
 from config import ApiKey, Settings, configured_keys, digest_key
-from cursors import cursor_secret, decode_cursor, encode_cursor
+from cursors import decode_cursor, encode_cursor
 from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import MeteredStore, Metrics
@@ -98,7 +98,6 @@ class Caller:
     key: ApiKey
     store: DocumentStore
     settings: Settings
-    cursor_secret: bytes
 
 
 async def authorize(request: Request) -> Caller:
@@ -113,7 +112,7 @@ async def authorize(request: Request) -> Caller:
     if key is None:
         raise Unauthorized(Unauthorized.kind.description, headers={"WWW-Authenticate": "ApiKey"})
     state = request.app.state
-    return Caller(key, state.store, state.settings, state.cursor_secret)
+    return Caller(key, state.store, state.settings)
 
 
 CallerDep = Annotated[Caller, Depends(authorize)]
@@ -186,7 +185,7 @@ async def list_documents(request: Request, caller: CallerDep) -> Response:
     VALUE as a string, or as the JSON number or boolean VALUE spells: `metadata.pages=12`
     finds 12 and "12", `metadata.draft=true` finds true and "true"."""
     query = _document_query(request)
-    secret = caller.cursor_secret
+    secret = await caller.store.cursor_secret()
     after = decode_cursor(query.cursor, query.binding, secret) if query.cursor else None
     items, next_after = await caller.store.page(query, limit=query.limit, after=after)
     next_cursor = encode_cursor(next_after, query.binding, secret) if next_after else None
@@ -538,7 +537,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Never run open: with no configured key, make one and show it once on the console.
         app.state.generated_key = secrets.token_urlsafe(24)
         app.state.api_keys = [ApiKey("generated", digest_key(app.state.generated_key))]
-    app.state.cursor_secret = cursor_secret(app.state.api_keys)
     # Built here, without I/O (a Redis client connects on first use): the middleware below
     # needs them, and Starlette builds it before the lifespan runs.
     app.state.rate_storage = open_storage(settings.rate_limit_storage_uri)

@@ -294,6 +294,9 @@ class MeteredStore:
     async def count(self) -> int:
         return await self.inner.count()
 
+    async def cursor_secret(self) -> bytes:
+        return await self.inner.cursor_secret()
+
     async def check(self) -> None:
         with self._timed("check"):
             await self.inner.check()

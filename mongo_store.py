@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import secrets
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -53,6 +57,18 @@ log = logging.getLogger("documents.store")
 FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
+# Up to this many characters a document's words are found on the event loop (well under a
+# millisecond); beyond, in a worker process.
+WORDS_INLINE_CHARS = 2_000
+# How long the background pass for missing words waits after a failure.
+WORDS_RETRY_SECONDS = 30.0
+# A deleted document that its create's Idempotency-Key could bring back stays as a tombstone
+# (see MongoStore.delete) for as long as the key lives, with an hour's margin for clock skew.
+TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
+LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
+TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
+# Reads leave `words` on the server: only queries use them, and a long text has many.
+NO_WORDS = {"words": False}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {
@@ -64,16 +80,21 @@ INDEXES = {
 }
 
 
-def _to_mongo(doc: Document) -> dict[str, Any]:
+def _to_mongo(doc: Document, words: list[str] | None) -> dict[str, Any]:
     raw = doc.model_dump()
     raw["_id"] = raw.pop("id")
     # Metadata keys are user data: as {k, v} pairs they may contain "." "$" or NUL, which BSON
     # field names may not.
     raw["metadata"] = [{"k": k, "v": v} for k, v in doc.metadata.items()]
-    # The words `q` finds, from the same tokenizer as the embedded store: MongoDB's own text
-    # index stems words and would find other documents.
-    raw["words"] = sorted(document_words(doc.title, doc.content))
+    if words is not None:
+        raw["words"] = words
     return raw
+
+
+def _sorted_words(title: str, content: str) -> list[str]:
+    """The words `q` finds, from the same tokenizer as the embedded store (MongoDB's own text
+    index stems words and would find other documents)."""
+    return sorted(document_words(title, content))
 
 
 def _key_id(idempotency: IdempotencyKey) -> str:
@@ -124,7 +145,9 @@ class MongoStore:
             tz_aware=True,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
+            # Bounds every operation and sends what is left of it as maxTimeMS, so the server
+            # stops work nobody waits for any more.
+            timeoutMS=timeout_ms,
         )
         self._db = self._client[database]
         self._docs = self._db["documents"]
@@ -132,6 +155,8 @@ class MongoStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._indexes_ready = False
+        self._cursor_secret: bytes | None = None
+        self._tokenizer: ProcessPoolExecutor | None = None
         self.words_added: asyncio.Task[int] | None = None
 
     @classmethod
@@ -150,6 +175,23 @@ class MongoStore:
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
         return store
 
+    async def _words_of(self, title: str, content: str) -> list[str]:
+        """A large document's words are found in a process of their own: the tokenizer's
+        Unicode work runs in long C calls that hold the interpreter lock, so a thread would
+        still keep every other request waiting (tens of milliseconds per 100 000 characters)."""
+        if len(title) + len(content) <= WORDS_INLINE_CHARS:
+            return _sorted_words(title, content)
+        if self._tokenizer is None:
+            self._tokenizer = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizer, _sorted_words, title, content)
+        except BrokenProcessPool as exc:
+            self._tokenizer = None  # the next large document starts another
+            raise StoreUnavailable("the tokenizer process stopped; try again") from exc
+
     async def _ensure_indexes(self) -> None:
         if self._indexes_ready:
             return
@@ -166,33 +208,42 @@ class MongoStore:
                 expireAfterSeconds=int(IDEMPOTENCY_TTL.total_seconds()),
                 name="ttl_24h",
             )
+            await self._docs.create_index(
+                "deleted_at",
+                expireAfterSeconds=int(TOMBSTONE_TTL.total_seconds()),
+                name="tombstones",
+            )
         self._indexes_ready = True
         # In the background, so that a large collection does not hold up the start; once,
         # however many requests made the first contact together.
-        if self.words_added is None or self.words_added.done():
+        if self.words_added is None:
             self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
 
     async def _add_missing_words(self) -> int:
         """Documents written before the word index have no `words`, so `q` cannot find them
-        until they get theirs here. A document changed since it was read is left to its writer.
-        Several workers may do this at once: each document is written once."""
+        until they get theirs here. A failed pass waits and starts again by itself: requests
+        that meet a struggling server are not the ones to restart it."""
+        while True:
+            try:
+                return await self._words_pass()
+            except StoreError:
+                log.warning("store.words_not_added", extra={"retry_seconds": WORDS_RETRY_SECONDS})
+                await asyncio.sleep(WORDS_RETRY_SECONDS)
+
+    async def _words_pass(self) -> int:
+        """A document changed since it was read is left to its writer. Several workers may do
+        this at once: each document is written once."""
         added = 0
-        try:
-            with _driver_errors():
-                missing = {"words": {"$exists": False}}
-                fields = ["title", "content", "version"]
-                async for raw in self._docs.find(missing, fields).hint("words_created"):
-                    words = sorted(document_words(raw["title"], raw["content"]))
-                    result = await self._docs.update_one(
-                        {"_id": raw["_id"], "version": raw["version"], **missing},
-                        {"$set": {"words": words}},
-                    )
-                    added += result.modified_count
-        except StoreError:
-            # Tried again with the indexes, on the next contact.
-            self._indexes_ready = False
-            log.warning("store.words_not_added", extra={"added": added})
-            return added
+        with _driver_errors():
+            missing = {"words": {"$exists": False}, **LIVE}
+            fields = ["title", "content", "version"]
+            async for raw in self._docs.find(missing, fields).hint("words_created"):
+                words = await self._words_of(raw["title"], raw["content"])
+                result = await self._docs.update_one(
+                    {"_id": raw["_id"], "version": raw["version"], **missing},
+                    {"$set": {"words": words}},
+                )
+                added += result.modified_count
         if added:
             log.info("store.words_added", extra={"added": added})
         return added
@@ -203,7 +254,7 @@ class MongoStore:
         await self._ensure_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
-        raw = _to_mongo(doc)
+        raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
         if idempotency is not None:
             raw["idempotency_key"] = _key_id(idempotency)
             original = await self._claim(idempotency, fingerprint(data), raw, now)
@@ -238,21 +289,22 @@ class MongoStore:
                 continue
             if known["fingerprint"] != body_print:
                 raise IdempotencyConflict(idempotency.key)
-            deleted = IdempotencyConflict(idempotency.key, "for a document since deleted")
-            if known.get("deleted"):
-                raise deleted
-            # The first attempt's insert may be lost or still in flight: finish it (a
-            # duplicate id means it landed), then answer with what is stored.
-            await self._insert_new(self._docs, known["document"])
+            # The first attempt's insert may be lost or still in flight: finish it. Its id
+            # taken means it landed, and then either the document or its tombstone answers:
+            # a delete leaves one in the same record, so this insert can never bring back a
+            # document that was deleted (see delete). An earlier version's delete marked the
+            # key instead and left no tombstone: such a key never re-inserts.
+            if not known.get("deleted"):
+                await self._insert_new(self._docs, known["document"])
             try:
                 return await self.get(known["document"]["_id"])
             except DocumentNotFound:
-                raise deleted from None
+                raise IdempotencyConflict(idempotency.key, "for a document since deleted") from None
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id})
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
             raise DocumentNotFound(doc_id)
         return _from_mongo(raw)
@@ -269,7 +321,8 @@ class MongoStore:
     def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
         field = query.sort_field
         direction = DESCENDING if query.descending else ASCENDING
-        clauses: list[dict[str, Any]] = []
+        # Tombstones have no times: the bound keeps them out of every listing's index scan.
+        clauses: list[dict[str, Any]] = [{field: {"$type": "date"}}]
         if query.words:
             clauses.append({"words": {"$all": list(query.words)}})
         if query.tag:
@@ -292,7 +345,7 @@ class MongoStore:
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (
-            self._docs.find({"$and": clauses} if clauses else {})
+            self._docs.find({"$and": clauses}, NO_WORDS)
             .sort([(field, direction), ("_id", direction)])
             .hint(self._index_for(query))
             .limit(limit)
@@ -323,7 +376,14 @@ class MongoStore:
                 return current
             with _driver_errors():
                 # $set, not a replacement: the key that created the document stays with it.
-                fields = {k: v for k, v in _to_mongo(new).items() if k != "_id"}
+                # Words only when the text changed: a tag or metadata edit leaves them as they are.
+                text = (new.title, new.content)
+                words = (
+                    None
+                    if text == (current.title, current.content)
+                    else await self._words_of(*text)
+                )
+                fields = {k: v for k, v in _to_mongo(new, words).items() if k != "_id"}
                 result = await self._docs.update_one(
                     {"_id": doc_id, "version": current.version}, {"$set": fields}
                 )
@@ -334,31 +394,39 @@ class MongoStore:
                 raise stale(doc_id, latest.version)
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        """One conditional write on the document itself. A document its create's key may
+        still replay (for IDEMPOTENCY_TTL) becomes a tombstone under the same id instead of
+        going: a retry's insert then finds the id taken and answers 409, in whichever order
+        the two arrive, and a delete that does not happen (412, a cut connection) has
+        changed nothing, the key included."""
+        now = self._clock()
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id})
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version", "idempotency_key"])
         if raw is None:
             raise DocumentNotFound(doc_id)
         if if_version is not None and raw["version"] != if_version:
             raise stale(doc_id, raw["version"])
+        match: dict[str, Any] = {"_id": doc_id, **LIVE}
+        if if_version is not None:
+            match["version"] = if_version
         with _driver_errors():
             if "idempotency_key" in raw:
-                # Mark the key that created it as spent first, so that a retry of that create
-                # cannot bring the document back; if the delete below is lost, the document is
-                # still there and a retry replays it.
-                await self._idempotency.update_one(
-                    {"_id": raw["idempotency_key"]}, {"$set": {"deleted": True}}
-                )
-            query: dict[str, Any] = {"_id": doc_id}
-            if if_version is not None:
-                query["version"] = if_version
-            result = await self._docs.delete_one(query)
-        if result.deleted_count == 0:
+                tombstone = {"idempotency_key": raw["idempotency_key"], "deleted_at": now}
+                done = (await self._docs.replace_one(match, tombstone)).matched_count
+            else:
+                done = (await self._docs.delete_one(match)).deleted_count
+        if not done:
             current = await self.get(doc_id)  # raises DocumentNotFound when it is gone
             raise stale(doc_id, current.version)
 
     async def import_document(self, doc: Document) -> bool:
         await self._ensure_indexes()
-        return await self._insert_new(self._docs, _to_mongo(doc))
+        raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
+        if await self._insert_new(self._docs, raw):
+            return True
+        with _driver_errors():  # a restore may bring back what was deleted: over its tombstone
+            result = await self._docs.replace_one({"_id": doc.id, **TOMBSTONE}, raw)
+        return result.matched_count == 1
 
     @staticmethod
     async def _insert_new(collection: Any, record: dict[str, Any]) -> bool:
@@ -372,21 +440,39 @@ class MongoStore:
 
     async def export_documents(self) -> AsyncIterator[Document]:
         with _driver_errors():
-            async for raw in self._docs.find({}).sort("_id", ASCENDING):
+            async for raw in self._docs.find(LIVE, NO_WORDS).sort("_id", ASCENDING):
                 yield _from_mongo(raw)
 
     async def count(self) -> int:
+        """From the collection's metadata: the same cost at any size (a probe and a scrape read
+        it). Tombstones of the last day count too, and after an unclean shutdown it may be off
+        until the server next validates the collection."""
         with _driver_errors():
-            return await self._docs.count_documents({})
+            return await self._docs.estimated_document_count()
+
+    async def cursor_secret(self) -> bytes:
+        """Made by the first process to ask and read by every other: insert-if-absent."""
+        if self._cursor_secret is None:
+            record = {"_id": "cursor_secret", "value": secrets.token_bytes(32)}
+            await self._insert_new(self._db["meta"], record)
+            with _driver_errors():
+                stored = await self._db["meta"].find_one({"_id": "cursor_secret"})
+            if stored is None:
+                raise StoreUnavailable("the cursor secret was not stored; try again")
+            self._cursor_secret = bytes(stored["value"])
+        return self._cursor_secret
 
     async def check(self) -> None:
+        """Writes nothing: the server answers and would take writes (a primary)."""
         await self._ensure_indexes()
         with _driver_errors():
-            await self._db["health"].update_one(
-                {"_id": "ready"}, {"$set": {"at": self._clock()}}, upsert=True
-            )
+            hello = await self._db.command("hello")
+        if not hello.get("isWritablePrimary"):
+            raise StoreUnavailable("MongoDB answers but does not take writes (not a primary)")
 
     async def close(self) -> None:
         if self.words_added is not None:
             self.words_added.cancel()
+        if self._tokenizer is not None:
+            self._tokenizer.shutdown(wait=False, cancel_futures=True)
         await self._client.close()

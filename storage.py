@@ -54,6 +54,7 @@ IDEMPOTENCY_TTL = timedelta(hours=24)
 DATA_FILE = "documents.json"
 JOURNAL_FILE = "documents.journal"
 LOCK_FILE = "documents.lock"
+CURSOR_KEY_FILE = "cursor.key"
 # Fold the journal into the database once it is larger than the database itself (and at least
 # this big): compaction then costs O(1) amortised per write, whatever the number of documents.
 COMPACT_MIN_BYTES = 4 * 1024 * 1024
@@ -192,6 +193,11 @@ class DocumentStore(Protocol):
         ...
 
     async def count(self) -> int: ...
+
+    async def cursor_secret(self) -> bytes:
+        """32 random bytes that sign cursors, made once (atomically) with the data and the same
+        for every process that shares it."""
+        ...
 
     async def check(self) -> None:
         """Raise StoreUnavailable unless the store can be read and written right now."""
@@ -511,6 +517,7 @@ class TinyDBStore:
         self._lock_fd = -1
         self._journal_fd = -1
         self._storage = DurableJSONStorage(str(data_dir / DATA_FILE))
+        self._cursor_secret: bytes | None = None
 
     @property
     def data_path(self) -> Path:
@@ -892,6 +899,28 @@ class TinyDBStore:
 
     async def count(self) -> int:
         return len(self._index)
+
+    async def cursor_secret(self) -> bytes:
+        if self._cursor_secret is None:
+            self._cursor_secret = await anyio.to_thread.run_sync(self._read_cursor_secret)
+        return self._cursor_secret
+
+    def _read_cursor_secret(self) -> bytes:
+        """The first to link its file in place wins: a secret is never seen half-written."""
+        path = self.data_dir / CURSOR_KEY_FILE
+        if not path.exists():
+            tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_SURPRISES, 0o600)
+            try:
+                _write_all(fd, secrets.token_bytes(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            tmp.unlink()
+            _fsync_dir(self.data_dir)
+        return path.read_bytes()
 
     async def check(self) -> None:
         self._usable()

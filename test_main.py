@@ -20,7 +20,16 @@ from pydantic import ValidationError
 from tinydb import TinyDB
 
 from config import Settings
-from conftest import KEY, OTHER_KEY, app_client, assert_problem, make_settings, walk
+from conftest import (
+    KEY,
+    OTHER_KEY,
+    app_client,
+    assert_problem,
+    cursor_values_out_of_range,
+    make_settings,
+    minted_cursor,
+    walk,
+)
 from main import create_app
 from models import DocumentQuery
 from ratelimit import LocalStorage, spend
@@ -403,6 +412,37 @@ def test_bad_or_tampered_cursor_returns_400_and_another_key_may_continue_a_walk(
     assert rotated.json() == mine.json()
     other_listing = client.get("/v1/documents", params={"cursor": cursor, "tag": "t"})
     assert_problem(other_listing, 400)
+
+
+def test_no_client_can_mint_a_cursor_from_the_api_key_it_holds(tmp_path: Path) -> None:
+    """A one-key deployment used to sign cursors with a hash of that key's digest."""
+    from_key = hashlib.sha256(b"cursor\0" + hashlib.sha256(KEY.encode()).digest()).digest()
+    minted = minted_cursor(0, "0" * 26, from_key)
+    with app_client(tmp_path, api_keys=KEY, headers=AUTH) as one_key:
+        create(one_key)
+        assert_problem(one_key.get("/v1/documents", params={"cursor": minted}), 400)
+
+
+AUTH = {"X-API-Key": KEY}
+
+
+def test_a_cursor_from_another_data_set_is_400_and_api_key_rotation_keeps_cursors(
+    tmp_path: Path,
+) -> None:
+    with app_client(tmp_path / "a", headers=AUTH) as first:
+        for _ in range(3):
+            create(first)
+        cursor = first.get("/v1/documents", params={"limit": 1}).json()["next_cursor"]
+        expected = first.get("/v1/documents", params={"cursor": cursor}).json()
+    with app_client(tmp_path / "b", headers=AUTH) as other:
+        assert_problem(other.get("/v1/documents", params={"cursor": cursor}), 400)
+    rotated = {"X-API-Key": "a-brand-new-key-0003"}
+    with app_client(tmp_path / "a", api_keys="a-brand-new-key-0003", headers=rotated) as later:
+        assert later.get("/v1/documents", params={"cursor": cursor}).json() == expected
+
+
+def test_every_value_a_cursor_holds_is_range_checked(client: TestClient) -> None:
+    cursor_values_out_of_range(client)
 
 
 # --- update -----------------------------------------------------------------------------------

@@ -4,17 +4,20 @@ and moving data between backends. MongoDB is SecantusDB, a real wire-protocol se
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import bson
 import httpx
 import pymongo
 import pytest
@@ -22,23 +25,34 @@ from fastapi.testclient import TestClient
 from pymongo import AsyncMongoClient
 from secantus import SecantusDBServer
 
+import models
+import mongo_store
 from conftest import (
     KEY,
+    Fate,
     Service,
     ServiceFactory,
     TcpProxy,
     app_client,
     assert_problem,
+    cursor_values_out_of_range,
     free_port,
     run_main,
     run_threads,
 )
-from models import DocumentCreate, DocumentQuery
+from models import DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
-from storage import IdempotencyKey
+from storage import (
+    DocumentNotFound,
+    IdempotencyConflict,
+    IdempotencyKey,
+    PreconditionFailed,
+    StoreUnavailable,
+)
 
 DOC = {"title": "t", "content": "c", "tags": ["x"]}
+OP_MSG = 2013  # the wire protocol's message kind for commands
 
 
 def until_ready(client: TestClient, seconds: float = 15) -> None:
@@ -123,6 +137,46 @@ async def _as_an_earlier_version_left(url: str, which: dict[str, Any]) -> None:
     await client.close()
 
 
+def _cjk_text(words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(chr(0x4E00 + rng.randrange(20_000)) * 2 for _ in range(words))
+
+
+def test_a_large_documents_words_are_found_in_another_process_and_only_when_its_text_changes(
+    mongo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokenizing a long text holds the interpreter for milliseconds that every other request
+    would wait out (in a thread too); a tag or metadata edit needs no words at all."""
+    here: list[int] = []
+    tokenize = models.document_words
+
+    def in_this_process(title: str, content: str) -> set[str]:
+        here.append(len(content))
+        return tokenize(title, content)
+
+    monkeypatch.setattr(mongo_store, "document_words", in_this_process)
+
+    async def scenario() -> None:
+        store = await MongoStore.open(mongo_url)
+        big, _ = await store.create(DocumentCreate(title="big", content=_cjk_text(5_000)))
+        await store.create(DocumentCreate(title="small", content="a few words"))
+        await store.update(big.id, DocumentUpdate(tags=["edited"], metadata={"k": 1}))
+        await store.update(big.id, DocumentUpdate(content=_cjk_text(5_000, seed=1)))
+        for q in ("big", "a few"):
+            found, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=1)
+            assert len(found) == 1
+        changed = await store.get(big.id)
+        assert changed.content == _cjk_text(5_000, seed=1)
+        found, _ = await store.page(
+            DocumentQuery.model_validate({"q": changed.content[:2]}), limit=1
+        )
+        assert [d.id for d in found] == [big.id]
+        await store.close()
+
+    anyio.run(scenario)
+    assert here == [len("a few words")]
+
+
 FINDING = [
     ({}, "created"),
     ({"sort": "created_at", "created_before": "2100-01-01T00:00:00Z"}, "created"),
@@ -168,6 +222,29 @@ def test_every_listing_is_served_by_a_named_index_never_a_collection_scan(mongo_
         scans = [s for s in plan if s["stage"] in ("IXSCAN", "COLLSCAN")]
         assert [(s["stage"], s.get("indexName")) for s in scans] == [("IXSCAN", index)], params
     assert ttl == ["ttl_24h"]
+
+
+def test_cursor_values_are_range_checked_on_mongodb(mongo_url: str, tmp_path: Path) -> None:
+    with mongo_app_client(mongo_url, tmp_path) as client:
+        cursor_values_out_of_range(client)
+
+
+def test_every_process_sharing_the_database_signs_cursors_with_one_secret_made_once(
+    mongo_url: str,
+) -> None:
+    async def secrets() -> list[bytes]:
+        stores = [await MongoStore.open(mongo_url) for _ in range(4)]
+        made = await asyncio.gather(*(store.cursor_secret() for store in stores))
+        for store in stores:
+            await store.close()
+        later = await MongoStore.open(mongo_url)
+        made.append(await later.cursor_secret())
+        await later.close()
+        return made
+
+    made = anyio.run(secrets)
+    assert len(made[0]) == 32
+    assert set(made) == {made[0]}
 
 
 # --- outages ----------------------------------------------------------------------------------
@@ -237,6 +314,111 @@ def test_mongodb_lost_mid_run_then_recovers(
         proxy.start()
         until_ready(client)
         assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
+# --- what probes, scrapes and a struggling server cost -----------------------------------------
+
+
+def _recording(proxy: TcpProxy) -> list[dict[str, Any]]:
+    """Every command the relay passes on, decoded, in order."""
+    seen: list[dict[str, Any]] = []
+
+    def record(message: bytes) -> Fate:
+        if _command(message):
+            seen.append(bson.decode(message[21 : 21 + int.from_bytes(message[21:25], "little")]))
+        return "deliver"
+
+    proxy.fault = record
+    return seen
+
+
+WRITES = {"insert", "update", "delete", "findAndModify"}
+
+
+def test_probes_and_scrapes_read_no_documents_and_write_nothing(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """A probe or a scrape costs the same at any size: no count over the documents (an
+    aggregate), and readiness writes nothing."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        for _ in range(3):
+            assert client.post("/v1/documents", json=DOC).status_code == 201
+        seen = _recording(proxy)
+        for _ in range(3):
+            ready = client.get("/health/ready")
+            assert ready.status_code == 200
+            assert ready.json()["documents"] == 3
+            assert client.get("/metrics").status_code == 200
+    commands = {next(iter(command)) for command in seen}
+    assert "count" in commands
+    assert commands.isdisjoint({"aggregate", *WRITES}), commands
+
+
+def test_every_mongodb_operation_carries_a_server_side_time_limit(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    proxy, url = proxied_mongo
+    proxy.start()
+    seen = _recording(proxy)
+    with mongo_app_client(url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC, headers=KEYED).json()
+        client.get(f"/v1/documents/{doc['id']}")
+        client.get("/v1/documents", params={"q": "t", "limit": 1})
+        client.patch(f"/v1/documents/{doc['id']}", json={"title": "u"})
+        client.delete(f"/v1/documents/{doc['id']}")
+        client.get("/health/ready")
+        client.get("/metrics")
+    handshakes = ("hello", "isMaster", "ismaster", "endSessions")
+    operations = [c for c in seen if next(iter(c)) not in handshakes]
+    assert {next(iter(c)) for c in operations} >= {"insert", "find", "update", "count"}
+    assert [next(iter(c)) for c in operations if "maxTimeMS" not in c] == []
+
+
+def test_a_failed_pass_for_missing_words_retries_itself_and_requests_do_not_restart_it(
+    proxied_mongo: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy, url = proxied_mongo
+    proxy.start()
+    monkeypatch.setattr(mongo_store, "WORDS_RETRY_SECONDS", 0.2)
+    failed = threading.Event()
+
+    class Failures(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "store.words_not_added":
+                failed.set()
+
+    handler = Failures()
+    logging.getLogger("documents.store").addHandler(handler)
+
+    async def scenario() -> tuple[list[str], int]:
+        store = await MongoStore.open(url)
+        for i in range(20):
+            await store.create(DocumentCreate(title=f"Old {i}", content="c"))
+        await store.close()
+        await _as_an_earlier_version_left(url, {})
+        # The pass's reads are cut until the test heals the network.
+        proxy.cut_when = lambda m: _command(m) == "find" and b"words_created" in m
+        store = await MongoStore.open(url, timeout_ms=2000)
+        await anyio.to_thread.run_sync(failed.wait, 30)
+        seen = _recording(proxy)
+        for i in range(5):
+            await store.page(DocumentQuery(), limit=1)
+            await store.create(DocumentCreate(title=f"New {i}", content="c"))
+        after_failure = [next(iter(c)) for c in seen]
+        proxy.cut_when = None
+        assert store.words_added is not None
+        added = await store.words_added
+        await store.close()
+        return after_failure, added
+
+    try:
+        after_failure, added = anyio.run(scenario)
+    finally:
+        logging.getLogger("documents.store").removeHandler(handler)
+    assert "createIndexes" not in after_failure
+    assert added == 20
 
 
 # --- several workers --------------------------------------------------------------------------
@@ -328,6 +510,158 @@ def test_a_retry_after_a_real_delete_is_409_and_brings_nothing_back(
             in assert_problem(client.post("/v1/documents", json=DOC, headers=KEYED), 409)["detail"]
         )
         assert client.get("/v1/documents").json()["items"] == []
+
+
+# --- a delete racing the create its document came from, with faults at every step --------------
+
+# The commands that read or change data; handshakes and heartbeats pass untouched.
+DATA_COMMANDS = {"insert", "find", "update", "delete", "findAndModify"}
+FATES: list[Fate] = ["deliver", "cut", "drop reply"]
+
+
+def _command(message: bytes) -> str:
+    """The command an OP_MSG carries (its first section's first key)."""
+    if int.from_bytes(message[12:16], "little") != OP_MSG or message[20] != 0:
+        return ""
+    return next(iter(bson.decode(message[21 : 21 + int.from_bytes(message[21:25], "little")])))
+
+
+class Interleaving:
+    """Each operation gets its own relay (its own worker) and a seeded plan: for each of its
+    data commands in turn, deliver, cut, drop the reply, or hold it until every other operation
+    has finished (one held at a time, so two holds never wait on each other)."""
+
+    def __init__(self, seed: int, server: SecantusDBServer, names: list[str]) -> None:
+        self.done = {name: threading.Event() for name in names}
+        self.proxies = {name: TcpProxy(server.address) for name in names}
+        self._holding = threading.Lock()
+        for name, proxy in self.proxies.items():
+            plan = random.Random(f"{seed}:{name}").choices(
+                ["deliver", "hold", "cut", "drop reply"], [5, 3, 1, 1], k=12
+            )
+            proxy.fault = self._fault(name, iter(plan))
+            proxy.start()
+
+    def _fault(self, name: str, plan: Iterator[str]) -> Callable[[bytes], Fate]:
+        def fate(message: bytes) -> Fate:
+            if _command(message) not in DATA_COMMANDS:
+                return "deliver"
+            step = next(plan, "deliver")
+            if step == "hold" and self._holding.acquire(blocking=False):
+                try:
+                    for other, finished in self.done.items():
+                        if other != name:
+                            finished.wait(30)
+                finally:
+                    self._holding.release()
+            return step if step in FATES else "deliver"
+
+        return fate
+
+    def url(self, name: str, database: str) -> str:
+        return f"mongodb://{self.proxies[name].address}/{database}?directConnection=true"
+
+    def stop(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.stop()
+
+
+async def _outcome(call: Awaitable[Any]) -> Any:
+    """What the API would answer: the result, or the store error it maps to a status."""
+    try:
+        return await call
+    except (StoreUnavailable, DocumentNotFound, PreconditionFailed, IdempotencyConflict) as exc:
+        return exc
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
+    request: pytest.FixtureRequest, mongo_url: str, seed: int
+) -> None:
+    """A keyed create, maybe with its document insert lost, then concurrently: a retry of it, a
+    DELETE (with or without If-Match), maybe a PATCH, each through a relay that holds, cuts or
+    drops the replies of its commands as the seed says. Whatever happened: a delete that
+    answered 204 is final (the document never comes back and the key answers 409), and as long
+    as the document exists the key replays it (never a false 409). Odd seeds run on a
+    standalone server, where the driver retries no write."""
+    rng = random.Random(seed)
+    database = mongo_url.rsplit("/", 1)[1]
+    server: SecantusDBServer = request.getfixturevalue(
+        "standalone_mongo_server" if seed % 2 else "mongo_server"
+    )
+    mongo_url = f"{server.uri}{database}"
+    names = ["retry", "delete", *(["patch"] if rng.random() < 0.5 else [])]
+    if_version = rng.choice([None, 1])
+    lose_insert = rng.random() < 0.3
+
+    async def scenario() -> None:
+        plain = await MongoStore.open(mongo_url)
+        first, _ = await _create(plain, DOC)
+        if lose_insert:
+            await anyio.to_thread.run_sync(_lose_the_document_insert, mongo_url, first.id)
+        races = Interleaving(seed, server, names)
+        stores = {n: await MongoStore.open(races.url(n, database), timeout_ms=3000) for n in names}
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "retry": lambda: _create(stores["retry"], DOC),
+            "delete": lambda: stores["delete"].delete(first.id, if_version=if_version),
+            "patch": lambda: stores["patch"].update(first.id, DocumentUpdate(title="patched")),
+        }
+        outcomes: dict[str, Any] = {}
+
+        async def run(name: str) -> None:
+            outcomes[name] = await _outcome(calls[name]())
+            races.done[name].set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(run, name)
+        finally:
+            for store in stores.values():
+                await store.close()
+            races.stop()
+        exists = await _outcome(plain.get(first.id))
+        final = await _outcome(_create(plain, DOC))
+        after = await _outcome(plain.get(first.id))
+        await plain.close()
+
+        deleted = outcomes["delete"] is None or isinstance(outcomes["retry"], IdempotencyConflict)
+        if deleted or (isinstance(exists, DocumentNotFound) and not lose_insert):
+            assert isinstance(exists, DocumentNotFound), outcomes
+            assert isinstance(final, IdempotencyConflict), outcomes
+            assert isinstance(after, DocumentNotFound), outcomes
+        if not isinstance(exists, DocumentNotFound):
+            assert final == (exists, True), outcomes
+        if not isinstance(final, IdempotencyConflict):
+            assert final[0].id == first.id
+            assert after == final[0]
+
+    anyio.run(scenario)
+
+
+def test_a_key_an_earlier_version_marked_deleted_replays_its_document_only_while_it_exists(
+    mongo_url: str,
+) -> None:
+    """Earlier versions marked the key before deleting (and left no tombstone)."""
+
+    async def scenario() -> tuple[Any, Any]:
+        store = await MongoStore.open(mongo_url)
+        first, _ = await _create(store, DOC)
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+        keys = client.get_default_database()["idempotency"]
+        await keys.update_one({}, {"$set": {"deleted": True}})
+        kept = await _outcome(_create(store, DOC))  # the delete that marked it did not happen
+        await client.get_default_database()["documents"].delete_one({"_id": first.id})
+        gone = await _outcome(_create(store, DOC))
+        await client.close()
+        after = await _outcome(store.get(first.id))
+        await store.close()
+        return (kept, first), (gone, after)
+
+    (kept, first), (gone, after) = anyio.run(scenario)
+    assert kept == (first, True)
+    assert isinstance(gone, IdempotencyConflict)
+    assert isinstance(after, DocumentNotFound)
 
 
 def test_liveness_answers_at_once_while_mongodb_does_not_then_all_recovers(
@@ -483,7 +817,7 @@ def test_a_redis_that_cannot_answer_costs_requests_a_bounded_503_never_liveness(
     /health answers at once on every worker, /v1 answers 503 with Retry-After within the
     bound, readiness says not ready, and all recovers when Redis answers again."""
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = TcpProxy(("127.0.0.1", redis_port))
+    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
     proxy.start()
     try:
         service = two_workers(
