@@ -193,7 +193,8 @@ def check_image(config: dict[str, Any]) -> dict[str, Any]:
     health: dict[str, Any] = config.get("Healthcheck") or {}
     check(bool(health.get("Test")), f"the image has a HEALTHCHECK: {health.get('Test')}")
     check(config["Config"].get("User") == "10001:10001", "the image's USER is 10001:10001")
-    # A module the build leaves out fails only at import, inside the container: compare with the tree.
+    # A module the build leaves out fails only at import, inside the container: compare with the
+    # tree.
     listed = podman("run", "--rm", "--entrypoint", "ls", IMAGE, "/app").stdout.split()
     modules = {p.name for p in ROOT.glob("*.py") if not p.name.startswith(("test_", "conftest"))}
     shipped = {name for name in listed if name.endswith(".py")}
