@@ -166,6 +166,8 @@ def run_job(name: str, job: dict[str, Any], matrix: dict[str, str]) -> float:
             "GITHUB_PATH": f"{TEMP}/path",
             "RUNNER_TEMP": TEMP,
             "HOME": HOME,
+            # This machine's CA (mounted below) for pip in any virtualenv, as on the host.
+            "PIP_CERT": str(CA_BUNDLE),
         }
         prepend: list[str] = []
         image = ""
@@ -188,12 +190,13 @@ def run_job(name: str, job: dict[str, Any], matrix: dict[str, str]) -> float:
             "--volume", f"{apt_archives}:/var/cache/apt/archives",
             "--volume", f"{apt_lists}:/var/lib/apt/lists",
             # This machine reaches package indexes through its own CA, as the image build does.
-            "--volume", f"{CA_BUNDLE}:/etc/ssl/certs/ca-certificates.crt:ro",
+            "--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
             image, "tini", "--", "sleep", "infinity",
         )  # fmt: skip
         for number, step in enumerate(steps, 1):
             label = step.get("name") or step.get("uses") or step["run"].splitlines()[0]
-            print(f"::   {name} step {number}: {label}", flush=True)
+            elapsed = time.monotonic() - started
+            print(f"::   {name} step {number} at {elapsed:.0f} s: {label}", flush=True)
             uses = str(step.get("uses", ""))
             if uses.startswith("actions/checkout@"):
                 checkout(workspace)
@@ -230,7 +233,7 @@ def main() -> int:
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
     jobs = yaml.safe_load(WORKFLOW.read_text())["jobs"]
     try:
-        for name in JOBS:
+        for name in sys.argv[1:] or JOBS:  # a job or two by name: `workflow_check.py test`
             job = jobs[name]
             matrix: dict[str, str] = {}
             if "strategy" in job:
