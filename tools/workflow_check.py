@@ -93,6 +93,8 @@ def runner_image(python: Path) -> str:
             "build", "--pull=never", "--layers", "--file", containerfile, "--tag", tag, python,
             timeout=900,
         )  # fmt: skip
+    if found.returncode == 0:
+        podman_("rmi", json.loads(found.stdout)[0]["Id"], check=False)  # the old recipe's image
     print(f"--   runner image {tag} built in {time.monotonic() - started:.0f} s", flush=True)
     return tag
 
