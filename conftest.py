@@ -38,11 +38,34 @@ HERE = Path(__file__).parent
 
 # The Debian package each tool comes in.
 PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "chromium": "chromium"}
+# Whether this run is `pytest --fast` (make test-fast); set once the options are read.
+fast = False
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="the inner loop: skip each test that starts a process (service, tool, browser)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global fast  # read by helpers that have no request to ask
+    fast = config.getoption("fast")
+
+
+def starts_a_process() -> None:
+    """Every test that starts a process comes through here (Service, run_main, require_tool),
+    so --fast skips it without a list to keep."""
+    if fast:
+        pytest.skip("starts a process (not in --fast)")
 
 
 def require_tool(path: str) -> str:
     """Tools from Debian packages that .ci/run installs; a bare laptop skips, CI never does.
     An environment variable named like the tool (CHROMIUM=...) points at another build."""
+    starts_a_process()
     found = os.environ.get(path.upper()) or shutil.which(path)
     if found is None:
         if os.environ.get("CI"):
@@ -313,6 +336,7 @@ def run_main(
     env: dict[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[bytes]:
     """`python main.py ARGS` with only PATH and `env` in its environment."""
+    starts_a_process()
     return subprocess.run(
         [sys.executable, str(HERE / "main.py"), *args],
         cwd=HERE,
@@ -330,6 +354,7 @@ class Service:
         self, data_dir: Path, env: dict[str, str] | None = None, wrapper: list[str] | None = None
     ) -> None:
         """`wrapper` runs before the interpreter (say, `setpriv ...` to drop privileges)."""
+        starts_a_process()
         self.data_dir = data_dir
         self.wrapper = wrapper or []
         self.port = free_port()
