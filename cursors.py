@@ -9,8 +9,8 @@ import hmac
 import orjson
 
 from config import ApiKey
-from index import Key
 from problems import InvalidCursor
+from storage import Key
 
 
 def cursor_secret(keys: list[ApiKey]) -> bytes:

@@ -71,6 +71,7 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve
+from sqlite_store import SQLiteStore
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -80,7 +81,6 @@ from storage import (
     PreconditionFailed,
     StoreError,
     StoreUnavailable,
-    TinyDBStore,
     new_document,
 )
 
@@ -456,7 +456,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={
             "version": VERSION,
             "backend": store.backend,
-            "data_dir": str(settings.data_dir) if store.backend == "tinydb" else None,
+            "data_dir": str(settings.data_dir) if store.backend == "sqlite" else None,
             "documents": await _count_or_none(store),
             "load_seconds": round(time.perf_counter() - started, 3),
             "api_keys": [k.name for k in app.state.api_keys],
@@ -472,13 +472,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def open_store(settings: Settings) -> DocumentStore:
-    """MongoDB when DATABASE_URL is set, else the embedded TinyDB store."""
+    """MongoDB when DATABASE_URL is set, else the embedded SQLite store."""
     if settings.database_url:
         # Imported here: pymongo is only loaded by a service that uses it.
         from mongo_store import MongoStore
 
         return await MongoStore.open(settings.database_url, timeout_ms=settings.mongo_timeout_ms)
-    return TinyDBStore.open(settings.data_dir)
+    # Opened in a thread: a first start may migrate or import the previous version's file.
+    return await anyio.to_thread.run_sync(SQLiteStore.open, settings.data_dir)
 
 
 async def _count_or_none(store: DocumentStore) -> int | None:

@@ -22,7 +22,6 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from index import Key
 from models import (
     Document,
     DocumentCreate,
@@ -38,6 +37,7 @@ from storage import (
     IdempotencyConflict,
     IdempotencyKey,
     IdGenerator,
+    Key,
     StoreAuthenticationFailed,
     StoreError,
     StoreUnavailable,
