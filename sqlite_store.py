@@ -91,29 +91,40 @@ def _check_file(path: Path) -> bool:
     """Whether `path` exists; raises StoreCorrupt for anything but a whole SQLite file (a
     directory, a link, a FIFO, another format, a truncated database) before SQLite touches it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        if os.path.lexists(path):
-            raise StoreCorrupt(
-                path, "a symbolic link; the store only uses files it wrote"
-            ) from None
         return False
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
+    try:
+        # Neither blocks on a FIFO nor follows a link put there since the check above.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise StoreCorrupt(path, f"cannot be opened: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise StoreCorrupt(path, "not a regular file")
-        head = fh.read(100)
+        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        head = os.read(fd, 100)
+    finally:
+        os.close(fd)
     if path.name != DATABASE_FILE:
         return True
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
     page_size = int.from_bytes(head[16:18]) or 65536
     pages = int.from_bytes(head[28:32])
-    if head[24:28] == head[92:96] and info.st_size < page_size * pages:
-        raise StoreCorrupt(path, f"truncated: {info.st_size} of {page_size * pages} bytes")
+    # Shorter than its header says is truncation, unless a WAL is there to finish a checkpoint.
+    wal = path.with_name(DATABASE_FILE + "-wal")
+    if head[24:28] == head[92:96] and size < page_size * pages and not _size(wal):
+        raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     return True
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _legacy_documents(
@@ -131,6 +142,8 @@ def _legacy_documents(
         return None
     try:
         tables = orjson.loads(path.read_bytes())
+        if unknown := set(tables) - {"documents", "idempotency"}:
+            raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
         docs: dict[str, Document] = {}
         for record in tables.get("documents", {}).values():
             doc = check_stored(Document.model_validate(record))
@@ -191,7 +204,10 @@ class SQLiteStore:
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
             store._migrate(existed)
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # locked, read-only, cannot open
+            store._close_connections()
+            raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
             store._close_connections()
             raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
         except BaseException:
