@@ -672,16 +672,33 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                     await out.write(doc.model_dump_json() + "\n")
         elif task == "import" and file is not None:
             added = seen = 0
+            batch: list[Document] = []
             async with await anyio.open_file(file, "rb") as fh:
                 async for line in fh:
-                    doc = _document_from(line, f"{file}:{seen + 1}")
-                    added += await store.import_document(doc)
+                    batch.append(_document_from(line, f"{file}:{seen + 1}"))
                     seen += 1
+                    if len(batch) == IMPORT_BATCH:
+                        added += await _import_all(store, batch)
+                        batch = []
                     if seen % 10_000 == 0:
                         sys.stderr.write(f"imported {seen} lines\n")
+            added += await _import_all(store, batch)
             log.info("import.done", extra={"read": seen, "added": added})
+        elif task == "backup" and file is not None:
+            if not isinstance(store, SQLiteStore):
+                raise SystemExit("backup copies the embedded store; back MongoDB up with its tools")
+            await anyio.to_thread.run_sync(store.backup, file)
+            log.info("backup.done", extra={"file": str(file)})
     finally:
         await store.close()
+
+
+# Imports in flight at once: the embedded store commits them together, many per fsync.
+IMPORT_BATCH = 512
+
+
+async def _import_all(store: DocumentStore, docs: list[Document]) -> int:
+    return sum(await asyncio.gather(*map(store.import_document, docs)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -693,20 +710,24 @@ def main(argv: list[str] | None = None) -> int:
   seed [FILE]     load sample documents (data/sample_documents.json); idempotent
   export [FILE]   write every document as JSON lines, oldest first (to stdout without FILE)
   import FILE     read JSON lines as export writes them; existing ids are skipped
+  backup FILE     write a consistent copy of the embedded store's database (while it serves)
 
-On the embedded store, run seed, export and import while the server is stopped.""",
+Every task may run while the service serves. To restore a backup: stop the service, put FILE in
+place of DATA_DIR/documents.db (and remove documents.db-wal and -shm), start it.""",
     )
     parser.add_argument(
         "task",
         nargs="?",
         default="serve",
-        choices=["serve", "seed", "export", "import"],
+        choices=["serve", "seed", "export", "import", "backup"],
         help="what to do (see below)",
     )
     parser.add_argument("file", nargs="?", type=Path, help="the file seed, export or import uses")
     args = parser.parse_args(argv)
     if args.task == "import" and args.file is None:
         parser.error("import needs a FILE of JSON lines")
+    if args.task == "backup" and args.file is None:
+        parser.error("backup needs the FILE to write")
     settings = load_settings()
     # Data tasks keep stdout for their output (export); their logs go to stderr.
     configure_logging(

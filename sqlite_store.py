@@ -517,11 +517,15 @@ class SQLiteStore:
             raise StoreUnavailable(f"the data directory cannot be read: {exc.strerror}") from exc
 
     def backup(self, target: Path) -> None:
-        """A consistent copy through SQLite's online backup API; writers wait at most for one
-        step of it."""
-        with sqlite3.connect(target) as copy:
-            self._connection().backup(copy, pages=1024)
-        copy.close()
+        """A consistent copy through SQLite's online backup API, in one step: one read
+        transaction, which writers never wait for under WAL."""
+        if os.path.lexists(target):
+            raise StoreUnavailable(f"{target} exists; back up to a new file")
+        copy = sqlite3.connect(target)
+        try:
+            self._connection().backup(copy)
+        finally:
+            copy.close()
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self.close_sync)

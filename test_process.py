@@ -6,13 +6,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import HERE, KEY, Service, ServiceFactory, run_main, write_until_killed
+from conftest import (
+    HERE,
+    KEY,
+    Service,
+    ServiceFactory,
+    run_main,
+    run_threads,
+    walk,
+    write_until_killed,
+)
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
@@ -229,3 +239,68 @@ def test_a_port_in_use_fails_before_the_service_says_it_started(
     output = service.rest_of_output()
     assert "service.started" not in output
     assert "address already in use" in output.lower()
+
+
+def test_a_backup_taken_under_writes_restores_every_document_acknowledged_before_it(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    service = service_factory().start()
+    acknowledged: list[str] = []
+    stop, enough = threading.Event(), threading.Event()
+
+    def writer(n: int) -> None:
+        with service.client() as client:
+            while not stop.is_set():
+                response = client.post("/v1/documents", json={"title": f"w{n}", "content": "c"})
+                assert response.status_code == 201
+                acknowledged.append(response.json()["id"])
+                if len(acknowledged) >= 200:
+                    enough.set()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    assert enough.wait(60)
+    before = list(acknowledged)
+    result = run_task(service.data_dir, "backup", str(tmp_path / "backup.db"))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert result.returncode == 0, result.stderr
+    service.terminate()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (tmp_path / "backup.db").rename(restored / "documents.db")
+    copy = service_factory(restored).start()
+    with copy.client() as client:
+        listed = {doc["id"] for doc in walk(client, limit=100)}
+    assert set(before) <= listed
+
+
+def test_two_workers_share_writes_and_race_exactly(service_factory: ServiceFactory) -> None:
+    service = service_factory(env={"WORKERS": "2"}).start()
+    with service.client() as client:
+        doc = client.post("/v1/documents", json={"title": "t", "content": "c"}).json()
+    outcomes: list[int] = []
+    created: list[str] = []
+
+    def race(n: int) -> None:
+        # A new connection each: the kernel spreads them over both workers.
+        with service.client() as client:
+            assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+            patched = client.patch(
+                f"/v1/documents/{doc['id']}", json={"title": f"p{n}"}, headers={"If-Match": '"1"'}
+            )
+            outcomes.append(patched.status_code)
+            made = client.post(
+                "/v1/documents",
+                json={"title": "once", "content": "c"},
+                headers={"Idempotency-Key": "race"},
+            )
+            created.append(made.json()["id"])
+
+    run_threads(race, 16)
+    assert sorted(outcomes) == [200] + [412] * 15
+    assert len(set(created)) == 1
+    with service.client() as client:
+        assert len(walk(client, limit=100)) == 2
