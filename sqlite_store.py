@@ -59,6 +59,7 @@ LEGACY_JOURNAL = "documents.journal"
 HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
+PARSED_MAX = 16_384  # documents kept parsed, about 3 KB each
 TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
 
 # Forward migrations: MIGRATIONS[n] takes a database from user_version n to n + 1. Words arrive
@@ -166,12 +167,6 @@ def _meta_value(value: Any) -> Any:
     return bytes([value]) if isinstance(value, bool) else value
 
 
-def _from_row(body: bytes) -> Document:
-    doc = Document.model_validate_json(body)
-    doc.__dict__["json_bytes"] = body  # stored as the API serves it: no encoding on reads
-    return doc
-
-
 class _Interrupted(Exception):
     """A read on the event loop ran past LOOP_BUDGET_S."""
 
@@ -193,6 +188,7 @@ class SQLiteStore:
         self._writer: threading.Thread | None = None
         self._loop_thread = -1
         self._deadline = 0.0
+        self._parsed: dict[bytes, Document] = {}
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> SQLiteStore:
@@ -287,8 +283,12 @@ class SQLiteStore:
                     self._jobs.put(None)  # stop after this batch
                     break
                 batch.append(item)
+            # One wake-up per event loop for the whole batch, not one per write.
+            settled: dict[asyncio.AbstractEventLoop, list[Any]] = {}
             for (_, loop, future), outcome in zip(batch, self._commit(conn, batch), strict=True):
-                loop.call_soon_threadsafe(_settle, future, outcome)
+                settled.setdefault(loop, []).append((future, outcome))
+            for loop, outcomes in settled.items():
+                loop.call_soon_threadsafe(_settle, outcomes)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> list[Any]:
         """Each job's result or StoreError. A job raises StoreError before it writes anything,
@@ -365,7 +365,7 @@ class SQLiteStore:
         row = conn.execute("SELECT n, body FROM documents WHERE id = ?", (doc_id,)).fetchone()
         if row is None:
             raise DocumentNotFound(doc_id)
-        doc = _from_row(row[1])
+        doc = self._document(row[1])
         if if_version is not None and doc.version != if_version:
             raise stale(doc_id, doc.version)
         return row[0], doc
@@ -446,6 +446,18 @@ class SQLiteStore:
 
     # reads
 
+    def _document(self, body: bytes) -> Document:
+        """Parsed once per version while it is read often: the hot path of every read. A body
+        is the document exactly as the API serves it, so it is its own cache key."""
+        doc = self._parsed.get(body)
+        if doc is None:
+            doc = Document.model_validate_json(body)
+            doc.__dict__["json_bytes"] = body  # its response, with no encoding
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[body] = doc
+        return doc
+
     async def _read(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
         """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
         if self._writer is None:
@@ -475,14 +487,14 @@ class SQLiteStore:
         rows = await self._read("SELECT body FROM documents WHERE id = ?", (doc_id,))
         if not rows:
             raise DocumentNotFound(doc_id)
-        return _from_row(rows[0][0])
+        return self._document(rows[0][0])
 
     async def page(
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
         sql, params = page_sql(query, limit + 1, after)
         rows = await self._read(sql, params)
-        items = [_from_row(row[0]) for row in rows[:limit]]
+        items = [self._document(row[0]) for row in rows[:limit]]
         return items, query.position(items[-1]) if len(rows) > limit else None
 
     async def export_documents(self) -> AsyncIterator[Document]:
@@ -544,13 +556,14 @@ class SQLiteStore:
         self._local = threading.local()
 
 
-def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
-    if future.done():
-        return  # the caller was cancelled; the write itself stands
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in outcomes:
+        if future.done():
+            continue  # the caller was cancelled; the write itself stands
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, list[Any]]:
@@ -607,10 +620,15 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         where.append(f"({order[0]}, {order[1]}) {'<' if query.descending else '>'} (?, ?)")
         params += list(after)
     direction = " DESC" if query.descending else ""
-    # Only fixed fragments are joined here; every value is a parameter.
-    sql = (
-        f"SELECT d.body FROM {source}"  # noqa: S608
+    # Only fixed fragments are joined here; every value is a parameter. The page is found on
+    # keys alone, then the bodies are read: a sort never carries them.
+    inner = (
+        f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i FROM {source}"  # noqa: S608
         + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY {order[0]}{direction}, {order[1]}{direction} LIMIT {int(limit)}"
+        + f" ORDER BY at{direction}, i{direction} LIMIT {int(limit)}"
+    )
+    sql = (
+        f"SELECT d.body FROM ({inner}) CROSS JOIN documents d ON d.n = k"  # noqa: S608
+        f" ORDER BY at{direction}, i{direction}"
     )
     return sql, params
