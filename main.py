@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
-from limits import parse_many
+from limits import RateLimitItem, parse_many
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -471,6 +471,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("service.stopped", extra={"backend": store.backend})
 
 
+def _key_limits(settings: Settings) -> list[RateLimitItem]:
+    """RATE_LIMIT for each key. Counted in memory, each of several workers allows its share,
+    so that together they never allow more than the configured rate: a worker's counters are
+    its own, and sharing them would cost every request a write that every worker waits on."""
+    limits = parse_many(settings.rate_limit)
+    if settings.workers == 1 or settings.rate_limit_storage_uri != "memory://":
+        return limits
+    return [
+        type(item)(max(1, item.amount // settings.workers), item.multiples, item.namespace)
+        for item in limits
+    ]
+
+
 async def open_store(settings: Settings) -> DocumentStore:
     """MongoDB when DATABASE_URL is set, else the embedded SQLite store."""
     if settings.database_url:
@@ -563,7 +576,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         AdmissionMiddleware,
         keys=app.state.api_keys,
-        key_limits=parse_many(settings.rate_limit),
+        key_limits=_key_limits(settings),
         key_storage=app.state.rate_storage,
         keyless_limits=parse_many(settings.keyless_rate_limit),
         metrics=app.state.metrics,

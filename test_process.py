@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -304,3 +306,70 @@ def test_two_workers_share_writes_and_race_exactly(service_factory: ServiceFacto
     assert len(set(created)) == 1
     with service.client() as client:
         assert len(walk(client, limit=100)) == 2
+
+
+def test_two_workers_together_allow_no_more_than_the_configured_rate(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory(env={"WORKERS": "2", "RATE_LIMIT": "10/minute"}).start()
+    statuses: list[int] = []
+
+    def spend(n: int) -> None:
+        with service.client() as client:
+            statuses.extend(client.get("/v1/documents").status_code for _ in range(3))
+
+    run_threads(spend, 10)
+    assert statuses.count(200) <= 10
+    assert set(statuses) == {200, 429}
+
+
+def _workers(service: Service) -> list[int]:
+    assert service.proc is not None
+    children = Path(f"/proc/{service.proc.pid}/task/{service.proc.pid}/children").read_text()
+    # Workers are spawned; multiprocessing's resource tracker is a child too.
+    return [
+        int(pid)
+        for pid in children.split()
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def test_a_worker_killed_with_kill_9_is_replaced_and_loses_nothing(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory(env={"WORKERS": "2"}).start(wait=False)
+    service.wait_for_line("Application startup complete", 30, count=2)
+    before = set(_workers(service))
+    acknowledged = write_until_killed_worker(service, before)
+    service.wait_for_line("Application startup complete", 30, count=3)
+    assert len(set(_workers(service)) - before) == 1
+    with service.client() as client:
+        listed = {doc["id"] for doc in walk(client, limit=100)}
+        assert set(acknowledged) <= listed
+        response = client.post("/v1/documents", json={"title": "after", "content": "c"})
+        assert response.status_code == 201
+
+
+def write_until_killed_worker(service: Service, workers: set[int]) -> list[str]:
+    """Writers on fresh connections while one worker is killed with kill -9; every 201 seen."""
+    acknowledged: list[str] = []
+
+    def writer(n: int) -> None:
+        for i in range(20):
+            try:
+                with service.client() as client:
+                    response = client.post(
+                        "/v1/documents", json={"title": f"{n}-{i}", "content": "c"}
+                    )
+            except httpx.HTTPError:
+                continue  # the killed worker's connection: never acknowledged
+            if response.status_code == 201:
+                acknowledged.append(response.json()["id"])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    os.kill(min(workers), signal.SIGKILL)
+    for thread in threads:
+        thread.join()
+    return acknowledged
