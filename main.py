@@ -179,8 +179,8 @@ async def create_document(
 async def list_documents(request: Request, caller: CallerDep) -> Response:
     """Find documents: every filter given must hold. Follow `next_cursor` to walk every match
     exactly once, in order, even while others are created; a cursor is only valid with the
-    filters and sort that produced it. A page may hold fewer than `limit` documents (even none)
-    while `next_cursor` is set: only `null` ends the walk. Unknown parameters are refused.
+    filters and sort that produced it. A page holds `limit` documents unless it is the last,
+    whose `next_cursor` is `null`. Unknown parameters are refused.
 
     `metadata.KEY=VALUE` (repeatable over keys) keeps documents whose metadata KEY equals
     VALUE as a string, or as the JSON number or boolean VALUE spells: `metadata.pages=12`

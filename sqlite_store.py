@@ -116,16 +116,9 @@ def _check_file(path: Path) -> bool:
     pages = int.from_bytes(head[28:32])
     # Shorter than its header says is truncation, unless a WAL is there to finish a checkpoint.
     wal = path.with_name(DATABASE_FILE + "-wal")
-    if head[24:28] == head[92:96] and size < page_size * pages and not _size(wal):
+    if head[24:28] == head[92:96] and size < page_size * pages and not wal.exists():
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     return True
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.lstat(path).st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _legacy_documents(
@@ -165,10 +158,6 @@ def _meta_value(value: Any) -> Any:
     # A boolean as a blob: SQLite would take True for the number 1, while 12 and 12.0, one
     # JSON number, stay equal.
     return bytes([value]) if isinstance(value, bool) else value
-
-
-class _Interrupted(Exception):
-    """A read on the event loop ran past LOOP_BUDGET_S."""
 
 
 class SQLiteStore:
@@ -226,6 +215,8 @@ class SQLiteStore:
                 f"{len(MIGRATIONS)}); run that version or restore a backup",
             )
         if version == len(MIGRATIONS):
+            with conn:  # expired keys go at each start; a live key is replaced once expired
+                conn.execute("DELETE FROM idempotency WHERE created <= ?", (self._expired(),))
             return
         if existed and version == 0:
             imported = _legacy_documents(legacy, journal, self._clock())
@@ -245,6 +236,10 @@ class SQLiteStore:
         if imported is not None and version == 0:
             legacy.rename(legacy.with_name(LEGACY_FILE + ".imported"))
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
+
+    def _expired(self) -> int:
+        """Keys created at or before this (milliseconds) are expired."""
+        return millis(self._clock()) - TTL_MS
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection."""

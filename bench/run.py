@@ -87,6 +87,7 @@ def seed(data_dir: Path, n: int) -> tuple[list[str], float]:
                 version=1,
             )
         )
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
     lines = data_dir.with_suffix(".jsonl")
     lines.write_bytes(b"".join(doc.model_dump_json().encode() + b"\n" for doc in docs))
     env = {"PATH": os.environ["PATH"], "API_KEYS": f"bench:{KEY}", "DATA_DIR": str(data_dir)}
@@ -381,13 +382,13 @@ def main() -> int:
                 runs.append(bench_service(n, work, args.seconds, args.connections))
                 print(f"N={n} run {run + 1}: done", file=sys.stderr)
             results.append(median_of(runs))
+        for r in results:
+            r["connections"] = args.connections
+        print(table(results, args.runs), flush=True)
         sizes = [r["n"] for r in results]
         p99 = None
         if len(sizes) > 1:
             p99 = compare_p99(Path(tmp), min(sizes), max(sizes), 4, args.seconds)
-    for r in results:
-        r["connections"] = args.connections
-    print(table(results, args.runs))
     if p99:
         print()
         print(p99)
