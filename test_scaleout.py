@@ -409,14 +409,6 @@ def _living_members(group: int) -> list[int]:
     return living
 
 
-def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
-    result = run_main({"DATA_DIR": str(tmp_path), "WORKERS": "2", "API_KEYS": KEY}, timeout=30)
-    assert result.returncode == 2
-    message = result.stderr.decode()
-    assert message.startswith("configuration error: WORKERS:")
-    assert "DATABASE_URL" in message
-
-
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     redis_server = shutil.which("redis-server")
