@@ -59,7 +59,7 @@ LEGACY_JOURNAL = "documents.journal"
 HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
-PARSED_MAX = 16_384  # documents kept parsed, about 3 KB each
+PARSED_MAX = 4_096  # documents kept parsed (each several KB in memory)
 TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
 
 # Forward migrations: MIGRATIONS[n] takes a database from user_version n to n + 1. Words arrive
