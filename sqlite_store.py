@@ -36,6 +36,7 @@ from models import (
 from storage import (
     IDEMPOTENCY_TTL,
     Clock,
+    DocumentInvalid,
     DocumentNotFound,
     IdempotencyConflict,
     IdempotencyKey,
@@ -60,6 +61,7 @@ HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 PARSED_MAX = 4_096  # documents kept parsed (each several KB in memory)
+SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
 TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
 
 # Forward migrations: MIGRATIONS[n] takes a database from user_version n to n + 1. Words arrive
@@ -152,6 +154,22 @@ def _legacy_documents(
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
     return list(docs.values()), keys  # type: ignore[return-value]
+
+
+def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
+    """A document's key `n` sorts as (created, id) does: SLOTS keys per millisecond, handed out
+    in id order. The words' index returns keys in order, so `q` pages need no sort."""
+    below, above = conn.execute(
+        "SELECT (SELECT max(n) FROM documents WHERE created = ?1 AND id < ?2),"
+        " (SELECT min(n) FROM documents WHERE created = ?1 AND id > ?2)",
+        (created, doc_id),
+    ).fetchone()
+    low = created * SLOTS - 1 if below is None else below
+    high = (created + 1) * SLOTS if above is None else above
+    n = min(low + 64, (low + high) // 2)  # room after it for the next id, and between
+    if not low < n < high:
+        raise DocumentInvalid("created_at", "too many documents created in one millisecond")
+    return int(n)
 
 
 def _meta_value(value: Any) -> Any:
@@ -308,10 +326,12 @@ class SQLiteStore:
 
     def _insert(self, conn: sqlite3.Connection, doc: Document) -> None:
         created = millis(doc.created_at)
-        n = conn.execute(
-            "INSERT INTO documents (id, created, updated, version, body) VALUES (?, ?, ?, ?, ?)",
-            (doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
-        ).lastrowid
+        n = _key(conn, created, doc.id)
+        conn.execute(
+            "INSERT INTO documents (n, id, created, updated, version, body)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
+        )
         self._index(conn, doc, n, created, words=True)
 
     @staticmethod
@@ -615,12 +635,28 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         where.append(f"({order[0]}, {order[1]}) {'<' if query.descending else '>'} (?, ?)")
         params += list(after)
     direction = " DESC" if query.descending else ""
+    rank = f"at{direction}, i{direction}"
+    if query.words and field == "created":
+        # Keys sort as (created, id): the words' index walks the page in order, bounded by
+        # the time range and the cursor, and stops at the limit.
+        for at, op in (
+            (query.created_after, ">="),
+            (query.created_before, "<"),
+            (
+                None if after is None else after[0] + query.descending,
+                "<" if query.descending else ">=",
+            ),
+        ):
+            if at is not None:
+                where.append(f"w.rowid {op} ?")
+                params.append((at if isinstance(at, int) else millis(at)) * SLOTS)
+        rank = f"w.rowid{direction}"
     # Only fixed fragments are joined here; every value is a parameter. The page is found on
     # keys alone, then the bodies are read: a sort never carries them.
     inner = (
         f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i FROM {source}"  # noqa: S608
         + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY at{direction}, i{direction} LIMIT {int(limit)}"
+        + f" ORDER BY {rank} LIMIT {int(limit)}"
     )
     sql = (
         f"SELECT d.body FROM ({inner}) CROSS JOIN documents d ON d.n = k"  # noqa: S608
