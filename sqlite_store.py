@@ -123,6 +123,24 @@ def _check_file(path: Path) -> bool:
     return True
 
 
+def _create(path: Path) -> None:
+    """An empty database in WAL mode, put in place whole: a process starting at the same moment
+    finds either no file or this one, never a half-made one."""
+    new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
+    conn = sqlite3.connect(new)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA application_id = 1146048340")  # writes the header: a real file
+    finally:
+        conn.close()
+    try:
+        os.link(new, path)
+    except FileExistsError:
+        pass  # another process made it first
+    finally:
+        os.unlink(new)
+
+
 def _legacy_documents(
     path: Path, journal: Path, now: datetime
 ) -> tuple[list[Document], list[tuple[str, str, str, str, int]]] | None:
@@ -224,6 +242,8 @@ class SQLiteStore:
         legacy, journal = self.data_dir / LEGACY_FILE, self.data_dir / LEGACY_JOURNAL
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
         imported = None if existed else _legacy_documents(legacy, journal, self._clock())
+        if not existed:
+            _create(self.path)
         conn = self._connection()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
@@ -267,7 +287,9 @@ class SQLiteStore:
                 self.path, isolation_level=None, check_same_thread=False, cached_statements=256
             )
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Made in WAL mode (a backup too); asking first takes no lock.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             self._local.conn = conn
             self._connections.append(conn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -665,3 +666,25 @@ def test_a_journal_left_by_a_killed_previous_version_is_refused(tmp_path: Path) 
 def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -> None:
     _legacy(tmp_path, [imported(1), imported(1)], [])
     assert "two records" in str(_refused(tmp_path, LEGACY_FILE))
+
+
+def test_stores_opened_at_once_migrate_and_import_the_previous_file_once(tmp_path: Path) -> None:
+    docs = [imported(n) for n in range(200)]
+    _legacy(tmp_path, docs, [])
+    opened: list[SQLiteStore] = []
+
+    def open_store() -> None:
+        opened.append(SQLiteStore.open(tmp_path))
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 4
+    for store in opened:
+        store.close_sync()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == (200,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
