@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = "127.0.0.1"
     root_path: str = ""
     database_url: str | None = Field(
-        default=None, description="mongodb:// or mongodb+srv:// selects MongoDB; unset: TinyDB."
+        default=None,
+        description="mongodb:// or mongodb+srv:// selects MongoDB; unset: embedded SQLite.",
     )
     mongo_timeout_ms: int = Field(
         default=5000,
@@ -198,11 +199,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 "WORKERS: several workers need API_KEYS or API_KEY_HASHES: a key generated at "
                 "start would be a different one in each worker"
-            )
-        if self.workers > 1 and not self.database_url:
-            raise ValueError(
-                "WORKERS: more than one worker needs DATABASE_URL (MongoDB): the embedded TinyDB "
-                "store is owned by one process per data directory"
             )
         if self.max_buffered_body_bytes < self.max_body_bytes:
             raise ValueError(

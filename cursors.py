@@ -11,9 +11,9 @@ import hmac
 
 import orjson
 
-from index import Key
 from models import ID_PATTERN
 from problems import InvalidCursor
+from storage import Key
 
 # The times a cursor may hold: those of year 1 to 9999, as a stored document's are.
 EARLIEST_MILLIS = -62_135_596_800_000

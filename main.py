@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
-from limits import parse_many
+from limits import RateLimitItem, parse_many
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -71,6 +71,7 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve
+from sqlite_store import SQLiteStore
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -80,7 +81,6 @@ from storage import (
     PreconditionFailed,
     StoreError,
     StoreUnavailable,
-    TinyDBStore,
     new_document,
 )
 
@@ -178,8 +178,8 @@ async def create_document(
 async def list_documents(request: Request, caller: CallerDep) -> Response:
     """Find documents: every filter given must hold. Follow `next_cursor` to walk every match
     exactly once, in order, even while others are created; a cursor is only valid with the
-    filters and sort that produced it. A page may hold fewer than `limit` documents (even none)
-    while `next_cursor` is set: only `null` ends the walk. Unknown parameters are refused.
+    filters and sort that produced it. A page holds `limit` documents unless it is the last,
+    whose `next_cursor` is `null`. Unknown parameters are refused.
 
     `metadata.KEY=VALUE` (repeatable over keys) keeps documents whose metadata KEY equals
     VALUE as a string, or as the JSON number or boolean VALUE spells: `metadata.pages=12`
@@ -455,7 +455,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={
             "version": VERSION,
             "backend": store.backend,
-            "data_dir": str(settings.data_dir) if store.backend == "tinydb" else None,
+            "data_dir": str(settings.data_dir) if store.backend == "sqlite" else None,
             "documents": await _count_or_none(store),
             "load_seconds": round(time.perf_counter() - started, 3),
             "api_keys": [k.name for k in app.state.api_keys],
@@ -470,14 +470,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("service.stopped", extra={"backend": store.backend})
 
 
+def _key_limits(settings: Settings) -> list[RateLimitItem]:
+    """RATE_LIMIT for each key. Counted in memory, each of several workers allows its share,
+    so that together they never allow more than the configured rate: a worker's counters are
+    its own, and sharing them would cost every request a write that every worker waits on."""
+    limits = parse_many(settings.rate_limit)
+    if settings.workers == 1 or settings.rate_limit_storage_uri != "memory://":
+        return limits
+    return [
+        type(item)(max(1, item.amount // settings.workers), item.multiples, item.namespace)
+        for item in limits
+    ]
+
+
 async def open_store(settings: Settings) -> DocumentStore:
-    """MongoDB when DATABASE_URL is set, else the embedded TinyDB store."""
+    """MongoDB when DATABASE_URL is set, else the embedded SQLite store."""
     if settings.database_url:
         # Imported here: pymongo is only loaded by a service that uses it.
         from mongo_store import MongoStore
 
         return await MongoStore.open(settings.database_url, timeout_ms=settings.mongo_timeout_ms)
-    return TinyDBStore.open(settings.data_dir)
+    # Opened in a thread: a first start may migrate or import the previous version's file.
+    return await anyio.to_thread.run_sync(SQLiteStore.open, settings.data_dir)
 
 
 async def _count_or_none(store: DocumentStore) -> int | None:
@@ -560,7 +574,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         AdmissionMiddleware,
         keys=app.state.api_keys,
-        key_limits=parse_many(settings.rate_limit),
+        key_limits=_key_limits(settings),
         key_storage=app.state.rate_storage,
         keyless_limits=parse_many(settings.keyless_rate_limit),
         metrics=app.state.metrics,
@@ -669,16 +683,35 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                     await out.write(doc.model_dump_json() + "\n")
         elif task == "import" and file is not None:
             added = seen = 0
+            batch: list[Document] = []
             async with await anyio.open_file(file, "rb") as fh:
-                async for line in fh:
-                    doc = _document_from(line, f"{file}:{seen + 1}")
-                    added += await store.import_document(doc)
-                    seen += 1
-                    if seen % 10_000 == 0:
-                        sys.stderr.write(f"imported {seen} lines\n")
+                # Many lines per read: one thread hop per line would cost more than the import.
+                while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
+                    for line in lines:
+                        batch.append(_document_from(line, f"{file}:{seen + 1}"))
+                        seen += 1
+                        if len(batch) == IMPORT_BATCH:
+                            added += await _import_all(store, batch)
+                            batch = []
+                        if seen % 10_000 == 0:
+                            sys.stderr.write(f"imported {seen} lines\n")
+            added += await _import_all(store, batch)
             log.info("import.done", extra={"read": seen, "added": added})
+        elif task == "backup" and file is not None:
+            if not isinstance(store, SQLiteStore):
+                raise SystemExit("backup copies the embedded store; back MongoDB up with its tools")
+            await anyio.to_thread.run_sync(store.backup, file)
+            log.info("backup.done", extra={"file": str(file)})
     finally:
         await store.close()
+
+
+# Imports in flight at once: the embedded store commits them together, many per fsync.
+IMPORT_BATCH = 512
+
+
+async def _import_all(store: DocumentStore, docs: list[Document]) -> int:
+    return sum(await asyncio.gather(*map(store.import_document, docs)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -690,20 +723,24 @@ def main(argv: list[str] | None = None) -> int:
   seed [FILE]     load sample documents (data/sample_documents.json); idempotent
   export [FILE]   write every document as JSON lines, oldest first (to stdout without FILE)
   import FILE     read JSON lines as export writes them; existing ids are skipped
+  backup FILE     write a consistent copy of the embedded store's database (while it serves)
 
-On the embedded store, run seed, export and import while the server is stopped.""",
+Every task may run while the service serves. To restore a backup: stop the service, put FILE in
+place of DATA_DIR/documents.db (and remove documents.db-wal and -shm), start it.""",
     )
     parser.add_argument(
         "task",
         nargs="?",
         default="serve",
-        choices=["serve", "seed", "export", "import"],
+        choices=["serve", "seed", "export", "import", "backup"],
         help="what to do (see below)",
     )
     parser.add_argument("file", nargs="?", type=Path, help="the file seed, export or import uses")
     args = parser.parse_args(argv)
     if args.task == "import" and args.file is None:
         parser.error("import needs a FILE of JSON lines")
+    if args.task == "backup" and args.file is None:
+        parser.error("backup needs the FILE to write")
     settings = load_settings()
     # Data tasks keep stdout for their output (export); their logs go to stderr.
     configure_logging(

@@ -22,7 +22,6 @@ from prometheus_client import (
     process_collector,
 )
 
-from index import Key
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from storage import (
     DocumentInvalid,
@@ -30,6 +29,7 @@ from storage import (
     DocumentStore,
     IdempotencyConflict,
     IdempotencyKey,
+    Key,
     PreconditionFailed,
     StoreUnavailable,
 )

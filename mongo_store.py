@@ -26,7 +26,6 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from index import Key
 from models import (
     Document,
     DocumentCreate,
@@ -42,6 +41,7 @@ from storage import (
     IdempotencyConflict,
     IdempotencyKey,
     IdGenerator,
+    Key,
     StoreAuthenticationFailed,
     StoreError,
     StoreUnavailable,

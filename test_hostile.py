@@ -507,7 +507,7 @@ def _raw(body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
 
 
-@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+@pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
 def test_a_lone_surrogate_is_a_422_naming_the_field_and_stores_nothing(
     tmp_path: Path, request: pytest.FixtureRequest, backend: str
 ) -> None:

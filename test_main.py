@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,7 +18,6 @@ from limits import parse, parse_many
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 from pydantic import ValidationError
-from tinydb import TinyDB
 
 from config import Settings
 from conftest import (
@@ -896,16 +896,17 @@ def test_readiness_is_503_problem_when_the_data_dir_cannot_be_written(tmp_path: 
 # --- persistence ------------------------------------------------------------------------------
 
 
-def test_documents_survive_an_app_restart_and_the_file_opens_with_tinydb(tmp_path: Path) -> None:
+def test_documents_survive_an_app_restart_in_one_sqlite_file(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
         kept = create(client)
         gone = create(client)
         client.delete(f"/v1/documents/{gone['id']}")
         client.patch(f"/v1/documents/{kept['id']}", json={"title": "renamed"})
-    with TinyDB(tmp_path / "documents.json") as db:
-        rows = db.table("documents").all()
-        assert [(r["id"], r["title"], r["version"]) for r in rows] == [(kept["id"], "renamed", 2)]
+    with sqlite3.connect(tmp_path / "documents.db") as db:
+        rows = db.execute("SELECT id, json_extract(body, '$.title'), version FROM documents")
+        assert rows.fetchall() == [(kept["id"], "renamed", 2)]
+    db.close()
     with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
         assert client.get(f"/v1/documents/{kept['id']}").json()["title"] == "renamed"
 

@@ -84,7 +84,7 @@ def test_create_logs_event_and_one_access_line_with_every_field(
     assert access["duration_ms"] >= 0
     assert access["client"]
     started = next(line for line in lines if line["message"] == "service.started")
-    assert started["backend"] == "tinydb"
+    assert started["backend"] == "sqlite"
     assert started["documents"] == 0
     assert "load_seconds" in started
     assert any(line["message"] == "service.stopped" for line in lines)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
-from conftest import HERE, KEY, Service, ServiceFactory, run_main, write_until_killed
+from conftest import (
+    HERE,
+    KEY,
+    Service,
+    ServiceFactory,
+    run_main,
+    run_threads,
+    walk,
+    write_until_killed,
+)
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
@@ -54,30 +66,33 @@ def test_kill_9_during_concurrent_writes_loses_no_acknowledged_document(
             assert client.get(f"/v1/documents/{doc_id}").json() == doc
 
 
-def test_second_process_on_the_same_data_dir_exits_at_once_without_serving(
+def test_a_second_process_on_the_same_data_dir_shares_its_documents(
     service_factory: ServiceFactory,
 ) -> None:
     first = service_factory().start()
-    second = service_factory(first.data_dir).start(wait=False)
-    assert second.proc is not None
-    # Bounded generously: a start on two busy cores can take seconds; the point is that it
-    # exits by itself, and that it never said it was serving.
-    assert second.proc.wait(30) != 0
-    output = second.rest_of_output()
-    assert str(first.data_dir / "documents.lock") in output
-    assert "in use by another process" in output
-    assert "service.started" not in output
-    with first.client() as client:
-        assert client.get("/health/ready").status_code == 200
+    second = service_factory(first.data_dir).start()
+    with first.client() as one, second.client() as other:
+        made_here = one.post("/v1/documents", json={"title": "first", "content": "c"}).json()
+        made_there = other.post("/v1/documents", json={"title": "second", "content": "c"}).json()
+        assert other.get(f"/v1/documents/{made_here['id']}").json() == made_here
+        assert one.get(f"/v1/documents/{made_there['id']}").json() == made_there
 
 
-@pytest.mark.parametrize("damage", [b"{not json", b"", b'{"documents": {"1": {"id": 1}}}'])
-def test_corrupt_data_file_is_refused_and_left_byte_for_byte_intact(
-    service_factory: ServiceFactory, tmp_path: Path, damage: bytes
+DAMAGE = {
+    "documents.db": [b"{not json", b"", b"SQLite format 3\x00" + b"\x00" * 200],
+    "documents.json": [b"{not json", b'{"documents": {"1": {"id": 1}}}'],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"), [(name, damage) for name, cases in DAMAGE.items() for damage in cases]
+)
+def test_a_damaged_data_file_is_refused_in_one_line_and_left_byte_for_byte_intact(
+    service_factory: ServiceFactory, tmp_path: Path, name: str, damage: bytes
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    data_file = data_dir / "documents.json"
+    data_file = data_dir / name
     data_file.write_bytes(damage)
     service = service_factory(data_dir).start(wait=False)
     assert service.proc is not None
@@ -85,8 +100,9 @@ def test_corrupt_data_file_is_refused_and_left_byte_for_byte_intact(
     output = service.rest_of_output()
     assert "corrupt" in output
     assert str(data_file) in output
+    assert "Traceback" not in output
     assert data_file.read_bytes() == damage
-    assert sorted(p.name for p in data_dir.iterdir()) == ["documents.json", "documents.lock"]
+    assert [p.name for p in data_dir.iterdir()] == [name]
 
 
 @pytest.mark.parametrize(
@@ -225,3 +241,135 @@ def test_a_port_in_use_fails_before_the_service_says_it_started(
     output = service.rest_of_output()
     assert "service.started" not in output
     assert "address already in use" in output.lower()
+
+
+def test_a_backup_taken_under_writes_restores_every_document_acknowledged_before_it(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    service = service_factory().start()
+    acknowledged: list[str] = []
+    stop, enough = threading.Event(), threading.Event()
+
+    def writer(n: int) -> None:
+        with service.client() as client:
+            while not stop.is_set():
+                response = client.post("/v1/documents", json={"title": f"w{n}", "content": "c"})
+                assert response.status_code == 201
+                acknowledged.append(response.json()["id"])
+                if len(acknowledged) >= 200:
+                    enough.set()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    assert enough.wait(60)
+    before = list(acknowledged)
+    result = run_task(service.data_dir, "backup", str(tmp_path / "backup.db"))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert result.returncode == 0, result.stderr
+    service.terminate()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (tmp_path / "backup.db").rename(restored / "documents.db")
+    copy = service_factory(restored).start()
+    with copy.client() as client:
+        listed = {doc["id"] for doc in walk(client, limit=100)}
+    assert set(before) <= listed
+
+
+def test_two_workers_share_writes_and_race_exactly(service_factory: ServiceFactory) -> None:
+    service = service_factory(env={"WORKERS": "2"}).start()
+    with service.client() as client:
+        doc = client.post("/v1/documents", json={"title": "t", "content": "c"}).json()
+    outcomes: list[int] = []
+    created: list[str] = []
+
+    def race(n: int) -> None:
+        # A new connection each: the kernel spreads them over both workers.
+        with service.client() as client:
+            assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+            patched = client.patch(
+                f"/v1/documents/{doc['id']}", json={"title": f"p{n}"}, headers={"If-Match": '"1"'}
+            )
+            outcomes.append(patched.status_code)
+            made = client.post(
+                "/v1/documents",
+                json={"title": "once", "content": "c"},
+                headers={"Idempotency-Key": "race"},
+            )
+            created.append(made.json()["id"])
+
+    run_threads(race, 16)
+    assert sorted(outcomes) == [200] + [412] * 15
+    assert len(set(created)) == 1
+    with service.client() as client:
+        assert len(walk(client, limit=100)) == 2
+
+
+def test_two_workers_together_allow_no_more_than_the_configured_rate(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory(env={"WORKERS": "2", "RATE_LIMIT": "10/minute"}).start()
+    statuses: list[int] = []
+
+    def spend(n: int) -> None:
+        with service.client() as client:
+            statuses.extend(client.get("/v1/documents").status_code for _ in range(3))
+
+    run_threads(spend, 10)
+    assert statuses.count(200) <= 10
+    assert set(statuses) == {200, 429}
+
+
+def _workers(service: Service) -> list[int]:
+    assert service.proc is not None
+    children = Path(f"/proc/{service.proc.pid}/task/{service.proc.pid}/children").read_text()
+    # Workers are spawned; multiprocessing's resource tracker is a child too.
+    return [
+        int(pid)
+        for pid in children.split()
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def test_a_worker_killed_with_kill_9_is_replaced_and_loses_nothing(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory(env={"WORKERS": "2"}).start(wait=False)
+    service.wait_for_line("Application startup complete", 30, count=2)
+    before = set(_workers(service))
+    acknowledged = write_until_killed_worker(service, before)
+    service.wait_for_line("Application startup complete", 30, count=3)
+    assert len(set(_workers(service)) - before) == 1
+    with service.client() as client:
+        listed = {doc["id"] for doc in walk(client, limit=100)}
+        assert set(acknowledged) <= listed
+        response = client.post("/v1/documents", json={"title": "after", "content": "c"})
+        assert response.status_code == 201
+
+
+def write_until_killed_worker(service: Service, workers: set[int]) -> list[str]:
+    """Writers on fresh connections while one worker is killed with kill -9; every 201 seen."""
+    acknowledged: list[str] = []
+
+    def writer(n: int) -> None:
+        for i in range(20):
+            try:
+                with service.client() as client:
+                    response = client.post(
+                        "/v1/documents", json={"title": f"{n}-{i}", "content": "c"}
+                    )
+            except httpx.HTTPError:
+                continue  # the killed worker's connection: never acknowledged
+            if response.status_code == 201:
+                acknowledged.append(response.json()["id"])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    os.kill(min(workers), signal.SIGKILL)
+    for thread in threads:
+        thread.join()
+    return acknowledged

@@ -31,13 +31,12 @@ from hypothesis.stateful import (
 from conftest import KEY, Service, ServiceFactory, walk, write_until_killed
 from models import DocumentCreate, DocumentQuery, DocumentUpdate, words
 from mongo_store import MongoStore
+from sqlite_store import DATABASE_FILE, SQLiteStore
 from storage import (
-    DATA_FILE,
     DocumentNotFound,
     DocumentStore,
     PreconditionFailed,
     StoreCorrupt,
-    TinyDBStore,
 )
 
 # --- crash loop -------------------------------------------------------------------------------
@@ -64,13 +63,13 @@ def test_twenty_kill_9_rounds_lose_no_acknowledged_write(service_factory: Servic
 @pytest.fixture
 def data_file(tmp_path: Path) -> bytes:
     async def fill() -> None:
-        store = TinyDBStore.open(tmp_path)
+        store = SQLiteStore.open(tmp_path)
         for i in range(30):
             await store.create(DocumentCreate(title=f"d{i}", content="c" * 50, tags=["t"]))
         await store.close()
 
     anyio.run(fill)
-    return (tmp_path / DATA_FILE).read_bytes()
+    return (tmp_path / DATABASE_FILE).read_bytes()
 
 
 @pytest.mark.parametrize("twentieth", range(20))
@@ -78,18 +77,18 @@ def test_data_file_truncated_at_each_twentieth_is_refused_untouched(
     tmp_path: Path, data_file: bytes, twentieth: int
 ) -> None:
     damaged = data_file[: len(data_file) * twentieth // 20]
-    (tmp_path / DATA_FILE).write_bytes(damaged)
+    (tmp_path / DATABASE_FILE).write_bytes(damaged)
     with pytest.raises(StoreCorrupt, match="corrupt"):
-        TinyDBStore.open(tmp_path)
-    assert (tmp_path / DATA_FILE).read_bytes() == damaged
+        SQLiteStore.open(tmp_path)
+    assert (tmp_path / DATABASE_FILE).read_bytes() == damaged
 
 
 def test_data_file_of_garbage_is_refused_untouched(tmp_path: Path, data_file: bytes) -> None:
     garbage = random.Random(7).randbytes(len(data_file))
-    (tmp_path / DATA_FILE).write_bytes(garbage)
+    (tmp_path / DATABASE_FILE).write_bytes(garbage)
     with pytest.raises(StoreCorrupt, match="corrupt"):
-        TinyDBStore.open(tmp_path)
-    assert (tmp_path / DATA_FILE).read_bytes() == garbage
+        SQLiteStore.open(tmp_path)
+    assert (tmp_path / DATABASE_FILE).read_bytes() == garbage
 
 
 # --- hostile input ----------------------------------------------------------------------------
@@ -227,7 +226,7 @@ def test_the_catalogue_leaves_the_process_up_and_its_memory_near_baseline(
 class StoreMachine(RuleBasedStateMachine):
     """Random create/patch/delete/get/list sequences against a plain dict of expected documents."""
 
-    backend = "tinydb"
+    backend = "sqlite"
     mongo_uri = ""
     docs = Bundle("docs")
     counter = itertools.count()
@@ -240,8 +239,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.model: dict[str, dict[str, Any]] = {}
 
     async def _open(self) -> DocumentStore:
-        if self.backend == "tinydb":
-            return TinyDBStore.open(self.tmp)
+        if self.backend == "sqlite":
+            return SQLiteStore.open(self.tmp)
         return await MongoStore.open(f"{self.mongo_uri}sm_{next(self.counter)}")
 
     def teardown(self) -> None:
@@ -348,7 +347,7 @@ def _mkdtemp() -> str:
     return tempfile.mkdtemp(prefix="store-machine-")
 
 
-@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+@pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
 def test_store_agrees_with_a_model_under_random_operations(backend: str, mongo_server: Any) -> None:
     machine = type(
         f"{backend}Machine", (StoreMachine,), {"backend": backend, "mongo_uri": mongo_server.uri}

@@ -744,14 +744,6 @@ def _living_members(group: int) -> list[int]:
     return living
 
 
-def test_workers_above_one_need_mongodb(tmp_path: Path) -> None:
-    result = run_main({"DATA_DIR": str(tmp_path), "WORKERS": "2", "API_KEYS": KEY}, timeout=30)
-    assert result.returncode == 2
-    message = result.stderr.decode()
-    assert message.startswith("configuration error: WORKERS:")
-    assert "DATABASE_URL" in message
-
-
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     redis_server = shutil.which("redis-server")
@@ -896,16 +888,16 @@ def test_metrics_add_up_across_two_workers(service_factory: ServiceFactory, mong
 # --- moving data ------------------------------------------------------------------------------
 
 
-def test_tinydb_to_mongodb_and_back_gives_identical_documents(
+def test_sqlite_to_mongodb_and_back_gives_identical_documents(
     mongo_url: str, tmp_path: Path
 ) -> None:
-    tinydb = {"DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY}
+    embedded = {"DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY}
     mongodb = {"DATABASE_URL": mongo_url, "API_KEYS": KEY}
-    assert run_main(tinydb, "seed").returncode == 0
+    assert run_main(embedded, "seed").returncode == 0
     with app_client(tmp_path / "data", headers={"X-API-Key": KEY}) as c:
         doc = c.post("/v1/documents", json={**DOC, "metadata": {"a.b": 1.5}}).json()
         c.patch(f"/v1/documents/{doc['id']}", json={"content": "v2"})
-    first = run_main(tinydb, "export").stdout
+    first = run_main(embedded, "export").stdout
     backup = tmp_path / "backup.jsonl"
     backup.write_bytes(first)
     for _ in range(2):  # idempotent: the second import adds nothing

@@ -1,34 +1,32 @@
-"""The DocumentStore contract, and what the TinyDB store promises about its files."""
+"""The DocumentStore contract, and what the SQLite store promises about its file."""
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
-from tinydb import TinyDB
 
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, as_stored, words
 from mongo_store import MongoStore
+from sqlite_store import DATABASE_FILE, LEGACY_FILE, LEGACY_JOURNAL, SQLiteStore, page_sql
 from storage import (
-    DATA_FILE,
-    JOURNAL_FILE,
     DocumentInvalid,
     DocumentNotFound,
     DocumentStore,
-    DurableJSONStorage,
     IdempotencyConflict,
     IdempotencyKey,
     PreconditionFailed,
     StoreCorrupt,
-    StoreLocked,
     StoreUnavailable,
-    TinyDBStore,
 )
 
 pytestmark = pytest.mark.anyio
@@ -55,14 +53,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["tinydb", "mongodb"])
+@pytest.fixture(params=["sqlite", "mongodb"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[DocumentStore]:
     """The contract is one suite, run against each backend."""
     opened: DocumentStore
-    if request.param == "tinydb":
-        opened = TinyDBStore.open(tmp_path, clock=clock)
+    if request.param == "sqlite":
+        opened = SQLiteStore.open(tmp_path, clock=clock)
     else:
         opened = await MongoStore.open(request.getfixturevalue("mongo_url"), clock=clock)
     yield opened
@@ -427,192 +425,136 @@ async def test_an_imported_document_is_found_as_if_the_service_had_stored_it(
     assert (await store.get(doc.id)).created_at == sub_millisecond.replace(microsecond=0)
 
 
-async def test_a_page_reads_a_bounded_number_of_entries_and_the_walk_still_finds_every_match(
-    tmp_path: Path,
-) -> None:
-    # Two tags on half the documents each that meet three times: the smallest candidate list
-    # is longer than one page may read, so pages end early and the walk goes on.
-    both = {7, 12_001, 24_998}
-    docs = {
-        str(n): imported(n, tags=["a", "b"] if n in both else ["ab"[n % 2]]).model_dump(mode="json")
-        for n in range(25_000)
-    }
-    DurableJSONStorage(str(tmp_path / DATA_FILE)).write({"documents": docs, "idempotency": {}})
-    store = TinyDBStore.open(tmp_path)
-    query = DocumentQuery(tag=["a", "b"])
-    pages, found, after = 0, list[str](), None
+async def test_a_sparse_query_fills_every_page_but_the_last(tmp_path: Path) -> None:
+    # Two tags on half the documents each that meet three times, far apart.
+    both = {7, 1_201, 2_498}
+    store = SQLiteStore.open(tmp_path)
+    async with anyio.create_task_group() as tasks:
+        for n in range(2_500):
+            doc = imported(n, tags=["a", "b"] if n in both else ["ab"[n % 2]])
+            tasks.start_soon(store.import_document, doc)
+    pages = []
+    after = None
     while True:
-        items, after = await store.page(query, limit=100, after=after)
-        pages, found = pages + 1, found + [doc.id for doc in items]
+        items, after = await store.page(DocumentQuery(tag=["a", "b"]), limit=2, after=after)
+        pages.append([doc.id for doc in items])
         if after is None:
             break
     await store.close()
-    assert found == [imported(n).id for n in sorted(both, reverse=True)]
-    assert pages > 1
+    assert pages == [[imported(2_498).id, imported(1_201).id], [imported(7).id]]
 
 
-async def test_a_page_of_many_filters_reads_fewer_entries(tmp_path: Path) -> None:
-    # 2 000 documents, each without one of 20 tags but three: every tag is on 95% of them,
-    # few enough for one page to read, but each entry puts 19 tests, so a page's work ends first.
-    tags = [f"t{i}" for i in range(20)]
-    full = {5, 1000, 1998}
-    docs = {
-        str(n): imported(n, tags=[t for t in tags if n in full or t != tags[n % 20]]).model_dump(
-            mode="json"
-        )
-        for n in range(2_000)
-    }
-    DurableJSONStorage(str(tmp_path / DATA_FILE)).write({"documents": docs, "idempotency": {}})
-    store = TinyDBStore.open(tmp_path)
-    query = DocumentQuery(tag=tags)
-    items, after = await store.page(query, limit=100)
-    pages, found = 1, [doc.id for doc in items]
-    while after is not None:
-        items, after = await store.page(query, limit=100, after=after)
-        pages, found = pages + 1, found + [doc.id for doc in items]
-    await store.close()
-    assert found == [imported(n).id for n in sorted(full, reverse=True)]
-    assert pages > 1
+LISTINGS: list[dict[str, Any]] = [
+    {},
+    {"sort": "created_at", "created_after": "2026-01-01T00:00:00Z"},
+    {"sort": "-updated_at", "updated_before": "2026-01-01T00:00:00Z"},
+    {"q": "alpha beta"},
+    {"q": "alpha", "tag": ["x"], "sort": "-updated_at"},
+    {"tag": ["x", "y"], "metadata.n": "1"},
+    {"tag": ["x"], "sort": "updated_at"},
+    {"metadata.n": "1", "metadata.k": "true"},
+    {"metadata.n": "1", "sort": "-updated_at"},
+]
 
 
-async def test_indexes_are_rebuilt_at_open(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
+@pytest.mark.parametrize("params", LISTINGS)
+def test_every_listing_is_served_by_an_index(tmp_path: Path, params: dict[str, Any]) -> None:
+    SQLiteStore.open(tmp_path).close_sync()
+    sql, values = page_sql(DocumentQuery.model_validate(params), 21, (1, "A"))
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", values)]
+    conn.close()
+    # A scan walks an index (in the order asked for) or the words' index; never the table.
+    scans = [step for step in plan if step.startswith(("SCAN d", "SCAN t", "SCAN w"))]
+    assert scans or all(
+        step.startswith(("SEARCH", "CO-ROUTINE", "SCAN (", "USE", "CORR")) for step in plan
+    )
+    assert all("INDEX" in step or "VIRTUAL TABLE" in step for step in scans), plan
+
+
+async def test_indexes_follow_updates_and_deletes_across_a_reopen(tmp_path: Path) -> None:
+    store = SQLiteStore.open(tmp_path)
     kept, _ = await store.create(body("Crème", ["t"], metadata={"n": 1}))
-    renamed, _ = await store.create(body("old", ["t"]))
-    await store.update(renamed.id, DocumentUpdate(title="new"))
-    await store.close()
-    for crashed in (False, True):
-        store = TinyDBStore.open(tmp_path)
-        assert await walk(store, 5, q="creme", tag=["t"], **{"metadata.n": "1"}) == [kept.id]
-        assert await walk(store, 5, q="new") == [renamed.id]
-        assert await walk(store, 5, q="old") == []
-        assert await walk(store, 5, sort="-updated_at") == [renamed.id, kept.id]
-        if not crashed:
-            # A journal the next open must replay: the indexes follow it too.
-            await store.update(renamed.id, DocumentUpdate(content="newer"))
-            store._release()
-        else:
-            await store.close()
-
-
-# --- the TinyDB store's files -----------------------------------------------------------------
-
-
-async def test_reopen_keeps_everything_and_tinydb_reads_the_file(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
-    doc, _ = await store.create(body("kept", ["t"]))
-    await store.close()
-    assert (tmp_path / JOURNAL_FILE).stat().st_size == 0
-    with TinyDB(tmp_path / DATA_FILE) as db:
-        assert db.table("documents").all()[0]["title"] == "kept"
-    reopened = TinyDBStore.open(tmp_path)
-    assert await reopened.get(doc.id) == doc
-    await reopened.close()
-
-
-async def test_journal_is_replayed_when_the_process_did_not_close(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
-    doc, _ = await store.create(body("journalled"))
-    gone, _ = await store.create(body("deleted"))
+    renamed, _ = await store.create(body("old", ["t"], metadata={"n": 2}))
+    gone, _ = await store.create(body("gone", ["t"], metadata={"n": 1}))
+    await store.update(renamed.id, DocumentUpdate(title="new", tags=["u"], metadata={"n": 1}))
     await store.delete(gone.id)
-    store._release()  # what a crash leaves: a journal not yet folded into the file
-    assert (tmp_path / JOURNAL_FILE).stat().st_size > 0
-    reopened = TinyDBStore.open(tmp_path)
-    assert [d.id for d in await exported(reopened)] == [doc.id]
-    await reopened.close()
-
-
-async def test_torn_last_journal_line_is_dropped(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
-    doc, _ = await store.create(body("acknowledged"))
-    store._release()
-    with open(tmp_path / JOURNAL_FILE, "ab") as fh:
-        fh.write(b'0badc0de {"table": "documents", "id": "half-writ')
-    reopened = TinyDBStore.open(tmp_path)
-    assert [d.id for d in await exported(reopened)] == [doc.id]
-    await reopened.close()
-
-
-async def test_damaged_journal_line_is_refused_as_corrupt(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
-    await store.create(body("one"))
-    await store.create(body("two"))
-    store._release()
-    journal = tmp_path / JOURNAL_FILE
-    damaged = journal.read_bytes().replace(b"one", b"0ne", 1)
-    journal.write_bytes(damaged)
-    with pytest.raises(StoreCorrupt, match="corrupt"):
-        TinyDBStore.open(tmp_path)
-    assert journal.read_bytes() == damaged
-
-
-@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"documents": [1]}', b"\x00garbage"])
-def test_unparseable_data_file_is_refused_and_left_untouched(
-    tmp_path: Path, content: bytes
-) -> None:
-    (tmp_path / DATA_FILE).write_bytes(content)
-    with pytest.raises(StoreCorrupt, match=f"corrupt.*|{tmp_path}") as caught:
-        TinyDBStore.open(tmp_path)
-    assert str(tmp_path / DATA_FILE) in str(caught.value)
-    assert (tmp_path / DATA_FILE).read_bytes() == content
-
-
-def test_invalid_document_in_data_file_is_refused(tmp_path: Path) -> None:
-    content = b'{"documents": {"1": {"id": "x", "title": "no other fields"}}}'
-    (tmp_path / DATA_FILE).write_bytes(content)
-    with pytest.raises(StoreCorrupt):
-        TinyDBStore.open(tmp_path)
-    assert (tmp_path / DATA_FILE).read_bytes() == content
-
-
-async def test_second_open_of_a_directory_raises_store_locked(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
-    with pytest.raises(StoreLocked, match=str(tmp_path)):
-        TinyDBStore.open(tmp_path)
     await store.close()
-    TinyDBStore.open(tmp_path).close_sync()
-
-
-async def test_journal_is_compacted_into_the_file_while_running(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path, compact_min_bytes=2000)
-    ids = [(await store.create(body(f"d{i}")))[0].id for i in range(20)]
-    # Compaction ran: the TinyDB file alone already holds most documents, and stays readable.
-    with TinyDB(tmp_path / DATA_FILE) as db:
-        assert len(db.table("documents")) >= 10
-    assert (tmp_path / JOURNAL_FILE).stat().st_size < 2000 + 500
+    store = SQLiteStore.open(tmp_path)
+    assert await walk(store, 5, q="creme", tag=["t"], **{"metadata.n": "1"}) == [kept.id]
+    assert await walk(store, 5, q="new", tag=["u"], **{"metadata.n": "1"}) == [renamed.id]
+    assert await walk(store, 5, q="old") == await walk(store, 5, q="gone") == []
+    assert await walk(store, 5, tag=["t"]) == [kept.id]
+    assert await walk(store, 5, sort="-updated_at") == [renamed.id, kept.id]
     await store.close()
-    reopened = TinyDBStore.open(tmp_path)
-    assert [d.id for d in await exported(reopened)] == ids
-    await reopened.close()
 
 
-async def test_after_a_restart_the_journal_is_folded_once_it_outgrows_the_file(
+async def test_a_second_store_on_the_directory_shares_the_data(tmp_path: Path) -> None:
+    first, second = SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)
+    doc, _ = await first.create(body("shared"))
+    assert await second.get(doc.id) == doc
+    updated = await second.update(doc.id, DocumentUpdate(title="changed"), if_version=1)
+    with pytest.raises(PreconditionFailed):
+        await first.update(doc.id, DocumentUpdate(title="lost"), if_version=1)
+    assert await first.get(doc.id) == updated
+    assert await first.cursor_secret() == await second.cursor_secret()
+    assert len(await first.cursor_secret()) == 32
+    await first.close()
+    await second.close()
+
+
+async def test_idempotency_races_between_two_stores_create_one_document(tmp_path: Path) -> None:
+    stores = [SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)]
+    key = IdempotencyKey("alice", "k1")
+    results: list[tuple[Document, bool]] = []
+
+    async def create(store: SQLiteStore) -> None:
+        results.append(await store.create(body("once"), idempotency=key))
+
+    async with anyio.create_task_group() as tasks:
+        for n in range(10):
+            tasks.start_soon(create, stores[n % 2])
+    assert len({doc.id for doc, _ in results}) == 1
+    assert sorted(replayed for _, replayed in results) == [False] + [True] * 9
+    assert await stores[0].count() == 1
+    for store in stores:
+        await store.close()
+
+
+async def test_a_backup_under_writes_holds_every_earlier_acknowledged_document(
     tmp_path: Path,
 ) -> None:
-    store = TinyDBStore.open(tmp_path, compact_min_bytes=1000)
-    for i in range(40):
-        await store.create(body(f"d{i}"))
-    await store.close()  # folds everything in: the journal starts empty
-    database = (tmp_path / DATA_FILE).stat().st_size
-    store = TinyDBStore.open(tmp_path, compact_min_bytes=1000)
-    journal = [0]
-    while journal[-1] or len(journal) == 1:
-        await store.create(body("more"))
-        journal.append((tmp_path / JOURNAL_FILE).stat().st_size)
+    store = SQLiteStore.open(tmp_path / "data")
+    before = [(await store.create(body(f"d{i}")))[0].id for i in range(50)]
+
+    async def keep_writing() -> None:
+        for i in range(200):
+            await store.create(body(f"later{i}"))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(keep_writing)
+        await anyio.to_thread.run_sync(store.backup, tmp_path / "copy.db")
     await store.close()
-    # Folded by the write that took the journal past the database's size, not earlier.
-    assert database - 1000 < journal[-2] <= database
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (tmp_path / "copy.db").rename(restored / DATABASE_FILE)
+    copy = SQLiteStore.open(restored)
+    ids = {doc.id for doc in await exported(copy)}
+    assert set(before) <= ids
+    await copy.close()
 
 
 async def test_closed_store_raises_unavailable(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
+    store = SQLiteStore.open(tmp_path)
     await store.close()
     with pytest.raises(StoreUnavailable):
         await store.get("x")
+    with pytest.raises(StoreUnavailable):
+        await store.create(body())
 
 
 async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    store = TinyDBStore.open(tmp_path)
+    store = SQLiteStore.open(tmp_path)
     created: list[str] = []
 
     async def writer(n: int) -> None:
@@ -624,7 +566,125 @@ async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         for n in range(8):
             tasks.start_soon(writer, n)
     await store.close()
-    reopened = TinyDBStore.open(tmp_path)
+    reopened = SQLiteStore.open(tmp_path)
     assert sorted(d.id for d in await exported(reopened)) == sorted(created)
     assert len(created) == 320
     await reopened.close()
+
+
+# --- the file at start ------------------------------------------------------------------------
+
+
+def _refused(data_dir: Path, name: str) -> StoreCorrupt:
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()}
+    with pytest.raises(StoreCorrupt) as caught:
+        SQLiteStore.open(data_dir)
+    assert str(data_dir / name) in str(caught.value)
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()} == before
+    return caught.value
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b"SQLite format 3", b"\x00garbage" * 20])
+def test_a_database_file_that_is_not_sqlite_is_refused_untouched(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / DATABASE_FILE).write_bytes(content)
+    _refused(tmp_path, DATABASE_FILE)
+
+
+async def test_a_truncated_database_is_refused_untouched(tmp_path: Path) -> None:
+    store = SQLiteStore.open(tmp_path)
+    for _ in range(30):
+        await store.create(body("x" * 100, content="y" * 5000))
+    await store.close()
+    path = tmp_path / DATABASE_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _refused(tmp_path, DATABASE_FILE)
+
+
+def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    SQLiteStore.open(tmp_path).close_sync()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    assert "newer version" in str(_refused(tmp_path, DATABASE_FILE))
+
+
+def _legacy(data_dir: Path, docs: list[Document], keys: list[dict[str, Any]]) -> bytes:
+    raw = orjson.dumps(
+        {
+            "documents": {str(n): d.model_dump(mode="json") for n, d in enumerate(docs, 1)},
+            "idempotency": {str(n): k for n, k in enumerate(keys, 1)},
+        }
+    )
+    (data_dir / LEGACY_FILE).write_bytes(raw)
+    return raw
+
+
+async def test_the_previous_versions_file_is_imported_once_and_kept_aside(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    docs = [imported(n, tags=["t"], metadata={"n": n}) for n in range(3)]
+    docs[1] = docs[1].model_copy(update={"version": 4, "updated_at": clock.now})
+    at = clock.now.isoformat()
+    keys = [
+        {
+            "scope": "alice",
+            "key": "k",
+            "fingerprint": "f",
+            "document_id": docs[0].id,
+            "created_at": at,
+        },
+        {
+            "scope": "alice",
+            "key": "old",
+            "fingerprint": "f",
+            "document_id": docs[2].id,
+            "created_at": (clock.now - timedelta(days=2)).isoformat(),
+        },
+    ]
+    raw = _legacy(tmp_path, docs, keys)
+    for _ in range(2):
+        store = SQLiteStore.open(tmp_path, clock=clock)
+        assert await exported(store) == docs
+        assert await walk(store, 5, tag=["t"], **{"metadata.n": "1"}) == [docs[1].id]
+        await store.close()
+    assert not (tmp_path / LEGACY_FILE).exists()
+    assert (tmp_path / (LEGACY_FILE + ".imported")).read_bytes() == raw
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        assert conn.execute("SELECT key FROM idempotency").fetchall() == [("k",)]
+    conn.close()
+
+
+def test_a_journal_left_by_a_killed_previous_version_is_refused(tmp_path: Path) -> None:
+    _legacy(tmp_path, [imported(1)], [])
+    (tmp_path / LEGACY_JOURNAL).write_bytes(b'0badc0de {"table": "documents"}\n')
+    assert "start the previous version once" in str(_refused(tmp_path, LEGACY_JOURNAL))
+    assert not (tmp_path / DATABASE_FILE).exists()
+
+
+def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -> None:
+    _legacy(tmp_path, [imported(1), imported(1)], [])
+    assert "two records" in str(_refused(tmp_path, LEGACY_FILE))
+
+
+def test_stores_opened_at_once_migrate_and_import_the_previous_file_once(tmp_path: Path) -> None:
+    docs = [imported(n) for n in range(200)]
+    _legacy(tmp_path, docs, [])
+    opened: list[SQLiteStore] = []
+
+    def open_store() -> None:
+        opened.append(SQLiteStore.open(tmp_path))
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 4
+    for store in opened:
+        store.close_sync()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == (200,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()

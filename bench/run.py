@@ -1,6 +1,6 @@
 """`make bench`: the service as in production against the bare-FastAPI ceiling, with wrk.
 
-For each N it writes an N-document data dir (through the store's own TinyDB storage), starts
+For each N it imports N documents (`python main.py import`, timed), starts
 `python main.py` (auth, JSON logs, metrics, durable writes; rate limit raised out of the way),
 measures start-to-ready and RSS, and drives seven paths with wrk (reads, listings, the three ways
 of finding documents, durable writes). The ceiling runs under the same
@@ -30,7 +30,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from models import Document  # noqa: E402
-from storage import DATA_FILE, DurableJSONStorage, IdGenerator  # noqa: E402
+from storage import IdGenerator  # noqa: E402
 
 KEY = "bench-key-0001"
 CONTENT = "lorem ipsum dolor sit amet " * 30  # ~800 chars: ~1 KB documents
@@ -55,6 +55,7 @@ PATHS = {
     "filter": "tag + metadata filter (5%), 50",
     "updated": "sort=-updated_at, 50",
     "post": "POST (fsync)",
+    "get2": "GET one, WORKERS=2",
 }
 
 
@@ -65,8 +66,8 @@ def free_port() -> int:
         return port
 
 
-def seed(data_dir: Path, n: int) -> list[str]:
-    """Write an n-document database the way the store writes one (its TinyDB storage)."""
+def seed(data_dir: Path, n: int) -> tuple[list[str], float]:
+    """Import n documents with `python main.py import`; their ids and the documents a second."""
     ids = IdGenerator()
     start = datetime(2026, 1, 1, tzinfo=UTC)
     docs = []
@@ -86,10 +87,19 @@ def seed(data_dir: Path, n: int) -> list[str]:
                 version=1,
             )
         )
-    data_dir.mkdir(parents=True)
-    table = {str(i): doc for i, doc in enumerate(docs, 1)}
-    DurableJSONStorage(str(data_dir / DATA_FILE)).write({"documents": table, "idempotency": {}})
-    return [d.id for d in docs]
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    lines = data_dir.with_suffix(".jsonl")
+    lines.write_bytes(b"".join(doc.model_dump_json().encode() + b"\n" for doc in docs))
+    env = {"PATH": os.environ["PATH"], "API_KEYS": f"bench:{KEY}", "DATA_DIR": str(data_dir)}
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "main.py", "import", str(lines)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return [d.id for d in docs], n / (time.monotonic() - started)
 
 
 def get(url: str) -> Any:
@@ -185,7 +195,7 @@ def bench_ceiling(ids_file: Path, seconds: int, connections: int) -> dict[str, f
         stop(proc)
 
 
-def start_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_service(data_dir: Path, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
     """`python main.py` as in production (auth, JSON logs, metrics, durable writes), with the
     rate limit raised out of the way; its logs go to /dev/null."""
     port = free_port()
@@ -195,6 +205,7 @@ def start_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
         "DATA_DIR": str(data_dir),
         "PORT": str(port),
         "RATE_LIMIT": "100000000/minute",
+        "WORKERS": str(workers),
     }
     proc = subprocess.Popen(
         [sys.executable, "main.py"],
@@ -206,18 +217,19 @@ def start_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def seeded_service(work: Path, n: int) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """An n-document service started under `work` (not yet waited for): its process, its URL
-    and the file of its document ids."""
+def seeded_service(work: Path, n: int) -> tuple[subprocess.Popen[bytes], str, Path, float]:
+    """An n-document service started under `work` (not yet waited for): its process, its URL,
+    the file of its document ids and the import's documents a second."""
     data_dir = work / f"data-{n}"
     ids_file = work / f"ids-{n}.txt"
-    ids_file.write_text("\n".join(seed(data_dir, n)) + "\n")
+    ids, rate = seed(data_dir, n)
+    ids_file.write_text("\n".join(ids) + "\n")
     proc, url = start_service(data_dir)
-    return proc, url, ids_file
+    return proc, url, ids_file, rate
 
 
 def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[str, Any]:
-    proc, url, ids_file = seeded_service(work, n)
+    proc, url, ids_file, import_rate = seeded_service(work, n)
     try:
         ready = wait_ready(url, proc)
         rss = rss_mb(proc.pid)
@@ -229,6 +241,7 @@ def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[st
         wrk_env = {"IDS_FILE": str(ids_file), "API_KEY": KEY}
         results = {
             "n": n,
+            "import_per_s": import_rate,
             "ready_s": ready,
             "rss_mb": rss,
             "get": wrk(url, "get_one.lua", wrk_env, seconds, connections),
@@ -262,6 +275,10 @@ def bench_service(n: int, work: Path, seconds: int, connections: int) -> dict[st
             cursor = page["next_cursor"]
         results["rss_read_mb"] = rss_mb(proc.pid)
         results["post"] = wrk(url, "post.lua", wrk_env, seconds, connections)
+        stop(proc)
+        proc, url = start_service(work / f"data-{n}", workers=2)
+        wait_ready(url, proc)
+        results["get2"] = wrk(url, "get_one.lua", wrk_env, seconds, connections)
         results["ceiling"] = bench_ceiling(ids_file, seconds, connections)
         return results
     finally:
@@ -276,7 +293,7 @@ def compare_p99(work: Path, small: int, large: int, rounds: int, seconds: int) -
     services = {}
     try:
         for n in (small, large):
-            proc, url, ids_file = seeded_service(work / "p99", n)
+            proc, url, ids_file, _ = seeded_service(work / "p99", n)
             services[n] = (proc, url, {"IDS_FILE": str(ids_file), "API_KEY": KEY})
             wait_ready(url, proc)
         paths = {"list": "limit=50", **FINDING}
@@ -305,7 +322,7 @@ def compare_p99(work: Path, small: int, large: int, rounds: int, seconds: int) -
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"n": runs[0]["n"]}
-    for key in ("ready_s", "rss_mb", "rss_read_mb"):
+    for key in ("ready_s", "rss_mb", "rss_read_mb", "import_per_s"):
         merged[key] = statistics.median(r[key] for r in runs)
     for path in PATHS:
         merged[path] = {
@@ -335,11 +352,14 @@ def table(results: list[dict[str, Any]], runs: int) -> str:
             )
     lines += [
         "",
-        "| N | RSS after start (MB) | RSS with every body cached (MB) | start to ready (s) |",
-        "|---:|---:|---:|---:|",
+        "| N | import (docs/s) | RSS after start (MB) | RSS after a full walk (MB) "
+        "| start to ready (s) | POST p99/p50 | WORKERS=2 GET / WORKERS=1 GET |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['n']:,} | {r['rss_mb']:.0f} | {r['rss_read_mb']:.0f} | {r['ready_s']:.2f} |"
+        f"| {r['n']:,} | {r['import_per_s']:,.0f} | {r['rss_mb']:.0f} | {r['rss_read_mb']:.0f} "
+        f"| {r['ready_s']:.2f} | {r['post']['p99'] / r['post']['p50']:.1f} "
+        f"| {r['get2']['rps'] / r['get']['rps']:.2f} |"
         for r in results
     ]
     return "\n".join(lines)
@@ -362,13 +382,13 @@ def main() -> int:
                 runs.append(bench_service(n, work, args.seconds, args.connections))
                 print(f"N={n} run {run + 1}: done", file=sys.stderr)
             results.append(median_of(runs))
+        for r in results:
+            r["connections"] = args.connections
+        print(table(results, args.runs), flush=True)
         sizes = [r["n"] for r in results]
         p99 = None
         if len(sizes) > 1:
             p99 = compare_p99(Path(tmp), min(sizes), max(sizes), 4, args.seconds)
-    for r in results:
-        r["connections"] = args.connections
-    print(table(results, args.runs))
     if p99:
         print()
         print(p99)

@@ -95,7 +95,7 @@ def listed_ids(url: str) -> set[str]:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         data_dir = Path(tmp) / "data"
-        ids = seed(data_dir, 1000)
+        ids, _ = seed(data_dir, 1000)
         server, url = start_service(data_dir)
         try:
             wait_ready(url, server)

@@ -1,0 +1,687 @@
+"""The embedded store: one SQLite database, `documents.db` in DATA_DIR, shared safely by every
+process that opens it (workers, a second service, `main.py backup`).
+
+WAL with synchronous=FULL: a write is acknowledged once its commit is fsync'ed. One writer
+thread per process runs every write; the writes queued while it commits share the next
+transaction (group commit). Reads use one connection per thread and never wait for writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import orjson
+
+from models import (
+    Document,
+    DocumentCreate,
+    DocumentQuery,
+    DocumentUpdate,
+    check_stored,
+    document_words,
+    millis,
+)
+from storage import (
+    IDEMPOTENCY_TTL,
+    Clock,
+    DocumentInvalid,
+    DocumentNotFound,
+    IdempotencyConflict,
+    IdempotencyKey,
+    IdGenerator,
+    Key,
+    StoreCorrupt,
+    StoreError,
+    StoreUnavailable,
+    apply_patch,
+    fingerprint,
+    new_document,
+    stale,
+    utc_now,
+)
+
+log = logging.getLogger("documents.store")
+
+DATABASE_FILE = "documents.db"
+LEGACY_FILE = "documents.json"  # what the previous, TinyDB-based version leaves
+LEGACY_JOURNAL = "documents.journal"
+HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
+LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
+PARSED_MAX = 4_096  # documents kept parsed (each several KB in memory)
+SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
+TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
+
+# Forward migrations: MIGRATIONS[n] takes a database from user_version n to n + 1. Words arrive
+# folded by models.words and joined by spaces: FTS5's ascii tokenizer only splits them again, so
+# `q` keeps exactly the service's case and accent rules.
+MIGRATIONS = [
+    """
+    CREATE TABLE documents (
+        n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, created INTEGER NOT NULL,
+        updated INTEGER NOT NULL, version INTEGER NOT NULL, body BLOB NOT NULL);
+    CREATE INDEX documents_created ON documents (created, id);
+    CREATE INDEX documents_updated ON documents (updated, id);
+    -- One row per tag and per metadata value, in creation order: a filter walks its rows.
+    CREATE TABLE tags (tag TEXT NOT NULL, created INTEGER NOT NULL, id TEXT NOT NULL,
+        n INTEGER NOT NULL, PRIMARY KEY (tag, created, id)) WITHOUT ROWID;
+    CREATE TABLE metadata (key TEXT NOT NULL, value NOT NULL, created INTEGER NOT NULL,
+        id TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (key, value, created, id))
+        WITHOUT ROWID;
+    CREATE VIRTUAL TABLE words USING fts5 (terms, content='', tokenize='ascii', detail='none');
+    CREATE TABLE idempotency (scope TEXT NOT NULL, key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL, document_id TEXT NOT NULL, created INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)) WITHOUT ROWID;
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+    INSERT INTO meta VALUES ('cursor_secret', randomblob(32));
+    """,
+]
+
+
+def _check_file(path: Path) -> bool:
+    """Whether `path` exists; raises StoreCorrupt for anything but a whole SQLite file (a
+    directory, a link, a FIFO, another format, a truncated database) before SQLite touches it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
+    try:
+        # Neither blocks on a FIFO nor follows a link put there since the check above.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        head = os.read(fd, 100)
+    finally:
+        os.close(fd)
+    if path.name != DATABASE_FILE:
+        return True
+    if not head.startswith(HEADER) or len(head) < 100:
+        raise StoreCorrupt(path, "not an SQLite database, or truncated")
+    page_size = int.from_bytes(head[16:18]) or 65536
+    pages = int.from_bytes(head[28:32])
+    # Shorter than its header says is truncation, unless a WAL is there to finish a checkpoint.
+    wal = path.with_name(DATABASE_FILE + "-wal")
+    if head[24:28] == head[92:96] and size < page_size * pages and not wal.exists():
+        raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
+    return True
+
+
+def _create(path: Path) -> None:
+    """An empty database in WAL mode, put in place whole: a process starting at the same moment
+    finds either no file or this one, never a half-made one."""
+    new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
+    conn = sqlite3.connect(new)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA application_id = 1146048340")  # writes the header: a real file
+    finally:
+        conn.close()
+    try:
+        os.link(new, path)
+    except FileExistsError:
+        pass  # another process made it first
+    finally:
+        os.unlink(new)
+
+
+def _legacy_documents(
+    path: Path, journal: Path, now: datetime
+) -> tuple[list[Document], list[tuple[str, str, str, str, int]]] | None:
+    """The documents and unexpired idempotency keys of the previous version's `documents.json`,
+    refused as that version refused them; None without one."""
+    if _check_file(journal) and journal.stat().st_size:
+        raise StoreCorrupt(
+            journal,
+            "it holds changes not yet folded into documents.json; start the previous version "
+            "once and stop it cleanly, then start this one",
+        )
+    if not _check_file(path):
+        return None
+    try:
+        tables = orjson.loads(path.read_bytes())
+        if unknown := set(tables) - {"documents", "idempotency"}:
+            raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
+        docs: dict[str, Document] = {}
+        for record in tables.get("documents", {}).values():
+            doc = check_stored(Document.model_validate(record))
+            if docs.setdefault(doc.id, doc) is not doc:
+                raise StoreCorrupt(path, f"two records have the id {doc.id!r}")
+        keys = []
+        for record in tables.get("idempotency", {}).values():
+            at = datetime.fromisoformat(record["created_at"])
+            if now - at < IDEMPOTENCY_TTL:
+                fields = ("scope", "key", "fingerprint", "document_id")
+                keys.append((*(str(record[f]) for f in fields), millis(at)))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
+    return list(docs.values()), keys  # type: ignore[return-value]
+
+
+def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
+    """A document's key `n` sorts as (created, id) does: SLOTS keys per millisecond, handed out
+    in id order. The words' index returns keys in order, so `q` pages need no sort."""
+    below, above = conn.execute(
+        "SELECT (SELECT max(n) FROM documents WHERE created = ?1 AND id < ?2),"
+        " (SELECT min(n) FROM documents WHERE created = ?1 AND id > ?2)",
+        (created, doc_id),
+    ).fetchone()
+    low = created * SLOTS - 1 if below is None else below
+    high = (created + 1) * SLOTS if above is None else above
+    n = min(low + 64, (low + high) // 2)  # room after it for the next id, and between
+    if not low < n < high:
+        raise DocumentInvalid("created_at", "too many documents created in one millisecond")
+    return int(n)
+
+
+def _meta_value(value: Any) -> Any:
+    # A boolean as a blob: SQLite would take True for the number 1, while 12 and 12.0, one
+    # JSON number, stay equal.
+    return bytes([value]) if isinstance(value, bool) else value
+
+
+class SQLiteStore:
+    """Reads run on the event loop while they are short (a progress handler stops them at
+    LOOP_BUDGET_S and a thread runs them again); writes go to the writer thread."""
+
+    backend = "sqlite"
+
+    def __init__(self, data_dir: Path, clock: Clock) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / DATABASE_FILE
+        self._clock = clock
+        self._new_id = IdGenerator()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._loop_thread = -1
+        self._deadline = 0.0
+        self._parsed: dict[bytes, Document] = {}
+
+    @classmethod
+    def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> SQLiteStore:
+        """Check the files, run the migrations (one process at a time), start the writer."""
+        store = cls(data_dir, clock)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            existed = _check_file(store.path)
+            for name in ("-wal", "-shm"):
+                _check_file(store.path.with_name(DATABASE_FILE + name))
+            store._migrate(existed)
+        except sqlite3.OperationalError as exc:  # locked, read-only, cannot open
+            store._close_connections()
+            raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            store._close_connections()
+            raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
+        except BaseException:
+            store._close_connections()
+            raise
+        store._writer = threading.Thread(target=store._write_loop, name="sqlite-writer")
+        store._writer.start()
+        return store
+
+    def _migrate(self, existed: bool) -> None:
+        legacy, journal = self.data_dir / LEGACY_FILE, self.data_dir / LEGACY_JOURNAL
+        # Checked before SQLite creates anything: a refused start leaves the directory as it was.
+        imported = None if existed else _legacy_documents(legacy, journal, self._clock())
+        if not existed:
+            _create(self.path)
+        conn = self._connection()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreCorrupt(
+                self.path,
+                f"written by a newer version (schema {version}, this one knows up to "
+                f"{len(MIGRATIONS)}); run that version or restore a backup",
+            )
+        if version == len(MIGRATIONS):
+            with conn:  # expired keys go at each start; a live key is replaced once expired
+                conn.execute("DELETE FROM idempotency WHERE created <= ?", (self._expired(),))
+            return
+        if existed and version == 0:
+            imported = _legacy_documents(legacy, journal, self._clock())
+        # One process migrates; the others wait here for its lock, then find nothing to do.
+        with conn:
+            conn.execute("BEGIN EXCLUSIVE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for script in MIGRATIONS[version:]:
+                for statement in script.split(";"):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            if version == 0 and imported is not None:
+                docs, keys = imported
+                for doc in docs:
+                    self._insert(conn, doc)
+                conn.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", keys)
+        if imported is not None and version == 0:
+            legacy.rename(legacy.with_name(LEGACY_FILE + ".imported"))
+            log.info("store.legacy_imported", extra={"documents": len(imported[0])})
+
+    def _expired(self) -> int:
+        """Keys created at or before this (milliseconds) are expired."""
+        return millis(self._clock()) - TTL_MS
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, cached_statements=256
+            )
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Made in WAL mode (a backup too); asking first takes no lock.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            self._local.conn = conn
+            self._connections.append(conn)
+        return conn
+
+    # writes: one thread, one transaction per batch of queued jobs
+
+    async def _write(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((job, loop, future))
+        return await future
+
+    def _write_loop(self) -> None:
+        conn = self._connection()
+        while (first := self._jobs.get()) is not None:
+            batch = [first]
+            while True:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._jobs.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            # One wake-up per event loop for the whole batch, not one per write.
+            settled: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+            for (_, loop, future), outcome in zip(batch, self._commit(conn, batch), strict=True):
+                settled.setdefault(loop, []).append((future, outcome))
+            for loop, outcomes in settled.items():
+                loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> list[Any]:
+        """Each job's result or StoreError. A job raises StoreError before it writes anything,
+        so the others commit; any other failure (a full disk) rolls back the whole batch."""
+        outcomes: list[Any] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job, _, _ in batch:
+                try:
+                    outcomes.append(job(conn))
+                except StoreError as exc:
+                    outcomes.append(exc)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            log.error("store.write_failed", extra={"error": str(exc)})
+            failed = StoreUnavailable(f"cannot write the database: {exc}")
+            failed.__cause__ = exc
+            return [failed] * len(batch)
+        return outcomes
+
+    def _insert(self, conn: sqlite3.Connection, doc: Document) -> None:
+        created = millis(doc.created_at)
+        n = _key(conn, created, doc.id)
+        conn.execute(
+            "INSERT INTO documents (n, id, created, updated, version, body)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
+        )
+        self._index(conn, doc, n, created, words=True)
+
+    @staticmethod
+    def _index(
+        conn: sqlite3.Connection, doc: Document, n: int | None, created: int, *, words: bool
+    ) -> None:
+        if words:
+            text = " ".join(document_words(doc.title, doc.content))
+            conn.execute("INSERT INTO words (rowid, terms) VALUES (?, ?)", (n, text))
+        conn.executemany(
+            "INSERT INTO tags VALUES (?, ?, ?, ?)", [(t, created, doc.id, n) for t in doc.tags]
+        )
+        conn.executemany(
+            "INSERT INTO metadata VALUES (?, ?, ?, ?, ?)",
+            [
+                (k, _meta_value(v), created, doc.id, n)
+                for k, v in doc.metadata.items()
+                if v is not None
+            ],
+        )
+
+    @staticmethod
+    def _unindex(conn: sqlite3.Connection, doc: Document, n: int, *, words: bool) -> None:
+        if words:
+            text = " ".join(document_words(doc.title, doc.content))
+            conn.execute(
+                "INSERT INTO words (words, rowid, terms) VALUES ('delete', ?, ?)", (n, text)
+            )
+        created = millis(doc.created_at)
+        conn.executemany(
+            "DELETE FROM tags WHERE tag = ? AND created = ? AND id = ?",
+            [(t, created, doc.id) for t in doc.tags],
+        )
+        conn.executemany(
+            "DELETE FROM metadata WHERE key = ? AND value = ? AND created = ? AND id = ?",
+            [
+                (k, _meta_value(v), created, doc.id)
+                for k, v in doc.metadata.items()
+                if v is not None
+            ],
+        )
+
+    def _current(
+        self, conn: sqlite3.Connection, doc_id: str, if_version: int | None
+    ) -> tuple[int, Document]:
+        row = conn.execute("SELECT n, body FROM documents WHERE id = ?", (doc_id,)).fetchone()
+        if row is None:
+            raise DocumentNotFound(doc_id)
+        doc = self._document(row[1])
+        if if_version is not None and doc.version != if_version:
+            raise stale(doc_id, doc.version)
+        return row[0], doc
+
+    async def create(
+        self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
+    ) -> tuple[Document, bool]:
+        body_print = fingerprint(data) if idempotency is not None else ""
+
+        def job(conn: sqlite3.Connection) -> tuple[Document, bool]:
+            now = self._clock()
+            if idempotency is not None:
+                scope = (idempotency.scope, idempotency.key)
+                known = conn.execute(
+                    "SELECT fingerprint, document_id FROM idempotency"
+                    " WHERE scope = ? AND key = ? AND created > ?",
+                    (*scope, millis(now) - TTL_MS),
+                ).fetchone()
+                if known is not None:
+                    if known[0] != body_print:
+                        raise IdempotencyConflict(idempotency.key)
+                    try:
+                        return self._current(conn, known[1], None)[1], True
+                    except DocumentNotFound:
+                        raise IdempotencyConflict(
+                            idempotency.key, "for a document that has since been deleted"
+                        ) from None
+            doc = new_document(data, self._new_id(now), now)
+            if idempotency is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                    (*scope, body_print, doc.id, millis(now)),
+                )
+            self._insert(conn, doc)
+            return doc, False
+
+        result: tuple[Document, bool] = await self._write(job)
+        return result
+
+    async def update(
+        self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
+    ) -> Document:
+        def job(conn: sqlite3.Connection) -> Document:
+            n, current = self._current(conn, doc_id, if_version)
+            new = apply_patch(current, patch, self._clock())
+            if new is current:
+                return current
+            conn.execute(
+                "UPDATE documents SET updated = ?, version = ?, body = ?"
+                " WHERE n = ? AND version = ?",
+                (millis(new.updated_at), new.version, new.json_bytes, n, current.version),
+            )
+            words = (new.title, new.content) != (current.title, current.content)
+            self._unindex(conn, current, n, words=words)
+            self._index(conn, new, n, millis(new.created_at), words=words)
+            return new
+
+        result: Document = await self._write(job)
+        return result
+
+    async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            n, current = self._current(conn, doc_id, if_version)
+            conn.execute("DELETE FROM documents WHERE n = ?", (n,))
+            self._unindex(conn, current, n, words=True)
+
+        await self._write(job)
+
+    async def import_document(self, doc: Document) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM documents WHERE id = ?", (doc.id,)).fetchone():
+                return False
+            self._insert(conn, doc)
+            return True
+
+        result: bool = await self._write(job)
+        return result
+
+    # reads
+
+    def _document(self, body: bytes) -> Document:
+        """Parsed once per version while it is read often: the hot path of every read. A body
+        is the document exactly as the API serves it, so it is its own cache key."""
+        doc = self._parsed.get(body)
+        if doc is None:
+            doc = Document.model_validate_json(body)
+            doc.__dict__["json_bytes"] = body  # its response, with no encoding
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[body] = doc
+        return doc
+
+    async def _read(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
+        """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        conn = self._connection()
+        if self._loop_thread != threading.get_ident():
+            self._loop_thread = threading.get_ident()
+            conn.set_progress_handler(self._over_budget, 1000)
+        self._deadline = time.perf_counter() + LOOP_BUDGET_S
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if str(exc) != "interrupted":
+                raise StoreUnavailable(f"cannot read the database: {exc}") from exc
+        return await anyio.to_thread.run_sync(self._read_in_thread, sql, params)
+
+    def _over_budget(self) -> bool:
+        return threading.get_ident() == self._loop_thread and time.perf_counter() > self._deadline
+
+    def _read_in_thread(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read the database: {exc}") from exc
+
+    async def get(self, doc_id: str) -> Document:
+        rows = await self._read("SELECT body FROM documents WHERE id = ?", (doc_id,))
+        if not rows:
+            raise DocumentNotFound(doc_id)
+        return self._document(rows[0][0])
+
+    async def page(
+        self, query: DocumentQuery, *, limit: int, after: Key | None = None
+    ) -> tuple[list[Document], Key | None]:
+        sql, params = page_sql(query, limit + 1, after)
+        rows = await self._read(sql, params)
+        items = [self._document(row[0]) for row in rows[:limit]]
+        return items, query.position(items[-1]) if len(rows) > limit else None
+
+    async def export_documents(self) -> AsyncIterator[Document]:
+        after: Key | None = None
+        query = DocumentQuery(sort="created_at")
+        while True:
+            items, after = await self.page(query, limit=500, after=after)
+            for doc in items:
+                yield doc
+            if after is None:
+                return
+
+    async def count(self) -> int:
+        rows = await self._read("SELECT count(*) FROM documents", ())
+        return int(rows[0][0])
+
+    async def cursor_secret(self) -> bytes:
+        rows = await self._read("SELECT value FROM meta WHERE name = 'cursor_secret'", ())
+        return bytes(rows[0][0])
+
+    async def check(self) -> None:
+        await self._read("SELECT 1 FROM meta", ())
+        await anyio.to_thread.run_sync(self._probe)
+
+    def _probe(self) -> None:
+        try:
+            if not os.access(self.data_dir, os.W_OK):
+                raise StoreUnavailable("the data directory is not writable")
+            if os.statvfs(self.data_dir).f_bavail == 0:
+                raise StoreUnavailable("the data directory's filesystem is full")
+        except OSError as exc:
+            raise StoreUnavailable(f"the data directory cannot be read: {exc.strerror}") from exc
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy through SQLite's online backup API, in one step: one read
+        transaction, which writers never wait for under WAL."""
+        if os.path.lexists(target):
+            raise StoreUnavailable(f"{target} exists; back up to a new file")
+        copy = sqlite3.connect(target)
+        try:
+            self._connection().backup(copy)
+        finally:
+            copy.close()
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self.close_sync)
+
+    def close_sync(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._jobs.put(None)
+            writer.join()
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+        self._local = threading.local()
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in outcomes:
+        if future.done():
+            continue  # the caller was cancelled; the write itself stands
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, list[Any]]:
+    """One statement per listing, driven by an index: the FTS5 words for `q`, else the first
+    tag's or metadata filter's rows (in creation order), else the documents' own order."""
+    field = "updated" if query.sort_field == "updated_at" else "created"
+    source, params = "documents d", list[Any]()
+    where: list[str] = []
+    alias = "d"
+    if query.words:
+        source = "words w CROSS JOIN documents d ON d.n = w.rowid"
+        where.append("w.words MATCH ?")
+        params.append(" ".join(f'"{word}"' for word in query.words))
+    tags = list(query.tag)
+    metadata = list(query.metadata_values)
+    if not query.words and tags:
+        source = "tags t CROSS JOIN documents d ON d.n = t.n"
+        where.append("t.tag = ?")
+        params.append(tags.pop(0))
+        alias = "t"
+    elif not query.words and metadata and field == "created":
+        name, values = metadata.pop(0)
+        source = "metadata t CROSS JOIN documents d ON d.n = t.n"
+        where.append(f"t.key = ? AND t.value IN ({', '.join('?' * len(values))})")
+        params += [name, *map(_meta_value, values)]
+        alias = "t"
+    for tag in tags:
+        where.append(
+            "EXISTS (SELECT 1 FROM tags WHERE tag = ? AND created = d.created AND id = d.id)"
+        )
+        params.append(tag)
+    for name, values in metadata:
+        where.append(
+            "EXISTS (SELECT 1 FROM metadata WHERE key = ? AND created = d.created AND id = d.id"  # noqa: S608
+            f" AND value IN ({', '.join('?' * len(values))}))"
+        )
+        params += [name, *map(_meta_value, values)]
+    created = f"{alias}.created"
+    for column, start, end in (
+        (created, query.created_after, query.created_before),
+        ("d.updated", query.updated_after, query.updated_before),
+    ):
+        if start is not None:
+            where.append(f"{column} >= ?")
+            params.append(millis(start))
+        if end is not None:
+            where.append(f"{column} < ?")
+            params.append(millis(end))
+    order = (
+        created if field == "created" else "d.updated",
+        f"{alias if field == 'created' else 'd'}.id",
+    )
+    if after is not None:
+        where.append(f"({order[0]}, {order[1]}) {'<' if query.descending else '>'} (?, ?)")
+        params += list(after)
+    direction = " DESC" if query.descending else ""
+    rank = f"at{direction}, i{direction}"
+    if query.words and field == "created":
+        # Keys sort as (created, id): the words' index walks the page in order, bounded by
+        # the time range and the cursor, and stops at the limit.
+        for at, op in (
+            (query.created_after, ">="),
+            (query.created_before, "<"),
+            (
+                None if after is None else after[0] + query.descending,
+                "<" if query.descending else ">=",
+            ),
+        ):
+            if at is not None:
+                where.append(f"w.rowid {op} ?")
+                params.append((at if isinstance(at, int) else millis(at)) * SLOTS)
+        rank = f"w.rowid{direction}"
+    # Only fixed fragments are joined here; every value is a parameter. The page is found on
+    # keys alone, then the bodies are read: a sort never carries them.
+    inner = (
+        f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i FROM {source}"  # noqa: S608
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY {rank} LIMIT {int(limit)}"
+    )
+    sql = (
+        f"SELECT d.body FROM ({inner}) CROSS JOIN documents d ON d.n = k"  # noqa: S608
+        f" ORDER BY at{direction}, i{direction}"
+    )
+    return sql, params
