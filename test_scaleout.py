@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -715,19 +714,21 @@ def test_a_worker_that_cannot_start_stops_the_service_with_a_non_zero_exit(
 
 
 def test_stopping_several_workers_leaves_no_process_and_no_metrics_directory(
-    service_factory: ServiceFactory, mongo_url: str
+    service_factory: ServiceFactory, mongo_url: str, tmp_path: Path
 ) -> None:
-    before = set(Path(tempfile.gettempdir()).glob("documents-metrics-*"))
-    service = two_workers(service_factory, mongo_url)
+    # The service's own temporary directory, so other programs' files there do not count.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    service = two_workers(service_factory, mongo_url, TMPDIR=str(tmp))
     assert service.proc is not None
     group = service.proc.pid
-    assert set(Path(tempfile.gettempdir()).glob("documents-metrics-*")) - before
+    assert list(tmp.glob("documents-metrics-*"))
     service.stop_quietly()
     deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously: poll the kernel
     while _living_members(group) and time.monotonic() < deadline:
         pass
     assert _living_members(group) == []  # no worker, no resource tracker
-    assert set(Path(tempfile.gettempdir()).glob("documents-metrics-*")) - before == set()
+    assert list(tmp.iterdir()) == []
 
 
 def _living_members(group: int) -> list[int]:
