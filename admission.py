@@ -137,7 +137,7 @@ class AdmissionMiddleware:
                 budgets = await spend(self.keyless_storage, self.keyless_limits, client)
         except LimiterUnavailable as exc:
             response = LIMITER_UNAVAILABLE.response(
-                str(exc), headers=_closing(scope, {"Retry-After": RETRY_AFTER_SECONDS})
+                str(exc), headers=_closing({"Retry-After": RETRY_AFTER_SECONDS})
             )
             await response(scope, receive, send)
             return
@@ -151,13 +151,13 @@ class AdmissionMiddleware:
             state["refusal"] = "key-invalid" if presented else "key-missing"
             response = Unauthorized.kind.response(
                 Unauthorized.kind.description,
-                headers=_closing(scope, {"WWW-Authenticate": "ApiKey"}),
+                headers=_closing({"WWW-Authenticate": "ApiKey"}),
             )
             await response(scope, receive, send)
         elif key is not None and key.read_only and protected and _writes(scope):
             state["refusal"] = "key-read-only"
             detail = f"This key may only read ({', '.join(sorted(READ_METHODS))})."
-            await Forbidden.kind.response(detail, headers=_closing(scope, {}))(scope, receive, send)
+            await Forbidden.kind.response(detail, headers=_closing({}))(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -194,7 +194,7 @@ class AdmissionMiddleware:
         if not self.tally.count(who, budget.reset_at, level, fields):
             state["log_access"] = False
         retry_after = max(1, int(budget.reset_at - time.time()) + 1)
-        headers = _closing(scope, {"Retry-After": str(retry_after)})
+        headers = _closing({"Retry-After": str(retry_after)})
         await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
 
 
@@ -231,14 +231,10 @@ def _writes(scope: Scope) -> bool:
     return scope["method"] not in READ_METHODS
 
 
-def _closing(scope: Scope, headers: dict[str, str]) -> dict[str, str]:
-    """A refusal of a request that has a body ends its connection: the body stays unread."""
-    for name, value in scope["headers"]:
-        if (name == b"content-length" and value.strip() not in (b"", b"0")) or (
-            name == b"transfer-encoding"
-        ):
-            return {**headers, "Connection": "close"}
-    return headers
+def _closing(headers: dict[str, str]) -> dict[str, str]:
+    """A refusal ends its connection: a body stays unread, and a refused client holds no
+    connection open to go on being refused."""
+    return {**headers, "Connection": "close"}
 
 
 def _rate_limit_headers(budget: Budget) -> list[tuple[bytes, bytes]]:

@@ -73,10 +73,21 @@ def json_formatter() -> logging.Formatter:
     )
 
 
-def _drop_startup_traceback(record: logging.LogRecord) -> bool:
+# uvicorn warns once per request it cannot parse or upgrade, before any budget applies: a flood
+# of such heads would be as many lines. The server answers each (400, or the request goes on
+# without the upgrade) and the line says nothing an operator can act on.
+_PER_REQUEST_NOISE = (
+    "Invalid HTTP request received.",
+    "Unsupported upgrade request.",
+    "No supported WebSocket library detected.",
+)
+
+
+def _drop_uvicorn_noise(record: logging.LogRecord) -> bool:
     # uvicorn repeats a failed start as a bare traceback message; the lifespan has already
     # logged that failure once, as one line (store.open_failed or service.start_failed).
-    return not str(record.msg).startswith("Traceback (most recent call last)")
+    message = str(record.msg)
+    return not message.startswith(("Traceback (most recent call last)", *_PER_REQUEST_NOISE))
 
 
 def configure_logging(
@@ -103,6 +114,6 @@ def configure_logging(
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
-    logging.getLogger("uvicorn.error").addFilter(_drop_startup_traceback)
+    logging.getLogger("uvicorn.error").addFilter(_drop_uvicorn_noise)
     # Our middleware writes one access line per request; uvicorn's would be a second.
     logging.getLogger("uvicorn.access").disabled = True

@@ -260,9 +260,14 @@ class MongoStore:
             original = await self._claim(idempotency, fingerprint(data), raw, now)
             if original is not None:
                 return original, True
-        # A retry may already have finished this create from the claim: then it is done.
-        await self._insert_new(self._docs, raw)
-        return doc, False
+        if await self._insert_new(self._docs, raw) or idempotency is None:
+            return doc, False
+        # A retry finished this create from the claim first (and the document may since have
+        # been deleted): answer as that retry did.
+        try:
+            return await self.get(doc.id), True
+        except DocumentNotFound:
+            raise IdempotencyConflict(idempotency.key, "for a document since deleted") from None
 
     async def _claim(
         self, idempotency: IdempotencyKey, body_print: str, raw: dict[str, Any], now: datetime
@@ -394,14 +399,15 @@ class MongoStore:
                 raise stale(doc_id, latest.version)
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
-        """One conditional write on the document itself. A document its create's key may
-        still replay (for IDEMPOTENCY_TTL) becomes a tombstone under the same id instead of
-        going: a retry's insert then finds the id taken and answers 409, in whichever order
-        the two arrive, and a delete that does not happen (412, a cut connection) has
-        changed nothing, the key included."""
+        """One conditional write on the document itself. The document becomes a tombstone
+        under the same id instead of going, for IDEMPOTENCY_TTL: a retry's insert of a create
+        whose key may still replay it then finds the id taken and answers 409, in whichever
+        order the two arrive, and a delete that does not happen (412, a cut connection) has
+        changed nothing, the key included. Every delete leaves one, whatever the record says
+        about its key: a restore brings documents back without it."""
         now = self._clock()
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version", "idempotency_key"])
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version"])
         if raw is None:
             raise DocumentNotFound(doc_id)
         if if_version is not None and raw["version"] != if_version:
@@ -410,11 +416,7 @@ class MongoStore:
         if if_version is not None:
             match["version"] = if_version
         with _driver_errors():
-            if "idempotency_key" in raw:
-                tombstone = {"idempotency_key": raw["idempotency_key"], "deleted_at": now}
-                done = (await self._docs.replace_one(match, tombstone)).matched_count
-            else:
-                done = (await self._docs.delete_one(match)).deleted_count
+            done = (await self._docs.replace_one(match, {"deleted_at": now})).matched_count
         if not done:
             current = await self.get(doc_id)  # raises DocumentNotFound when it is gone
             raise stale(doc_id, current.version)

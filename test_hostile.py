@@ -260,6 +260,45 @@ def test_a_refused_request_is_answered_from_its_head_and_the_connection_closed(
 
 
 @pytest.mark.parametrize(
+    ("headers", "status"),
+    [("", 401), (f"X-API-Key: {'w' * 32}\r\n", 401), ("X-Forwarded-For: 198.51.100.9\r\n", 429)],
+    ids=["no key", "a wrong key", "no key, over the keyless budget"],
+)
+def test_a_refusal_without_a_body_ends_its_connection_too(
+    gate: Service, headers: str, status: int
+) -> None:
+    """A refused client keeps no connection open to go on being refused on it."""
+    if status == 429:
+        _spend(gate, {"X-Forwarded-For": "198.51.100.9"})
+    with socket.create_connection(("127.0.0.1", gate.port)) as sock:
+        sock.sendall(f"GET /v1/documents HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        sock.settimeout(3)  # below the keep-alive timeout: a connection kept open fails here
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert status_of(received) == status
+    assert b"connection: close" in received.lower()
+
+
+def test_heads_uvicorn_cannot_parse_or_upgrade_write_no_log_line(
+    service_factory: ServiceFactory,
+) -> None:
+    """Such a head is answered before any budget applies: a line each would let a flood of
+    them write without bound."""
+    service = service_factory().start()
+    upgrade = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n"
+    for _ in range(10):
+        assert status_of(exchange(service, b"GARBAGE\r\n\r\n")) == 400
+        for protocol in (b"websocket", b"h2c"):
+            with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
+                sock.sendall(upgrade % protocol)
+                assert status_of(sock.recv(65536)) == 200
+    service.stop_quietly()
+    lines = service.rest_of_output().splitlines()
+    assert not [line for line in lines if '"WARNING"' in line or "upgrade" in line.lower()]
+
+
+@pytest.mark.parametrize(
     ("trusted", "first", "second", "status"),
     [
         ("127.0.0.1", "203.0.113.7", "203.0.113.8", 401),

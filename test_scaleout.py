@@ -641,6 +641,28 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
     anyio.run(scenario)
 
 
+def test_a_document_restored_then_deleted_again_never_comes_back_through_its_key(
+    mongo_url: str,
+) -> None:
+    """A restore (import) brings a deleted document back within its key's 24 h; deleting it
+    again is as final as the first delete: a retry of its create answers 409."""
+
+    async def scenario() -> tuple[Any, Any]:
+        store = await MongoStore.open(mongo_url)
+        try:
+            doc, _ = await _create(store, DOC)
+            await store.delete(doc.id)
+            assert await store.import_document(doc)
+            await store.delete(doc.id)
+            return await _outcome(_create(store, DOC)), await _outcome(store.get(doc.id))
+        finally:
+            await store.close()
+
+    retried, read = anyio.run(scenario)
+    assert isinstance(retried, IdempotencyConflict)
+    assert isinstance(read, DocumentNotFound)
+
+
 def test_a_key_an_earlier_version_marked_deleted_replays_its_document_only_while_it_exists(
     mongo_url: str,
 ) -> None:
