@@ -85,6 +85,7 @@ from storage import (
 )
 
 VERSION = "1.0.0"
+PAGE_MAX_BYTES = 1024 * 1024  # the documents of one page, as sent
 log = logging.getLogger("documents.api")
 
 
@@ -179,7 +180,8 @@ async def list_documents(request: Request, caller: CallerDep) -> Response:
     """Find documents: every filter given must hold. Follow `next_cursor` to walk every match
     exactly once, in order, even while others are created; a cursor is only valid with the
     filters and sort that produced it. A page holds `limit` documents unless it is the last,
-    whose `next_cursor` is `null`. Unknown parameters are refused.
+    whose `next_cursor` is `null`, or the next document would take it past 1 MiB. Unknown
+    parameters are refused.
 
     `metadata.KEY=VALUE` (repeatable over keys) keeps documents whose metadata KEY equals
     VALUE as a string, or as the JSON number or boolean VALUE spells: `metadata.pages=12`
@@ -188,6 +190,14 @@ async def list_documents(request: Request, caller: CallerDep) -> Response:
     secret = await caller.store.cursor_secret()
     after = decode_cursor(query.cursor, query.binding, secret) if query.cursor else None
     items, next_after = await caller.store.page(query, limit=query.limit, after=after)
+    # Large documents end a page early: no response is larger than about PAGE_MAX_BYTES, so
+    # none is one long encode, nor megabytes held for a client that reads slowly or not at all.
+    size = 0
+    for kept, doc in enumerate(items):
+        size += len(doc.json_bytes)
+        if size > PAGE_MAX_BYTES and kept:
+            items, next_after = items[:kept], query.position(items[kept - 1])
+            break
     next_cursor = encode_cursor(next_after, query.binding, secret) if next_after else None
     # A DocumentPage, joined from each document's cached body rather than re-encoded.
     body = b'{"items":[%s],"next_cursor":%s}' % (

@@ -993,3 +993,29 @@ def test_spending_a_budget_agrees_with_limits_fixed_window() -> None:
         assert spent == [True, True, True, False]
 
     anyio.run(scenario)
+
+
+def test_a_page_of_large_documents_stops_short_of_a_mebibyte_and_the_walk_misses_none(
+    client: TestClient,
+) -> None:
+    """Six documents of about 200 KB each: no page's response passes about 1 MiB, and
+    following the cursors still visits each exactly once."""
+    created = [
+        client.post("/v1/documents", json={"title": f"big {n}", "content": "é" * 100_000})
+        for n in range(6)
+    ]
+    assert all(response.status_code == 201 for response in created)
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+        response = client.get("/v1/documents", params=params)
+        assert response.status_code == 200
+        assert len(response.content) < 1024 * 1024 + 4096
+        page = response.json()
+        seen += [doc["id"] for doc in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(r.json()["id"] for r in created)
+    assert len(seen) == 6
