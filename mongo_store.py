@@ -7,6 +7,7 @@ import asyncio
 import logging
 import multiprocessing
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -67,6 +68,7 @@ WORDS_RETRY_SECONDS = 30.0
 TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
 LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
 TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
+INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
 # Reads leave `words` on the server: only queries use them, and a long text has many.
 NO_WORDS = {"words": False}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
@@ -155,6 +157,8 @@ class MongoStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._indexes_ready = False
+        self._indexes_lock = asyncio.Lock()
+        self._indexes_retry_at = 0.0
         self._cursor_secret: bytes | None = None
         self._tokenizer: ProcessPoolExecutor | None = None
         self.words_added: asyncio.Task[int] | None = None
@@ -195,6 +199,28 @@ class MongoStore:
     async def _ensure_indexes(self) -> None:
         if self._indexes_ready:
             return
+        # Requests making the first contact together wait for one attempt. One that MongoDB
+        # refused (not one it never saw) is not repeated by every request: they get 503 until
+        # a pause has passed.
+        async with self._indexes_lock:
+            if self._indexes_ready:
+                return
+            if time.monotonic() < self._indexes_retry_at:
+                raise StoreUnavailable("MongoDB's indexes are not ready; try again shortly.")
+            try:
+                await self._build_indexes()
+            except StoreUnavailable:
+                raise
+            except StoreError:
+                self._indexes_retry_at = time.monotonic() + INDEX_RETRY_SECONDS
+                raise
+            self._indexes_ready = True
+        # In the background, so that a large collection does not hold up the start; once,
+        # however many requests made the first contact together.
+        if self.words_added is None:
+            self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+
+    async def _build_indexes(self) -> None:
         with _driver_errors():
             for name, keys in INDEXES.items():
                 await self._docs.create_index(keys, name=name)
@@ -213,11 +239,6 @@ class MongoStore:
                 expireAfterSeconds=int(TOMBSTONE_TTL.total_seconds()),
                 name="tombstones",
             )
-        self._indexes_ready = True
-        # In the background, so that a large collection does not hold up the start; once,
-        # however many requests made the first contact together.
-        if self.words_added is None:
-            self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
 
     async def _add_missing_words(self) -> int:
         """Documents written before the word index have no `words`, so `q` cannot find them

@@ -40,7 +40,7 @@ from conftest import (
     run_threads,
 )
 from models import DocumentCreate, DocumentQuery, DocumentUpdate
-from mongo_store import MongoStore
+from mongo_store import INDEXES, MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
 from storage import (
     DocumentNotFound,
@@ -255,6 +255,35 @@ def proxied_mongo(mongo_server: SecantusDBServer, mongo_url: str) -> Iterator[tu
     database = mongo_url.rsplit("/", 1)[1]
     yield proxy, f"mongodb://{proxy.address}/{database}?directConnection=true"
     proxy.stop()
+
+
+def test_an_index_build_mongodb_refuses_is_retried_after_a_pause_not_by_every_request(
+    proxied_mongo: tuple[TcpProxy, str], mongo_url: str, tmp_path: Path
+) -> None:
+    """MongoDB is down at the start, then back with an index the build cannot make (the same
+    name, other options): requests get 500 then 503, and the build is not re-run by each."""
+    proxy, url = proxied_mongo
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_url, directConnection=True
+    )
+    with client:
+        client.get_default_database()["documents"].create_index(
+            "deleted_at", expireAfterSeconds=60, name="tombstones"
+        )
+    builds: list[bytes] = []
+
+    def count_builds(message: bytes) -> Fate:
+        if b"createIndexes" in message:
+            builds.append(message)
+        return "deliver"
+
+    proxy.fault = count_builds
+    with mongo_app_client(url, tmp_path) as app:  # unreachable: the build waits
+        proxy.start()
+        answers = [app.post("/v1/documents", json=DOC).status_code for _ in range(10)]
+    assert set(answers) <= {500, 503}
+    assert answers.count(503) >= 9
+    assert len(builds) <= len(INDEXES) + 2  # one attempt, not one per request
 
 
 def test_mongodb_down_at_startup_then_back(
