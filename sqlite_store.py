@@ -214,6 +214,7 @@ class SQLiteStore:
         self._loop_thread = -1
         self._deadline = 0.0
         self._parsed: dict[bytes, Document] = {}
+        self._secret = b""
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> SQLiteStore:
@@ -225,6 +226,8 @@ class SQLiteStore:
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
             store._migrate(existed)
+            sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
+            store._secret = bytes(store._connection().execute(sql).fetchone()[0])
         except sqlite3.OperationalError as exc:  # locked, read-only, cannot open
             store._close_connections()
             raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
@@ -549,8 +552,7 @@ class SQLiteStore:
         return int(rows[0][0])
 
     async def cursor_secret(self) -> bytes:
-        rows = await self._read("SELECT value FROM meta WHERE name = 'cursor_secret'", ())
-        return bytes(rows[0][0])
+        return self._secret  # made once by the first migration, never changed
 
     async def check(self) -> None:
         await self._read("SELECT 1 FROM meta", ())
@@ -657,7 +659,7 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         where.append(f"({order[0]}, {order[1]}) {'<' if query.descending else '>'} (?, ?)")
         params += list(after)
     direction = " DESC" if query.descending else ""
-    rank = f"at{direction}, i{direction}"
+    rank = f"{order[0]}{direction}, {order[1]}{direction}"
     if query.words and field == "created":
         # Keys sort as (created, id): the words' index walks the page in order, bounded by
         # the time range and the cursor, and stops at the limit.
@@ -673,15 +675,15 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
                 where.append(f"w.rowid {op} ?")
                 params.append((at if isinstance(at, int) else millis(at)) * SLOTS)
         rank = f"w.rowid{direction}"
-    # Only fixed fragments are joined here; every value is a parameter. The page is found on
-    # keys alone, then the bodies are read: a sort never carries them.
-    inner = (
-        f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i FROM {source}"  # noqa: S608
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY {rank} LIMIT {int(limit)}"
-    )
+    # Only fixed fragments are joined here; every value is a parameter. Where SQLite must sort
+    # (words or a tag in `updated_at` order), the page is found on keys alone, then its bodies
+    # are read: a sort never carries them. Elsewhere the driving index gives the order.
+    found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
+    if field == "created" or not (query.words or query.tag):
+        return f"SELECT d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
+    inner = f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i {found}"
     sql = (
-        f"SELECT d.body FROM ({inner}) CROSS JOIN documents d ON d.n = k"  # noqa: S608
-        f" ORDER BY at{direction}, i{direction}"
+        f"SELECT d.body FROM ({inner} ORDER BY {rank} LIMIT {int(limit)})"  # noqa: S608
+        f" CROSS JOIN documents d ON d.n = k ORDER BY at{direction}, i{direction}"
     )
     return sql, params
