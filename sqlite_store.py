@@ -310,28 +310,26 @@ class SQLiteStore:
 
     def _write_loop(self) -> None:
         conn = self._connection()
-        while (first := self._jobs.get()) is not None:
-            batch = [first]
-            while True:
-                try:
-                    item = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._jobs.put(None)  # stop after this batch
-                    break
-                batch.append(item)
+        while True:
+            batch = [self._jobs.get()]
+            while not self._jobs.empty():  # its only reader: get() does not block
+                batch.append(self._jobs.get())
+            jobs = [job for job in batch if job is not None]  # None: stop after this batch
             # One wake-up per event loop for the whole batch, not one per write.
             settled: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for (_, loop, future), outcome in zip(batch, self._commit(conn, batch), strict=True):
+            for (_, loop, future), outcome in zip(jobs, self._commit(conn, jobs), strict=True):
                 settled.setdefault(loop, []).append((future, outcome))
             for loop, outcomes in settled.items():
                 loop.call_soon_threadsafe(_settle, outcomes)
+            if len(jobs) < len(batch):
+                return
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> list[Any]:
         """Each job's result or StoreError. A job raises StoreError before it writes anything,
         so the others commit; any other failure (a full disk) rolls back the whole batch."""
         outcomes: list[Any] = []
+        if not batch:
+            return outcomes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job, _, _ in batch:
@@ -357,47 +355,31 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
         )
-        self._index(conn, doc, n, created, words=True)
+        self._index(conn, doc, n, words=True, drop=False)
 
     @staticmethod
-    def _index(
-        conn: sqlite3.Connection, doc: Document, n: int | None, created: int, *, words: bool
-    ) -> None:
-        if words:
-            text = " ".join(document_words(doc.title, doc.content))
-            conn.execute("INSERT INTO words (rowid, terms) VALUES (?, ?)", (n, text))
-        conn.executemany(
-            "INSERT INTO tags VALUES (?, ?, ?, ?)", [(t, created, doc.id, n) for t in doc.tags]
-        )
-        conn.executemany(
-            "INSERT INTO metadata VALUES (?, ?, ?, ?, ?)",
-            [
-                (k, _meta_value(v), created, doc.id, n)
-                for k, v in doc.metadata.items()
-                if v is not None
-            ],
-        )
-
-    @staticmethod
-    def _unindex(conn: sqlite3.Connection, doc: Document, n: int, *, words: bool) -> None:
-        if words:
+    def _index(conn: sqlite3.Connection, doc: Document, n: int, *, words: bool, drop: bool) -> None:
+        """Add (or, with `drop`, remove) the rows that find `doc`: words, tags, metadata."""
+        if words:  # a contentless FTS5 row is removed by giving its words again with 'delete'
             text = " ".join(document_words(doc.title, doc.content))
             conn.execute(
-                "INSERT INTO words (words, rowid, terms) VALUES ('delete', ?, ?)", (n, text)
+                "INSERT INTO words (words, rowid, terms) VALUES (?, ?, ?)",
+                ("delete" if drop else None, n, text),
             )
-        created = millis(doc.created_at)
-        conn.executemany(
-            "DELETE FROM tags WHERE tag = ? AND created = ? AND id = ?",
-            [(t, created, doc.id) for t in doc.tags],
-        )
-        conn.executemany(
-            "DELETE FROM metadata WHERE key = ? AND value = ? AND created = ? AND id = ?",
-            [
-                (k, _meta_value(v), created, doc.id)
-                for k, v in doc.metadata.items()
-                if v is not None
-            ],
-        )
+        at = (millis(doc.created_at), doc.id)
+        tags = [(t, *at) for t in doc.tags]
+        values = [(k, _meta_value(v), *at) for k, v in doc.metadata.items() if v is not None]
+        if drop:
+            conn.executemany("DELETE FROM tags WHERE tag = ? AND created = ? AND id = ?", tags)
+            conn.executemany(
+                "DELETE FROM metadata WHERE key = ? AND value = ? AND created = ? AND id = ?",
+                values,
+            )
+        else:
+            conn.executemany("INSERT INTO tags VALUES (?, ?, ?, ?)", [(*t, n) for t in tags])
+            conn.executemany(
+                "INSERT INTO metadata VALUES (?, ?, ?, ?, ?)", [(*v, n) for v in values]
+            )
 
     def _current(
         self, conn: sqlite3.Connection, doc_id: str, if_version: int | None
@@ -459,8 +441,8 @@ class SQLiteStore:
                 (millis(new.updated_at), new.version, new.json_bytes, n, current.version),
             )
             words = (new.title, new.content) != (current.title, current.content)
-            self._unindex(conn, current, n, words=words)
-            self._index(conn, new, n, millis(new.created_at), words=words)
+            self._index(conn, current, n, words=words, drop=True)
+            self._index(conn, new, n, words=words, drop=False)
             return new
 
         result: Document = await self._write(job)
@@ -470,7 +452,7 @@ class SQLiteStore:
         def job(conn: sqlite3.Connection) -> None:
             n, current = self._current(conn, doc_id, if_version)
             conn.execute("DELETE FROM documents WHERE n = ?", (n,))
-            self._unindex(conn, current, n, words=True)
+            self._index(conn, current, n, words=True, drop=True)
 
         await self._write(job)
 
