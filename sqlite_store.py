@@ -228,14 +228,12 @@ class SQLiteStore:
             store._migrate(existed)
             sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
             store._secret = bytes(store._connection().execute(sql).fetchone()[0])
-        except sqlite3.OperationalError as exc:  # locked, read-only, cannot open
+        except BaseException as exc:
             store._close_connections()
-            raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            store._close_connections()
-            raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
-        except BaseException:
-            store._close_connections()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open
+                raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
             raise
         store._writer = threading.Thread(target=store._write_loop, name="sqlite-writer")
         store._writer.start()
@@ -257,7 +255,8 @@ class SQLiteStore:
             )
         if version == len(MIGRATIONS):
             with conn:  # expired keys go at each start; a live key is replaced once expired
-                conn.execute("DELETE FROM idempotency WHERE created <= ?", (self._expired(),))
+                expired = millis(self._clock()) - TTL_MS
+                conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
             return
         if existed and version == 0:
             imported = _legacy_documents(legacy, journal, self._clock())
@@ -277,10 +276,6 @@ class SQLiteStore:
         if imported is not None and version == 0:
             legacy.rename(legacy.with_name(LEGACY_FILE + ".imported"))
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
-
-    def _expired(self) -> int:
-        """Keys created at or before this (milliseconds) are expired."""
-        return millis(self._clock()) - TTL_MS
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection."""
