@@ -9,6 +9,7 @@ transaction (group commit). Reads use one connection per thread and never wait f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -213,7 +214,9 @@ class SQLiteStore:
         self._writer: threading.Thread | None = None
         self._loop_thread = -1
         self._deadline = 0.0
-        self._parsed: dict[bytes, Document] = {}
+        # Parsed once per version while it is read often: the hot path of every read. A body is
+        # the document exactly as the API serves it, so it is its own cache key.
+        self._document = functools.lru_cache(maxsize=PARSED_MAX)(_parse)
         self._secret = b""
 
     @classmethod
@@ -463,18 +466,6 @@ class SQLiteStore:
 
     # reads
 
-    def _document(self, body: bytes) -> Document:
-        """Parsed once per version while it is read often: the hot path of every read. A body
-        is the document exactly as the API serves it, so it is its own cache key."""
-        doc = self._parsed.get(body)
-        if doc is None:
-            doc = Document.model_validate_json(body)
-            doc.__dict__["json_bytes"] = body  # its response, with no encoding
-            if len(self._parsed) >= PARSED_MAX:
-                self._parsed.clear()
-            self._parsed[body] = doc
-        return doc
-
     async def _read(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
         """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
         if self._writer is None:
@@ -570,6 +561,12 @@ class SQLiteStore:
             conn.close()
         self._connections.clear()
         self._local = threading.local()
+
+
+def _parse(body: bytes) -> Document:
+    doc = Document.model_validate_json(body)
+    doc.__dict__["json_bytes"] = body  # its response, with no encoding
+    return doc
 
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
