@@ -9,6 +9,7 @@ transaction (group commit). Reads use one connection per thread and never wait f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -213,7 +214,10 @@ class SQLiteStore:
         self._writer: threading.Thread | None = None
         self._loop_thread = -1
         self._deadline = 0.0
-        self._parsed: dict[bytes, Document] = {}
+        # Parsed once per version while it is read often: the hot path of every read. A body is
+        # the document exactly as the API serves it, so it is its own cache key.
+        self._document = functools.lru_cache(maxsize=PARSED_MAX)(_parse)
+        self._secret = b""
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> SQLiteStore:
@@ -225,14 +229,14 @@ class SQLiteStore:
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
             store._migrate(existed)
-        except sqlite3.OperationalError as exc:  # locked, read-only, cannot open
+            sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
+            store._secret = bytes(store._connection().execute(sql).fetchone()[0])
+        except BaseException as exc:
             store._close_connections()
-            raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            store._close_connections()
-            raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
-        except BaseException:
-            store._close_connections()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open
+                raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
             raise
         store._writer = threading.Thread(target=store._write_loop, name="sqlite-writer")
         store._writer.start()
@@ -254,7 +258,8 @@ class SQLiteStore:
             )
         if version == len(MIGRATIONS):
             with conn:  # expired keys go at each start; a live key is replaced once expired
-                conn.execute("DELETE FROM idempotency WHERE created <= ?", (self._expired(),))
+                expired = millis(self._clock()) - TTL_MS
+                conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
             return
         if existed and version == 0:
             imported = _legacy_documents(legacy, journal, self._clock())
@@ -274,10 +279,6 @@ class SQLiteStore:
         if imported is not None and version == 0:
             legacy.rename(legacy.with_name(LEGACY_FILE + ".imported"))
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
-
-    def _expired(self) -> int:
-        """Keys created at or before this (milliseconds) are expired."""
-        return millis(self._clock()) - TTL_MS
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection."""
@@ -307,28 +308,26 @@ class SQLiteStore:
 
     def _write_loop(self) -> None:
         conn = self._connection()
-        while (first := self._jobs.get()) is not None:
-            batch = [first]
-            while True:
-                try:
-                    item = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._jobs.put(None)  # stop after this batch
-                    break
-                batch.append(item)
+        while True:
+            batch = [self._jobs.get()]
+            while not self._jobs.empty():  # its only reader: get() does not block
+                batch.append(self._jobs.get())
+            jobs = [job for job in batch if job is not None]  # None: stop after this batch
             # One wake-up per event loop for the whole batch, not one per write.
             settled: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for (_, loop, future), outcome in zip(batch, self._commit(conn, batch), strict=True):
+            for (_, loop, future), outcome in zip(jobs, self._commit(conn, jobs), strict=True):
                 settled.setdefault(loop, []).append((future, outcome))
             for loop, outcomes in settled.items():
                 loop.call_soon_threadsafe(_settle, outcomes)
+            if len(jobs) < len(batch):
+                return
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> list[Any]:
         """Each job's result or StoreError. A job raises StoreError before it writes anything,
         so the others commit; any other failure (a full disk) rolls back the whole batch."""
         outcomes: list[Any] = []
+        if not batch:
+            return outcomes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job, _, _ in batch:
@@ -354,47 +353,31 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
         )
-        self._index(conn, doc, n, created, words=True)
+        self._index(conn, doc, n, words=True, drop=False)
 
     @staticmethod
-    def _index(
-        conn: sqlite3.Connection, doc: Document, n: int | None, created: int, *, words: bool
-    ) -> None:
-        if words:
-            text = " ".join(document_words(doc.title, doc.content))
-            conn.execute("INSERT INTO words (rowid, terms) VALUES (?, ?)", (n, text))
-        conn.executemany(
-            "INSERT INTO tags VALUES (?, ?, ?, ?)", [(t, created, doc.id, n) for t in doc.tags]
-        )
-        conn.executemany(
-            "INSERT INTO metadata VALUES (?, ?, ?, ?, ?)",
-            [
-                (k, _meta_value(v), created, doc.id, n)
-                for k, v in doc.metadata.items()
-                if v is not None
-            ],
-        )
-
-    @staticmethod
-    def _unindex(conn: sqlite3.Connection, doc: Document, n: int, *, words: bool) -> None:
-        if words:
+    def _index(conn: sqlite3.Connection, doc: Document, n: int, *, words: bool, drop: bool) -> None:
+        """Add (or, with `drop`, remove) the rows that find `doc`: words, tags, metadata."""
+        if words:  # a contentless FTS5 row is removed by giving its words again with 'delete'
             text = " ".join(document_words(doc.title, doc.content))
             conn.execute(
-                "INSERT INTO words (words, rowid, terms) VALUES ('delete', ?, ?)", (n, text)
+                "INSERT INTO words (words, rowid, terms) VALUES (?, ?, ?)",
+                ("delete" if drop else None, n, text),
             )
-        created = millis(doc.created_at)
-        conn.executemany(
-            "DELETE FROM tags WHERE tag = ? AND created = ? AND id = ?",
-            [(t, created, doc.id) for t in doc.tags],
-        )
-        conn.executemany(
-            "DELETE FROM metadata WHERE key = ? AND value = ? AND created = ? AND id = ?",
-            [
-                (k, _meta_value(v), created, doc.id)
-                for k, v in doc.metadata.items()
-                if v is not None
-            ],
-        )
+        at = (millis(doc.created_at), doc.id)
+        tags = [(t, *at) for t in doc.tags]
+        values = [(k, _meta_value(v), *at) for k, v in doc.metadata.items() if v is not None]
+        if drop:
+            conn.executemany("DELETE FROM tags WHERE tag = ? AND created = ? AND id = ?", tags)
+            conn.executemany(
+                "DELETE FROM metadata WHERE key = ? AND value = ? AND created = ? AND id = ?",
+                values,
+            )
+        else:
+            conn.executemany("INSERT INTO tags VALUES (?, ?, ?, ?)", [(*t, n) for t in tags])
+            conn.executemany(
+                "INSERT INTO metadata VALUES (?, ?, ?, ?, ?)", [(*v, n) for v in values]
+            )
 
     def _current(
         self, conn: sqlite3.Connection, doc_id: str, if_version: int | None
@@ -456,8 +439,8 @@ class SQLiteStore:
                 (millis(new.updated_at), new.version, new.json_bytes, n, current.version),
             )
             words = (new.title, new.content) != (current.title, current.content)
-            self._unindex(conn, current, n, words=words)
-            self._index(conn, new, n, millis(new.created_at), words=words)
+            self._index(conn, current, n, words=words, drop=True)
+            self._index(conn, new, n, words=words, drop=False)
             return new
 
         result: Document = await self._write(job)
@@ -467,7 +450,7 @@ class SQLiteStore:
         def job(conn: sqlite3.Connection) -> None:
             n, current = self._current(conn, doc_id, if_version)
             conn.execute("DELETE FROM documents WHERE n = ?", (n,))
-            self._unindex(conn, current, n, words=True)
+            self._index(conn, current, n, words=True, drop=True)
 
         await self._write(job)
 
@@ -482,18 +465,6 @@ class SQLiteStore:
         return result
 
     # reads
-
-    def _document(self, body: bytes) -> Document:
-        """Parsed once per version while it is read often: the hot path of every read. A body
-        is the document exactly as the API serves it, so it is its own cache key."""
-        doc = self._parsed.get(body)
-        if doc is None:
-            doc = Document.model_validate_json(body)
-            doc.__dict__["json_bytes"] = body  # its response, with no encoding
-            if len(self._parsed) >= PARSED_MAX:
-                self._parsed.clear()
-            self._parsed[body] = doc
-        return doc
 
     async def _read(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
         """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
@@ -549,8 +520,7 @@ class SQLiteStore:
         return int(rows[0][0])
 
     async def cursor_secret(self) -> bytes:
-        rows = await self._read("SELECT value FROM meta WHERE name = 'cursor_secret'", ())
-        return bytes(rows[0][0])
+        return self._secret  # made once by the first migration, never changed
 
     async def check(self) -> None:
         await self._read("SELECT 1 FROM meta", ())
@@ -591,6 +561,12 @@ class SQLiteStore:
             conn.close()
         self._connections.clear()
         self._local = threading.local()
+
+
+def _parse(body: bytes) -> Document:
+    doc = Document.model_validate_json(body)
+    doc.__dict__["json_bytes"] = body  # its response, with no encoding
+    return doc
 
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
@@ -657,7 +633,7 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         where.append(f"({order[0]}, {order[1]}) {'<' if query.descending else '>'} (?, ?)")
         params += list(after)
     direction = " DESC" if query.descending else ""
-    rank = f"at{direction}, i{direction}"
+    rank = f"{order[0]}{direction}, {order[1]}{direction}"
     if query.words and field == "created":
         # Keys sort as (created, id): the words' index walks the page in order, bounded by
         # the time range and the cursor, and stops at the limit.
@@ -673,15 +649,15 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
                 where.append(f"w.rowid {op} ?")
                 params.append((at if isinstance(at, int) else millis(at)) * SLOTS)
         rank = f"w.rowid{direction}"
-    # Only fixed fragments are joined here; every value is a parameter. The page is found on
-    # keys alone, then the bodies are read: a sort never carries them.
-    inner = (
-        f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i FROM {source}"  # noqa: S608
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY {rank} LIMIT {int(limit)}"
-    )
+    # Only fixed fragments are joined here; every value is a parameter. Where SQLite must sort
+    # (words or a tag in `updated_at` order), the page is found on keys alone, then its bodies
+    # are read: a sort never carries them. Elsewhere the driving index gives the order.
+    found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
+    if field == "created" or not (query.words or query.tag):
+        return f"SELECT d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
+    inner = f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i {found}"
     sql = (
-        f"SELECT d.body FROM ({inner}) CROSS JOIN documents d ON d.n = k"  # noqa: S608
-        f" ORDER BY at{direction}, i{direction}"
+        f"SELECT d.body FROM ({inner} ORDER BY {rank} LIMIT {int(limit)})"  # noqa: S608
+        f" CROSS JOIN documents d ON d.n = k ORDER BY at{direction}, i{direction}"
     )
     return sql, params
