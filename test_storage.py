@@ -503,6 +503,23 @@ async def test_a_second_store_on_the_directory_shares_the_data(tmp_path: Path) -
     await second.close()
 
 
+async def test_probes_count_at_most_every_few_seconds_and_after_the_process_own_writes(
+    tmp_path: Path,
+) -> None:
+    """/health/ready and /metrics count the documents, and anyone may send them: a count walks
+    an index, so it is reused for a few seconds, except after this process's own writes."""
+    probed, other = SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)
+    try:
+        assert await probed.count() == 0
+        await other.create(body("elsewhere"))
+        assert await probed.count() == 0  # not counted again: no walk per probe
+        await probed.create(body("here"))
+        assert await probed.count() == 2
+    finally:
+        await probed.close()
+        await other.close()
+
+
 async def test_idempotency_races_between_two_stores_create_one_document(tmp_path: Path) -> None:
     stores = [SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)]
     key = IdempotencyKey("alice", "k1")
