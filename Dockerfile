@@ -14,7 +14,7 @@ RUN python -m venv /opt/venv \
 # --- runtime stage: the interpreter, the virtualenv and the service's own files only ---
 FROM python:3.12.12-slim-bookworm
 LABEL org.opencontainers.image.title="documents-service" \
-      org.opencontainers.image.description="Documents API: FastAPI over a durable embedded TinyDB store" \
+      org.opencontainers.image.description="Documents API: FastAPI over a durable embedded SQLite store" \
       org.opencontainers.image.version="1.0.0" \
       org.opencontainers.image.licenses="MIT"
 

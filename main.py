@@ -71,7 +71,7 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve
-from sqlite_store import SQLiteStore
+from sqlite_store import DATABASE_FILE, SQLiteStore
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -677,6 +677,10 @@ def _document_from(line: bytes, where: str) -> Document:
 
 
 async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
+    database = settings.data_dir / DATABASE_FILE
+    if task in ("backup", "export") and not settings.database_url and not database.exists():
+        # Opening would make an empty database: a copy of it would look like a good backup.
+        raise SystemExit(f"no database at {database}: is DATA_DIR the service's?")
     store = await open_store(settings)
     try:
         if task == "seed":

@@ -373,3 +373,17 @@ def write_until_killed_worker(service: Service, workers: set[int]) -> list[str]:
     for thread in threads:
         thread.join()
     return acknowledged
+
+
+@pytest.mark.parametrize("task", ["backup", "export"])
+def test_a_backup_or_export_of_a_directory_without_a_database_is_refused(
+    tmp_path: Path, task: str
+) -> None:
+    """A DATA_DIR that is not the service's (a typo, a missing environment file) would copy a
+    new, empty database: a backup that looks good and holds nothing."""
+    wrong = tmp_path / "not-the-data"
+    result = run_task(wrong, task, str(tmp_path / "copy"))
+    assert result.returncode != 0
+    assert b"no database at" in result.stderr
+    assert not (tmp_path / "copy").exists()
+    assert not (wrong / "documents.db").exists()
