@@ -3,6 +3,7 @@ wrapper that times every store operation and counts its failures."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -63,6 +64,9 @@ _OPERATIONS = ("create", "get", "page", "update", "delete", "import", "check")
 # the stored document refuses) is an answer, counted as a 4xx in http_requests_total, not a
 # failure of the store.
 _CLIENT_OUTCOMES = (DocumentNotFound, PreconditionFailed, IdempotencyConflict, DocumentInvalid)
+
+log = logging.getLogger("documents.metrics")
+DISK_NEARLY_FULL = 0.1  # free share of DATA_DIR's volume below which a scrape warns (as the alert)
 
 
 class Metrics:
@@ -180,8 +184,12 @@ class Metrics:
             self.size_bytes.set(math.nan)
             return
         # f_bavail, not f_bfree: the blocks reserved for root are not the service's to use.
-        self.free_bytes.set(volume.f_bavail * volume.f_frsize)
-        self.size_bytes.set(volume.f_blocks * volume.f_frsize)
+        free, size = volume.f_bavail * volume.f_frsize, volume.f_blocks * volume.f_frsize
+        self.free_bytes.set(free)
+        self.size_bytes.set(size)
+        if free < size * DISK_NEARLY_FULL:
+            # For an operator to act on before writes fail: at most one line per scrape.
+            log.warning("store.disk_nearly_full", extra={"free_bytes": free, "size_bytes": size})
 
     def close(self) -> None:
         if self.multiprocess:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ServiceFactory
+from conftest import ServiceFactory, app_client
 from sqlite_store import DATABASE_FILE, LEGACY_FILE, LEGACY_JOURNAL, SQLiteStore
 from storage import StoreCorrupt
 
@@ -235,3 +235,19 @@ def test_an_unusable_data_directory_stops_the_service_with_one_clean_line(
     if damage == "owner":
         assert (data_dir / LEGACY_FILE).read_bytes() == b'{"documents": {}}'
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_scrape_warns_once_the_data_volume_is_nearly_full(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WARNING is for what an operator should act on: a volume under 10% free, before writes
+    fail, says so at each scrape (one line, not one per request)."""
+    with app_client(small_disk / "data") as client:
+        assert client.get("/metrics").status_code == 200
+        assert "store.disk_nearly_full" not in caplog.messages
+        free = shutil.disk_usage(small_disk).free
+        (small_disk / "filler").write_bytes(b"\0" * (free - 50 * 1024))
+        assert client.get("/metrics").status_code == 200
+    warned = [r for r in caplog.records if r.getMessage() == "store.disk_nearly_full"]
+    assert len(warned) == 1
+    assert warned[0].levelname == "WARNING"
