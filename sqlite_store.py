@@ -93,6 +93,17 @@ MIGRATIONS = [
 ]
 
 
+def _check_writable(data_dir: Path) -> None:
+    """SQLite reports an unwritable directory only as "unable to open database file": try a
+    file, so the refusal names the cause (a root-owned bind mount: Permission denied)."""
+    probe = data_dir / f".write-check-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
+
+
 def _check_file(path: Path) -> bool:
     """Whether `path` exists; raises StoreCorrupt for anything but a whole SQLite file (a
     directory, a link, a FIFO, another format, a truncated database) before SQLite touches it."""
@@ -228,6 +239,7 @@ class SQLiteStore:
         store = cls(data_dir, clock)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(data_dir)
             existed = _check_file(store.path)
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
