@@ -8,6 +8,7 @@ import functools
 import itertools
 import json
 import random
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -246,6 +247,7 @@ class StoreMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.runner.run(self.store.close())
         self.runner.close()
+        shutil.rmtree(self.tmp)  # one directory per example: a run leaves none behind
 
     @staticmethod
     def _fields(doc: Any) -> dict[str, Any]:
