@@ -15,6 +15,7 @@ import os
 import queue
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -96,10 +97,9 @@ MIGRATIONS = [
 def _check_writable(data_dir: Path) -> None:
     """SQLite reports an unwritable directory only as "unable to open database file": try a
     file, so the refusal names the cause (a root-owned bind mount: Permission denied)."""
-    probe = data_dir / f".write-check-{os.getpid()}"
     try:
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=data_dir):  # nameless where it can be: nothing left over
+            pass
     except OSError as exc:
         raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
 
