@@ -6,30 +6,39 @@ hundreds of megabytes of headers, or one byte every few seconds for ever. This p
 head over `MAX_HEAD_BYTES` or `MAX_HEADERS` with 431 and closes a connection whose head has not
 arrived `HEAD_TIMEOUT` seconds after its first byte (or after the connection opened) with 408,
 before the application sees anything. Idle keep-alive connections close after
-`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer).
+`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer). A connection whose peer takes none of the
+bytes we hold for it for `SEND_TIMEOUT` seconds is reset: asyncio's `close()` waits for them to
+drain, so a client that never reads would otherwise hold its responses in memory for good.
 
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
-callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`, its
-`transport`, `loop` and `cycle.more_body`; `Multiprocess` with its `processes` and their
-`exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed start.
+callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
+`_start_asgi_task`, its `transport`, `loop`, `client`, `cycle.more_body` and
+`cycle.disconnected`; `Multiprocess` with its `processes` and their `exitcode`, and
+`STARTUP_FAILURE`, the status uvicorn gives a failed start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import struct
 from typing import Any
 
 import orjson
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.supervisors import Multiprocess
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
 HEAD_TIMEOUT = 10.0
 KEEP_ALIVE_TIMEOUT = 5
+SEND_TIMEOUT = 10.0
+
+log = logging.getLogger("documents.server")
 
 
 def _problem(status: int, title: str, detail: str, extra: bytes = b"") -> bytes:
@@ -87,6 +96,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._answering: RequestResponseCycle | None = None  # the request being answered
+        # Paused as soon as one byte waits for the peer, not past asyncio's 64 KiB: the send
+        # timer then runs whenever this process holds anything the peer has not taken.
+        transport.set_write_buffer_limits(high=0)
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             self._refuse(TOO_MANY_CONNECTIONS)
             return
@@ -94,6 +108,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_send_timer()
+        if self._answering is not None:
+            # uvicorn marks only the last request parsed: with more pipelined behind it, the one
+            # being answered would wake from its wait to write on a closed transport.
+            self._answering.disconnected = True
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -162,6 +181,43 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_sending(self.transport.get_write_buffer_size())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_timer()
+
+    def _watch_sending(self, unsent: int) -> None:
+        self._send_timer = self.loop.call_later(SEND_TIMEOUT, self._check_sending, unsent)
+
+    def _check_sending(self, before: int) -> None:
+        """A peer that took none of our bytes for SEND_TIMEOUT is cut off: closing would wait
+        for them to drain, holding them (and the request waiting to write) while it stays open.
+        Progress, not the total time, counts, so a slow reader is served to the end."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < before:
+            self._watch_sending(unsent)
+            return
+        log.warning(
+            "connection.send_timeout",
+            extra={"client": ":".join(map(str, self.client or ())), "unsent_bytes": unsent},
+        )
+        # Linger 0: the kernel resets the connection and drops what it holds for it too.
+        sock = self.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def _start_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._refuse, HEAD_TIMED_OUT)
