@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from conftest import KEY, Service, ServiceFactory, assert_problem, make_settings
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
 from models import Problem
-from server import HEAD_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS
+from server import HEAD_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS, SEND_TIMEOUT
 
 KB = 1024
 MB = 1024 * 1024
@@ -175,6 +177,63 @@ def test_a_body_nobody_reads_ends_the_connection_once_answered(
                 with contextlib.suppress(OSError):
                     sock.sendall(b"a")
     assert status_of(received) == status
+
+
+def _read_until_closed(sock: socket.socket, bytes_per_second: float = math.inf) -> bytes:
+    """Read until the server closes, at most as fast as a client of that pace (the pace is the
+    behaviour under test, not a wait for the server)."""
+    received = bytearray()
+    started = time.monotonic()
+    while chunk := sock.recv(16 * KB):
+        received += chunk
+        time.sleep(max(0.0, started + len(received) / bytes_per_second - time.monotonic()))
+    return bytes(received)
+
+
+def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
+    service_factory: ServiceFactory,
+) -> None:
+    """40 connections pipeline 5 to 8 requests for a page of 1 MiB and never read: the kernel
+    takes a few pages, so each ends with a response in the server's buffer, either whole and
+    idle (the keep-alive close waiting on it) or with the next request waiting to write it. Each
+    is reset once it has taken nothing for SEND_TIMEOUT, with one log line, and their memory is
+    freed. A client that reads 8 pages beside them, slowly but steadily, for longer than
+    SEND_TIMEOUT in all, gets every byte."""
+    service = service_factory().start()
+    with service.client() as client:
+        for n in range(10):
+            client.post("/v1/documents", json={"title": f"t{n}", "content": "x" * 100_000})
+        assert len(client.get("/v1/documents", params={"limit": 100}).content) > 0.9 * MB
+    baseline = service.rss_kb()
+    head = f"GET /v1/documents?limit=100 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+    request = f"{head}\r\n".encode()
+    stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(40)]
+    with (
+        socket.create_connection(("127.0.0.1", service.port)) as slow,
+        ThreadPoolExecutor() as pool,
+    ):
+        slow.sendall(request * 7 + f"{head}Connection: close\r\n\r\n".encode())
+        read = pool.submit(_read_until_closed, slow, 512 * KB)
+        try:
+            for n, sock in enumerate(stalled):
+                sock.sendall(request * (5 + n % 4))
+            service.wait_for_line(
+                "connection.send_timeout", timeout=2 * SEND_TIMEOUT + 10, count=40
+            )
+            for sock in stalled:
+                sock.settimeout(5)
+                with pytest.raises(ConnectionResetError):
+                    _read_until_closed(sock)  # what reached the client before the reset, then it
+        finally:
+            for sock in stalled:
+                sock.close()
+        received = read.result(timeout=60)
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 8
+    assert received.endswith(b"}")
+    assert service.rss_kb() - baseline < 20 * KB
+    lines = service.output
+    assert sum("connection.send_timeout" in line for line in lines) == 40
+    assert not [line for line in lines if '"ERROR"' in line]
 
 
 # --- work before authentication: decided from the head ---------------------------------------
