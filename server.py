@@ -21,9 +21,12 @@ callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_comple
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import struct
+import sys
+import termios
 from typing import Any
 
 import orjson
@@ -188,7 +191,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._watch_sending(self.transport.get_write_buffer_size())
+        self._watch_sending(self._untaken())
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -201,18 +204,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """A peer that took none of our bytes for SEND_TIMEOUT is cut off: closing would wait
         for them to drain, holding them (and the request waiting to write) while it stays open.
         Progress, not the total time, counts, so a slow reader is served to the end."""
-        unsent = self.transport.get_write_buffer_size()
-        if unsent < before:
-            self._watch_sending(unsent)
+        untaken = self._untaken()
+        if untaken < before:
+            self._watch_sending(untaken)
             return
         log.warning(
             "connection.send_timeout",
-            extra={"client": ":".join(map(str, self.client or ())), "unsent_bytes": unsent},
+            extra={"client": ":".join(map(str, self.client or ())), "untaken_bytes": untaken},
         )
         # Linger 0: the kernel resets the connection and drops what it holds for it too.
         sock = self.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+    def _untaken(self) -> int:
+        """Bytes the peer has not taken: ours, and the kernel's not yet acknowledged (Linux's
+        SIOCOUTQ, numbered as TIOCOUTQ). The kernel's part shrinks each time a reader frees some
+        of its receive buffer; ours only once the kernel's send buffer (megabytes) has room."""
+        sock = self.transport.get_extra_info("socket")
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+        return self.transport.get_write_buffer_size() + int.from_bytes(queued, sys.byteorder)
 
     def _stop_send_timer(self) -> None:
         if self._send_timer is not None:
