@@ -197,8 +197,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().resume_writing()
         self._stop_send_timer()
 
-    def _watch_sending(self, unsent: int) -> None:
-        self._send_timer = self.loop.call_later(SEND_TIMEOUT, self._check_sending, unsent)
+    def _watch_sending(self, untaken: int) -> None:
+        self._send_timer = self.loop.call_later(SEND_TIMEOUT, self._check_sending, untaken)
 
     def _check_sending(self, before: int) -> None:
         """A peer that took none of our bytes for SEND_TIMEOUT is cut off: closing would wait
