@@ -436,11 +436,27 @@ class MongoStore:
         match: dict[str, Any] = {"_id": doc_id, **LIVE}
         if if_version is not None:
             match["version"] = if_version
+        # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
+        tombstone = {"deleted_at": now, "deleted_by": secrets.token_hex(8)}
+        try:
+            done = await self._replace(match, tombstone)
+        except StoreUnavailable:
+            # The reply is lost, not necessarily the write: send it again. If the first landed,
+            # this one matches nothing and the tombstone below says whose delete it was.
+            done = await self._replace(match, tombstone)
+        if done:
+            return
         with _driver_errors():
-            done = (await self._docs.replace_one(match, {"deleted_at": now})).matched_count
-        if not done:
-            current = await self.get(doc_id)  # raises DocumentNotFound when it is gone
-            raise stale(doc_id, current.version)
+            raw = await self._docs.find_one({"_id": doc_id}, ["version", "deleted_by"])
+        if raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]:
+            return  # this delete's first write landed; a retry of it matched nothing
+        if raw is None or "version" not in raw:
+            raise DocumentNotFound(doc_id)  # another request deleted it
+        raise stale(doc_id, raw["version"])
+
+    async def _replace(self, match: dict[str, Any], record: dict[str, Any]) -> bool:
+        with _driver_errors():
+            return (await self._docs.replace_one(match, record)).matched_count == 1
 
     async def import_document(self, doc: Document) -> bool:
         await self._ensure_indexes()
