@@ -7,7 +7,6 @@ import asyncio
 import logging
 import multiprocessing
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -69,6 +68,9 @@ TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
 LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
 TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
 INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
+# Between attempts at the indexes while MongoDB cannot be reached (each waits up to the timeout
+# for it to answer).
+UNREACHABLE_RETRY_SECONDS = 0.5
 # Reads leave `words` on the server: only queries use them, and a long text has many.
 NO_WORDS = {"words": False}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
@@ -133,8 +135,8 @@ class MongoStore:
     """The scale-out store: any number of processes share one MongoDB database.
 
     Uses PyMongo's asyncio client, so no call blocks the event loop. Conditional writes are
-    compare-and-set on `version` in one server operation; indexes are created at startup (or on
-    first contact, if MongoDB was down then).
+    compare-and-set on `version` in one server operation; indexes are created at startup (or in
+    the background once MongoDB answers, if it was down then).
     """
 
     backend = "mongodb"
@@ -157,8 +159,7 @@ class MongoStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._indexes_ready = False
-        self._indexes_lock = asyncio.Lock()
-        self._indexes_retry_at = 0.0
+        self.indexes_made: asyncio.Task[None] | None = None
         self._cursor_secret: bytes | None = None
         self._tokenizer: ProcessPoolExecutor | None = None
         self.words_added: asyncio.Task[int] | None = None
@@ -167,16 +168,19 @@ class MongoStore:
     async def open(cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> MongoStore:
         """Waits at most FIRST_CONTACT_SECONDS for MongoDB, so the service answers liveness
         at once. Refused credentials stop the start; an unreachable server does not: the
-        process stays up, reports not ready, and makes the indexes on first contact."""
+        process stays up, reports not ready, and makes the indexes in the background."""
         store = cls(url, timeout_ms=timeout_ms, clock=clock)
         try:
             with anyio.fail_after(FIRST_CONTACT_SECONDS):
-                await store._ensure_indexes()
+                await store._build_indexes()
         except StoreAuthenticationFailed:
             await store.close()
             raise
         except (StoreUnavailable, TimeoutError):
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
+            store.indexes_made = asyncio.get_running_loop().create_task(store._make_indexes())
+        else:
+            store._indexes_are_made()
         return store
 
     async def _words_of(self, title: str, content: str) -> list[str]:
@@ -196,29 +200,33 @@ class MongoStore:
             self._tokenizer = None  # the next large document starts another
             raise StoreUnavailable("the tokenizer process stopped; try again") from exc
 
-    async def _ensure_indexes(self) -> None:
-        if self._indexes_ready:
-            return
-        # Requests making the first contact together wait for one attempt. One that MongoDB
-        # refused (not one it never saw) is not repeated by every request: they get 503 until
-        # a pause has passed.
-        async with self._indexes_lock:
-            if self._indexes_ready:
-                return
-            if time.monotonic() < self._indexes_retry_at:
-                raise StoreUnavailable("MongoDB's indexes are not ready; try again shortly.")
+    async def _make_indexes(self) -> None:
+        """Until MongoDB has the indexes, every request and probe answers 503: none makes them,
+        so none waits on, or repeats, a build that anyone can trigger. A build MongoDB refused
+        (not one it never saw) is tried again after a pause."""
+        while True:
             try:
                 await self._build_indexes()
-            except StoreUnavailable:
-                raise
-            except StoreError:
-                self._indexes_retry_at = time.monotonic() + INDEX_RETRY_SECONDS
-                raise
-            self._indexes_ready = True
-        # In the background, so that a large collection does not hold up the start; once,
-        # however many requests made the first contact together.
-        if self.words_added is None:
-            self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+                break
+            except StoreError as exc:
+                # Refused: an operation or the credentials (not a server that never answered).
+                refused = isinstance(exc, StoreAuthenticationFailed) or not isinstance(
+                    exc, StoreUnavailable
+                )
+                if refused:
+                    log.error("store.indexes_refused", exc_info=True)
+                await asyncio.sleep(INDEX_RETRY_SECONDS if refused else UNREACHABLE_RETRY_SECONDS)
+        log.info("store.indexes_made", extra={"backend": self.backend})
+        self._indexes_are_made()
+
+    def _indexes_are_made(self) -> None:
+        self._indexes_ready = True
+        # In the background, so that a large collection does not hold up the start.
+        self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+
+    def _require_indexes(self) -> None:
+        if not self._indexes_ready:
+            raise StoreUnavailable("MongoDB's indexes are not made yet; try again shortly.")
 
     async def _build_indexes(self) -> None:
         with _driver_errors():
@@ -272,7 +280,7 @@ class MongoStore:
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
-        await self._ensure_indexes()
+        self._require_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
         raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
@@ -338,7 +346,7 @@ class MongoStore:
     async def page(
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
-        await self._ensure_indexes()
+        self._require_indexes()
         with _driver_errors():
             rows = await self._find(query, limit + 1, after).to_list(limit + 1)
         items = [_from_mongo(raw) for raw in rows[:limit]]
@@ -459,7 +467,7 @@ class MongoStore:
             return (await self._docs.replace_one(match, record)).matched_count == 1
 
     async def import_document(self, doc: Document) -> bool:
-        await self._ensure_indexes()
+        self._require_indexes()
         raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
         if await self._insert_new(self._docs, raw):
             return True
@@ -503,15 +511,16 @@ class MongoStore:
 
     async def check(self) -> None:
         """Writes nothing: the server answers and would take writes (a primary)."""
-        await self._ensure_indexes()
+        self._require_indexes()
         with _driver_errors():
             hello = await self._db.command("hello")
         if not hello.get("isWritablePrimary"):
             raise StoreUnavailable("MongoDB answers but does not take writes (not a primary)")
 
     async def close(self) -> None:
-        if self.words_added is not None:
-            self.words_added.cancel()
+        for task in (self.indexes_made, self.words_added):
+            if task is not None:
+                task.cancel()
         if self._tokenizer is not None:
             self._tokenizer.shutdown(wait=False, cancel_futures=True)
         await self._client.close()

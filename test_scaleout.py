@@ -304,7 +304,53 @@ def test_mongodb_down_at_startup_then_back(
         assert client.post("/v1/documents", json=DOC).status_code == 201
 
 
-def test_requests_that_make_the_first_contact_together_start_one_pass_for_missing_words(
+def test_after_a_start_without_mongodb_the_indexes_are_made_in_the_background_by_no_request(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """MongoDB is down at the start, then back: the service makes the indexes by itself, with no
+    request at all. While the build is held on the wire, probes and requests answer 503 at once
+    (none waits on it or runs one), and once it is done none sends another."""
+    proxy = TcpProxy(mongo_server.address)
+    database = mongo_url.rsplit("/", 1)[1]
+    url = f"mongodb://{proxy.address}/{database}?directConnection=true"
+    building, release = threading.Event(), threading.Event()
+    commands: list[str] = []
+
+    def hold_builds(message: bytes) -> Fate:
+        commands.append(_command(message))
+        if commands[-1] == "createIndexes":
+            building.set()
+            release.wait(30)
+        return "deliver"
+
+    proxy.fault = hold_builds
+    service = service_factory(env={"DATABASE_URL": url, "MONGO_TIMEOUT_MS": "5000"})
+    try:
+        service.start()
+        with service.client() as client:
+            assert_problem(client.get("/health/ready"), 503)
+            proxy.start()
+            assert building.wait(30), "no index build without a request"
+            for _ in range(3):
+                for answer in (client.get("/health/ready"), client.post("/v1/documents", json=DOC)):
+                    assert_problem(answer, 503)
+                    assert answer.elapsed.total_seconds() < 1
+            release.set()
+            service.wait_for_line("store.indexes_made", timeout=30)
+            commands.clear()
+            assert client.get("/health/ready").status_code == 200
+            assert client.post("/v1/documents", json=DOC).status_code == 201
+            assert "createIndexes" not in commands
+    finally:
+        release.set()
+        proxy.stop()
+    client = pymongo.MongoClient(mongo_url, directConnection=True)
+    with client:
+        made = {ix["name"] for ix in client.get_default_database()["documents"].list_indexes()}
+    assert made >= set(INDEXES)
+
+
+def test_indexes_made_in_the_background_start_one_pass_for_missing_words(
     proxied_mongo: tuple[TcpProxy, str],
 ) -> None:
     proxy, url = proxied_mongo
@@ -317,8 +363,10 @@ def test_requests_that_make_the_first_contact_together_start_one_pass_for_missin
         await store.close()
         await _as_an_earlier_version_left(url, {})
         proxy.stop()
-        store = await MongoStore.open(url)  # unreachable: the indexes wait for first contact
+        store = await MongoStore.open(url)  # unreachable: the indexes are made later
         proxy.start()
+        assert store.indexes_made is not None
+        await store.indexes_made
         await asyncio.gather(*(store.page(DocumentQuery(), limit=1) for _ in range(8)))
         passes = [t for t in asyncio.all_tasks() if "_add_missing_words" in repr(t.get_coro())]
         await store.close()
