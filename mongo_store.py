@@ -36,6 +36,7 @@ from models import (
 )
 from storage import (
     IDEMPOTENCY_TTL,
+    PAGE_MAX_BYTES,
     Clock,
     DocumentNotFound,
     IdempotencyConflict,
@@ -73,6 +74,8 @@ INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
 UNREACHABLE_RETRY_SECONDS = 0.5
 # Reads leave `words` on the server: only queries use them, and a long text has many.
 NO_WORDS = {"words": False}
+# What a listing first reads of each match: its size as stored (its words included).
+SIZE = {"size": {"$bsonSize": "$$ROOT"}}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {
@@ -346,13 +349,29 @@ class MongoStore:
     async def page(
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
+        """Two reads: the sizes of the next `limit` matches, then as many of them as fit in
+        PAGE_MAX_BYTES (at least one), and the one after to tell whether this is the last page.
+        A listing of large documents reads and decodes on the event loop about what its page
+        can send, not `limit` documents of any size."""
         self._require_indexes()
         with _driver_errors():
-            rows = await self._find(query, limit + 1, after).to_list(limit + 1)
-        items = [_from_mongo(raw) for raw in rows[:limit]]
-        return items, query.position(items[-1]) if len(rows) > limit else None
+            sizes = await self._find(query, limit, after, SIZE).to_list(limit)
+        if not sizes:
+            return [], None
+        total, fit = 0, 0
+        for row in sizes:
+            total += row["size"]
+            if fit and total > PAGE_MAX_BYTES:
+                break
+            fit += 1
+        with _driver_errors():
+            rows = await self._find(query, fit + 1, after).to_list(fit + 1)
+        items = [_from_mongo(raw) for raw in rows[:fit]]
+        return items, query.position(items[-1]) if len(rows) > fit else None
 
-    def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
+    def _find(
+        self, query: DocumentQuery, limit: int, after: Key | None, fields: Any = NO_WORDS
+    ) -> Any:
         field = query.sort_field
         direction = DESCENDING if query.descending else ASCENDING
         # Tombstones have no times: the bound keeps them out of every listing's index scan.
@@ -379,7 +398,7 @@ class MongoStore:
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (
-            self._docs.find({"$and": clauses}, NO_WORDS)
+            self._docs.find({"$and": clauses}, fields)
             .sort([(field, direction), ("_id", direction)])
             .hint(self._index_for(query))
             .limit(limit)

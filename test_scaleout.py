@@ -38,11 +38,13 @@ from conftest import (
     free_port,
     run_main,
     run_threads,
+    walk,
 )
 from models import DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import INDEXES, MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
 from storage import (
+    PAGE_MAX_BYTES,
     DocumentNotFound,
     IdempotencyConflict,
     IdempotencyKey,
@@ -221,6 +223,31 @@ def test_every_listing_is_served_by_a_named_index_never_a_collection_scan(mongo_
         scans = [s for s in plan if s["stage"] in ("IXSCAN", "COLLSCAN")]
         assert [(s["stage"], s.get("indexName")) for s in scans] == [("IXSCAN", index)], params
     assert ttl == ["ttl_24h"]
+
+
+@pytest.mark.parametrize("text", ["latin", "cjk"])
+def test_a_listing_of_large_documents_reads_about_what_its_page_can_send(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, text: str
+) -> None:
+    """limit=100 over documents of 100 000 characters (1 or 3 bytes each): the service reads
+    from MongoDB, and decodes on its event loop, about the 1 MiB a page can send, not 100
+    documents; the walk still returns every document once, newest first."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    content = ("lorem ipsum " * 8_334)[:100_000] if text == "latin" else _cjk_text(33_333)
+    with mongo_app_client(url, tmp_path) as client:
+        ids = [
+            client.post("/v1/documents", json={"title": f"big {i}", "content": content}).json()[
+                "id"
+            ]
+            for i in range(30)
+        ]
+        before = proxy.replied
+        page = client.get("/v1/documents", params={"limit": 100}).json()
+        read = proxy.replied - before
+        assert page["next_cursor"] is not None
+        assert read < 1.5 * PAGE_MAX_BYTES, read
+        assert [doc["id"] for doc in walk(client, limit=100)] == ids[::-1]
 
 
 def test_cursor_values_are_range_checked_on_mongodb(mongo_url: str, tmp_path: Path) -> None:
