@@ -371,9 +371,11 @@ def test_after_a_start_without_mongodb_the_indexes_are_made_in_the_background_by
     finally:
         release.set()
         proxy.stop()
-    client = pymongo.MongoClient(mongo_url, directConnection=True)
-    with client:
-        made = {ix["name"] for ix in client.get_default_database()["documents"].list_indexes()}
+    mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_url, directConnection=True
+    )
+    with mongo:
+        made = {ix["name"] for ix in mongo.get_default_database()["documents"].list_indexes()}
     assert made >= set(INDEXES)
 
 
