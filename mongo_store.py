@@ -340,6 +340,7 @@ class MongoStore:
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:
+        self._require_indexes()
         with _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
@@ -453,6 +454,7 @@ class MongoStore:
         order the two arrive, and a delete that does not happen (412, a cut connection) has
         changed nothing, the key included. Every delete leaves one, whatever the record says
         about its key: a restore brings documents back without it."""
+        self._require_indexes()
         now = self._clock()
         with _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version"])

@@ -359,7 +359,12 @@ def test_after_a_start_without_mongodb_the_indexes_are_made_in_the_background_by
             proxy.start()
             assert building.wait(30), "no index build without a request"
             for _ in range(3):
-                for answer in (client.get("/health/ready"), client.post("/v1/documents", json=DOC)):
+                for answer in (
+                    client.get("/health/ready"),
+                    client.post("/v1/documents", json=DOC),
+                    client.get("/v1/documents"),
+                    client.get(f"/v1/documents/{'0' * 26}"),
+                ):
                     assert_problem(answer, 503)
                     assert answer.elapsed.total_seconds() < 1
             release.set()
