@@ -197,8 +197,9 @@ class TcpProxy:
     relay's thread before the message is passed on and may block there, which holds that
     message (and its connection) back while other connections go on. `cut_when` is the older
     shorthand for a fault that cuts every message it matches; while `black_hole` is set, client
-    messages are swallowed: no answer ever. Another protocol (Redis) is relayed as it comes,
-    with `wire=False`: then a message is whatever one read returns."""
+    messages are swallowed: no answer ever. `replied` counts the bytes of the replies passed
+    back. Another protocol (Redis) is relayed as it comes, with `wire=False`: then a message is
+    whatever one read returns."""
 
     def __init__(self, target: tuple[str, int], *, wire: bool = True) -> None:
         self.target = target
@@ -206,6 +207,7 @@ class TcpProxy:
         self.cut_when: Callable[[bytes], bool] | None = None
         self.fault: Callable[[bytes], Fate] | None = None
         self.black_hole = False
+        self.replied = 0
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -269,6 +271,8 @@ class TcpProxy:
         with _cut_on_exit(upstream, client):
             while (message := self._read(upstream)) and not drop.is_set():
                 client.sendall(message)
+                with self._lock:
+                    self.replied += len(message)
 
     def stop(self) -> None:
         if self._listener is not None:

@@ -73,6 +73,7 @@ from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve
 from sqlite_store import DATABASE_FILE, SQLiteStore
 from storage import (
+    PAGE_MAX_BYTES,
     DocumentInvalid,
     DocumentNotFound,
     DocumentStore,
@@ -85,7 +86,6 @@ from storage import (
 )
 
 VERSION = "1.0.0"
-PAGE_MAX_BYTES = 1024 * 1024  # the documents of one page, as sent
 log = logging.getLogger("documents.api")
 
 

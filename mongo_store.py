@@ -7,7 +7,6 @@ import asyncio
 import logging
 import multiprocessing
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,6 +36,7 @@ from models import (
 )
 from storage import (
     IDEMPOTENCY_TTL,
+    PAGE_MAX_BYTES,
     Clock,
     DocumentNotFound,
     IdempotencyConflict,
@@ -69,8 +69,13 @@ TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
 LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
 TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
 INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
+# Between attempts at the indexes while MongoDB cannot be reached (each waits up to the timeout
+# for it to answer).
+UNREACHABLE_RETRY_SECONDS = 0.5
 # Reads leave `words` on the server: only queries use them, and a long text has many.
 NO_WORDS = {"words": False}
+# What a listing first reads of each match: its size as stored (its words included).
+SIZE = {"size": {"$bsonSize": "$$ROOT"}}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {
@@ -133,8 +138,8 @@ class MongoStore:
     """The scale-out store: any number of processes share one MongoDB database.
 
     Uses PyMongo's asyncio client, so no call blocks the event loop. Conditional writes are
-    compare-and-set on `version` in one server operation; indexes are created at startup (or on
-    first contact, if MongoDB was down then).
+    compare-and-set on `version` in one server operation; indexes are created at startup (or in
+    the background once MongoDB answers, if it was down then).
     """
 
     backend = "mongodb"
@@ -157,8 +162,7 @@ class MongoStore:
         self._clock = clock
         self._new_id = IdGenerator()
         self._indexes_ready = False
-        self._indexes_lock = asyncio.Lock()
-        self._indexes_retry_at = 0.0
+        self.indexes_made: asyncio.Task[None] | None = None
         self._cursor_secret: bytes | None = None
         self._tokenizer: ProcessPoolExecutor | None = None
         self.words_added: asyncio.Task[int] | None = None
@@ -167,16 +171,19 @@ class MongoStore:
     async def open(cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> MongoStore:
         """Waits at most FIRST_CONTACT_SECONDS for MongoDB, so the service answers liveness
         at once. Refused credentials stop the start; an unreachable server does not: the
-        process stays up, reports not ready, and makes the indexes on first contact."""
+        process stays up, reports not ready, and makes the indexes in the background."""
         store = cls(url, timeout_ms=timeout_ms, clock=clock)
         try:
             with anyio.fail_after(FIRST_CONTACT_SECONDS):
-                await store._ensure_indexes()
+                await store._build_indexes()
         except StoreAuthenticationFailed:
             await store.close()
             raise
         except (StoreUnavailable, TimeoutError):
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
+            store.indexes_made = asyncio.get_running_loop().create_task(store._make_indexes())
+        else:
+            store._indexes_are_made()
         return store
 
     async def _words_of(self, title: str, content: str) -> list[str]:
@@ -196,29 +203,33 @@ class MongoStore:
             self._tokenizer = None  # the next large document starts another
             raise StoreUnavailable("the tokenizer process stopped; try again") from exc
 
-    async def _ensure_indexes(self) -> None:
-        if self._indexes_ready:
-            return
-        # Requests making the first contact together wait for one attempt. One that MongoDB
-        # refused (not one it never saw) is not repeated by every request: they get 503 until
-        # a pause has passed.
-        async with self._indexes_lock:
-            if self._indexes_ready:
-                return
-            if time.monotonic() < self._indexes_retry_at:
-                raise StoreUnavailable("MongoDB's indexes are not ready; try again shortly.")
+    async def _make_indexes(self) -> None:
+        """Until MongoDB has the indexes, every request and probe answers 503: none makes them,
+        so none waits on, or repeats, a build that anyone can trigger. A build MongoDB refused
+        (not one it never saw) is tried again after a pause."""
+        while True:
             try:
                 await self._build_indexes()
-            except StoreUnavailable:
-                raise
-            except StoreError:
-                self._indexes_retry_at = time.monotonic() + INDEX_RETRY_SECONDS
-                raise
-            self._indexes_ready = True
-        # In the background, so that a large collection does not hold up the start; once,
-        # however many requests made the first contact together.
-        if self.words_added is None:
-            self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+                break
+            except StoreError as exc:
+                # Refused: an operation or the credentials (not a server that never answered).
+                refused = isinstance(exc, StoreAuthenticationFailed) or not isinstance(
+                    exc, StoreUnavailable
+                )
+                if refused:
+                    log.error("store.indexes_refused", exc_info=True)
+                await asyncio.sleep(INDEX_RETRY_SECONDS if refused else UNREACHABLE_RETRY_SECONDS)
+        log.info("store.indexes_made", extra={"backend": self.backend})
+        self._indexes_are_made()
+
+    def _indexes_are_made(self) -> None:
+        self._indexes_ready = True
+        # In the background, so that a large collection does not hold up the start.
+        self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+
+    def _require_indexes(self) -> None:
+        if not self._indexes_ready:
+            raise StoreUnavailable("MongoDB's indexes are not made yet; try again shortly.")
 
     async def _build_indexes(self) -> None:
         with _driver_errors():
@@ -272,7 +283,7 @@ class MongoStore:
     async def create(
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
-        await self._ensure_indexes()
+        self._require_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
         raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
@@ -329,6 +340,7 @@ class MongoStore:
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:
+        self._require_indexes()
         with _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
@@ -338,13 +350,29 @@ class MongoStore:
     async def page(
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
-        await self._ensure_indexes()
+        """Two reads: the sizes of the next `limit` matches, then as many of them as fit in
+        PAGE_MAX_BYTES (at least one), and the one after to tell whether this is the last page.
+        A listing of large documents reads and decodes on the event loop about what its page
+        can send, not `limit` documents of any size."""
+        self._require_indexes()
         with _driver_errors():
-            rows = await self._find(query, limit + 1, after).to_list(limit + 1)
-        items = [_from_mongo(raw) for raw in rows[:limit]]
-        return items, query.position(items[-1]) if len(rows) > limit else None
+            sizes = await self._find(query, limit, after, SIZE).to_list(limit)
+        if not sizes:
+            return [], None
+        total, fit = 0, 0
+        for row in sizes:
+            total += row["size"]
+            if fit and total > PAGE_MAX_BYTES:
+                break
+            fit += 1
+        with _driver_errors():
+            rows = await self._find(query, fit + 1, after).to_list(fit + 1)
+        items = [_from_mongo(raw) for raw in rows[:fit]]
+        return items, query.position(items[-1]) if len(rows) > fit else None
 
-    def _find(self, query: DocumentQuery, limit: int, after: Key | None) -> Any:
+    def _find(
+        self, query: DocumentQuery, limit: int, after: Key | None, fields: Any = NO_WORDS
+    ) -> Any:
         field = query.sort_field
         direction = DESCENDING if query.descending else ASCENDING
         # Tombstones have no times: the bound keeps them out of every listing's index scan.
@@ -371,7 +399,7 @@ class MongoStore:
             clauses.append({field: {up_to: at}})
             clauses.append({"$or": [{field: {beyond: at}}, {"_id": {beyond: doc_id}}]})
         return (
-            self._docs.find({"$and": clauses}, NO_WORDS)
+            self._docs.find({"$and": clauses}, fields)
             .sort([(field, direction), ("_id", direction)])
             .hint(self._index_for(query))
             .limit(limit)
@@ -426,6 +454,7 @@ class MongoStore:
         order the two arrive, and a delete that does not happen (412, a cut connection) has
         changed nothing, the key included. Every delete leaves one, whatever the record says
         about its key: a restore brings documents back without it."""
+        self._require_indexes()
         now = self._clock()
         with _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version"])
@@ -436,14 +465,30 @@ class MongoStore:
         match: dict[str, Any] = {"_id": doc_id, **LIVE}
         if if_version is not None:
             match["version"] = if_version
+        # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
+        tombstone = {"deleted_at": now, "deleted_by": secrets.token_hex(8)}
+        try:
+            done = await self._replace(match, tombstone)
+        except StoreUnavailable:
+            # The reply is lost, not necessarily the write: send it again. If the first landed,
+            # this one matches nothing and the tombstone below says whose delete it was.
+            done = await self._replace(match, tombstone)
+        if done:
+            return
         with _driver_errors():
-            done = (await self._docs.replace_one(match, {"deleted_at": now})).matched_count
-        if not done:
-            current = await self.get(doc_id)  # raises DocumentNotFound when it is gone
-            raise stale(doc_id, current.version)
+            raw = await self._docs.find_one({"_id": doc_id}, ["version", "deleted_by"])
+        if raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]:
+            return  # this delete's first write landed; a retry of it matched nothing
+        if raw is None or "version" not in raw:
+            raise DocumentNotFound(doc_id)  # another request deleted it
+        raise stale(doc_id, raw["version"])
+
+    async def _replace(self, match: dict[str, Any], record: dict[str, Any]) -> bool:
+        with _driver_errors():
+            return (await self._docs.replace_one(match, record)).matched_count == 1
 
     async def import_document(self, doc: Document) -> bool:
-        await self._ensure_indexes()
+        self._require_indexes()
         raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
         if await self._insert_new(self._docs, raw):
             return True
@@ -487,15 +532,16 @@ class MongoStore:
 
     async def check(self) -> None:
         """Writes nothing: the server answers and would take writes (a primary)."""
-        await self._ensure_indexes()
+        self._require_indexes()
         with _driver_errors():
             hello = await self._db.command("hello")
         if not hello.get("isWritablePrimary"):
             raise StoreUnavailable("MongoDB answers but does not take writes (not a primary)")
 
     async def close(self) -> None:
-        if self.words_added is not None:
-            self.words_added.cancel()
+        for task in (self.indexes_made, self.words_added):
+            if task is not None:
+                task.cancel()
         if self._tokenizer is not None:
             self._tokenizer.shutdown(wait=False, cancel_futures=True)
         await self._client.close()

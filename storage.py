@@ -21,6 +21,7 @@ from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentQuery, D
 log = logging.getLogger("documents.store")
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
+PAGE_MAX_BYTES = 1024 * 1024  # the documents of one page, as sent
 Key = tuple[int, str]  # a time in milliseconds since the epoch, then the id: every order is total
 
 Clock = Callable[[], datetime]
@@ -124,7 +125,9 @@ class DocumentStore(Protocol):
     ) -> tuple[list[Document], Key | None]:
         """Up to `limit` documents matching `query`, in its order, strictly after the position
         `after` (the sort time in milliseconds and the id); the second item is the next
-        `after`, None on the last page. A page holds `limit` documents unless it is the last."""
+        `after`, None on the last page. A page holds `limit` documents unless it is the last,
+        or the next document would take it past about PAGE_MAX_BYTES (a store may stop there,
+        so that a listing of large documents reads no more than its page can send)."""
         ...
 
     async def update(

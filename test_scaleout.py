@@ -38,11 +38,13 @@ from conftest import (
     free_port,
     run_main,
     run_threads,
+    walk,
 )
 from models import DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import INDEXES, MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
 from storage import (
+    PAGE_MAX_BYTES,
     DocumentNotFound,
     IdempotencyConflict,
     IdempotencyKey,
@@ -223,6 +225,31 @@ def test_every_listing_is_served_by_a_named_index_never_a_collection_scan(mongo_
     assert ttl == ["ttl_24h"]
 
 
+@pytest.mark.parametrize("text", ["latin", "cjk"])
+def test_a_listing_of_large_documents_reads_about_what_its_page_can_send(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, text: str
+) -> None:
+    """limit=100 over documents of 100 000 characters (1 or 3 bytes each): the service reads
+    from MongoDB, and decodes on its event loop, about the 1 MiB a page can send, not 100
+    documents; the walk still returns every document once, newest first."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    content = ("lorem ipsum " * 8_334)[:100_000] if text == "latin" else _cjk_text(33_333)
+    with mongo_app_client(url, tmp_path) as client:
+        ids = [
+            client.post("/v1/documents", json={"title": f"big {i}", "content": content}).json()[
+                "id"
+            ]
+            for i in range(30)
+        ]
+        before = proxy.replied
+        page = client.get("/v1/documents", params={"limit": 100}).json()
+        read = proxy.replied - before
+        assert page["next_cursor"] is not None
+        assert read < 1.5 * PAGE_MAX_BYTES, read
+        assert [doc["id"] for doc in walk(client, limit=100)] == ids[::-1]
+
+
 def test_cursor_values_are_range_checked_on_mongodb(mongo_url: str, tmp_path: Path) -> None:
     with mongo_app_client(mongo_url, tmp_path) as client:
         cursor_values_out_of_range(client)
@@ -304,7 +331,60 @@ def test_mongodb_down_at_startup_then_back(
         assert client.post("/v1/documents", json=DOC).status_code == 201
 
 
-def test_requests_that_make_the_first_contact_together_start_one_pass_for_missing_words(
+def test_after_a_start_without_mongodb_the_indexes_are_made_in_the_background_by_no_request(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """MongoDB is down at the start, then back: the service makes the indexes by itself, with no
+    request at all. While the build is held on the wire, probes and requests answer 503 at once
+    (none waits on it or runs one), and once it is done none sends another."""
+    proxy = TcpProxy(mongo_server.address)
+    database = mongo_url.rsplit("/", 1)[1]
+    url = f"mongodb://{proxy.address}/{database}?directConnection=true"
+    building, release = threading.Event(), threading.Event()
+    commands: list[str] = []
+
+    def hold_builds(message: bytes) -> Fate:
+        commands.append(_command(message))
+        if commands[-1] == "createIndexes":
+            building.set()
+            release.wait(30)
+        return "deliver"
+
+    proxy.fault = hold_builds
+    service = service_factory(env={"DATABASE_URL": url, "MONGO_TIMEOUT_MS": "5000"})
+    try:
+        service.start()
+        with service.client() as client:
+            assert_problem(client.get("/health/ready"), 503)
+            proxy.start()
+            assert building.wait(30), "no index build without a request"
+            for _ in range(3):
+                for answer in (
+                    client.get("/health/ready"),
+                    client.post("/v1/documents", json=DOC),
+                    client.get("/v1/documents"),
+                    client.get(f"/v1/documents/{'0' * 26}"),
+                ):
+                    assert_problem(answer, 503)
+                    assert answer.elapsed.total_seconds() < 1
+            release.set()
+            service.wait_for_line("store.indexes_made", timeout=30)
+            commands.clear()
+            assert client.get("/health/ready").status_code == 200
+            assert client.post("/v1/documents", json=DOC).status_code == 201
+            assert "createIndexes" not in commands
+    finally:
+        release.set()
+        proxy.stop()
+    mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_url, directConnection=True
+    )
+    with mongo:
+        made = {ix["name"] for ix in mongo.get_default_database()["documents"].list_indexes()}
+    assert made >= set(INDEXES)
+
+
+def test_indexes_made_in_the_background_start_one_pass_for_missing_words(
     proxied_mongo: tuple[TcpProxy, str],
 ) -> None:
     proxy, url = proxied_mongo
@@ -317,8 +397,10 @@ def test_requests_that_make_the_first_contact_together_start_one_pass_for_missin
         await store.close()
         await _as_an_earlier_version_left(url, {})
         proxy.stop()
-        store = await MongoStore.open(url)  # unreachable: the indexes wait for first contact
+        store = await MongoStore.open(url)  # unreachable: the indexes are made later
         proxy.start()
+        assert store.indexes_made is not None
+        await store.indexes_made
         await asyncio.gather(*(store.page(DocumentQuery(), limit=1) for _ in range(8)))
         passes = [t for t in asyncio.all_tasks() if "_add_missing_words" in repr(t.get_coro())]
         await store.close()
@@ -560,22 +642,30 @@ def _command(message: bytes) -> str:
 class Interleaving:
     """Each operation gets its own relay (its own worker) and a seeded plan: for each of its
     data commands in turn, deliver, cut, drop the reply, or hold it until every other operation
-    has finished (one held at a time, so two holds never wait on each other)."""
+    has finished (one held at a time, so two holds never wait on each other). The operation
+    named `lose_reply` has the reply of its first write (an update) dropped, held or not."""
 
-    def __init__(self, seed: int, server: SecantusDBServer, names: list[str]) -> None:
+    def __init__(
+        self,
+        seed: int,
+        server: SecantusDBServer,
+        names: list[str],
+        steps: tuple[str, ...] = ("deliver", "hold", "cut", "drop reply"),
+        lose_reply: str = "",
+    ) -> None:
         self.done = {name: threading.Event() for name in names}
         self.proxies = {name: TcpProxy(server.address) for name in names}
         self._holding = threading.Lock()
+        self._lose_reply = lose_reply
         for name, proxy in self.proxies.items():
-            plan = random.Random(f"{seed}:{name}").choices(
-                ["deliver", "hold", "cut", "drop reply"], [5, 3, 1, 1], k=12
-            )
+            plan = random.Random(f"{seed}:{name}").choices(steps, [5, 3, 1, 1][: len(steps)], k=12)
             proxy.fault = self._fault(name, iter(plan))
             proxy.start()
 
     def _fault(self, name: str, plan: Iterator[str]) -> Callable[[bytes], Fate]:
         def fate(message: bytes) -> Fate:
-            if _command(message) not in DATA_COMMANDS:
+            command = _command(message)
+            if command not in DATA_COMMANDS:
                 return "deliver"
             step = next(plan, "deliver")
             if step == "hold" and self._holding.acquire(blocking=False):
@@ -585,6 +675,9 @@ class Interleaving:
                             finished.wait(30)
                 finally:
                     self._holding.release()
+            if name == self._lose_reply and command == "update":
+                self._lose_reply = ""
+                return "drop reply"
             return step if step in FATES else "deliver"
 
         return fate
@@ -666,6 +759,76 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
         if not isinstance(final, IdempotencyConflict):
             assert final[0].id == first.id
             assert after == final[0]
+
+    anyio.run(scenario)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_a_delete_whose_reply_is_lost_answers_as_it_happened_once(
+    request: pytest.FixtureRequest, mongo_url: str, seed: int
+) -> None:
+    """A DELETE (with or without If-Match) whose write reaches MongoDB but whose reply is lost,
+    racing, as the seed says, a PATCH, a retry of the keyed create and a second DELETE, whose
+    commands are delivered or held until the others are done. The delete that happened answers
+    204, and only it; one that lost answers 404 (deleted by another) or 412 (patched first),
+    never 503; and a deleted document never comes back. Odd seeds run on a standalone server,
+    where the driver retries no write."""
+    rng = random.Random(seed)
+    database = mongo_url.rsplit("/", 1)[1]
+    server: SecantusDBServer = request.getfixturevalue(
+        "standalone_mongo_server" if seed % 2 else "mongo_server"
+    )
+    mongo_url = f"{server.uri}{database}"
+    others = [n for n in ("patch", "retry", "delete again") if rng.random() < 0.6]
+    names = ["delete", *others]
+    if_version = rng.choice([None, 1])
+    lose_insert = rng.random() < 0.3
+
+    async def scenario() -> None:
+        plain = await MongoStore.open(mongo_url)
+        first, _ = await _create(plain, DOC)
+        if lose_insert:
+            await anyio.to_thread.run_sync(_lose_the_document_insert, mongo_url, first.id)
+        races = Interleaving(seed, server, names, ("deliver", "hold"), lose_reply="delete")
+        stores = {n: await MongoStore.open(races.url(n, database), timeout_ms=3000) for n in names}
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "delete": lambda: stores["delete"].delete(first.id, if_version=if_version),
+            "delete again": lambda: stores["delete again"].delete(first.id),
+            "patch": lambda: stores["patch"].update(first.id, DocumentUpdate(title="patched")),
+            "retry": lambda: _create(stores["retry"], DOC),
+        }
+        outcomes: dict[str, Any] = {}
+
+        async def run(name: str) -> None:
+            outcomes[name] = await _outcome(calls[name]())
+            races.done[name].set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(run, name)
+        finally:
+            for store in stores.values():
+                await store.close()
+            races.stop()
+        exists = await _outcome(plain.get(first.id))
+        final = await _outcome(_create(plain, DOC))
+        await plain.close()
+
+        assert not any(isinstance(o, StoreUnavailable) for o in outcomes.values()), outcomes
+        deletes = [outcomes[n] for n in ("delete", "delete again") if n in outcomes]
+        deleted = sum(outcome is None for outcome in deletes)
+        # Deleted once, or not at all (the key then replays the document, re-inserting it if
+        # its insert was lost and no retry made it).
+        assert deleted == isinstance(final, IdempotencyConflict), (outcomes, exists)
+        if deleted or not lose_insert:
+            assert deleted == isinstance(exists, DocumentNotFound), (outcomes, exists)
+        if not isinstance(exists, DocumentNotFound):
+            assert final == (exists, True), outcomes
+        assert all(o is None or isinstance(o, DocumentNotFound) for o in deletes[1:]), outcomes
+        if isinstance(outcomes["delete"], PreconditionFailed):
+            assert if_version == 1, outcomes
+            assert outcomes["patch"].version == 2, outcomes
 
     anyio.run(scenario)
 
