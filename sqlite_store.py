@@ -94,16 +94,6 @@ MIGRATIONS = [
 ]
 
 
-def _check_writable(data_dir: Path) -> None:
-    """SQLite reports an unwritable directory only as "unable to open database file": try a
-    file, so the refusal names the cause (a root-owned bind mount: Permission denied)."""
-    try:
-        with tempfile.TemporaryFile(dir=data_dir):  # nameless where it can be: nothing left over
-            pass
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
-
-
 def _check_file(path: Path) -> bool:
     """Whether `path` exists; raises StoreCorrupt for anything but a whole SQLite file (a
     directory, a link, a FIFO, another format, a truncated database) before SQLite touches it."""
@@ -239,7 +229,8 @@ class SQLiteStore:
         store = cls(data_dir, clock)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            _check_writable(data_dir)
+            # SQLite says only "unable to open database file": a nameless file names the cause.
+            tempfile.TemporaryFile(dir=data_dir).close()
             existed = _check_file(store.path)
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
@@ -248,6 +239,8 @@ class SQLiteStore:
             store._secret = bytes(store._connection().execute(sql).fetchone()[0])
         except BaseException as exc:
             store._close_connections()
+            if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
+                raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
             if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open
                 raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
             if isinstance(exc, sqlite3.DatabaseError):
@@ -488,26 +481,24 @@ class SQLiteStore:
         """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
-        conn = self._connection()
         if self._loop_thread != threading.get_ident():
             self._loop_thread = threading.get_ident()
-            conn.set_progress_handler(self._over_budget, 1000)
+            self._connection().set_progress_handler(self._over_budget, 1000)
         self._deadline = time.perf_counter() + LOOP_BUDGET_S
         try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            if str(exc) != "interrupted":
-                raise StoreUnavailable(f"cannot read the database: {exc}") from exc
-        return await anyio.to_thread.run_sync(self._read_in_thread, sql, params)
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if str(exc) != "interrupted":
+                    raise
+            return await anyio.to_thread.run_sync(
+                lambda: self._connection().execute(sql, params).fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read the database: {exc}") from exc
 
     def _over_budget(self) -> bool:
         return threading.get_ident() == self._loop_thread and time.perf_counter() > self._deadline
-
-    def _read_in_thread(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
-        try:
-            return self._connection().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot read the database: {exc}") from exc
 
     async def get(self, doc_id: str) -> Document:
         rows = await self._read("SELECT body FROM documents WHERE id = ?", (doc_id,))
