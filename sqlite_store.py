@@ -19,19 +19,17 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import orjson
 
+from legacy import mark_imported, read_legacy
 from models import (
     Document,
     DocumentCreate,
     DocumentQuery,
     DocumentUpdate,
-    check_stored,
     document_words,
     millis,
 )
@@ -57,8 +55,6 @@ from storage import (
 log = logging.getLogger("documents.store")
 
 DATABASE_FILE = "documents.db"
-LEGACY_FILE = "documents.json"  # what the previous, TinyDB-based version leaves
-LEGACY_JOURNAL = "documents.journal"
 HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
@@ -114,7 +110,7 @@ def _check_file(path: Path) -> bool:
         head = os.read(fd, 100)
     finally:
         os.close(fd)
-    if path.name != DATABASE_FILE:
+    if path.name != DATABASE_FILE:  # its WAL and shared-memory files: SQLite checks those
         return True
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
@@ -143,39 +139,6 @@ def _create(path: Path) -> None:
         pass  # another process made it first
     finally:
         os.unlink(new)
-
-
-def _legacy_documents(
-    path: Path, journal: Path, now: datetime
-) -> tuple[list[Document], list[tuple[str, str, str, str, int]]] | None:
-    """The documents and unexpired idempotency keys of the previous version's `documents.json`,
-    refused as that version refused them; None without one."""
-    if _check_file(journal) and journal.stat().st_size:
-        raise StoreCorrupt(
-            journal,
-            "it holds changes not yet folded into documents.json; start the previous version "
-            "once and stop it cleanly, then start this one",
-        )
-    if not _check_file(path):
-        return None
-    try:
-        tables = orjson.loads(path.read_bytes())
-        if unknown := set(tables) - {"documents", "idempotency"}:
-            raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
-        docs: dict[str, Document] = {}
-        for record in tables.get("documents", {}).values():
-            doc = check_stored(Document.model_validate(record))
-            if docs.setdefault(doc.id, doc) is not doc:
-                raise StoreCorrupt(path, f"two records have the id {doc.id!r}")
-        keys = []
-        for record in tables.get("idempotency", {}).values():
-            at = datetime.fromisoformat(record["created_at"])
-            if now - at < IDEMPOTENCY_TTL:
-                fields = ("scope", "key", "fingerprint", "document_id")
-                keys.append((*(str(record[f]) for f in fields), millis(at)))
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
-    return list(docs.values()), keys  # type: ignore[return-value]
 
 
 def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
@@ -251,9 +214,8 @@ class SQLiteStore:
         return store
 
     def _migrate(self, existed: bool) -> None:
-        legacy, journal = self.data_dir / LEGACY_FILE, self.data_dir / LEGACY_JOURNAL
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
-        imported = None if existed else _legacy_documents(legacy, journal, self._clock())
+        imported = None if existed else read_legacy(self.data_dir, self._clock())
         if not existed:
             _create(self.path)
         conn = self._connection()
@@ -270,7 +232,7 @@ class SQLiteStore:
                 conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
             return
         if existed and version == 0:
-            imported = _legacy_documents(legacy, journal, self._clock())
+            imported = read_legacy(self.data_dir, self._clock())
         # One process migrates; the others wait here for its lock, then find nothing to do.
         with conn:
             conn.execute("BEGIN EXCLUSIVE")
@@ -285,7 +247,7 @@ class SQLiteStore:
                     self._insert(conn, doc)
                 conn.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", keys)
         if imported is not None and version == 0:
-            legacy.rename(legacy.with_name(LEGACY_FILE + ".imported"))
+            mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
 
     def _connection(self) -> sqlite3.Connection:
