@@ -217,13 +217,9 @@ def _document_query(request: Request) -> DocumentQuery:
         raise RequestValidationError(errors) from None
 
 
-async def read_document(
-    document_id: str,
-    caller: CallerDep,
-    # `str = ""`, not `str | None`: an Optional header is re-inspected on every request.
-    if_none_match: Annotated[str, Header()] = "",
-) -> Response:
+async def read_document(document_id: str, request: Request, caller: CallerDep) -> Response:
     """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
+    if_none_match = request.headers.get("if-none-match", "")
     doc = await caller.store.get(document_id)
     if if_none_match:
         versions = etag_versions(if_none_match, weak=True)
@@ -321,6 +317,7 @@ def _add_routes(app: FastAPI) -> None:
         response_model=Document,
         summary="Read a document",
         responses=openapi.read_responses(),
+        openapi_extra=openapi.IF_NONE_MATCH,
     )
     document_route(
         "/v1/documents/{document_id}",

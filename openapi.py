@@ -113,6 +113,18 @@ def update_responses() -> dict[int | str, dict[str, Any]]:
     return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 412, 413, 415, 422)}
 
 
+# Read from the request by read_document rather than declared as a parameter: FastAPI validates
+# each declared parameter on every request, and a GET is the hot path.
+IF_NONE_MATCH = {
+    "parameters": [
+        {
+            "name": "if-none-match",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "title": "If-None-Match"},
+        }
+    ]
+}
 MERGE_PATCH_BODY = {
     "requestBody": {
         "content": {

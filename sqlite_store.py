@@ -19,19 +19,17 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import orjson
 
+from legacy import mark_imported, read_legacy
 from models import (
     Document,
     DocumentCreate,
     DocumentQuery,
     DocumentUpdate,
-    check_stored,
     document_words,
     millis,
 )
@@ -57,8 +55,6 @@ from storage import (
 log = logging.getLogger("documents.store")
 
 DATABASE_FILE = "documents.db"
-LEGACY_FILE = "documents.json"  # what the previous, TinyDB-based version leaves
-LEGACY_JOURNAL = "documents.journal"
 HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
@@ -94,16 +90,6 @@ MIGRATIONS = [
 ]
 
 
-def _check_writable(data_dir: Path) -> None:
-    """SQLite reports an unwritable directory only as "unable to open database file": try a
-    file, so the refusal names the cause (a root-owned bind mount: Permission denied)."""
-    try:
-        with tempfile.TemporaryFile(dir=data_dir):  # nameless where it can be: nothing left over
-            pass
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
-
-
 def _check_file(path: Path) -> bool:
     """Whether `path` exists; raises StoreCorrupt for anything but a whole SQLite file (a
     directory, a link, a FIFO, another format, a truncated database) before SQLite touches it."""
@@ -124,7 +110,7 @@ def _check_file(path: Path) -> bool:
         head = os.read(fd, 100)
     finally:
         os.close(fd)
-    if path.name != DATABASE_FILE:
+    if path.name != DATABASE_FILE:  # its WAL and shared-memory files: SQLite checks those
         return True
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
@@ -153,39 +139,6 @@ def _create(path: Path) -> None:
         pass  # another process made it first
     finally:
         os.unlink(new)
-
-
-def _legacy_documents(
-    path: Path, journal: Path, now: datetime
-) -> tuple[list[Document], list[tuple[str, str, str, str, int]]] | None:
-    """The documents and unexpired idempotency keys of the previous version's `documents.json`,
-    refused as that version refused them; None without one."""
-    if _check_file(journal) and journal.stat().st_size:
-        raise StoreCorrupt(
-            journal,
-            "it holds changes not yet folded into documents.json; start the previous version "
-            "once and stop it cleanly, then start this one",
-        )
-    if not _check_file(path):
-        return None
-    try:
-        tables = orjson.loads(path.read_bytes())
-        if unknown := set(tables) - {"documents", "idempotency"}:
-            raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
-        docs: dict[str, Document] = {}
-        for record in tables.get("documents", {}).values():
-            doc = check_stored(Document.model_validate(record))
-            if docs.setdefault(doc.id, doc) is not doc:
-                raise StoreCorrupt(path, f"two records have the id {doc.id!r}")
-        keys = []
-        for record in tables.get("idempotency", {}).values():
-            at = datetime.fromisoformat(record["created_at"])
-            if now - at < IDEMPOTENCY_TTL:
-                fields = ("scope", "key", "fingerprint", "document_id")
-                keys.append((*(str(record[f]) for f in fields), millis(at)))
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
-    return list(docs.values()), keys  # type: ignore[return-value]
 
 
 def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
@@ -239,7 +192,8 @@ class SQLiteStore:
         store = cls(data_dir, clock)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            _check_writable(data_dir)
+            # SQLite says only "unable to open database file": a nameless file names the cause.
+            tempfile.TemporaryFile(dir=data_dir).close()
             existed = _check_file(store.path)
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
@@ -248,6 +202,8 @@ class SQLiteStore:
             store._secret = bytes(store._connection().execute(sql).fetchone()[0])
         except BaseException as exc:
             store._close_connections()
+            if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
+                raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
             if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open
                 raise StoreUnavailable(f"cannot use {store.path}: {exc}") from exc
             if isinstance(exc, sqlite3.DatabaseError):
@@ -258,9 +214,8 @@ class SQLiteStore:
         return store
 
     def _migrate(self, existed: bool) -> None:
-        legacy, journal = self.data_dir / LEGACY_FILE, self.data_dir / LEGACY_JOURNAL
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
-        imported = None if existed else _legacy_documents(legacy, journal, self._clock())
+        imported = None if existed else read_legacy(self.data_dir, self._clock())
         if not existed:
             _create(self.path)
         conn = self._connection()
@@ -277,7 +232,7 @@ class SQLiteStore:
                 conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
             return
         if existed and version == 0:
-            imported = _legacy_documents(legacy, journal, self._clock())
+            imported = read_legacy(self.data_dir, self._clock())
         # One process migrates; the others wait here for its lock, then find nothing to do.
         with conn:
             conn.execute("BEGIN EXCLUSIVE")
@@ -292,7 +247,7 @@ class SQLiteStore:
                     self._insert(conn, doc)
                 conn.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", keys)
         if imported is not None and version == 0:
-            legacy.rename(legacy.with_name(LEGACY_FILE + ".imported"))
+            mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
 
     def _connection(self) -> sqlite3.Connection:
@@ -488,26 +443,24 @@ class SQLiteStore:
         """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
-        conn = self._connection()
         if self._loop_thread != threading.get_ident():
             self._loop_thread = threading.get_ident()
-            conn.set_progress_handler(self._over_budget, 1000)
+            self._connection().set_progress_handler(self._over_budget, 1000)
         self._deadline = time.perf_counter() + LOOP_BUDGET_S
         try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            if str(exc) != "interrupted":
-                raise StoreUnavailable(f"cannot read the database: {exc}") from exc
-        return await anyio.to_thread.run_sync(self._read_in_thread, sql, params)
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if str(exc) != "interrupted":
+                    raise
+            return await anyio.to_thread.run_sync(
+                lambda: self._connection().execute(sql, params).fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read the database: {exc}") from exc
 
     def _over_budget(self) -> bool:
         return threading.get_ident() == self._loop_thread and time.perf_counter() > self._deadline
-
-    def _read_in_thread(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
-        try:
-            return self._connection().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot read the database: {exc}") from exc
 
     async def get(self, doc_id: str) -> Document:
         rows = await self._read("SELECT body FROM documents WHERE id = ?", (doc_id,))

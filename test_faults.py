@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from conftest import ServiceFactory, app_client
-from sqlite_store import DATABASE_FILE, LEGACY_FILE, LEGACY_JOURNAL, SQLiteStore
+from legacy import LEGACY_FILE, LEGACY_JOURNAL
+from sqlite_store import DATABASE_FILE, SQLiteStore
 from storage import StoreCorrupt
 
 

@@ -15,9 +15,10 @@ import anyio
 import orjson
 import pytest
 
+from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, as_stored, words
 from mongo_store import MongoStore
-from sqlite_store import DATABASE_FILE, LEGACY_FILE, LEGACY_JOURNAL, SQLiteStore, page_sql
+from sqlite_store import DATABASE_FILE, SQLiteStore, page_sql
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
