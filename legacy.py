@@ -1,0 +1,77 @@
+"""Upgrading from the previous, TinyDB-based version: the `documents.json` it leaves after a clean
+stop, read once into the SQLite store at its first start (see SQLiteStore._migrate). Nothing
+else reads these files; this module goes once no such data directory is left."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+
+from models import Document, check_stored, millis
+from storage import IDEMPOTENCY_TTL, StoreCorrupt, StoreUnavailable
+
+LEGACY_FILE = "documents.json"
+LEGACY_JOURNAL = "documents.journal"  # changes a killed process had not folded into the file
+
+Legacy = tuple[list[Document], list[tuple[str, str, str, str, int]]]
+
+
+def read_legacy(data_dir: Path, now: datetime) -> Legacy | None:
+    """The documents and unexpired idempotency keys of `documents.json`, refused as the previous
+    version refused them; None without one."""
+    journal, path = data_dir / LEGACY_JOURNAL, data_dir / LEGACY_FILE
+    if _read(journal):
+        raise StoreCorrupt(
+            journal,
+            "it holds changes not yet folded into documents.json; start the previous version "
+            "once and stop it cleanly, then start this one",
+        )
+    raw = _read(path)
+    if raw is None:
+        return None
+    try:
+        tables = orjson.loads(raw)
+        if unknown := set(tables) - {"documents", "idempotency"}:
+            raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
+        docs: dict[str, Document] = {}
+        for record in tables.get("documents", {}).values():
+            doc = check_stored(Document.model_validate(record))
+            if docs.setdefault(doc.id, doc) is not doc:
+                raise StoreCorrupt(path, f"two records have the id {doc.id!r}")
+        keys = []
+        for record in tables.get("idempotency", {}).values():
+            at = datetime.fromisoformat(record["created_at"])
+            if now - at < IDEMPOTENCY_TTL:
+                fields = ("scope", "key", "fingerprint", "document_id")
+                keys.append((*(str(record[f]) for f in fields), millis(at)))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
+    return list(docs.values()), keys  # type: ignore[return-value]
+
+
+def mark_imported(data_dir: Path) -> None:
+    """Kept byte for byte, under a name no version reads again."""
+    (data_dir / LEGACY_FILE).rename(data_dir / (LEGACY_FILE + ".imported"))
+
+
+def _read(path: Path) -> bytes | None:
+    """A regular file's bytes; None if there is none. The previous version only wrote regular
+    files: a link, a directory or a FIFO is refused, without following or blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreCorrupt(path, "a symbolic link; the store only uses files it wrote") from exc
+        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreCorrupt(path, "not a regular file; the store only uses files it wrote")
+    with open(fd, "rb") as file:
+        return file.read()
