@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
@@ -53,6 +53,7 @@ from storage import (
 )
 
 log = logging.getLogger("documents.store")
+T = TypeVar("T")
 
 DATABASE_FILE = "documents.db"
 HEADER = b"SQLite format 3\x00"
@@ -158,8 +159,7 @@ def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
 
 
 def _meta_value(value: Any) -> Any:
-    # A boolean as a blob: SQLite would take True for the number 1, while 12 and 12.0, one
-    # JSON number, stay equal.
+    # A boolean as a blob: SQLite takes True for 1, while 12 and 12.0 (one JSON number) are equal.
     return bytes([value]) if isinstance(value, bool) else value
 
 
@@ -201,7 +201,7 @@ class SQLiteStore:
             sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
             store._secret = bytes(store._connection().execute(sql).fetchone()[0])
         except BaseException as exc:
-            store._close_connections()
+            store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
                 raise StoreUnavailable(f"cannot use data directory {data_dir}: {exc}") from exc
             if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open
@@ -268,11 +268,11 @@ class SQLiteStore:
 
     # writes: one thread, one transaction per batch of queued jobs
 
-    async def _write(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((job, loop, future))
         try:
             return await future
@@ -395,8 +395,7 @@ class SQLiteStore:
             self._insert(conn, doc)
             return doc, False
 
-        result: tuple[Document, bool] = await self._write(job)
-        return result
+        return await self._write(job)
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
@@ -416,8 +415,7 @@ class SQLiteStore:
             self._index(conn, new, n, words=words, drop=False)
             return new
 
-        result: Document = await self._write(job)
-        return result
+        return await self._write(job)
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         def job(conn: sqlite3.Connection) -> None:
@@ -434,8 +432,7 @@ class SQLiteStore:
             self._insert(conn, doc)
             return True
 
-        result: bool = await self._write(job)
-        return result
+        return await self._write(job)
 
     # reads
 
@@ -488,8 +485,7 @@ class SQLiteStore:
 
     async def count(self) -> int:
         # count(*) walks an index: probes and scrapes, which anyone may send, count at most
-        # every COUNT_EVERY_S (and after this process writes), so what they cost does not grow
-        # with the data. Another process's writes show within COUNT_EVERY_S.
+        # every COUNT_EVERY_S (and after this process writes), whatever the size of the data.
         if time.monotonic() >= self._counted[0] + COUNT_EVERY_S:
             rows = await self._read("SELECT count(*) FROM documents", ())
             self._counted = (time.monotonic(), int(rows[0][0]))
@@ -530,9 +526,6 @@ class SQLiteStore:
         if writer is not None:
             self._jobs.put(None)
             writer.join()
-        self._close_connections()
-
-    def _close_connections(self) -> None:
         for conn in self._connections:
             conn.close()
         self._connections.clear()
@@ -566,30 +559,26 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         source = "words w CROSS JOIN documents d ON d.n = w.rowid"
         where.append("w.words MATCH ?")
         params.append(" ".join(f'"{word}"' for word in query.words))
-    tags = list(query.tag)
-    metadata = list(query.metadata_values)
-    if not query.words and tags:
-        source = "tags t CROSS JOIN documents d ON d.n = t.n"
-        where.append("t.tag = ?")
-        params.append(tags.pop(0))
-        alias = "t"
-    elif not query.words and metadata and field == "created":
-        name, values = metadata.pop(0)
-        source = "metadata t CROSS JOIN documents d ON d.n = t.n"
-        where.append(f"t.key = ? AND t.value IN ({', '.join('?' * len(values))})")
-        params += [name, *map(_meta_value, values)]
-        alias = "t"
-    for tag in tags:
-        where.append(
-            "EXISTS (SELECT 1 FROM tags WHERE tag = ? AND created = d.created AND id = d.id)"
+    # Each tag and metadata filter: its table and the condition its rows meet.
+    filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
+        (
+            "metadata",
+            f"key = ? AND value IN ({', '.join('?' * len(vs))})",
+            [k, *map(_meta_value, vs)],
         )
-        params.append(tag)
-    for name, values in metadata:
+        for k, vs in query.metadata_values
+    ]
+    if not query.words and filters and (query.tag or field == "created"):
+        table, condition, values = filters.pop(0)
+        source, alias = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t"
+        where.append(condition)
+        params += values
+    for table, condition, values in filters:
         where.append(
-            "EXISTS (SELECT 1 FROM metadata WHERE key = ? AND created = d.created AND id = d.id"  # noqa: S608
-            f" AND value IN ({', '.join('?' * len(values))}))"
+            f"EXISTS (SELECT 1 FROM {table} WHERE {condition}"  # noqa: S608
+            " AND created = d.created AND id = d.id)"
         )
-        params += [name, *map(_meta_value, values)]
+        params += values
     created = f"{alias}.created"
     for column, start, end in (
         (created, query.created_after, query.created_before),
