@@ -7,7 +7,7 @@ import math
 import re
 import string
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -325,6 +325,7 @@ PAGE_MAX = 100
 Sort = Literal["-created_at", "created_at", "-updated_at", "updated_at"]
 
 _WORD = re.compile(r"[^\W_]+")  # runs of Unicode letters and digits
+WORDS_PIECE_CHARS = 8_192  # the most one tokenizer step handles at once (about 1 ms)
 # ASCII text, most text, needs no Unicode folding: one C-level pass maps it to lower-case words
 # separated by spaces.
 _ASCII_WORDS = str.maketrans(
@@ -341,9 +342,27 @@ def words(text: str) -> list[str]:
     mathematical bold Hello is `hello`, and a vowel sign stays inside its word)."""
     if text.isascii():
         return text.translate(_ASCII_WORDS).split()
-    # Compatibility forms first, then case (which may need decomposing again), then no marks.
-    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
-    return _WORD.findall(folded.translate(_MARKS))
+    found: list[str] = []
+    for piece in _pieces(text):
+        # Compatibility forms first, then case (which may need decomposing again), then no marks.
+        folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", piece).casefold())
+        found += _WORD.findall(folded.translate(_MARKS))
+    return found
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most WORDS_PIECE_CHARS, cut after a space where there is one: each
+    step above is one C call that holds the interpreter lock for as long as its input, and other
+    threads (the event loop) run between pieces. A space stays a separator through every step,
+    so the words are those of the whole text; only a run of WORDS_PIECE_CHARS without one (a
+    word far past the 64 characters the index keeps) may be cut."""
+    start = 0
+    while start < len(text):
+        end = start + WORDS_PIECE_CHARS
+        if end < len(text) and (space := text.rfind(" ", start, end)) > start:
+            end = space + 1
+        yield text[start:end]
+        start = end
 
 
 # Every mark (Unicode category M: accents, vowel signs), for str.translate to drop. Built at

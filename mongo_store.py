@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,7 +56,7 @@ FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
 # Up to this many characters a document's words are found on the event loop (well under a
-# millisecond); beyond, in a worker process.
+# millisecond); beyond, in a thread.
 WORDS_INLINE_CHARS = 2_000
 # How long the background pass for missing words waits after a failure.
 WORDS_RETRY_SECONDS = 30.0
@@ -164,7 +161,6 @@ class MongoStore:
         self._indexes_ready = False
         self.indexes_made: asyncio.Task[None] | None = None
         self._cursor_secret: bytes | None = None
-        self._tokenizer: ProcessPoolExecutor | None = None
         self.words_added: asyncio.Task[int] | None = None
 
     @classmethod
@@ -186,22 +182,13 @@ class MongoStore:
             store._indexes_are_made()
         return store
 
-    async def _words_of(self, title: str, content: str) -> list[str]:
-        """A large document's words are found in a process of their own: the tokenizer's
-        Unicode work runs in long C calls that hold the interpreter lock, so a thread would
-        still keep every other request waiting (tens of milliseconds per 100 000 characters)."""
+    @staticmethod
+    async def _words_of(title: str, content: str) -> list[str]:
+        """A large document's words are found in a thread: the tokenizer works in pieces
+        (models.WORDS_PIECE_CHARS), so the event loop runs between them."""
         if len(title) + len(content) <= WORDS_INLINE_CHARS:
             return _sorted_words(title, content)
-        if self._tokenizer is None:
-            self._tokenizer = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn")
-            )
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._tokenizer, _sorted_words, title, content)
-        except BrokenProcessPool as exc:
-            self._tokenizer = None  # the next large document starts another
-            raise StoreUnavailable("the tokenizer process stopped; try again") from exc
+        return await anyio.to_thread.run_sync(_sorted_words, title, content)
 
     async def _make_indexes(self) -> None:
         """Until MongoDB has the indexes, every request and probe answers 503: none makes them,
@@ -542,6 +529,4 @@ class MongoStore:
         for task in (self.indexes_made, self.words_added):
             if task is not None:
                 task.cancel()
-        if self._tokenizer is not None:
-            self._tokenizer.shutdown(wait=False, cancel_futures=True)
         await self._client.close()

@@ -143,21 +143,22 @@ def _cjk_text(words: int, seed: int = 0) -> str:
     return " ".join(chr(0x4E00 + rng.randrange(20_000)) * 2 for _ in range(words))
 
 
-def test_a_large_documents_words_are_found_in_another_process_and_only_when_its_text_changes(
+def test_a_large_documents_words_are_found_off_the_event_loop_and_only_when_its_text_changes(
     mongo_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tokenizing a long text holds the interpreter for milliseconds that every other request
-    would wait out (in a thread too); a tag or metadata edit needs no words at all."""
-    here: list[int] = []
+    """Tokenizing a long text takes milliseconds that every other request would wait out on the
+    event loop; a tag or metadata edit needs no words at all."""
+    tokenized: list[tuple[int, int]] = []  # (characters, thread)
     tokenize = models.document_words
 
-    def in_this_process(title: str, content: str) -> set[str]:
-        here.append(len(content))
+    def recorded(title: str, content: str) -> set[str]:
+        tokenized.append((len(content), threading.get_ident()))
         return tokenize(title, content)
 
-    monkeypatch.setattr(mongo_store, "document_words", in_this_process)
+    monkeypatch.setattr(mongo_store, "document_words", recorded)
 
     async def scenario() -> None:
+        loop_thread = threading.get_ident()
         store = await MongoStore.open(mongo_url)
         big, _ = await store.create(DocumentCreate(title="big", content=_cjk_text(5_000)))
         await store.create(DocumentCreate(title="small", content="a few words"))
@@ -173,9 +174,11 @@ def test_a_large_documents_words_are_found_in_another_process_and_only_when_its_
         )
         assert [d.id for d in found] == [big.id]
         await store.close()
+        big_size = len(_cjk_text(5_000))
+        assert [size for size, _ in tokenized] == [big_size, len("a few words"), big_size]
+        assert [thread == loop_thread for _, thread in tokenized] == [False, True, False]
 
     anyio.run(scenario)
-    assert here == [len("a few words")]
 
 
 FINDING = [

@@ -180,7 +180,27 @@ def test_a_documents_indexed_words_are_bounded() -> None:
     assert document_words("a" * INDEXED_WORD_MAX_CHARS, long_word) == {"a" * 64}
 
 
-@pytest.mark.parametrize("backend", ["tinydb", "mongodb"])
+def test_the_tokenizer_works_in_bounded_pieces_and_finds_the_words_of_the_whole_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each Unicode step is one C call that holds the interpreter lock for as long as its input:
+    in pieces, the event loop runs between them while a thread tokenizes a large document."""
+    sizes: list[int] = []
+    normalize = unicodedata.normalize
+
+    def recorded(form: str, text: str) -> str:
+        sizes.append(len(text))
+        return normalize(form, text)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unicodedata, "normalize", recorded)
+    text = "Crème brûlée Ⅻ ﬃ " * 10_000
+    assert models.words(text) == ["creme", "brulee", "xii", "ffi"] * 10_000
+    pieces = sizes[::2]  # each piece is normalized twice: as cut, then after casefold
+    assert len(pieces) > 1
+    assert max(pieces) <= models.WORDS_PIECE_CHARS
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
 def test_words_past_the_bound_are_not_found(
     tmp_path: Path, request: pytest.FixtureRequest, backend: str
 ) -> None:
