@@ -208,8 +208,9 @@ class TcpProxy:
         self.fault: Callable[[bytes], Fate] | None = None
         self.black_hole = False
         self.replied = 0
-        self.port = free_port()
-        self._listener: socket.socket | None = None
+        # Bound now, listening from start(): no other process can take the port in between.
+        self._listener: socket.socket | None = self._bind(0)
+        self.port: int = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -217,10 +218,15 @@ class TcpProxy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind(("127.0.0.1", port))
+        return listener
+
+    def start(self) -> None:
+        listener = self._listener or self._bind(self.port)  # after a stop, the same port again
         listener.listen()
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()

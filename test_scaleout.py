@@ -692,6 +692,27 @@ class Interleaving:
         for proxy in self.proxies.values():
             proxy.stop()
 
+    async def run(
+        self, calls: dict[str, Callable[[], Awaitable[Any]]], stores: dict[str, MongoStore]
+    ) -> dict[str, Any]:
+        """Every operation at once, each through its relay: what each would answer. Closes the
+        stores and the relays."""
+        outcomes: dict[str, Any] = {}
+
+        async def run(name: str) -> None:
+            outcomes[name] = await _outcome(calls[name]())
+            self.done[name].set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in self.done:
+                    tg.start_soon(run, name)
+        finally:
+            for store in stores.values():
+                await store.close()
+            self.stop()
+        return outcomes
+
 
 async def _outcome(call: Awaitable[Any]) -> Any:
     """What the API would answer: the result, or the store error it maps to a status."""
@@ -733,20 +754,7 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
             "delete": lambda: stores["delete"].delete(first.id, if_version=if_version),
             "patch": lambda: stores["patch"].update(first.id, DocumentUpdate(title="patched")),
         }
-        outcomes: dict[str, Any] = {}
-
-        async def run(name: str) -> None:
-            outcomes[name] = await _outcome(calls[name]())
-            races.done[name].set()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                for name in names:
-                    tg.start_soon(run, name)
-        finally:
-            for store in stores.values():
-                await store.close()
-            races.stop()
+        outcomes = await races.run(calls, stores)
         exists = await _outcome(plain.get(first.id))
         final = await _outcome(_create(plain, DOC))
         after = await _outcome(plain.get(first.id))
@@ -800,20 +808,7 @@ def test_a_delete_whose_reply_is_lost_answers_as_it_happened_once(
             "patch": lambda: stores["patch"].update(first.id, DocumentUpdate(title="patched")),
             "retry": lambda: _create(stores["retry"], DOC),
         }
-        outcomes: dict[str, Any] = {}
-
-        async def run(name: str) -> None:
-            outcomes[name] = await _outcome(calls[name]())
-            races.done[name].set()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                for name in names:
-                    tg.start_soon(run, name)
-        finally:
-            for store in stores.values():
-                await store.close()
-            races.stop()
+        outcomes = await races.run(calls, stores)
         exists = await _outcome(plain.get(first.id))
         final = await _outcome(_create(plain, DOC))
         await plain.close()
