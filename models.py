@@ -325,7 +325,12 @@ PAGE_MAX = 100
 Sort = Literal["-created_at", "created_at", "-updated_at", "updated_at"]
 
 _WORD = re.compile(r"[^\W_]+")  # runs of Unicode letters and digits
-WORDS_PIECE_CHARS = 8_192  # the most one tokenizer step handles at once (about 1 ms)
+# The most one tokenizer step takes at once: about a millisecond even for text that decomposes
+# 18-fold (U+FDFA).
+WORDS_PIECE_CHARS = 1_024
+# A text up to this long is tokenized where it is written (about a millisecond at worst); a
+# longer one in a thread, while the event loop and the SQLite writer go on.
+WORDS_INLINE_CHARS = WORDS_PIECE_CHARS
 # ASCII text, most text, needs no Unicode folding: one C-level pass maps it to lower-case words
 # separated by spaces.
 _ASCII_WORDS = str.maketrans(
@@ -351,18 +356,25 @@ def words(text: str) -> list[str]:
 
 
 def _pieces(text: str) -> Iterator[str]:
-    """`text` in pieces of at most WORDS_PIECE_CHARS, cut after a space where there is one: each
-    step above is one C call that holds the interpreter lock for as long as its input, and other
-    threads (the event loop) run between pieces. A space stays a separator through every step,
-    so the words are those of the whole text; only a run of WORDS_PIECE_CHARS without one (a
-    word far past the 64 characters the index keeps) may be cut."""
+    """`text` in pieces of at most WORDS_PIECE_CHARS: each step above is one C call that holds
+    the interpreter lock for as long as its input, and other threads (the event loop) run
+    between pieces. A piece ends after a space or punctuation, which no step turns into a letter
+    or digit, so the words are those of the whole text; only a run of more than
+    INDEXED_WORD_MAX_CHARS without one, a word longer than the index keeps, may be cut."""
     start = 0
-    while start < len(text):
+    while len(text) - start > WORDS_PIECE_CHARS:
         end = start + WORDS_PIECE_CHARS
-        if end < len(text) and (space := text.rfind(" ", start, end)) > start:
-            end = space + 1
+        end = next(
+            (i for i in range(end, end - INDEXED_WORD_MAX_CHARS, -1) if _separates(text[i - 1])),
+            end,
+        )
         yield text[start:end]
         start = end
+    yield text[start:]
+
+
+def _separates(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char)[0] in "PZ"
 
 
 # Every mark (Unicode category M: accents, vowel signs), for str.translate to drop. Built at

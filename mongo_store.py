@@ -24,6 +24,7 @@ from pymongo.errors import (
 )
 
 from models import (
+    WORDS_INLINE_CHARS,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -55,9 +56,6 @@ log = logging.getLogger("documents.store")
 FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
-# Up to this many characters a document's words are found on the event loop (well under a
-# millisecond); beyond, in a thread.
-WORDS_INLINE_CHARS = 2_000
 # How long the background pass for missing words waits after a failure.
 WORDS_RETRY_SECONDS = 30.0
 # A deleted document that its create's Idempotency-Key could bring back stays as a tombstone

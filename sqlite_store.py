@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from legacy import mark_imported, read_legacy
 from models import (
+    WORDS_INLINE_CHARS,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -274,10 +275,12 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((job, loop, future))
-        try:
-            return await future
-        finally:
-            self._counted = NOT_COUNTED  # this process's own writes show in the next count
+        return await future
+
+    def _count_changed(self, by: int) -> None:
+        """This process's own writes show in the count at once, without counting again."""
+        at, count = self._counted
+        self._counted = (at, count + by)
 
     def _write_loop(self) -> None:
         conn = self._connection()
@@ -318,7 +321,7 @@ class SQLiteStore:
             return [failed] * len(batch)
         return outcomes
 
-    def _insert(self, conn: sqlite3.Connection, doc: Document) -> None:
+    def _insert(self, conn: sqlite3.Connection, doc: Document, terms: str | None = None) -> None:
         created = millis(doc.created_at)
         n = _key(conn, created, doc.id)
         conn.execute(
@@ -326,16 +329,18 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
         )
-        self._index(conn, doc, n, words=True, drop=False)
+        self._index(conn, doc, n, _terms(doc) if terms is None else terms, drop=False)
 
     @staticmethod
-    def _index(conn: sqlite3.Connection, doc: Document, n: int, *, words: bool, drop: bool) -> None:
-        """Add (or, with `drop`, remove) the rows that find `doc`: words, tags, metadata."""
-        if words:  # a contentless FTS5 row is removed by giving its words again with 'delete'
-            text = " ".join(document_words(doc.title, doc.content))
+    def _index(
+        conn: sqlite3.Connection, doc: Document, n: int, terms: str | None, drop: bool
+    ) -> None:
+        """Add (or, with `drop`, remove) the rows that find `doc`: its words' `terms` (None: leave
+        them), tags, metadata."""
+        if terms is not None:  # a contentless FTS5 row is removed by giving its words again
             conn.execute(
                 "INSERT INTO words (words, rowid, terms) VALUES (?, ?, ?)",
-                ("delete" if drop else None, n, text),
+                ("delete" if drop else None, n, terms),
             )
         at = (millis(doc.created_at), doc.id)
         tags = [(t, *at) for t in doc.tags]
@@ -367,6 +372,7 @@ class SQLiteStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         body_print = fingerprint(data) if idempotency is not None else ""
+        [terms] = await self._terms((data.title, data.content))
 
         def job(conn: sqlite3.Connection) -> tuple[Document, bool]:
             now = self._clock()
@@ -392,14 +398,21 @@ class SQLiteStore:
                     "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
                     (*scope, body_print, doc.id, millis(now)),
                 )
-            self._insert(conn, doc)
+            self._insert(conn, doc, terms)
             return doc, False
 
-        return await self._write(job)
+        doc, replayed = await self._write(job)
+        self._count_changed(0 if replayed else 1)
+        return doc, replayed
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
     ) -> Document:
+        seen = await self.get(doc_id)
+        preview = apply_patch(seen, patch, self._clock())
+        texts = [(doc.title, doc.content) for doc in (seen, preview)]
+        terms = await self._terms(*texts) if texts[0] != texts[1] else [None, None]
+
         def job(conn: sqlite3.Connection) -> Document:
             n, current = self._current(conn, doc_id, if_version)
             new = apply_patch(current, patch, self._clock())
@@ -410,20 +423,28 @@ class SQLiteStore:
                 " WHERE n = ? AND version = ?",
                 (millis(new.updated_at), new.version, new.json_bytes, n, current.version),
             )
-            words = (new.title, new.content) != (current.title, current.content)
-            self._index(conn, current, n, words=words, drop=True)
-            self._index(conn, new, n, words=words, drop=False)
+            old_terms, new_terms = terms
+            if current.version != seen.version:  # written since it was read: its words now
+                changed = (new.title, new.content) != (current.title, current.content)
+                old_terms, new_terms = (_terms(current), _terms(new)) if changed else (None, None)
+            self._index(conn, current, n, old_terms, drop=True)
+            self._index(conn, new, n, new_terms, drop=False)
             return new
 
         return await self._write(job)
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
+        seen = await self.get(doc_id)
+        [terms] = await self._terms((seen.title, seen.content))
+
         def job(conn: sqlite3.Connection) -> None:
             n, current = self._current(conn, doc_id, if_version)
             conn.execute("DELETE FROM documents WHERE n = ?", (n,))
-            self._index(conn, current, n, words=True, drop=True)
+            fresh = current.version == seen.version  # else written since it was read
+            self._index(conn, current, n, terms if fresh else _terms(current), drop=True)
 
         await self._write(job)
+        self._count_changed(-1)
 
     async def import_document(self, doc: Document) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -432,7 +453,21 @@ class SQLiteStore:
             self._insert(conn, doc)
             return True
 
-        return await self._write(job)
+        imported = await self._write(job)
+        self._count_changed(int(imported))
+        return imported
+
+    @staticmethod
+    async def _terms(*texts: tuple[str, str]) -> list[str | None]:
+        """The words the index takes for each (title, content), found before the write: in a
+        thread when long, for in the writer thread they would hold back every other write."""
+
+        def find() -> list[str | None]:
+            return [" ".join(document_words(*text)) for text in texts]
+
+        if sum(len(title) + len(content) for title, content in texts) <= WORDS_INLINE_CHARS:
+            return find()
+        return await anyio.to_thread.run_sync(find)
 
     # reads
 
@@ -485,7 +520,7 @@ class SQLiteStore:
 
     async def count(self) -> int:
         # count(*) walks an index: probes and scrapes, which anyone may send, count at most
-        # every COUNT_EVERY_S (and after this process writes), whatever the size of the data.
+        # every COUNT_EVERY_S, whatever the size of the data or the rate of writes.
         if time.monotonic() >= self._counted[0] + COUNT_EVERY_S:
             rows = await self._read("SELECT count(*) FROM documents", ())
             self._counted = (time.monotonic(), int(rows[0][0]))
@@ -530,6 +565,10 @@ class SQLiteStore:
             conn.close()
         self._connections.clear()
         self._local = threading.local()
+
+
+def _terms(doc: Document) -> str:
+    return " ".join(document_words(doc.title, doc.content))
 
 
 def _parse(body: bytes) -> Document:

@@ -15,6 +15,7 @@ import anyio
 import orjson
 import pytest
 
+import sqlite_store
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, as_stored, words
 from mongo_store import MongoStore
@@ -490,6 +491,35 @@ async def test_indexes_follow_updates_and_deletes_across_a_reopen(tmp_path: Path
     await store.close()
 
 
+async def test_a_large_documents_words_are_found_outside_the_writer_and_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokenizing a long text takes milliseconds (far more for text that decomposes): in the
+    writer thread every other write would wait them out, on the event loop every request."""
+    where: list[tuple[int, str]] = []  # (characters, thread) of each tokenized text
+    tokenize = sqlite_store.document_words
+
+    def recorded(title: str, content: str) -> set[str]:
+        loop = threading.get_ident() == loop_thread
+        where.append((len(content), "loop" if loop else threading.current_thread().name))
+        return tokenize(title, content)
+
+    monkeypatch.setattr(sqlite_store, "document_words", recorded)
+    loop_thread = threading.get_ident()
+    store = SQLiteStore.open(tmp_path)
+    big, _ = await store.create(body("big", content="\ufdfa" * 3_000))
+    await store.update(big.id, DocumentUpdate(tags=["edited"]))
+    await store.update(big.id, DocumentUpdate(content="\ufdfa" * 4_000))
+    assert await walk(store, 5, q="\ufdfa") == [big.id]
+    await store.delete(big.id)
+    assert await walk(store, 5, q="\ufdfa") == []
+    small, _ = await store.create(body("small"))
+    await store.close()
+    assert [size for size, _ in where] == [3_000, 3_000, 4_000, 4_000, 1]
+    assert {thread for _, thread in where[:-1]} <= {"AnyIO worker thread"}
+    assert where[-1][1] == "loop"
+
+
 async def test_a_second_store_on_the_directory_shares_the_data(tmp_path: Path) -> None:
     first, second = SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)
     doc, _ = await first.create(body("shared"))
@@ -504,18 +534,21 @@ async def test_a_second_store_on_the_directory_shares_the_data(tmp_path: Path) -
     await second.close()
 
 
-async def test_probes_count_at_most_every_few_seconds_and_after_the_process_own_writes(
+async def test_probes_count_at_most_every_few_seconds_and_see_the_process_own_writes_at_once(
     tmp_path: Path,
 ) -> None:
     """/health/ready and /metrics count the documents, and anyone may send them: a count walks
-    an index, so it is reused for a few seconds, except after this process's own writes."""
+    an index, so it is reused for a few seconds, and this process's own writes change it without
+    a walk (a walk after every write would cost each probe as much as the data)."""
     probed, other = SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)
     try:
         assert await probed.count() == 0
         await other.create(body("elsewhere"))
         assert await probed.count() == 0  # not counted again: no walk per probe
-        await probed.create(body("here"))
-        assert await probed.count() == 2
+        here, _ = await probed.create(body("here"))
+        assert await probed.count() == 1  # its own write, and still no walk
+        await probed.delete(here.id)
+        assert await probed.count() == 0
     finally:
         await probed.close()
         await other.close()
