@@ -17,7 +17,15 @@ import pytest
 
 import sqlite_store
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
-from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate, as_stored, words
+from models import (
+    Document,
+    DocumentCreate,
+    DocumentQuery,
+    DocumentUpdate,
+    as_stored,
+    document_words,
+    words,
+)
 from mongo_store import MongoStore
 from sqlite_store import DATABASE_FILE, SQLiteStore, page_sql
 from storage import (
@@ -497,7 +505,7 @@ async def test_a_large_documents_words_are_found_outside_the_writer_and_the_even
     """Tokenizing a long text takes milliseconds (far more for text that decomposes): in the
     writer thread every other write would wait them out, on the event loop every request."""
     where: list[tuple[int, str]] = []  # (characters, thread) of each tokenized text
-    tokenize = sqlite_store.document_words
+    tokenize = document_words
 
     def recorded(title: str, content: str) -> set[str]:
         loop = threading.get_ident() == loop_thread
