@@ -440,33 +440,32 @@ class MongoStore:
         changed nothing, the key included. Every delete leaves one, whatever the record says
         about its key: a restore brings documents back without it."""
         self._require_indexes()
-        now = self._clock()
+        # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
+        tombstone = {"deleted_at": self._clock(), "deleted_by": secrets.token_hex(8)}
         with _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version"])
-        if raw is None:
-            raise DocumentNotFound(doc_id)
-        if if_version is not None and raw["version"] != if_version:
-            raise stale(doc_id, raw["version"])
-        match: dict[str, Any] = {"_id": doc_id, **LIVE}
-        if if_version is not None:
-            match["version"] = if_version
-        # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
-        tombstone = {"deleted_at": now, "deleted_by": secrets.token_hex(8)}
-        try:
-            done = await self._replace(match, tombstone)
-        except StoreUnavailable:
-            # The reply is lost, not necessarily the write: send it again. If the first landed,
-            # this one matches nothing and the tombstone below says whose delete it was.
-            done = await self._replace(match, tombstone)
-        if done:
-            return
-        with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id}, ["version", "deleted_by"])
-        if raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]:
-            return  # this delete's first write landed; a retry of it matched nothing
-        if raw is None or "version" not in raw:
-            raise DocumentNotFound(doc_id)  # another request deleted it
-        raise stale(doc_id, raw["version"])
+        while True:
+            if raw is None or "version" not in raw:
+                raise DocumentNotFound(doc_id)  # never there, or another request deleted it
+            if if_version is not None and raw["version"] != if_version:
+                raise stale(doc_id, raw["version"])
+            # The version read, never just "live": a write held on the wire that lands after
+            # its 503 has gone out (happened or not) cannot delete a version written since.
+            match = {"_id": doc_id, **LIVE, "version": raw["version"]}
+            try:
+                done = await self._replace(match, tombstone)
+            except StoreUnavailable:
+                # The reply is lost, not necessarily the write: send it again. If the first
+                # landed, this one matches nothing and the tombstone says whose delete it was.
+                done = await self._replace(match, tombstone)
+            if done:
+                return
+            with _driver_errors():
+                raw = await self._docs.find_one({"_id": doc_id}, ["version", "deleted_by"])
+            if raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]:
+                return  # this delete's first write landed; a retry of it matched nothing
+            # Else deleted by another (404), or written since it was read: 412 under If-Match,
+            # and without it, the delete of what is there now.
 
     async def _replace(self, match: dict[str, Any], record: dict[str, Any]) -> bool:
         with _driver_errors():

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ from conftest import (
     Service,
     ServiceFactory,
     TcpProxy,
+    _read_message,
     app_client,
     assert_problem,
     cursor_values_out_of_range,
@@ -770,6 +772,50 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
         if not isinstance(final, IdempotencyConflict):
             assert final[0].id == first.id
             assert after == final[0]
+
+    anyio.run(scenario)
+
+
+def test_a_delete_answered_503_that_lands_later_cannot_delete_a_version_written_since(
+    standalone_mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """The delete's write, and its retry, are lost on the wire: the client hears 503 (happened
+    or not). A PATCH then succeeds. When the first write reaches MongoDB at last (replayed here
+    byte for byte, as a relay that had held it would deliver it), it must match nothing."""
+    database = mongo_url.rsplit("/", 1)[1]
+    proxy = TcpProxy(standalone_mongo_server.address)
+    held: list[bytes] = []
+
+    def fate(message: bytes) -> Fate:
+        if b"deleted_by" not in message:
+            return "deliver"
+        held.append(message)
+        return "cut"
+
+    proxy.fault = fate
+    proxy.start()
+
+    async def scenario() -> None:
+        plain = await MongoStore.open(f"{standalone_mongo_server.uri}{database}")
+        relayed = await MongoStore.open(
+            f"mongodb://{proxy.address}/{database}?directConnection=true", timeout_ms=2000
+        )
+        try:
+            doc, _ = await plain.create(DocumentCreate(title="t", content="c"))
+            with pytest.raises(StoreUnavailable):
+                await relayed.delete(doc.id)
+            patched = await plain.update(doc.id, DocumentUpdate(title="patched"))
+            with socket.create_connection(standalone_mongo_server.address) as late:
+                late.sendall(held[0])
+                assert _read_message(late)  # MongoDB has run it
+            assert await plain.get(doc.id) == patched
+            await plain.delete(doc.id)
+            with pytest.raises(DocumentNotFound):
+                await plain.get(doc.id)
+        finally:
+            await relayed.close()
+            await plain.close()
+            proxy.stop()
 
     anyio.run(scenario)
 
