@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEY, Service, ServiceFactory, assert_problem, make_settings
+from conftest import KEY, OTHER_KEY, Service, ServiceFactory, assert_problem, make_settings
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
 from models import Problem
@@ -418,21 +418,28 @@ def _in_progress(service: Service) -> float:
     return families["http_requests_in_progress"].samples[0].value
 
 
+CAROL = "carol-key-0005"
+
+
 def test_bodies_held_at_once_are_bounded_across_connections(
     service_factory: ServiceFactory,
 ) -> None:
-    """Two keyed uploads of 1 MB stall and hold the 2 MB allowed; a third body gets 503 with
-    Retry-After instead of being read; once they end, bodies are read again."""
-    env = {"MAX_BODY_BYTES": str(MB), "MAX_BUFFERED_BODY_BYTES": str(2 * MB)}
+    """Two keys' uploads of 1 MB stall and hold the 2 MB allowed; a third key's body gets 503
+    with Retry-After instead of being read; once they end, bodies are read again."""
+    env = {
+        "API_KEYS": f"alice:{KEY},bob:{OTHER_KEY},carol:{CAROL}",
+        "MAX_BODY_BYTES": str(MB),
+        "MAX_BUFFERED_BODY_BYTES": str(2 * MB),
+    }
     service = service_factory(env=env).start()
     stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
     try:
-        for sock in stalled:
-            sock.sendall(_post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}"))
+        for sock, key in zip(stalled, (KEY, OTHER_KEY), strict=True):
+            sock.sendall(_post_head(f"X-API-Key: {key}\r\n", f"Content-Length: {MB}"))
         deadline = time.monotonic() + 10
         while _in_progress(service) < 3:  # both uploads and this scrape are being served
             assert time.monotonic() < deadline
-        with service.client() as client:
+        with service.client(CAROL) as client:
             busy = client.post("/v1/documents", json={"title": "t", "content": "c"})
             problem = assert_problem(busy, 503)
             assert busy.headers["retry-after"] == "1"
@@ -448,6 +455,42 @@ def test_bodies_held_at_once_are_bounded_across_connections(
             assert time.monotonic() < deadline  # until the server has seen both uploads end
         assert created.status_code == 201
         assert [d["title"] for d in client.get("/v1/documents").json()["items"]] == ["t"]
+
+
+def test_one_key_holds_at_most_a_quarter_of_the_bodies_held_at_once(
+    service_factory: ServiceFactory,
+) -> None:
+    """One key's uploads declare 1 MB each and send nothing, to fill MAX_BUFFERED_BODY_BYTES:
+    they fill the key's quarter of it, and each further body of that key gets 503 with
+    Retry-After from its head; another key's bodies are still read and stored."""
+    env = {
+        "API_KEYS": f"alice:{KEY},bob:{OTHER_KEY}",
+        "MAX_BODY_BYTES": str(MB),
+        "MAX_BUFFERED_BODY_BYTES": str(4 * MB),
+    }
+    service = service_factory(env=env).start()
+    stalled = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        stalled.sendall(_post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}"))
+        deadline = time.monotonic() + 10
+        while _in_progress(service) < 2:  # the upload and this scrape are being served
+            assert time.monotonic() < deadline
+        for _ in range(3):  # the rest of the budget, wanted by the same key: refused at once
+            refused = exchange(
+                service, _post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}")
+            )
+            assert status_of(refused) == 503
+            assert b"retry-after: 1" in refused
+        with service.client(KEY) as alice:
+            problem = assert_problem(
+                alice.post("/v1/documents", json={"title": "t", "content": "c"}), 503
+            )
+            assert "key" in problem["detail"]
+        with service.client(OTHER_KEY) as bob:
+            body = {"title": "bob's", "content": "x" * 90_000}
+            assert bob.post("/v1/documents", json=body).status_code == 201
+    finally:
+        stalled.close()
 
 
 def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFactory) -> None:
