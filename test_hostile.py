@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import bodies
 from conftest import KEY, OTHER_KEY, Service, ServiceFactory, assert_problem, make_settings
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
@@ -634,6 +636,56 @@ def test_reading_a_body_costs_time_linear_in_its_size(
         for size, seen in timings.items():
             seen.append(run(size))
     assert min(timings[50_000]) / min(timings[12_500]) < 8
+
+
+def _padded(size: int) -> bytes:
+    """A valid document of `size` bytes: JSON allows white space after the value."""
+    body = b'{"title": "t", "content": "c", "metadata": {"k": 1}}'
+    return body + b" " * (size - len(body))
+
+
+# Each with whether it is parsed on the event loop's thread.
+PARSED_WHERE: list[tuple[str, bytes, int, bool]] = [
+    ("a small body", _padded(KB), 201, True),
+    ("a body at the inline bound", _padded(bodies.INLINE_PARSE_BYTES), 201, True),
+    ("a body past the inline bound", _padded(bodies.INLINE_PARSE_BYTES + 1), 201, False),
+    ("1 MB of empty objects", b"[" + b"{}," * 300_000 + b"{}]", 422, False),
+    ("a large body with a repeated key", _object(50_000), 400, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "on_the_loop"),
+    [case[1:] for case in PARSED_WHERE],
+    ids=[case[0] for case in PARSED_WHERE],
+)
+def test_a_large_body_is_parsed_off_the_event_loop_and_a_small_one_on_it(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    body: bytes,
+    status: int,
+    on_the_loop: bool,
+) -> None:
+    """The strict parse of a large body runs long however it is written: in a thread, the
+    event loop goes on serving others meanwhile. A small one skips the hop. The parse is as
+    strict either way, and the cyclic collector runs again once it ends."""
+    threads: set[int] = set()
+    original = bodies._reject_duplicates
+
+    def recording(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        threads.add(threading.get_ident())
+        return original(pairs)
+
+    monkeypatch.setattr(bodies, "_reject_duplicates", recording)
+    response = client.post(
+        "/v1/documents", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text[:200]
+    assert client.portal is not None  # inside `with`: the portal runs calls on the loop's thread
+    loop_thread = client.portal.call(threading.get_ident)
+    assert threads  # the parse called its hook
+    assert (threads == {loop_thread}) == on_the_loop
+    assert gc.isenabled()
 
 
 # --- input that must never be stored ----------------------------------------------------------
