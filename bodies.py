@@ -111,8 +111,9 @@ def _parse_collector_paused(body: bytes) -> Any:
 
 # Bodies up to this size are parsed on the event loop, sparing the common small body a thread
 # hop: the slowest shape (arrays nested 31 deep) parses within about 3 ms at this size, no
-# longer than the loop may wait for the interpreter lock while a thread parses; and the
-# collector's passes cost nothing that shows at this size, so these parses leave it running.
+# longer than the loop may wait for the interpreter lock while a thread parses (the switch
+# interval, 5 ms); and the collector's passes cost nothing that shows at this size, so these
+# parses leave it running.
 INLINE_PARSE_BYTES = 32 * 1024
 # Larger bodies are parsed on one thread, one at a time: threads share one interpreter lock, so
 # more would parse no faster and each would take more of the loop's turns; and with one thread
@@ -124,8 +125,10 @@ _PARSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="json-parse")
 class StrictJSONRequest(Request):
     """Parses bodies as strict JSON: a duplicate key, NaN, Infinity or an overflowing number is
     a malformed body (400), where `json.loads` would silently keep one value or an infinity. A
-    large body is parsed in a thread: its parse calls Python hooks for each object, which let
-    the interpreter give the event loop its turn, so other requests are not held up."""
+    large body is parsed in a thread, so the event loop is not held for the whole parse: the
+    interpreter hands the loop its lock at the parse's Python hooks (each object, each float)
+    and between the nesting check's passes. A long stretch inside the C parser (arrays of
+    arrays and integers, one object's many keys) still holds the lock while it runs."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_parsed_body"):
