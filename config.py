@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_buffered_body_bytes: int = Field(
         default=32 * 1024 * 1024,
-        description="Bytes of request bodies held at once across all connections; over it, 503.",
+        description="Bytes of request bodies held at once across all connections, and a quarter "
+        "of it by one key (at least MAX_BODY_BYTES); over either, 503.",
     )
     max_connections: int = Field(default=1000, ge=1, description="Open connections per process.")
     max_content_chars: int = Field(default=100_000, ge=1)

@@ -168,8 +168,10 @@ class BodyLimitMiddleware:
     declared a Content-Length, and without buffering past the limit; refuse a body that takes
     longer than `timeout` seconds to arrive, so a client dripping bytes cannot hold a request
     open for ever. Bodies held at once, across all connections, stay within
-    `max_buffered_bytes`: a request whose body would pass it gets 503 and Retry-After instead of
-    its body being read, so many slow uploads cannot add up to the process's memory."""
+    `max_buffered_bytes`, and those of one key (the name admission put in the scope; requests
+    without one share a name) within a quarter of it: a request whose body would pass either gets
+    503 and Retry-After instead of its body being read, so many slow uploads cannot add up to the
+    process's memory, nor one key's uploads keep every other key's out."""
 
     def __init__(
         self, app: ASGIApp, *, max_bytes: int, max_buffered_bytes: int, timeout: float
@@ -178,27 +180,37 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.max_buffered_bytes = max_buffered_bytes
         self.timeout = timeout
+        # A quarter: one key's stalled uploads leave three quarters to the others, yet a key may
+        # still send several full-size bodies at once. Never below one full-size body, which
+        # every key must be able to send.
+        self.max_buffered_per_key = max(max_buffered_bytes // 4, max_bytes)
         self.buffered = 0  # bytes held by the bodies of requests in flight
+        self.buffered_by_key: dict[str | None, int] = {}  # the same, by key name; no zeros kept
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
+        key: str | None = scope.get("state", {}).get("api_key_name")
         received = held = 0
         deadline: float | None = None
         complete = False
 
         def hold(size: int) -> None:
             nonlocal held
+            by_key = self.buffered_by_key.get(key, 0)
             if self.buffered + size > self.max_buffered_bytes:
-                raise BodyBufferFull(
-                    "The server is receiving as many request bodies as it holds at once; retry "
-                    "shortly.",
-                    headers={"Retry-After": "1", "Connection": "close"},
-                )
-            self.buffered += size
-            held += size
+                detail = "The server is receiving as many request bodies as it holds at once"
+            elif by_key + size > self.max_buffered_per_key:
+                detail = "This key is sending as many request bodies as one key may at once"
+            else:
+                self.buffered += size
+                self.buffered_by_key[key] = by_key + size
+                held += size
+                return
+            headers = {"Retry-After": "1", "Connection": "close"}
+            raise BodyBufferFull(f"{detail}; retry shortly.", headers=headers)
 
         async def limited_receive() -> Message:
             nonlocal received, deadline, complete
@@ -231,7 +243,10 @@ class BodyLimitMiddleware:
         finally:
             # Held until the request is answered: its handler keeps the body (and what was
             # parsed from it) until then.
-            self.buffered -= held
+            if held:
+                self.buffered -= held
+                if left := self.buffered_by_key.pop(key) - held:
+                    self.buffered_by_key[key] = left
 
 
 def _too_large(limit: int) -> str:

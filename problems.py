@@ -115,7 +115,8 @@ class BodyBufferFull(HTTPProblem):
     kind = ProblemType(
         503,
         "body-buffer-full",
-        "Request bodies being received already fill MAX_BUFFERED_BODY_BYTES; see Retry-After.",
+        "Request bodies being received already fill MAX_BUFFERED_BODY_BYTES, or the key's "
+        "quarter of it; see Retry-After.",
     )
 
 

@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEY, Service, ServiceFactory, assert_problem, make_settings
+import bodies
+from conftest import KEY, OTHER_KEY, Service, ServiceFactory, assert_problem, make_settings
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
 from models import Problem
@@ -418,21 +420,28 @@ def _in_progress(service: Service) -> float:
     return families["http_requests_in_progress"].samples[0].value
 
 
+CAROL = "carol-key-0005"
+
+
 def test_bodies_held_at_once_are_bounded_across_connections(
     service_factory: ServiceFactory,
 ) -> None:
-    """Two keyed uploads of 1 MB stall and hold the 2 MB allowed; a third body gets 503 with
-    Retry-After instead of being read; once they end, bodies are read again."""
-    env = {"MAX_BODY_BYTES": str(MB), "MAX_BUFFERED_BODY_BYTES": str(2 * MB)}
+    """Two keys' uploads of 1 MB stall and hold the 2 MB allowed; a third key's body gets 503
+    with Retry-After instead of being read; once they end, bodies are read again."""
+    env = {
+        "API_KEYS": f"alice:{KEY},bob:{OTHER_KEY},carol:{CAROL}",
+        "MAX_BODY_BYTES": str(MB),
+        "MAX_BUFFERED_BODY_BYTES": str(2 * MB),
+    }
     service = service_factory(env=env).start()
     stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
     try:
-        for sock in stalled:
-            sock.sendall(_post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}"))
+        for sock, key in zip(stalled, (KEY, OTHER_KEY), strict=True):
+            sock.sendall(_post_head(f"X-API-Key: {key}\r\n", f"Content-Length: {MB}"))
         deadline = time.monotonic() + 10
         while _in_progress(service) < 3:  # both uploads and this scrape are being served
             assert time.monotonic() < deadline
-        with service.client() as client:
+        with service.client(CAROL) as client:
             busy = client.post("/v1/documents", json={"title": "t", "content": "c"})
             problem = assert_problem(busy, 503)
             assert busy.headers["retry-after"] == "1"
@@ -448,6 +457,42 @@ def test_bodies_held_at_once_are_bounded_across_connections(
             assert time.monotonic() < deadline  # until the server has seen both uploads end
         assert created.status_code == 201
         assert [d["title"] for d in client.get("/v1/documents").json()["items"]] == ["t"]
+
+
+def test_one_key_holds_at_most_a_quarter_of_the_bodies_held_at_once(
+    service_factory: ServiceFactory,
+) -> None:
+    """One key's uploads declare 1 MB each and send nothing, to fill MAX_BUFFERED_BODY_BYTES:
+    they fill the key's quarter of it, and each further body of that key gets 503 with
+    Retry-After from its head; another key's bodies are still read and stored."""
+    env = {
+        "API_KEYS": f"alice:{KEY},bob:{OTHER_KEY}",
+        "MAX_BODY_BYTES": str(MB),
+        "MAX_BUFFERED_BODY_BYTES": str(4 * MB),
+    }
+    service = service_factory(env=env).start()
+    stalled = socket.create_connection(("127.0.0.1", service.port))
+    try:
+        stalled.sendall(_post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}"))
+        deadline = time.monotonic() + 10
+        while _in_progress(service) < 2:  # the upload and this scrape are being served
+            assert time.monotonic() < deadline
+        for _ in range(3):  # the rest of the budget, wanted by the same key: refused at once
+            refused = exchange(
+                service, _post_head(f"X-API-Key: {KEY}\r\n", f"Content-Length: {MB}")
+            )
+            assert status_of(refused) == 503
+            assert b"retry-after: 1" in refused
+        with service.client(KEY) as alice:
+            problem = assert_problem(
+                alice.post("/v1/documents", json={"title": "t", "content": "c"}), 503
+            )
+            assert "key" in problem["detail"]
+        with service.client(OTHER_KEY) as bob:
+            body = {"title": "bob's", "content": "x" * 90_000}
+            assert bob.post("/v1/documents", json=body).status_code == 201
+    finally:
+        stalled.close()
 
 
 def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFactory) -> None:
@@ -591,6 +636,56 @@ def test_reading_a_body_costs_time_linear_in_its_size(
         for size, seen in timings.items():
             seen.append(run(size))
     assert min(timings[50_000]) / min(timings[12_500]) < 8
+
+
+def _padded(size: int) -> bytes:
+    """A valid document of `size` bytes: JSON allows white space after the value."""
+    body = b'{"title": "t", "content": "c", "metadata": {"k": 1}}'
+    return body + b" " * (size - len(body))
+
+
+# Each with whether it is parsed on the event loop's thread.
+PARSED_WHERE: list[tuple[str, bytes, int, bool]] = [
+    ("a small body", _padded(KB), 201, True),
+    ("a body at the inline bound", _padded(bodies.INLINE_PARSE_BYTES), 201, True),
+    ("a body past the inline bound", _padded(bodies.INLINE_PARSE_BYTES + 1), 201, False),
+    ("1 MB of empty objects", b"[" + b"{}," * 300_000 + b"{}]", 422, False),
+    ("a large body with a repeated key", _object(50_000), 400, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "on_the_loop"),
+    [case[1:] for case in PARSED_WHERE],
+    ids=[case[0] for case in PARSED_WHERE],
+)
+def test_a_large_body_is_parsed_off_the_event_loop_and_a_small_one_on_it(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    body: bytes,
+    status: int,
+    on_the_loop: bool,
+) -> None:
+    """The strict parse of a large body runs long however it is written: in a thread, the
+    event loop goes on serving others meanwhile. A small one skips the hop. The parse is as
+    strict either way, and the cyclic collector runs again once it ends."""
+    threads: set[int] = set()
+    original = bodies._reject_duplicates
+
+    def recording(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        threads.add(threading.get_ident())
+        return original(pairs)
+
+    monkeypatch.setattr(bodies, "_reject_duplicates", recording)
+    response = client.post(
+        "/v1/documents", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text[:200]
+    assert client.portal is not None  # inside `with`: the portal runs calls on the loop's thread
+    loop_thread = client.portal.call(threading.get_ident)
+    assert threads  # the parse called its hook
+    assert (threads == {loop_thread}) == on_the_loop
+    assert gc.isenabled()
 
 
 # --- input that must never be stored ----------------------------------------------------------
