@@ -112,6 +112,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_send_timer()
+        if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None
+            self.timeout_keep_alive_task.cancel()
         if self._answering is not None:
             # uvicorn marks only the last request parsed: with more pipelined behind it, the one
             # being answered would wake from its wait to write on a closed transport.
@@ -207,7 +209,28 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         untaken = self._untaken()
         if untaken < before:
             self._watch_sending(untaken)
-            return
+        else:
+            self._reset(untaken)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._close_once_taken(None)
+
+    def _close_once_taken(self, before: int | None) -> None:
+        """Idle past the keep-alive timeout: closed while the kernel still holds bytes the peer
+        has not taken, the socket would keep them for minutes (FIN-WAIT-1), counted nowhere. So
+        it closes once they are taken, or is reset as by the send timeout. The wait runs on
+        uvicorn's keep-alive timer, which a new request or a response's end cancels."""
+        untaken = self._untaken()
+        if not untaken:
+            super().timeout_keep_alive_handler()
+        elif before is None or untaken < before:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                SEND_TIMEOUT, self._close_once_taken, untaken
+            )
+        else:
+            self._reset(untaken)
+
+    def _reset(self, untaken: int) -> None:
         log.warning(
             "connection.send_timeout",
             extra={"client": ":".join(map(str, self.client or ())), "untaken_bytes": untaken},
