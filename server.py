@@ -114,6 +114,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_send_timer()
         if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None
             self.timeout_keep_alive_task.cancel()
+        if exc is None and self._untaken():
+            # Closed with bytes the peer has not taken (a `Connection: close` response, say): the
+            # kernel goes on sending them once we let go; it gives up after SEND_TIMEOUT without
+            # progress, not after minutes.
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SEND_TIMEOUT * 1000))
         if self._answering is not None:
             # uvicorn marks only the last request parsed: with more pipelined behind it, the one
             # being answered would wake from its wait to write on a closed transport.
