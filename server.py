@@ -6,16 +6,21 @@ hundreds of megabytes of headers, or one byte every few seconds for ever. This p
 head over `MAX_HEAD_BYTES` or `MAX_HEADERS` with 431 and closes a connection whose head has not
 arrived `HEAD_TIMEOUT` seconds after its first byte (or after the connection opened) with 408,
 before the application sees anything. Idle keep-alive connections close after
-`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer). A connection whose peer takes none of the
-bytes we hold for it for `SEND_TIMEOUT` seconds is reset: asyncio's `close()` waits for them to
-drain, so a client that never reads would otherwise hold its responses in memory for good.
+`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer), once their peer has taken all we sent. A
+connection whose peer takes none of the bytes we or the kernel hold for it for `SEND_TIMEOUT`
+seconds is reset: asyncio's `close()` waits for ours to drain, and the kernel keeps its own for
+minutes after a close, so a client that never reads would otherwise hold its responses in memory
+for good, or for minutes. One closed while the kernel still holds some (a `Connection: close`
+response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`.
 
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
-`_start_asgi_task`, its `transport`, `loop`, `client`, `cycle.more_body` and
-`cycle.disconnected`; `Multiprocess` with its `processes` and their `exitcode`, and
-`STARTUP_FAILURE`, the status uvicorn gives a failed start.
+`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, its `transport`,
+`loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with its `processes`
+and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed start. It also
+leans on the event loop (uvloop or asyncio) closing a transport's socket only after
+`connection_lost` returns.
 """
 
 from __future__ import annotations
