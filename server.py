@@ -6,16 +6,21 @@ hundreds of megabytes of headers, or one byte every few seconds for ever. This p
 head over `MAX_HEAD_BYTES` or `MAX_HEADERS` with 431 and closes a connection whose head has not
 arrived `HEAD_TIMEOUT` seconds after its first byte (or after the connection opened) with 408,
 before the application sees anything. Idle keep-alive connections close after
-`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer). A connection whose peer takes none of the
-bytes we hold for it for `SEND_TIMEOUT` seconds is reset: asyncio's `close()` waits for them to
-drain, so a client that never reads would otherwise hold its responses in memory for good.
+`KEEP_ALIVE_TIMEOUT` seconds (uvicorn's own timer), once their peer has taken all we sent. A
+connection whose peer takes none of the bytes we or the kernel hold for it for `SEND_TIMEOUT`
+seconds is reset: asyncio's `close()` waits for ours to drain, and the kernel keeps its own for
+minutes after a close, so a client that never reads would otherwise hold its responses in memory
+for good, or for minutes. One closed while the kernel still holds some (a `Connection: close`
+response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`.
 
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
-`_start_asgi_task`, its `transport`, `loop`, `client`, `cycle.more_body` and
-`cycle.disconnected`; `Multiprocess` with its `processes` and their `exitcode`, and
-`STARTUP_FAILURE`, the status uvicorn gives a failed start.
+`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, its `transport`,
+`loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with its `processes`
+and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed start. It also
+leans on the event loop (uvloop or asyncio) closing a transport's socket only after
+`connection_lost` returns.
 """
 
 from __future__ import annotations
@@ -112,6 +117,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_send_timer()
+        if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None
+            self.timeout_keep_alive_task.cancel()
+        if exc is None and self._untaken():
+            # Closed with bytes the peer has not taken (a `Connection: close` response, say): the
+            # kernel goes on sending them once we let go; it gives up after SEND_TIMEOUT without
+            # progress, not after minutes.
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SEND_TIMEOUT * 1000))
         if self._answering is not None:
             # uvicorn marks only the last request parsed: with more pipelined behind it, the one
             # being answered would wake from its wait to write on a closed transport.
@@ -207,7 +220,28 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         untaken = self._untaken()
         if untaken < before:
             self._watch_sending(untaken)
-            return
+        else:
+            self._reset(untaken)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._close_once_taken(None)
+
+    def _close_once_taken(self, before: int | None) -> None:
+        """Idle past the keep-alive timeout: closed while the kernel still holds bytes the peer
+        has not taken, the socket would keep them for minutes (FIN-WAIT-1), counted nowhere. So
+        it closes once they are taken, or is reset as by the send timeout. The wait runs on
+        uvicorn's keep-alive timer, which a new request or a response's end cancels."""
+        untaken = self._untaken()
+        if not untaken:
+            super().timeout_keep_alive_handler()
+        elif before is None or untaken < before:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                SEND_TIMEOUT, self._close_once_taken, untaken
+            )
+        else:
+            self._reset(untaken)
+
+    def _reset(self, untaken: int) -> None:
         log.warning(
             "connection.send_timeout",
             extra={"client": ":".join(map(str, self.client or ())), "untaken_bytes": untaken},

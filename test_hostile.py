@@ -197,10 +197,14 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
 ) -> None:
     """40 connections pipeline 5 to 8 requests for a page of 1 MiB and never read: the kernel
     takes a few pages, so each ends with a response in the server's buffer, either whole and
-    idle (the keep-alive close waiting on it) or with the next request waiting to write it. Each
-    is reset once it has taken nothing for SEND_TIMEOUT, with one log line, and their memory is
-    freed. Beside them, a client reads 8 pages, its first MiB at 40 KiB/s (over twice
-    SEND_TIMEOUT), and gets every byte."""
+    idle (the keep-alive close waiting on it) or with the next request waiting to write it. 12
+    more ask for one page of 400 KiB, which the kernel takes whole, and never read; closed (at
+    the keep-alive timeout, or at once when the request says `Connection: close`), the kernel
+    would go on holding it for minutes. Each is reset once it has taken nothing for
+    SEND_TIMEOUT, all but the `Connection: close` ones (gone from the process by then) with one
+    log line, and their memory is freed. Beside them, a client reads 8 pages, its first MiB at
+    40 KiB/s (over twice SEND_TIMEOUT), and gets every byte; another reads one 400 KiB page at
+    20 KiB/s (past the keep-alive timeout and SEND_TIMEOUT), gets it whole, then the close."""
     service = service_factory().start()
     with service.client() as client:
         for n in range(10):
@@ -209,22 +213,31 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
     baseline = service.rss_kb()
     head = f"GET /v1/documents?limit=100 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
     request = f"{head}\r\n".encode()
+    small = f"GET /v1/documents?limit=4 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+    # The `Connection: close` ones first: the kernel's clock for them starts at once.
+    payloads = [f"{small}Connection: close\r\n\r\n".encode()] * 4
+    payloads += [request * (5 + n % 4) for n in range(40)] + [f"{small}\r\n".encode()] * 8
 
     def read_slowly_then_the_rest(sock: socket.socket) -> bytes:
         return _read(sock, MB, 40 * KB) + _read(sock)
 
-    stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(40)]
+    stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in payloads]
     with (
         socket.create_connection(("127.0.0.1", service.port)) as slow,
+        socket.create_connection(("127.0.0.1", service.port)) as slow_small,
         ThreadPoolExecutor() as pool,
     ):
         slow.sendall(request * 7 + f"{head}Connection: close\r\n\r\n".encode())
         read = pool.submit(read_slowly_then_the_rest, slow)
+        slow_small.sendall(f"{small}\r\n".encode())
+        read_small = pool.submit(_read, slow_small, math.inf, 20 * KB)
         try:
-            for n, sock in enumerate(stalled):
-                sock.sendall(request * (5 + n % 4))
+            for sock, payload in zip(stalled, payloads, strict=True):
+                sock.sendall(payload)
             service.wait_for_line(
-                "connection.send_timeout", timeout=2 * SEND_TIMEOUT + 10, count=40
+                "connection.send_timeout",
+                timeout=KEEP_ALIVE_TIMEOUT + 2 * SEND_TIMEOUT + 10,
+                count=48,
             )
             for sock in stalled:
                 sock.settimeout(5)
@@ -234,11 +247,15 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
             for sock in stalled:
                 sock.close()
         received = read.result(timeout=60)
+        received_small = read_small.result(timeout=60)
     assert received.count(b"HTTP/1.1 200 OK\r\n") == 8
     assert received.endswith(b"}")
+    small_head, _, small_body = received_small.partition(b"\r\n\r\n")
+    assert small_head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: %d\r\n" % len(small_body) in small_head
     assert service.rss_kb() - baseline < 20 * KB
     lines = service.output
-    assert sum("connection.send_timeout" in line for line in lines) == 40
+    assert sum("connection.send_timeout" in line for line in lines) == 48
     assert not [line for line in lines if '"ERROR"' in line]
 
 
