@@ -1,15 +1,14 @@
 """Strict JSON request bodies: the route class that takes JSON only (415 otherwise) and parses it
 strictly (a duplicate key, NaN, Infinity, an overflowing number or nesting deeper than
-MAX_NESTING is a malformed body, 400), large ones off the event loop."""
+MAX_NESTING is a malformed body, 400), and one with more values than any document holds is
+refused before it is parsed."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
+import itertools
 import json
 import re
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Request
@@ -33,6 +32,10 @@ def _require_json(content_type: str) -> None:
 # parser: since Python 3.12 the C parser's own recursion limit is far higher, so the same body
 # would otherwise be a 400 on one Python and reach validation on another.
 MAX_NESTING = 32
+# A document body holds a few dozen values (5 fields, 20 tags, 50 metadata entries); one with
+# more strings, or more of the separators "[{,:", than this is refused before the parser sees
+# it: a megabyte of tiny values held the parser, and with it every other request, for 50-170 ms.
+MAX_VALUES = 512
 # A JSON string, escapes included; an unterminated one runs to the end of the body. Each
 # character is consumed one way only, so a body costs one pass, never backtracking.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
@@ -40,15 +43,26 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _TOO_DEEP = b"[" * (MAX_NESTING + 1)
+_SEPARATORS = (b"[", b"{", b",", b":")
 
 
-def _check_nesting(body: bytes) -> None:
-    """Raise ValueError if arrays and objects nest deeper than MAX_NESTING. Linear: strings
-    are cut out, then each pass drops the innermost pairs of what brackets remain, one level a
-    pass; a body nested no deeper than the limit is empty within MAX_NESTING passes."""
-    if body.count(b"[") + body.count(b"{") <= MAX_NESTING:
-        return  # too few brackets to nest that deep: most bodies stop here
-    brackets = _JSON_STRING.sub(b"", body).translate(_BRACKETS, _NOT_BRACKETS)
+def _check_shape(body: bytes) -> None:
+    """MalformedBody if the body holds more than MAX_VALUES values, ValueError if it nests
+    deeper than MAX_NESTING. Linear, and C passes only: at most MAX_VALUES strings are cut
+    out, what remains is counted, and each pass over its brackets drops the innermost pairs,
+    one level a pass; a body nested no deeper than the limit is empty within MAX_NESTING."""
+    if sum(map(body.count, _SEPARATORS)) <= MAX_NESTING:
+        return  # too few to nest that deep or to be too many: most bodies stop here
+    strings = list(itertools.islice(_JSON_STRING.finditer(body), MAX_VALUES + 1))
+    if len(strings) > MAX_VALUES:
+        raise MalformedBody(
+            f"The body holds more than {MAX_VALUES} strings; a document holds far fewer."
+        )
+    gaps = zip(
+        [0, *(m.end() for m in strings)], [*(m.start() for m in strings), len(body)], strict=True
+    )
+    rest = b"".join(body[start:end] for start, end in gaps)
+    brackets = rest.translate(_BRACKETS, _NOT_BRACKETS)
     for _ in range(MAX_NESTING):
         if not brackets or _TOO_DEEP in brackets:
             break
@@ -56,6 +70,10 @@ def _check_nesting(body: bytes) -> None:
     if brackets:
         raise ValueError(
             f"arrays and objects nest more than {MAX_NESTING} deep (or do not balance)"
+        )
+    if sum(map(rest.count, _SEPARATORS)) > MAX_VALUES:
+        raise MalformedBody(
+            f"The body holds more than {MAX_VALUES} values; a document holds far fewer."
         )
 
 
@@ -82,64 +100,23 @@ def _finite(text: str) -> float:
     return value
 
 
-def _parse(body: bytes) -> Any:
-    try:
-        _check_nesting(body)
-        return json.loads(
-            body,
-            object_pairs_hook=_reject_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=_finite,
-        )
-    except (ValueError, RecursionError) as exc:
-        raise MalformedBody(f"The body is not valid JSON: {exc}.") from None
-
-
-def _parse_collector_paused(body: bytes) -> Any:
-    """Parsed JSON holds no reference cycles: pausing the cyclic collector keeps a large body's
-    parse linear (its passes over every new container made it superlinear). The pause is the
-    process's, so it holds in a thread as on the loop, and the loop's own allocations wait for
-    the collector until this one parse ends."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        return _parse(body)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-# Bodies up to this size are parsed on the event loop, sparing the common small body a thread
-# hop: the slowest shape (arrays nested 31 deep) parses within about 3 ms at this size, no
-# longer than the loop may wait for the interpreter lock while a thread parses (the switch
-# interval, 5 ms); and the collector's passes cost nothing that shows at this size, so these
-# parses leave it running.
-INLINE_PARSE_BYTES = 32 * 1024
-# Larger bodies are parsed on one thread, one at a time: threads share one interpreter lock, so
-# more would parse no faster and each would take more of the loop's turns; and with one thread
-# the only one pausing the collector, no two parses can race to leave it off for good. One for
-# the process, as the interpreter lock and the collector are.
-_PARSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="json-parse")
-
-
 class StrictJSONRequest(Request):
     """Parses bodies as strict JSON: a duplicate key, NaN, Infinity or an overflowing number is
-    a malformed body (400), where `json.loads` would silently keep one value or an infinity. A
-    large body is parsed in a thread, so the event loop is not held for the whole parse: the
-    interpreter hands the loop its lock at the parse's Python hooks (each object, each float)
-    and between the nesting check's passes. A long stretch inside the C parser (arrays of
-    arrays and integers, one object's many keys) still holds the lock while it runs."""
+    a malformed body (400), where `json.loads` would silently keep one value or an infinity."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_parsed_body"):
             body = await self.body()
-            if len(body) <= INLINE_PARSE_BYTES:
-                self._parsed_body = _parse(body)
-            else:
-                loop = asyncio.get_running_loop()
-                self._parsed_body = await loop.run_in_executor(
-                    _PARSER, _parse_collector_paused, body
+            try:
+                _check_shape(body)
+                self._parsed_body = json.loads(
+                    body,
+                    object_pairs_hook=_reject_duplicates,
+                    parse_constant=_reject_constant,
+                    parse_float=_finite,
                 )
+            except (ValueError, RecursionError) as exc:
+                raise MalformedBody(f"The body is not valid JSON: {exc}.") from None
         return self._parsed_body
 
 
