@@ -63,6 +63,11 @@ def _check_shape(body: bytes) -> None:
     )
     rest = b"".join(body[start:end] for start, end in gaps)
     brackets = rest.translate(_BRACKETS, _NOT_BRACKETS)
+    if _TOO_DEEP not in brackets and sum(map(rest.count, _SEPARATORS)) > MAX_VALUES:
+        # Before the passes below, which would each walk every bracket of a large body.
+        raise MalformedBody(
+            f"The body holds more than {MAX_VALUES} values; a document holds far fewer."
+        )
     for _ in range(MAX_NESTING):
         if not brackets or _TOO_DEEP in brackets:
             break
@@ -70,10 +75,6 @@ def _check_shape(body: bytes) -> None:
     if brackets:
         raise ValueError(
             f"arrays and objects nest more than {MAX_NESTING} deep (or do not balance)"
-        )
-    if sum(map(rest.count, _SEPARATORS)) > MAX_VALUES:
-        raise MalformedBody(
-            f"The body holds more than {MAX_VALUES} values; a document holds far fewer."
         )
 
 

@@ -16,10 +16,10 @@ response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`.
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
-`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, its `transport`,
-`loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with its `processes`
-and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed start. It also
-leans on the event loop (uvloop or asyncio) closing a transport's socket only after
+`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
+`transport`, `loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with
+its `processes` and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed
+start. It also leans on the event loop (uvloop or asyncio) closing a transport's socket only after
 `connection_lost` returns.
 """
 
@@ -44,6 +44,9 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
 HEAD_TIMEOUT = 10.0
 KEEP_ALIVE_TIMEOUT = 5
+# Requests parsed from one read wait in the connection's pipeline, each a request object kilobytes
+# in size, while the one before is answered: a 256 KiB read of tiny heads queues ten thousand.
+MAX_PIPELINED = 32
 SEND_TIMEOUT = 10.0
 
 log = logging.getLogger("documents.server")
@@ -103,6 +106,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
+        self._too_many = False  # more requests queued behind the one answered than MAX_PIPELINED
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._answering: RequestResponseCycle | None = None  # the request being answered
@@ -174,6 +178,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._stop_head_timer()
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._too_many = True
+            raise ValueError("too many requests pipelined")  # stops the parser, as _count does
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -189,7 +196,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn answers every parser error here, the one _count raised included.
+        # uvicorn answers every parser error here, those _count and on_headers_complete raised
+        # included. Past MAX_PIPELINED no answer can go in order: the connection is dropped,
+        # and with it every request it queued.
+        if self._too_many:
+            self.pipeline.clear()
+            self.transport.abort()
+            return
         self._refuse(HEAD_TOO_LARGE if self._too_large else MALFORMED)
 
     def _refuse(self, response: bytes) -> None:

@@ -26,7 +26,14 @@ from conftest import KEY, OTHER_KEY, Service, ServiceFactory, assert_problem, ma
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
 from models import Problem
-from server import HEAD_TIMEOUT, KEEP_ALIVE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS, SEND_TIMEOUT
+from server import (
+    HEAD_TIMEOUT,
+    KEEP_ALIVE_TIMEOUT,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    MAX_PIPELINED,
+    SEND_TIMEOUT,
+)
 
 KB = 1024
 MB = 1024 * 1024
@@ -58,6 +65,20 @@ def status_of(response: bytes) -> int:
 
 
 # --- request heads: size, count, time ---------------------------------------------------------
+
+
+def test_requests_pipelined_past_the_bound_drop_the_connection_and_a_few_are_answered(
+    server: Service,
+) -> None:
+    """Ten thousand keyless probes in one write would queue ten thousand requests behind the
+    one answered; past MAX_PIPELINED the connection is dropped with all it queued. A client that
+    pipelines a few gets every answer, in order."""
+    probe = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    flood = exchange(server, probe * 10_000)
+    assert flood.count(b"HTTP/1.1 200") <= MAX_PIPELINED + 2
+    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    few = exchange(server, probe * (MAX_PIPELINED - 1) + last)
+    assert few.count(b"HTTP/1.1 200") == MAX_PIPELINED
 
 
 def _many(count: int, size: int) -> bytes:
