@@ -42,7 +42,7 @@ from conftest import (
     run_threads,
     walk,
 )
-from models import DocumentCreate, DocumentQuery, DocumentUpdate
+from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import INDEXES, MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
 from storage import (
@@ -716,6 +716,24 @@ class Interleaving:
         return outcomes
 
 
+def _server_of(seed: int, request: pytest.FixtureRequest) -> SecantusDBServer:
+    """Odd seeds run on a standalone server, where the driver retries no write."""
+    server: SecantusDBServer = request.getfixturevalue(
+        "standalone_mongo_server" if seed % 2 else "mongo_server"
+    )
+    return server
+
+
+async def _first_document(url: str, *, lose_insert: bool) -> tuple[MongoStore, Document]:
+    """A store without a relay, and the keyed create the races are about; with `lose_insert`,
+    left as a worker killed between its two writes leaves it (the claim, no document)."""
+    plain = await MongoStore.open(url)
+    first, _ = await _create(plain, DOC)
+    if lose_insert:
+        await anyio.to_thread.run_sync(_lose_the_document_insert, url, first.id)
+    return plain, first
+
+
 async def _outcome(call: Awaitable[Any]) -> Any:
     """What the API would answer: the result, or the store error it maps to a status."""
     try:
@@ -736,19 +754,14 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
     standalone server, where the driver retries no write."""
     rng = random.Random(seed)
     database = mongo_url.rsplit("/", 1)[1]
-    server: SecantusDBServer = request.getfixturevalue(
-        "standalone_mongo_server" if seed % 2 else "mongo_server"
-    )
+    server = _server_of(seed, request)
     mongo_url = f"{server.uri}{database}"
     names = ["retry", "delete", *(["patch"] if rng.random() < 0.5 else [])]
     if_version = rng.choice([None, 1])
     lose_insert = rng.random() < 0.3
 
     async def scenario() -> None:
-        plain = await MongoStore.open(mongo_url)
-        first, _ = await _create(plain, DOC)
-        if lose_insert:
-            await anyio.to_thread.run_sync(_lose_the_document_insert, mongo_url, first.id)
+        plain, first = await _first_document(mongo_url, lose_insert=lose_insert)
         races = Interleaving(seed, server, names)
         stores = {n: await MongoStore.open(races.url(n, database), timeout_ms=3000) for n in names}
         calls: dict[str, Callable[[], Awaitable[Any]]] = {
@@ -832,9 +845,7 @@ def test_a_delete_whose_reply_is_lost_answers_as_it_happened_once(
     where the driver retries no write."""
     rng = random.Random(seed)
     database = mongo_url.rsplit("/", 1)[1]
-    server: SecantusDBServer = request.getfixturevalue(
-        "standalone_mongo_server" if seed % 2 else "mongo_server"
-    )
+    server = _server_of(seed, request)
     mongo_url = f"{server.uri}{database}"
     others = [n for n in ("patch", "retry", "delete again") if rng.random() < 0.6]
     names = ["delete", *others]
@@ -842,10 +853,7 @@ def test_a_delete_whose_reply_is_lost_answers_as_it_happened_once(
     lose_insert = rng.random() < 0.3
 
     async def scenario() -> None:
-        plain = await MongoStore.open(mongo_url)
-        first, _ = await _create(plain, DOC)
-        if lose_insert:
-            await anyio.to_thread.run_sync(_lose_the_document_insert, mongo_url, first.id)
+        plain, first = await _first_document(mongo_url, lose_insert=lose_insert)
         races = Interleaving(seed, server, names, ("deliver", "hold"), lose_reply="delete")
         stores = {n: await MongoStore.open(races.url(n, database), timeout_ms=3000) for n in names}
         calls: dict[str, Callable[[], Awaitable[Any]]] = {
