@@ -329,7 +329,9 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
         )
-        self._index(conn, doc, n, _terms(doc) if terms is None else terms, drop=False)
+        if terms is None:
+            terms = _terms(doc.title, doc.content)
+        self._index(conn, doc, n, terms, drop=False)
 
     @staticmethod
     def _index(
@@ -372,7 +374,7 @@ class SQLiteStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         body_print = fingerprint(data) if idempotency is not None else ""
-        [terms] = await self._terms((data.title, data.content))
+        [terms] = await self._terms_before_writing((data.title, data.content))
 
         def job(conn: sqlite3.Connection) -> tuple[Document, bool]:
             now = self._clock()
@@ -411,7 +413,7 @@ class SQLiteStore:
         seen = await self.get(doc_id)
         preview = apply_patch(seen, patch, self._clock())
         texts = [(doc.title, doc.content) for doc in (seen, preview)]
-        terms = await self._terms(*texts) if texts[0] != texts[1] else [None, None]
+        terms = await self._terms_before_writing(*texts) if texts[0] != texts[1] else [None, None]
 
         def job(conn: sqlite3.Connection) -> Document:
             n, current = self._current(conn, doc_id, if_version)
@@ -426,7 +428,11 @@ class SQLiteStore:
             old_terms, new_terms = terms
             if current.version != seen.version:  # written since it was read: its words now
                 changed = (new.title, new.content) != (current.title, current.content)
-                old_terms, new_terms = (_terms(current), _terms(new)) if changed else (None, None)
+                old_terms, new_terms = (
+                    (_terms(current.title, current.content), _terms(new.title, new.content))
+                    if changed
+                    else (None, None)
+                )
             self._index(conn, current, n, old_terms, drop=True)
             self._index(conn, new, n, new_terms, drop=False)
             return new
@@ -435,13 +441,14 @@ class SQLiteStore:
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         seen = await self.get(doc_id)
-        [terms] = await self._terms((seen.title, seen.content))
+        [terms] = await self._terms_before_writing((seen.title, seen.content))
 
         def job(conn: sqlite3.Connection) -> None:
             n, current = self._current(conn, doc_id, if_version)
             conn.execute("DELETE FROM documents WHERE n = ?", (n,))
             fresh = current.version == seen.version  # else written since it was read
-            self._index(conn, current, n, terms if fresh else _terms(current), drop=True)
+            words = terms if fresh else _terms(current.title, current.content)
+            self._index(conn, current, n, words, drop=True)
 
         await self._write(job)
         self._count_changed(-1)
@@ -458,12 +465,12 @@ class SQLiteStore:
         return imported
 
     @staticmethod
-    async def _terms(*texts: tuple[str, str]) -> list[str | None]:
+    async def _terms_before_writing(*texts: tuple[str, str]) -> list[str | None]:
         """The words the index takes for each (title, content), found before the write: in a
         thread when long, for in the writer thread they would hold back every other write."""
 
         def find() -> list[str | None]:
-            return [" ".join(document_words(*text)) for text in texts]
+            return [_terms(*text) for text in texts]
 
         if sum(len(title) + len(content) for title, content in texts) <= WORDS_INLINE_CHARS:
             return find()
@@ -475,13 +482,14 @@ class SQLiteStore:
         """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
+        conn = self._connection()
         if self._loop_thread != threading.get_ident():
             self._loop_thread = threading.get_ident()
-            self._connection().set_progress_handler(self._over_budget, 1000)
+            conn.set_progress_handler(self._over_budget, 1000)
         self._deadline = time.perf_counter() + LOOP_BUDGET_S
         try:
             try:
-                return self._connection().execute(sql, params).fetchall()
+                return conn.execute(sql, params).fetchall()
             except sqlite3.OperationalError as exc:
                 if str(exc) != "interrupted":
                     raise
@@ -567,8 +575,9 @@ class SQLiteStore:
         self._local = threading.local()
 
 
-def _terms(doc: Document) -> str:
-    return " ".join(document_words(doc.title, doc.content))
+def _terms(title: str, content: str) -> str:
+    """A document's words as the words table takes them."""
+    return " ".join(document_words(title, content))
 
 
 def _parse(body: bytes) -> Document:
