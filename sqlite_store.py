@@ -647,9 +647,11 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         params += list(after)
     direction = " DESC" if query.descending else ""
     rank = f"{order[0]}{direction}, {order[1]}{direction}"
-    if query.words and field == "created":
-        # Keys sort as (created, id): the words' index walks the page in order, bounded by
-        # the time range and the cursor, and stops at the limit.
+    # Keys sort as (created, id): in creation order, the words' index or the documents table
+    # itself walks the page in key order, bounded by the time range and the cursor, and stops
+    # at the limit.
+    key = "w.rowid" if query.words else "d.n" if alias == "d" else None
+    if key is not None and field == "created":
         for at, op in (
             (query.created_after, ">="),
             (query.created_before, "<"),
@@ -659,9 +661,9 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
             ),
         ):
             if at is not None:
-                where.append(f"w.rowid {op} ?")
+                where.append(f"{key} {op} ?")
                 params.append((at if isinstance(at, int) else millis(at)) * SLOTS)
-        rank = f"w.rowid{direction}"
+        rank = f"{key}{direction}"
     # Only fixed fragments are joined here; every value is a parameter. Where SQLite must sort
     # (words or a tag in `updated_at` order), the page is found on keys alone, then its bodies
     # are read: a sort never carries them. Elsewhere the driving index gives the order.
