@@ -86,6 +86,7 @@ from storage import (
 )
 
 VERSION = "1.0.0"
+SWITCH_INTERVAL_S = 0.001  # see lifespan
 log = logging.getLogger("documents.api")
 
 
@@ -446,6 +447,10 @@ def _add_error_map(app: FastAPI) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     started = time.perf_counter()
+    # A thread finding a long text's words runs C calls back to back; every other thread (the
+    # event loop, the SQLite writer between its statements) waits up to this interval for the
+    # interpreter lock at each hand-over, and a write makes several: 1 ms, not the default 5.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         store = MeteredStore(await open_store(settings), app.state.metrics)
     except StoreError as exc:
