@@ -417,21 +417,27 @@ _RFC3339 = re.compile(
 )
 _FIRST = datetime.min.replace(tzinfo=UTC)
 _LAST = datetime.max.replace(tzinfo=UTC)
+_FOUR_YEARS = datetime(5, 1, 1) - datetime(1, 1, 1)
 
 
 def _rfc3339(value: Any) -> datetime:
     """An RFC 3339 time with its offset, in UTC, rounded up to the millisecond: stored times are
     whole milliseconds, so `t >= x` and `t < x` mean the same for x and its ceiling. A leap
     second is the instant after the second before it; a time beyond what Python represents
-    (9999-12-31T23:59:59.9999Z rounded up) is the last one it does."""
+    (9999-12-31T23:59:59.9999Z rounded up) is the last one it does, and one before it (year 0)
+    is the first."""
     found = _RFC3339.fullmatch(value) if isinstance(value, str) else None
     if found is None:
         raise ValueError("must be an RFC 3339 time with an offset, e.g. 2026-11-27T09:30:00Z")
     day, minute, second, fraction, offset = found.groups()
     leap = second == "60"
+    # Python's years start at 1, RFC 3339's at 0: read year 0 four years on (both leap years,
+    # so the same calendar) and step back.
+    back = _FOUR_YEARS if day.startswith("0000") else timedelta()
     try:
         at = datetime.fromisoformat(
-            f"{day}T{minute}:{'59' if leap else second}{'+00:00' if offset in 'Zz' else offset}"
+            f"{day.replace('0000', '0004', back > timedelta())}T{minute}:"
+            f"{'59' if leap else second}{'+00:00' if offset in 'Zz' else offset}"
         )
     except ValueError:
         raise ValueError("is not a valid time (RFC 3339, e.g. 2026-11-27T09:30:00Z)") from None
@@ -439,9 +445,9 @@ def _rfc3339(value: Any) -> datetime:
     digits = "0" if leap else fraction or "0"  # nothing is stored within a leap second
     ceiling = int(digits[:3].ljust(3, "0")) + (digits[3:].strip("0") != "") + 1000 * leap
     try:
-        return (at + timedelta(milliseconds=ceiling)).astimezone(UTC)
+        return (at + timedelta(milliseconds=ceiling)).astimezone(UTC) - back
     except OverflowError:
-        return _FIRST if at.year == 1 else _LAST
+        return _FIRST if at.year <= 4 else _LAST
 
 
 # RFC 3339 with an offset, e.g. `2026-11-27T09:30:00Z`; in a URL, `+` must be sent as `%2B`.

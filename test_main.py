@@ -320,6 +320,8 @@ def test_malformed_finding_parameters_get_422_naming_the_parameter(
         ("2026-12-31T23:59:60.5Z", "2027-01-01T00:00:00"),
         ("9999-12-31T23:59:59.9999Z", "9999-12-31T23:59:59.999999"),  # the last instant
         ("0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00"),  # the first
+        ("0000-01-01T00:00:00Z", "0001-01-01T00:00:00"),  # before it: RFC 3339 has a year 0
+        ("0000-12-31T23:30:00-02:00", "0001-01-01T01:30:00"),
     ],
 )
 def test_every_rfc_3339_time_is_taken_at_its_instant_to_the_millisecond_above(
