@@ -256,9 +256,10 @@ class Document(BaseModel):
 
     @field_serializer("created_at", "updated_at", when_used="json")
     def _six_digits(self, at: datetime) -> Timestamp:
-        """Always six fractional digits (pydantic drops them on a whole second), so that
-        every timestamp has one length and the strings sort as the times do."""
-        return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        """Always four digits of year and six fractional digits (pydantic drops them on a whole
+        second; strftime drops the year's leading zeros), so that every timestamp has one length
+        and the strings sort as the times do."""
+        return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
     @cached_property
     def json_bytes(self) -> bytes:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from limits import parse, parse_many
@@ -32,7 +33,7 @@ from conftest import (
     walk,
 )
 from main import create_app
-from models import DocumentQuery
+from models import Document, DocumentQuery
 from ratelimit import LocalStorage, spend
 
 DOC = {"title": "Quarterly report", "content": "Revenue grew.", "tags": ["Finance"]}
@@ -330,6 +331,24 @@ def test_every_rfc_3339_time_is_taken_at_its_instant_to_the_millisecond_above(
     query = DocumentQuery.model_validate({"created_after": sent, "updated_before": sent})
     expected = datetime.fromisoformat(means).replace(tzinfo=UTC)
     assert query.created_after == query.updated_before == expected
+
+
+@pytest.mark.parametrize("year", [1, 5, 999, 2026, 9999])
+def test_every_timestamp_has_one_length_and_sorts_as_its_time(year: int) -> None:
+    """Clients sort and compare the strings: four digits of year, six of fraction, always."""
+    at = datetime(year, 1, 1, tzinfo=UTC)
+    doc = Document(
+        id="0" * 26,
+        title="t",
+        content="",
+        tags=[],
+        metadata={},
+        created_at=at,
+        updated_at=at,
+        version=1,
+    )
+    stamp = orjson.loads(doc.json_bytes)["created_at"]
+    assert stamp == f"{year:04d}-01-01T00:00:00.000000Z"
 
 
 def test_a_cursor_is_valid_only_for_the_query_that_made_it(client: TestClient) -> None:
