@@ -14,6 +14,10 @@ from limits import parse_many
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The one local import: the body limit follows from the field limits, which models.py owns (and
+# models.py imports nothing local).
+from models import largest_document_bytes
+
 LogFormat = Literal["json", "console"]
 REDIS_SCHEMES = ("redis://", "rediss://")
 # The key .env.example ships with: copied as it is, it would silently be the service's key.
@@ -46,14 +50,19 @@ class Settings(BaseSettings):
         description="Per client address, for requests without a valid key; counted in each "
         "process.",
     )
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_content_chars: int = Field(default=100_000, ge=1)
+    # After MAX_CONTENT_CHARS, which its default is derived from.
+    max_body_bytes: int = Field(
+        default_factory=lambda fields: largest_document_bytes(fields["max_content_chars"]),
+        description="Unset: the largest valid document, every character sent at its widest "
+        "(ASCII escapes); set, it may not be less.",
+    )
     max_buffered_body_bytes: int = Field(
         default=32 * 1024 * 1024,
         description="Bytes of request bodies held at once across all connections, and a quarter "
         "of it by one key (at least MAX_BODY_BYTES); over either, 503.",
     )
     max_connections: int = Field(default=1000, ge=1, description="Open connections per process.")
-    max_content_chars: int = Field(default=100_000, ge=1)
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: LogFormat = "json"
@@ -201,10 +210,16 @@ class Settings(BaseSettings):
                 "WORKERS: several workers need API_KEYS or API_KEY_HASHES: a key generated at "
                 "start would be a different one in each worker"
             )
+        if self.max_body_bytes < (largest := largest_document_bytes(self.max_content_chars)):
+            # A valid document, sent as json.dumps sends it by default, would get 413.
+            raise ValueError(
+                f"MAX_BODY_BYTES: must be at least {largest}, the largest valid document with "
+                f"MAX_CONTENT_CHARS={self.max_content_chars} (or unset it to get exactly that)"
+            )
         if self.max_buffered_body_bytes < self.max_body_bytes:
             raise ValueError(
-                "MAX_BUFFERED_BODY_BYTES: must be at least MAX_BODY_BYTES, or no full-size body "
-                "could ever be read"
+                f"MAX_BUFFERED_BODY_BYTES: must be at least MAX_BODY_BYTES ({self.max_body_bytes})"
+                ", or no full-size body could ever be read"
             )
         return self
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import math
 import re
 import string
@@ -155,6 +157,32 @@ Content = Annotated[
         "(100,000 characters unless configured otherwise)."
     ),
 ]
+
+
+# The most bytes a character takes in a JSON string: one outside the BMP sent as ASCII escapes of
+# its surrogate pair (`\ud83d\ude00`), as json.dumps sends it by default; in UTF-8 it takes 4.
+_WIDEST = "\U0001f600"
+JSON_CHAR_MAX_BYTES = len(json.dumps(_WIDEST)) - 2
+
+
+@functools.cache
+def _largest_document_without_content() -> int:
+    key = [chr(0x1F600 + i) * METADATA_KEY_MAX_CHARS for i in range(METADATA_MAX_KEYS)]
+    widest = {
+        "title": _WIDEST * TITLE_MAX_CHARS,
+        "content": "",
+        "tags": [_WIDEST * TAG_MAX_CHARS] * TAGS_MAX,
+        "metadata": dict.fromkeys(key, _WIDEST * METADATA_STRING_MAX_CHARS),
+    }
+    return len(json.dumps(widest))
+
+
+def largest_document_bytes(content_chars: int) -> int:
+    """The largest valid document (a create; a patch is no larger) as JSON without padding, each
+    field at its limit and each character at its widest: a body limit below it would refuse a
+    valid document. json.dumps's default separators (", ", ": ") are counted; a number is never
+    wider than a metadata string."""
+    return _largest_document_without_content() + content_chars * JSON_CHAR_MAX_BYTES
 
 
 # More unknown fields than this are one error, not one each: a body of many unknown keys would

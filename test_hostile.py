@@ -467,6 +467,7 @@ def test_bodies_held_at_once_are_bounded_across_connections(
     with Retry-After instead of being read; once they end, bodies are read again."""
     env = {
         "API_KEYS": f"alice:{KEY},bob:{OTHER_KEY},carol:{CAROL}",
+        "MAX_CONTENT_CHARS": "30000",  # so that 1 MB holds the largest valid document
         "MAX_BODY_BYTES": str(MB),
         "MAX_BUFFERED_BODY_BYTES": str(2 * MB),
     }
@@ -504,6 +505,7 @@ def test_one_key_holds_at_most_a_quarter_of_the_bodies_held_at_once(
     Retry-After from its head; another key's bodies are still read and stored."""
     env = {
         "API_KEYS": f"alice:{KEY},bob:{OTHER_KEY}",
+        "MAX_CONTENT_CHARS": "30000",  # so that 1 MB holds the largest valid document
         "MAX_BODY_BYTES": str(MB),
         "MAX_BUFFERED_BODY_BYTES": str(4 * MB),
     }
@@ -526,7 +528,7 @@ def test_one_key_holds_at_most_a_quarter_of_the_bodies_held_at_once(
             )
             assert "key" in problem["detail"]
         with service.client(OTHER_KEY) as bob:
-            body = {"title": "bob's", "content": "x" * 90_000}
+            body = {"title": "bob's", "content": "x" * 30_000}
             assert bob.post("/v1/documents", json=body).status_code == 201
     finally:
         stalled.close()

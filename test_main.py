@@ -33,7 +33,16 @@ from conftest import (
     walk,
 )
 from main import create_app
-from models import Document, DocumentQuery
+from models import (
+    METADATA_KEY_MAX_CHARS,
+    METADATA_MAX_KEYS,
+    METADATA_STRING_MAX_CHARS,
+    TAG_MAX_CHARS,
+    TAGS_MAX,
+    TITLE_MAX_CHARS,
+    Document,
+    DocumentQuery,
+)
 from ratelimit import LocalStorage, spend
 
 DOC = {"title": "Quarterly report", "content": "Revenue grew.", "tags": ["Finance"]}
@@ -151,14 +160,15 @@ def test_non_json_body_returns_415_problem(client: TestClient) -> None:
 
 
 def test_body_over_limit_returns_413_before_parsing(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, max_body_bytes=2048)
-    big = {"title": "t", "content": "x" * 4000}
+    settings = make_settings(tmp_path, max_content_chars=1000)
+    limit = settings.max_body_bytes
+    big = {"title": "t", "content": "x" * limit}
     with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
         assert_problem(client.post("/v1/documents", json=big), 413)
 
         def chunks() -> Iterator[bytes]:
             yield b'{"title": "t", "content": "'
-            for _ in range(10):
+            for _ in range(limit // 1000 + 1):
                 yield b"x" * 1000
             yield b'"}'
 
@@ -168,6 +178,30 @@ def test_body_over_limit_returns_413_before_parsing(tmp_path: Path) -> None:
         )
         assert_problem(chunked, 413)
         assert client.get("/v1/documents").json()["items"] == []
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["ascii-escapes", "utf-8"])
+def test_a_document_at_every_limit_is_accepted_in_either_json_encoding(
+    tmp_path: Path, ensure_ascii: bool
+) -> None:
+    """Every field at its limit and every character outside the BMP: as json.dumps sends it by
+    default (12 bytes a character, as ASCII escapes) as well as in UTF-8, create and patch."""
+    wide = [chr(0x1F600 + i) for i in range(METADATA_MAX_KEYS)]  # distinct, for tags and keys
+    doc = {
+        "title": wide[0] * TITLE_MAX_CHARS,
+        "content": wide[0] * Settings().max_content_chars,
+        "tags": [c * TAG_MAX_CHARS for c in wide[:TAGS_MAX]],
+        "metadata": {c * METADATA_KEY_MAX_CHARS: c * METADATA_STRING_MAX_CHARS for c in wide},
+    }
+    body = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+    json_type = {"Content-Type": "application/json"}
+    with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
+        created = client.post("/v1/documents", content=body, headers=json_type)
+        assert created.status_code == 201, created.text
+        assert created.json()["content"] == doc["content"]
+        url = f"/v1/documents/{created.json()['id']}"
+        patched = client.patch(url, content=body, headers=json_type)
+        assert patched.status_code == 200, patched.text
 
 
 # --- read -------------------------------------------------------------------------------------
@@ -794,6 +828,7 @@ def test_several_workers_without_configured_keys_are_refused(tmp_path: Path) -> 
         ("host", "not a host", "IP address or a host name"),
         ("keyless_rate_limit", "0/minute", "a rate of 0"),
         ("max_buffered_body_bytes", "1024", "MAX_BUFFERED_BODY_BYTES: must be at least"),
+        ("max_body_bytes", str(1024 * 1024), "MAX_BODY_BYTES: must be at least"),
         ("max_connections", "0", "greater than or equal to 1"),
     ],
 )

@@ -107,7 +107,13 @@ def test_a_damaged_data_file_is_refused_in_one_line_and_left_byte_for_byte_intac
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("RATE_LIMIT", "lots"), ("PORT", "eighty"), ("LOG_LEVEL", "chatty"), ("API_KEYS", "short")],
+    [
+        ("RATE_LIMIT", "lots"),
+        ("PORT", "eighty"),
+        ("LOG_LEVEL", "chatty"),
+        ("API_KEYS", "short"),
+        ("MAX_CONTENT_CHARS", "0"),  # not a second line for MAX_BODY_BYTES, derived from it
+    ],
 )
 def test_bad_setting_stops_startup_with_one_line_naming_it(
     tmp_path: Path, variable: str, value: str
