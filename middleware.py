@@ -128,12 +128,15 @@ class RequestContextMiddleware:
             fields["client_request_id"] = client_request_id
         if refusal := state.get("refusal"):
             fields["refusal"] = refusal
+        slow = {k: fields[k] for k in ("method", "route", "duration_ms")}
+        if state.get("client_disconnected"):  # set by the server (server.py)
+            # The client left before its response was sent. The status stays the one the
+            # service chose (a 500 whose client left is still a bug to look at), and this field
+            # says it never arrived; not nginx's 499, which is no HTTP status and would hide it.
+            fields["client_disconnected"] = slow["client_disconnected"] = True
         access_log.log(level, "request", extra=fields)
         if duration >= self.slow_request_seconds:
-            log.warning(
-                "request.slow",
-                extra={k: fields[k] for k in ("method", "route", "duration_ms")},
-            )
+            log.warning("request.slow", extra=slow)
 
 
 def route_template(scope: Scope) -> str:

@@ -130,6 +130,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             sock = self.transport.get_extra_info("socket")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SEND_TIMEOUT * 1000))
         if self._answering is not None:
+            if not self._answering.response_complete:
+                # Its response will never be sent: the access line says so (middleware.py),
+                # rather than give the status alone, as if the client had got it.
+                self._answering.scope["state"]["client_disconnected"] = True
             # uvicorn marks only the last request parsed: with more pipelined behind it, the one
             # being answered would wake from its wait to write on a closed transport.
             self._answering.disconnected = True

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,16 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
+from secantus import SecantusDBServer
 
 import problems
 from conftest import (
     KEY,
     OTHER_KEY,
+    Fate,
     Service,
     ServiceFactory,
+    TcpProxy,
     app_client,
     make_settings,
     require_tool,
@@ -161,6 +166,49 @@ def test_the_summary_is_written_when_the_window_ends(service_factory: ServiceFac
     assert 1 <= summary["refused"] <= statuses.count(429)
     assert service.proc is not None
     assert service.proc.poll() is None  # written by the running service, not at shutdown
+
+
+def test_a_client_gone_before_its_response_is_logged_as_gone_not_as_answered(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """A read is held at MongoDB (by a relay) while its client closes the connection: its
+    access line, and its slow-request warning, keep the status the service chose and say the
+    client never got it."""
+    proxy = TcpProxy(mongo_server.address)
+    proxy.start()
+    url = f"mongodb://{proxy.address}/{mongo_url.rsplit('/', 1)[1]}?directConnection=true"
+    service = service_factory(env={"DATABASE_URL": url, "SLOW_REQUEST_MS": "1"}).start()
+    held, release = threading.Event(), threading.Event()
+    try:
+        with service.client() as client:
+            doc_id = client.post("/v1/documents", json=DOC).json()["id"]
+
+        def hold_the_read(message: bytes) -> Fate:
+            if b"find" in message and doc_id.encode() in message:
+                held.set()
+                release.wait(10)
+            return "deliver"
+
+        proxy.fault = hold_the_read
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            head = f"GET /v1/documents/{doc_id} HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\n\r\n"
+            sock.sendall(head.encode())
+            assert held.wait(10)
+        # The close reached the server before a request sent after it: once that one is
+        # answered, the server has seen the client go.
+        with service.client() as client:
+            assert client.get("/health").status_code == 200
+        release.set()
+        service.wait_for_line('"client_disconnected"', timeout=10, count=2)
+    finally:
+        release.set()
+        proxy.stop()
+    lines = [json.loads(line) for line in service.output if '"client_disconnected"' in line]
+    access, slow = lines
+    assert access["logger"] == "documents.access"
+    assert (access["route"], access["status_code"]) == ("/v1/documents/{document_id}", 200)
+    assert access["client_disconnected"] is True
+    assert (slow["message"], slow["client_disconnected"]) == ("request.slow", True)
 
 
 def test_500_is_logged_once_with_traceback_and_request_id(
