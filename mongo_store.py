@@ -106,6 +106,7 @@ def _key_id(idempotency: IdempotencyKey) -> str:
 def _from_mongo(raw: dict[str, Any]) -> Document:
     raw["id"] = raw.pop("_id")
     raw.pop("idempotency_key", None)
+    raw.pop("restored_by", None)
     raw.pop("words", None)
     raw["metadata"] = {pair["k"]: pair["v"] for pair in raw["metadata"]}
     return Document.model_validate(raw)
@@ -191,7 +192,10 @@ class MongoStore:
     async def _make_indexes(self) -> None:
         """Until MongoDB has the indexes, every request and probe answers 503: none makes them,
         so none waits on, or repeats, a build that anyone can trigger. A build MongoDB refused
-        (not one it never saw) is tried again after a pause."""
+        (not one it never saw) is tried again after a pause, as what refused it (an index, the
+        credentials) may be fixed on the server at any time; a cause is logged when it changes,
+        not at every try, so the line that names it is not buried under copies."""
+        logged = ""
         while True:
             try:
                 await self._build_indexes()
@@ -201,8 +205,9 @@ class MongoStore:
                 refused = isinstance(exc, StoreAuthenticationFailed) or not isinstance(
                     exc, StoreUnavailable
                 )
-                if refused:
-                    log.error("store.indexes_refused", exc_info=True)
+                if refused and str(exc) != logged:
+                    log.error("store.indexes_refused", extra={"error": str(exc)}, exc_info=True)
+                    logged = str(exc)
                 await asyncio.sleep(INDEX_RETRY_SECONDS if refused else UNREACHABLE_RETRY_SECONDS)
         log.info("store.indexes_made", extra={"backend": self.backend})
         self._indexes_are_made()
@@ -443,15 +448,17 @@ class MongoStore:
         # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
         tombstone = {"deleted_at": self._clock(), "deleted_by": secrets.token_hex(8)}
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version"])
+            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version", "restored_by"])
         while True:
             if raw is None or "version" not in raw:
                 raise DocumentNotFound(doc_id)  # never there, or another request deleted it
             if if_version is not None and raw["version"] != if_version:
                 raise stale(doc_id, raw["version"])
-            # The version read, never just "live": a write held on the wire that lands after
-            # its 503 has gone out (happened or not) cannot delete a version written since.
-            match = {"_id": doc_id, **LIVE, "version": raw["version"]}
+            # The version and the copy read, never just "live": a write held on the wire that
+            # lands after its 503 has gone out (happened or not) cannot delete a version written
+            # since, nor a retry a copy restored over the tombstone its first write left.
+            restored_by = raw.get("restored_by")  # None matches a document never restored
+            match = {"_id": doc_id, **LIVE, "version": raw["version"], "restored_by": restored_by}
             try:
                 done = await self._replace(match, tombstone)
             except StoreUnavailable:
@@ -461,9 +468,15 @@ class MongoStore:
             if done:
                 return
             with _driver_errors():
-                raw = await self._docs.find_one({"_id": doc_id}, ["version", "deleted_by"])
+                raw = await self._docs.find_one(
+                    {"_id": doc_id}, ["version", "deleted_by", "restored_by"]
+                )
             if raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]:
                 return  # this delete's first write landed; a retry of it matched nothing
+            if raw is not None and "version" in raw and raw.get("restored_by") != restored_by:
+                # Deleted since it was read (by this delete's first write, or another's) and
+                # then restored: the copy there now came after this delete and stays.
+                return
             # Else deleted by another (404), or written since it was read: 412 under If-Match,
             # and without it, the delete of what is there now.
 
@@ -474,6 +487,9 @@ class MongoStore:
     async def import_document(self, doc: Document) -> bool:
         self._require_indexes()
         raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
+        # Which copy it is: a delete that read another (before a delete and this restore) and
+        # retries its write cannot remove this one (see delete).
+        raw["restored_by"] = secrets.token_hex(8)
         if await self._insert_new(self._docs, raw):
             return True
         with _driver_errors():  # a restore may bring back what was deleted: over its tombstone

@@ -4,6 +4,7 @@ and moving data between backends. MongoDB is SecantusDB, a real wire-protocol se
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -833,6 +834,53 @@ def test_a_delete_answered_503_that_lands_later_cannot_delete_a_version_written_
     anyio.run(scenario)
 
 
+def test_a_delete_retried_after_a_lost_reply_leaves_a_copy_restored_in_between(
+    standalone_mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """A delete's write lands but its reply is lost; before the delete sends it again, the same
+    document (same id and version) is restored over its tombstone. The retry must not delete
+    the restored copy: the delete answers as it happened once (204), the copy stays. On a
+    standalone server, where the driver retries no write: the store's own retry is the one."""
+    database = mongo_url.rsplit("/", 1)[1]
+    proxy = TcpProxy(standalone_mongo_server.address)
+    writes: list[bytes] = []
+    retry_held, restored = threading.Event(), threading.Event()
+
+    def fate(message: bytes) -> Fate:
+        if b"deleted_by" not in message:
+            return "deliver"
+        writes.append(message)
+        if len(writes) == 1:
+            return "drop reply"
+        retry_held.set()
+        restored.wait(10)
+        return "deliver"
+
+    proxy.fault = fate
+    proxy.start()
+
+    async def scenario() -> None:
+        plain = await MongoStore.open(f"{standalone_mongo_server.uri}{database}")
+        relayed = await MongoStore.open(
+            f"mongodb://{proxy.address}/{database}?directConnection=true", timeout_ms=2000
+        )
+        try:
+            doc, _ = await plain.create(DocumentCreate(title="t", content="c"))
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(relayed.delete, doc.id)
+                assert await anyio.to_thread.run_sync(retry_held.wait, 10)
+                assert await plain.import_document(doc)  # over the first write's tombstone
+                restored.set()
+            assert await plain.get(doc.id) == doc
+        finally:
+            restored.set()
+            await relayed.close()
+            await plain.close()
+            proxy.stop()
+
+    anyio.run(scenario)
+
+
 @pytest.mark.parametrize("seed", range(24))
 def test_a_delete_whose_reply_is_lost_answers_as_it_happened_once(
     request: pytest.FixtureRequest, mongo_url: str, seed: int
@@ -962,6 +1010,45 @@ def test_liveness_answers_at_once_while_mongodb_does_not_then_all_recovers(
             assert client.post("/v1/documents", json=DOC).status_code == 201
     finally:
         proxy.stop()
+
+
+def test_credentials_refused_after_a_start_without_mongodb_are_logged_once_and_not_ready(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer
+) -> None:
+    """The service starts while MongoDB cannot be reached; MongoDB then answers but refuses the
+    credentials. Readiness stays 503; the cause is logged once, naming the credentials and not
+    the password, however often the build is tried again; and it is tried again after a pause,
+    not in a tight loop."""
+    proxy = TcpProxy(mongo_server.address)  # bound, not listening: connections are refused
+    attempts: list[float] = []  # when each authentication reached MongoDB
+    changed = threading.Condition()
+
+    def record(message: bytes) -> Fate:
+        if b"saslStart" in message:
+            with changed:
+                attempts.append(time.monotonic())
+                changed.notify_all()
+        return "deliver"
+
+    proxy.fault = record
+    url = f"mongodb://ada:wrong-password@{proxy.address}/d?directConnection=true"
+    service = service_factory(env={"DATABASE_URL": url, "MONGO_TIMEOUT_MS": "1000"}).start()
+    try:
+        service.wait_for_line("store.unreachable_at_startup", timeout=10)
+        proxy.start()
+        pause = mongo_store.INDEX_RETRY_SECONDS
+        with changed:  # until the build has been refused, paused and tried again
+            assert changed.wait_for(lambda: attempts and attempts[-1] - attempts[0] >= pause, 30)
+            assert len(attempts) <= 4, attempts  # two tries: no tight loop
+        with service.client() as client:
+            assert_problem(client.get("/health/ready"), 503)
+            assert_problem(client.get("/v1/documents"), 503)
+    finally:
+        proxy.stop()
+    refused = [line for line in service.output if "authentication failed" in line.lower()]
+    assert len(refused) == 1, refused
+    assert json.loads(refused[0])["level"] == "ERROR"
+    assert "wrong-password" not in "".join(service.output)
 
 
 def test_a_worker_that_cannot_start_stops_the_service_with_a_non_zero_exit(
