@@ -385,12 +385,12 @@ class SQLiteStore:
                         raise IdempotencyConflict(idempotency.key, reason)
                     return self._document(known[1]), True
             doc = new_document(data, self._new_id(now), now)
+            self._insert(conn, doc, terms)  # first: it may refuse the document (DocumentInvalid)
             if idempotency is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
                     (*scope, body_print, doc.id, millis(now)),
                 )
-            self._insert(conn, doc, terms)
             return doc, False
 
         doc, replayed = await self._write(job)
@@ -409,11 +409,9 @@ class SQLiteStore:
             new = apply_patch(current, patch, self._clock())
             if new is current:
                 return current
-            conn.execute(
-                "UPDATE documents SET updated = ?, version = ?, body = ?"
-                " WHERE n = ? AND version = ?",
-                (millis(new.updated_at), new.version, new.json_bytes, n, current.version),
-            )
+            # Read in this transaction, which holds the write lock: no version check needed.
+            sql = "UPDATE documents SET updated = ?, version = ?, body = ? WHERE n = ?"
+            conn.execute(sql, (millis(new.updated_at), new.version, new.json_bytes, n))
             fresh = current.version == seen.version  # else written since it was read
             old_terms, new_terms = terms if fresh else _new_terms(current, new)
             self._index(conn, current, n, old_terms, drop=True)
