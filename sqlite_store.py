@@ -402,7 +402,8 @@ class SQLiteStore:
     ) -> Document:
         seen = await self.get(doc_id)
         preview = apply_patch(seen, patch, self._clock())
-        terms = await self._before_writing(_new_terms, seen, preview)
+        edited = (seen.title, seen.content) != (preview.title, preview.content)
+        terms = await self._before_writing(_new_terms, seen, preview) if edited else (None, None)
 
         def job(conn: sqlite3.Connection) -> Document:
             n, current = self._current(conn, doc_id, if_version)
