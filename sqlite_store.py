@@ -61,7 +61,6 @@ HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
-NOT_COUNTED = (float("-inf"), 0)
 PARSED_MAX = 4_096  # documents kept parsed (each several KB in memory)
 SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
 TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
@@ -180,7 +179,9 @@ class SQLiteStore:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._loop_thread = -1
-        self._counted = NOT_COUNTED  # when the documents were last counted, and how many
+        # When the documents were last counted, and how many; this process's own writes change
+        # the count at once, without counting again.
+        self._counted_at, self._count = float("-inf"), 0
         self._deadline = 0.0
         # Parsed once per version while it is read often: the hot path of every read. A body is
         # the document exactly as the API serves it, so it is its own cache key.
@@ -227,26 +228,23 @@ class SQLiteStore:
                 f"written by a newer version (schema {version}, this one knows up to "
                 f"{len(MIGRATIONS)}); run that version or restore a backup",
             )
-        if version == len(MIGRATIONS):
-            with conn:  # expired keys go at each start; a live key is replaced once expired
-                expired = millis(self._clock()) - TTL_MS
-                conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
-            return
-        if existed and version == 0:
+        if existed and version == 0:  # made, not yet migrated: by another process, or killed
             imported = read_legacy(self.data_dir, self._clock())
         # One process migrates; the others wait here for its lock, then find nothing to do.
         with conn:
             conn.execute("BEGIN EXCLUSIVE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for script in MIGRATIONS[version:]:
+            for number, script in enumerate(MIGRATIONS[version:], version + 1):
                 for statement in script.split(";"):
                     conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+                conn.execute(f"PRAGMA user_version = {number}")
             if version == 0 and imported is not None:
-                docs, keys = imported
-                for doc in docs:
-                    self._insert(conn, doc)
-                conn.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", keys)
+                for doc in imported[0]:
+                    self._insert(conn, doc, _terms(doc))
+                conn.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", imported[1])
+            # Expired keys go at each start; a live key is replaced once expired.
+            expired = millis(self._clock()) - TTL_MS
+            conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
         if imported is not None and version == 0:
             mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
@@ -276,11 +274,6 @@ class SQLiteStore:
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((job, loop, future))
         return await future
-
-    def _count_changed(self, by: int) -> None:
-        """This process's own writes show in the count at once, without counting again."""
-        at, count = self._counted
-        self._counted = (at, count + by)
 
     def _write_loop(self) -> None:
         conn = self._connection()
@@ -321,7 +314,7 @@ class SQLiteStore:
             return [failed] * len(batch)
         return outcomes
 
-    def _insert(self, conn: sqlite3.Connection, doc: Document, terms: str | None = None) -> None:
+    def _insert(self, conn: sqlite3.Connection, doc: Document, terms: str) -> None:
         created = millis(doc.created_at)
         n = _key(conn, created, doc.id)
         conn.execute(
@@ -329,8 +322,6 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
         )
-        if terms is None:
-            terms = _terms(doc.title, doc.content)
         self._index(conn, doc, n, terms, drop=False)
 
     @staticmethod
@@ -374,37 +365,36 @@ class SQLiteStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         body_print = fingerprint(data) if idempotency is not None else ""
-        [terms] = await self._terms_before_writing((data.title, data.content))
+        terms = await self._before_writing(_terms, data)
 
         def job(conn: sqlite3.Connection) -> tuple[Document, bool]:
             now = self._clock()
             if idempotency is not None:
                 scope = (idempotency.scope, idempotency.key)
                 known = conn.execute(
-                    "SELECT fingerprint, document_id FROM idempotency"
-                    " WHERE scope = ? AND key = ? AND created > ?",
+                    "SELECT i.fingerprint, d.body FROM idempotency i"
+                    " LEFT JOIN documents d ON d.id = i.document_id"
+                    " WHERE i.scope = ? AND i.key = ? AND i.created > ?",
                     (*scope, millis(now) - TTL_MS),
                 ).fetchone()
                 if known is not None:
                     if known[0] != body_print:
                         raise IdempotencyConflict(idempotency.key)
-                    try:
-                        return self._current(conn, known[1], None)[1], True
-                    except DocumentNotFound:
-                        raise IdempotencyConflict(
-                            idempotency.key, "for a document that has since been deleted"
-                        ) from None
+                    if known[1] is None:
+                        reason = "for a document that has since been deleted"
+                        raise IdempotencyConflict(idempotency.key, reason)
+                    return self._document(known[1]), True
             doc = new_document(data, self._new_id(now), now)
+            self._insert(conn, doc, terms)  # first: it may refuse the document (DocumentInvalid)
             if idempotency is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
                     (*scope, body_print, doc.id, millis(now)),
                 )
-            self._insert(conn, doc, terms)
             return doc, False
 
         doc, replayed = await self._write(job)
-        self._count_changed(0 if replayed else 1)
+        self._count += not replayed
         return doc, replayed
 
     async def update(
@@ -412,27 +402,19 @@ class SQLiteStore:
     ) -> Document:
         seen = await self.get(doc_id)
         preview = apply_patch(seen, patch, self._clock())
-        texts = [(doc.title, doc.content) for doc in (seen, preview)]
-        terms = await self._terms_before_writing(*texts) if texts[0] != texts[1] else [None, None]
+        edited = (seen.title, seen.content) != (preview.title, preview.content)
+        terms = await self._before_writing(_new_terms, seen, preview) if edited else (None, None)
 
         def job(conn: sqlite3.Connection) -> Document:
             n, current = self._current(conn, doc_id, if_version)
             new = apply_patch(current, patch, self._clock())
             if new is current:
                 return current
-            conn.execute(
-                "UPDATE documents SET updated = ?, version = ?, body = ?"
-                " WHERE n = ? AND version = ?",
-                (millis(new.updated_at), new.version, new.json_bytes, n, current.version),
-            )
-            old_terms, new_terms = terms
-            if current.version != seen.version:  # written since it was read: its words now
-                changed = (new.title, new.content) != (current.title, current.content)
-                old_terms, new_terms = (
-                    (_terms(current.title, current.content), _terms(new.title, new.content))
-                    if changed
-                    else (None, None)
-                )
+            # Read in this transaction, which holds the write lock: no version check needed.
+            sql = "UPDATE documents SET updated = ?, version = ?, body = ? WHERE n = ?"
+            conn.execute(sql, (millis(new.updated_at), new.version, new.json_bytes, n))
+            fresh = current.version == seen.version  # else written since it was read
+            old_terms, new_terms = terms if fresh else _new_terms(current, new)
             self._index(conn, current, n, old_terms, drop=True)
             self._index(conn, new, n, new_terms, drop=False)
             return new
@@ -441,40 +423,36 @@ class SQLiteStore:
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         seen = await self.get(doc_id)
-        [terms] = await self._terms_before_writing((seen.title, seen.content))
+        terms = await self._before_writing(_terms, seen)
 
         def job(conn: sqlite3.Connection) -> None:
             n, current = self._current(conn, doc_id, if_version)
             conn.execute("DELETE FROM documents WHERE n = ?", (n,))
             fresh = current.version == seen.version  # else written since it was read
-            words = terms if fresh else _terms(current.title, current.content)
+            words = terms if fresh else _terms(current)
             self._index(conn, current, n, words, drop=True)
 
         await self._write(job)
-        self._count_changed(-1)
+        self._count -= 1
 
     async def import_document(self, doc: Document) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
             if conn.execute("SELECT 1 FROM documents WHERE id = ?", (doc.id,)).fetchone():
                 return False
-            self._insert(conn, doc)
+            self._insert(conn, doc, _terms(doc))
             return True
 
         imported = await self._write(job)
-        self._count_changed(int(imported))
+        self._count += imported
         return imported
 
     @staticmethod
-    async def _terms_before_writing(*texts: tuple[str, str]) -> list[str | None]:
-        """The words the index takes for each (title, content), found before the write: in a
-        thread when long, for in the writer thread they would hold back every other write."""
-
-        def find() -> list[str | None]:
-            return [_terms(*text) for text in texts]
-
-        if sum(len(title) + len(content) for title, content in texts) <= WORDS_INLINE_CHARS:
-            return find()
-        return await anyio.to_thread.run_sync(find)
+    async def _before_writing(find: Callable[..., T], *docs: Document | DocumentCreate) -> T:
+        """`find(*docs)`, their words for the index, found before the write: in a thread when
+        long, for in the writer thread they would hold back every other write."""
+        if sum(len(doc.title) + len(doc.content) for doc in docs) <= WORDS_INLINE_CHARS:
+            return find(*docs)
+        return await anyio.to_thread.run_sync(find, *docs)
 
     # reads
 
@@ -529,10 +507,10 @@ class SQLiteStore:
     async def count(self) -> int:
         # count(*) walks an index: probes and scrapes, which anyone may send, count at most
         # every COUNT_EVERY_S, whatever the size of the data or the rate of writes.
-        if time.monotonic() >= self._counted[0] + COUNT_EVERY_S:
+        if time.monotonic() >= self._counted_at + COUNT_EVERY_S:
             rows = await self._read("SELECT count(*) FROM documents", ())
-            self._counted = (time.monotonic(), int(rows[0][0]))
-        return self._counted[1]
+            self._counted_at, self._count = time.monotonic(), int(rows[0][0])
+        return self._count
 
     async def cursor_secret(self) -> bytes:
         return self._secret  # made once by the first migration, never changed
@@ -575,9 +553,16 @@ class SQLiteStore:
         self._local = threading.local()
 
 
-def _terms(title: str, content: str) -> str:
+def _terms(doc: Document | DocumentCreate) -> str:
     """A document's words as the words table takes them."""
-    return " ".join(document_words(title, content))
+    return " ".join(document_words(doc.title, doc.content))
+
+
+def _new_terms(old: Document, new: Document) -> tuple[str | None, str | None]:
+    """The words an update takes out of the index and puts in; none when its text stays."""
+    if (old.title, old.content) == (new.title, new.content):
+        return None, None
+    return _terms(old), _terms(new)
 
 
 def _parse(body: bytes) -> Document:

@@ -185,11 +185,7 @@ class IdGenerator:
             if value <= self._last:
                 value = self._last + 1 + secrets.randbits(40)
             self._last = value
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        return "".join(_CROCKFORD[value >> shift & 31] for shift in range(125, -1, -5))
 
 
 def new_document(data: DocumentCreate, doc_id: str, now: datetime) -> Document:
@@ -204,13 +200,9 @@ def fingerprint(data: DocumentCreate) -> str:
 
 def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document:
     """RFC 7386 merge of `patch` into `doc`; returns `doc` itself when nothing changes."""
-    changes: dict[str, Any] = {}
     fields = patch.model_fields_set
-    if "title" in fields and patch.title != doc.title:
-        changes["title"] = patch.title
-    if "content" in fields and patch.content != doc.content:
-        changes["content"] = patch.content
-    if "tags" in fields and (patch.tags or []) != doc.tags:
+    changes: dict[str, Any] = {name: getattr(patch, name) for name in fields & {"title", "content"}}
+    if "tags" in fields:
         changes["tags"] = patch.tags or []
     if "metadata" in fields:
         merged = dict(doc.metadata) if patch.metadata is not None else {}
@@ -224,8 +216,8 @@ def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document
                 "metadata",
                 f"metadata would have {len(merged)} keys; at most {METADATA_MAX_KEYS}",
             )
-        if merged != doc.metadata:
-            changes["metadata"] = merged
+        changes["metadata"] = merged
+    changes = {name: value for name, value in changes.items() if value != getattr(doc, name)}
     if not changes:
         return doc
     return doc.model_copy(update={**changes, "updated_at": now, "version": doc.version + 1})

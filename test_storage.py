@@ -562,6 +562,28 @@ async def test_probes_count_at_most_every_few_seconds_and_see_the_process_own_wr
         await other.close()
 
 
+async def test_a_create_refused_for_a_full_millisecond_leaves_its_idempotency_key_unused(
+    tmp_path: Path,
+) -> None:
+    """One millisecond holds a bounded number of documents: a create past it is refused and
+    records nothing, so its retry is refused alike, not taken for a replay of a deleted one."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    store = SQLiteStore.open(tmp_path, clock=lambda: at)
+
+    async def fill() -> None:
+        for n in range(1_000):
+            await store.create(body(f"d{n}"))
+
+    try:
+        with pytest.raises(DocumentInvalid, match="one millisecond"):
+            await fill()
+        for _ in range(2):
+            with pytest.raises(DocumentInvalid, match="one millisecond"):
+                await store.create(body("late"), idempotency=IdempotencyKey("alice", "k"))
+    finally:
+        await store.close()
+
+
 async def test_idempotency_races_between_two_stores_create_one_document(tmp_path: Path) -> None:
     stores = [SQLiteStore.open(tmp_path), SQLiteStore.open(tmp_path)]
     key = IdempotencyKey("alice", "k1")
