@@ -36,6 +36,7 @@ from models import (
 )
 from storage import (
     IDEMPOTENCY_TTL,
+    PAGE_MAX_BYTES,
     Clock,
     DocumentInvalid,
     DocumentNotFound,
@@ -61,7 +62,8 @@ HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
-PARSED_MAX = 4_096  # documents kept parsed (each several KB in memory)
+PARSED_MAX = 4_096  # documents kept parsed
+PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
 SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
 TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
 
@@ -185,7 +187,7 @@ class SQLiteStore:
         self._deadline = 0.0
         # Parsed once per version while it is read often: the hot path of every read. A body is
         # the document exactly as the API serves it, so it is its own cache key.
-        self._document = functools.lru_cache(maxsize=PARSED_MAX)(_parse)
+        self._parsed = functools.lru_cache(maxsize=PARSED_MAX)(_parse)
         self._secret = b""
 
     @classmethod
@@ -456,8 +458,17 @@ class SQLiteStore:
 
     # reads
 
-    async def _read(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
-        """Rows of `sql`: on the event loop within LOOP_BUDGET_S, else in a thread."""
+    def _document(self, body: bytes) -> Document:
+        return self._parsed(body) if len(body) <= PARSED_BODY_MAX else _parse(body)
+
+    async def _read(
+        self,
+        sql: str,
+        params: tuple[Any, ...] | list[Any],
+        fetch: Callable[[sqlite3.Cursor], Any] = sqlite3.Cursor.fetchall,
+    ) -> Any:
+        """What `fetch` takes of the rows of `sql`: on the event loop within LOOP_BUDGET_S, else
+        in a thread."""
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
         conn = self._connection()
@@ -467,12 +478,12 @@ class SQLiteStore:
         self._deadline = time.perf_counter() + LOOP_BUDGET_S
         try:
             try:
-                return conn.execute(sql, params).fetchall()
+                return fetch(conn.execute(sql, params))
             except sqlite3.OperationalError as exc:
                 if str(exc) != "interrupted":
                     raise
             return await anyio.to_thread.run_sync(
-                lambda: self._connection().execute(sql, params).fetchall()
+                lambda: fetch(self._connection().execute(sql, params))
             )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot read the database: {exc}") from exc
@@ -490,9 +501,9 @@ class SQLiteStore:
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
         sql, params = page_sql(query, limit + 1, after)
-        rows = await self._read(sql, params)
-        items = [self._document(row[0]) for row in rows[:limit]]
-        return items, query.position(items[-1]) if len(rows) > limit else None
+        rows, more = await self._read(sql, params, functools.partial(_page_rows, limit=limit))
+        items = [self._document(row[0]) for row in rows]
+        return items, query.position(items[-1]) if more else None
 
     async def export_documents(self) -> AsyncIterator[Document]:
         after: Key | None = None
@@ -563,6 +574,21 @@ def _new_terms(old: Document, new: Document) -> tuple[str | None, str | None]:
     if (old.title, old.content) == (new.title, new.content):
         return None, None
     return _terms(old), _terms(new)
+
+
+def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], bool]:
+    """Up to `limit` rows, ending before the one that would take their bodies past
+    PAGE_MAX_BYTES (at least one row), and whether any row is left: no more is sent, and a page
+    of large documents read whole would hold the event loop (a blob is one step of the progress
+    handler, however large) and its memory for nothing."""
+    rows: list[Any] = []
+    size = 0
+    for row in cursor:
+        size += len(row[0])
+        if len(rows) == limit or (rows and size > PAGE_MAX_BYTES):
+            return rows, True
+        rows.append(row)
+    return rows, False
 
 
 def _parse(body: bytes) -> Document:

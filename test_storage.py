@@ -499,6 +499,39 @@ async def test_indexes_follow_updates_and_deletes_across_a_reopen(tmp_path: Path
     await store.close()
 
 
+async def test_a_page_of_large_documents_reads_about_what_it_can_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """limit=100 over documents of 400 KB (100 000 four-byte characters): the page ends before
+    1 MiB and the store parses about that much, not every match, on the event loop; a walk
+    still returns each once. Bodies this large are not kept parsed (the cache would hold
+    megabytes each), so reading the page again parses them again."""
+    parsed: list[int] = []
+    parse = sqlite_store._parse
+
+    def counted(body: bytes) -> Document:
+        parsed.append(len(body))
+        return parse(body)
+
+    monkeypatch.setattr(sqlite_store, "_parse", counted)
+    store = SQLiteStore.open(tmp_path)
+    try:
+        made = [
+            (await store.create(body(f"big {i}", content="\U0001f600" * 100_000)))[0].id
+            for i in range(6)
+        ]
+        parsed.clear()
+        items, after = await store.page(DocumentQuery(), limit=100)
+        assert [doc.id for doc in items] == made[::-1][:2]
+        assert after is not None
+        assert len(parsed) == 2
+        await store.page(DocumentQuery(), limit=100)
+        assert len(parsed) == 4
+        assert await walk(store, 100) == made[::-1]
+    finally:
+        await store.close()
+
+
 async def test_a_large_documents_words_are_found_outside_the_writer_and_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
