@@ -16,7 +16,7 @@ response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`.
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
-`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
+`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, `cycle`, its
 `transport`, `loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with
 its `processes` and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed
 start. It also leans on the event loop (uvloop or asyncio) closing a transport's socket only after
@@ -47,9 +47,9 @@ KEEP_ALIVE_TIMEOUT = 5
 # Requests parsed from one read wait in the connection's pipeline, each a request object kilobytes
 # in size, while the one before is answered: a 256 KiB read of tiny heads queues ten thousand.
 MAX_PIPELINED = 32
-# ... and by what they hold: heads (and any body read) of queued requests, at most two full heads.
-# Without it, 32 heads of 16 KiB each waited per connection, before any key is checked: half a
-# gigabyte over MAX_CONNECTIONS. With it, 1000 connections hold at most 32 MiB of queued requests.
+# Queued requests are bounded by bytes too (their heads, and any body read): two full heads. Else
+# 32 heads of 16 KiB each wait per connection before any key is checked, half a gigabyte over
+# 1000 connections (MAX_CONNECTIONS); with it, 1000 connections queue at most 32 MiB.
 MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
 
