@@ -16,8 +16,8 @@ response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`.
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
-`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, `cycle`, its
-`transport`, `loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with
+`_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
+`transport`, `loop`, `client`, `cycle` with its `more_body` and `disconnected`; `Multiprocess` with
 its `processes` and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed
 start. It also leans on the event loop (uvloop or asyncio) closing a transport's socket only after
 `connection_lost` returns.
