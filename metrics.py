@@ -54,6 +54,13 @@ _LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+# Every label value a client can choose must come from a small fixed set: probes answer without
+# a key, and each new method, route or status would otherwise add series to /metrics for good.
+# Methods this service serves keep their name (OPTIONS: CORS preflights, 405s); the parser accepts
+# some thirty more (PROPFIND, MKCOL, ...), all counted as "other". Routes are already templates
+# (middleware.route_template) and statuses the service's own.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
 # Routes that are not API traffic: a scrape is not counted by the metrics it reads.
 _UNCOUNTED_ROUTES = frozenset({"/metrics"})
 # The embedded store's files in DATA_DIR: the database and SQLite's write-ahead log.
@@ -119,7 +126,7 @@ class Metrics:
         self.rate_limited = Counter(
             "rate_limited_total", "Requests refused with 429.", registry=self.registry
         )
-        # Bounded: methods x route templates x statuses, never raw paths.
+        # Bounded: served methods and "other" x route templates x statuses, never raw paths.
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.auth_failures = Counter(
             "auth_failures_total", "Requests refused with 401.", registry=self.registry
@@ -205,6 +212,8 @@ class Metrics:
         self.in_progress.dec()
         if route in _UNCOUNTED_ROUTES:
             return
+        if method not in _METHODS:
+            method = OTHER_METHOD
         series = self._request_series.get((method, route, status))
         if series is None:
             # labels() validates and locks on every call: look each labelled child up once.

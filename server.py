@@ -17,7 +17,7 @@ uvicorn documents `http=` as taking a protocol class but not the class's insides
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
 `_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
-`transport`, `loop`, `client`, `cycle.more_body` and `cycle.disconnected`; `Multiprocess` with
+`transport`, `loop`, `client`, `cycle` with its `more_body` and `disconnected`; `Multiprocess` with
 its `processes` and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed
 start. It also leans on the event loop (uvloop or asyncio) closing a transport's socket only after
 `connection_lost` returns.
@@ -47,6 +47,10 @@ KEEP_ALIVE_TIMEOUT = 5
 # Requests parsed from one read wait in the connection's pipeline, each a request object kilobytes
 # in size, while the one before is answered: a 256 KiB read of tiny heads queues ten thousand.
 MAX_PIPELINED = 32
+# Queued requests are bounded by bytes too (their heads, and any body read): two full heads. Else
+# 32 heads of 16 KiB each wait per connection before any key is checked, half a gigabyte over
+# 1000 connections (MAX_CONNECTIONS); with it, 1000 connections queue at most 32 MiB.
+MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
 
 log = logging.getLogger("documents.server")
@@ -106,7 +110,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
-        self._too_many = False  # more requests queued behind the one answered than MAX_PIPELINED
+        # More requests queued behind the one answered than MAX_PIPELINED, or bytes than
+        # MAX_PIPELINED_BYTES.
+        self._too_many = False
+        self._queued: dict[RequestResponseCycle, int] = {}  # bytes each queued request holds
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._answering: RequestResponseCycle | None = None  # the request being answered
@@ -182,9 +189,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._stop_head_timer()
         super().on_headers_complete()
+        if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
+            self._hold(self._parsed)
         if len(self.pipeline) > MAX_PIPELINED:
             self._too_many = True
             raise ValueError("too many requests pipelined")  # stops the parser, as _count does
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self.cycle in self._queued:
+            self._hold(len(body))
+
+    def _hold(self, size: int) -> None:
+        """Count bytes the request just parsed holds while it waits in the pipeline."""
+        self._queued[self.cycle] = self._queued.get(self.cycle, 0) + size
+        if sum(self._queued.values()) > MAX_PIPELINED_BYTES:
+            self._too_many = True
+            raise ValueError("too many bytes pipelined")  # stops the parser, as _count does
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -201,10 +222,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers every parser error here, those _count and on_headers_complete raised
-        # included. Past MAX_PIPELINED no answer can go in order: the connection is dropped,
-        # and with it every request it queued.
+        # included. Past MAX_PIPELINED or MAX_PIPELINED_BYTES no answer can go in order: the
+        # connection is dropped, and with it every request it queued.
         if self._too_many:
             self.pipeline.clear()
+            self._queued.clear()
             self.transport.abort()
             return
         self._refuse(HEAD_TOO_LARGE if self._too_large else MALFORMED)
@@ -217,6 +239,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._answering = cycle
+        self._queued.pop(cycle, None)
         super()._start_asgi_task(cycle, app)
 
     def pause_writing(self) -> None:

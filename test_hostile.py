@@ -32,6 +32,7 @@ from server import (
     MAX_HEAD_BYTES,
     MAX_HEADERS,
     MAX_PIPELINED,
+    MAX_PIPELINED_BYTES,
     SEND_TIMEOUT,
 )
 
@@ -79,6 +80,22 @@ def test_requests_pipelined_past_the_bound_drop_the_connection_and_a_few_are_ans
     last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     few = exchange(server, probe * (MAX_PIPELINED - 1) + last)
     assert few.count(b"HTTP/1.1 200") == MAX_PIPELINED
+
+
+def test_requests_pipelined_past_the_byte_bound_drop_the_connection_and_small_heads_pass(
+    server: Service,
+) -> None:
+    """Fewer than MAX_PIPELINED keyless probes, each with a head just under MAX_HEAD_BYTES, would
+    hold half a megabyte per connection; past MAX_PIPELINED_BYTES of queued heads the connection
+    is dropped with all it queued. A few large heads, like many small ones, are all answered."""
+    big = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"v" * (MAX_HEAD_BYTES - 100) + b"\r\n\r\n"
+    )
+    flood = exchange(server, big * (MAX_PIPELINED // 2))
+    assert flood.count(b"HTTP/1.1 200") <= 2 + MAX_PIPELINED_BYTES // len(big)
+    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    few = exchange(server, big * (MAX_PIPELINED_BYTES // len(big)) + last)
+    assert few.count(b"HTTP/1.1 200") == MAX_PIPELINED_BYTES // len(big) + 1
 
 
 def _many(count: int, size: int) -> bytes:

@@ -292,6 +292,26 @@ def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
     assert "http_requests_in_progress" in families
 
 
+# Some of the methods httptools accepts beyond those the service serves.
+STRANGE_METHODS = ("PROPFIND", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "PUT", "TRACE", "PURGE")
+
+
+def test_keyless_clients_cannot_add_series_to_the_request_metrics(tmp_path: Path) -> None:
+    """Probes answer without a key: every method a stranger sends them, on every route, shares
+    one label, so the series stay the same few however many methods are tried."""
+    with app_client(tmp_path) as client:
+        for path in ("/health", "/health/ready", "/metrics", "/v1/documents", "/no/such"):
+            for method in STRANGE_METHODS:
+                client.request(method, path)
+        families = scrape(client)
+    series = {
+        (s.labels["method"], s.labels["route"], s.labels["status"])
+        for s in families["http_requests"].samples
+    }
+    assert {method for method, _, _ in series} == {"other"}
+    assert len(series) <= 5
+
+
 def test_metrics_track_documents_store_timings_and_refusals(tmp_path: Path) -> None:
     with app_client(tmp_path, rate_limit="2/minute") as client:
         client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
