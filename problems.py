@@ -135,6 +135,12 @@ METHOD_NOT_ALLOWED = ProblemType(405, "method-not-allowed", "Method not allowed 
 IDEMPOTENCY_CONFLICT = ProblemType(
     409, "idempotency-conflict", "Idempotency-Key reused with a different body."
 )
+# A valid PATCH that the stored document cannot take (its metadata would pass 50 keys): 409,
+# conflict with the resource's current state (RFC 9110), so that 422 keeps meaning what the
+# OpenAPI document itself refuses.
+DOCUMENT_CONFLICT = ProblemType(
+    409, "document-conflict", "The change is valid but would break a limit of the stored document."
+)
 PRECONDITION_FAILED = ProblemType(
     412, "precondition-failed", "If-Match does not match the current ETag."
 )
@@ -165,6 +171,7 @@ ALL: tuple[ProblemType, ...] = (
     NOT_FOUND,
     METHOD_NOT_ALLOWED,
     IDEMPOTENCY_CONFLICT,
+    DOCUMENT_CONFLICT,
     PRECONDITION_FAILED,
     VALIDATION,
     HEAD_TOO_LARGE,
