@@ -141,7 +141,8 @@ IDEMPOTENCY_CONFLICT = ProblemType(
 DOCUMENT_CONFLICT = ProblemType(
     409,
     "document-conflict",
-    "The request is valid but conflicts with what is stored (a PATCH taking metadata past 50 keys).",
+    "The request is valid but conflicts with what is stored (a PATCH taking metadata past 50 "
+    "keys).",
 )
 PRECONDITION_FAILED = ProblemType(
     412, "precondition-failed", "If-Match does not match the current ETag."
