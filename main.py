@@ -55,6 +55,7 @@ from models import (
     as_stored,
 )
 from problems import (
+    DOCUMENT_CONFLICT,
     IDEMPOTENCY_CONFLICT,
     INTERNAL,
     LIMITER_UNAVAILABLE,
@@ -140,8 +141,10 @@ def _document_response(
 
 def _check_content(content: str | None, settings: Settings) -> None:
     if content is not None and len(content) > settings.max_content_chars:
-        raise DocumentInvalid(
-            "content", f"content should have at most {settings.max_content_chars} characters"
+        # What the document states (content's maxLength): a 422, as any other field's bound.
+        message = f"content should have at most {settings.max_content_chars} characters"
+        raise RequestValidationError(
+            [{"loc": ("body", "content"), "msg": message, "type": "string_too_long"}]
         )
 
 
@@ -361,7 +364,7 @@ DOMAIN_PROBLEMS: dict[type[Exception], ProblemType] = {
     DocumentNotFound: NOT_FOUND,
     PreconditionFailed: PRECONDITION_FAILED,
     IdempotencyConflict: IDEMPOTENCY_CONFLICT,
-    DocumentInvalid: VALIDATION,
+    DocumentInvalid: DOCUMENT_CONFLICT,
     StoreUnavailable: STORE_UNAVAILABLE,
     LimiterUnavailable: LIMITER_UNAVAILABLE,
 }

@@ -544,9 +544,12 @@ class DocumentQuery(BaseModel):
         ),
         AfterValidator(_unique),
     ] = []
+    # A key of any length, bounded only by the request head: OpenAPI cannot state a bound on
+    # part of a parameter's name, and a client filtering on a key no document can hold expects
+    # what a too-long `q` word gets, nothing found, not a 422 the document never announced.
     metadata: Annotated[
         dict[
-            MetadataKey,
+            Annotated[str, StringConstraints(min_length=1), AfterValidator(_unicode)],
             Annotated[
                 str,
                 StringConstraints(max_length=METADATA_STRING_MAX_CHARS),

@@ -110,7 +110,7 @@ def read_responses() -> dict[int | str, dict[str, Any]]:
 
 
 def update_responses() -> dict[int | str, dict[str, Any]]:
-    return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 412, 413, 415, 422)}
+    return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 409, 412, 413, 415, 422)}
 
 
 # Read from the request by read_document rather than declared as a parameter: FastAPI validates
@@ -146,8 +146,9 @@ METADATA_FILTER: dict[str, Any] = {
     "in": "query",
     "required": False,
     "description": "Repeatable over keys, e.g. `metadata.pages=12`: documents whose metadata "
-    "`{key}` (1-64 characters) equals the value as a string, or as the JSON number or boolean "
-    'it spells (`12` finds 12 and "12", `true` finds true and "true"). At most 50 keys.',
+    "`{key}` equals the value as a string, or as the JSON number or boolean it spells (`12` "
+    'finds 12 and "12", `true` finds true and "true"). A `{key}` longer than a stored key can '
+    "be (64 characters) finds none. At most 50 keys.",
     "schema": {"type": "string", "maxLength": 1000},
     "examples": {
         "number": {"summary": "metadata.pages=12", "value": "12"},

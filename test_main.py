@@ -326,7 +326,6 @@ def test_every_finding_parameter_reaches_the_listing(client: TestClient) -> None
         ("created_after=2026-11-27T09:30:00%2B00:60", "created_after"),
         ("created_after=2026-11-27T09:30:00.%D9%A1Z", "created_after"),  # an Arabic-Indic digit
         ("metadata.=x", "metadata"),
-        ("metadata." + "k" * 65 + "=x", "metadata"),
         ("metadata.pages=" + "1" * 1001, "metadata.pages"),
         ("metadata.pages=1&metadata.pages=2", "metadata.pages"),
         ("&".join(f"metadata.k{i}=v" for i in range(51)), "metadata"),
@@ -562,15 +561,6 @@ def test_invalid_patch_returns_422_and_changes_nothing(
     doc = create(client)
     problem = assert_problem(client.patch(f"/v1/documents/{doc['id']}", json=patch), 422)
     assert any(field in e["loc"] for e in problem["errors"])
-    assert client.get(f"/v1/documents/{doc['id']}").json() == doc
-
-
-def test_patch_that_would_exceed_metadata_limit_returns_422(client: TestClient) -> None:
-    doc = create(
-        client, {"title": "t", "content": "c", "metadata": {f"a{i}": i for i in range(30)}}
-    )
-    patch = {"metadata": {f"b{i}": i for i in range(30)}}
-    assert_problem(client.patch(f"/v1/documents/{doc['id']}", json=patch), 422)
     assert client.get(f"/v1/documents/{doc['id']}").json() == doc
 
 

@@ -376,7 +376,7 @@ def test_openapi_spec_validates_and_documents_every_operation(client: TestClient
         ("post", "/v1/documents"): {"401", "409", "413", "422", "429"},
         ("get", "/v1/documents"): {"401", "422", "429"},
         ("get", "/v1/documents/{document_id}"): {"401", "404", "429"},
-        ("patch", "/v1/documents/{document_id}"): {"401", "404", "412", "413", "422", "429"},
+        ("patch", "/v1/documents/{document_id}"): {"401", "404", "409", "412", "413", "422", "429"},
         ("delete", "/v1/documents/{document_id}"): {"401", "404", "412", "429"},
     }
     for path in ("/health", "/health/ready", "/metrics"):

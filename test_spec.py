@@ -16,7 +16,13 @@ from fastapi.testclient import TestClient
 import models
 from bodies import MAX_NESTING
 from conftest import KEY, app_client, assert_problem
-from models import INDEXED_WORD_MAX_CHARS, INDEXED_WORDS_MAX, document_words
+from models import (
+    INDEXED_WORD_MAX_CHARS,
+    INDEXED_WORDS_MAX,
+    METADATA_KEY_MAX_CHARS,
+    METADATA_MAX_KEYS,
+    document_words,
+)
 
 
 def _body_schema(client: TestClient, name: str) -> Any:
@@ -98,6 +104,48 @@ def test_a_stored_tag_is_itself_a_valid_tag_to_patch_and_filter_with(client: Tes
         found = client.get("/v1/documents", params={"tag": tag})
         assert found.status_code == 200, found.text
         assert [d["id"] for d in found.json()["items"]] == [doc["id"]]
+
+
+def test_a_valid_patch_the_stored_document_cannot_take_is_a_409_not_a_422(
+    client: TestClient,
+) -> None:
+    """No schema can say that 2 new keys overflow 50 stored ones: the refusal is a conflict with
+    the document's state (409, declared for PATCH), so a 422 always means the document refuses."""
+    full = {f"k{i}": i for i in range(METADATA_MAX_KEYS)}
+    doc = client.post("/v1/documents", json={**VALID, "metadata": full}).json()
+    patch = {"metadata": {"new1": 1, "new2": 2}}
+    assert _body_schema(client, "DocumentUpdate").is_valid(patch)
+    operation = client.get("/openapi.json").json()["paths"]["/v1/documents/{document_id}"]
+    assert "409" in operation["patch"]["responses"]
+    body = assert_problem(client.patch(f"/v1/documents/{doc['id']}", json=patch), 409)
+    assert "52 keys" in body["detail"]
+    assert body["errors"][0]["loc"] == ["body", "metadata"]
+    assert client.get(f"/v1/documents/{doc['id']}").json()["metadata"] == full
+
+
+@pytest.mark.parametrize("length", [METADATA_KEY_MAX_CHARS, METADATA_KEY_MAX_CHARS + 1, 5_000])
+def test_a_metadata_filter_on_a_key_of_any_length_is_answered(
+    client: TestClient, length: int
+) -> None:
+    """The document cannot bound part of a parameter's name: a key no document can hold finds
+    nothing, as the parameter's description says."""
+    key = "k" * length
+    stored = key[:METADATA_KEY_MAX_CHARS]
+    doc = client.post("/v1/documents", json={**VALID, "metadata": {stored: "v"}}).json()
+    response = client.get("/v1/documents", params={f"metadata.{key}": "v"})
+    assert response.status_code == 200, response.text
+    expected = [doc["id"]] if key == stored else []
+    assert [d["id"] for d in response.json()["items"]] == expected
+    described = _metadata_filter(client)
+    assert f"({METADATA_KEY_MAX_CHARS} characters) finds none" in described
+    assert f"At most {METADATA_MAX_KEYS} keys." in described  # more are a 422 (test_main)
+
+
+def _metadata_filter(client: TestClient) -> str:
+    operation = client.get("/openapi.json").json()["paths"]["/v1/documents"]["get"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == "metadata.{key}"]
+    description: str = parameter["description"]
+    return description
 
 
 @pytest.mark.parametrize("tag", ["a\x00", "a\nb", "\x85", " "])
