@@ -4,6 +4,7 @@ and moving data between backends. MongoDB is SecantusDB, a real wire-protocol se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -790,6 +791,24 @@ def test_a_delete_and_retries_of_the_create_it_undoes_act_one_at_a_time(
     anyio.run(scenario)
 
 
+@contextlib.asynccontextmanager
+async def _plain_and_relayed(
+    server: SecantusDBServer, database: str, proxy: TcpProxy
+) -> AsyncIterator[tuple[MongoStore, MongoStore]]:
+    """A store straight on `server` and one through `proxy`; both closed, and the proxy
+    stopped, after."""
+    plain = await MongoStore.open(f"{server.uri}{database}")
+    relayed = await MongoStore.open(
+        f"mongodb://{proxy.address}/{database}?directConnection=true", timeout_ms=2000
+    )
+    try:
+        yield plain, relayed
+    finally:
+        await relayed.close()
+        await plain.close()
+        proxy.stop()
+
+
 def test_a_delete_answered_503_that_lands_later_cannot_delete_a_version_written_since(
     standalone_mongo_server: SecantusDBServer, mongo_url: str
 ) -> None:
@@ -810,11 +829,8 @@ def test_a_delete_answered_503_that_lands_later_cannot_delete_a_version_written_
     proxy.start()
 
     async def scenario() -> None:
-        plain = await MongoStore.open(f"{standalone_mongo_server.uri}{database}")
-        relayed = await MongoStore.open(
-            f"mongodb://{proxy.address}/{database}?directConnection=true", timeout_ms=2000
-        )
-        try:
+        async with _plain_and_relayed(standalone_mongo_server, database, proxy) as stores:
+            plain, relayed = stores
             doc, _ = await plain.create(DocumentCreate(title="t", content="c"))
             with pytest.raises(StoreUnavailable):
                 await relayed.delete(doc.id)
@@ -826,10 +842,6 @@ def test_a_delete_answered_503_that_lands_later_cannot_delete_a_version_written_
             await plain.delete(doc.id)
             with pytest.raises(DocumentNotFound):
                 await plain.get(doc.id)
-        finally:
-            await relayed.close()
-            await plain.close()
-            proxy.stop()
 
     anyio.run(scenario)
 
@@ -860,23 +872,18 @@ def test_a_delete_retried_after_a_lost_reply_leaves_a_copy_restored_in_between(
     proxy.start()
 
     async def scenario() -> None:
-        plain = await MongoStore.open(f"{standalone_mongo_server.uri}{database}")
-        relayed = await MongoStore.open(
-            f"mongodb://{proxy.address}/{database}?directConnection=true", timeout_ms=2000
-        )
-        try:
-            doc, _ = await plain.create(DocumentCreate(title="t", content="c"))
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(relayed.delete, doc.id)
-                assert await anyio.to_thread.run_sync(retry_held.wait, 10)
-                assert await plain.import_document(doc)  # over the first write's tombstone
+        async with _plain_and_relayed(standalone_mongo_server, database, proxy) as stores:
+            plain, relayed = stores
+            try:
+                doc, _ = await plain.create(DocumentCreate(title="t", content="c"))
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(relayed.delete, doc.id)
+                    assert await anyio.to_thread.run_sync(retry_held.wait, 10)
+                    assert await plain.import_document(doc)  # over the first write's tombstone
+                    restored.set()
+                assert await plain.get(doc.id) == doc
+            finally:
                 restored.set()
-            assert await plain.get(doc.id) == doc
-        finally:
-            restored.set()
-            await relayed.close()
-            await plain.close()
-            proxy.stop()
 
     anyio.run(scenario)
 
