@@ -374,14 +374,22 @@ def words(text: str) -> list[str]:
     """The words of `text` as `q` matches them and both stores index them: runs of Unicode
     letters and digits, compared without case, accents or other marks (`Crème` is `creme`,
     mathematical bold Hello is `hello`, and a vowel sign stays inside its word)."""
+    return [word for found in _words_by_piece(text) for word in found]
+
+
+def _words_by_piece(text: str, folded_max: float = math.inf) -> Iterator[list[str]]:
+    """The words of each piece of `text`, until the pieces folded pass `folded_max` characters:
+    folding is where the cost is, and a character may fold into 18 (U+FDFA)."""
     if text.isascii():
-        return text.translate(_ASCII_WORDS).split()
-    found: list[str] = []
+        yield text.translate(_ASCII_WORDS).split()
+        return
     for piece in _pieces(text):
         # Compatibility forms first, then case (which may need decomposing again), then no marks.
         folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", piece).casefold())
-        found += _WORD.findall(folded.translate(_MARKS))
-    return found
+        folded_max -= len(folded)
+        if folded_max < 0:
+            return
+        yield _WORD.findall(folded.translate(_MARKS))
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -417,14 +425,21 @@ _MARKS: dict[int, None] = dict.fromkeys(
 )
 
 # What one document puts in the word index, whatever its size: its first 1 000 distinct words of
-# at most 64 characters. Later or longer words are not found by `q`.
+# at most 64 characters, found in its text until that passes 200 000 characters once folded
+# (twice the longest content: accented letters fold into two; U+FDFA into 18). Later or longer
+# words are not found by `q`; a write's tokenizing costs at most about 30 ms per text.
 INDEXED_WORDS_MAX = 1_000
 INDEXED_WORD_MAX_CHARS = 64
+INDEXED_FOLDED_CHARS_MAX = 200_000
 
 
 def document_words(title: str, content: str) -> set[str]:
-    found = (w for w in words(f"{title}\n{content}") if len(w) <= INDEXED_WORD_MAX_CHARS)
-    return set(itertools.islice(dict.fromkeys(found), INDEXED_WORDS_MAX))
+    found: dict[str, None] = {}  # in the order first seen
+    for piece in _words_by_piece(f"{title}\n{content}", INDEXED_FOLDED_CHARS_MAX):
+        found.update(dict.fromkeys(w for w in piece if len(w) <= INDEXED_WORD_MAX_CHARS))
+        if len(found) >= INDEXED_WORDS_MAX:
+            break  # the rest of the text could add nothing
+    return set(itertools.islice(found, INDEXED_WORDS_MAX))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -17,6 +17,7 @@ import models
 from bodies import MAX_NESTING
 from conftest import KEY, app_client, assert_problem
 from models import (
+    INDEXED_FOLDED_CHARS_MAX,
     INDEXED_WORD_MAX_CHARS,
     INDEXED_WORDS_MAX,
     METADATA_KEY_MAX_CHARS,
@@ -246,6 +247,17 @@ def test_the_tokenizer_works_in_bounded_pieces_and_finds_the_words_of_the_whole_
     pieces = sizes[::2]  # each piece is normalized twice: as cut, then after casefold
     assert len(pieces) > 1
     assert max(pieces) <= models.WORDS_PIECE_CHARS
+
+
+def test_text_past_the_folded_bound_is_not_indexed() -> None:
+    """Folding is where tokenizing costs, and a character may fold into 18 (U+FDFA): words are
+    found until the folded text passes the bound, which ordinary text of the longest content
+    (an accented letter folds into two) does not reach. The title's words always count."""
+    assert "needle" in document_words("title", "é" * 90_000 + " needle")
+    folding = "\ufdfa" * 20_000
+    assert document_words("title", f"{folding} needle") == document_words("title", folding)
+    assert "title" in document_words("title", folding)
+    assert INDEXED_FOLDED_CHARS_MAX < 20_000 * 18
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
