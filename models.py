@@ -174,14 +174,15 @@ def _largest_document_without_content() -> int:
         "tags": [_WIDEST * TAG_MAX_CHARS] * TAGS_MAX,
         "metadata": dict.fromkeys(key, _WIDEST * METADATA_STRING_MAX_CHARS),
     }
-    return len(json.dumps(widest))
+    # Pretty-printed as widely as clients do: a line per value, indented by 8, CRLF.
+    return len(json.dumps(widest, indent=8).replace("\n", "\r\n"))
 
 
 def largest_document_bytes(content_chars: int) -> int:
-    """The largest valid document (a create; a patch is no larger) as JSON without padding, each
-    field at its limit and each character at its widest: a body limit below it would refuse a
-    valid document. json.dumps's default separators (", ", ": ") are counted; a number is never
-    wider than a metadata string."""
+    """The largest valid document (a create; a patch is no larger) as JSON, each field at its
+    limit and each character at its widest, pretty-printed: a body limit below it would refuse a
+    valid document. A number is never wider than a metadata string; only padding beyond what
+    any formatter writes can pass it."""
     return _largest_document_without_content() + content_chars * JSON_CHAR_MAX_BYTES
 
 

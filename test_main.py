@@ -180,12 +180,17 @@ def test_body_over_limit_returns_413_before_parsing(tmp_path: Path) -> None:
         assert client.get("/v1/documents").json()["items"] == []
 
 
-@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["ascii-escapes", "utf-8"])
+@pytest.mark.parametrize(
+    ("ensure_ascii", "indent", "newline"),
+    [(True, None, "\n"), (False, None, "\n"), (True, 4, "\n"), (True, "\t", "\r\n")],
+    ids=["ascii-escapes", "utf-8", "pretty", "pretty-tabs-crlf"],
+)
 def test_a_document_at_every_limit_is_accepted_in_either_json_encoding(
-    tmp_path: Path, ensure_ascii: bool
+    tmp_path: Path, ensure_ascii: bool, indent: int | str | None, newline: str
 ) -> None:
     """Every field at its limit and every character outside the BMP: as json.dumps sends it by
-    default (12 bytes a character, as ASCII escapes) as well as in UTF-8, create and patch."""
+    default (12 bytes a character, as ASCII escapes) as well as in UTF-8, and pretty-printed,
+    create and patch."""
     wide = [chr(0x1F600 + i) for i in range(METADATA_MAX_KEYS)]  # distinct, for tags and keys
     doc = {
         "title": wide[0] * TITLE_MAX_CHARS,
@@ -193,14 +198,14 @@ def test_a_document_at_every_limit_is_accepted_in_either_json_encoding(
         "tags": [c * TAG_MAX_CHARS for c in wide[:TAGS_MAX]],
         "metadata": {c * METADATA_KEY_MAX_CHARS: c * METADATA_STRING_MAX_CHARS for c in wide},
     }
-    body = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+    body = json.dumps(doc, ensure_ascii=ensure_ascii, indent=indent).replace("\n", newline)
     json_type = {"Content-Type": "application/json"}
     with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
-        created = client.post("/v1/documents", content=body, headers=json_type)
+        created = client.post("/v1/documents", content=body.encode(), headers=json_type)
         assert created.status_code == 201, created.text
         assert created.json()["content"] == doc["content"]
         url = f"/v1/documents/{created.json()['id']}"
-        patched = client.patch(url, content=body, headers=json_type)
+        patched = client.patch(url, content=body.encode(), headers=json_type)
         assert patched.status_code == 200, patched.text
 
 
