@@ -753,10 +753,13 @@ def test_requests_without_a_valid_key_spend_a_budget_per_client_that_keys_never_
         assert_problem(limited, 429)
         assert 1 <= int(limited.headers["retry-after"]) <= 60
         assert limited.headers["x-ratelimit-limit"] == "3"
-        # A valid key from the same address is never refused for it; probes spend no budget.
+        # A valid key from the same address is never refused for it; probes spend no budget,
+        # but a scrape of /metrics costs a stranger its budget like any other request.
         assert client.get("/v1/documents", headers=keyed).status_code == 200
-        for probe in ("/health", "/health/ready", "/metrics"):
+        for probe in ("/health", "/health/ready"):
             assert client.get(probe).status_code == 200
+        assert_problem(client.get("/metrics"), 429)
+        assert client.get("/metrics", headers=keyed).status_code == 200
 
 
 def test_the_keyless_budget_is_tens_a_minute_by_default() -> None:
