@@ -3,12 +3,13 @@ its body is read. FastAPI reads and parses a body before it solves a route's dep
 key dependency alone would decide only after the body had cost its parse; this pure ASGI
 middleware decides first, and the dependency (`main.authorize`) hands the handler what it found.
 
-Every request but the probes spends one unit of a budget: its key's (`RATE_LIMIT`, shared through
-`RATE_LIMIT_STORAGE_URI`) when it carries a valid `X-API-Key`, else its client address's
-(`KEYLESS_RATE_LIMIT`, counted in this process: a flood from strangers costs no Redis round trip,
-and a Redis outage does not turn their 401s into 503s). Over the budget: 429. Under /v1, no valid
-key: 401; a read-only key's write: 403. Each refusal is answered from here with the body unread,
-and a connection whose body is left unread is closed (`server.py`).
+Every request but the probes (`/health`, `/health/ready`; `/metrics` is no probe) spends one unit
+of a budget: its key's (`RATE_LIMIT`, shared through `RATE_LIMIT_STORAGE_URI`) when it carries a
+valid `X-API-Key`, else its client address's (`KEYLESS_RATE_LIMIT`, counted in this process: a
+flood from strangers costs no Redis round trip, and a Redis outage does not turn their 401s into
+503s). Over the budget: 429. Under /v1, no valid key: 401; a read-only key's write: 403. Each
+refusal is answered from here with the body unread, and a connection whose body is left unread is
+closed (`server.py`).
 
 A refusal writes its access line like any request; once a budget is spent within a window, its
 further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
@@ -39,9 +40,11 @@ from ratelimit import Budget, LimiterUnavailable, LocalStorage, spend
 
 log = logging.getLogger("documents.admission")
 
-# Load balancers and Prometheus poll these without a key; a refused liveness probe would get the
-# service restarted, so they spend no budget (each costs the same whatever the data).
-PROBES = frozenset({"/health", "/health/ready", "/metrics"})
+# Orchestrators poll these without a key; a refused liveness probe would get the service
+# restarted, so they spend no budget (each is cheap, whatever the data). Not /metrics: a render
+# costs far more, so a stranger pays for it from the keyless budget, which a scraper's one request
+# every few seconds stays well within.
+PROBES = frozenset({"/health", "/health/ready"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 API_KEY_HEADER = b"x-api-key"
 

@@ -21,11 +21,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictBool,
     StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
+    WrapValidator,
     field_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 TITLE_MAX_CHARS = 200
 TAGS_MAX = 20
@@ -91,26 +97,46 @@ MetadataKey = Annotated[
     StringConstraints(min_length=1, max_length=METADATA_KEY_MAX_CHARS),
     AfterValidator(_unicode),
 ]
-MetadataValue = (
-    Annotated[
-        str, StringConstraints(max_length=METADATA_STRING_MAX_CHARS), AfterValidator(_unicode)
-    ]
-    | bool
-    # The int branch refuses nothing (_bounded_ints does, after): a refused int would be taken
-    # as a float instead. The document states the range, as powers of two that a validator
-    # comparing in 64-bit floats reads exactly too (2**63 - 1 is 2**63 to it).
-    | Annotated[int, WithJsonSchema({"type": "integer", **_INT64_RANGE})]
-    | Annotated[float, Field(allow_inf_nan=False, ge=METADATA_INT_MIN, lt=2**63)]
-    | None
+
+
+def _metadata_value(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One readable error for a value no type takes, instead of one per type of the union under
+    pydantic's internal labels."""
+    try:
+        value = handler(value)
+    except ValidationError as exc:
+        # A string's own error (too long, a lone surrogate) is the one that applies to it.
+        message = exc.errors()[0]["msg"] if isinstance(value, str) else _METADATA_VALUE_TYPES
+        raise PydanticCustomError("metadata_value", message) from None
+    if isinstance(value, int) and not METADATA_INT_MIN <= value <= METADATA_INT_MAX:
+        raise PydanticCustomError("metadata_value", _METADATA_INT_RANGE)
+    return value
+
+
+_METADATA_VALUE_TYPES = "must be a string, a boolean, an integer, a finite number or null"
+_METADATA_INT_RANGE = (
+    "an integer must be within the signed 64-bit range; send a larger number with a fraction or "
+    "an exponent (1e19)"
 )
-
-
-def _bounded_ints(metadata: dict[str, Any]) -> dict[str, Any]:
-    # Checked here, not on the int branch: a failed int there would fall through to float.
-    for key, value in metadata.items():
-        if isinstance(value, int) and not METADATA_INT_MIN <= value <= METADATA_INT_MAX:
-            raise ValueError(f"metadata[{key!r}] is outside the 64-bit integer range")
-    return metadata
+# Strict: each JSON value keeps its own type (a string of digits is no number, 1e308 no integer).
+# The int type refuses nothing (_metadata_value does, after): a refused int would be taken as a
+# float instead. The document states the integers' range, as powers of two that a validator
+# comparing in 64-bit floats reads exactly too (2**63 - 1 is 2**63 to it); a number is any
+# finite one, the integers beyond that range included, which the service takes only when sent
+# with a fraction or an exponent (JSON Schema cannot tell 1e19 from 10000000000000000000).
+MetadataValue = Annotated[
+    Annotated[
+        str,
+        Strict(),
+        StringConstraints(max_length=METADATA_STRING_MAX_CHARS),
+        AfterValidator(_unicode),
+    ]
+    | StrictBool
+    | Annotated[int, Strict(), WithJsonSchema({"type": "integer", **_INT64_RANGE})]
+    | Annotated[float, Strict(), Field(allow_inf_nan=False)]
+    | None,
+    WrapValidator(_metadata_value),
+]
 
 
 def _at_most(limit: int) -> BeforeValidator:
@@ -145,9 +171,10 @@ Metadata = Annotated[
     _at_most(METADATA_MAX_KEYS),
     Field(
         json_schema_extra={"maxProperties": METADATA_MAX_KEYS},
-        description="Flat object of up to 50 keys; values are strings, numbers, booleans or null.",
+        description="Flat object of up to 50 keys; values are strings, numbers, booleans or null. "
+        "Every finite number is kept as sent; an integer written without a fraction or an "
+        "exponent must be within the signed 64-bit range (send 1e19, not 10000000000000000000).",
     ),
-    AfterValidator(_bounded_ints),
 ]
 Content = Annotated[
     str,
@@ -505,10 +532,16 @@ def metadata_values(value: str) -> tuple[str | bool | int | float, ...]:
     if value in ("true", "false"):
         return value, value == "true"
     if _JSON_NUMBER.fullmatch(value):
-        number = float(value) if any(c in value for c in ".eE") else int(value)
-        if METADATA_INT_MIN <= number <= METADATA_INT_MAX or (
-            isinstance(number, float) and math.isfinite(number)
-        ):
+        number = float(value)  # inf past the largest float
+        if not any(c in value for c in ".eE"):
+            integer = int(value)
+            if METADATA_INT_MIN <= integer <= METADATA_INT_MAX:
+                return value, integer
+            # Beyond 64 bits a number is stored only as a float (sent as 1e19): found when it is
+            # exactly the integer spelled.
+            if math.isfinite(number) and int(number) != integer:
+                return (value,)
+        if math.isfinite(number):
             return value, number
     return (value,)
 

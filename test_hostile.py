@@ -323,10 +323,12 @@ def _post_head(headers: str, framing: str = "Content-Length: 1000000") -> bytes:
     ).encode()
 
 
-def _spend(service: Service, headers: dict[str, str], times: int = 3) -> None:
+def _spend(
+    service: Service, headers: dict[str, str], times: int = 3, path: str = "/v1/documents"
+) -> None:
     with httpx.Client(base_url=service.url, headers=headers) as client:
         for _ in range(times):
-            client.get("/v1/documents")
+            client.get(path)
 
 
 @pytest.mark.parametrize(
@@ -379,18 +381,30 @@ def test_a_refused_request_is_answered_from_its_head_and_the_connection_closed(
 
 
 @pytest.mark.parametrize(
-    ("headers", "status"),
-    [("", 401), (f"X-API-Key: {'w' * 32}\r\n", 401), ("X-Forwarded-For: 198.51.100.9\r\n", 429)],
-    ids=["no key", "a wrong key", "no key, over the keyless budget"],
+    ("path", "headers", "status"),
+    [
+        ("/v1/documents", "", 401),
+        ("/v1/documents", f"X-API-Key: {'w' * 32}\r\n", 401),
+        ("/v1/documents", "X-Forwarded-For: 198.51.100.9\r\n", 429),
+        ("/metrics", "X-Forwarded-For: 198.51.100.10\r\n", 429),
+    ],
+    ids=[
+        "no key",
+        "a wrong key",
+        "no key, over the keyless budget",
+        "no key, scraping /metrics over the keyless budget",
+    ],
 )
 def test_a_refusal_without_a_body_ends_its_connection_too(
-    gate: Service, headers: str, status: int
+    gate: Service, path: str, headers: str, status: int
 ) -> None:
-    """A refused client keeps no connection open to go on being refused on it."""
+    """A refused client keeps no connection open to go on being refused on it. A /metrics render
+    costs a stranger its budget too: a flood of them is refused as cheaply."""
     if status == 429:
-        _spend(gate, {"X-Forwarded-For": "198.51.100.9"})
+        client = headers.removeprefix("X-Forwarded-For: ").strip()
+        _spend(gate, {"X-Forwarded-For": client}, path=path)
     with socket.create_connection(("127.0.0.1", gate.port)) as sock:
-        sock.sendall(f"GET /v1/documents HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
         sock.settimeout(3)  # below the keep-alive timeout: a connection kept open fails here
         received = b""
         while chunk := sock.recv(65536):

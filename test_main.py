@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,59 @@ def test_invalid_body_returns_422_naming_the_field(
     problem = assert_problem(client.post("/v1/documents", json=body), 422)
     assert any(field in e["loc"] for e in problem["errors"]), problem["errors"]
     assert client.get("/v1/documents").json()["items"] == []
+
+
+# Every finite float (an integral one too) and every 64-bit integer: kept as the number sent.
+METADATA_NUMBERS = [
+    sys.float_info.max,
+    -sys.float_info.max,
+    1e300,
+    2.0**63,
+    -(2.0**63) - 2**11,
+    12.0,
+    2**63 - 1,
+    -(2**63),
+    12,
+]
+
+
+@pytest.mark.parametrize("number", METADATA_NUMBERS, ids=repr)
+def test_metadata_keeps_every_finite_number_as_sent_and_finds_it(
+    client: TestClient, number: float
+) -> None:
+    created = create(client, {**DOC, "metadata": {"x": number, "y": 1}})
+    patched = client.patch(f"/v1/documents/{created['id']}", json={"metadata": {"y": number}})
+    assert patched.status_code == 200, patched.text
+    read = client.get(f"/v1/documents/{created['id']}").json()
+    assert patched.json() == read
+    for value in (created["metadata"]["x"], read["metadata"]["x"], read["metadata"]["y"]):
+        assert (type(value), value) == (type(number), number)
+    # As JSON writes it, and as an integer's digits (1e300's 301 of them): the number they spell.
+    for spelled in (json.dumps(number), str(Decimal(number))):
+        found = client.get("/v1/documents", params={"metadata.x": spelled}).json()["items"]
+        assert [d["id"] for d in found] == [created["id"]], spelled
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (2**63, "64-bit"),
+        (-(2**63) - 1, "64-bit"),
+        ({"nested": 1}, "a string, a boolean, an integer, a finite number or null"),
+        ("x" * (METADATA_STRING_MAX_CHARS + 1), "at most 1000 characters"),
+        ("0" * METADATA_STRING_MAX_CHARS + "1", "at most 1000 characters"),  # no number either
+    ],
+)
+def test_a_bad_metadata_value_gets_one_readable_error_at_its_key(
+    client: TestClient, value: Any, message: str
+) -> None:
+    problem = assert_problem(
+        client.post("/v1/documents", json={**DOC, "metadata": {"x": value}}), 422
+    )
+    (error,) = problem["errors"]
+    assert error["loc"] == ["body", "metadata", "x"]
+    assert message in error["msg"]
+    assert problem["detail"] == f"body.metadata.x: {error['msg']}"
 
 
 @pytest.mark.parametrize(
@@ -758,10 +812,13 @@ def test_requests_without_a_valid_key_spend_a_budget_per_client_that_keys_never_
         assert_problem(limited, 429)
         assert 1 <= int(limited.headers["retry-after"]) <= 60
         assert limited.headers["x-ratelimit-limit"] == "3"
-        # A valid key from the same address is never refused for it; probes spend no budget.
+        # A valid key from the same address is never refused for it; probes spend no budget,
+        # but a scrape of /metrics costs a stranger its budget like any other request.
         assert client.get("/v1/documents", headers=keyed).status_code == 200
-        for probe in ("/health", "/health/ready", "/metrics"):
+        for probe in ("/health", "/health/ready"):
             assert client.get(probe).status_code == 200
+        assert_problem(client.get("/metrics"), 429)
+        assert client.get("/metrics", headers=keyed).status_code == 200
 
 
 def test_the_keyless_budget_is_tens_a_minute_by_default() -> None:

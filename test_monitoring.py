@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from limits import parse_many
 from prometheus_client.parser import text_string_to_metric_families
 from secantus import SecantusDBServer
 
+from config import Settings
 from conftest import (
     HERE,
     KEY,
@@ -185,6 +187,19 @@ def test_compose_monitoring_profile_mounts_the_provisioned_files_where_they_poin
     assert (
         source["jsonData"]["timeInterval"] == load(PROMETHEUS_CONFIG)["global"]["scrape_interval"]
     )
+
+
+def test_the_provisioned_scrape_interval_is_never_refused_at_the_default_keyless_budget(
+    tmp_path: Path,
+) -> None:
+    """/metrics costs a keyless client its budget: the most scrapes of one target any window of
+    the default budget can hold are all answered."""
+    interval = int(load(PROMETHEUS_CONFIG)["global"]["scrape_interval"].removesuffix("s"))
+    default = Settings.model_fields["keyless_rate_limit"].default
+    (budget,) = parse_many(default)
+    with app_client(tmp_path, keyless_rate_limit=default) as client:
+        scrapes = [client.get("/metrics") for _ in range(budget.get_expiry() // interval + 1)]
+    assert [r.status_code for r in scrapes] == [200] * len(scrapes)
 
 
 # --- the metrics the panels need --------------------------------------------------------------
