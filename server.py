@@ -318,15 +318,16 @@ def serve(app: Any, **options: Any) -> int:
     one of several workers failed to start (its supervisor stops all of them quietly), so the
     workers are supervised here, where their exit codes can be seen."""
     config = uvicorn.Config(app, **options)
+    # Bound and listening before the app starts: a port in use fails before `service.started`,
+    # and a client that connects during the start waits, not refused (with several workers too:
+    # each says its startup is complete before it serves the socket).
+    sock = config.bind_socket()
+    sock.listen(config.backlog)
     if config.workers == 1:
         server = uvicorn.Server(config)
-        # Bound and listening before the app starts: a port in use fails before
-        # `service.started`, and a client that connects during the start waits, not refused.
-        sock = config.bind_socket()
-        sock.listen(config.backlog)
         server.run(sockets=[sock])
         return 0 if server.started else STARTUP_FAILURE
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = Multiprocess(config, sockets=[sock])
     supervisor.run()
     failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
     return STARTUP_FAILURE if failed else 0

@@ -285,6 +285,17 @@ def test_a_backup_taken_under_writes_restores_every_document_acknowledged_before
     assert set(before) <= listed
 
 
+def test_a_client_connecting_while_workers_start_waits_and_is_never_refused(
+    service_factory: ServiceFactory,
+) -> None:
+    """The socket listens before any worker has loaded the app: a connection made during the
+    start waits in its backlog and is answered, as with one worker."""
+    service = service_factory(env={"WORKERS": "2"}).start(wait=False)
+    service.wait_for_line("Started parent process", timeout=20)
+    with service.client() as client:
+        assert client.get("/health").status_code == 200
+
+
 def test_two_workers_share_writes_and_race_exactly(service_factory: ServiceFactory) -> None:
     service = service_factory(env={"WORKERS": "2"}).start()
     with service.client() as client:
