@@ -148,9 +148,9 @@ def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
     """A document's key `n` sorts as (created, id) does: SLOTS keys per millisecond, handed out
     in id order. The words' index returns keys in order, so `q` pages need no sort."""
     below, above = conn.execute(
-        "SELECT (SELECT max(n) FROM documents WHERE created = ?1 AND id < ?2),"
-        " (SELECT min(n) FROM documents WHERE created = ?1 AND id > ?2)",
-        (created, doc_id),
+        "SELECT (SELECT max(n) FROM documents WHERE created = :at AND id < :id),"
+        " (SELECT min(n) FROM documents WHERE created = :at AND id > :id)",
+        {"at": created, "id": doc_id},
     ).fetchone()
     low = created * SLOTS - 1 if below is None else below
     high = (created + 1) * SLOTS if above is None else above
