@@ -418,10 +418,10 @@ def _words_by_piece(text: str, folded_max: float = math.inf) -> Iterator[list[st
         yield text.translate(_ASCII_WORDS).split()
         return
     for piece in _pieces(text):
-        # Compatibility forms first, then case (which may need decomposing again), then no marks;
-        # the marks folding leaves marks go before it, for normalization sorts a run of them in
-        # time quadratic in its length (a piece of reversed marks held the lock for 2.4 ms).
-        folded = _fold(piece.translate(_INERT_MARKS))
+        # Compatibility forms first, then case (which may need decomposing again), then no marks.
+        # Marks go first (see _UNMARK): normalization sorts a run of them in time quadratic in
+        # its length, and a piece of reversed marks held the lock for 2.4 ms.
+        folded = _fold(piece.translate(_UNMARK))
         folded_max -= len(folded)
         if folded_max < 0:
             return
@@ -464,10 +464,11 @@ _MARKS: dict[int, None] = dict.fromkeys(
     if unicodedata.category(chr(c)).startswith("M")
 )
 
-# The marks that stay marks whatever folding does (all but U+0345, which case-folds to a letter).
-_INERT_MARKS: dict[int, None] = dict.fromkeys(
-    c for c in _MARKS if all(unicodedata.category(f).startswith("M") for f in _fold(chr(c)))
-)
+# Every mark dropped before folding, but U+0345, which case-folds to a letter, made that letter
+# (the words are the same: normalization never moves a mark past a letter). What is left to
+# sort is at most a few marks of one letter's decomposition followed by U+FF9E and U+FF9F's,
+# all of one class: linear, whatever the text.
+_UNMARK: dict[int, str | None] = {**_MARKS, 0x345: "\u03b9"}
 
 # What one document puts in the word index, whatever its size: its first 1 000 distinct words of
 # at most 64 characters, found in its text until that passes 200 000 characters once folded
