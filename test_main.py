@@ -206,6 +206,20 @@ def test_malformed_json_returns_400_problem(client: TestClient, raw: bytes) -> N
     assert_problem(response, 400)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+def test_a_body_in_another_encoding_than_utf8_is_malformed(
+    client: TestClient, encoding: str
+) -> None:
+    """JSON is UTF-8 (RFC 8259); a UTF-8 byte-order mark is ignored, as it allows."""
+    headers = {"Content-Type": "application/json"}
+    raw = json.dumps({"title": "t", "content": "\u2241 x"}, ensure_ascii=False)
+    assert_problem(client.post("/v1/documents", content=raw.encode(encoding), headers=headers), 400)
+    assert client.get("/v1/documents").json()["items"] == []
+    marked = client.post("/v1/documents", content=raw.encode("utf-8-sig"), headers=headers)
+    assert marked.status_code == 201
+    assert marked.json()["content"] == "\u2241 x"
+
+
 def test_non_json_body_returns_415_problem(client: TestClient) -> None:
     response = client.post(
         "/v1/documents", content=b"title=x", headers={"Content-Type": "text/plain"}
