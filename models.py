@@ -650,8 +650,11 @@ class DocumentQuery(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _metadata_parameters(cls, data: Any) -> Any:
-        """`metadata.KEY=VALUE` parameters become the `metadata` filter."""
-        if not isinstance(data, dict) or not any(_is_metadata_filter(k) for k in data):
+        """`metadata.KEY=VALUE` parameters become the `metadata` filter; a `metadata` parameter
+        is left to be refused."""
+        if not isinstance(data, dict) or "metadata" in data:
+            return data
+        if not any(_is_metadata_filter(k) for k in data):
             return data
         rest = {k: v for k, v in data.items() if not _is_metadata_filter(k)}
         return {**rest, "metadata": {k[9:]: v for k, v in data.items() if _is_metadata_filter(k)}}

@@ -406,6 +406,8 @@ def test_every_finding_parameter_reaches_the_listing(client: TestClient) -> None
         ("tag=", "tag"),
         ("tags=finance", "tags"),
         ("q=x&nope=1", "nope"),
+        ("metadata=x", "metadata"),
+        ("metadata=x&metadata.k=v", "metadata"),  # not a filter, whatever comes with it
     ],
 )
 def test_malformed_finding_parameters_get_422_naming_the_parameter(
