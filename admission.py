@@ -30,12 +30,22 @@ from typing import Any
 
 from limits import RateLimitItem
 from limits.aio.storage import Storage
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import ApiKey, digest_key
 from logging_config import clip
 from metrics import Metrics
-from problems import LIMITER_UNAVAILABLE, RETRY_AFTER_SECONDS, Forbidden, RateLimited, Unauthorized
+from problems import (
+    LIMITER_UNAVAILABLE,
+    RETRY_AFTER_SECONDS,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    for_status,
+)
 from ratelimit import Budget, LimiterUnavailable, LocalStorage, spend
 
 log = logging.getLogger("documents.admission")
@@ -47,6 +57,24 @@ log = logging.getLogger("documents.admission")
 PROBES = frozenset({"/health", "/health/ready"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 API_KEY_HEADER = b"x-api-key"
+CORS_REQUEST_HEADERS = [
+    "X-API-Key",
+    "Content-Type",
+    "If-Match",
+    "If-None-Match",
+    "Idempotency-Key",
+    "X-Request-ID",
+]
+CORS_RESPONSE_HEADERS = [
+    "ETag",
+    "Location",
+    "Retry-After",
+    "X-Request-ID",
+    "Idempotent-Replayed",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
 
 
 @dataclass(slots=True)
@@ -107,6 +135,7 @@ class AdmissionMiddleware:
         keyless_limits: list[RateLimitItem],
         metrics: Metrics,
         tally: RefusalTally,
+        cors_origins: list[str],
         protected: str = "/v1",
     ) -> None:
         self.app = app
@@ -118,15 +147,34 @@ class AdmissionMiddleware:
         self.metrics = metrics
         self.tally = tally
         self.protected = protected
+        self.cors = (
+            ProblemCORSMiddleware(
+                self._admit,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_RESPONSE_HEADERS,
+            )
+            if cors_origins
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _route_path(scope) in PROBES:
             await self.app(scope, receive, send)
-            return
+        elif self.cors is None:
+            await self._admit(scope, receive, send)
+        elif scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+            # A preflight carries no key by design: it spends its address's keyless budget like
+            # any request without one, then CORS answers it.
+            await self._admit(scope, receive, send, preflight=True)
+        else:
+            await self.cors(scope, receive, send)  # around _admit: refusals carry CORS headers
+
+    async def _admit(
+        self, scope: Scope, receive: Receive, send: Send, *, preflight: bool = False
+    ) -> None:
         path = _route_path(scope)
-        if path in PROBES:
-            await self.app(scope, receive, send)
-            return
         state: dict[str, Any] = scope.setdefault("state", {})
         protected = path == self.protected or path.startswith(self.protected + "/")
         key, presented = self._authenticate(scope["headers"])
@@ -149,6 +197,8 @@ class AdmissionMiddleware:
         state["response_headers"] = _rate_limit_headers(shown)
         if refused:
             await self._refuse_over_budget(scope, receive, send, key or client, shown)
+        elif preflight and self.cors is not None:
+            await self.cors(scope, receive, send)
         elif key is None and protected:
             self.metrics.auth_failures.inc()
             state["refusal"] = "key-invalid" if presented else "key-missing"
@@ -199,6 +249,21 @@ class AdmissionMiddleware:
         retry_after = max(1, int(budget.reset_at - time.time()) + 1)
         headers = _closing({"Retry-After": str(retry_after)})
         await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, whose refusal of a preflight (an origin, method or header not allowed)
+    is a problem document, as every other error is."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        return for_status(400).response(f"{bytes(response.body).decode()}.")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((v for k, v in scope["headers"] if k == name), None)
 
 
 def client_address(scope: Scope) -> str:

@@ -27,7 +27,6 @@ import anyio
 import orjson
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from limits import RateLimitItem, parse_many
 from pydantic import ValidationError
@@ -519,26 +518,6 @@ async def _count_or_none(store: DocumentStore) -> int | None:
     return None
 
 
-CORS_REQUEST_HEADERS = [
-    "X-API-Key",
-    "Content-Type",
-    "If-Match",
-    "If-None-Match",
-    "Idempotency-Key",
-    "X-Request-ID",
-]
-CORS_RESPONSE_HEADERS = [
-    "ETag",
-    "Location",
-    "Retry-After",
-    "X-Request-ID",
-    "Idempotent-Replayed",
-    "X-RateLimit-Limit",
-    "X-RateLimit-Remaining",
-    "X-RateLimit-Reset",
-]
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A fresh, independent app; state that needs I/O is built in the lifespan."""
     settings = settings if settings is not None else Settings()
@@ -576,9 +555,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _add_error_map(app)
     app.openapi = lambda: openapi.schema(app)  # type: ignore[method-assign]
-    # Added innermost first: a request meets RequestContext (ids, logs, metrics), then CORS
-    # (only when CORS_ORIGINS is set: it answers preflights, which carry no key), then
-    # Admission (key, budget: refusals leave the body unread), BodyLimit, HeadAsGet.
+    # Added innermost first: a request meets RequestContext (ids, logs, metrics), then
+    # Admission (key, budget: refusals leave the body unread; CORS, when CORS_ORIGINS is set),
+    # BodyLimit, HeadAsGet.
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -594,15 +573,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keyless_limits=parse_many(settings.keyless_rate_limit),
         metrics=app.state.metrics,
         tally=app.state.refusals,
+        cors_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
     )
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=CORS_REQUEST_HEADERS,
-            expose_headers=CORS_RESPONSE_HEADERS,
-        )
     app.add_middleware(
         RequestContextMiddleware,
         slow_request_ms=settings.slow_request_ms,

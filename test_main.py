@@ -1079,6 +1079,25 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
             "/v1/documents", headers={**preflight, "Origin": "https://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+        assert "origin" in assert_problem(other, 400)["detail"].lower()
+        # A refusal carries the CORS headers too, so a browser's script can read it.
+        refused = client.get("/v1/documents", headers={"Origin": "https://app.example"})
+        assert_problem(refused, 401)
+        assert refused.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_preflights_spend_the_keyless_budget(tmp_path: Path) -> None:
+    """A preflight carries no key: like any request without one, it spends its address's
+    budget, so a flood of them gets cheap 429s and logs one line a window, not one each."""
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    settings = make_settings(
+        tmp_path, cors_origins="https://app.example", keyless_rate_limit="3/minute"
+    )
+    with TestClient(create_app(settings)) as client:
+        answers = [client.options("/v1/documents", headers=preflight) for _ in range(5)]
+        assert [r.status_code for r in answers] == [200, 200, 200, 429, 429]
+        assert answers[0].headers["x-ratelimit-remaining"] == "2"
+        assert_problem(client.get("/v1/documents"), 429)  # the same budget
 
 
 def test_replay_after_the_original_was_deleted_returns_409(client: TestClient) -> None:
