@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from admission import PROBES
 from logging_config import clip, request_id_var
 from problems import INTERNAL, BodyBufferFull, BodyTimeout, BodyTooLarge
 
@@ -99,7 +100,9 @@ class RequestContextMiddleware:
         finally:
             duration = time.perf_counter() - started
             route = route_template(scope)
-            if state.get("log_access", True):  # a refusal counted by admission's tally: no line
+            # No line for a refusal admission's tally counts, nor for a probe answered 200:
+            # orchestrators poll them, strangers may flood them, and metrics count them all.
+            if state.get("log_access", True) and (status != 200 or route not in PROBES):
                 self._log_access(scope, route, state, status, duration)
             if self.observer is not None:
                 self.observer.request_finished(scope["method"], route, status, duration)

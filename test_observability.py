@@ -27,6 +27,7 @@ from conftest import (
     ServiceFactory,
     TcpProxy,
     app_client,
+    assert_problem,
     make_settings,
     require_tool,
     scrape,
@@ -242,12 +243,33 @@ def test_keys_and_document_content_never_reach_the_log(tmp_path: Path, log_lines
         assert secret not in text
 
 
+def test_probes_answered_200_write_no_access_line(tmp_path: Path, log_lines: LogLines) -> None:
+    """Orchestrators poll the probes and strangers may flood them, without a budget: a line each
+    would make the log grow ten times faster than the requests. Metrics count them; a failing
+    probe is logged."""
+    data_dir = tmp_path / "data"
+    with app_client(data_dir) as client:
+        for _ in range(20):
+            assert client.get("/health").status_code == 200
+            assert client.get("/health/ready").status_code == 200
+        assert access_lines(log_lines()) == []
+        probes = scrape(client)["http_requests"].samples
+        assert sum(s.value for s in probes if s.labels["route"].startswith("/health")) == 40
+        for child in data_dir.iterdir():
+            child.unlink()
+        data_dir.rmdir()
+        assert_problem(client.get("/health/ready"), 503)
+        data_dir.mkdir()
+    probed = [line for line in access_lines(log_lines()) if line["route"].startswith("/health")]
+    assert [(line["route"], line["status_code"]) for line in probed] == [("/health/ready", 503)]
+
+
 def test_client_request_id_with_newline_or_quote_is_logged_sanitised(
     tmp_path: Path, log_lines: LogLines
 ) -> None:
     hostile = 'evil\n{"level": "CRITICAL"}"'
     with app_client(tmp_path) as client:
-        response = client.get("/health", headers={"X-Request-ID": hostile, "User-Agent": hostile})
+        response = client.get("/no/such", headers={"X-Request-ID": hostile, "User-Agent": hostile})
     assert response.headers["x-request-id"] != hostile
     lines = log_lines()  # every line still parses as one JSON object
     (access,) = access_lines(lines)
