@@ -237,6 +237,9 @@ def _file_size(path: Path) -> float:
         return math.nan
 
 
+COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
+
+
 class _Measured:
     """Times one store operation and counts its failure by error class."""
 
@@ -264,13 +267,18 @@ class _Measured:
 
 
 class MeteredStore:
-    """A DocumentStore that times each operation and counts the ones that fail."""
+    """A DocumentStore that times each operation and counts the ones that fail. It also keeps
+    the documents count that /health/ready and /metrics show, which anyone may ask for: counted
+    at most every COUNT_EVERY_S, whatever the size of the data (SQLite's count walks an index;
+    some MongoDB servers' estimate walks the collection) or the rate of requests; this process's
+    own creates and deletes change it at once, others' show at the next count."""
 
     def __init__(self, store: DocumentStore, metrics: Metrics) -> None:
         self.inner = store
         self.backend = store.backend
         self._errors = metrics.store_errors
         self._timers = {op: metrics.store_duration.labels(op) for op in _OPERATIONS}
+        self._counted_at, self._count = -math.inf, 0
 
     def _timed(self, operation: str) -> _Measured:
         return _Measured(self._timers[operation], self._errors, operation)
@@ -279,7 +287,9 @@ class MeteredStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         with self._timed("create"):
-            return await self.inner.create(data, idempotency=idempotency)
+            doc, replayed = await self.inner.create(data, idempotency=idempotency)
+        self._count += not replayed
+        return doc, replayed
 
     async def get(self, doc_id: str) -> Document:
         with self._timed("get"):
@@ -300,16 +310,22 @@ class MeteredStore:
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         with self._timed("delete"):
             await self.inner.delete(doc_id, if_version=if_version)
+        self._count -= 1
 
     async def import_document(self, doc: Document) -> bool:
         with self._timed("import"):
-            return await self.inner.import_document(doc)
+            imported = await self.inner.import_document(doc)
+        self._count += imported
+        return imported
 
     def export_documents(self) -> AsyncIterator[Document]:
         return self.inner.export_documents()
 
     async def count(self) -> int:
-        return await self.inner.count()
+        if time.monotonic() >= self._counted_at + COUNT_EVERY_S:
+            self._count = await self.inner.count()
+            self._counted_at = time.monotonic()
+        return self._count
 
     async def cursor_secret(self) -> bytes:
         return await self.inner.cursor_secret()

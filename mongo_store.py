@@ -512,9 +512,8 @@ class MongoStore:
                 yield _from_mongo(raw)
 
     async def count(self) -> int:
-        """From the collection's metadata: the same cost at any size (a probe and a scrape read
-        it). Tombstones of the last day count too, and after an unclean shutdown it may be off
-        until the server next validates the collection."""
+        """From the collection's metadata. Tombstones of the last day count too, and after an
+        unclean shutdown it may be off until the server next validates the collection."""
         with _driver_errors():
             return await self._docs.estimated_document_count()
 

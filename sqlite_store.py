@@ -61,7 +61,6 @@ DATABASE_FILE = "documents.db"
 HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
-COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
 PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
 SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
@@ -181,9 +180,6 @@ class SQLiteStore:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._loop_thread = -1
-        # When the documents were last counted, and how many; this process's own writes change
-        # the count at once, without counting again.
-        self._counted_at, self._count = float("-inf"), 0
         self._deadline = 0.0
         # Parsed once per version while it is read often: the hot path of every read. A body is
         # the document exactly as the API serves it, so it is its own cache key.
@@ -395,9 +391,7 @@ class SQLiteStore:
                 )
             return doc, False
 
-        doc, replayed = await self._write(job)
-        self._count += not replayed
-        return doc, replayed
+        return await self._write(job)
 
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
@@ -435,7 +429,6 @@ class SQLiteStore:
             self._index(conn, current, n, words, drop=True)
 
         await self._write(job)
-        self._count -= 1
 
     async def import_document(self, doc: Document) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -444,9 +437,7 @@ class SQLiteStore:
             self._insert(conn, doc, _terms(doc))
             return True
 
-        imported = await self._write(job)
-        self._count += imported
-        return imported
+        return await self._write(job)
 
     @staticmethod
     async def _before_writing(find: Callable[..., T], *docs: Document | DocumentCreate) -> T:
@@ -516,12 +507,8 @@ class SQLiteStore:
                 return
 
     async def count(self) -> int:
-        # count(*) walks an index: probes and scrapes, which anyone may send, count at most
-        # every COUNT_EVERY_S, whatever the size of the data or the rate of writes.
-        if time.monotonic() >= self._counted_at + COUNT_EVERY_S:
-            rows = await self._read("SELECT count(*) FROM documents", ())
-            self._counted_at, self._count = time.monotonic(), int(rows[0][0])
-        return self._count
+        rows = await self._read("SELECT count(*) FROM documents", ())
+        return int(rows[0][0])
 
     async def cursor_secret(self) -> bytes:
         return self._secret  # made once by the first migration, never changed
