@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
+
 from models import METADATA_MAX_KEYS, Document, DocumentCreate, DocumentQuery, DocumentUpdate
 
 log = logging.getLogger("documents.store")
@@ -217,7 +219,8 @@ def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document
                 f"metadata would have {len(merged)} keys; at most {METADATA_MAX_KEYS}",
             )
         changes["metadata"] = merged
-    changes = {name: value for name, value in changes.items() if value != getattr(doc, name)}
+    # Compared as JSON: 1 == True == 1.0 in Python, but a patch from 1 to true changes the document.
+    changes = {k: v for k, v in changes.items() if orjson.dumps(v) != orjson.dumps(getattr(doc, k))}
     if not changes:
         return doc
     return doc.model_copy(update={**changes, "updated_at": now, "version": doc.version + 1})

@@ -138,6 +138,23 @@ async def test_update_merges_and_bumps_version(store: DocumentStore, clock: Fake
     assert await walk(store, 10, tag=["b"]) == [doc.id]
 
 
+async def test_a_patch_to_a_value_python_finds_equal_but_json_does_not_is_a_change(
+    store: DocumentStore,
+) -> None:
+    """1 == True == 1.0 in Python; in the document they are three different values, and a
+    filter tells them apart."""
+    doc, _ = await store.create(body(metadata={"pages": 1, "flag": 0, "ratio": 2}))
+    patch = DocumentUpdate.model_validate({"metadata": {"pages": True, "flag": False}})
+    new = await store.update(doc.id, patch)
+    assert (new.metadata, new.version) == ({"pages": True, "flag": False, "ratio": 2}, 2)
+    assert await store.get(doc.id) == new
+    assert await walk(store, 10, **{"metadata.pages": "true"}) == [doc.id]
+    floated = await store.update(doc.id, DocumentUpdate(metadata={"ratio": 2.0}))
+    assert (type(floated.metadata["ratio"]), floated.version) == (float, 3)
+    same = await store.update(doc.id, DocumentUpdate(metadata={"pages": True}))
+    assert same.version == 3
+
+
 async def test_stale_version_raises_precondition_failed_and_changes_nothing(
     store: DocumentStore,
 ) -> None:
