@@ -889,7 +889,7 @@ def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
 
 # Every document matches `q` and the first tag, none the rest: the store walks every match of
 # the first filter to find none.
-SPARSE = {
+SPARSE: dict[str, str | int | list[str]] = {
     "q": "common",
     "tag": ["common", "nomatch"],
     "metadata.s": "x",
