@@ -12,7 +12,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import bodies
 from config import Settings
-from conftest import KEY, OTHER_KEY, Service, ServiceFactory, assert_problem, make_settings
+from conftest import (
+    KEY,
+    OTHER_KEY,
+    SPARSE,
+    Service,
+    ServiceFactory,
+    assert_problem,
+    make_settings,
+    seed_common,
+)
 from logging_config import CLIENT_TEXT_MAX
-from main import create_app, open_store
-from models import Document, Problem
+from main import create_app
+from models import Problem
 from server import (
     HEAD_TIMEOUT,
     KEEP_ALIVE_TIMEOUT,
@@ -887,16 +895,6 @@ def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
 
 # --- listings: a key pays for what its reads cost ---------------------------------------------
 
-# Every document matches `q` and the first tag, none the rest: the store walks every match of
-# the first filter to find none.
-SPARSE: dict[str, str | int | list[str]] = {
-    "q": "common",
-    "tag": ["common", "nomatch"],
-    "metadata.s": "x",
-    "metadata.t": "nomatch",
-    "sort": "updated_at",
-    "limit": 1,
-}
 BUDGET = 10
 # Enough that the sparse listing reads for several READ_UNIT_S on a machine several times faster
 # than the ones it was written on, few enough to import in seconds (SecantusDB, the MongoDB
@@ -904,35 +902,11 @@ BUDGET = 10
 SEEDED = {"sqlite": 30_000, "mongodb": 300}
 
 
-def _common(n: int) -> Document:
-    at = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(milliseconds=n)
-    return Document(
-        id=f"01J{n:023d}",
-        title="common",
-        content="c",
-        tags=["common"],
-        metadata={"s": "x"},
-        created_at=at,
-        updated_at=at,
-        version=1,
-    )
-
-
-async def _seed(settings: Settings, count: int) -> None:
-    store = await open_store(settings)
-    try:
-        for start in range(0, count, 512):
-            batch = range(start, min(count, start + 512))
-            await asyncio.gather(*(store.import_document(_common(n)) for n in batch))
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module")
 def seeded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory of many documents, imported once: the tests only read them."""
     data_dir = tmp_path_factory.mktemp("seeded")
-    anyio.run(_seed, make_settings(data_dir), SEEDED["sqlite"])
+    anyio.run(seed_common, make_settings(data_dir), SEEDED["sqlite"])
     return data_dir
 
 
@@ -942,7 +916,7 @@ def seeded(request: pytest.FixtureRequest, seeded_dir: Path, tmp_path: Path) -> 
         return make_settings(seeded_dir, rate_limit=f"{BUDGET}/minute")
     url = request.getfixturevalue("mongo_url")
     settings = make_settings(tmp_path, rate_limit=f"{BUDGET}/minute", database_url=url)
-    anyio.run(_seed, settings, SEEDED["mongodb"])
+    anyio.run(seed_common, settings, SEEDED["mongodb"])
     return settings
 
 
