@@ -7,9 +7,11 @@ Every request but the probes (`/health`, `/health/ready`; `/metrics` is no probe
 of a budget: its key's (`RATE_LIMIT`, shared through `RATE_LIMIT_STORAGE_URI`) when it carries a
 valid `X-API-Key`, else its client address's (`KEYLESS_RATE_LIMIT`, counted in this process: a
 flood from strangers costs no Redis round trip, and a Redis outage does not turn their 401s into
-503s). Over the budget: 429. Under /v1, no valid key: 401; a read-only key's write: 403. Each
-refusal is answered from here with the body unread, and a connection whose body is left unread is
-closed (`server.py`).
+503s). A keyed request whose store reads took longer than READ_UNIT_S spends more once answered,
+one unit per READ_UNIT_S started: a listing whose filters match sparsely walks every match of
+the first, so its cost follows the data, not the request. Over the budget: 429. Under /v1, no
+valid key: 401; a read-only key's write: 403. Each refusal is answered from here with the body
+unread, and a connection whose body is left unread is closed (`server.py`).
 
 A refusal writes its access line like any request; once a budget is spent within a window, its
 further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
@@ -19,11 +21,13 @@ A flood's log volume so follows the number of its clients, not of its requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import hmac
 import ipaddress
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import ApiKey, digest_key
 from logging_config import clip
-from metrics import Metrics
+from metrics import Metrics, ReadTime
 from problems import (
     LIMITER_UNAVAILABLE,
     RETRY_AFTER_SECONDS,
@@ -56,6 +60,10 @@ log = logging.getLogger("documents.admission")
 # every few seconds stays well within.
 PROBES = frozenset({"/health", "/health/ready"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+# A unit of store read time. A get or a page of 50 reads in about 1 ms: ten times that keeps them
+# at one unit on a slower or busy machine (the time is measured around the await, so it includes
+# waiting for a thread), while a read a hundred times costlier spends a hundred units.
+READ_UNIT_S = 0.010
 API_KEY_HEADER = b"x-api-key"
 CORS_REQUEST_HEADERS = [
     "X-API-Key",
@@ -212,7 +220,17 @@ class AdmissionMiddleware:
             detail = f"This key may only read ({', '.join(sorted(READ_METHODS))})."
             await Forbidden.kind.response(detail, headers=_closing({}))(scope, receive, send)
         else:
+            reads = ReadTime.start()
             await self.app(scope, receive, send)
+            if key is not None and reads.seconds > READ_UNIT_S:
+                await self._charge(key, reads.seconds)
+
+    async def _charge(self, key: ApiKey, seconds: float) -> None:
+        """The units beyond the one spent from the head. The answer is sent: a rate-limit store
+        failing now is logged (by `spend`), and the next request meets it."""
+        with contextlib.suppress(LimiterUnavailable):
+            units = math.ceil(seconds / READ_UNIT_S) - 1
+            await spend(self.key_storage, self.key_limits, key.name, units)
 
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> tuple[ApiKey | None, bool]:
         """The key and whether one was presented. Every configured key is compared, in constant

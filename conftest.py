@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,8 +30,8 @@ from secantus import SecantusDBServer
 
 import cursors
 from config import Settings
-from main import create_app
-from models import DocumentQuery
+from main import create_app, open_store
+from models import Document, DocumentQuery
 
 KEY = "test-key-0001"
 OTHER_KEY = "test-key-0002"
@@ -150,6 +152,42 @@ def cursor_values_out_of_range(client: TestClient) -> None:
         "items": [],
         "next_cursor": None,
     }
+
+
+# A listing that matches sparsely: on documents seed_common makes, every one matches `q` and
+# the first tag, none the rest, so the store walks every match of the first filter to find none.
+SPARSE: dict[str, str | int | list[str]] = {
+    "q": "common",
+    "tag": ["common", "nomatch"],
+    "metadata.s": "x",
+    "metadata.t": "nomatch",
+    "sort": "updated_at",
+    "limit": 1,
+}
+
+
+async def seed_common(settings: Settings, count: int) -> None:
+    """`count` documents alike but for their ids and times, imported into the settings' store."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    store = await open_store(settings)
+    try:
+        for start in range(0, count, 512):
+            batch = [
+                Document(
+                    id=f"01J{n:023d}",
+                    title="common",
+                    content="c",
+                    tags=["common"],
+                    metadata={"s": "x"},
+                    created_at=at + timedelta(milliseconds=n),
+                    updated_at=at + timedelta(milliseconds=n),
+                    version=1,
+                )
+                for n in range(start, min(count, start + 512))
+            ]
+            await asyncio.gather(*map(store.import_document, batch))
+    finally:
+        await store.close()
 
 
 def scrape(client: httpx.Client | TestClient) -> dict[str, Metric]:

@@ -8,6 +8,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 
@@ -67,6 +68,10 @@ _UNCOUNTED_ROUTES = frozenset({"/metrics"})
 DATABASE_FILE = "documents.db"
 WAL_FILE = "documents.db-wal"
 _OPERATIONS = ("create", "get", "page", "update", "delete", "import", "check")
+# The operations that read documents for a client, charged to its key by their time. Not writes:
+# their time is mostly waiting for a group commit and its fsync, which others' load sets, and
+# their cost per document is already bounded.
+_READS = frozenset({"get", "page"})
 # What a client caused (a missing document, a stale If-Match, a reused idempotency key, a change
 # the stored document refuses) is an answer, counted as a 4xx in http_requests_total, not a
 # failure of the store.
@@ -240,8 +245,29 @@ def _file_size(path: Path) -> float:
 COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
 
 
+class ReadTime:
+    """The seconds one request's store reads took: what the admission middleware charges."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @classmethod
+    def start(cls) -> ReadTime:
+        """A fresh sum for the request being served, which its store reads add to (a task or
+        thread the request starts copies the context, and so shares the sum)."""
+        reads = cls()
+        _read_time.set(reads)
+        return reads
+
+
+_read_time: ContextVar[ReadTime | None] = ContextVar("read_time", default=None)
+
+
 class _Measured:
-    """Times one store operation and counts its failure by error class."""
+    """Times one store operation, counts its failure by error class, and adds a read's time
+    to the request's ReadTime."""
 
     __slots__ = ("_duration", "_errors", "_operation", "_started")
 
@@ -260,10 +286,14 @@ class _Measured:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._duration.observe(time.perf_counter() - self._started)
+        seconds = time.perf_counter() - self._started
+        self._duration.observe(seconds)
         # A cancellation (the client left, a timeout) is a BaseException: not the store's failure.
         if isinstance(exc, Exception) and not isinstance(exc, _CLIENT_OUTCOMES):
             self._errors.labels(self._operation, type(exc).__name__).inc()
+        # The store's failure (MongoDB out of reach) is not the client's cost: only answers count.
+        elif self._operation in _READS and (reads := _read_time.get()) is not None:
+            reads.seconds += seconds
 
 
 class MeteredStore:

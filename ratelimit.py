@@ -1,4 +1,4 @@
-"""Rate-limit accounting on `limits`' asyncio API: `spend()`, one hit on a key's budget in every
+"""Rate-limit accounting on `limits`' asyncio API: `spend()`, hits on a key's budget in every
 configured window, and the storages behind `RATE_LIMIT_STORAGE_URI`.
 
 `memory://` is `LocalStorage` below: fixed-window counters in a dict, expired lazily when read.
@@ -129,15 +129,17 @@ def _bounded(storage: Storage) -> Iterator[None]:
         raise LimiterUnavailable("The rate-limit store did not answer; try again shortly.") from exc
 
 
-async def spend(storage: Storage, items: list[RateLimitItem], identifier: str) -> list[Budget]:
-    """Spend one unit of `identifier`'s budget in each window: limits' fixed-window arithmetic,
+async def spend(
+    storage: Storage, items: list[RateLimitItem], identifier: str, units: int = 1
+) -> list[Budget]:
+    """Spend `units` of `identifier`'s budget in each window: limits' fixed-window arithmetic,
     but with `incr()`'s returned count instead of a separate read, so two storage calls per
     window rather than three (two Redis round trips)."""
     budgets = []
     with _bounded(storage):
         for item in items:
             window = item.key_for(identifier)
-            count = await storage.incr(window, item.get_expiry())
+            count = await storage.incr(window, item.get_expiry(), units)
             reset_at = await storage.get_expiry(window)
             budgets.append(
                 Budget(max(0, item.amount - count), count <= item.amount, item.amount, reset_at)

@@ -22,7 +22,17 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import bodies
-from conftest import KEY, OTHER_KEY, Service, ServiceFactory, assert_problem, make_settings
+from config import Settings
+from conftest import (
+    KEY,
+    OTHER_KEY,
+    SPARSE,
+    Service,
+    ServiceFactory,
+    assert_problem,
+    make_settings,
+    seed_common,
+)
 from logging_config import CLIENT_TEXT_MAX
 from main import create_app
 from models import Problem
@@ -881,3 +891,66 @@ def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
     assert statuses == [200] * 400
     assert sorted(p.name for p in server.data_dir.iterdir()) == before
     assert server.data_dir.stat().st_mtime_ns == mtime
+
+
+# --- listings: a key pays for what its reads cost ---------------------------------------------
+
+BUDGET = 10
+# Enough that the sparse listing reads for several READ_UNIT_S on a machine several times faster
+# than the ones it was written on, few enough to import in seconds (SecantusDB, the MongoDB
+# server of the tests, reads every document of the collection for any listing: far fewer do).
+SEEDED = {"sqlite": 30_000, "mongodb": 300}
+
+
+@pytest.fixture(scope="module")
+def seeded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory of many documents, imported once: the tests only read them."""
+    data_dir = tmp_path_factory.mktemp("seeded")
+    anyio.run(seed_common, make_settings(data_dir), SEEDED["sqlite"])
+    return data_dir
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def seeded(request: pytest.FixtureRequest, seeded_dir: Path, tmp_path: Path) -> Settings:
+    if request.param == "sqlite":
+        return make_settings(seeded_dir, rate_limit=f"{BUDGET}/minute")
+    url = request.getfixturevalue("mongo_url")
+    settings = make_settings(tmp_path, rate_limit=f"{BUDGET}/minute", database_url=url)
+    anyio.run(seed_common, settings, SEEDED["mongodb"])
+    return settings
+
+
+def test_a_sparse_listing_spends_a_unit_per_10_ms_its_reads_took(seeded: Settings) -> None:
+    with TestClient(create_app(seeded), headers={"X-API-Key": KEY}) as client:
+        first = client.get("/v1/documents", params=SPARSE)
+        assert first.status_code == 200
+        assert first.json()["items"] == []
+        assert first.headers["x-ratelimit-remaining"] == str(BUDGET - 1)  # spent from the head
+        # The next request, spending its one unit from the head, shows what the first cost.
+        second = client.get("/v1/documents", params=SPARSE)
+        assert BUDGET - int(second.headers["x-ratelimit-remaining"]) - 1 > 1
+
+
+def test_a_key_runs_out_after_far_fewer_sparse_listings_than_cheap_reads(seeded_dir: Path) -> None:
+    settings = make_settings(seeded_dir, rate_limit=f"{BUDGET}/minute")
+    with TestClient(create_app(settings)) as client:
+        alice, bob = {"X-API-Key": KEY}, {"X-API-Key": OTHER_KEY}
+        page = client.get("/v1/documents", params={"limit": 50}, headers=alice)
+        doc_id = page.json()["items"][0]["id"]
+        cheap = [page] + [
+            client.get(f"/v1/documents/{doc_id}", headers=alice)
+            if n % 2
+            else client.get("/v1/documents", params={"limit": 50, "tag": "common"}, headers=alice)
+            for n in range(1, BUDGET)
+        ]
+        assert [r.status_code for r in cheap] == [200] * BUDGET
+        # A get or a page of 50 spends one unit, over any number of documents.
+        remaining = [r.headers["x-ratelimit-remaining"] for r in cheap]
+        assert remaining == [str(n) for n in range(BUDGET - 1, -1, -1)]
+        assert_problem(client.get(f"/v1/documents/{doc_id}", headers=alice), 429)
+        # Each sparse listing spends two units or more: half the budget is the most it gets.
+        sparse = [
+            client.get("/v1/documents", params=SPARSE, headers=bob) for _ in range(BUDGET // 2 + 1)
+        ]
+        assert sparse[0].status_code == 200
+        assert_problem(sparse[-1], 429)

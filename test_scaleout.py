@@ -31,6 +31,7 @@ import models
 import mongo_store
 from conftest import (
     KEY,
+    SPARSE,
     Fate,
     Service,
     ServiceFactory,
@@ -40,8 +41,10 @@ from conftest import (
     assert_problem,
     cursor_values_out_of_range,
     free_port,
+    make_settings,
     run_main,
     run_threads,
+    seed_common,
     walk,
 )
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
@@ -1205,6 +1208,45 @@ def test_a_redis_that_cannot_answer_costs_requests_a_bounded_503_never_liveness(
         for path in ("/v1/documents", "/health/ready", "/health/ready"):
             while fresh_connection_get(service.url, path).status_code != 200:
                 assert time.monotonic() < deadline, f"{path} did not recover"
+    finally:
+        proxy.stop()
+
+
+def test_read_time_is_charged_through_redis_and_a_failed_charge_still_answers(
+    mongo_url: str, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The units a listing's reads cost beyond the first go through Redis like the first; when
+    Redis fails them, the answered request stays answered and the failure is logged."""
+    anyio.run(seed_common, make_settings(tmp_path, database_url=mongo_url), 300)
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
+    proxy.start()
+    budget = 10
+    try:
+        with mongo_app_client(
+            mongo_url,
+            tmp_path,
+            rate_limit=f"{budget}/minute",
+            rate_limit_storage_uri=f"redis://{proxy.address}/0",
+        ) as client:
+
+            def remaining() -> int:
+                """What is left once a request that reads nothing (a 422) spent its unit."""
+                refused = client.get("/v1/documents", params={"limit": "0"})
+                return int(refused.headers["x-ratelimit-remaining"])
+
+            assert client.get("/v1/documents", params=SPARSE).status_code == 200
+            charged = budget - remaining() - 1
+            assert charged > 1
+            # limits' increment script, by more than one unit: cut the connection instead.
+            proxy.cut_when = lambda message: (
+                message.startswith(b"*6\r\n$7\r\nEVALSHA")
+                and not message.endswith(b"\r\n$1\r\n1\r\n")
+            )
+            caplog.clear()
+            assert client.get("/v1/documents", params=SPARSE).status_code == 200
+            assert "rate_limit.unavailable" in caplog.messages
+            assert remaining() == budget - charged - 3  # the first probe, the listing, this one
     finally:
         proxy.stop()
 
