@@ -9,6 +9,7 @@ transaction (group commit). Reads use one connection per thread and never wait f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -129,18 +130,18 @@ def _create(path: Path) -> None:
     """An empty database in WAL mode, put in place whole: a process starting at the same moment
     finds either no file or this one, never a half-made one."""
     new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
-    conn = sqlite3.connect(new)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA application_id = 1146048340")  # writes the header: a real file
-    finally:
-        conn.close()
-    try:
-        os.link(new, path)
-    except FileExistsError:
-        pass  # another process made it first
-    finally:
-        os.unlink(new)
+        conn = sqlite3.connect(new)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA application_id = 1146048340")  # writes the header: a real file
+        finally:
+            conn.close()
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.link(new, path)
+    finally:  # made or not (a full disk), nothing of it stays
+        for name in ("", "-wal", "-shm"):
+            new.with_name(new.name + name).unlink(missing_ok=True)
 
 
 def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:

@@ -17,7 +17,7 @@ import pytest
 from conftest import ServiceFactory, app_client
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from sqlite_store import DATABASE_FILE, SQLiteStore
-from storage import StoreCorrupt
+from storage import StoreCorrupt, StoreUnavailable
 
 
 def _fifo(path: Path) -> None:
@@ -193,6 +193,25 @@ def test_a_full_disk_answers_503_loses_no_acknowledged_write_and_recovers(
             assert client.get(f"/v1/documents/{doc_id}").json() == expected
         listed = client.get("/v1/documents", params={"limit": 100}).json()["items"]
         assert len(listed) == len(acknowledged)
+
+
+def test_a_first_start_on_a_full_disk_leaves_nothing_behind(small_disk: Path) -> None:
+    """The database is made aside and put in place whole: a start the disk refuses leaves the
+    directory as it was, and the next one, once there is room, starts."""
+    data_dir = small_disk / "data"
+    data_dir.mkdir()
+    filler = small_disk / "filler"
+    with pytest.raises(OSError, match="No space"):
+        filler.write_bytes(b"\0" * (2 << 20))  # twice the disk: it fills up
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable, match="full"):
+            SQLiteStore.open(data_dir)
+        assert list(data_dir.iterdir()) == []
+    filler.unlink()
+    store = SQLiteStore.open(data_dir)
+    store.close_sync()
+    assert {p.name for p in data_dir.iterdir()} >= {DATABASE_FILE}
+    assert not [p for p in data_dir.iterdir() if p.name.endswith(".new")]
 
 
 # Root that obeys file permissions: without these capabilities it is refused like anyone else.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,8 @@ from conftest import (
     walk,
     write_until_killed,
 )
+from models import Document
+from storage import IdGenerator
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
@@ -141,6 +144,30 @@ def test_export_then_import_round_trips_documents(tmp_path: Path) -> None:
     for _ in range(2):  # importing twice adds nothing the second time
         assert run_task(target, "import", str(backup_file)).returncode == 0
     assert run_task(target, "export").stdout == backup
+
+
+def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
+    """The embedded store has room for hundreds of documents in one millisecond when they come
+    in creation order, far fewer otherwise: import sorts what it reads."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = IdGenerator()
+    docs = [
+        Document(
+            id=ids(at),
+            title="t",
+            content="c",
+            tags=[],
+            metadata={},
+            created_at=at,
+            updated_at=at,
+            version=1,
+        )
+        for _ in range(200)
+    ]
+    lines = tmp_path / "docs.jsonl"
+    lines.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[::-1]))
+    assert run_task(tmp_path / "data", "import", str(lines)).returncode == 0
+    assert len(run_task(tmp_path / "data", "export").stdout.splitlines()) == 200
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from storage import (
     DocumentStore,
     IdempotencyConflict,
     IdempotencyKey,
+    IdGenerator,
     PreconditionFailed,
     StoreCorrupt,
     StoreUnavailable,
@@ -811,6 +812,30 @@ def test_a_journal_left_by_a_killed_previous_version_is_refused(tmp_path: Path) 
 def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -> None:
     _legacy(tmp_path, [imported(1), imported(1)], [])
     assert "two records" in str(_refused(tmp_path, LEGACY_FILE))
+
+
+def test_a_previous_file_with_two_records_of_one_idempotency_key_is_refused(
+    tmp_path: Path,
+) -> None:
+    record = {"scope": "a", "key": "k", "fingerprint": "f", "document_id": "d"}
+    at = datetime.now(UTC).isoformat()  # unexpired
+    _legacy(tmp_path, [imported(1)], [{**record, "created_at": at}] * 2)
+    assert "two records" in str(_refused(tmp_path, LEGACY_FILE))
+    assert not (tmp_path / DATABASE_FILE).exists()
+
+
+def test_a_previous_files_documents_of_one_millisecond_are_imported_in_any_order(
+    tmp_path: Path,
+) -> None:
+    """The store keys documents in creation order, with room for hundreds in one millisecond
+    that come in order, far fewer in another: the import sorts them first."""
+    ids = IdGenerator()
+    docs = [imported(0).model_copy(update={"id": ids(imported(0).created_at)}) for _ in range(200)]
+    _legacy(tmp_path, docs[::-1], [])
+    SQLiteStore.open(tmp_path).close_sync()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == (200,)
+    conn.close()
 
 
 def test_stores_opened_at_once_migrate_and_import_the_previous_file_once(tmp_path: Path) -> None:
