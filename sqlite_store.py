@@ -397,39 +397,51 @@ class SQLiteStore:
     async def update(
         self, doc_id: str, patch: DocumentUpdate, *, if_version: int | None = None
     ) -> Document:
-        seen = await self.get(doc_id)
-        preview = apply_patch(seen, patch, self._clock())
-        edited = (seen.title, seen.content) != (preview.title, preview.content)
-        terms = await self._before_writing(_new_terms, seen, preview) if edited else (None, None)
+        # Its words are found from the document as read. If another write changes its text before
+        # this one, it reads again: words are never found in the writer, which others wait for.
+        while True:
+            seen = await self.get(doc_id)
+            preview = apply_patch(seen, patch, self._clock())
+            edited = _text(seen) != _text(preview)
+            terms = await self._before_writing(_both_terms, seen, preview) if edited else None
 
-        def job(conn: sqlite3.Connection) -> Document:
-            n, current = self._current(conn, doc_id, if_version)
-            new = apply_patch(current, patch, self._clock())
-            if new is current:
-                return current
-            # Read in this transaction, which holds the write lock: no version check needed.
-            sql = "UPDATE documents SET updated = ?, version = ?, body = ? WHERE n = ?"
-            conn.execute(sql, (millis(new.updated_at), new.version, new.json_bytes, n))
-            fresh = current.version == seen.version  # else written since it was read
-            old_terms, new_terms = terms if fresh else _new_terms(current, new)
-            self._index(conn, current, n, old_terms, drop=True)
-            self._index(conn, new, n, new_terms, drop=False)
-            return new
+            def job(
+                conn: sqlite3.Connection,
+                seen: Document = seen,
+                terms: tuple[str, str] | None = terms,
+            ) -> Document | None:
+                n, current = self._current(conn, doc_id, if_version)
+                new = apply_patch(current, patch, self._clock())
+                if new is current:
+                    return current
+                if _text(current) != _text(seen):
+                    return None
+                # Read in this transaction, which holds the write lock: no version check needed.
+                sql = "UPDATE documents SET updated = ?, version = ?, body = ? WHERE n = ?"
+                conn.execute(sql, (millis(new.updated_at), new.version, new.json_bytes, n))
+                old_terms, new_terms = terms or (None, None)
+                self._index(conn, current, n, old_terms, drop=True)
+                self._index(conn, new, n, new_terms, drop=False)
+                return new
 
-        return await self._write(job)
+            if (written := await self._write(job)) is not None:
+                return written
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
-        seen = await self.get(doc_id)
-        terms = await self._before_writing(_terms, seen)
+        while True:  # as update does
+            seen = await self.get(doc_id)
+            terms = await self._before_writing(_terms, seen)
 
-        def job(conn: sqlite3.Connection) -> None:
-            n, current = self._current(conn, doc_id, if_version)
-            conn.execute("DELETE FROM documents WHERE n = ?", (n,))
-            fresh = current.version == seen.version  # else written since it was read
-            words = terms if fresh else _terms(current)
-            self._index(conn, current, n, words, drop=True)
+            def job(conn: sqlite3.Connection, seen: Document = seen, terms: str = terms) -> bool:
+                n, current = self._current(conn, doc_id, if_version)
+                if _text(current) != _text(seen):
+                    return False
+                conn.execute("DELETE FROM documents WHERE n = ?", (n,))
+                self._index(conn, current, n, terms, drop=True)
+                return True
 
-        await self._write(job)
+            if await self._write(job):
+                return
 
     async def import_document(self, doc: Document) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -557,11 +569,13 @@ def _terms(doc: Document | DocumentCreate) -> str:
     return " ".join(document_words(doc.title, doc.content))
 
 
-def _new_terms(old: Document, new: Document) -> tuple[str | None, str | None]:
-    """The words an update takes out of the index and puts in; none when its text stays."""
-    if (old.title, old.content) == (new.title, new.content):
-        return None, None
+def _both_terms(old: Document, new: Document) -> tuple[str, str]:
+    """The words an update takes out of the index and puts in."""
     return _terms(old), _terms(new)
+
+
+def _text(doc: Document) -> tuple[str, str]:
+    return doc.title, doc.content
 
 
 def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sqlite3
@@ -584,6 +585,43 @@ async def test_a_large_documents_words_are_found_outside_the_writer_and_the_even
     assert [size for size, _ in where] == [3_000, 3_000, 4_000, 4_000, 1]
     assert {thread for _, thread in where[:-1]} <= {"AnyIO worker thread"}
     assert where[-1][1] == "loop"
+
+
+async def test_racing_edits_of_a_large_document_never_find_words_in_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edits read the same version and find its words in threads; the first to write changes
+    the text under the others, which read again rather than find words in the writer thread,
+    where every other write would wait. The index ends as the last text says."""
+    threads: list[str] = []
+    tokenize = document_words
+
+    def recorded(title: str, content: str) -> set[str]:
+        threads.append(threading.current_thread().name)
+        return tokenize(title, content)
+
+    monkeypatch.setattr(sqlite_store, "document_words", recorded)
+    store = SQLiteStore.open(tmp_path)
+    try:
+        big, _ = await store.create(body("big", content="\ufdfa" * 3_000))
+        long = "\ufdfa" * 3_000
+        edits = [DocumentUpdate(content=f"{long} edit{n}") for n in range(4)]
+        await asyncio.gather(*(store.update(big.id, edit) for edit in edits))
+        final = await store.get(big.id)
+        assert final.version == 5
+        for n in range(4):
+            expected = [big.id] if final.content.endswith(f"edit{n}") else []
+            assert await walk(store, 5, q=f"edit{n}") == expected
+        # The update finds the document deleted, or is written before the delete, which reads again.
+        await asyncio.gather(
+            store.update(big.id, edits[0]), store.delete(big.id), return_exceptions=True
+        )
+        assert await walk(store, 5, q="\ufdfa") == []
+        with pytest.raises(DocumentNotFound):
+            await store.get(big.id)
+    finally:
+        await store.close()
+    assert set(threads) == {"AnyIO worker thread"}
 
 
 async def test_a_second_store_on_the_directory_shares_the_data(tmp_path: Path) -> None:
