@@ -17,6 +17,7 @@ import anyio
 import orjson
 import pytest
 
+import mongo_store
 import sqlite_store
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from metrics import MeteredStore, Metrics
@@ -622,6 +623,38 @@ async def test_racing_edits_of_a_large_document_never_find_words_in_the_writer(
     finally:
         await store.close()
     assert set(threads) == {"AnyIO worker thread"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
+async def test_racing_edits_of_one_document_find_its_words_once_each(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """Edits of one document wait for each other in the process: racing, each would find the
+    words again after every other's write (40 edits of a large document cost 40 s of CPU)."""
+    module = sqlite_store if backend == "sqlite" else mongo_store
+    found = 0
+    tokenize = document_words
+
+    def counted(title: str, content: str) -> set[str]:
+        nonlocal found
+        found += 1
+        return tokenize(title, content)
+
+    monkeypatch.setattr(module, "document_words", counted)
+    inner: DocumentStore = (
+        SQLiteStore.open(tmp_path)
+        if backend == "sqlite"
+        else await MongoStore.open(request.getfixturevalue("mongo_url"))
+    )
+    store = MeteredStore(inner, Metrics())
+    try:
+        doc, _ = await store.create(body("race", content="\u03ac" * 5_000))
+        edits = [DocumentUpdate(title=f"v{n}") for n in range(8)]
+        await asyncio.gather(*(store.update(doc.id, edit) for edit in edits))
+        assert (await store.get(doc.id)).version == 9
+        assert found <= 1 + 2 * len(edits)  # the create's, then each edit's old and new text
+    finally:
+        await store.close()
 
 
 async def test_a_second_store_on_the_directory_shares_the_data(tmp_path: Path) -> None:
