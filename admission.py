@@ -168,7 +168,7 @@ class AdmissionMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _route_path(scope) in PROBES:
+        if scope["type"] != "http" or route_path(scope) in PROBES:
             await self.app(scope, receive, send)
         elif self.cors is None:
             await self._admit(scope, receive, send)
@@ -182,7 +182,7 @@ class AdmissionMiddleware:
     async def _admit(
         self, scope: Scope, receive: Receive, send: Send, *, preflight: bool = False
     ) -> None:
-        path = _route_path(scope)
+        path = route_path(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
         protected = path == self.protected or path.startswith(self.protected + "/")
         key, presented = self._authenticate(scope["headers"])
@@ -306,7 +306,7 @@ def _budget_holder(host: str) -> str:
     return host
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path below ROOT_PATH, which uvicorn puts in front of the path the client sent."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from admission import PROBES
+from admission import PROBES, route_path
 from logging_config import clip, request_id_var
 from problems import INTERNAL, BodyBufferFull, BodyTimeout, BodyTooLarge
 
@@ -100,9 +100,11 @@ class RequestContextMiddleware:
         finally:
             duration = time.perf_counter() - started
             route = route_template(scope)
-            # No line for a refusal admission's tally counts, nor for a probe answered 200:
-            # orchestrators poll them, strangers may flood them, and metrics count them all.
-            if state.get("log_access", True) and (status != 200 or route not in PROBES):
+            # No line for a refusal admission's tally counts, nor for a probe that did not fail
+            # (whatever its method): orchestrators poll them, strangers may flood them with no
+            # budget, and metrics count them all.
+            probe = status < 500 and route_path(scope) in PROBES
+            if state.get("log_access", True) and not probe:
                 self._log_access(scope, route, state, status, duration)
             if self.observer is not None:
                 self.observer.request_finished(scope["method"], route, status, duration)
@@ -164,9 +166,15 @@ class HeadAsGetMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            scope = {**scope, "method": "GET"}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, send)
+        finally:  # the route it matched, for the access line and the metrics
+            if "route" in as_get:
+                scope["route"] = as_get["route"]
 
 
 class BodyLimitMiddleware:

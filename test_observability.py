@@ -243,18 +243,18 @@ def test_keys_and_document_content_never_reach_the_log(tmp_path: Path, log_lines
         assert secret not in text
 
 
-def test_probes_answered_200_write_no_access_line(tmp_path: Path, log_lines: LogLines) -> None:
-    """Orchestrators poll the probes and strangers may flood them, without a budget: a line each
-    would make the log grow ten times faster than the requests. Metrics count them; a failing
-    probe is logged."""
+def test_probes_that_do_not_fail_write_no_access_line(tmp_path: Path, log_lines: LogLines) -> None:
+    """Orchestrators poll the probes and strangers may flood them, with any method and without a
+    budget: a line each would make the log grow ten times faster than the requests. Metrics
+    count them; a failing probe is logged."""
     data_dir = tmp_path / "data"
     with app_client(data_dir) as client:
-        for _ in range(20):
-            assert client.get("/health").status_code == 200
-            assert client.get("/health/ready").status_code == 200
+        for path in ("/health", "/health/ready"):
+            for method in ("GET", "HEAD", "POST", "OPTIONS", "PROPFIND"):
+                assert client.request(method, path).status_code < 500
         assert access_lines(log_lines()) == []
         probes = scrape(client)["http_requests"].samples
-        assert sum(s.value for s in probes if s.labels["route"].startswith("/health")) == 40
+        assert sum(s.value for s in probes if s.labels["route"].startswith("/health")) >= 4
         for child in data_dir.iterdir():
             child.unlink()
         data_dir.rmdir()
@@ -262,6 +262,17 @@ def test_probes_answered_200_write_no_access_line(tmp_path: Path, log_lines: Log
         data_dir.mkdir()
     probed = [line for line in access_lines(log_lines()) if line["route"].startswith("/health")]
     assert [(line["route"], line["status_code"]) for line in probed] == [("/health/ready", 503)]
+
+
+def test_a_head_request_is_logged_and_counted_under_its_route(
+    tmp_path: Path, log_lines: LogLines
+) -> None:
+    with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
+        assert client.head("/v1/documents").status_code == 200
+        samples = scrape(client)["http_requests"].samples
+    (access,) = [line for line in access_lines(log_lines()) if line["method"] == "HEAD"]
+    assert access["route"] == "/v1/documents"
+    assert {s.labels["route"] for s in samples if s.labels["method"] == "HEAD"} == {"/v1/documents"}
 
 
 def test_client_request_id_with_newline_or_quote_is_logged_sanitised(
