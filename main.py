@@ -644,9 +644,12 @@ async def _seed(store: DocumentStore, path: Path) -> int:
     return added
 
 
-def _document_from(line: bytes, where: str) -> Document:
+def _document_from(line: bytes, where: str, content_max: int) -> Document:
     try:
-        return as_stored(Document.model_validate_json(line))
+        doc = as_stored(Document.model_validate_json(line))
+        if len(doc.content) > content_max:
+            raise ValueError(f"content: at most {content_max} characters (MAX_CONTENT_CHARS)")
+        return doc
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(map(str, first["loc"])) or "document"
@@ -681,7 +684,8 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                 # Many lines per read: one thread hop per line would cost more than the import.
                 while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
                     for line in lines:
-                        batch.append(_document_from(line, f"{file}:{seen + 1}"))
+                        where = f"{file}:{seen + 1}"
+                        batch.append(_document_from(line, where, settings.max_content_chars))
                         seen += 1
                         if len(batch) == IMPORT_BATCH:
                             added += await _import_all(store, batch)

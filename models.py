@@ -349,23 +349,24 @@ def check_stored(doc: Document) -> Document:
         raise ValueError(f"id {doc.id[:64]!r} is not a document id")
     if doc.updated_at < doc.created_at:
         raise ValueError(f"document {doc.id!r} was updated before it was created")
+    for at in (doc.created_at, doc.updated_at):
+        _stored_time(at)  # a ValueError outside the years 1 to 9999 in UTC
     return doc
 
 
 def as_stored(doc: Document) -> Document:
     """An imported document as this service would have stored it: times in UTC whole
-    milliseconds (a time without an offset taken as UTC), tags trimmed, lower-case and without
-    repeats, so that every filter and order sees one value, on either store. Raises ValueError
-    as check_stored does."""
-    changes: dict[str, Any] = {
-        name: stored
-        for name in ("created_at", "updated_at")
-        if (stored := _stored_time(getattr(doc, name))) is not getattr(doc, name)
-    }
-    tags = _unique([normal_tag(tag) for tag in doc.tags])
-    if tags != doc.tags:
-        changes["tags"] = tags
-    return check_stored(doc.model_copy(update=changes) if changes else doc)
+    milliseconds (a time without an offset taken as UTC), fields within the API's bounds and in
+    its normal forms (tags trimmed, lower-case and without repeats), so that every filter and
+    order sees one value, on either store, and the document can be sent back as it is. Raises
+    ValueError as check_stored does."""
+    # What a client sends, as the API takes it: every bound, every normal form (but the content's
+    # length, which a setting bounds). ValidationError is a ValueError.
+    sent = doc.model_dump(include={"title", "content", "tags", "metadata"})
+    changes = DocumentCreate.model_validate(sent).model_dump()
+    for name in ("created_at", "updated_at"):
+        changes[name] = _stored_time(getattr(doc, name))
+    return check_stored(doc.model_copy(update=changes))
 
 
 _NO_OFFSET = timedelta(0)
@@ -377,7 +378,10 @@ def _stored_time(at: datetime) -> datetime:
         at = at.replace(tzinfo=UTC)
     elif at.microsecond % 1000 == 0 and at.utcoffset() == _NO_OFFSET:
         return at
-    at = at.astimezone(UTC)
+    try:
+        at = at.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{at.isoformat()} is outside the years 1 to 9999 in UTC") from None
     return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 

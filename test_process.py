@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -170,11 +171,34 @@ def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) 
     assert len(run_task(tmp_path / "data", "export").stdout.splitlines()) == 200
 
 
+GOOD_LINE = {
+    "id": "01KB2N4Z9J8E7X3W5Q6R0T1Y2A",
+    "title": "t",
+    "content": "c",
+    "tags": [],
+    "metadata": {},
+    "created_at": "2026-01-01T00:00:00Z",
+    "updated_at": "2026-01-01T00:00:00Z",
+    "version": 1,
+}
+
+
+def _line(**fields: object) -> bytes:
+    return json.dumps({**GOOD_LINE, **fields}).encode()
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         (b'{"id": "x"}', b"bad.jsonl:1: title: Field required"),
         (b"not json", b"bad.jsonl:1: document: Invalid JSON"),
+        # What the API would refuse is refused: the document could not be sent back as it is.
+        (_line(title="x" * 201), b"bad.jsonl:1: title: "),
+        (_line(tags=["t" * 51]), b"bad.jsonl:1: tags.0: "),
+        (_line(metadata={f"k{n}": n for n in range(51)}), b"bad.jsonl:1: metadata: "),
+        (_line(content="c" * 100_001), b"bad.jsonl:1: content: at most 100000 characters"),
+        (_line(created_at="0001-01-01T00:00:00+01:00"), b"outside the years 1 to 9999"),
+        (_line(updated_at="9999-12-31T23:59:59.9999-01:00"), b"outside the years 1 to 9999"),
     ],
 )
 def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(

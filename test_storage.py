@@ -885,6 +885,15 @@ def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -
     assert "two records" in str(_refused(tmp_path, LEGACY_FILE))
 
 
+def test_a_previous_file_with_a_time_past_the_calendar_in_utc_is_refused(tmp_path: Path) -> None:
+    record = {**imported(1).model_dump(mode="json"), "created_at": "0001-01-01T00:00:00+01:00"}
+    (tmp_path / LEGACY_FILE).write_bytes(
+        orjson.dumps({"documents": {"1": record}})
+    )  # year 0 in UTC
+    assert "outside the years 1 to 9999" in str(_refused(tmp_path, LEGACY_FILE))
+    assert not (tmp_path / DATABASE_FILE).exists()
+
+
 def test_a_previous_file_with_two_records_of_one_idempotency_key_is_refused(
     tmp_path: Path,
 ) -> None:
