@@ -72,9 +72,8 @@ def until_ready(client: TestClient, seconds: float = 15) -> None:
 
 
 def mongo_app_client(url: str, tmp_path: Path, **overrides: Any) -> TestClient:
-    return app_client(
-        tmp_path, headers={"X-API-Key": KEY}, database_url=url, mongo_timeout_ms=500, **overrides
-    )
+    settings: dict[str, Any] = {"mongo_timeout_ms": 500, **overrides}
+    return app_client(tmp_path, headers={"X-API-Key": KEY}, database_url=url, **settings)
 
 
 # --- the API on MongoDB -----------------------------------------------------------------------
@@ -1228,6 +1227,7 @@ def test_read_time_is_charged_through_redis_and_a_failed_charge_still_answers(
             tmp_path,
             rate_limit=f"{budget}/minute",
             rate_limit_storage_uri=f"redis://{proxy.address}/0",
+            mongo_timeout_ms=10_000,  # the test server walks every document of a listing
         ) as client:
 
             def remaining() -> int:
