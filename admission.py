@@ -9,9 +9,11 @@ valid `X-API-Key`, else its client address's (`KEYLESS_RATE_LIMIT`, counted in t
 flood from strangers costs no Redis round trip, and a Redis outage does not turn their 401s into
 503s). A keyed request whose store reads took longer than READ_UNIT_S spends more once answered,
 one unit per READ_UNIT_S started: a listing whose filters match sparsely walks every match of
-the first, so its cost follows the data, not the request. Over the budget: 429. Under /v1, no
-valid key: 401; a read-only key's write: 403. Each refusal is answered from here with the body
-unread, and a connection whose body is left unread is closed (`server.py`).
+the first, so its cost follows the data, not the request. A key has at most IN_FLIGHT_PER_KEY
+requests in progress in a process, so that a burst cannot run far ahead of its charges. Over
+either bound: 429. Under /v1, no valid key: 401; a read-only key's write: 403. Each refusal is
+answered from here with the body unread, and a connection whose body is left unread is closed
+(`server.py`).
 
 A refusal writes its access line like any request; once a budget is spent within a window, its
 further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
@@ -29,6 +31,7 @@ import ipaddress
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +67,11 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 # at one unit on a slower or busy machine (the time is measured around the await, so it includes
 # waiting for a thread), while a read a hundred times costlier spends a hundred units.
 READ_UNIT_S = 0.010
+# Requests of one key in progress at once, in each process. Read time is charged once a request
+# has been answered, so a key could otherwise start hundreds of costly listings at the start of
+# a window before the first of them paid; 32 keeps one process's share of a burst to what 32
+# answers cost, and is as many as a client with a connection pool of 32 ever has in progress.
+IN_FLIGHT_PER_KEY = 32
 API_KEY_HEADER = b"x-api-key"
 CORS_REQUEST_HEADERS = [
     "X-API-Key",
@@ -152,6 +160,7 @@ class AdmissionMiddleware:
         self.key_storage = key_storage
         self.keyless_limits = keyless_limits
         self.keyless_storage = LocalStorage()
+        self.in_flight: Counter[str] = Counter()
         self.metrics = metrics
         self.tally = tally
         self.protected = protected
@@ -219,11 +228,23 @@ class AdmissionMiddleware:
             state["refusal"] = "key-read-only"
             detail = f"This key may only read ({', '.join(sorted(READ_METHODS))})."
             await Forbidden.kind.response(detail, headers=_closing({}))(scope, receive, send)
-        else:
-            reads = ReadTime.start()
+        elif key is None:
             await self.app(scope, receive, send)
-            if key is not None and reads.seconds > READ_UNIT_S:
-                await self._charge(key, reads.seconds)
+        elif self.in_flight[key.name] >= IN_FLIGHT_PER_KEY:
+            self.metrics.rate_limited.inc()
+            state["refusal"] = "key-busy"
+            detail = f"This key has {IN_FLIGHT_PER_KEY} requests in progress; retry once one ends."
+            headers = _closing({"Retry-After": "1"})
+            await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
+        else:
+            self.in_flight[key.name] += 1
+            try:
+                reads = ReadTime.start()
+                await self.app(scope, receive, send)
+                if reads.seconds > READ_UNIT_S:
+                    await self._charge(key, reads.seconds)
+            finally:
+                self.in_flight[key.name] -= 1
 
     async def _charge(self, key: ApiKey, seconds: float) -> None:
         """The units beyond the one spent from the head. The answer is sent: a rate-limit store

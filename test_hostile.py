@@ -575,6 +575,33 @@ def test_one_key_holds_at_most_a_quarter_of_the_bodies_held_at_once(
         stalled.close()
 
 
+def test_a_key_has_at_most_32_requests_in_progress(service_factory: ServiceFactory) -> None:
+    """Read time is charged once a request is answered: a key's 33rd request while 32 are in
+    progress gets 429 from its head, whatever its budget, so a burst cannot run ahead of what
+    it pays. Another key is served; the first is again once its requests end."""
+    service = service_factory(env={"API_KEYS": f"alice:{KEY},bob:{OTHER_KEY}"}).start()
+    held = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(32)]
+    try:
+        for sock in held:  # in progress until their bodies come
+            sock.sendall(_post_head(f"X-API-Key: {KEY}\r\n", "Content-Length: 100"))
+        deadline = time.monotonic() + 10
+        while _in_progress(service) < 33:  # the 32 and this scrape are being served
+            assert time.monotonic() < deadline
+        with service.client(KEY) as alice:
+            busy = alice.get("/v1/documents")
+            assert "32 requests in progress" in assert_problem(busy, 429)["detail"]
+            assert busy.headers["retry-after"] == "1"
+        with service.client(OTHER_KEY) as bob:
+            assert bob.get("/v1/documents").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    with service.client(KEY) as alice:
+        while alice.get("/v1/documents").status_code == 429:
+            assert time.monotonic() < deadline  # until the server has seen the 32 end
+
+
 def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFactory) -> None:
     service = service_factory(env={"MAX_CONNECTIONS": "8"}).start()
     held = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
