@@ -19,13 +19,14 @@ from logging_config import clip
 from problems import MalformedBody, UnsupportedMediaType
 
 
-def _require_json(content_type: str) -> None:
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
+def _require_json(content_type: str, accepted: list[str]) -> None:
+    """One of the media types the operation's OpenAPI entry lists, in UTF-8 if it names a
+    charset (RFC 8259: JSON is UTF-8)."""
+    media, *parameters = (part.strip().lower() for part in content_type.split(";"))
+    charsets = [p.partition("=")[2].strip('"') for p in parameters if p.startswith("charset=")]
+    if media not in accepted or any(charset != "utf-8" for charset in charsets):
         sent = f"not {clip(content_type, 64)}" if content_type else "this request had none"
-        raise UnsupportedMediaType(f"Send JSON (Content-Type: application/json); {sent}.")
+        raise UnsupportedMediaType(f"Send JSON (Content-Type: {' or '.join(accepted)}); {sent}.")
 
 
 # Arrays and objects nest at most this deep (a document body needs 2). Checked here, before the
@@ -138,16 +139,18 @@ class StrictJSONRequest(Request):
 
 
 class StrictJSONRoute(APIRoute):
-    """Routes that take JSON bodies only (415 otherwise), parsed by StrictJSONRequest
-    (FastAPI's custom route hook)."""
+    """Routes that take JSON bodies only, of the media types their OpenAPI entry lists (415
+    otherwise), parsed by StrictJSONRequest (FastAPI's custom route hook)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if not (self.methods or set()) & {"POST", "PATCH", "PUT"}:
             return handler
+        declared = (self.openapi_extra or {}).get("requestBody", {}).get("content", {})
+        accepted = list(declared) or ["application/json"]
 
         async def strict_handler(request: Request) -> Response:
-            _require_json(request.headers.get("content-type", ""))
+            _require_json(request.headers.get("content-type", ""), accepted)
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict_handler

@@ -125,12 +125,12 @@ IF_NONE_MATCH = {
         }
     ]
 }
+# The route takes exactly these (bodies.StrictJSONRoute reads them from here).
 MERGE_PATCH_BODY = {
     "requestBody": {
         "content": {
-            "application/merge-patch+json": {
-                "schema": {"$ref": "#/components/schemas/DocumentUpdate"}
-            }
+            media: {"schema": {"$ref": "#/components/schemas/DocumentUpdate"}}
+            for media in ("application/merge-patch+json", "application/json")
         }
     }
 }

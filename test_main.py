@@ -220,11 +220,34 @@ def test_a_body_in_another_encoding_than_utf8_is_malformed(
     assert marked.json()["content"] == "\u2241 x"
 
 
-def test_non_json_body_returns_415_problem(client: TestClient) -> None:
-    response = client.post(
-        "/v1/documents", content=b"title=x", headers={"Content-Type": "text/plain"}
-    )
-    assert_problem(response, 415)
+@pytest.mark.parametrize(
+    ("method", "content_type", "status"),
+    [
+        ("POST", "text/plain", 415),
+        ("POST", "application/merge-patch+json", 415),
+        ("POST", "application/vnd.other+json", 415),
+        ("POST", "application/json; charset=latin-1", 415),
+        ("POST", 'Application/JSON; Charset="UTF-8"', 201),
+        ("PATCH", "application/json", 200),
+        ("PATCH", "application/merge-patch+json; charset=utf-8", 200),
+        ("PATCH", "application/json-patch+json", 415),
+    ],
+)
+def test_a_body_is_taken_in_the_media_types_the_document_lists_and_utf8_only(
+    client: TestClient, method: str, content_type: str, status: int
+) -> None:
+    doc_id = client.post("/v1/documents", json={"title": "t", "content": "c"}).json()["id"]
+    path = "/v1/documents" + ("" if method == "POST" else f"/{doc_id}")
+    body = b'{"title": "x", "content": "y"}'
+    response = client.request(method, path, content=body, headers={"Content-Type": content_type})
+    if status != 415:
+        assert response.status_code == status
+        return
+    assert "Send JSON" in assert_problem(response, 415)["detail"]
+    media = "application/json" if method == "POST" else "application/merge-patch+json"
+    operation = client.get("/openapi.json").json()["paths"][path.replace(doc_id, "{document_id}")]
+    assert media in operation[method.lower()]["requestBody"]["content"]
+    assert client.get("/v1/documents").json()["items"][0]["title"] == "t"
 
 
 def test_body_over_limit_returns_413_before_parsing(tmp_path: Path) -> None:
