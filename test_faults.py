@@ -231,7 +231,6 @@ def test_an_unusable_data_directory_stops_the_service_with_one_clean_line(
     elif damage == "readonly":
         if subprocess.run(["mount", "--bind", str(data_dir), str(data_dir)]).returncode != 0:
             pytest.skip("cannot bind-mount here")
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(data_dir)], check=True)
     else:
         if os.geteuid() != 0 or shutil.which("setpriv") is None:
             pytest.skip("needs root and setpriv (util-linux) to drop the permission override")
@@ -240,6 +239,8 @@ def test_an_unusable_data_directory_stops_the_service_with_one_clean_line(
         wrapper = NO_OVERRIDE
     service = service_factory(data_dir, wrapper=wrapper)
     try:
+        if damage == "readonly":
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(data_dir)], check=True)
         service.start(wait=False)
         assert service.proc is not None
         assert service.proc.wait(20) != 0
