@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def _app_dir(root: Path) -> Path:
         if not module.name.startswith(("test_", "conftest")):
             (app / module.name).symlink_to(module)
     (app / "data" / "sample_documents.json").symlink_to(HERE / "data" / "sample_documents.json")
-    (app / ".venv").symlink_to(HERE / ".venv")
+    (app / ".venv").symlink_to(sys.prefix)  # the virtualenv running these tests
     return app
 
 
