@@ -39,6 +39,7 @@ from models import Problem
 from server import (
     HEAD_TIMEOUT,
     KEEP_ALIVE_TIMEOUT,
+    MAX_BODY_PIECES,
     MAX_HEAD_BYTES,
     MAX_HEADERS,
     MAX_PIPELINED,
@@ -150,6 +151,36 @@ def test_an_endless_head_is_cut_off_while_memory_stays_flat(server: Service) -> 
         assert client.get("/health").status_code == 200
 
 
+def _chunked(body: bytes, pieces: int) -> bytes:
+    """`body` in chunked encoding, cut into `pieces` chunks (the last takes the rest)."""
+    size = len(body) // pieces
+    cuts = [body[n * size : (n + 1) * size] for n in range(pieces - 1)] + [
+        body[(pieces - 1) * size :]
+    ]
+    return b"".join(b"%x\r\n%s\r\n" % (len(cut), cut) for cut in cuts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("key", [KEY, "not-a-key"], ids=["with a key", "without a key"])
+def test_a_body_in_more_pieces_than_the_bound_is_refused_as_it_arrives(
+    server: Service, key: str
+) -> None:
+    """Each chunk of a chunked body costs a parser callback: a body in 1-byte chunks cost a
+    Python call per 6 bytes sent, 0.9 s of CPU for 2 MB. Past MAX_BODY_PIECES the connection is
+    refused and closed, with or without a key; a body in as many pieces as allowed is stored."""
+    head = _post_head(f"X-API-Key: {key}\r\n", "Transfer-Encoding: chunked")
+    title = f"in pieces, {key}"
+    body = b'{"title": "%s", "content": "%s"}' % (title.encode(), b"x" * 100_000)
+    response = exchange(server, head, more=[_chunked(body, 30_000)])
+    assert status_of(response) in (400, 401)
+    if key == KEY:
+        assert b"at most %d pieces" % MAX_BODY_PIECES in response
+    allowed = exchange(server, head + _chunked(body, MAX_BODY_PIECES))
+    assert status_of(allowed) == (201 if key == KEY else 401)
+    with server.client() as client:
+        titles = [d["title"] for d in client.get("/v1/documents").json()["items"]]
+        assert titles.count(title) == (key == KEY)
+
+
 def test_a_head_within_the_limits_is_served(server: Service) -> None:
     head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + _many(40, 300) + b"Connection: close\r\n\r\n"
     assert len(head) < MAX_HEAD_BYTES
@@ -252,7 +283,8 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
     log line, and their memory is freed. Beside them, a client reads 8 pages, its first MiB at
     40 KiB/s (over twice SEND_TIMEOUT), and gets every byte; another reads one 400 KiB page at
     20 KiB/s (past the keep-alive timeout and SEND_TIMEOUT), gets it whole, then the close."""
-    service = service_factory().start()
+    # Two keys: each has fewer than its 32 requests in progress at once (admission.py).
+    service = service_factory(env={"API_KEYS": f"alice:{KEY},bob:{OTHER_KEY}"}).start()
     with service.client() as client:
         for n in range(10):
             client.post("/v1/documents", json={"title": f"t{n}", "content": "x" * 100_000})
@@ -264,6 +296,9 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
     # The `Connection: close` ones first: the kernel's clock for them starts at once.
     payloads = [f"{small}Connection: close\r\n\r\n".encode()] * 4
     payloads += [request * (5 + n % 4) for n in range(40)] + [f"{small}\r\n".encode()] * 8
+    payloads = [
+        p.replace(KEY.encode(), OTHER_KEY.encode()) if n % 2 else p for n, p in enumerate(payloads)
+    ]
 
     def read_slowly_then_the_rest(sock: socket.socket) -> bytes:
         return _read(sock, MB, 40 * KB) + _read(sock)
