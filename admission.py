@@ -40,7 +40,7 @@ from limits.aio.storage import Storage
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import ApiKey, digest_key
 from logging_config import clip
@@ -177,8 +177,10 @@ class AdmissionMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_path(scope) in PROBES:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+        elif route_path(scope) in PROBES:
+            await self.app(scope, receive, _closing_send(send))
         elif self.cors is None:
             await self._admit(scope, receive, send)
         elif scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
@@ -342,6 +344,19 @@ def _closing(headers: dict[str, str]) -> dict[str, str]:
     """A refusal ends its connection: a body stays unread, and a refused client holds no
     connection open to go on being refused."""
     return {**headers, "Connection": "close"}
+
+
+def _closing_send(send: Send) -> Send:
+    """`send`, ending the connection with the response. A probe spends no budget, so no 429
+    would ever end a connection that polls one: without a key it could hold one of the
+    MAX_CONNECTIONS for good. Orchestrators open a connection per probe anyway."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+        await send(message)
+
+    return closing
 
 
 def _rate_limit_headers(budget: Budget) -> list[tuple[bytes, bytes]]:

@@ -213,15 +213,31 @@ def test_slow_and_silent_connections_are_closed_and_others_are_served(server: Se
 
 def test_an_idle_keep_alive_connection_is_closed(server: Service) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(f"GET /v1/documents?limit=0 HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n".encode())
         sock.settimeout(KEEP_ALIVE_TIMEOUT + 10)
         first = b""
-        while not first.endswith(b'{"status":"ok"}'):
+        while not first.endswith(b"}"):
             first += sock.recv(65536)
-        assert status_of(first) == 200
+        assert status_of(first) == 422
+        assert b"connection: close" not in first.lower()
         started = time.monotonic()
         assert sock.recv(65536) == b""  # closed by the server, not by us
         assert time.monotonic() - started < KEEP_ALIVE_TIMEOUT + 5
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/health", "/health/ready"])
+def test_a_probe_ends_its_connection(server: Service, path: str, method: str) -> None:
+    """A probe spends no budget, so a connection that polled one for ever, without a key, held
+    one of MAX_CONNECTIONS for good: 1000 such made every keyed request a 503. Each probe's
+    answer, whatever the method, now ends its connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            received += chunk
+    assert status_of(received) == (405 if method == "OPTIONS" else 200)
+    assert b"connection: close" in received.lower()
 
 
 @pytest.mark.parametrize(
