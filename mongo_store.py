@@ -319,8 +319,8 @@ class MongoStore:
             # The first attempt's insert may be lost or still in flight: finish it. Its id
             # taken means it landed, and then either the document or its tombstone answers:
             # a delete leaves one in the same record, so this insert can never bring back a
-            # document that was deleted (see delete). An earlier version's delete marked the
-            # key instead and left no tombstone: such a key never re-inserts.
+            # document that was deleted (see delete). A delete marks the key once its tombstone
+            # is written (an earlier version's marked it and left none): it never re-inserts.
             if not known.get("deleted"):
                 await self._insert_new(self._docs, known["document"])
             try:
@@ -448,7 +448,10 @@ class MongoStore:
         # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
         tombstone = {"deleted_at": self._clock(), "deleted_by": secrets.token_hex(8)}
         with _driver_errors():
-            raw = await self._docs.find_one({"_id": doc_id, **LIVE}, ["version", "restored_by"])
+            raw = await self._docs.find_one(
+                {"_id": doc_id, **LIVE}, ["version", "restored_by", "idempotency_key"]
+            )
+        key_id = None if raw is None else raw.get("idempotency_key")
         while True:
             if raw is None or "version" not in raw:
                 raise DocumentNotFound(doc_id)  # never there, or another request deleted it
@@ -465,20 +468,38 @@ class MongoStore:
                 # The reply is lost, not necessarily the write: send it again. If the first
                 # landed, this one matches nothing and the tombstone says whose delete it was.
                 done = await self._replace(match, tombstone)
+            if not done:
+                with _driver_errors():
+                    raw = await self._docs.find_one(
+                        {"_id": doc_id}, ["version", "deleted_by", "restored_by"]
+                    )
+                # This delete's first write landed; a retry of it matched nothing.
+                done = raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]
             if done:
+                if key_id is not None:
+                    await self._forget_content(key_id, doc_id)
                 return
-            with _driver_errors():
-                raw = await self._docs.find_one(
-                    {"_id": doc_id}, ["version", "deleted_by", "restored_by"]
-                )
-            if raw is not None and raw.get("deleted_by") == tombstone["deleted_by"]:
-                return  # this delete's first write landed; a retry of it matched nothing
             if raw is not None and "version" in raw and raw.get("restored_by") != restored_by:
                 # Deleted since it was read (by this delete's first write, or another's) and
                 # then restored: the copy there now came after this delete and stays.
                 return
             # Else deleted by another (404), or written since it was read: 412 under If-Match,
             # and without it, the delete of what is there now.
+
+    async def _forget_content(self, key_id: str, doc_id: str) -> None:
+        """A deleted document's claim keeps its id and that it was deleted, all a retry needs
+        to answer 409, not its text: a delete is for good. A second write (the tombstone is in
+        another collection; one atomic step across both would take a transaction, so a replica
+        set), after the tombstone: a claim is only emptied for a document that is gone. If it
+        fails, the delete stands and the claim keeps the copy until the key expires."""
+        try:
+            with _driver_errors():
+                await self._idempotency.update_one(
+                    {"_id": key_id, "document._id": doc_id},
+                    {"$set": {"document": {"_id": doc_id}, "deleted": True}},
+                )
+        except StoreUnavailable:
+            log.warning("store.claim_kept", extra={"document_id": doc_id})
 
     async def _replace(self, match: dict[str, Any], record: dict[str, Any]) -> bool:
         with _driver_errors():

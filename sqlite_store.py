@@ -90,6 +90,8 @@ MIGRATIONS = [
     CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
     INSERT INTO meta VALUES ('cursor_secret', randomblob(32));
     """,
+    # Expired idempotency records are found by age while the service runs (see create).
+    "CREATE INDEX idempotency_created ON idempotency (created)",
 ]
 
 
@@ -386,6 +388,14 @@ class SQLiteStore:
             doc = new_document(data, self._new_id(now), now)
             self._insert(conn, doc, terms)  # first: it may refuse the document (DocumentInvalid)
             if idempotency is not None:
+                # Each record written takes out up to two expired ones, oldest first, through
+                # the index on `created`: the table holds about the keys of the last 24 h, at a
+                # bounded cost per write.
+                conn.execute(
+                    "DELETE FROM idempotency WHERE (scope, key) IN (SELECT scope, key"
+                    " FROM idempotency WHERE created <= ? ORDER BY created LIMIT 2)",
+                    (millis(now) - TTL_MS,),
+                )
                 conn.execute(
                     "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
                     (*scope, body_print, doc.id, millis(now)),

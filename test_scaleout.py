@@ -635,6 +635,33 @@ def test_a_retry_after_a_real_delete_is_409_and_brings_nothing_back(
         assert client.get("/v1/documents").json()["items"] == []
 
 
+def test_a_deleted_documents_key_keeps_none_of_its_text(mongo_url: str) -> None:
+    """A delete is for good: the key's record keeps what a retry needs to answer 409 (the
+    body's fingerprint, the document's id, that it is deleted), not the document."""
+
+    async def scenario() -> tuple[Document, Any]:
+        store = await MongoStore.open(mongo_url)
+        secret = {**DOC, "content": "a secret the delete takes away"}
+        try:
+            doc, _ = await _create(store, secret)
+            await store.delete(doc.id)
+            return doc, await _outcome(_create(store, secret))
+        finally:
+            await store.close()
+
+    doc, retried = anyio.run(scenario)
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_url, directConnection=True
+    )
+    with client:
+        claim = client.get_default_database()["idempotency"].find_one()
+    assert claim is not None
+    assert claim["document"] == {"_id": doc.id}
+    assert "secret" not in str(claim)
+    assert isinstance(retried, IdempotencyConflict)
+    assert "deleted" in str(retried)
+
+
 # --- a delete racing the create its document came from, with faults at every step --------------
 
 # The commands that read or change data; handshakes and heartbeats pass untouched.

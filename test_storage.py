@@ -206,6 +206,53 @@ async def test_idempotency_replays_conflicts_and_expires_after_24h(
     assert not replayed
 
 
+async def test_expired_idempotency_records_go_while_the_store_runs(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Keys are remembered for 24 hours, not until the next start: keyed creates take the
+    expired records out, so the table holds the keys of the last day, documents deleted or not."""
+    store = SQLiteStore.open(tmp_path, clock=clock)
+    try:
+        for n in range(3):
+            doc, _ = await store.create(body(), idempotency=IdempotencyKey("alice", f"old{n}"))
+            await store.delete(doc.id)
+        clock.now += timedelta(hours=25)
+        live = IdempotencyKey("alice", "new0")
+        first, _ = await store.create(body(), idempotency=live)
+        await store.create(body(), idempotency=IdempotencyKey("alice", "new1"))
+        assert await store.create(body(), idempotency=live) == (first, True)
+        with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+            keys = sorted(row[0] for row in conn.execute("SELECT key FROM idempotency"))
+        conn.close()
+        assert keys == ["new0", "new1"]
+    finally:
+        await store.close()
+
+
+async def test_a_database_of_the_first_schema_is_migrated_at_start(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Its documents and keys stay, and expired keys are then found by their age's index, not by
+    a scan of the table in the writer."""
+    store = SQLiteStore.open(tmp_path, clock=clock)
+    first, _ = await store.create(body(), idempotency=IdempotencyKey("alice", "k"))
+    await store.close()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:  # as the first release left it
+        conn.execute("DROP INDEX idempotency_created")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    store = SQLiteStore.open(tmp_path, clock=clock)
+    try:
+        assert await store.create(body(), idempotency=IdempotencyKey("alice", "k")) == (first, True)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(sqlite_store.MIGRATIONS),)
+        sql = "EXPLAIN QUERY PLAN SELECT scope, key FROM idempotency WHERE created <= 0"
+        assert "INDEX idempotency_created" in conn.execute(sql).fetchone()[3]
+    conn.close()
+
+
 async def test_import_keeps_ids_and_timestamps_and_skips_existing(store: DocumentStore) -> None:
     doc = Document(
         id="01JDQ7Z8X4M2N6P9R3T5V7W9YB",
