@@ -9,9 +9,11 @@ valid `X-API-Key`, else its client address's (`KEYLESS_RATE_LIMIT`, counted in t
 flood from strangers costs no Redis round trip, and a Redis outage does not turn their 401s into
 503s). A keyed request whose store reads took longer than READ_UNIT_S spends more once answered,
 one unit per READ_UNIT_S started: a listing whose filters match sparsely walks every match of
-the first, so its cost follows the data, not the request. A key has at most IN_FLIGHT_PER_KEY
-requests in progress in a process, so that a burst cannot run far ahead of its charges. Over
-either bound: 429. Under /v1, no valid key: 401; a read-only key's write: 403. Each refusal is
+the first, so its cost follows the data, not the request (finding a written document's words
+counts too). So that a burst cannot run far ahead of its charges, a key has at most
+IN_FLIGHT_PER_KEY requests in progress in a process, and its store work that takes more than a
+moment runs one piece at a time, each after the charges of those before (storage.ReadTime, its
+lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's write: 403. Each refusal is
 answered from here with the body unread, and a connection whose body is left unread is closed
 (`server.py`).
 
@@ -44,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import ApiKey, digest_key
 from logging_config import clip
-from metrics import Metrics, ReadTime
+from metrics import Metrics
 from problems import (
     LIMITER_UNAVAILABLE,
     RETRY_AFTER_SECONDS,
@@ -54,6 +56,7 @@ from problems import (
     for_status,
 )
 from ratelimit import Budget, LimiterUnavailable, LocalStorage, spend
+from storage import ReadTime
 
 log = logging.getLogger("documents.admission")
 
@@ -161,6 +164,7 @@ class AdmissionMiddleware:
         self.keyless_limits = keyless_limits
         self.keyless_storage = LocalStorage()
         self.in_flight: Counter[str] = Counter()
+        self.lanes: dict[str, asyncio.Lock] = {}  # per key: its long store work, one at a time
         self.metrics = metrics
         self.tally = tally
         self.protected = protected
@@ -240,13 +244,27 @@ class AdmissionMiddleware:
             await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
         else:
             self.in_flight[key.name] += 1
+            lane = self.lanes.setdefault(key.name, asyncio.Lock())
+            work = ReadTime.start(lane, functools.partial(self._refuse_if_spent, key))
             try:
-                reads = ReadTime.start()
                 await self.app(scope, receive, send)
-                if reads.seconds > READ_UNIT_S:
-                    await self._charge(key, reads.seconds)
+                if work.seconds > READ_UNIT_S:
+                    await self._charge(key, work.seconds)
             finally:
+                work.end()
                 self.in_flight[key.name] -= 1
+
+    async def _refuse_if_spent(self, key: ApiKey) -> None:
+        """Raise 429 if the charges of the key's work before have spent its budget (spending
+        nothing: the head paid). A rate-limit store that fails lets the work go, as a failed
+        charge lets its answer stand."""
+        with contextlib.suppress(LimiterUnavailable):
+            budgets = await spend(self.key_storage, self.key_limits, key.name, 0)
+            if spent := [b for b in budgets if not b.allowed]:
+                shown = max(spent, key=lambda b: b.reset_at)
+                retry_after = str(max(1, int(shown.reset_at - time.time()) + 1))
+                detail = f"The rate limit of {shown.limit} for this key is reached."
+                raise RateLimited(detail, headers=_closing({"Retry-After": retry_after}))
 
     async def _charge(self, key: ApiKey, seconds: float) -> None:
         """The units beyond the one spent from the head. The answer is sent: a rate-limit store

@@ -10,7 +10,6 @@ import os
 import time
 import weakref
 from collections.abc import AsyncIterator
-from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 
@@ -25,6 +24,7 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
+from starlette.exceptions import HTTPException
 
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from storage import (
@@ -35,6 +35,7 @@ from storage import (
     IdempotencyKey,
     Key,
     PreconditionFailed,
+    ReadTime,
     StoreUnavailable,
 )
 
@@ -77,7 +78,13 @@ _READS = frozenset({"get", "page"})
 # What a client caused (a missing document, a stale If-Match, a reused idempotency key, a change
 # the stored document refuses) is an answer, counted as a 4xx in http_requests_total, not a
 # failure of the store.
-_CLIENT_OUTCOMES = (DocumentNotFound, PreconditionFailed, IdempotencyConflict, DocumentInvalid)
+_CLIENT_OUTCOMES = (
+    DocumentNotFound,
+    PreconditionFailed,
+    IdempotencyConflict,
+    DocumentInvalid,
+    HTTPException,  # a key's budget spent by its work before (storage.ReadTime)
+)
 
 log = logging.getLogger("documents.metrics")
 DISK_NEARLY_FULL = 0.1  # free share of DATA_DIR's volume below which a scrape warns (as the alert)
@@ -247,26 +254,6 @@ def _file_size(path: Path) -> float:
 COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
 
 
-class ReadTime:
-    """The seconds one request's store reads took: what the admission middleware charges."""
-
-    __slots__ = ("seconds",)
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    @classmethod
-    def start(cls) -> ReadTime:
-        """A fresh sum for the request being served, which its store reads add to (a task or
-        thread the request starts copies the context, and so shares the sum)."""
-        reads = cls()
-        _read_time.set(reads)
-        return reads
-
-
-_read_time: ContextVar[ReadTime | None] = ContextVar("read_time", default=None)
-
-
 class _Measured:
     """Times one store operation, counts its failure by error class, and adds a read's time
     to the request's ReadTime."""
@@ -294,8 +281,8 @@ class _Measured:
         if isinstance(exc, Exception) and not isinstance(exc, _CLIENT_OUTCOMES):
             self._errors.labels(self._operation, type(exc).__name__).inc()
         # The store's failure (MongoDB out of reach) is not the client's cost: only answers count.
-        elif self._operation in _READS and (reads := _read_time.get()) is not None:
-            reads.seconds += seconds
+        elif self._operation in _READS:
+            ReadTime.add(seconds)
 
 
 class MeteredStore:

@@ -24,7 +24,6 @@ from pymongo.errors import (
 )
 
 from models import (
-    WORDS_INLINE_CHARS,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -45,6 +44,7 @@ from storage import (
     StoreError,
     StoreUnavailable,
     apply_patch,
+    find_words,
     fingerprint,
     new_document,
     stale,
@@ -97,6 +97,10 @@ def _sorted_words(title: str, content: str) -> list[str]:
     """The words `q` finds, from the same tokenizer as the embedded store (MongoDB's own text
     index stems words and would find other documents)."""
     return sorted(document_words(title, content))
+
+
+async def _words_of(title: str, content: str) -> list[str]:
+    return await find_words(_sorted_words, len(title) + len(content), title, content)
 
 
 def _key_id(idempotency: IdempotencyKey) -> str:
@@ -181,14 +185,6 @@ class MongoStore:
             store._indexes_are_made()
         return store
 
-    @staticmethod
-    async def _words_of(title: str, content: str) -> list[str]:
-        """A large document's words are found in a thread: the tokenizer works in pieces
-        (models.WORDS_PIECE_CHARS), so the event loop runs between them."""
-        if len(title) + len(content) <= WORDS_INLINE_CHARS:
-            return _sorted_words(title, content)
-        return await anyio.to_thread.run_sync(_sorted_words, title, content)
-
     async def _make_indexes(self) -> None:
         """Until MongoDB has the indexes, every request and probe answers 503: none makes them,
         so none waits on, or repeats, a build that anyone can trigger. A build MongoDB refused
@@ -260,7 +256,7 @@ class MongoStore:
             missing = {"words": {"$exists": False}, **LIVE}
             fields = ["title", "content", "version"]
             async for raw in self._docs.find(missing, fields).hint("words_created"):
-                words = await self._words_of(raw["title"], raw["content"])
+                words = await _words_of(raw["title"], raw["content"])
                 result = await self._docs.update_one(
                     {"_id": raw["_id"], "version": raw["version"], **missing},
                     {"$set": {"words": words}},
@@ -276,7 +272,7 @@ class MongoStore:
         self._require_indexes()
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
-        raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
+        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
         if idempotency is not None:
             raw["idempotency_key"] = _key_id(idempotency)
             original = await self._claim(idempotency, fingerprint(data), raw, now)
@@ -422,11 +418,7 @@ class MongoStore:
                 # $set, not a replacement: the key that created the document stays with it.
                 # Words only when the text changed: a tag or metadata edit leaves them as they are.
                 text = (new.title, new.content)
-                words = (
-                    None
-                    if text == (current.title, current.content)
-                    else await self._words_of(*text)
-                )
+                words = None if text == (current.title, current.content) else await _words_of(*text)
                 fields = {k: v for k, v in _to_mongo(new, words).items() if k != "_id"}
                 result = await self._docs.update_one(
                     {"_id": doc_id, "version": current.version}, {"$set": fields}
@@ -507,7 +499,7 @@ class MongoStore:
 
     async def import_document(self, doc: Document) -> bool:
         self._require_indexes()
-        raw = _to_mongo(doc, await self._words_of(doc.title, doc.content))
+        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
         # Which copy it is: a delete that read another (before a delete and this restore) and
         # retries its write cannot remove this one (see delete).
         raw["restored_by"] = secrets.token_hex(8)

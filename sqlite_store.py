@@ -27,7 +27,6 @@ import anyio.to_thread
 
 from legacy import mark_imported, read_legacy
 from models import (
-    WORDS_INLINE_CHARS,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -45,10 +44,12 @@ from storage import (
     IdempotencyKey,
     IdGenerator,
     Key,
+    ReadTime,
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
     apply_patch,
+    find_words,
     fingerprint,
     new_document,
     stale,
@@ -366,7 +367,7 @@ class SQLiteStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         body_print = fingerprint(data) if idempotency is not None else ""
-        terms = await self._before_writing(_terms, data)
+        terms = await find_words(_terms, _chars(data), data)
 
         def job(conn: sqlite3.Connection) -> tuple[Document, bool]:
             now = self._clock()
@@ -413,7 +414,11 @@ class SQLiteStore:
             seen = await self.get(doc_id)
             preview = apply_patch(seen, patch, self._clock())
             edited = _text(seen) != _text(preview)
-            terms = await self._before_writing(_both_terms, seen, preview) if edited else None
+            terms = (
+                await find_words(_both_terms, _chars(seen, preview), seen, preview)
+                if edited
+                else None
+            )
 
             def job(
                 conn: sqlite3.Connection,
@@ -440,7 +445,7 @@ class SQLiteStore:
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
         while True:  # as update does
             seen = await self.get(doc_id)
-            terms = await self._before_writing(_terms, seen)
+            terms = await find_words(_terms, _chars(seen), seen)
 
             def job(conn: sqlite3.Connection, seen: Document = seen, terms: str = terms) -> bool:
                 n, current = self._current(conn, doc_id, if_version)
@@ -461,14 +466,6 @@ class SQLiteStore:
             return True
 
         return await self._write(job)
-
-    @staticmethod
-    async def _before_writing(find: Callable[..., T], *docs: Document | DocumentCreate) -> T:
-        """`find(*docs)`, their words for the index, found before the write: in a thread when
-        long, for in the writer thread they would hold back every other write."""
-        if sum(len(doc.title) + len(doc.content) for doc in docs) <= WORDS_INLINE_CHARS:
-            return find(*docs)
-        return await anyio.to_thread.run_sync(find, *docs)
 
     # reads
 
@@ -496,6 +493,7 @@ class SQLiteStore:
             except sqlite3.OperationalError as exc:
                 if str(exc) != "interrupted":
                     raise
+            await ReadTime.before_long_work()
             return await anyio.to_thread.run_sync(
                 lambda: fetch(self._connection().execute(sql, params))
             )
@@ -582,6 +580,10 @@ def _terms(doc: Document | DocumentCreate) -> str:
 def _both_terms(old: Document, new: Document) -> tuple[str, str]:
     """The words an update takes out of the index and puts in."""
     return _terms(old), _terms(new)
+
+
+def _chars(*docs: Document | DocumentCreate) -> int:
+    return sum(len(doc.title) + len(doc.content) for doc in docs)
 
 
 def _text(doc: Document) -> tuple[str, str]:

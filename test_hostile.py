@@ -31,6 +31,7 @@ from conftest import (
     ServiceFactory,
     assert_problem,
     make_settings,
+    run_threads,
     seed_common,
 )
 from logging_config import CLIENT_TEXT_MAX
@@ -82,31 +83,31 @@ def status_of(response: bytes) -> int:
 def test_requests_pipelined_past_the_bound_drop_the_connection_and_a_few_are_answered(
     server: Service,
 ) -> None:
-    """Ten thousand keyless probes in one write would queue ten thousand requests behind the
+    """Ten thousand keyless requests in one write would queue ten thousand behind the
     one answered; past MAX_PIPELINED the connection is dropped with all it queued. A client that
     pipelines a few gets every answer, in order."""
-    probe = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-    flood = exchange(server, probe * 10_000)
-    assert flood.count(b"HTTP/1.1 200") <= MAX_PIPELINED + 2
-    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    few = exchange(server, probe * (MAX_PIPELINED - 1) + last)
-    assert few.count(b"HTTP/1.1 200") == MAX_PIPELINED
+    request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+    flood = exchange(server, request * 10_000)
+    assert flood.count(b"HTTP/1.1 404") <= MAX_PIPELINED + 2
+    last = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    few = exchange(server, request * (MAX_PIPELINED - 1) + last)
+    assert few.count(b"HTTP/1.1 404") == MAX_PIPELINED
 
 
 def test_requests_pipelined_past_the_byte_bound_drop_the_connection_and_small_heads_pass(
     server: Service,
 ) -> None:
-    """Fewer than MAX_PIPELINED keyless probes, each with a head just under MAX_HEAD_BYTES, would
+    """Fewer than MAX_PIPELINED keyless requests, each with a head just under MAX_HEAD_BYTES, would
     hold half a megabyte per connection; past MAX_PIPELINED_BYTES of queued heads the connection
     is dropped with all it queued. A few large heads, like many small ones, are all answered."""
     big = (
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"v" * (MAX_HEAD_BYTES - 100) + b"\r\n\r\n"
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"v" * (MAX_HEAD_BYTES - 100) + b"\r\n\r\n"
     )
     flood = exchange(server, big * (MAX_PIPELINED // 2))
-    assert flood.count(b"HTTP/1.1 200") <= 2 + MAX_PIPELINED_BYTES // len(big)
-    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert flood.count(b"HTTP/1.1 404") <= 2 + MAX_PIPELINED_BYTES // len(big)
+    last = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     few = exchange(server, big * (MAX_PIPELINED_BYTES // len(big)) + last)
-    assert few.count(b"HTTP/1.1 200") == MAX_PIPELINED_BYTES // len(big) + 1
+    assert few.count(b"HTTP/1.1 404") == MAX_PIPELINED_BYTES // len(big) + 1
 
 
 def _many(count: int, size: int) -> bytes:
@@ -658,8 +659,8 @@ def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFact
     held = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
     try:
         for sock in held:  # each is served, so each is open on the server's side
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert status_of(sock.recv(65536)) == 200
+            sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")  # a probe would close
+            assert status_of(sock.recv(65536)) == 404
             sock.sendall(b"GET /health HTTP/1.1\r\n")  # and kept open by a head under way
         refused = exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(refused) == 503
@@ -1032,3 +1033,39 @@ def test_a_key_runs_out_after_far_fewer_sparse_listings_than_cheap_reads(seeded_
         ]
         assert sparse[0].status_code == 200
         assert_problem(sparse[-1], 429)
+
+
+def test_sparse_listings_started_at_once_run_one_at_a_time_and_stop_when_paid(
+    seeded_dir: Path,
+) -> None:
+    """A read is charged once answered: ten sparse listings started at once all ran before the
+    first charge landed (60 of 330 ms each, in one window of 60 units). A key's reads that
+    leave the event loop now wait for each other and for each other's charges, so once those
+    have spent the budget the rest get 429: at most a few of the ten are answered."""
+    settings = make_settings(seeded_dir, rate_limit=f"{BUDGET}/minute")
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        statuses: list[int] = []
+        run_threads(
+            lambda _: statuses.append(client.get("/v1/documents", params=SPARSE).status_code),
+            BUDGET,
+        )
+        assert sorted(set(statuses)) == [200, 429]
+        assert statuses.count(200) <= BUDGET // 2
+
+
+def test_a_patch_pays_for_the_words_it_makes_the_store_find(tmp_path: Path) -> None:
+    """Changing only the title of a document of 100 000 characters makes the store find the
+    words of all its text again (63 ms of CPU), for a 15-byte request: that time is charged to
+    the key like a read's, one unit per 10 ms."""
+    settings = make_settings(tmp_path, rate_limit="1000/minute")
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        body = {"title": "t", "content": "ἀλήθεια καὶ δόξα " * 5_880}
+        doc_id = client.post("/v1/documents", json=body).json()["id"]
+        before = int(
+            client.get("/v1/documents", params={"limit": 1}).headers["x-ratelimit-remaining"]
+        )
+        assert client.patch(f"/v1/documents/{doc_id}", json={"title": "t1"}).status_code == 200
+        after = int(
+            client.get("/v1/documents", params={"limit": 1}).headers["x-ratelimit-remaining"]
+        )
+        assert before - after > 2  # the PATCH's unit, the listing's, and its words' time
