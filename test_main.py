@@ -140,7 +140,7 @@ def test_metadata_keeps_every_finite_number_as_sent_and_finds_it(
     assert patched.json() == read
     for value in (created["metadata"]["x"], read["metadata"]["x"], read["metadata"]["y"]):
         assert (type(value), value) == (type(number), number)
-    # As JSON writes it, and as an integer's digits (1e300's 301 of them): the number they spell.
+    # As JSON writes it, and as an integer's digits: the number they spell.
     for spelled in (json.dumps(number), str(Decimal(number))):
         found = client.get("/v1/documents", params={"metadata.x": spelled}).json()["items"]
         assert [d["id"] for d in found] == [created["id"]], spelled
