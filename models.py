@@ -8,7 +8,6 @@ import json
 import math
 import re
 import string
-import sys
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -100,9 +99,6 @@ MetadataKey = Annotated[
 ]
 
 
-_FLOAT_MAX = sys.float_info.max
-
-
 def _metadata_value(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     """One readable error for a value no type takes, instead of one per type of the union under
     pydantic's internal labels."""
@@ -112,22 +108,24 @@ def _metadata_value(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         # A string's own error (too long, a lone surrogate) is the one that applies to it.
         message = exc.errors()[0]["msg"] if isinstance(value, str) else _METADATA_VALUE_TYPES
         raise PydanticCustomError("metadata_value", message) from None
-    if isinstance(value, int) and not METADATA_INT_MIN <= value <= METADATA_INT_MAX:
-        raise PydanticCustomError("metadata_value", _METADATA_INT_RANGE)
+    # Exact for a float too (Python compares int and float by value); NaN and infinities fail it.
+    if isinstance(value, int | float) and not METADATA_INT_MIN <= value <= METADATA_INT_MAX:
+        raise PydanticCustomError("metadata_value", _METADATA_NUMBER_RANGE)
     return value
 
 
 _METADATA_VALUE_TYPES = "must be a string, a boolean, an integer, a finite number or null"
-_METADATA_INT_RANGE = (
-    "an integer must be within the signed 64-bit range; send a larger number with a fraction or "
-    "an exponent (1e19)"
+_METADATA_NUMBER_RANGE = (
+    f"a number must be within the signed 64-bit integer range, {METADATA_INT_MIN} to "
+    f"{METADATA_INT_MAX}"
 )
-# Strict: each JSON value keeps its own type (a string of digits is no number, 1e308 no integer).
-# The int type refuses nothing (_metadata_value does, after): a refused int would be taken as a
-# float instead. The document states the integers' range, as powers of two that a validator
-# comparing in 64-bit floats reads exactly too (2**63 - 1 is 2**63 to it); a number is any
-# finite one, the integers beyond that range included, which the service takes only when sent
-# with a fraction or an exponent (JSON Schema cannot tell 1e19 from 10000000000000000000).
+# Strict: each JSON value keeps its own type (a string of digits is no number, 1e3 no integer).
+# Every number, with a fraction or an exponent or not, is within the integers' range: JSON Schema
+# cannot tell 1e20 from 100000000000000000000 (one number), and every number outside the range is
+# an integer (a float is from 2**52 on), which the stores could not keep exactly. Neither type
+# refuses anything (_metadata_value does, after): a refused int would be taken as a float. The
+# document states the range as powers of two, which a validator comparing in 64-bit floats reads
+# exactly too (2**63 - 1 is 2**63 to it).
 MetadataValue = Annotated[
     Annotated[
         str,
@@ -137,8 +135,7 @@ MetadataValue = Annotated[
     ]
     | StrictBool
     | Annotated[int, Strict(), WithJsonSchema({"type": "integer", **_INT64_RANGE})]
-    # A 64-bit float: what JSON parsers read a number as (RFC 8259 allows the bound).
-    | Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+    | Annotated[float, Strict(), WithJsonSchema({"type": "number", **_INT64_RANGE})]
     | None,
     WrapValidator(_metadata_value),
 ]
@@ -177,9 +174,9 @@ Metadata = Annotated[
     Field(
         json_schema_extra={"maxProperties": METADATA_MAX_KEYS},
         description="Flat object of up to 50 keys; values are strings, numbers, booleans or null. "
-        "A number is kept as the 64-bit float it reads as (so within about ±1.8e308, and "
-        "1e-400 is 0); an integer written without a fraction or an exponent must be within the "
-        "signed 64-bit range (send 1e19, not 10000000000000000000).",
+        "A number, written with a fraction or an exponent or not, must be within the signed "
+        "64-bit integer range (-2^63 to 2^63 - 1); an integer is kept exactly, any other number "
+        "as the 64-bit float it reads as (1e-400 is 0).",
     ),
 ]
 Content = Annotated[
@@ -554,16 +551,9 @@ def metadata_values(value: str) -> tuple[str | bool | int | float, ...]:
     if value in ("true", "false"):
         return value, value == "true"
     if _JSON_NUMBER.fullmatch(value):
-        number = float(value)  # inf past the largest float
-        if not any(c in value for c in ".eE"):
-            integer = int(value)
-            if METADATA_INT_MIN <= integer <= METADATA_INT_MAX:
-                return value, integer
-            # Beyond 64 bits a number is stored only as a float (sent as 1e19): found when it is
-            # exactly the integer spelled.
-            if math.isfinite(number) and int(number) != integer:
-                return (value,)
-        if math.isfinite(number):
+        # Read as a JSON body's number is read; one outside the range no stored number equals.
+        number = float(value) if any(c in value for c in ".eE") else int(value)
+        if METADATA_INT_MIN <= number <= METADATA_INT_MAX:
             return value, number
     return (value,)
 

@@ -61,15 +61,22 @@ VALID = {"title": "t", "content": "x"}
         ({"tags": ["x" * 51]}, False),
         ({"tags": ["\u0130" * 50]}, True),
         ({"tags": [" Finance "]}, True),
-        # Integers past 64 bits are refused only when sent without a fraction or an exponent,
-        # which JSON Schema cannot tell apart (test_main holds their 422).
-        ({"metadata": {"n": 2.0**63}}, True),
-        ({"metadata": {"n": 1e300}}, True),
-        ({"metadata": {"n": sys.float_info.max}}, True),
-        ({"metadata": {"n": -sys.float_info.max}}, True),
+        # A number is within the 64-bit integers' range however it is written (1e20 and
+        # 100000000000000000000 are one number to JSON Schema).
+        ({"metadata": {"n": 2**63}}, False),
+        ({"metadata": {"n": -(2**63) - 1}}, False),
+        ({"metadata": {"n": 10**20}}, False),
+        ({"metadata": {"n": 1e20}}, False),
+        ({"metadata": {"n": -1e20}}, False),
+        ({"metadata": {"n": 9.3e18}}, False),
+        ({"metadata": {"n": 2.0**63}}, False),
+        ({"metadata": {"n": 1e300}}, False),
+        ({"metadata": {"n": -sys.float_info.max}}, False),
         ({"metadata": {"n": {"nested": 1}}}, False),
         ({"metadata": {"n": 2**63 - 1}}, True),
         ({"metadata": {"n": -(2**63)}}, True),
+        ({"metadata": {"n": 2.0**63 - 1024}}, True),  # the largest float below 2**63
+        ({"metadata": {"n": 1.5}}, True),
         ({"metadata": {"n": 12.5}}, True),
         ({"metadata": {f"k{i}": i for i in range(51)}}, False),
         ({"metadata": {f"k{i}": i for i in range(50)}}, True),
