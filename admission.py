@@ -13,9 +13,9 @@ the first, so its cost follows the data, not the request (finding a written docu
 counts too). So that a burst cannot run far ahead of its charges, a key has at most
 IN_FLIGHT_PER_KEY requests in progress in a process, and its store work that takes more than a
 moment runs one piece at a time, each after the charges of those before (storage.ReadTime, its
-lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's write: 403. Each refusal is
-answered from here with the body unread, and a connection whose body is left unread is closed
-(`server.py`).
+lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's
+write: 403. Each refusal is answered from here with the body unread, and a connection whose body
+is left unread is closed (`server.py`).
 
 A refusal writes its access line like any request; once a budget is spent within a window, its
 further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
