@@ -12,7 +12,7 @@ one unit per READ_UNIT_S started: a listing whose filters match sparsely walks e
 the first, so its cost follows the data, not the request (finding a written document's words
 counts too). So that a burst cannot run far ahead of its charges, a key has at most
 IN_FLIGHT_PER_KEY requests in progress in a process, and its store work that takes more than a
-moment runs one piece at a time, each after the charges of those before (storage.ReadTime, its
+moment runs one piece at a time, each after the charges of those before (storage.StoreWork, its
 lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's
 write: 403. Each refusal is answered from here with the body unread, and a connection whose body
 is left unread is closed (`server.py`).
@@ -56,7 +56,7 @@ from problems import (
     for_status,
 )
 from ratelimit import Budget, LimiterUnavailable, LocalStorage, spend
-from storage import ReadTime
+from storage import StoreWork
 
 log = logging.getLogger("documents.admission")
 
@@ -245,7 +245,7 @@ class AdmissionMiddleware:
         else:
             self.in_flight[key.name] += 1
             lane = self.lanes.setdefault(key.name, asyncio.Lock())
-            work = ReadTime.start(lane, functools.partial(self._refuse_if_spent, key))
+            work = StoreWork.start(lane, functools.partial(self._refuse_if_spent, key))
             try:
                 await self.app(scope, receive, send)
                 if work.seconds > READ_UNIT_S:

@@ -35,8 +35,8 @@ from storage import (
     IdempotencyKey,
     Key,
     PreconditionFailed,
-    ReadTime,
     StoreUnavailable,
+    StoreWork,
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -83,7 +83,7 @@ _CLIENT_OUTCOMES = (
     PreconditionFailed,
     IdempotencyConflict,
     DocumentInvalid,
-    HTTPException,  # a key's budget spent by its work before (storage.ReadTime)
+    HTTPException,  # a key's budget spent by its work before (storage.StoreWork)
 )
 
 log = logging.getLogger("documents.metrics")
@@ -256,7 +256,7 @@ COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metri
 
 class _Measured:
     """Times one store operation, counts its failure by error class, and adds a read's time
-    to the request's ReadTime."""
+    to the request's StoreWork."""
 
     __slots__ = ("_duration", "_errors", "_operation", "_started")
 
@@ -282,7 +282,7 @@ class _Measured:
             self._errors.labels(self._operation, type(exc).__name__).inc()
         # The store's failure (MongoDB out of reach) is not the client's cost: only answers count.
         elif self._operation in _READS:
-            ReadTime.add(seconds)
+            StoreWork.add(seconds)
 
 
 class MeteredStore:

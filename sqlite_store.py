@@ -44,10 +44,10 @@ from storage import (
     IdempotencyKey,
     IdGenerator,
     Key,
-    ReadTime,
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
+    StoreWork,
     apply_patch,
     find_words,
     fingerprint,
@@ -493,7 +493,7 @@ class SQLiteStore:
             except sqlite3.OperationalError as exc:
                 if str(exc) != "interrupted":
                     raise
-            await ReadTime.before_long_work()
+            await StoreWork.before_long_work()
             return await anyio.to_thread.run_sync(
                 lambda: fetch(self._connection().execute(sql, params))
             )

@@ -107,7 +107,7 @@ class StoreCorrupt(StoreError):
 # --- what a request's store work costs its key -------------------------------------------------
 
 
-class ReadTime:
+class StoreWork:
     """One request's store work: the seconds its reads, and the finding of a written document's
     words, took, which admission charges to its key once the request is answered (writes' own
     time is others' group commit, so it is not charged); and the key's lane. Work that takes
@@ -131,23 +131,23 @@ class ReadTime:
         cls,
         lane: asyncio.Lock | None = None,
         check: Callable[[], Awaitable[None]] | None = None,
-    ) -> ReadTime:
+    ) -> StoreWork:
         """A fresh record for the request being served, which its store work adds to (a task or
         thread the request starts copies the context, and so shares it)."""
         work = cls(lane, check)
-        _read_time.set(work)
+        _store_work.set(work)
         return work
 
     @staticmethod
     def add(seconds: float) -> None:
-        if (work := _read_time.get()) is not None:
+        if (work := _store_work.get()) is not None:
             work.seconds += seconds
 
     @staticmethod
     async def before_long_work() -> None:
         """Wait for the key's lane, once per request; the wait is not work, so it is taken off
         the seconds charged (the store operation around it is timed whole)."""
-        work = _read_time.get()
+        work = _store_work.get()
         if work is None or work._lane is None or work._held or work._ended:
             return
         started = time.perf_counter()
@@ -167,7 +167,7 @@ class ReadTime:
             self._lane.release()
 
 
-_read_time: ContextVar[ReadTime | None] = ContextVar("read_time", default=None)
+_store_work: ContextVar[StoreWork | None] = ContextVar("store_work", default=None)
 
 
 async def find_words(find: Callable[..., T], chars: int, *args: Any) -> T:
@@ -175,15 +175,14 @@ async def find_words(find: Callable[..., T], chars: int, *args: Any) -> T:
     text (about a millisecond at worst) where asked; longer in a thread, once the key's lane
     lets it, for on the event loop or in the SQLite writer it would hold back everyone else.
     Either way its time is the request's store work, which its key pays for."""
-    if chars > WORDS_INLINE_CHARS:
-        await ReadTime.before_long_work()
     started = time.perf_counter()
     try:
         if chars <= WORDS_INLINE_CHARS:
             return find(*args)
+        await StoreWork.before_long_work()
         return await anyio.to_thread.run_sync(find, *args)
     finally:
-        ReadTime.add(time.perf_counter() - started)
+        StoreWork.add(time.perf_counter() - started)
 
 
 # --- contract ---------------------------------------------------------------------------------
