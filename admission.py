@@ -244,7 +244,8 @@ class AdmissionMiddleware:
             await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
         else:
             self.in_flight[key.name] += 1
-            lane = self.lanes.setdefault(key.name, asyncio.Lock())
+            if (lane := self.lanes.get(key.name)) is None:
+                lane = self.lanes[key.name] = asyncio.Lock()
             work = StoreWork.start(lane, functools.partial(self._refuse_if_spent, key))
             try:
                 await self.app(scope, receive, send)
