@@ -12,7 +12,7 @@ one unit per READ_UNIT_S started: a listing whose filters match sparsely walks e
 the first, so its cost follows the data, not the request (finding a written document's words
 counts too). So that a burst cannot run far ahead of its charges, a key has at most
 IN_FLIGHT_PER_KEY requests in progress in a process, and its store work that takes more than a
-moment runs one piece at a time, each after the charges of those before (storage.StoreWork, its
+moment runs one piece at a time, each after the charges of those before (ratelimit.StoreWork, its
 lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's
 write: 403. Each refusal is answered from here with the body unread, and a connection whose body
 is left unread is closed (`server.py`).
@@ -55,8 +55,7 @@ from problems import (
     Unauthorized,
     for_status,
 )
-from ratelimit import Budget, LimiterUnavailable, LocalStorage, spend
-from storage import StoreWork
+from ratelimit import Budget, LimiterUnavailable, LocalStorage, StoreWork, spend
 
 log = logging.getLogger("documents.admission")
 

@@ -27,6 +27,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException
 
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
+from ratelimit import StoreWork
 from storage import (
     DocumentInvalid,
     DocumentNotFound,
@@ -36,7 +37,6 @@ from storage import (
     Key,
     PreconditionFailed,
     StoreUnavailable,
-    StoreWork,
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -83,7 +83,7 @@ _CLIENT_OUTCOMES = (
     PreconditionFailed,
     IdempotencyConflict,
     DocumentInvalid,
-    HTTPException,  # a key's budget spent by its work before (storage.StoreWork)
+    HTTPException,  # a key's budget spent by its work before (ratelimit.StoreWork)
 )
 
 log = logging.getLogger("documents.metrics")

@@ -1,5 +1,6 @@
 """Rate-limit accounting on `limits`' asyncio API: `spend()`, hits on a key's budget in every
-configured window, and the storages behind `RATE_LIMIT_STORAGE_URI`.
+configured window, and the storages behind `RATE_LIMIT_STORAGE_URI`; and `StoreWork`, what a
+request's store work costs its key.
 
 `memory://` is `LocalStorage` below: fixed-window counters in a dict, expired lazily when read.
 limits' asyncio memory storage schedules an expiry task on every hit (and its sync one a sweeper
@@ -13,10 +14,12 @@ the process its liveness.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import anyio
@@ -153,3 +156,66 @@ async def check(storage: Storage) -> None:
         reachable = await storage.check()
     if not reachable:
         raise LimiterUnavailable("The rate-limit store is unreachable.")
+
+
+class StoreWork:
+    """One request's store work: the seconds its reads, and the finding of a written document's
+    words, took, which admission charges to its key once the request is answered (writes' own
+    time is others' group commit, so it is not charged); and the key's lane. Work that takes
+    more than a moment (a read moved off the event loop, words found in a thread) first takes
+    the lane, held until the request's charge is spent: a key so runs one such piece of work at
+    a time in the process, each after the charges of those before, and `check` refuses it (429)
+    once they have spent the budget. Otherwise work started at once ran ahead of every charge:
+    60 listings of 330 ms each answered within one window of 60 units."""
+
+    __slots__ = ("_check", "_ended", "_held", "_lane", "seconds")
+
+    def __init__(
+        self, lane: asyncio.Lock | None, check: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        self.seconds = 0.0
+        self._lane, self._check = lane, check
+        self._held = self._ended = False
+
+    @classmethod
+    def start(
+        cls,
+        lane: asyncio.Lock | None = None,
+        check: Callable[[], Awaitable[None]] | None = None,
+    ) -> StoreWork:
+        """A fresh record for the request being served, which its store work adds to (a task or
+        thread the request starts copies the context, and so shares it)."""
+        work = cls(lane, check)
+        _store_work.set(work)
+        return work
+
+    @staticmethod
+    def add(seconds: float) -> None:
+        if (work := _store_work.get()) is not None:
+            work.seconds += seconds
+
+    @staticmethod
+    async def before_long_work() -> None:
+        """Wait for the key's lane, once per request; the wait is not work, so it is taken off
+        the seconds charged (the store operation around it is timed whole)."""
+        work = _store_work.get()
+        if work is None or work._lane is None or work._held or work._ended:
+            return
+        started = time.perf_counter()
+        await work._lane.acquire()
+        work.seconds -= time.perf_counter() - started
+        work._held = True
+        if work._ended:  # a task that outlived its request
+            work.end()
+        elif work._check is not None:
+            await work._check()
+
+    def end(self) -> None:
+        """The request is answered and charged: the key's next long work may go."""
+        self._ended = True
+        if self._held and self._lane is not None:
+            self._held = False
+            self._lane.release()
+
+
+_store_work: ContextVar[StoreWork | None] = ContextVar("store_work", default=None)

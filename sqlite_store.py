@@ -34,6 +34,7 @@ from models import (
     document_words,
     millis,
 )
+from ratelimit import StoreWork
 from storage import (
     IDEMPOTENCY_TTL,
     PAGE_MAX_BYTES,
@@ -47,7 +48,6 @@ from storage import (
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
-    StoreWork,
     apply_patch,
     find_words,
     fingerprint,

@@ -6,14 +6,12 @@ Nothing here knows about HTTP or about either engine: `sqlite_store` (embedded) 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +28,7 @@ from models import (
     DocumentQuery,
     DocumentUpdate,
 )
+from ratelimit import StoreWork
 
 log = logging.getLogger("documents.store")
 T = TypeVar("T")
@@ -102,72 +101,6 @@ class StoreCorrupt(StoreError):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"data file {path} is corrupt ({reason}); it was left untouched")
         self.path = path
-
-
-# --- what a request's store work costs its key -------------------------------------------------
-
-
-class StoreWork:
-    """One request's store work: the seconds its reads, and the finding of a written document's
-    words, took, which admission charges to its key once the request is answered (writes' own
-    time is others' group commit, so it is not charged); and the key's lane. Work that takes
-    more than a moment (a read moved off the event loop, words found in a thread) first takes
-    the lane, held until the request's charge is spent: a key so runs one such piece of work at
-    a time in the process, each after the charges of those before, and `check` refuses it (429)
-    once they have spent the budget. Otherwise work started at once ran ahead of every charge:
-    60 listings of 330 ms each answered within one window of 60 units."""
-
-    __slots__ = ("_check", "_ended", "_held", "_lane", "seconds")
-
-    def __init__(
-        self, lane: asyncio.Lock | None, check: Callable[[], Awaitable[None]] | None
-    ) -> None:
-        self.seconds = 0.0
-        self._lane, self._check = lane, check
-        self._held = self._ended = False
-
-    @classmethod
-    def start(
-        cls,
-        lane: asyncio.Lock | None = None,
-        check: Callable[[], Awaitable[None]] | None = None,
-    ) -> StoreWork:
-        """A fresh record for the request being served, which its store work adds to (a task or
-        thread the request starts copies the context, and so shares it)."""
-        work = cls(lane, check)
-        _store_work.set(work)
-        return work
-
-    @staticmethod
-    def add(seconds: float) -> None:
-        if (work := _store_work.get()) is not None:
-            work.seconds += seconds
-
-    @staticmethod
-    async def before_long_work() -> None:
-        """Wait for the key's lane, once per request; the wait is not work, so it is taken off
-        the seconds charged (the store operation around it is timed whole)."""
-        work = _store_work.get()
-        if work is None or work._lane is None or work._held or work._ended:
-            return
-        started = time.perf_counter()
-        await work._lane.acquire()
-        work.seconds -= time.perf_counter() - started
-        work._held = True
-        if work._ended:  # a task that outlived its request
-            work.end()
-        elif work._check is not None:
-            await work._check()
-
-    def end(self) -> None:
-        """The request is answered and charged: the key's next long work may go."""
-        self._ended = True
-        if self._held and self._lane is not None:
-            self._held = False
-            self._lane.release()
-
-
-_store_work: ContextVar[StoreWork | None] = ContextVar("store_work", default=None)
 
 
 async def find_words(find: Callable[..., T], chars: int, *args: Any) -> T:
