@@ -246,13 +246,29 @@ class AdmissionMiddleware:
             if (lane := self.lanes.get(key.name)) is None:
                 lane = self.lanes[key.name] = asyncio.Lock()
             work = StoreWork.start(lane, functools.partial(self._refuse_if_spent, key))
+
+            async def send_charged(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    await self._settle(key, work)
+                await send(message)
+
             try:
-                await self.app(scope, receive, send)
-                if work.seconds > READ_UNIT_S:
-                    await self._charge(key, work.seconds)
+                await self.app(scope, receive, send_charged)
             finally:
-                work.end()
+                await self._settle(key, work)
                 self.in_flight[key.name] -= 1
+
+    async def _settle(self, key: ApiKey, work: StoreWork) -> None:
+        """Charge the request's store work, then free the key's lane: once, as its answer starts
+        (its store work is done by then; a slow client taking the answer holds neither), or as
+        the request ends without one."""
+        if work.ended:
+            return
+        try:
+            if work.seconds > READ_UNIT_S:
+                await self._charge(key, work.seconds)
+        finally:
+            work.end()
 
     async def _refuse_if_spent(self, key: ApiKey) -> None:
         """Raise 429 if the charges of the key's work before have spent its budget (spending

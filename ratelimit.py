@@ -160,7 +160,7 @@ async def check(storage: Storage) -> None:
 
 class StoreWork:
     """One request's store work: the seconds its reads, and the finding of a written document's
-    words, took, which admission charges to its key once the request is answered (writes' own
+    words, took, which admission charges to its key as its answer starts (writes' own
     time is others' group commit, so it is not charged); and the key's lane. Work that takes
     more than a moment (a read moved off the event loop, words found in a thread) first takes
     the lane, held until the request's charge is spent: a key so runs one such piece of work at
@@ -210,8 +210,12 @@ class StoreWork:
         elif work._check is not None:
             await work._check()
 
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
     def end(self) -> None:
-        """The request is answered and charged: the key's next long work may go."""
+        """The request's work is charged: the key's next long work may go."""
         self._ended = True
         if self._held and self._lane is not None:
             self._held = False
