@@ -31,6 +31,7 @@ from models import (
     document_words,
     from_millis,
 )
+from ratelimit import StoreWork
 from storage import (
     IDEMPOTENCY_TTL,
     PAGE_MAX_BYTES,
@@ -341,6 +342,10 @@ class MongoStore:
         A listing of large documents reads and decodes on the event loop about what its page
         can send, not `limit` documents of any size."""
         self._require_indexes()
+        if query.words or query.tag or query.metadata:
+            # It may match sparsely, and MongoDB walks the matches of one filter: wait for the
+            # key's lane (ratelimit.StoreWork), as the embedded store's reads that take long do.
+            await StoreWork.before_long_work()
         with _driver_errors():
             sizes = await self._find(query, limit, after, SIZE).to_list(limit)
         if not sizes:
