@@ -255,15 +255,14 @@ class AdmissionMiddleware:
             try:
                 await self.app(scope, receive, send_charged)
             finally:
-                await self._settle(key, work)
+                if not work.ended:  # no answer was started
+                    await self._settle(key, work)
                 self.in_flight[key.name] -= 1
 
     async def _settle(self, key: ApiKey, work: StoreWork) -> None:
-        """Charge the request's store work, then free the key's lane: once, as its answer starts
-        (its store work is done by then; a slow client taking the answer holds neither), or as
-        the request ends without one."""
-        if work.ended:
-            return
+        """Charge the request's store work, then free the key's lane: as its answer starts (its
+        store work is done by then; a slow client taking the answer holds neither), or as the
+        request ends without one."""
         try:
             if work.seconds > READ_UNIT_S:
                 await self._charge(key, work.seconds)
