@@ -55,8 +55,12 @@ SEND_TIMEOUT = 10.0
 # A body reaches the application in pieces, one parser callback each: a chunk of a chunked body,
 # or what one read holds. Sent as 1-byte chunks, 6 bytes on the wire cost a Python call: 0.9 s of
 # CPU for a 2 MB body, before or after any key is checked. 4096 pieces carry a 1 MiB body in
-# 256-byte chunks; one in more is refused (400) and its connection closed.
+# 256-byte chunks. The bytes around the chunks (their sizes, extensions, line ends) are no body
+# bytes, so MAX_BODY_BYTES does not see them: a chunk extension that never ends was read at line
+# speed until the body's deadline, 15 GB and a core for 30 s. A body past either bound is refused
+# (400) and its connection closed.
 MAX_BODY_PIECES = 4096
+MAX_BODY_FRAMING_BYTES = 64 * 1024
 
 log = logging.getLogger("documents.server")
 
@@ -85,7 +89,10 @@ HEAD_TOO_LARGE = _problem(
 )
 MALFORMED = _problem(400, "Bad Request", "The request is not valid HTTP/1.1.")
 BODY_IN_TOO_MANY_PIECES = _problem(
-    400, "Bad Request", f"A request body may arrive in at most {MAX_BODY_PIECES} pieces (chunks)."
+    400,
+    "Bad Request",
+    f"A request body may arrive in at most {MAX_BODY_PIECES} pieces (chunks), with at most "
+    f"{MAX_BODY_FRAMING_BYTES // 1024} KiB of chunk sizes and extensions.",
 )
 HEAD_TIMED_OUT = _problem(
     408, "Request Timeout", f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds."
@@ -118,7 +125,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
-        self._pieces = 0  # of the current request's body
+        # The current request's body: its pieces, their bytes, and the bytes read while it came.
+        self._pieces = self._body_bytes = self._body_wire = 0
         # More requests queued behind the one answered than MAX_PIPELINED, or bytes than
         # MAX_PIPELINED_BYTES.
         self._too_many = False
@@ -160,6 +168,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._start_head_timer()
         before = (self._awaiting_head, self._heads)
         super().data_received(data)
+        if before == (False, self._heads) and not self._awaiting_head:
+            # Read wholly inside one body: what of it was not body bytes is framing.
+            self._body_wire += len(data)
+            framing = self._body_wire - self._body_bytes
+            if framing > MAX_BODY_FRAMING_BYTES and not self.transport.is_closing():
+                self._refuse(BODY_IN_TOO_MANY_PIECES)
         if (
             before == (True, self._heads)
             and self._awaiting_head
@@ -176,7 +190,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._headers = 0
         self._parsed = 0
-        self._pieces = 0
+        self._pieces = self._body_bytes = self._body_wire = 0
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -207,6 +221,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._pieces += 1
+        self._body_bytes += len(body)
         if self._pieces > MAX_BODY_PIECES:
             raise ValueError("body in too many pieces")  # stops the parser, as _count does
         super().on_body(body)

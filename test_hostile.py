@@ -40,6 +40,7 @@ from models import Problem
 from server import (
     HEAD_TIMEOUT,
     KEEP_ALIVE_TIMEOUT,
+    MAX_BODY_FRAMING_BYTES,
     MAX_BODY_PIECES,
     MAX_HEAD_BYTES,
     MAX_HEADERS,
@@ -180,6 +181,24 @@ def test_a_body_in_more_pieces_than_the_bound_is_refused_as_it_arrives(
     with server.client() as client:
         titles = [d["title"] for d in client.get("/v1/documents").json()["items"]]
         assert titles.count(title) == (key == KEY)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"1;ext=" + b"e" * 64 * KB, b"0" * 64 * KB],
+    ids=["a chunk extension without end", "a chunk size of endless leading zeros"],
+)
+def test_chunk_framing_past_the_bound_is_refused_as_it_arrives(
+    server: Service, framing: bytes
+) -> None:
+    """The bytes around a chunk are no body bytes, so MAX_BODY_BYTES never counted them: a
+    chunk extension that never ended was read at line speed until the body's deadline (15 GB,
+    a core for 30 s, for one unit of a key's budget). Past MAX_BODY_FRAMING_BYTES of them the
+    request is refused and its connection closed."""
+    head = _post_head(f"X-API-Key: {KEY}\r\n", "Transfer-Encoding: chunked")
+    response = exchange(server, head, more=[framing[: 64 * KB]] + [framing[-64 * KB :]] * 63)
+    assert status_of(response) == 400
+    assert b"%d KiB of chunk sizes" % (MAX_BODY_FRAMING_BYTES // KB) in response
 
 
 def test_a_head_within_the_limits_is_served(server: Service) -> None:
