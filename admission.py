@@ -29,7 +29,6 @@ import contextlib
 import contextvars
 import functools
 import hmac
-import ipaddress
 import logging
 import math
 import time
@@ -45,7 +44,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import ApiKey, digest_key
-from logging_config import clip
 from metrics import Metrics
 from problems import (
     LIMITER_UNAVAILABLE,
@@ -56,6 +54,7 @@ from problems import (
     for_status,
 )
 from ratelimit import Budget, LimiterUnavailable, LocalStorage, StoreWork, spend
+from server import client_of
 
 log = logging.getLogger("documents.admission")
 
@@ -344,22 +343,7 @@ def client_address(scope: Scope) -> str:
     """Who a keyless budget belongs to: the client's address (X-Forwarded-For's, when the peer
     is in FORWARDED_ALLOW_IPS: uvicorn's proxy headers set `client` before the app runs)."""
     client = scope.get("client")
-    return _budget_holder(client[0] if client else "")
-
-
-@functools.lru_cache(maxsize=4096)
-def _budget_holder(host: str) -> str:
-    """IPv6 clients are counted by /64, the block one subscriber gets: per address, one machine
-    could take a fresh budget for each of its 2^64 addresses. Cached: a flood repeats a few."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return clip(host, 64)  # not an address (a Unix socket, a test client)
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return host
+    return client_of(client[0] if client else "")
 
 
 def route_path(scope: Scope) -> str:

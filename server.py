@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
+import ipaddress
 import logging
 import socket
 import struct
 import sys
 import termios
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -39,6 +42,8 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.supervisors import Multiprocess
+
+from logging_config import clip
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
@@ -104,6 +109,46 @@ TOO_MANY_CONNECTIONS = _problem(
     b"retry-after: 1\r\n",
 )
 
+TOO_MANY_FROM_CLIENT = _problem(
+    503,
+    "Service Unavailable",
+    "This address has as many connections open as one address may (a tenth of MAX_CONNECTIONS); "
+    "retry shortly.",
+    b"retry-after: 1\r\n",
+)
+# Open connections per client address in this process, past which its next is refused at once:
+# else one address held every one of MAX_CONNECTIONS with connections that send nothing, each
+# opened again as HEAD_TIMEOUT closed it (100 a second), and every other client got 503. A
+# trusted proxy's (FORWARDED_ALLOW_IPS) are not counted: every client behind it shares them.
+_open_by_client: Counter[str] = Counter()
+
+
+@functools.lru_cache(maxsize=4096)
+def client_of(host: str) -> str:
+    """Who a connection or a keyless budget belongs to: IPv6 clients by /64, the block one
+    subscriber gets (per address, one machine would have 2^64). Cached: a flood repeats a few."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return clip(host, 64)  # not an address (a Unix socket, a test client)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_proxy(host: str, trusted: str) -> bool:
+    if trusted.strip() == "*":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    networks = (ipaddress.ip_network(e.strip(), strict=False) for e in trusted.split(","))
+    return any(address in network for network in networks)
+
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Counts what a head costs as it arrives; memory stays within one read of the limit. Open
@@ -137,12 +182,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # Paused as soon as one byte waits for the peer, not past asyncio's 64 KiB: the send
         # timer then runs whenever this process holds anything the peer has not taken.
         transport.set_write_buffer_limits(high=0)
+        self._client: str | None = None
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             self._refuse(TOO_MANY_CONNECTIONS)
             return
+        host = self.client[0] if self.client else ""
+        trusted = self.config.forwarded_allow_ips
+        if self.max_connections is not None and not _is_proxy(
+            host, trusted if isinstance(trusted, str) else ",".join(trusted)
+        ):
+            self._client = client_of(host)
+            _open_by_client[self._client] += 1
+            if _open_by_client[self._client] > max(1, self.max_connections // 10):
+                self._refuse(TOO_MANY_FROM_CLIENT)
+                return
         self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._client is not None:
+            _open_by_client[self._client] -= 1
+            if not _open_by_client[self._client]:
+                del _open_by_client[self._client]
         self._stop_head_timer()
         self._stop_send_timer()
         if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None

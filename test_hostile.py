@@ -673,6 +673,32 @@ def test_a_key_has_at_most_32_requests_in_progress(service_factory: ServiceFacto
             assert time.monotonic() < deadline  # until the server has seen the 32 end
 
 
+def test_one_address_holds_at_most_a_tenth_of_the_connections(
+    service_factory: ServiceFactory,
+) -> None:
+    """Connections that send nothing, opened again as the head timeout closes them, held every
+    one of MAX_CONNECTIONS from one address. Past a tenth of them, that address's next gets 503
+    at once, and is served again once one of its own closes. (This machine's address is not a
+    trusted proxy here: a proxy's connections are not counted.)"""
+    env = {"MAX_CONNECTIONS": "20", "FORWARDED_ALLOW_IPS": "10.9.9.9"}
+    service = service_factory(env=env).start()
+    silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
+    try:
+        refused = exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(refused) == 503
+        assert b"as one address may" in refused
+        assert b"retry-after: 1" in refused
+    finally:
+        silent.pop().close()
+    try:
+        deadline = time.monotonic() + 10
+        while status_of(exchange(service, b"GET /health HTTP/1.1\r\n\r\n")) != 200:
+            assert time.monotonic() < deadline  # until the server has seen one close
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFactory) -> None:
     service = service_factory(env={"MAX_CONNECTIONS": "8"}).start()
     held = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
