@@ -4,12 +4,15 @@ bounds where JSON Schema cannot speak: body nesting and the word index."""
 
 from __future__ import annotations
 
+import json
 import sys
 import unicodedata
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import jsonschema_rs
 import pytest
 from fastapi.testclient import TestClient
@@ -95,6 +98,33 @@ def test_document_and_service_agree_on_what_a_create_body_is(
         assert response.status_code == 201, response.text
     else:
         assert_problem(response, 422)
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "-9223372036854775809.0",
+        "-9.2233720368547758081e18",
+        "-9223372036854775808.0",
+        "9223372036854775807.0",
+        "9.2233720368547758075e18",
+        "9223372036854775808.0",
+    ],
+)
+def test_a_number_written_beside_a_bound_of_the_range_is_judged_as_written(
+    client: TestClient, number: str
+) -> None:
+    """Each of these reads as the float of a bound itself, ±2**63; the document's validators
+    compare the number written, exactly, and so does the service."""
+    body = '{"title": "t", "content": "x", "metadata": {"n": ' + number + "}}"
+    document = client.get("/openapi.json").json()
+    exact = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/DocumentCreate", "components": document["components"]}
+    )
+    valid = exact.is_valid(json.loads(body, parse_float=Decimal))
+    headers = {"Content-Type": "application/json"}
+    response = client.post("/v1/documents", content=body, headers=headers)
+    assert response.status_code == (201 if valid else 422), response.text
 
 
 def test_title_is_stored_trimmed_within_the_declared_length(client: TestClient) -> None:
