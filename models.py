@@ -111,6 +111,10 @@ def _metadata_value(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # Exact for a float too (Python compares int and float by value); NaN and infinities fail it.
     if isinstance(value, int | float) and not METADATA_INT_MIN <= value <= METADATA_INT_MAX:
         raise PydanticCustomError("metadata_value", _METADATA_NUMBER_RANGE)
+    if isinstance(value, float) and value == METADATA_INT_MIN:
+        # The one float whose shortest form (-9.223372036854776e+18) is below the range: kept as
+        # the integer it equals, so what is stored is written back as a valid number.
+        return METADATA_INT_MIN
     return value
 
 
