@@ -482,7 +482,8 @@ def test_every_mongodb_operation_carries_a_server_side_time_limit(
     proxy, url = proxied_mongo
     proxy.start()
     seen = _recording(proxy)
-    with mongo_app_client(url, tmp_path) as client:
+    # 5 s: the test server, behind the recording proxy, can take over 500 ms under load.
+    with mongo_app_client(url, tmp_path, mongo_timeout_ms=5_000) as client:
         doc = client.post("/v1/documents", json=DOC, headers=KEYED).json()
         client.get(f"/v1/documents/{doc['id']}")
         client.get("/v1/documents", params={"q": "t", "limit": 1})
