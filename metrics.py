@@ -36,6 +36,7 @@ from storage import (
     IdempotencyKey,
     Key,
     PreconditionFailed,
+    ReadStopped,
     StoreUnavailable,
 )
 
@@ -278,10 +279,12 @@ class _Measured:
         seconds = time.perf_counter() - self._started
         self._duration.observe(seconds)
         # A cancellation (the client left, a timeout) is a BaseException: not the store's failure.
-        if isinstance(exc, Exception) and not isinstance(exc, _CLIENT_OUTCOMES):
+        failed = isinstance(exc, Exception) and not isinstance(exc, _CLIENT_OUTCOMES)
+        if failed:
             self._errors.labels(self._operation, type(exc).__name__).inc()
-        # The store's failure (MongoDB out of reach) is not the client's cost: only answers count.
-        elif self._operation in _READS:
+        # The store's failure (MongoDB out of reach) is not the client's cost: answers count, and
+        # reads the database stopped at their time limit, which their cost ran into.
+        if self._operation in _READS and (not failed or isinstance(exc, ReadStopped)):
             StoreWork.add(seconds)
 
 

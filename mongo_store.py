@@ -41,6 +41,7 @@ from storage import (
     IdempotencyKey,
     IdGenerator,
     Key,
+    ReadStopped,
     StoreAuthenticationFailed,
     StoreError,
     StoreUnavailable,
@@ -122,7 +123,10 @@ def _driver_errors() -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
     try:
         yield
-    except (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError, WriteConcernError) as exc:
+    except ExecutionTimeout as exc:
+        log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
+        raise ReadStopped("MongoDB stopped the operation at its time limit.") from exc
+    except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
         log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc
     except OperationFailure as exc:
@@ -342,9 +346,11 @@ class MongoStore:
         A listing of large documents reads and decodes on the event loop about what its page
         can send, not `limit` documents of any size."""
         self._require_indexes()
-        if query.words or query.tag or query.metadata:
-            # It may match sparsely, and MongoDB walks the matches of one filter: wait for the
-            # key's lane (ratelimit.StoreWork), as the embedded store's reads that take long do.
+        bounds = (query.created_after, query.created_before, query.updated_after)
+        if query.words or query.tag or query.metadata or any(bounds) or query.updated_before:
+            # It may match sparsely, and MongoDB walks the matches of one filter or of the sort:
+            # wait for the key's lane (ratelimit.StoreWork), as the embedded store's reads that
+            # take long do.
             await StoreWork.before_long_work()
         with _driver_errors():
             sizes = await self._find(query, limit, after, SIZE).to_list(limit)

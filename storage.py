@@ -93,6 +93,11 @@ class StoreUnavailable(StoreError):
     """The store cannot serve right now (disk failure, database unreachable)."""
 
 
+class ReadStopped(StoreUnavailable):
+    """The database stopped an operation at its time limit: what it cost is the caller's, and
+    is charged to its key as an answered read's time is."""
+
+
 class StoreAuthenticationFailed(StoreUnavailable):
     """The database refused the configured credentials."""
 

@@ -1080,8 +1080,13 @@ def test_a_key_runs_out_after_far_fewer_sparse_listings_than_cheap_reads(seeded_
         assert_problem(sparse[-1], 429)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [SPARSE, {"sort": "updated_at", "created_before": "2020-01-01T00:00:00Z"}],
+    ids=["filters", "a time range off the sort"],
+)
 def test_sparse_listings_started_at_once_run_one_at_a_time_and_stop_when_paid(
-    seeded: Settings,
+    seeded: Settings, params: dict[str, str]
 ) -> None:
     """A read is charged once answered: ten sparse listings started at once all ran before the
     first charge landed (60 of 330 ms each, in one window of 60 units). A key's reads that
@@ -1091,7 +1096,7 @@ def test_sparse_listings_started_at_once_run_one_at_a_time_and_stop_when_paid(
     with TestClient(create_app(seeded), headers={"X-API-Key": KEY}) as client:
         statuses: list[int] = []
         run_threads(
-            lambda _: statuses.append(client.get("/v1/documents", params=SPARSE).status_code),
+            lambda _: statuses.append(client.get("/v1/documents", params=params).status_code),
             BUDGET,
         )
         assert sorted(set(statuses)) == [200, 429]
