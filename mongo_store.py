@@ -17,6 +17,7 @@ from pymongo.errors import (
     ConnectionFailure,
     DuplicateKeyError,
     ExecutionTimeout,
+    NetworkTimeout,
     OperationFailure,
     PyMongoError,
     WaitQueueTimeoutError,
@@ -123,9 +124,9 @@ def _driver_errors() -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
     try:
         yield
-    except ExecutionTimeout as exc:
+    except (ExecutionTimeout, NetworkTimeout) as exc:  # stopped by the server, or by us
         log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
-        raise ReadStopped("MongoDB stopped the operation at its time limit.") from exc
+        raise ReadStopped("MongoDB did not finish the operation within its time limit.") from exc
     except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
         log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc

@@ -94,8 +94,8 @@ class StoreUnavailable(StoreError):
 
 
 class ReadStopped(StoreUnavailable):
-    """The database stopped an operation at its time limit: what it cost is the caller's, and
-    is charged to its key as an answered read's time is."""
+    """An operation ran into its time limit while the database worked on it: what it cost is
+    the caller's, and a read's is charged to its key as an answered read's time is."""
 
 
 class StoreAuthenticationFailed(StoreUnavailable):

@@ -476,6 +476,26 @@ def test_probes_and_scrapes_read_no_documents_and_write_nothing(
     assert set(commands).isdisjoint({"aggregate", "find", *WRITES}), commands
 
 
+def test_a_read_that_runs_into_its_time_limit_is_charged_its_time(
+    mongo_url: str, tmp_path: Path
+) -> None:
+    """A listing that walks the collection past MONGO_TIMEOUT_MS fails (503); failing, it was
+    charged nothing, so reads made to fail cost their key less than answered ones."""
+    settings = make_settings(tmp_path, database_url=mongo_url, rate_limit="1000/minute")
+    anyio.run(seed_common, settings, 2_000)  # the test server walks them for any listing
+    with mongo_app_client(mongo_url, tmp_path, mongo_timeout_ms=100) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/v1/documents/nothing-here").status_code != 404:
+            assert time.monotonic() < deadline  # connected, within 100 ms, under load too
+        stopped = client.get("/v1/documents", params=SPARSE)
+        assert_problem(stopped, 503)
+        next_one = client.get("/v1/documents/nothing-here")
+        spent = int(stopped.headers["x-ratelimit-remaining"]) - int(
+            next_one.headers["x-ratelimit-remaining"]
+        )
+        assert spent > 2  # the next request's unit, and the stopped read's 100 ms or more
+
+
 def test_every_mongodb_operation_carries_a_server_side_time_limit(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
