@@ -160,10 +160,11 @@ async def check(storage: Storage) -> None:
 
 class StoreWork:
     """One request's store work: the seconds its reads, and the finding of a written document's
-    words, took, which admission charges to its key as its answer starts (writes' own
-    time is others' group commit, so it is not charged); and the key's lane. Work that takes
-    more than a moment (a read moved off the event loop, words found in a thread) first takes
-    the lane, held until the request's charge is spent: a key so runs one such piece of work at
+    words, took, which admission charges to its key as its answer starts (writes' own time is
+    others' group commit, so it is not charged); and the key's lane. Work that may take more
+    than a moment (a read moved off the event loop, a MongoDB listing with a filter or a time
+    range, words found in a thread) first takes the lane, held until the request's charge is
+    spent: a key so runs one such piece of work at
     a time in the process, each after the charges of those before, and `check` refuses it (429)
     once they have spent the budget. Otherwise work started at once ran ahead of every charge:
     60 listings of 330 ms each answered within one window of 60 units."""
