@@ -1271,7 +1271,7 @@ def test_read_time_is_charged_through_redis_and_a_failed_charge_still_answers(
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
     proxy.start()
-    budget = 10
+    budget = 5_000  # room for listings of up to MONGO_TIMEOUT_MS, at READ_UNIT_S a unit
     try:
         with mongo_app_client(
             mongo_url,
