@@ -67,7 +67,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: LogFormat = "json"
     slow_request_ms: float = Field(default=500.0, gt=0)
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: str = Field(
+        default="",
+        description="Proxies whose X-Forwarded-For/-Proto are trusted; unset: none, so no client "
+        "(a local one included) picks the address its budget and connection share are counted by.",
+    )
     root_path: str = ""
     database_url: str | None = Field(
         default=None,
@@ -156,13 +160,14 @@ class Settings(BaseSettings):
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _addresses(cls, value: str) -> str:
-        for entry in (e.strip() for e in value.split(",")):
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+        for entry in entries:
             if entry != "*":
                 try:
                     ipaddress.ip_network(entry, strict=False)
                 except ValueError:
                     raise ValueError(f"{entry[:64]!r} is not an IP address or network") from None
-        return value
+        return ",".join(entries)
 
     @field_validator("database_url")
     @classmethod

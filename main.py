@@ -775,7 +775,7 @@ place of DATA_DIR/documents.db (and remove documents.db-wal and -shm), start it.
             **SERVER_OPTIONS,
             limit_concurrency=settings.max_connections,
             # Behind a reverse proxy: trust X-Forwarded-For/-Proto from these addresses only.
-            proxy_headers=True,
+            proxy_headers=bool(settings.forwarded_allow_ips),
             forwarded_allow_ips=settings.forwarded_allow_ips,
             root_path=settings.root_path,
             timeout_graceful_shutdown=8,

@@ -21,6 +21,9 @@ Create, read, list, update and delete JSON documents over a durable store.
 
 Every error is an RFC 9457 `application/problem+json` document carrying the `request_id`
 that is also in the `X-Request-ID` response header.
+
+Every string is Unicode text: one holding a lone surrogate (a `\\ud800` escape with no pair,
+which no UTF-8 text can hold) is refused with 422, wherever it appears.
 """
 
 TAGS = [

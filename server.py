@@ -146,7 +146,7 @@ def _is_proxy(host: str, trusted: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    networks = (ipaddress.ip_network(e.strip(), strict=False) for e in trusted.split(","))
+    networks = (ipaddress.ip_network(e, strict=False) for e in trusted.split(",") if e)
     return any(address in network for network in networks)
 
 

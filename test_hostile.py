@@ -386,8 +386,9 @@ SPENDER = "spender-key-0004"
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """Small budgets, and a read-only key; each test sends as a client address of its own
-    (X-Forwarded-For, trusted from 127.0.0.1 by default)."""
+    (X-Forwarded-For, trusted from 127.0.0.1 here, as from a proxy on this host)."""
     env = {
+        "FORWARDED_ALLOW_IPS": "127.0.0.1",
         "API_KEYS": f"alice:{KEY},reader:{READER}:read,spender:{SPENDER}",
         "RATE_LIMIT": "3/minute",
         "KEYLESS_RATE_LIMIT": "3/minute",
@@ -516,12 +517,14 @@ def test_heads_uvicorn_cannot_parse_or_upgrade_write_no_log_line(
     ("trusted", "first", "second", "status"),
     [
         ("127.0.0.1", "203.0.113.7", "203.0.113.8", 401),
+        ("", "203.0.113.7", "203.0.113.8", 429),
         ("10.0.0.1", "203.0.113.7", "203.0.113.8", 429),
         ("127.0.0.1", "2001:db8::1", "2001:db8::2", 429),
         ("127.0.0.1", "2001:db8::1", "2001:db8:0:1::1", 401),
     ],
     ids=[
         "a trusted proxy's clients apart",
+        "no proxy trusted by default, this machine included",
         "an untrusted peer's forwarded address ignored",
         "one IPv6 /64 is one client",
         "another /64 is another client",
@@ -530,7 +533,7 @@ def test_heads_uvicorn_cannot_parse_or_upgrade_write_no_log_line(
 def test_the_keyless_budget_is_per_client_behind_a_trusted_proxy(
     service_factory: ServiceFactory, trusted: str, first: str, second: str, status: int
 ) -> None:
-    env = {"KEYLESS_RATE_LIMIT": "2/minute", "FORWARDED_ALLOW_IPS": trusted}
+    env = {"KEYLESS_RATE_LIMIT": "2/minute"} | ({"FORWARDED_ALLOW_IPS": trusted} if trusted else {})
     service = service_factory(env=env).start()
     _spend(service, {"X-Forwarded-For": first}, times=2)
     with httpx.Client(base_url=service.url) as client:
@@ -678,9 +681,9 @@ def test_one_address_holds_at_most_a_tenth_of_the_connections(
 ) -> None:
     """Connections that send nothing, opened again as the head timeout closes them, held every
     one of MAX_CONNECTIONS from one address. Past a tenth of them, that address's next gets 503
-    at once, and is served again once one of its own closes. (This machine's address is not a
-    trusted proxy here: a proxy's connections are not counted.)"""
-    env = {"MAX_CONNECTIONS": "20", "FORWARDED_ALLOW_IPS": "10.9.9.9"}
+    at once, and is served again once one of its own closes. No address is a trusted proxy by
+    default, this machine's included (a trusted proxy's connections are not counted)."""
+    env = {"MAX_CONNECTIONS": "20"}
     service = service_factory(env=env).start()
     silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
     try:
@@ -758,8 +761,9 @@ def test_a_body_that_stops_arriving_gets_408_once_the_body_timeout_passes(tmp_pa
 
 
 def test_long_paths_user_agents_and_forwarded_addresses_are_cut_in_the_access_line(
-    server: Service,
+    service_factory: ServiceFactory,
 ) -> None:
+    server = service_factory(env={"FORWARDED_ALLOW_IPS": "127.0.0.1"}).start()
     with server.client() as client:
         long_path = "/v1/documents/" + "p" * 6000
         headers = {"User-Agent": "u" * 8000, "X-Forwarded-For": "f" * 1000}
@@ -1000,8 +1004,9 @@ def test_location_never_carries_the_client_host(client: TestClient) -> None:
 
 
 def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
-    server: Service,
+    service_factory: ServiceFactory,
 ) -> None:
+    server = service_factory(env={"MAX_CONNECTIONS": "4000"}).start()  # 400 from one address
     before = sorted(p.name for p in server.data_dir.iterdir())
     mtime = server.data_dir.stat().st_mtime_ns
 
