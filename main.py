@@ -354,6 +354,9 @@ def _add_routes(app: FastAPI) -> None:
         response_class=Response,
         responses=openapi.METRICS_RESPONSE,
     )
+    # A request meets the routes in order, each passed costing a match: FastAPI put its docs
+    # routes first, so the API's go ahead of them (a sort keeps each group's own order).
+    app.router.routes.sort(key=lambda route: not getattr(route, "path", "").startswith("/v1"))
 
 
 # --- the one error-to-HTTP map ----------------------------------------------------------------
