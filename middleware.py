@@ -100,10 +100,10 @@ class RequestContextMiddleware:
         finally:
             duration = time.perf_counter() - started
             route = route_template(scope)
-            # No line for a refusal admission's tally counts, nor for a probe that did not fail
+            # No line for a refusal admission's tally counts, nor for a probe, failed or not
             # (whatever its method): orchestrators poll them, strangers may flood them with no
-            # budget, and metrics count them all.
-            probe = status < 500 and route_path(scope) in PROBES
+            # budget, and metrics count them all; a failing store logs itself once (Outage).
+            probe = route_path(scope) in PROBES
             if state.get("log_access", True) and not probe:
                 self._log_access(scope, route, state, status, duration)
             if self.observer is not None:

@@ -24,6 +24,7 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
+from logging_config import Outage
 from models import (
     Document,
     DocumentCreate,
@@ -55,6 +56,7 @@ from storage import (
 )
 
 log = logging.getLogger("documents.store")
+_outage = Outage(log, "store")  # MongoDB not answering, or not within its time limit
 # How long the start waits for MongoDB before it serves anyway (not ready until it answers).
 FIRST_CONTACT_SECONDS = 1.0
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
@@ -125,10 +127,10 @@ def _driver_errors() -> Iterator[None]:
     try:
         yield
     except (ExecutionTimeout, NetworkTimeout) as exc:  # stopped by the server, or by us
-        log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
+        _outage.failed(type(exc).__name__)
         raise ReadStopped("MongoDB did not finish the operation within its time limit.") from exc
     except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
-        log.warning("store.unavailable", extra={"backend": "mongodb", "error": type(exc).__name__})
+        _outage.failed(type(exc).__name__)
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc
     except OperationFailure as exc:
         if exc.code == AUTHENTICATION_FAILED:
@@ -138,6 +140,8 @@ def _driver_errors() -> Iterator[None]:
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
     except PyMongoError as exc:
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
+    else:
+        _outage.answered()
 
 
 class MongoStore:

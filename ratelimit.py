@@ -27,7 +27,10 @@ from limits import RateLimitItem
 from limits.aio.storage import RedisStorage, Storage
 from limits.errors import StorageError
 
+from logging_config import Outage
+
 log = logging.getLogger("documents.ratelimit")
+_outage = Outage(log, "rate_limit", logging.ERROR)  # Redis not answering within TIMEOUT
 # How long one request may wait on the rate-limit store before it is answered 503.
 TIMEOUT = 1.0
 
@@ -128,8 +131,10 @@ def _bounded(storage: Storage) -> Iterator[None]:
         with anyio.fail_after(TIMEOUT):
             yield
     except (TimeoutError, StorageError) as exc:
-        log.error("rate_limit.unavailable", extra={"error": repr(exc.__cause__ or exc)[:200]})
+        _outage.failed(repr(exc.__cause__ or exc)[:200])
         raise LimiterUnavailable("The rate-limit store did not answer; try again shortly.") from exc
+    else:
+        _outage.answered()
 
 
 async def spend(

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from legacy import mark_imported, read_legacy
+from logging_config import Outage
 from models import (
     Document,
     DocumentCreate,
@@ -57,6 +58,7 @@ from storage import (
 )
 
 log = logging.getLogger("documents.store")
+_outage = Outage(log, "store")  # what readiness finds: the database or its directory failing
 T = TypeVar("T")
 
 DATABASE_FILE = "documents.db"
@@ -386,7 +388,12 @@ class SQLiteStore:
                         reason = "for a document that has since been deleted"
                         raise IdempotencyConflict(idempotency.key, reason)
                     return self._document(known[1]), True
-            doc = new_document(data, self._new_id(now), now)
+            # After every id of its millisecond, another worker's too: the document's key then
+            # goes after theirs, where the space is (_key), not into the gaps between them.
+            (last,) = conn.execute(
+                "SELECT max(id) FROM documents WHERE created = ?", (millis(now),)
+            ).fetchone()
+            doc = new_document(data, self._new_id(now, last), now)
             self._insert(conn, doc, terms)  # first: it may refuse the document (DocumentInvalid)
             if idempotency is not None:
                 # Each record written takes out up to two expired ones, oldest first, through
@@ -535,8 +542,13 @@ class SQLiteStore:
         return self._secret  # made once by the first migration, never changed
 
     async def check(self) -> None:
-        await self._read("SELECT 1 FROM meta", ())
-        await anyio.to_thread.run_sync(self._probe)
+        try:
+            await self._read("SELECT 1 FROM meta", ())
+            await anyio.to_thread.run_sync(self._probe)
+        except StoreUnavailable as exc:
+            _outage.failed(str(exc))
+            raise
+        _outage.answered()
 
     def _probe(self) -> None:
         try:

@@ -199,24 +199,30 @@ class DocumentStore(Protocol):
 # --- shared document logic --------------------------------------------------------------------
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_FROM_CROCKFORD = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")  # to int(_, 32)
 
 
 class IdGenerator:
     """48 bits of milliseconds then 80 random bits, in Crockford base32 (26 URL-safe chars).
 
     Ids sort by creation time, which is what newest-first pages rely on; within one millisecond
-    a later id is the previous one plus a random step, so order holds and ids stay unguessable.
+    a later id is the previous one (or `after`, another process's) plus a random step, so order
+    holds and ids stay unguessable.
     """
 
     def __init__(self) -> None:
         self._last = 0
         self._lock = threading.Lock()
 
-    def __call__(self, now: datetime) -> str:
-        value = (int(now.timestamp() * 1000) << 80) | secrets.randbits(80)
+    def __call__(self, now: datetime, after: str | None = None) -> str:
+        millisecond = int(now.timestamp() * 1000)
+        value = (millisecond << 80) | secrets.randbits(80)
+        theirs = int(after.translate(_FROM_CROCKFORD), 32) if after else 0
         with self._lock:
-            if value <= self._last:
-                value = self._last + 1 + secrets.randbits(40)
+            # Only an id of this very millisecond: an imported one may hold any bits at all.
+            last = max(self._last, theirs if theirs >> 80 == millisecond else 0)
+            if value <= last:
+                value = last + 1 + secrets.randbits(40)
             self._last = value
         return "".join(_CROCKFORD[value >> shift & 31] for shift in range(125, -1, -5))
 

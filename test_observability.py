@@ -243,10 +243,13 @@ def test_keys_and_document_content_never_reach_the_log(tmp_path: Path, log_lines
         assert secret not in text
 
 
-def test_probes_that_do_not_fail_write_no_access_line(tmp_path: Path, log_lines: LogLines) -> None:
+def test_probes_write_no_line_and_a_failing_store_is_logged_once(
+    tmp_path: Path, log_lines: LogLines
+) -> None:
     """Orchestrators poll the probes and strangers may flood them, with any method and without a
-    budget: a line each would make the log grow ten times faster than the requests. Metrics
-    count them; a failing probe is logged."""
+    budget: a line each would make the log grow ten times faster than the requests, or 20
+    times with three lines each while the store failed. Metrics count them; the store logs
+    that it fails once, and once that it answers again."""
     data_dir = tmp_path / "data"
     with app_client(data_dir) as client:
         for path in ("/health", "/health/ready"):
@@ -258,10 +261,15 @@ def test_probes_that_do_not_fail_write_no_access_line(tmp_path: Path, log_lines:
         for child in data_dir.iterdir():
             child.unlink()
         data_dir.rmdir()
-        assert_problem(client.get("/health/ready"), 503)
+        for _ in range(5):
+            assert_problem(client.get("/health/ready"), 503)
         data_dir.mkdir()
-    probed = [line for line in access_lines(log_lines()) if line["route"].startswith("/health")]
-    assert [(line["route"], line["status_code"]) for line in probed] == [("/health/ready", 503)]
+        assert client.get("/health/ready").status_code == 200
+    lines = log_lines()
+    assert not [line for line in access_lines(lines) if line["route"].startswith("/health")]
+    store = [line for line in lines if line["logger"] == "documents.store"]
+    assert [line["message"] for line in store] == ["store.unavailable", "store.available"]
+    assert store[0]["level"] == "WARNING"
 
 
 def test_a_head_request_is_logged_and_counted_under_its_route(

@@ -1070,6 +1070,37 @@ def test_liveness_answers_at_once_while_mongodb_does_not_then_all_recovers(
         proxy.stop()
 
 
+def test_probes_while_mongodb_is_down_write_one_line_however_many(
+    service_factory: ServiceFactory, mongo_server: SecantusDBServer, mongo_url: str
+) -> None:
+    """Each keyless probe while MongoDB was down wrote three lines (the store's warning, an
+    access line, a slow request): 39 bytes sent, 778 logged. The outage is now logged once as
+    it begins and once as it ends, and probes write nothing of their own."""
+    proxy = TcpProxy(mongo_server.address)
+    proxy.start()
+    database = mongo_url.rsplit("/", 1)[1]
+    url = f"mongodb://{proxy.address}/{database}?directConnection=true"
+    service = service_factory(env={"DATABASE_URL": url, "MONGO_TIMEOUT_MS": "300"}).start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=10) as client:
+            proxy.stop()
+            for _ in range(10):
+                assert_problem(client.get("/health/ready"), 503)
+            proxy.start()
+            deadline = time.monotonic() + 30
+            while client.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "did not recover"
+        service.stop_quietly()
+    finally:
+        proxy.stop()
+    lines = [json.loads(line) for line in service.output if line.startswith("{")]
+    assert [line["message"] for line in lines if line["logger"] == "documents.store"] == [
+        "store.unavailable",
+        "store.available",
+    ]
+    assert not [line for line in lines if line["message"] in ("request", "request.slow")]
+
+
 def test_credentials_refused_after_a_start_without_mongodb_are_logged_once_and_not_ready(
     service_factory: ServiceFactory, mongo_server: SecantusDBServer
 ) -> None:
