@@ -58,7 +58,6 @@ from storage import (
 )
 
 log = logging.getLogger("documents.store")
-_outage = Outage(log, "store")  # what readiness finds: the database or its directory failing
 T = TypeVar("T")
 
 DATABASE_FILE = "documents.db"
@@ -191,6 +190,7 @@ class SQLiteStore:
         # the document exactly as the API serves it, so it is its own cache key.
         self._parsed = functools.lru_cache(maxsize=PARSED_MAX)(_parse)
         self._secret = b""
+        self._outage = Outage(log, "store")  # what readiness finds failing, logged once
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> SQLiteStore:
@@ -546,9 +546,9 @@ class SQLiteStore:
             await self._read("SELECT 1 FROM meta", ())
             await anyio.to_thread.run_sync(self._probe)
         except StoreUnavailable as exc:
-            _outage.failed(str(exc))
+            self._outage.failed(str(exc))
             raise
-        _outage.answered()
+        self._outage.answered()
 
     def _probe(self) -> None:
         try:
