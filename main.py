@@ -500,13 +500,15 @@ def _key_limits(settings: Settings) -> list[RateLimitItem]:
     ]
 
 
-async def open_store(settings: Settings) -> DocumentStore:
+async def open_store(settings: Settings, *, serving: bool = True) -> DocumentStore:
     """MongoDB when DATABASE_URL is set, else the embedded SQLite store."""
     if settings.database_url:
         # Imported here: pymongo is only loaded by a service that uses it.
         from mongo_store import MongoStore
 
-        return await MongoStore.open(settings.database_url, timeout_ms=settings.mongo_timeout_ms)
+        return await MongoStore.open(
+            settings.database_url, timeout_ms=settings.mongo_timeout_ms, serving=serving
+        )
     # Opened in a thread: a first start may migrate or import the previous version's file.
     return await anyio.to_thread.run_sync(SQLiteStore.open, settings.data_dir)
 
@@ -666,7 +668,7 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     if task in ("backup", "export") and not settings.database_url and not database.exists():
         # Opening would make an empty database: a copy of it would look like a good backup.
         raise SystemExit(f"no database at {database}: is DATA_DIR the service's?")
-    store = await open_store(settings)
+    store = await open_store(settings, serving=False)
     try:
         if task == "seed":
             added = await _seed(store, file or SAMPLES)

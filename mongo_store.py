@@ -177,18 +177,25 @@ class MongoStore:
         self.words_added: asyncio.Task[int] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> MongoStore:
-        """Waits at most FIRST_CONTACT_SECONDS for MongoDB, so the service answers liveness
+    async def open(
+        cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now, serving: bool = True
+    ) -> MongoStore:
+        """A service waits at most FIRST_CONTACT_SECONDS for MongoDB, so it answers liveness
         at once. Refused credentials stop the start; an unreachable server does not: the
-        process stays up, reports not ready, and makes the indexes in the background."""
+        process stays up, reports not ready, and makes the indexes in the background. A task
+        (serving=False) has nothing to answer meanwhile: each call waits its timeout, and a
+        server that does not answer stops it."""
         store = cls(url, timeout_ms=timeout_ms, clock=clock)
         try:
-            with anyio.fail_after(FIRST_CONTACT_SECONDS):
+            with anyio.fail_after(FIRST_CONTACT_SECONDS if serving else None):
                 await store._build_indexes()
         except StoreAuthenticationFailed:
             await store.close()
             raise
         except (StoreUnavailable, TimeoutError):
+            if not serving:
+                await store.close()
+                raise
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
             store.indexes_made = asyncio.get_running_loop().create_task(store._make_indexes())
         else:

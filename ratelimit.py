@@ -158,9 +158,10 @@ async def spend(
 async def check(storage: Storage) -> None:
     """Raise LimiterUnavailable unless the store answers within TIMEOUT."""
     with _bounded(storage):
-        reachable = await storage.check()
-    if not reachable:
-        raise LimiterUnavailable("The rate-limit store is unreachable.")
+        # limits' Redis check answers False rather than raising: inside, so it counts as down.
+        if not await storage.check():
+            unreachable = ConnectionError("the rate-limit store is unreachable")
+            raise StorageError(unreachable) from unreachable
 
 
 class StoreWork:

@@ -71,9 +71,18 @@ def until_ready(client: TestClient, seconds: float = 15) -> None:
         assert time.monotonic() < deadline, "did not recover"
 
 
-def mongo_app_client(url: str, tmp_path: Path, **overrides: Any) -> TestClient:
+@contextlib.contextmanager
+def mongo_app_client(
+    url: str, tmp_path: Path, *, reachable: bool = True, **overrides: Any
+) -> Iterator[TestClient]:
+    """The app on `url`, ready: on a loaded host the test server can take longer than the
+    first-contact second to make the indexes, and the service then makes them in the
+    background, answering 503 until they are."""
     settings: dict[str, Any] = {"mongo_timeout_ms": 500, **overrides}
-    return app_client(tmp_path, headers={"X-API-Key": KEY}, database_url=url, **settings)
+    with app_client(tmp_path, headers={"X-API-Key": KEY}, database_url=url, **settings) as client:
+        if reachable:
+            until_ready(client)
+        yield client
 
 
 # --- the API on MongoDB -----------------------------------------------------------------------
@@ -314,7 +323,7 @@ def test_an_index_build_mongodb_refuses_is_retried_after_a_pause_not_by_every_re
         return "deliver"
 
     proxy.fault = count_builds
-    with mongo_app_client(url, tmp_path) as app:  # unreachable: the build waits
+    with mongo_app_client(url, tmp_path, reachable=False) as app:  # the build waits
         proxy.start()
         answers = [app.post("/v1/documents", json=DOC).status_code for _ in range(10)]
     assert set(answers) <= {500, 503}
@@ -326,7 +335,7 @@ def test_mongodb_down_at_startup_then_back(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
     proxy, url = proxied_mongo
-    with mongo_app_client(url, tmp_path) as client:
+    with mongo_app_client(url, tmp_path, reachable=False) as client:
         assert client.get("/health").status_code == 200
         ready = client.get("/health/ready")
         assert ready.status_code == 503
@@ -1333,6 +1342,38 @@ def test_read_time_is_charged_through_redis_and_a_failed_charge_still_answers(
         proxy.stop()
 
 
+def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probes and keyed requests while Redis is down: one `rate_limit.unavailable` line, no
+    `rate_limit.available` line until Redis answers again, then one."""
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
+    proxy.start()
+    try:
+        with app_client(
+            tmp_path,
+            headers={"X-API-Key": KEY},
+            rate_limit_storage_uri=f"redis://{proxy.address}/0",
+        ) as client:
+            until_ready(client)
+            caplog.set_level(logging.INFO)
+            caplog.clear()
+            proxy.stop()
+            for _ in range(3):
+                assert client.get("/health/ready").status_code == 503
+                assert client.get("/v1/documents").status_code == 503
+            assert caplog.messages.count("rate_limit.unavailable") == 1
+            assert "rate_limit.available" not in caplog.messages
+            proxy.start()
+            until_ready(client)
+            assert client.get("/v1/documents").status_code == 200
+            assert caplog.messages.count("rate_limit.unavailable") == 1
+            assert caplog.messages.count("rate_limit.available") == 1
+    finally:
+        proxy.stop()
+
+
 def test_two_workers_racing_on_one_if_match_exactly_one_wins(
     service_factory: ServiceFactory, mongo_url: str
 ) -> None:
@@ -1374,6 +1415,32 @@ def test_metrics_add_up_across_two_workers(service_factory: ServiceFactory, mong
 
 
 # --- moving data ------------------------------------------------------------------------------
+
+
+def test_a_task_waits_for_a_slow_mongodb_and_stops_with_one_line_when_it_is_away(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """A service answers 503 while it makes MongoDB's indexes in the background; a task has
+    nothing to answer meanwhile, so it waits for them within MONGO_TIMEOUT_MS, and gives up
+    with one line only when MongoDB does not answer in that time."""
+    proxy, url = proxied_mongo
+    env = {"DATABASE_URL": url, "API_KEYS": KEY, "MONGO_TIMEOUT_MS": "500"}
+    away = run_main(env, "seed")
+    assert away.returncode == 1
+    last_line = away.stderr.decode().splitlines()[-1]
+    assert last_line == "error: Cannot reach MongoDB; try again shortly."
+
+    def slow_index_builds(message: bytes) -> Fate:
+        if b"createIndexes" in message:
+            time.sleep(mongo_store.FIRST_CONTACT_SECONDS / 4)  # the fault: a slow server
+        return "deliver"
+
+    proxy.fault = slow_index_builds
+    proxy.start()
+    env["MONGO_TIMEOUT_MS"] = "5000"
+    seeded = run_main(env, "seed")
+    assert seeded.returncode == 0, seeded.stderr
+    assert len(run_main(env, "export").stdout.splitlines()) == 10
 
 
 def test_sqlite_to_mongodb_and_back_gives_identical_documents(
