@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -169,7 +170,7 @@ SPARSE: dict[str, str | int | list[str]] = {
 async def seed_common(settings: Settings, count: int) -> None:
     """`count` documents alike but for their ids and times, imported into the settings' store."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
-    store = await open_store(settings)
+    store = await open_store(settings, serving=False)
     try:
         for start in range(0, count, 512):
             batch = [
@@ -365,6 +366,14 @@ def app_client(
 ) -> TestClient:
     """The real app on `data_dir` with test settings; `with` runs its lifespan."""
     return TestClient(create_app(make_settings(data_dir, **settings)), headers=headers)
+
+
+def until_ready(client: httpx.Client | TestClient, seconds: float = 15) -> None:
+    """The driver rediscovers a returning server on its own heartbeat: poll readiness (each
+    poll is a request a load balancer would make), never a fixed sleep."""
+    deadline = time.monotonic() + seconds
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "did not recover"
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 from limits import parse_many
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from secantus import SecantusDBServer
 
@@ -33,6 +34,7 @@ from conftest import (
     free_port,
     require_tool,
     scrape,
+    until_ready,
 )
 from metrics import DATABASE_FILE, WAL_FILE, Metrics
 
@@ -252,6 +254,8 @@ def test_store_failures_are_counted_by_kind_and_a_clients_mistakes_are_not(
         with app_client(
             tmp_path, headers={"X-API-Key": KEY}, database_url=url, mongo_timeout_ms=500
         ) as client:
+            until_ready(client)  # a loaded host may make the indexes after the start: 503s
+            before = _store_errors(scrape(client))
             doc = client.post("/v1/documents", json=DOC).json()
             assert client.get("/v1/documents/missing").status_code == 404
             stale = client.patch(
@@ -263,18 +267,23 @@ def test_store_failures_are_counted_by_kind_and_a_clients_mistakes_are_not(
             families = scrape(client)
     finally:
         proxy.stop()
-    errors = {
-        (s.labels["operation"], s.labels["kind"]): s.value
-        for s in families["store_errors"].samples
-        if s.name == "store_errors_total"
-    }
+    errors = _store_errors(families)
     # MongoDB keeps the documents: the service has no file of its own to measure.
     assert [name for name in FILE_METRICS if name in families] == []
     operations = ("create", "get", "page", "update", "delete", "import", "check")
     # Every operation's StoreUnavailable series exists at 0, so increase() sees a first failure.
-    assert errors == {
+    assert set(before) == set(errors) == {(op, "StoreUnavailable") for op in operations}
+    assert {series: errors[series] - before[series] for series in errors} == {
         **{(op, "StoreUnavailable"): 0 for op in operations},
         ("create", "StoreUnavailable"): 1,
+    }
+
+
+def _store_errors(families: dict[str, Metric]) -> dict[tuple[str, str], float]:
+    return {
+        (s.labels["operation"], s.labels["kind"]): s.value
+        for s in families["store_errors"].samples
+        if s.name == "store_errors_total"
     }
 
 

@@ -244,7 +244,7 @@ class StoreMachine(RuleBasedStateMachine):
     async def _open(self) -> DocumentStore:
         if self.backend == "sqlite":
             return SQLiteStore.open(self.tmp)
-        return await MongoStore.open(f"{self.mongo_uri}sm_{next(self.counter)}")
+        return await MongoStore.open(f"{self.mongo_uri}sm_{next(self.counter)}", serving=False)
 
     def teardown(self) -> None:
         self.runner.run(self.store.close())

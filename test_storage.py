@@ -76,7 +76,9 @@ async def store(
     if request.param == "sqlite":
         opened = SQLiteStore.open(tmp_path, clock=clock)
     else:
-        opened = await MongoStore.open(request.getfixturevalue("mongo_url"), clock=clock)
+        opened = await MongoStore.open(
+            request.getfixturevalue("mongo_url"), clock=clock, serving=False
+        )
     yield opened
     await opened.close()
 
@@ -691,7 +693,7 @@ async def test_racing_edits_of_one_document_find_its_words_once_each(
     inner: DocumentStore = (
         SQLiteStore.open(tmp_path)
         if backend == "sqlite"
-        else await MongoStore.open(request.getfixturevalue("mongo_url"))
+        else await MongoStore.open(request.getfixturevalue("mongo_url"), serving=False)
     )
     store = MeteredStore(inner, Metrics())
     try:
@@ -729,7 +731,7 @@ async def test_probes_count_at_most_every_few_seconds_and_see_the_process_own_wr
     async def opened() -> DocumentStore:
         if backend == "sqlite":
             return SQLiteStore.open(tmp_path)
-        return await MongoStore.open(request.getfixturevalue("mongo_url"))
+        return await MongoStore.open(request.getfixturevalue("mongo_url"), serving=False)
 
     probed, other = MeteredStore(await opened(), Metrics()), await opened()
     try:
