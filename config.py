@@ -183,7 +183,7 @@ class Settings(BaseSettings):
 
             try:
                 uri_parser.parse_uri(value)
-            except (ConfigurationError, ValueError) as exc:
+            except (ConfigurationError, ValueError, OSError) as exc:  # OSError: a TLS file
                 # pymongo's messages name what is wrong, never the password.
                 raise ValueError(f"not a valid MongoDB URL: {exc}") from None
         else:

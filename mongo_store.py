@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, uri_parser
 from pymongo.errors import (
+    ConfigurationError,
     ConnectionFailure,
     DuplicateKeyError,
     ExecutionTimeout,
@@ -185,7 +186,11 @@ class MongoStore:
         process stays up, reports not ready, and makes the indexes in the background. A task
         (serving=False) has nothing to answer meanwhile: each call waits its timeout, and a
         server that does not answer stops it."""
-        store = cls(url, timeout_ms=timeout_ms, clock=clock)
+        try:
+            store = cls(url, timeout_ms=timeout_ms, clock=clock)
+        except ConfigurationError as exc:  # a mongodb+srv:// name DNS does not resolve
+            # pymongo's messages name what is wrong, never the password.
+            raise StoreError(f"cannot use DATABASE_URL: {exc}") from exc
         try:
             with anyio.fail_after(FIRST_CONTACT_SECONDS if serving else None):
                 await store._build_indexes()

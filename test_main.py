@@ -916,6 +916,7 @@ def test_several_workers_without_configured_keys_are_refused(tmp_path: Path) -> 
         ("rate_limit_storage_uri", "redis://u:pw@host:notaport/0", "not a valid Redis URL"),
         ("database_url", "mongodb://user:pw@/db", "not a valid MongoDB URL"),
         ("database_url", "mongodb+srv://u:pw@host:27017/db", "without a port"),
+        ("database_url", "mongodb://u:pw@h/d?tls=true&tlsCAFile=/nowhere", "not readable"),
         ("data_dir", "", "empty"),
         ("host", "not a host", "IP address or a host name"),
         ("keyless_rate_limit", "0/minute", "a rate of 0"),

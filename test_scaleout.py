@@ -1450,6 +1450,25 @@ def test_a_task_waits_for_a_slow_mongodb_and_stops_with_one_line_when_it_is_away
     assert len(run_main(env, "export").stdout.splitlines()) == 10
 
 
+@pytest.mark.parametrize("task", [(), ("seed",)], ids=["service", "task"])
+def test_a_mongodb_srv_name_that_does_not_resolve_stops_the_start_with_one_line(
+    tmp_path: Path, task: tuple[str, ...]
+) -> None:
+    env = {
+        "DATABASE_URL": "mongodb+srv://ada:s3cret-pw@nosuchhost.invalid/d",
+        "API_KEYS": KEY,
+        "MONGO_TIMEOUT_MS": "2000",
+        "DATA_DIR": str(tmp_path),
+        "PORT": str(free_port()),
+    }
+    stopped = run_main(env, *task, timeout=60)
+    output = (stopped.stdout + stopped.stderr).decode()
+    assert stopped.returncode == (1 if task else 3), output
+    assert "Traceback" not in output
+    assert "s3cret-pw" not in output
+    assert len([line for line in output.splitlines() if "cannot use DATABASE_URL" in line]) == 1
+
+
 def test_sqlite_to_mongodb_and_back_gives_identical_documents(
     mongo_url: str, tmp_path: Path
 ) -> None:
