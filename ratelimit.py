@@ -26,6 +26,8 @@ import anyio
 from limits import RateLimitItem
 from limits.aio.storage import RedisStorage, Storage
 from limits.errors import StorageError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from logging_config import Outage
 
@@ -105,6 +107,9 @@ def open_storage(uri: str) -> Storage:
         wrap_exceptions=True,
         socket_timeout=TIMEOUT,
         socket_connect_timeout=TIMEOUT,
+        # Once more on a new connection: a pooled one Redis closed while idle (its `timeout`, a
+        # restart) fails at its next use though Redis answers. TIMEOUT still bounds the whole.
+        retry=Retry(NoBackoff(), retries=1),  # type: ignore[arg-type]  # limits passes it on
     )
 
 

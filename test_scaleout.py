@@ -23,6 +23,7 @@ import bson
 import httpx
 import pymongo
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from pymongo import AsyncMongoClient
 from secantus import SecantusDBServer
@@ -1379,6 +1380,24 @@ def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
             assert caplog.messages.count("rate_limit.available") == 1
     finally:
         proxy.stop()
+
+
+def test_connections_redis_closed_while_idle_cost_no_request_a_503(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis drops idle clients (its `timeout`, a restart, CLIENT KILL): the pooled connections
+    are dead, Redis is not. Requests that meet one are answered, and no outage is logged."""
+    with app_client(
+        tmp_path, headers={"X-API-Key": KEY}, rate_limit_storage_uri=redis_url
+    ) as client:
+        run_threads(lambda _: client.get("/v1/documents"))  # several pooled connections
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        caplog.clear()
+        statuses = [client.get("/v1/documents").status_code for _ in range(10)]
+        statuses += [client.get("/health/ready").status_code for _ in range(10)]
+    assert set(statuses) == {200}
+    assert "rate_limit.unavailable" not in caplog.messages
 
 
 def test_two_workers_racing_on_one_if_match_exactly_one_wins(
