@@ -561,6 +561,7 @@ class MongoStore:
     async def cursor_secret(self) -> bytes:
         """Made by the first process to ask and read by every other: insert-if-absent."""
         if self._cursor_secret is None:
+            self._require_indexes()  # no call waits on a MongoDB the start could not reach
             record = {"_id": "cursor_secret", "value": secrets.token_bytes(32)}
             await self._insert_new(self._db["meta"], record)
             with _driver_errors():

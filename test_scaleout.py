@@ -421,6 +421,28 @@ def test_indexes_made_in_the_background_start_one_pass_for_missing_words(
     assert anyio.run(first_contact) == 1
 
 
+def test_every_route_answers_503_at_once_while_the_indexes_are_not_made(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """Started without MongoDB: each call is refused before it waits on the driver, whose
+    timeout here (30 s) the test would otherwise run into."""
+    _, url = proxied_mongo
+    with mongo_app_client(url, tmp_path, reachable=False, mongo_timeout_ms=30_000) as client:
+        for method, path in (
+            ("GET", "/v1/documents"),
+            ("GET", "/v1/documents?q=word&tag=x"),
+            ("GET", "/v1/documents/some-id"),
+            ("POST", "/v1/documents"),
+            ("PATCH", "/v1/documents/some-id"),
+            ("DELETE", "/v1/documents/some-id"),
+            ("GET", "/health/ready"),
+        ):
+            started = time.monotonic()
+            body = DOC if method in ("POST", "PATCH") else None
+            assert_problem(client.request(method, path, json=body), 503)
+            assert time.monotonic() - started < 10, (method, path)  # the driver's is 30
+
+
 def test_mongodb_lost_mid_run_then_recovers(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
