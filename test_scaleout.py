@@ -1412,7 +1412,11 @@ def test_connections_redis_closed_while_idle_cost_no_request_a_503(
     with app_client(
         tmp_path, headers={"X-API-Key": KEY}, rate_limit_storage_uri=redis_url
     ) as client:
-        run_threads(lambda _: client.get("/v1/documents"))  # several pooled connections
+
+        def served(_: int) -> None:
+            assert client.get("/v1/documents").status_code == 200
+
+        run_threads(served)  # several at once: several pooled connections
         with redis.Redis.from_url(redis_url) as admin:
             assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
         caplog.clear()
