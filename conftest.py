@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import bson
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -226,7 +227,8 @@ def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) ->
 
 # What a relay does with one client message: pass it on, cut the connection instead, or pass it
 # on and cut the connection before its reply comes back (the command ran; the client never hears).
-Fate = Literal["deliver", "cut", "drop reply"]
+OP_MSG = 2013  # the wire protocol's message kind for commands
+Fate = Literal["deliver", "cut", "drop reply", "time limit"]
 
 
 class TcpProxy:
@@ -234,11 +236,12 @@ class TcpProxy:
     outage that the test controls (listener closed, every open connection cut). It relays whole
     wire messages, so a test decides each client message's fate: `fault(message)` runs in the
     relay's thread before the message is passed on and may block there, which holds that
-    message (and its connection) back while other connections go on. `cut_when` is the older
-    shorthand for a fault that cuts every message it matches; while `black_hole` is set, client
-    messages are swallowed: no answer ever. `replied` counts the bytes of the replies passed
-    back. Another protocol (Redis) is relayed as it comes, with `wire=False`: then a message is
-    whatever one read returns."""
+    message (and its connection) back while other connections go on; "time limit" answers it
+    as MongoDB answers a command it stopped at its maxTimeMS, which the test server does not.
+    `cut_when` is the older shorthand for a fault that cuts every message it matches; while
+    `black_hole` is set, client messages are swallowed: no answer ever. `replied` counts the
+    bytes of the replies passed back. Another protocol (Redis) is relayed as it comes, with
+    `wire=False`: then a message is whatever one read returns."""
 
     def __init__(self, target: tuple[str, int], *, wire: bool = True) -> None:
         self.target = target
@@ -307,7 +310,9 @@ class TcpProxy:
                     return
                 if fate == "drop reply":
                     drop.set()
-                if not self.black_hole:
+                if fate == "time limit":
+                    client.sendall(_time_limit_reply(message))
+                elif not self.black_hole:
                     upstream.sendall(message)
 
     def _inbound(
@@ -332,6 +337,20 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+def _time_limit_reply(request: bytes) -> bytes:
+    """An OP_MSG answering `request` with MongoDB's MaxTimeMSExpired error."""
+    error = {
+        "ok": 0.0,
+        "errmsg": "operation exceeded time limit",
+        "code": 50,
+        "codeName": "MaxTimeMSExpired",
+    }
+    payload = bytes(4) + b"\x00" + bson.encode(error)  # no flags; one section, kind 0
+    request_id = request[4:8]
+    header = (16 + len(payload)).to_bytes(4, "little") + bytes(4) + request_id
+    return header + OP_MSG.to_bytes(4, "little") + payload
 
 
 def _read_message(sock: socket.socket) -> bytes:

@@ -127,9 +127,19 @@ def _driver_errors() -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
     try:
         yield
-    except (ExecutionTimeout, NetworkTimeout) as exc:  # stopped by the server, or by us
+    except ExecutionTimeout as exc:
+        if (exc.details or {}).get("codeName") == "MaxTimeMSExpired":
+            # The server worked on it until its maxTimeMS: the operation's own cost, charged to
+            # its key. (The driver raises the same class, with no codeName, for an operation it
+            # never sent because the time left was gone, waiting for a connection, say.)
+            raise ReadStopped("MongoDB stopped the operation at its time limit.") from exc
         _outage.failed(type(exc).__name__)
-        raise ReadStopped("MongoDB did not finish the operation within its time limit.") from exc
+        raise StoreUnavailable("MongoDB did not answer within the time limit.") from exc
+    except NetworkTimeout as exc:
+        # No answer in time: a server or network that hangs, not the operation's cost, so it
+        # is not charged; a key would otherwise be locked out past the outage.
+        _outage.failed(type(exc).__name__)
+        raise StoreUnavailable("MongoDB did not answer within the time limit.") from exc
     except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
         _outage.failed(type(exc).__name__)
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc

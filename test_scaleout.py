@@ -32,6 +32,7 @@ import models
 import mongo_store
 from conftest import (
     KEY,
+    OP_MSG,
     SPARSE,
     Fate,
     Service,
@@ -62,7 +63,6 @@ from storage import (
 )
 
 DOC = {"title": "t", "content": "c", "tags": ["x"]}
-OP_MSG = 2013  # the wire protocol's message kind for commands
 
 
 @contextlib.contextmanager
@@ -501,24 +501,50 @@ def test_probes_and_scrapes_read_no_documents_and_write_nothing(
     assert set(commands).isdisjoint({"aggregate", "find", *WRITES}), commands
 
 
-def test_a_read_that_runs_into_its_time_limit_is_charged_its_time(
-    mongo_url: str, tmp_path: Path
+def test_a_read_mongodb_stops_at_its_time_limit_is_charged_its_time(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
-    """A listing that walks the collection past MONGO_TIMEOUT_MS fails (503); failing, it was
+    """MongoDB works on a listing until its maxTimeMS and stops it (503); failing, it was
     charged nothing, so reads made to fail cost their key less than answered ones."""
-    settings = make_settings(tmp_path, database_url=mongo_url, rate_limit="1000/minute")
-    anyio.run(seed_common, settings, 2_000)  # the test server walks them for any listing
-    with mongo_app_client(mongo_url, tmp_path, mongo_timeout_ms=100) as client:
-        deadline = time.monotonic() + 10
-        while client.get("/v1/documents/nothing-here").status_code != 404:
-            assert time.monotonic() < deadline  # connected, within 100 ms, under load too
+    proxy, url = proxied_mongo
+    proxy.start()
+
+    def worked_then_stopped(message: bytes) -> Fate:
+        if _command(message) == "find" and b"common" in message:
+            time.sleep(0.3)  # the server at work
+            return "time limit"
+        return "deliver"
+
+    with mongo_app_client(url, tmp_path, rate_limit="1000/minute") as client:
+        proxy.fault = worked_then_stopped
         stopped = client.get("/v1/documents", params=SPARSE)
         assert_problem(stopped, 503)
         next_one = client.get("/v1/documents/nothing-here")
         spent = int(stopped.headers["x-ratelimit-remaining"]) - int(
             next_one.headers["x-ratelimit-remaining"]
         )
-        assert spent > 2  # the next request's unit, and the stopped read's 100 ms or more
+        assert spent > 10  # the next request's unit, and the stopped read's 300 ms
+
+
+def test_a_mongodb_that_hangs_is_not_charged_to_the_keys_that_waited_on_it(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """MongoDB accepts and never answers: each read waits MONGO_TIMEOUT_MS and gets 503, but the
+    wait is the outage's, not the key's; once MongoDB answers the key has its budget."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path, rate_limit="100/minute", mongo_timeout_ms=1_000) as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        proxy.black_hole = True
+        for _ in range(3):  # 3 s of waiting: 300 units, were it charged
+            assert_problem(client.get(f"/v1/documents/{doc['id']}"), 503)
+        proxy.black_hole = False
+        proxy.stop()  # cut the connections that hold swallowed requests
+        proxy.start()
+        until_ready(client)
+        served = client.get(f"/v1/documents/{doc['id']}")
+        assert served.status_code == 200
+        assert int(served.headers["x-ratelimit-remaining"]) > 80
 
 
 def test_every_mongodb_operation_carries_a_server_side_time_limit(
