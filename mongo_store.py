@@ -60,6 +60,7 @@ log = logging.getLogger("documents.store")
 _outage = Outage(log, "store")  # MongoDB not answering, or not within its time limit
 # How long the start waits for MongoDB before it serves anyway (not ready until it answers).
 FIRST_CONTACT_SECONDS = 1.0
+IMPORTS_AT_ONCE = 50
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
 # How long the background pass for missing words waits after a failure.
@@ -186,6 +187,7 @@ class MongoStore:
         self.indexes_made: asyncio.Task[None] | None = None
         self._cursor_secret: bytes | None = None
         self.words_added: asyncio.Task[int] | None = None
+        self._importing = asyncio.Semaphore(IMPORTS_AT_ONCE)
 
     @classmethod
     async def open(
@@ -537,6 +539,12 @@ class MongoStore:
 
     async def import_document(self, doc: Document) -> bool:
         self._require_indexes()
+        # Fewer at once than the driver's pool holds (100): each call's time limit runs from its
+        # start, and a call queued for a connection would spend it waiting on the others.
+        async with self._importing:
+            return await self._import(doc)
+
+    async def _import(self, doc: Document) -> bool:
         raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
         # Which copy it is: a delete that read another (before a delete and this restore) and
         # retries its write cannot remove this one (see delete).

@@ -1540,6 +1540,36 @@ def test_a_mongodb_srv_name_that_does_not_resolve_stops_the_start_with_one_line(
     assert len([line for line in output.splitlines() if "cannot use DATABASE_URL" in line]) == 1
 
 
+def test_an_import_into_a_slow_mongodb_takes_longer_and_fails_nothing(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """Each insert takes 1.2 s of a 3 s limit: an import of 300 documents queued most of them
+    for one of the driver's 100 connections, and the wait ran their time out."""
+    proxy, url = proxied_mongo
+
+    def slow_inserts(message: bytes) -> Fate:
+        if _command(message) == "insert" and b"documents" in message:
+            time.sleep(1.2)  # the fault: a slow server
+        return "deliver"
+
+    lines = tmp_path / "docs.jsonl"
+    doc = {"title": "t", "content": "c", "tags": [], "metadata": {}, "version": 1}
+    at = "2025-01-01T00:00:00.000000Z"
+    lines.write_text(
+        "".join(
+            json.dumps({"id": f"01J{n:023d}", **doc, "created_at": at, "updated_at": at}) + "\n"
+            for n in range(300)
+        )
+    )
+    proxy.start()
+    proxy.fault = slow_inserts
+    env = {"DATABASE_URL": url, "API_KEYS": KEY, "MONGO_TIMEOUT_MS": "3000"}
+    imported = run_main(env, "import", str(lines))
+    assert imported.returncode == 0, imported.stderr
+    proxy.fault = None
+    assert len(run_main(env, "export").stdout.splitlines()) == 300
+
+
 def test_sqlite_to_mongodb_and_back_gives_identical_documents(
     mongo_url: str, tmp_path: Path
 ) -> None:
