@@ -760,8 +760,9 @@ place of DATA_DIR/documents.db (and remove documents.db-wal and -shm), start it.
     except StoreError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    except OSError as exc:
-        sys.stderr.write(f"error: {exc.filename or args.file}: {exc.strerror}\n")
+    except OSError as exc:  # a file of the task's, or its standard output
+        where, reason = exc.filename or args.file, exc.strerror or str(exc)
+        sys.stderr.write(f"error: {where}: {reason}\n" if where else f"error: {reason}\n")
         return 1
     metrics_dir = None
     if settings.workers > 1:

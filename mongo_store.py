@@ -200,7 +200,7 @@ class MongoStore:
         server that does not answer stops it."""
         try:
             store = cls(url, timeout_ms=timeout_ms, clock=clock)
-        except ConfigurationError as exc:  # a mongodb+srv:// name DNS does not resolve
+        except (ConfigurationError, OSError) as exc:  # a name DNS does not resolve, a TLS file
             # pymongo's messages name what is wrong, never the password.
             raise StoreError(f"cannot use DATABASE_URL: {exc}") from exc
         try:

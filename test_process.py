@@ -232,6 +232,35 @@ def test_export_writes_the_file_it_is_given(tmp_path: Path) -> None:
     assert (tmp_path / "out.jsonl").read_bytes() == to_stdout
 
 
+def test_an_export_whose_reader_goes_away_stops_with_one_line(tmp_path: Path) -> None:
+    """`main.py export | head -c 100`: the pipe closes under the export."""
+    doc = {"title": "t", "content": "c" * 1000, "tags": [], "metadata": {}, "version": 1}
+    lines = tmp_path / "docs.jsonl"
+    with lines.open("w") as out:
+        for n in range(500):  # 500 KB: more than a pipe holds
+            at = f"2025-01-01T00:00:00.{n:03d}000Z"
+            out.write(json.dumps({"id": f"01J{n:023d}", **doc, "created_at": at, "updated_at": at}))
+            out.write("\n")
+    assert run_task(tmp_path / "data", "import", str(lines)).returncode == 0
+    export = subprocess.Popen(
+        [sys.executable, str(HERE / "main.py"), "export"],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "DATA_DIR": str(tmp_path / "data"),
+            "API_KEYS": KEY,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert export.stdout is not None
+    assert export.stderr is not None
+    export.stdout.read(100)
+    export.stdout.close()
+    stderr = export.stderr.read()
+    assert export.wait(60) == 1
+    assert stderr.decode().splitlines()[-1] == "error: Broken pipe", stderr
+
+
 def test_uvicorn_factory_serves(tmp_path: Path) -> None:
     service = Service(tmp_path)
     proc = subprocess.Popen(

@@ -1522,11 +1522,16 @@ def test_a_task_waits_for_a_slow_mongodb_and_stops_with_one_line_when_it_is_away
 
 
 @pytest.mark.parametrize("task", [(), ("seed",)], ids=["service", "task"])
-def test_a_mongodb_srv_name_that_does_not_resolve_stops_the_start_with_one_line(
-    tmp_path: Path, task: tuple[str, ...]
+@pytest.mark.parametrize("url", ["srv", "tls"], ids=["an SRV name DNS does not know", "no CA"])
+def test_a_mongodb_url_the_driver_cannot_use_stops_the_start_with_one_line(
+    tmp_path: Path, task: tuple[str, ...], url: str
 ) -> None:
+    not_a_certificate = tmp_path / "ca.pem"
+    not_a_certificate.write_text("not a certificate\n")
     env = {
-        "DATABASE_URL": "mongodb+srv://ada:s3cret-pw@nosuchhost.invalid/d",
+        "DATABASE_URL": "mongodb+srv://ada:s3cret-pw@nosuchhost.invalid/d"
+        if url == "srv"
+        else f"mongodb://ada:s3cret-pw@127.0.0.1:1/d?tls=true&tlsCAFile={not_a_certificate}",
         "API_KEYS": KEY,
         "MONGO_TIMEOUT_MS": "2000",
         "DATA_DIR": str(tmp_path),
