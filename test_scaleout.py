@@ -33,6 +33,7 @@ import mongo_store
 from conftest import (
     KEY,
     OP_MSG,
+    OTHER_KEY,
     SPARSE,
     Fate,
     Service,
@@ -545,6 +546,49 @@ def test_a_mongodb_that_hangs_is_not_charged_to_the_keys_that_waited_on_it(
         served = client.get(f"/v1/documents/{doc['id']}")
         assert served.status_code == 200
         assert int(served.headers["x-ratelimit-remaining"]) > 80
+
+
+def test_a_read_is_not_charged_its_wait_for_a_connection_others_hold(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """Another key's writes, held by a slow server, hold both of the driver's connections; this
+    key's GET waits a second for one. The wait is theirs: the GET costs its key one unit."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    holding = threading.Semaphore(0)
+    release = threading.Event()
+
+    def held_inserts(message: bytes) -> Fate:
+        if _command(message) == "insert" and b"documents" in message:
+            holding.release()
+            release.wait(10)  # the fault: a server that takes its time
+        return "deliver"
+
+    with mongo_app_client(
+        f"{url}&maxPoolSize=2", tmp_path, rate_limit="1000/minute", mongo_timeout_ms=5_000
+    ) as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        proxy.fault = held_inserts
+        other = {"X-API-Key": OTHER_KEY}
+
+        def write(_: int) -> None:
+            assert client.post("/v1/documents", json=DOC, headers=other).status_code == 201
+
+        writers = [threading.Thread(target=write, args=(n,)) for n in range(2)]
+        for writer in writers:
+            writer.start()
+        for _ in writers:
+            assert holding.acquire(timeout=10)  # both connections are held
+        threading.Timer(1.0, release.set).start()  # the fault ends in a second
+        waited = client.get(f"/v1/documents/{doc['id']}")
+        for writer in writers:
+            writer.join()
+        assert waited.status_code == 200
+        after = client.get("/v1/documents", params={"limit": "0"})  # reads nothing
+        spent = int(waited.headers["x-ratelimit-remaining"]) - int(
+            after.headers["x-ratelimit-remaining"]
+        )
+        assert spent == 1  # this request's unit: the GET's wait was not charged
 
 
 def test_every_mongodb_operation_carries_a_server_side_time_limit(
