@@ -259,16 +259,17 @@ class _Measured:
     """Times one store operation, counts its failure by error class, and adds a read's time
     to the request's StoreWork."""
 
-    __slots__ = ("_duration", "_errors", "_operation", "_started")
+    __slots__ = ("_duration", "_errors", "_operation", "_started", "_waits")
 
     def __init__(self, duration: Histogram, errors: Counter, operation: str) -> None:
         self._duration = duration
         self._errors = errors
         self._operation = operation
-        self._started = 0.0
+        self._started = self._waits = 0.0
 
     def __enter__(self) -> None:
         self._started = time.perf_counter()
+        self._waits = StoreWork.waits_so_far()
 
     def __exit__(
         self,
@@ -283,9 +284,10 @@ class _Measured:
         if failed:
             self._errors.labels(self._operation, type(exc).__name__).inc()
         # The store's failure (MongoDB out of reach) is not the client's cost: answers count, and
-        # reads the database stopped at their time limit, which their cost ran into.
+        # reads the database stopped at their time limit, which their cost ran into; less any
+        # wait for a connection that others' work held (mongo_store), never less than that.
         if self._operation in _READS and (not failed or isinstance(exc, ReadStopped)):
-            StoreWork.add(seconds)
+            StoreWork.add(seconds - (StoreWork.waits_so_far() - self._waits))
 
 
 class MeteredStore:

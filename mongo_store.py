@@ -8,7 +8,6 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -124,17 +123,14 @@ def _from_mongo(raw: dict[str, Any]) -> Document:
     return Document.model_validate(raw)
 
 
-_reading: ContextVar[bool] = ContextVar("reading", default=False)
-
-
 class _UnchargedWaits(monitoring.ConnectionPoolListener):
     """A read is charged its time (ratelimit.StoreWork), but not its wait for one of the
     driver's connections: others' work held them (a hung server's, another key's). pymongo
     calls every method; all but one are no-ops."""
 
     def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
-        if _reading.get() and event.duration is not None:  # in the read's own task
-            StoreWork.add(-event.duration)
+        if event.duration is not None:  # called in the task that waited: the request's
+            StoreWork.waited(event.duration)
 
     def _ignore(self, event: Any) -> None:
         pass
@@ -142,15 +138,6 @@ class _UnchargedWaits(monitoring.ConnectionPoolListener):
     pool_created = pool_ready = pool_cleared = pool_closed = _ignore
     connection_created = connection_ready = connection_closed = _ignore
     connection_check_out_started = connection_check_out_failed = connection_checked_in = _ignore
-
-
-@contextmanager
-def _read() -> Iterator[None]:
-    token = _reading.set(True)
-    try:
-        yield
-    finally:
-        _reading.reset(token)
 
 
 @contextmanager
@@ -392,7 +379,7 @@ class MongoStore:
 
     async def get(self, doc_id: str) -> Document:
         self._require_indexes()
-        with _read(), _driver_errors():
+        with _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
             raise DocumentNotFound(doc_id)
@@ -412,7 +399,7 @@ class MongoStore:
             # wait for the key's lane (ratelimit.StoreWork), as the embedded store's reads that
             # take long do.
             await StoreWork.before_long_work()
-        with _read(), _driver_errors():
+        with _driver_errors():
             sizes = await self._find(query, limit, after, SIZE).to_list(limit)
         if not sizes:
             return [], None
@@ -422,7 +409,7 @@ class MongoStore:
             if fit and total > PAGE_MAX_BYTES:
                 break
             fit += 1
-        with _read(), _driver_errors():
+        with _driver_errors():
             rows = await self._find(query, fit + 1, after).to_list(fit + 1)
         items = [_from_mongo(raw) for raw in rows[:fit]]
         return items, query.position(items[-1]) if len(rows) > fit else None

@@ -180,12 +180,13 @@ class StoreWork:
     once they have spent the budget. Otherwise work started at once ran ahead of every charge:
     60 listings of 330 ms each answered within one window of 60 units."""
 
-    __slots__ = ("_check", "_ended", "_held", "_lane", "seconds")
+    __slots__ = ("_check", "_ended", "_held", "_lane", "seconds", "waits")
 
     def __init__(
         self, lane: asyncio.Lock | None, check: Callable[[], Awaitable[None]] | None
     ) -> None:
         self.seconds = 0.0
+        self.waits = 0.0  # for a connection others held, which a read's time leaves out
         self._lane, self._check = lane, check
         self._held = self._ended = False
 
@@ -205,6 +206,16 @@ class StoreWork:
     def add(seconds: float) -> None:
         if (work := _store_work.get()) is not None:
             work.seconds += seconds
+
+    @staticmethod
+    def waited(seconds: float) -> None:
+        if (work := _store_work.get()) is not None:
+            work.waits += seconds
+
+    @staticmethod
+    def waits_so_far() -> float:
+        work = _store_work.get()
+        return 0.0 if work is None else work.waits
 
     @staticmethod
     async def before_long_work() -> None:

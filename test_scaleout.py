@@ -548,13 +548,10 @@ def test_a_mongodb_that_hangs_is_not_charged_to_the_keys_that_waited_on_it(
         assert int(served.headers["x-ratelimit-remaining"]) > 80
 
 
-def test_a_read_is_not_charged_its_wait_for_a_connection_others_hold(
-    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
-) -> None:
-    """Another key's writes, held by a slow server, hold both of the driver's connections; this
-    key's GET waits a second for one. The wait is theirs: the GET costs its key one unit."""
-    proxy, url = proxied_mongo
-    proxy.start()
+@contextlib.contextmanager
+def _connections_held_by_another_key(proxy: TcpProxy, client: TestClient) -> Iterator[None]:
+    """Two creates of another key, each held by a slow server for a second, hold both of the
+    driver's connections (maxPoolSize=2) while the block runs."""
     holding = threading.Semaphore(0)
     release = threading.Event()
 
@@ -564,31 +561,66 @@ def test_a_read_is_not_charged_its_wait_for_a_connection_others_hold(
             release.wait(10)  # the fault: a server that takes its time
         return "deliver"
 
+    def write(_: int) -> None:
+        other = {"X-API-Key": OTHER_KEY}
+        assert client.post("/v1/documents", json=DOC, headers=other).status_code == 201
+
+    proxy.fault = held_inserts
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(2)]
+    for writer in writers:
+        writer.start()
+    try:
+        for _ in writers:
+            assert holding.acquire(timeout=10)  # both connections are held
+        threading.Timer(1.0, release.set).start()  # the fault ends in a second
+        yield
+    finally:
+        release.set()
+        for writer in writers:
+            writer.join()
+        proxy.fault = None
+
+
+def _remaining(client: TestClient) -> int:
+    """What the key has left once a request that reads nothing (a 422) spent its unit."""
+    refused = client.get("/v1/documents", params={"limit": "0"})
+    return int(refused.headers["x-ratelimit-remaining"])
+
+
+def test_a_read_is_not_charged_its_wait_for_a_connection_others_hold(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """This key's GET waits a second for a connection another key's writes hold: the wait is
+    theirs, and the GET costs its key one unit."""
+    proxy, url = proxied_mongo
+    proxy.start()
     with mongo_app_client(
         f"{url}&maxPoolSize=2", tmp_path, rate_limit="1000/minute", mongo_timeout_ms=5_000
     ) as client:
         doc = client.post("/v1/documents", json=DOC).json()
-        proxy.fault = held_inserts
-        other = {"X-API-Key": OTHER_KEY}
+        before = _remaining(client)
+        with _connections_held_by_another_key(proxy, client):
+            assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+        assert before - _remaining(client) == 2  # the GET's unit and the last 422's
 
-        def write(_: int) -> None:
-            assert client.post("/v1/documents", json=DOC, headers=other).status_code == 201
 
-        writers = [threading.Thread(target=write, args=(n,)) for n in range(2)]
-        for writer in writers:
-            writer.start()
-        for _ in writers:
-            assert holding.acquire(timeout=10)  # both connections are held
-        threading.Timer(1.0, release.set).start()  # the fault ends in a second
-        waited = client.get(f"/v1/documents/{doc['id']}")
-        for writer in writers:
-            writer.join()
-        assert waited.status_code == 200
-        after = client.get("/v1/documents", params={"limit": "0"})  # reads nothing
-        spent = int(waited.headers["x-ratelimit-remaining"]) - int(
-            after.headers["x-ratelimit-remaining"]
-        )
-        assert spent == 1  # this request's unit: the GET's wait was not charged
+def test_a_wait_for_a_connection_takes_nothing_off_a_patchs_other_charges(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """A PATCH of a document of 100 000 characters is charged the time its words take to find
+    (see test_hostile); its read's wait for a connection is left out of its read's time only,
+    not taken off that charge."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(
+        f"{url}&maxPoolSize=2", tmp_path, rate_limit="1000/minute", mongo_timeout_ms=5_000
+    ) as client:
+        body = {"title": "t", "content": "ἀλήθεια καὶ δόξα " * 5_880}
+        doc_id = client.post("/v1/documents", json=body).json()["id"]
+        before = _remaining(client)
+        with _connections_held_by_another_key(proxy, client):
+            assert client.patch(f"/v1/documents/{doc_id}", json={"title": "t1"}).status_code == 200
+        assert before - _remaining(client) > 2  # the PATCH's unit, the 422's, its words' time
 
 
 def test_every_mongodb_operation_carries_a_server_side_time_limit(
