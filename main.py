@@ -635,16 +635,26 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
+class TaskRefused(Exception):
+    """A data task's input cannot be used: one line says where and why, exit status 1."""
+
+
 async def _seed(store: DocumentStore, path: Path) -> int:
     """Sample documents go through the API's own validation; fixed ids make it idempotent."""
+    try:
+        samples = orjson.loads(await anyio.Path(path).read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise TaskRefused(f"{path}: not JSON: {exc}") from None
+    if not isinstance(samples, list) or not all(isinstance(raw, dict) for raw in samples):
+        raise TaskRefused(f"{path}: expected a JSON array of documents")
     added = 0
-    for number, raw in enumerate(orjson.loads(await anyio.Path(path).read_bytes()), 1):
+    for number, raw in enumerate(samples, 1):
         fields = {k: v for k, v in raw.items() if k not in ("id", "created_at")}
         try:
             created_at = datetime.fromisoformat(raw["created_at"])
             doc = new_document(DocumentCreate.model_validate(fields), raw["id"], created_at)
         except (ValidationError, KeyError, TypeError, ValueError) as exc:
-            raise SystemExit(f"sample {number} in {path} is not valid: {exc}") from None
+            raise TaskRefused(f"sample {number} in {path} is not valid: {exc}") from None
         added += await store.import_document(doc)
     return added
 
@@ -658,22 +668,24 @@ def _document_from(line: bytes, where: str, content_max: int) -> Document:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(map(str, first["loc"])) or "document"
-        raise SystemExit(f"{where}: {field}: {first['msg']}") from None
+        raise TaskRefused(f"{where}: {field}: {first['msg']}") from None
     except ValueError as exc:
-        raise SystemExit(f"{where}: {exc}") from None
+        raise TaskRefused(f"{where}: {exc}") from None
 
 
 async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     database = settings.data_dir / DATABASE_FILE
     if task in ("backup", "export") and not settings.database_url and not database.exists():
         # Opening would make an empty database: a copy of it would look like a good backup.
-        raise SystemExit(f"no database at {database}: is DATA_DIR the service's?")
+        raise TaskRefused(f"no database at {database}: is DATA_DIR the service's?")
     store = await open_store(settings, serving=False)
     try:
         if task == "seed":
             added = await _seed(store, file or SAMPLES)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
+            if file is None and sys.stdout is None:
+                raise TaskRefused("standard output is closed: give export a FILE")
             target = (
                 await anyio.open_file(file, "w")
                 if file
@@ -701,7 +713,9 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             log.info("import.done", extra={"read": seen, "added": added})
         elif task == "backup" and file is not None:
             if not isinstance(store, SQLiteStore):
-                raise SystemExit("backup copies the embedded store; back MongoDB up with its tools")
+                raise TaskRefused(
+                    "backup copies the embedded store; back MongoDB up with its tools"
+                )
             await anyio.to_thread.run_sync(store.backup, file)
             log.info("backup.done", extra={"file": str(file)})
     finally:
@@ -757,7 +771,7 @@ place of DATA_DIR/documents.db (and remove documents.db-wal and -shm), start it.
         if args.task != "serve":
             asyncio.run(_run_task(settings, args.task, args.file))
             return 0
-    except StoreError as exc:
+    except (StoreError, TaskRefused) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     except OSError as exc:  # a file of the task's, or its standard output

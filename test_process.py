@@ -261,6 +261,48 @@ def test_an_export_whose_reader_goes_away_stops_with_one_line(tmp_path: Path) ->
     assert stderr.decode().splitlines()[-1] == "error: Broken pipe", stderr
 
 
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        (b'{"a":', "not JSON"),
+        (b"[1]", "expected a JSON array of documents"),
+        (b'{"a": 1}', "expected a JSON array of documents"),
+        (b'[{"id": "x"}]', "sample 1 in"),
+    ],
+)
+def test_seed_refuses_a_file_it_cannot_use_in_one_line(
+    tmp_path: Path, samples: bytes, message: str
+) -> None:
+    bad = tmp_path / "samples.json"
+    bad.write_bytes(samples)
+    result = run_task(tmp_path / "data", "seed", str(bad))
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    last = result.stderr.decode().splitlines()[-1]
+    assert last.startswith("error: ")
+    assert message in last
+
+
+def test_an_export_to_a_closed_standard_output_says_so_in_one_line(tmp_path: Path) -> None:
+    assert run_task(tmp_path / "data", "seed").returncode == 0
+    result = subprocess.run(
+        ["/bin/sh", "-c", f'exec "{sys.executable}" "{HERE / "main.py"}" export >&-'],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "DATA_DIR": str(tmp_path / "data"),
+            "API_KEYS": KEY,
+        },
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.decode().splitlines()[-1] == (
+        "error: standard output is closed: give export a FILE"
+    )
+
+
 def test_uvicorn_factory_serves(tmp_path: Path) -> None:
     service = Service(tmp_path)
     proc = subprocess.Popen(
