@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -123,26 +125,31 @@ def _from_mongo(raw: dict[str, Any]) -> Document:
     return Document.model_validate(raw)
 
 
-class _UnchargedWaits(monitoring.ConnectionPoolListener):
-    """A read is charged its time (ratelimit.StoreWork), but not its wait for one of the
-    driver's connections: others' work held them (a hung server's, another key's). pymongo
-    calls every method; all but one are no-ops."""
+# When the current driver call began, or last had an answer (set in the request's own task).
+_since: ContextVar[float | None] = ContextVar("since", default=None)
 
-    def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
-        if event.duration is not None:  # called in the task that waited: the request's
-            StoreWork.waited(event.duration)
 
-    def _ignore(self, event: Any) -> None:
-        pass
+class _UnchargedWaits(monitoring.CommandListener):
+    """A read is charged its time (ratelimit.StoreWork), but not the time before each of its
+    commands goes out: selecting a server (one that is away, coming back) and waiting for one
+    of the driver's connections (others' work holds them) are not the read's cost. pymongo
+    calls these in the task that runs the command."""
 
-    pool_created = pool_ready = pool_cleared = pool_closed = _ignore
-    connection_created = connection_ready = connection_closed = _ignore
-    connection_check_out_started = connection_check_out_failed = connection_checked_in = _ignore
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if (since := _since.get()) is not None:
+            StoreWork.waited(time.perf_counter() - since)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        _since.set(time.perf_counter())
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        _since.set(time.perf_counter())
 
 
 @contextmanager
 def _driver_errors() -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
+    _since.set(time.perf_counter())  # not reset: an export's generator may end elsewhere
     try:
         yield
     except ExecutionTimeout as exc:

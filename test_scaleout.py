@@ -604,6 +604,26 @@ def test_a_read_is_not_charged_its_wait_for_a_connection_others_hold(
         assert before - _remaining(client) == 2  # the GET's unit and the last 422's
 
 
+def test_a_read_is_not_charged_its_wait_for_a_mongodb_that_came_back(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """MongoDB is away for a second and back within the read's time limit: the read waited to
+    select a server, MongoDB's work took a moment. The wait is the outage's, not the key's."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path, rate_limit="1000/minute", mongo_timeout_ms=5_000) as c:
+        doc = c.post("/v1/documents", json=DOC).json()
+        before = _remaining(c)
+        proxy.stop()
+        back = threading.Timer(1.0, proxy.start)  # the fault: an outage of a second
+        back.start()
+        try:
+            assert c.get(f"/v1/documents/{doc['id']}").status_code == 200
+        finally:
+            back.join()
+        assert before - _remaining(c) == 2  # the GET's unit and the last 422's
+
+
 def test_a_wait_for_a_connection_takes_nothing_off_a_patchs_other_charges(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
