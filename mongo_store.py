@@ -131,9 +131,10 @@ _since: ContextVar[float | None] = ContextVar("since", default=None)
 
 class _UnchargedWaits(monitoring.CommandListener):
     """A read is charged its time (ratelimit.StoreWork), but not the time before each of its
-    commands goes out: selecting a server (one that is away, coming back) and waiting for one
-    of the driver's connections (others' work holds them) are not the read's cost. pymongo
-    calls these in the task that runs the command."""
+    commands goes out (selecting a server that is away or coming back, waiting for one of the
+    driver's connections that others' work holds), nor an attempt MongoDB never answered (cut,
+    or its answer lost), which the driver retried: none is the read's cost. pymongo calls
+    these in the task that runs the command."""
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if (since := _since.get()) is not None:
@@ -143,6 +144,8 @@ class _UnchargedWaits(monitoring.CommandListener):
         _since.set(time.perf_counter())
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        if event.failure.get("codeName") != "MaxTimeMSExpired":  # that one MongoDB worked on
+            StoreWork.waited(event.duration_micros / 1e6)
         _since.set(time.perf_counter())
 
 

@@ -624,6 +624,32 @@ def test_a_read_is_not_charged_its_wait_for_a_mongodb_that_came_back(
         assert before - _remaining(c) == 2  # the GET's unit and the last 422's
 
 
+@pytest.mark.parametrize("fate", ["cut", "drop reply"])
+def test_a_read_is_not_charged_the_attempts_mongodb_never_answered(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, fate: Fate
+) -> None:
+    """Each attempt is held 0.3 s, then cut or its answer lost, twice; the driver's retries
+    end with an answer. The read pays for the attempt that was answered, not the others."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path, rate_limit="1000/minute", mongo_timeout_ms=5_000) as c:
+        doc = c.post("/v1/documents", json=DOC).json()
+        before = _remaining(c)
+        faults = [fate, fate]
+
+        def flaky(message: bytes) -> Fate:
+            if _command(message) == "find" and faults:
+                time.sleep(0.3)  # the fault: a network that holds, then fails
+                return faults.pop()
+            return "deliver"
+
+        proxy.fault = flaky
+        assert c.get(f"/v1/documents/{doc['id']}").status_code == 200
+        proxy.fault = None
+        assert not faults
+        assert before - _remaining(c) <= 3  # the GET's unit, the 422's, and a margin
+
+
 def test_a_wait_for_a_connection_takes_nothing_off_a_patchs_other_charges(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
