@@ -284,8 +284,8 @@ class _Measured:
         if failed:
             self._errors.labels(self._operation, type(exc).__name__).inc()
         # The store's failure (MongoDB out of reach) is not the client's cost: answers count, and
-        # reads the database stopped at their time limit, which their cost ran into; less any
-        # wait for a connection that others' work held (mongo_store), never less than that.
+        # reads the database stopped at their time limit, which their cost ran into; less what
+        # the store recorded as waits during this read (StoreWork.waited), not the read's cost.
         if self._operation in _READS and (not failed or isinstance(exc, ReadStopped)):
             StoreWork.add(seconds - (StoreWork.waits_so_far() - self._waits))
 

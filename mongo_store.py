@@ -65,6 +65,8 @@ FIRST_CONTACT_SECONDS = 1.0
 IMPORTS_AT_ONCE = 50
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
+# What MongoDB names a command it stopped at its maxTimeMS: work it did, charged to the read.
+STOPPED_AT_TIME_LIMIT = "MaxTimeMSExpired"
 # How long the background pass for missing words waits after a failure.
 WORDS_RETRY_SECONDS = 30.0
 # A deleted document that its create's Idempotency-Key could bring back stays as a tombstone
@@ -144,7 +146,7 @@ class _UnchargedWaits(monitoring.CommandListener):
         _since.set(time.perf_counter())
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        if event.failure.get("codeName") != "MaxTimeMSExpired":  # that one MongoDB worked on
+        if event.failure.get("codeName") != STOPPED_AT_TIME_LIMIT:
             StoreWork.waited(event.duration_micros / 1e6)
         _since.set(time.perf_counter())
 
@@ -155,15 +157,13 @@ def _driver_errors() -> Iterator[None]:
     _since.set(time.perf_counter())  # not reset: an export's generator may end elsewhere
     try:
         yield
-    except ExecutionTimeout as exc:
-        if (exc.details or {}).get("codeName") == "MaxTimeMSExpired":
+    except (ExecutionTimeout, NetworkTimeout) as exc:
+        stopped = isinstance(exc, ExecutionTimeout) and (exc.details or {}).get("codeName")
+        if stopped == STOPPED_AT_TIME_LIMIT:
             # The server worked on it until its maxTimeMS: the operation's own cost, charged to
-            # its key. (The driver raises the same class, with no codeName, for an operation it
-            # never sent because the time left was gone, waiting for a connection, say.)
+            # its key. (The driver raises ExecutionTimeout with no codeName for an operation it
+            # never sent, the time left gone waiting for a connection, say.)
             raise ReadStopped("MongoDB stopped the operation at its time limit.") from exc
-        _outage.failed(type(exc).__name__)
-        raise StoreUnavailable("MongoDB did not answer within the time limit.") from exc
-    except NetworkTimeout as exc:
         # No answer in time: a server or network that hangs, not the operation's cost, so it
         # is not charged; a key would otherwise be locked out past the outage.
         _outage.failed(type(exc).__name__)

@@ -186,7 +186,9 @@ class StoreWork:
         self, lane: asyncio.Lock | None, check: Callable[[], Awaitable[None]] | None
     ) -> None:
         self.seconds = 0.0
-        self.waits = 0.0  # for a connection others held, which a read's time leaves out
+        # Waits the store saw (for a server, a connection, an attempt never answered), which
+        # a read's charged time leaves out.
+        self.waits = 0.0
         self._lane, self._check = lane, check
         self._held = self._ended = False
 
