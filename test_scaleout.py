@@ -1376,6 +1376,12 @@ def _living_members(group: int) -> list[int]:
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
+    with redis_serving(tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def redis_serving(tmp_path: Path, *options: str) -> Iterator[str]:
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         if os.environ.get("CI"):
@@ -1393,6 +1399,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
             "",
             "--appendonly",
             "no",
+            *options,
         ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -1402,9 +1409,11 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     for line in proc.stdout:  # redis says when it accepts connections
         if b"Ready to accept connections" in line:
             break
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def two_workers(service_factory: ServiceFactory, mongo_url: str, **env: str) -> Service:
@@ -1546,6 +1555,26 @@ def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
             assert caplog.messages.count("rate_limit.available") == 1
     finally:
         proxy.stop()
+
+
+def test_a_redis_that_refuses_the_password_is_logged_as_refusing_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password is not an unreachable Redis: the outage line names Redis's refusal."""
+    with (
+        redis_serving(tmp_path, "--requirepass", "the-password") as url,
+        app_client(
+            tmp_path,
+            headers={"X-API-Key": KEY},
+            rate_limit_storage_uri=url.replace("redis://", "redis://:not-the-password@"),
+        ) as client,
+    ):
+        caplog.set_level(logging.INFO)
+        assert client.get("/health/ready").status_code == 503
+        assert client.get("/v1/documents").status_code == 503
+    [line] = [r for r in caplog.records if r.getMessage() == "rate_limit.unavailable"]
+    assert "AuthenticationError" in line.error
+    assert "unreachable" not in line.error
 
 
 def test_connections_redis_closed_while_idle_cost_no_request_a_503(
