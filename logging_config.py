@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import logging
 import sys
 from contextvars import ContextVar
@@ -89,6 +90,8 @@ def json_formatter() -> logging.Formatter:
         # uvicorn adds an ANSI-coloured copy of its message; the plain one is enough.
         reserved_attrs=[*RESERVED_ATTRS, "color_message"],
         rename_fields={"levelname": "level", "name": "logger"},
+        # Each of several workers logs to the same stream: the pid says which wrote a line.
+        static_fields={"pid": os.getpid()},
         timestamp=True,
     )
 

@@ -479,6 +479,9 @@ def test_a_worker_killed_with_kill_9_is_replaced_and_loses_nothing(
     service = service_factory(env={"WORKERS": "2"}).start(wait=False)
     service.wait_for_line("Application startup complete", 30, count=2)
     before = set(_workers(service))
+    # Each worker's lines name it.
+    started = [json.loads(line) for line in service.output if "startup complete" in line]
+    assert {line["pid"] for line in started} == before
     acknowledged = write_until_killed_worker(service, before)
     service.wait_for_line("Application startup complete", 30, count=3)
     assert len(set(_workers(service)) - before) == 1
