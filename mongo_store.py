@@ -601,6 +601,7 @@ class MongoStore:
     async def count(self) -> int:
         """From the collection's metadata. Tombstones of the last day count too, and after an
         unclean shutdown it may be off until the server next validates the collection."""
+        self._require_indexes()  # at once: a start or a scrape without MongoDB waited a second
         with _driver_errors():
             return await self._docs.estimated_document_count()
 

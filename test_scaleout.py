@@ -422,6 +422,24 @@ def test_indexes_made_in_the_background_start_one_pass_for_missing_words(
     assert anyio.run(first_contact) == 1
 
 
+def test_counting_without_mongodb_at_the_start_fails_at_once(
+    proxied_mongo: tuple[TcpProxy, str],
+) -> None:
+    """The start's `service.started` line and each scrape count the documents: started without
+    MongoDB, that count is refused before it waits on the driver (30 s here)."""
+    _, url = proxied_mongo
+
+    async def count() -> None:
+        store = await MongoStore.open(url, timeout_ms=30_000)
+        try:
+            with anyio.fail_after(10), pytest.raises(StoreUnavailable, match="indexes"):
+                await store.count()
+        finally:
+            await store.close()
+
+    anyio.run(count)
+
+
 def test_every_route_answers_503_at_once_while_the_indexes_are_not_made(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
