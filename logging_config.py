@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from typing import TextIO
