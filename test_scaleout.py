@@ -1590,9 +1590,9 @@ def test_a_redis_that_refuses_the_password_is_logged_as_refusing_it(
         caplog.set_level(logging.INFO)
         assert client.get("/health/ready").status_code == 503
         assert client.get("/v1/documents").status_code == 503
-    [line] = [r for r in caplog.records if r.getMessage() == "rate_limit.unavailable"]
-    assert "AuthenticationError" in line.error
-    assert "unreachable" not in line.error
+    [error] = [r.__dict__["error"] for r in caplog.records if r.msg == "rate_limit.unavailable"]
+    assert "AuthenticationError" in error
+    assert "unreachable" not in error
 
 
 def test_connections_redis_closed_while_idle_cost_no_request_a_503(
