@@ -185,8 +185,8 @@ class StoreWork:
         self, lane: asyncio.Lock | None, check: Callable[[], Awaitable[None]] | None
     ) -> None:
         self.seconds = 0.0
-        # Waits the store saw (for a server, a connection, an attempt never answered), which
-        # a read's charged time leaves out.
+        # Waits a read saw (for the lane, a server, a connection, an attempt never answered,
+        # the processor), which its charged time leaves out.
         self.waits = 0.0
         self._lane, self._check = lane, check
         self._held = self._ended = False
@@ -220,14 +220,14 @@ class StoreWork:
 
     @staticmethod
     async def before_long_work() -> None:
-        """Wait for the key's lane, once per request; the wait is not work, so it is taken off
-        the seconds charged (the store operation around it is timed whole)."""
+        """Wait for the key's lane, once per request; the wait is not work: a read that
+        includes it leaves it out of its charge."""
         work = _store_work.get()
         if work is None or work._lane is None or work._held or work._ended:
             return
         started = time.perf_counter()
         await work._lane.acquire()
-        work.seconds -= time.perf_counter() - started
+        work.waits += time.perf_counter() - started
         work._held = True
         if work._ended:  # a task that outlived its request
             work.end()

@@ -112,15 +112,22 @@ async def find_words(find: Callable[..., T], chars: int, *args: Any) -> T:
     """`find(*args)`: a document's words for the index, from `chars` characters of text. Short
     text (about a millisecond at worst) where asked; longer in a thread, once the key's lane
     lets it, for on the event loop or in the SQLite writer it would hold back everyone else.
-    Either way its time is the request's store work, which its key pays for."""
-    started = time.perf_counter()
-    try:
-        if chars <= WORDS_INLINE_CHARS:
-            return find(*args)
+    Either way its CPU time is the request's store work, which its key pays for."""
+    if chars <= WORDS_INLINE_CHARS:
+        words, cpu = on_cpu(find, *args)
+    else:
         await StoreWork.before_long_work()
-        return await anyio.to_thread.run_sync(find, *args)
-    finally:
-        StoreWork.add(time.perf_counter() - started)
+        words, cpu = await anyio.to_thread.run_sync(on_cpu, find, *args)
+    StoreWork.add(cpu)
+    return words
+
+
+def on_cpu(work: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """`work(*args)` and the CPU seconds this thread spent on it: what a key is charged, not
+    the time it waited for the processor or the interpreter lock, which other keys' work (their
+    words found in a thread) may hold."""
+    started = time.thread_time()
+    return work(*args), time.thread_time() - started
 
 
 # --- contract ---------------------------------------------------------------------------------

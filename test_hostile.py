@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1060,6 +1061,44 @@ def test_a_sparse_listing_spends_a_unit_per_10_ms_its_reads_took(seeded: Setting
         # The next request, spending its one unit from the head, shows what the first cost.
         second = client.get("/v1/documents", params=SPARSE)
         assert BUDGET - int(second.headers["x-ratelimit-remaining"]) - 1 > 1
+
+
+def test_a_read_is_charged_its_own_work_not_the_waits_other_work_makes_it(
+    seeded_dir: Path,
+) -> None:
+    """Work beside a read (another key's words found in a thread) holds the interpreter lock
+    and a processor: a sparse listing took twice as long, and its key paid twice as much."""
+    settings = make_settings(seeded_dir, rate_limit="1000/minute")
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+
+        def cost() -> int:
+            """Units the sparse listing spent beyond its head's, seen by the probes around it."""
+            probe = {"limit": 1}
+            before = int(client.get("/v1/documents", params=probe).headers["x-ratelimit-remaining"])
+            assert client.get("/v1/documents", params=SPARSE).status_code == 200
+            after = int(client.get("/v1/documents", params=probe).headers["x-ratelimit-remaining"])
+            return before - after - 2
+
+        alone = [cost() for _ in range(3)]
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                total = 0
+                for n in range(10_000):
+                    total += n
+
+        spinners = [threading.Thread(target=spin) for _ in range(2)]
+        for spinner in spinners:
+            spinner.start()
+        try:
+            beside = [cost() for _ in range(3)]
+        finally:
+            stop.set()
+            for spinner in spinners:
+                spinner.join()
+    assert sum(alone) >= len(alone)  # beyond its head's unit: a listing costly enough to tell
+    assert sum(beside) < 1.5 * sum(alone)  # it was twice
 
 
 def test_a_key_runs_out_after_far_fewer_sparse_listings_than_cheap_reads(seeded_dir: Path) -> None:
