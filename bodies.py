@@ -162,6 +162,10 @@ class StrictJSONRoute(APIRoute):
 
         async def strict_handler(request: Request) -> Response:
             _require_json(request.headers.get("content-type", ""), accepted)
+            # No content coding is decoded: a gzip body would be refused as malformed JSON, a
+            # body merely labelled with one stored as sent (RFC 9110 8.4.1: 415).
+            if request.headers.get("content-encoding", "identity").lower() != "identity":
+                raise UnsupportedMediaType("Send the body without a Content-Encoding.")
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict_handler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import sqlite3
@@ -205,6 +206,17 @@ def test_malformed_json_returns_400_problem(client: TestClient, raw: bytes) -> N
         "/v1/documents", content=raw, headers={"Content-Type": "application/json"}
     )
     assert_problem(response, 400)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity"])
+def test_a_body_with_a_content_encoding_is_refused_415(client: TestClient, coding: str) -> None:
+    """No coding is decoded: a body labelled with one was stored as sent, a real gzip body
+    answered 400 as malformed JSON."""
+    plain = json.dumps({"title": "t", "content": "c"}).encode()
+    for body in (plain, gzip.compress(plain)):
+        headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+        assert_problem(client.post("/v1/documents", content=body, headers=headers), 415)
+    assert client.get("/v1/documents").json()["items"] == []
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
