@@ -15,20 +15,29 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from logging_config import clip
 from problems import MalformedBody, UnsupportedMediaType
 
 
-def _require_json(content_type: str, accepted: list[str]) -> None:
-    """One of the media types the operation's OpenAPI entry lists, in UTF-8 if it names a
-    charset (RFC 8259: JSON is UTF-8)."""
+def _require_json(headers: Headers, accepted: list[str]) -> None:
+    """One Content-Type, of the media types the operation's OpenAPI entry lists, in UTF-8 if it
+    names a charset (RFC 8259: JSON is UTF-8); and the body as it is: nothing here decodes a
+    content coding or a transfer coding but chunked, so a gzip body was refused as malformed
+    JSON and one merely labelled so was stored as sent (RFC 9110 8.4.1: 415). Every header line
+    counts: a second one said what the first did not."""
+    content_type = ", ".join(headers.getlist("content-type"))
     media, *parameters = (part.strip().lower() for part in content_type.split(";"))
-    charsets = [p.partition("=")[2].strip('"') for p in parameters if p.startswith("charset=")]
-    if media not in accepted or any(charset != "utf-8" for charset in charsets):
+    named = [[side.strip().strip('"') for side in p.partition("=")[::2]] for p in parameters]
+    if media not in accepted or any(n.startswith("charset") and v != "utf-8" for n, v in named):
         sent = f"not {clip(content_type, 64)}" if content_type else "this request had none"
         raise UnsupportedMediaType(f"Send JSON (Content-Type: {' or '.join(accepted)}); {sent}.")
+    for name, plain in (("content-encoding", "identity"), ("transfer-encoding", "chunked")):
+        codings = {c.strip().lower() for line in headers.getlist(name) for c in line.split(",")}
+        if codings - {plain}:
+            raise UnsupportedMediaType(f"Send the body as it is: no {name} but {plain}.")
 
 
 # Arrays and objects nest at most this deep (a document body needs 2). Checked here, before the
@@ -161,11 +170,7 @@ class StrictJSONRoute(APIRoute):
         accepted = list(declared) or ["application/json"]
 
         async def strict_handler(request: Request) -> Response:
-            _require_json(request.headers.get("content-type", ""), accepted)
-            # No content coding is decoded: a gzip body would be refused as malformed JSON, a
-            # body merely labelled with one stored as sent (RFC 9110 8.4.1: 415).
-            if request.headers.get("content-encoding", "identity").lower() != "identity":
-                raise UnsupportedMediaType("Send the body without a Content-Encoding.")
+            _require_json(request.headers, accepted)
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict_handler

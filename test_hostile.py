@@ -163,6 +163,46 @@ def _chunked(body: bytes, pieces: int) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(cut), cut) for cut in cuts) + b"0\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    ("headers", "chunked"),
+    [
+        ("Content-Type: application/json\r\nContent-Encoding: identity\r\nContent-Encoding: br", 0),
+        ("Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked", 1),
+        (
+            "Content-Type: application/json\r\nTransfer-Encoding: x-foo\r\n"
+            "Transfer-Encoding: chunked",
+            1,
+        ),
+        ("Content-Type: application/json; charset =latin1", 0),
+        ("Content-Type: application/json; charset*=utf-16''", 0),
+        ("Content-Type: application/json\r\nContent-Type: text/plain", 0),
+    ],
+    ids=[
+        "a coding on a second line",
+        "a transfer coding before chunked",
+        "a transfer coding on a line of its own",
+        "a charset spelt with a space",
+        "a charset in RFC 8187 form",
+        "a second media type",
+    ],
+)
+def test_a_body_labelled_with_a_coding_or_another_charset_is_refused_unstored(
+    server: Service, headers: str, chunked: int
+) -> None:
+    """Nothing decodes a content coding or a transfer coding but chunked, and JSON is UTF-8:
+    each of these was stored as sent (201), the first line of each header alone checked."""
+    body = b'{"title": "labelled", "content": "c"}'
+    length = "" if chunked else f"Content-Length: {len(body)}\r\n"
+    head = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nConnection: close\r\n"
+        f"{headers}\r\n{length}\r\n"
+    ).encode()
+    response = exchange(server, head + (_chunked(body, 2) if chunked else body))
+    assert status_of(response) == 415
+    with server.client() as client:
+        assert "labelled" not in [d["title"] for d in client.get("/v1/documents").json()["items"]]
+
+
 @pytest.mark.parametrize("key", [KEY, "not-a-key"], ids=["with a key", "without a key"])
 def test_a_body_in_more_pieces_than_the_bound_is_refused_as_it_arrives(
     server: Service, key: str
