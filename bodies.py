@@ -21,6 +21,8 @@ from starlette.responses import Response
 from logging_config import clip
 from problems import MalformedBody, UnsupportedMediaType
 
+_OWS = " \t"  # HTTP's whitespace; str.strip() would also take U+0085 and U+00A0 off a value
+
 
 def _require_json(headers: Headers, accepted: list[str]) -> None:
     """One Content-Type, of the media types the operation's OpenAPI entry lists, in UTF-8 if it
@@ -29,13 +31,13 @@ def _require_json(headers: Headers, accepted: list[str]) -> None:
     JSON and one merely labelled so was stored as sent (RFC 9110 8.4.1: 415). Every header line
     counts: a second one said what the first did not."""
     content_type = ", ".join(headers.getlist("content-type"))
-    media, *parameters = (part.strip().lower() for part in content_type.split(";"))
-    named = [[side.strip().strip('"') for side in p.partition("=")[::2]] for p in parameters]
+    media, *parameters = (part.strip(_OWS).lower() for part in content_type.split(";"))
+    named = [[side.strip(_OWS).strip('"') for side in p.partition("=")[::2]] for p in parameters]
     if media not in accepted or any(n.startswith("charset") and v != "utf-8" for n, v in named):
         sent = f"not {clip(content_type, 64)}" if content_type else "this request had none"
         raise UnsupportedMediaType(f"Send JSON (Content-Type: {' or '.join(accepted)}); {sent}.")
     for name, plain in (("content-encoding", "identity"), ("transfer-encoding", "chunked")):
-        codings = {c.strip().lower() for line in headers.getlist(name) for c in line.split(",")}
+        codings = {c.strip(_OWS).lower() for line in headers.getlist(name) for c in line.split(",")}
         if codings - {plain}:
             raise UnsupportedMediaType(f"Send the body as it is: no {name} but {plain}.")
 

@@ -228,7 +228,8 @@ def mongo_url(mongo_server: SecantusDBServer, request: pytest.FixtureRequest) ->
 # What a relay does with one client message: pass it on, cut the connection instead, or pass it
 # on and cut the connection before its reply comes back (the command ran; the client never hears).
 OP_MSG = 2013  # the wire protocol's message kind for commands
-Fate = Literal["deliver", "cut", "drop reply", "time limit"]
+# An int answers the message with that MongoDB error code instead.
+Fate = Literal["deliver", "cut", "drop reply", "time limit"] | int
 
 
 class TcpProxy:
@@ -311,7 +312,9 @@ class TcpProxy:
                 if fate == "drop reply":
                     drop.set()
                 if fate == "time limit":
-                    client.sendall(_time_limit_reply(message))
+                    client.sendall(_error_reply(message, 50, "MaxTimeMSExpired"))
+                elif isinstance(fate, int):
+                    client.sendall(_error_reply(message, fate, f"Code{fate}"))
                 elif not self.black_hole:
                     upstream.sendall(message)
 
@@ -339,14 +342,9 @@ class TcpProxy:
             s.close()
 
 
-def _time_limit_reply(request: bytes) -> bytes:
-    """An OP_MSG answering `request` with MongoDB's MaxTimeMSExpired error."""
-    error = {
-        "ok": 0.0,
-        "errmsg": "operation exceeded time limit",
-        "code": 50,
-        "codeName": "MaxTimeMSExpired",
-    }
+def _error_reply(request: bytes, code: int, name: str) -> bytes:
+    """An OP_MSG answering `request` with MongoDB's error `code` (50: MaxTimeMSExpired)."""
+    error = {"ok": 0.0, "errmsg": f"error {name}", "code": code, "codeName": name}
     payload = bytes(4) + b"\x00" + bson.encode(error)  # no flags; one section, kind 0
     request_id = request[4:8]
     header = (16 + len(payload)).to_bytes(4, "little") + bytes(4) + request_id

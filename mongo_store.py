@@ -65,6 +65,12 @@ FIRST_CONTACT_SECONDS = 1.0
 IMPORTS_AT_ONCE = 50
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
+# What MongoDB answers when it cannot serve right now: a node unreachable, stepping down or
+# shutting down (the codes the driver itself retries), a lock or write conflict it gave up on,
+# no node the read may use. Each is 503, to retry; they were 500.
+UNAVAILABLE_CODES = frozenset(
+    {6, 7, 24, 89, 91, 112, 133, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436}
+)
 # What MongoDB names a command it stopped at its maxTimeMS: work it did, charged to the read.
 STOPPED_AT_TIME_LIMIT = "MaxTimeMSExpired"
 # How long the background pass for missing words waits after a failure.
@@ -152,6 +158,19 @@ class _UnchargedWaits(monitoring.CommandListener):
 
 
 @contextmanager
+def _uncharged() -> Iterator[None]:
+    """A read an index bounds (a get by id, a page in the order of an index): its unit covers
+    it. MongoDB says nothing of what a read cost it, and its time by the clock is the network's
+    and the server's, however loaded: a link that held each command 0.5 s cost a GET 51 units.
+    Its whole time is recorded as a wait, which the read's charge leaves out."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        StoreWork.waited(time.perf_counter() - started)
+
+
+@contextmanager
 def _driver_errors() -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
     _since.set(time.perf_counter())  # not reset: an export's generator may end elsewhere
@@ -176,6 +195,9 @@ def _driver_errors() -> Iterator[None]:
             raise StoreAuthenticationFailed(
                 "MongoDB authentication failed: check the user and password in DATABASE_URL"
             ) from exc
+        if exc.code in UNAVAILABLE_CODES:
+            _outage.failed(f"{type(exc).__name__} {exc.code}")
+            raise StoreUnavailable("MongoDB cannot serve right now; try again shortly.") from exc
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
     except PyMongoError as exc:
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
@@ -389,7 +411,7 @@ class MongoStore:
 
     async def get(self, doc_id: str) -> Document:
         self._require_indexes()
-        with _driver_errors():
+        with _uncharged(), _driver_errors():
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
             raise DocumentNotFound(doc_id)
@@ -409,6 +431,13 @@ class MongoStore:
             # wait for the key's lane (ratelimit.StoreWork), as the embedded store's reads that
             # take long do.
             await StoreWork.before_long_work()
+            return await self._page(query, limit, after)
+        with _uncharged():
+            return await self._page(query, limit, after)
+
+    async def _page(
+        self, query: DocumentQuery, limit: int, after: Key | None
+    ) -> tuple[list[Document], Key | None]:
         with _driver_errors():
             sizes = await self._find(query, limit, after, SIZE).to_list(limit)
         if not sizes:

@@ -251,6 +251,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._headers = 0
         self._parsed = 0
         self._pieces = self._body_bytes = self._body_wire = 0
+        self._trailing = False
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -259,7 +260,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
         self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
+        # A trailer field (after a chunked body) is counted, then dropped (RFC 9110 6.5.1 lets a
+        # recipient discard them): uvicorn added it to the request's headers, which the app may
+        # or may not have read yet, so the same bytes were judged by when they came.
+        if not self._trailing:
+            super().on_header(name, value)
 
     def _count(self, size: int) -> None:
         self._parsed += size
@@ -272,6 +277,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads += 1
         self._awaiting_head = False
         self._stop_head_timer()
+        self._trailing = True
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
             self._hold(self._parsed)

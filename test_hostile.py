@@ -176,6 +176,8 @@ def _chunked(body: bytes, pieces: int) -> bytes:
         ("Content-Type: application/json; charset =latin1", 0),
         ("Content-Type: application/json; charset*=utf-16''", 0),
         ("Content-Type: application/json\r\nContent-Type: text/plain", 0),
+        ("Content-Type: application/json\xa0", 0),
+        ("Content-Type: application/json\r\nContent-Encoding: identity\x85", 0),
     ],
     ids=[
         "a coding on a second line",
@@ -184,6 +186,8 @@ def _chunked(body: bytes, pieces: int) -> bytes:
         "a charset spelt with a space",
         "a charset in RFC 8187 form",
         "a second media type",
+        "a media type with a no-break space",
+        "a coding with a next-line character",
     ],
 )
 def test_a_body_labelled_with_a_coding_or_another_charset_is_refused_unstored(
@@ -196,11 +200,24 @@ def test_a_body_labelled_with_a_coding_or_another_charset_is_refused_unstored(
     head = (
         f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nConnection: close\r\n"
         f"{headers}\r\n{length}\r\n"
-    ).encode()
+    ).encode("latin-1")  # a byte per character, as HTTP sends them
     response = exchange(server, head + (_chunked(body, 2) if chunked else body))
     assert status_of(response) == 415
     with server.client() as client:
         assert "labelled" not in [d["title"] for d in client.get("/v1/documents").json()["items"]]
+
+
+def test_trailer_fields_are_dropped_never_taken_for_headers(server: Service) -> None:
+    """A chunked body's trailer fields do not join the request's headers: a trailer saying
+    `Content-Encoding: gzip` got 415 when it came in the same write as the head, and 201 when
+    it came a moment later."""
+    body = b'{"title": "trailed", "content": "c"}'
+    head = _post_head(f"X-API-Key: {KEY}\r\nConnection: close\r\n", "Transfer-Encoding: chunked")
+    chunked = _chunked(body, 1).removesuffix(b"\r\n")  # room for trailer fields
+    trailers = b"Content-Encoding: gzip\r\nContent-Type: text/plain\r\n\r\n"
+    assert status_of(exchange(server, head + chunked + trailers)) == 201
+    with server.client() as client:
+        assert "trailed" in [d["title"] for d in client.get("/v1/documents").json()["items"]]
 
 
 @pytest.mark.parametrize("key", [KEY, "not-a-key"], ids=["with a key", "without a key"])

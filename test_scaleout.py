@@ -566,6 +566,49 @@ def test_a_mongodb_that_hangs_is_not_charged_to_the_keys_that_waited_on_it(
         assert int(served.headers["x-ratelimit-remaining"]) > 80
 
 
+def test_reads_an_index_bounds_are_not_charged_a_slow_link(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """A link that holds each read 0.3 s but answers (below the time limit): a get by id and
+    a plain page spend their unit and no more; a read by the clock cost 30 units each, and a few
+    locked the key out past the slowdown. A filtered listing is still charged its time."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path, rate_limit="1000/minute") as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        before = _remaining(client)
+
+        def slow_reads(message: bytes) -> Fate:
+            if _command(message) == "find":
+                time.sleep(0.3)
+            return "deliver"
+
+        proxy.fault = slow_reads
+        for _ in range(2):
+            assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+            assert client.get("/v1/documents").status_code == 200
+        proxy.fault = None
+        assert _remaining(client) == before - 5  # four reads and this probe, a unit each
+
+
+@pytest.mark.parametrize("code", [6, 24, 89, 112, 133, 262, 9001, 11600])
+def test_mongodb_answering_that_it_cannot_serve_is_503_never_500(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, code: int
+) -> None:
+    """Error replies that mean MongoDB cannot serve right now (a node unreachable, shutting
+    down, a lock it gave up on) were 500s, with a traceback logged each."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        proxy.fault = lambda m: code if _command(m) in ("find", "insert") else "deliver"
+        assert_problem(client.get(f"/v1/documents/{doc['id']}"), 503)
+        assert_problem(client.post("/v1/documents", json=DOC), 503)
+        proxy.fault = None
+        until_ready(client)  # a node shutting down is looked for again first
+        assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+
+
 @contextlib.contextmanager
 def _connections_held_by_another_key(proxy: TcpProxy, client: TestClient) -> Iterator[None]:
     """Two creates of another key, each held by a slow server for a second, hold both of the
