@@ -17,7 +17,7 @@ uvicorn documents `http=` as taking a protocol class but not the class's insides
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
 `_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
-`transport`, `loop`, `client`, `cycle` with its `more_body` and `disconnected`; `Multiprocess` with
+`transport`, `loop`, `client`, `parser`, `headers`, `cycle` with its `more_body` and `disconnected`; `Multiprocess` with
 its `processes` and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed
 start. It also leans on the event loop (uvloop or asyncio) closing a transport's socket only after
 `connection_lost` returns.
@@ -278,6 +278,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._stop_head_timer()
         self._trailing = True
+        # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a proxy
+        # that speaks 1.0 reads its body by Content-Length, or to the end): a request smuggled
+        # past one. Raising stops the parser, as _count does: 400, the connection closed.
+        if self.parser.get_http_version() == "1.0" and any(
+            name == b"transfer-encoding" for name, _ in self.headers
+        ):
+            raise ValueError("Transfer-Encoding in an HTTP/1.0 request")
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
             self._hold(self._parsed)

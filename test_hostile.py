@@ -207,6 +207,19 @@ def test_a_body_labelled_with_a_coding_or_another_charset_is_refused_unstored(
         assert "labelled" not in [d["title"] for d in client.get("/v1/documents").json()["items"]]
 
 
+def test_an_http_1_0_request_with_a_transfer_coding_is_refused_unstored(server: Service) -> None:
+    """HTTP/1.0 has no transfer codings (RFC 9112 6.1): a proxy of that version reads such a
+    body by its length or to the end, not in chunks, so the framing is faulty. It was stored."""
+    body = b'{"title": "ten", "content": "c"}'
+    head = (
+        f"POST /v1/documents HTTP/1.0\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    assert status_of(exchange(server, head + _chunked(body, 1))) == 400
+    with server.client() as client:
+        assert "ten" not in [d["title"] for d in client.get("/v1/documents").json()["items"]]
+
+
 def test_trailer_fields_are_dropped_never_taken_for_headers(server: Service) -> None:
     """A chunked body's trailer fields do not join the request's headers: a trailer saying
     `Content-Encoding: gzip` got 415 when it came in the same write as the head, and 201 when
