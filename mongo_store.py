@@ -362,13 +362,17 @@ class MongoStore:
             original = await self._claim(idempotency, fingerprint(data), raw, now)
             if original is not None:
                 return original, True
-        if await self._insert_new(self._docs, raw) or idempotency is None:
+        if await self._insert_new(self._docs, raw):
             return doc, False
-        # A retry finished this create from the claim first (and the document may since have
-        # been deleted): answer as that retry did.
+        # Its id is taken: by this very insert, which the driver retried once its answer was
+        # lost, or, with a key, by a retry that finished this create from the claim first (the
+        # document may since have been deleted). Answer from what is stored: a refusal with
+        # nothing stored was acknowledged 201 and then 404.
         try:
-            return await self.get(doc.id), True
+            return await self.get(doc.id), idempotency is not None
         except DocumentNotFound:
+            if idempotency is None:
+                raise StoreUnavailable("MongoDB did not confirm the insert; try again.") from None
             raise IdempotencyConflict(idempotency.key, "for a document since deleted") from None
 
     async def _claim(

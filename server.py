@@ -17,10 +17,10 @@ uvicorn documents `http=` as taking a protocol class but not the class's insides
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
 `_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
-`transport`, `loop`, `client`, `parser`, `headers`, `cycle` with its `more_body` and `disconnected`; `Multiprocess` with
-its `processes` and their `exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed
-start. It also leans on the event loop (uvloop or asyncio) closing a transport's socket only after
-`connection_lost` returns.
+`transport`, `loop`, `client`, `parser`, `headers`, `cycle` with its `more_body` and
+`disconnected`; `Multiprocess` with its `processes` and their `exitcode`, and `STARTUP_FAILURE`,
+the status uvicorn gives a failed start. It also leans on the event loop (uvloop or asyncio)
+closing a transport's socket only after `connection_lost` returns.
 """
 
 from __future__ import annotations

@@ -591,6 +591,28 @@ def test_reads_an_index_bounds_are_not_charged_a_slow_link(
         assert _remaining(client) == before - 5  # four reads and this probe, a unit each
 
 
+def test_a_create_is_acknowledged_only_once_its_document_is_stored(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """MongoDB refusing an insert as a duplicate id means the driver's retry of an insert that
+    landed (its answer lost): 201. Refused so with nothing stored, the create was answered 201
+    and its document was 404; now 503."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        lost = iter([True])
+        proxy.fault = lambda m: (
+            "drop reply" if _command(m) == "insert" and next(lost, False) else "deliver"
+        )
+        made = client.post("/v1/documents", json=DOC)
+        assert made.status_code == 201
+        assert client.get(f"/v1/documents/{made.json()['id']}").status_code == 200
+        proxy.fault = lambda m: 11000 if _command(m) == "insert" else "deliver"
+        assert_problem(client.post("/v1/documents", json=DOC), 503)
+        proxy.fault = None
+        assert [d["id"] for d in client.get("/v1/documents").json()["items"]] == [made.json()["id"]]
+
+
 @pytest.mark.parametrize("code", [6, 24, 89, 112, 133, 262, 9001, 11600])
 def test_mongodb_answering_that_it_cannot_serve_is_503_never_500(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, code: int
