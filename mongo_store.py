@@ -67,9 +67,12 @@ AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
 # What MongoDB answers when it cannot serve right now: a node unreachable, stepping down or
 # shutting down (the codes the driver itself retries), a lock or write conflict it gave up on,
-# no node the read may use. Each is 503, to retry; they were 500.
+# no node the read may use, an operation or cursor killed under it (an operator's killOp, a
+# plan or cursor dropped). Each is 503, to retry; they were 500. A refusal a retry would meet
+# again (a bad value, missing rights, a validation rule) stays 500: a bug or a deployment to fix.
 UNAVAILABLE_CODES = frozenset(
-    {6, 7, 24, 89, 91, 112, 133, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436}
+    {6, 7, 24, 43, 89, 91, 112, 133, 134, 175, 189, 237, 262, 9001, 10058, 10107, 11600, 11601}
+    | {11602, 13435, 13436}
 )
 # What MongoDB names a command it stopped at its maxTimeMS: work it did, charged to the read.
 STOPPED_AT_TIME_LIMIT = "MaxTimeMSExpired"

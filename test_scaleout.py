@@ -613,7 +613,7 @@ def test_a_create_is_acknowledged_only_once_its_document_is_stored(
         assert [d["id"] for d in client.get("/v1/documents").json()["items"]] == [made.json()["id"]]
 
 
-@pytest.mark.parametrize("code", [6, 24, 89, 112, 133, 262, 9001, 11600])
+@pytest.mark.parametrize("code", [6, 24, 43, 89, 112, 133, 175, 237, 262, 9001, 11600, 11601])
 def test_mongodb_answering_that_it_cannot_serve_is_503_never_500(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, code: int
 ) -> None:
