@@ -290,13 +290,14 @@ class AdmissionMiddleware:
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> tuple[ApiKey | None, bool]:
         """The key and whether one was presented. Every configured key is compared, in constant
         time, whether or not one matched."""
-        presented = next((v for k, v in headers if k == API_KEY_HEADER), b"")
-        digest = digest_key(presented.decode("latin-1"))
+        presented = [v for k, v in headers if k == API_KEY_HEADER]
+        # Two keys in one request match neither: a proxy in front may have read the other.
+        digest = digest_key(presented[0].decode("latin-1")) if len(presented) == 1 else b""
         match: ApiKey | None = None
         for key in self.keys:
             if hmac.compare_digest(digest, key.digest):
                 match = key
-        return (match if presented else None), bool(presented)
+        return match, bool(presented)
 
     async def _refuse_over_budget(
         self,

@@ -166,6 +166,10 @@ async def create_document(
 ) -> Response:
     """Store a new document. The response carries its `Location` and `ETag`."""
     _check_content(body.content, caller.settings)
+    if len(keys := request.headers.getlist("idempotency-key")) > 1:  # which would it name?
+        message = "send one Idempotency-Key"
+        error = {"loc": ("header", "idempotency-key"), "msg": message, "input": keys}
+        raise RequestValidationError([{**error, "type": "value_error"}])
     scope = IdempotencyKey(caller.key.name, idempotency_key) if idempotency_key else None
     doc, replayed = await caller.store.create(body, idempotency=scope)
     # The path as the client reached it: behind ROOT_PATH, Location stays under the prefix.
@@ -222,7 +226,7 @@ def _document_query(request: Request) -> DocumentQuery:
 
 async def read_document(document_id: str, request: Request, caller: CallerDep) -> Response:
     """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
-    if_none_match = request.headers.get("if-none-match", "")
+    if_none_match = ", ".join(request.headers.getlist("if-none-match"))  # lines form one list
     doc = await caller.store.get(document_id)
     if if_none_match:
         versions = etag_versions(if_none_match, weak=True)

@@ -137,8 +137,10 @@ MERGE_PATCH_BODY = {
         }
     }
 }
+# A scrape without a key spends the address's keyless budget: 429 past it.
 METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+    **problems(429, v1=False),
 }
 
 

@@ -208,6 +208,20 @@ def test_malformed_json_returns_400_problem(client: TestClient, raw: bytes) -> N
     assert_problem(response, 400)
 
 
+def test_a_header_sent_on_several_lines_is_read_whole(client: TestClient) -> None:
+    """The first line alone was read: two keys authenticated as the first (a proxy in front
+    may have read the other), two Idempotency-Keys created under the first, and If-None-Match
+    lines, one list as on one line, answered 200 where their second tag matched."""
+    two_keys = [("X-API-Key", KEY), ("X-API-Key", OTHER_KEY)]
+    assert_problem(client.get("/v1/documents", headers=two_keys), 401)
+    two_retry_keys = [("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]
+    assert_problem(client.post("/v1/documents", json=DOC, headers=two_retry_keys), 422)
+    assert client.get("/v1/documents").json()["items"] == []
+    made = client.post("/v1/documents", json=DOC)
+    tags = [("If-None-Match", '"99"'), ("If-None-Match", made.headers["etag"])]
+    assert client.get(made.headers["location"], headers=tags).status_code == 304
+
+
 @pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity"])
 def test_a_body_with_a_content_encoding_is_refused_415(client: TestClient, coding: str) -> None:
     """No coding is decoded: a body labelled with one was stored as sent, a real gzip body
@@ -871,6 +885,10 @@ def test_requests_without_a_valid_key_spend_a_budget_per_client_that_keys_never_
             assert client.get(probe).status_code == 200
         assert_problem(client.get("/metrics"), 429)
         assert client.get("/metrics", headers=keyed).status_code == 200
+        # And the API's document says so of each route a stranger was refused on.
+        paths = client.get("/openapi.json", headers=keyed).json()["paths"]
+        for path, method in (("/v1/documents", "post"), ("/metrics", "get")):
+            assert "429" in paths[path][method]["responses"], path
 
 
 def test_the_keyless_budget_is_tens_a_minute_by_default() -> None:
