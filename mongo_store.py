@@ -174,7 +174,7 @@ def _uncharged() -> Iterator[None]:
 
 
 @contextmanager
-def _driver_errors() -> Iterator[None]:
+def _driver_errors(*, ends_outage: bool = True) -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
     _since.set(time.perf_counter())  # not reset: an export's generator may end elsewhere
     try:
@@ -205,7 +205,8 @@ def _driver_errors() -> Iterator[None]:
     except PyMongoError as exc:
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
     else:
-        _outage.answered()
+        if ends_outage:
+            _outage.answered()
 
 
 class MongoStore:
@@ -657,10 +658,15 @@ class MongoStore:
     async def check(self) -> None:
         """Writes nothing: the server answers and would take writes (a primary)."""
         self._require_indexes()
-        with _driver_errors():
+        # A server that answers `hello` may still refuse every operation: a read by _id says
+        # whether it serves, and only an operation's answer ends an outage. Readiness was 200
+        # meanwhile, and each probe logged the outage's end, the next request its beginning.
+        with _driver_errors(ends_outage=False):
             hello = await self._db.command("hello")
         if not hello.get("isWritablePrimary"):
             raise StoreUnavailable("MongoDB answers but does not take writes (not a primary)")
+        with _driver_errors():
+            await self._db["meta"].find_one({"_id": "cursor_secret"}, {"_id": 1})
 
     async def close(self) -> None:
         for task in (self.indexes_made, self.words_added):

@@ -517,7 +517,11 @@ def test_probes_and_scrapes_read_no_documents_and_write_nothing(
             assert client.get("/metrics").status_code == 200
     commands = [next(iter(command)) for command in seen]
     assert commands.count("count") <= 1
-    assert set(commands).isdisjoint({"aggregate", "find", *WRITES}), commands
+    assert set(commands).isdisjoint({"aggregate", *WRITES}), commands
+    # Readiness reads one record by _id, of the meta collection: never a document.
+    assert {(c["find"], str(c["filter"])) for c in seen if "find" in c} <= {
+        ("meta", "{'_id': 'cursor_secret'}")
+    }
 
 
 def test_a_read_mongodb_stops_at_its_time_limit_is_charged_its_time(
@@ -611,6 +615,28 @@ def test_a_create_is_acknowledged_only_once_its_document_is_stored(
         assert_problem(client.post("/v1/documents", json=DOC), 503)
         proxy.fault = None
         assert [d["id"] for d in client.get("/v1/documents").json()["items"]] == [made.json()["id"]]
+
+
+def test_an_outage_of_every_operation_but_hello_is_logged_once(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MongoDB answers `hello` but refuses every operation: probes and requests alternate, and
+    the outage is logged once as it begins and once as it ends. Each probe's `hello` had ended
+    it, so every probe and request wrote a line."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        proxy.fault = lambda m: "deliver" if _command(m) in ("hello", "isMaster") else 112
+        for _ in range(3):
+            assert_problem(client.get("/health/ready"), 503)
+            assert_problem(client.get(f"/v1/documents/{doc['id']}"), 503)
+        proxy.fault = None
+        until_ready(client)
+    outage = [m for m in caplog.messages if m.startswith("store.")]
+    assert outage == ["store.unavailable", "store.available"]
 
 
 @pytest.mark.parametrize("code", [6, 24, 43, 89, 112, 133, 175, 237, 262, 9001, 11600, 11601])
