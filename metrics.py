@@ -287,8 +287,7 @@ class _Measured:
         # reads the database stopped at their time limit, which their cost ran into; less what
         # the store recorded as waits during this read (StoreWork.waited), not the read's cost.
         if self._operation in _READS and (not failed or isinstance(exc, ReadStopped)):
-            # At least nothing: waits the store recorded may overlap (an uncharged read's own).
-            StoreWork.add(max(0.0, seconds - (StoreWork.waits_so_far() - self._waits)))
+            StoreWork.add(seconds - (StoreWork.waits_so_far() - self._waits))
 
 
 class MeteredStore:

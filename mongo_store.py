@@ -165,12 +165,14 @@ def _uncharged() -> Iterator[None]:
     """A read an index bounds (a get by id, a page in the order of an index): its unit covers
     it. MongoDB says nothing of what a read cost it, and its time by the clock is the network's
     and the server's, however loaded: a link that held each command 0.5 s cost a GET 51 units.
-    Its whole time is recorded as a wait, which the read's charge leaves out."""
-    started = time.perf_counter()
+    Its whole time is recorded as a wait, which the read's charge leaves out: what the driver's
+    listener recorded within it already, and the rest."""
+    started, recorded = time.perf_counter(), StoreWork.waits_so_far()
     try:
         yield
     finally:
-        StoreWork.waited(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        StoreWork.waited(elapsed - (StoreWork.waits_so_far() - recorded))
 
 
 @contextmanager
