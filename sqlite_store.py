@@ -95,6 +95,19 @@ MIGRATIONS = [
     """,
     # Expired idempotency records are found by age while the service runs (see create).
     "CREATE INDEX idempotency_created ON idempotency (created)",
+    # A tag's or a metadata value's rows hold only the key, which sorts as (created, id) does.
+    """
+    CREATE TABLE tags_by_key (tag TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (tag, n))
+        WITHOUT ROWID;
+    INSERT INTO tags_by_key SELECT tag, n FROM tags;
+    DROP TABLE tags;
+    ALTER TABLE tags_by_key RENAME TO tags;
+    CREATE TABLE metadata_by_key (key TEXT NOT NULL, value NOT NULL, n INTEGER NOT NULL,
+        PRIMARY KEY (key, value, n)) WITHOUT ROWID;
+    INSERT INTO metadata_by_key SELECT key, value, n FROM metadata;
+    DROP TABLE metadata;
+    ALTER TABLE metadata_by_key RENAME TO metadata;
+    """,
 ]
 
 
@@ -340,20 +353,14 @@ class SQLiteStore:
                 "INSERT INTO words (words, rowid, terms) VALUES (?, ?, ?)",
                 ("delete" if drop else None, n, terms),
             )
-        at = (millis(doc.created_at), doc.id)
-        tags = [(t, *at) for t in doc.tags]
-        values = [(k, _meta_value(v), *at) for k, v in doc.metadata.items() if v is not None]
+        tags = [(tag, n) for tag in doc.tags]
+        values = [(k, _meta_value(v), n) for k, v in doc.metadata.items() if v is not None]
         if drop:
-            conn.executemany("DELETE FROM tags WHERE tag = ? AND created = ? AND id = ?", tags)
-            conn.executemany(
-                "DELETE FROM metadata WHERE key = ? AND value = ? AND created = ? AND id = ?",
-                values,
-            )
+            conn.executemany("DELETE FROM tags WHERE tag = ? AND n = ?", tags)
+            conn.executemany("DELETE FROM metadata WHERE key = ? AND value = ? AND n = ?", values)
         else:
-            conn.executemany("INSERT INTO tags VALUES (?, ?, ?, ?)", [(*t, n) for t in tags])
-            conn.executemany(
-                "INSERT INTO metadata VALUES (?, ?, ?, ?, ?)", [(*v, n) for v in values]
-            )
+            conn.executemany("INSERT INTO tags VALUES (?, ?)", tags)
+            conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", values)
 
     def _current(
         self, conn: sqlite3.Connection, doc_id: str, if_version: int | None
@@ -641,16 +648,9 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, list[Any]]:
-    """One statement per listing, driven by an index: the FTS5 words for `q`, else the first
-    tag's or metadata filter's rows (in creation order), else the documents' own order."""
-    field = "updated" if query.sort_field == "updated_at" else "created"
-    source, params = "documents d", list[Any]()
-    where: list[str] = []
-    alias = "d"
-    if query.words:
-        source = "words w CROSS JOIN documents d ON d.n = w.rowid"
-        where.append("w.words MATCH ?")
-        params.append(" ".join(f'"{word}"' for word in query.words))
+    """One statement per listing, driven by an index that walks keys in (created, id) order: the
+    FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'."""
+    by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
         (
@@ -660,63 +660,49 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         )
         for k, vs in query.metadata_values
     ]
-    if not query.words and filters and (query.tag or field == "created"):
+    source, key, where, params = "documents d", "d.n", list[str](), list[Any]()
+    if query.words:
+        source, key = "words w CROSS JOIN documents d ON d.n = w.rowid", "w.rowid"
+        where.append("w.words MATCH ?")
+        params.append(" ".join(f'"{word}"' for word in query.words))
+    elif filters and (query.tag or by_created):
         table, condition, values = filters.pop(0)
-        source, alias = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t"
+        source, key = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t.n"
         where.append(condition)
         params += values
     for table, condition, values in filters:
-        where.append(
-            f"EXISTS (SELECT 1 FROM {table} WHERE {condition}"  # noqa: S608
-            " AND created = d.created AND id = d.id)"
-        )
+        where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = d.n)")  # noqa: S608
         params += values
-    created = f"{alias}.created"
-    for column, start, end in (
-        (created, query.created_after, query.created_before),
-        ("d.updated", query.updated_after, query.updated_before),
+    # A key sorts as (created, id): a creation time bounds the key itself, exactly.
+    for column, scale, start, end in (
+        (key, SLOTS, query.created_after, query.created_before),
+        ("d.updated", 1, query.updated_after, query.updated_before),
     ):
         if start is not None:
             where.append(f"{column} >= ?")
-            params.append(millis(start))
+            params.append(millis(start) * scale)
         if end is not None:
             where.append(f"{column} < ?")
-            params.append(millis(end))
-    order = (
-        created if field == "created" else "d.updated",
-        f"{alias if field == 'created' else 'd'}.id",
-    )
+            params.append(millis(end) * scale)
     if after is not None:
-        where.append(f"({order[0]}, {order[1]}) {'<' if query.descending else '>'} (?, ?)")
+        op = "<" if query.descending else ">"
+        where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
         params += list(after)
+        if by_created:  # where the walk of the key's index starts
+            where.append(f"{key} {'<' if query.descending else '>='} ?")
+            params.append((after[0] + query.descending) * SLOTS)
     direction = " DESC" if query.descending else ""
-    rank = f"{order[0]}{direction}, {order[1]}{direction}"
-    # Keys sort as (created, id): in creation order, the words' index or the documents table
-    # itself walks the page in key order, bounded by the time range and the cursor, and stops
-    # at the limit.
-    key = "w.rowid" if query.words else "d.n" if alias == "d" else None
-    if key is not None and field == "created":
-        for at, op in (
-            (query.created_after, ">="),
-            (query.created_before, "<"),
-            (
-                None if after is None else after[0] + query.descending,
-                "<" if query.descending else ">=",
-            ),
-        ):
-            if at is not None:
-                where.append(f"{key} {op} ?")
-                params.append((at if isinstance(at, int) else millis(at)) * SLOTS)
-        rank = f"{key}{direction}"
-    # Only fixed fragments are joined here; every value is a parameter. Where SQLite must sort
-    # (words or a tag in `updated_at` order), the page is found on keys alone, then its bodies
-    # are read: a sort never carries them. Elsewhere the driving index gives the order.
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
-    if field == "created" or not (query.words or query.tag):
+    # Only fixed fragments are joined here; every value is a parameter.
+    if by_created:
+        return f"SELECT d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
+    rank = f"d.updated{direction}, d.id{direction}"
+    if key == "d.n":  # the index on (updated, id) walks the page in order
         return f"SELECT d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
-    inner = f"SELECT d.n AS k, {order[0]} AS at, {order[1]} AS i {found}"
+    # SQLite sorts the matches: the page is found on keys alone, then its bodies are read.
+    inner = f"SELECT d.n AS k, d.updated AS at, d.id AS i {found} ORDER BY {rank}"
     sql = (
-        f"SELECT d.body FROM ({inner} ORDER BY {rank} LIMIT {int(limit)})"  # noqa: S608
+        f"SELECT d.body FROM ({inner} LIMIT {int(limit)})"  # noqa: S608
         f" CROSS JOIN documents d ON d.n = k ORDER BY at{direction}, i{direction}"
     )
     return sql, params

@@ -233,18 +233,32 @@ async def test_expired_idempotency_records_go_while_the_store_runs(
 async def test_a_database_of_the_first_schema_is_migrated_at_start(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    """Its documents and keys stay, and expired keys are then found by their age's index, not by
-    a scan of the table in the writer."""
+    """Its documents, keys, tags and metadata stay; expired keys are then found by their age's
+    index, not by a scan of the table in the writer."""
     store = SQLiteStore.open(tmp_path, clock=clock)
-    first, _ = await store.create(body(), idempotency=IdempotencyKey("alice", "k"))
+    made = body(tags=["x"], metadata={"n": 1})
+    first, _ = await store.create(made, idempotency=IdempotencyKey("alice", "k"))
     await store.close()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:  # as the first release left it
         conn.execute("DROP INDEX idempotency_created")
+        for table, columns in (("tags", "tag"), ("metadata", "key, value")):
+            conn.execute(
+                f"CREATE TABLE old ({columns}, created, id, n, PRIMARY KEY ({columns}, created, id))"
+                " WITHOUT ROWID"
+            )
+            conn.execute(
+                f"INSERT INTO old SELECT {columns}, created, id, n FROM {table} JOIN"
+                " documents USING (n)"
+            )
+            conn.execute(f"DROP TABLE {table}")
+            conn.execute(f"ALTER TABLE old RENAME TO {table}")
         conn.execute("PRAGMA user_version = 1")
     conn.close()
     store = SQLiteStore.open(tmp_path, clock=clock)
     try:
-        assert await store.create(body(), idempotency=IdempotencyKey("alice", "k")) == (first, True)
+        assert await store.create(made, idempotency=IdempotencyKey("alice", "k")) == (first, True)
+        assert await walk(store, 5, tag=["x"], **{"metadata.n": "1"}) == [first.id]
+        assert await walk(store, 5, **{"metadata.n": "1"}) == [first.id]
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
