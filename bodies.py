@@ -38,7 +38,7 @@ def _require_json(headers: Headers, accepted: list[str]) -> None:
         raise UnsupportedMediaType(f"Send JSON (Content-Type: {' or '.join(accepted)}); {sent}.")
     for name, plain in (("content-encoding", "identity"), ("transfer-encoding", "chunked")):
         codings = {c.strip(_OWS).lower() for line in headers.getlist(name) for c in line.split(",")}
-        if codings - {plain}:
+        if codings - {plain, ""}:  # empty list elements are allowed (RFC 9110, 5.6.1)
             raise UnsupportedMediaType(f"Send the body as it is: no {name} but {plain}.")
 
 

@@ -35,14 +35,14 @@ def etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
     return versions
 
 
-async def if_match_version(store: DocumentStore, doc_id: str, header: str | None) -> int | None:
-    """The version an If-Match demands: None for no header or `*`, -1 (never matches) when it
+async def if_match_version(store: DocumentStore, doc_id: str, lines: list[str]) -> int | None:
+    """The version If-Match `lines` demand: None for no header or `*`, -1 (never matches) when it
     names no tag this service issued. A list matches if any tag does (RFC 9110, 13.1.1): of
     several versions, the current one if named, which the write's compare-and-set then holds
-    to, so a change in between is still a 412."""
-    if header is None:
+    to, so a change in between is still a 412. Several lines form one list."""
+    if not lines:
         return None
-    versions = etag_versions(header, weak=False)
+    versions = etag_versions(", ".join(lines), weak=False)
     if "*" in versions:
         return None
     numbers = {v for v in versions if isinstance(v, int)}

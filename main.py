@@ -236,32 +236,21 @@ async def read_document(document_id: str, request: Request, caller: CallerDep) -
 
 
 async def update_document(
-    document_id: str,
-    body: DocumentUpdate,
-    caller: CallerDep,
-    if_match: Annotated[
-        str | None,
-        Header(description="Only apply if the document still has this ETag."),
-    ] = None,
+    document_id: str, body: DocumentUpdate, request: Request, caller: CallerDep
 ) -> Response:
     """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
     `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
     _check_content(body.content, caller.settings)
+    if_match = request.headers.getlist("if-match")  # its lines form one list
     version = await if_match_version(caller.store, document_id, if_match)
     doc = await caller.store.update(document_id, body, if_version=version)
     log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
     return _document_response(doc, headers={"ETag": etag(doc)})
 
 
-async def delete_document(
-    document_id: str,
-    caller: CallerDep,
-    if_match: Annotated[
-        str | None,
-        Header(description="Only delete if the document still has this ETag."),
-    ] = None,
-) -> Response:
+async def delete_document(document_id: str, request: Request, caller: CallerDep) -> Response:
     """Delete for good; later reads get `404`."""
+    if_match = request.headers.getlist("if-match")  # its lines form one list
     version = await if_match_version(caller.store, document_id, if_match)
     await caller.store.delete(document_id, if_version=version)
     log.info("document.deleted", extra={"document_id": document_id})
@@ -332,7 +321,10 @@ def _add_routes(app: FastAPI) -> None:
         methods=["PATCH"],
         response_model=Document,
         summary="Update a document (JSON merge patch)",
-        openapi_extra=openapi.MERGE_PATCH_BODY,
+        openapi_extra={
+            **openapi.MERGE_PATCH_BODY,
+            **openapi.if_match("Only apply if the document still has this ETag."),
+        },
         responses=openapi.update_responses(),
     )
     document_route(
@@ -342,6 +334,7 @@ def _add_routes(app: FastAPI) -> None:
         status_code=204,
         summary="Delete a document",
         responses={204: {"description": "Deleted."}, **openapi.problems(403, 404, 412)},
+        openapi_extra=openapi.if_match("Only delete if the document still has this ETag."),
     )
     health_route = functools.partial(app.router.add_api_route, tags=["health"], methods=["GET"])
     health_route("/health", read_health, summary="Liveness")

@@ -128,6 +128,15 @@ IF_NONE_MATCH = {
         }
     ]
 }
+
+
+def if_match(description: str) -> dict[str, Any]:
+    """Read from the request, whose lines form one list, rather than declared as a parameter."""
+    schema = {"type": "string", "title": "If-Match"}
+    parameter = {"name": "if-match", "in": "header", "required": False, "schema": schema}
+    return {"parameters": [{**parameter, "description": description}]}
+
+
 # The route takes exactly these (bodies.StrictJSONRoute reads them from here).
 MERGE_PATCH_BODY = {
     "requestBody": {

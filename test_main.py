@@ -220,6 +220,22 @@ def test_a_header_sent_on_several_lines_is_read_whole(client: TestClient) -> Non
     made = client.post("/v1/documents", json=DOC)
     tags = [("If-None-Match", '"99"'), ("If-None-Match", made.headers["etag"])]
     assert client.get(made.headers["location"], headers=tags).status_code == 304
+    # If-Match lines too: the second named the current version, and the PATCH got 412.
+    tags = [("If-Match", '"99"'), ("If-Match", made.headers["etag"])]
+    patched = client.patch(made.headers["location"], json={"title": "u"}, headers=tags)
+    assert patched.status_code == 200
+    stale = [("If-Match", '"98"'), ("If-Match", '"99"')]
+    assert_problem(client.delete(made.headers["location"], headers=stale), 412)
+    tags = [("If-Match", '"98"'), ("If-Match", patched.headers["etag"])]
+    assert client.delete(made.headers["location"], headers=tags).status_code == 204
+
+
+@pytest.mark.parametrize("coding", ["identity", "identity,,", ", identity", ""])
+def test_a_body_labelled_identity_is_stored(client: TestClient, coding: str) -> None:
+    """`identity` is no coding at all, and a list may hold empty elements (RFC 9110, 5.6.1):
+    `identity,,` was refused 415."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    assert client.post("/v1/documents", json=DOC, headers=headers).status_code == 201
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity"])
