@@ -34,19 +34,22 @@ class Outage:
     end (`NAME.available`): a line per failing call let a flood of probes, which spend no
     budget, write about 20 times what it sent while MongoDB was down."""
 
-    def __init__(self, logger: logging.Logger, name: str, level: int = logging.WARNING) -> None:
-        self._logger, self._name, self._level = logger, name, level
+    def __init__(
+        self, logger: logging.Logger, name: str, level: int = logging.WARNING, **fields: str
+    ) -> None:
+        self._logger, self._name, self._level, self._fields = logger, name, level, fields
         self._down = False
 
     def failed(self, error: str) -> None:
         if not self._down:
             self._down = True
-            self._logger.log(self._level, f"{self._name}.unavailable", extra={"error": error})
+            extra = {**self._fields, "error": error}
+            self._logger.log(self._level, f"{self._name}.unavailable", extra=extra)
 
     def answered(self) -> None:
         if self._down:
             self._down = False
-            self._logger.info(f"{self._name}.available")
+            self._logger.info(f"{self._name}.available", extra=self._fields)
 
 
 def clip(text: str, limit: int = CLIENT_TEXT_MAX) -> str:

@@ -59,7 +59,6 @@ from storage import (
 )
 
 log = logging.getLogger("documents.store")
-_outage = Outage(log, "store")  # MongoDB not answering, or not within its time limit
 # How long the start waits for MongoDB before it serves anyway (not ready until it answers).
 FIRST_CONTACT_SECONDS = 1.0
 IMPORTS_AT_ONCE = 50
@@ -176,8 +175,9 @@ def _uncharged() -> Iterator[None]:
 
 
 @contextmanager
-def _driver_errors(*, ends_outage: bool = True) -> Iterator[None]:
-    """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500."""
+def _driver_errors(outage: Outage, *, ends_outage: bool = True) -> Iterator[None]:
+    """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500.
+    `outage` is the kind of operation's (reads or writes) that an answer ends."""
     _since.set(time.perf_counter())  # not reset: an export's generator may end elsewhere
     try:
         yield
@@ -190,10 +190,10 @@ def _driver_errors(*, ends_outage: bool = True) -> Iterator[None]:
             raise ReadStopped("MongoDB stopped the operation at its time limit.") from exc
         # No answer in time: a server or network that hangs, not the operation's cost, so it
         # is not charged; a key would otherwise be locked out past the outage.
-        _outage.failed(type(exc).__name__)
+        outage.failed(type(exc).__name__)
         raise StoreUnavailable("MongoDB did not answer within the time limit.") from exc
     except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
-        _outage.failed(type(exc).__name__)
+        outage.failed(type(exc).__name__)
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc
     except OperationFailure as exc:
         if exc.code == AUTHENTICATION_FAILED:
@@ -201,14 +201,14 @@ def _driver_errors(*, ends_outage: bool = True) -> Iterator[None]:
                 "MongoDB authentication failed: check the user and password in DATABASE_URL"
             ) from exc
         if exc.code in UNAVAILABLE_CODES:
-            _outage.failed(f"{type(exc).__name__} {exc.code}")
+            outage.failed(f"{type(exc).__name__} {exc.code}")
             raise StoreUnavailable("MongoDB cannot serve right now; try again shortly.") from exc
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
     except PyMongoError as exc:
         raise StoreError(f"MongoDB refused the operation: {type(exc).__name__}") from exc
     else:
         if ends_outage:
-            _outage.answered()
+            outage.answered()
 
 
 class MongoStore:
@@ -244,6 +244,12 @@ class MongoStore:
         self._cursor_secret: bytes | None = None
         self.words_added: asyncio.Task[int] | None = None
         self._importing = asyncio.Semaphore(IMPORTS_AT_ONCE)
+        # MongoDB not answering, or not within its time limit: reads and writes each have an
+        # outage of their own, since MongoDB may refuse one and not the other (a full disk, no
+        # primary). Ended by the other kind's answers, one outage logged a pair of lines for
+        # each request that met it.
+        self._reads = Outage(log, "store", operations="reads")
+        self._writes = Outage(log, "store", operations="writes")
 
     @classmethod
     async def open(
@@ -308,7 +314,7 @@ class MongoStore:
             raise StoreUnavailable("MongoDB's indexes are not made yet; try again shortly.")
 
     async def _build_indexes(self) -> None:
-        with _driver_errors():
+        with _driver_errors(self._writes):
             for name, keys in INDEXES.items():
                 await self._docs.create_index(keys, name=name)
             try:
@@ -342,7 +348,7 @@ class MongoStore:
         """A document changed since it was read is left to its writer. Several workers may do
         this at once: each document is written once."""
         added = 0
-        with _driver_errors():
+        with _driver_errors(self._writes):
             missing = {"words": {"$exists": False}, **LIVE}
             fields = ["title", "content", "version"]
             async for raw in self._docs.find(missing, fields).hint("words_created"):
@@ -393,13 +399,13 @@ class MongoStore:
         for _ in range(2):
             if await self._insert_new(self._idempotency, claim):
                 return None
-            with _driver_errors():
+            with _driver_errors(self._reads):
                 known = await self._idempotency.find_one({"_id": key_id})
             if known is None:
                 continue
             if now - known["created_at"] >= IDEMPOTENCY_TTL:
                 # Expired but not yet swept by the TTL monitor: take the key over.
-                with _driver_errors():
+                with _driver_errors(self._writes):
                     await self._idempotency.delete_one(
                         {"_id": key_id, "created_at": known["created_at"]}
                     )
@@ -421,7 +427,7 @@ class MongoStore:
 
     async def get(self, doc_id: str) -> Document:
         self._require_indexes()
-        with _uncharged(), _driver_errors():
+        with _uncharged(), _driver_errors(self._reads):
             raw = await self._docs.find_one({"_id": doc_id, **LIVE}, NO_WORDS)
         if raw is None:
             raise DocumentNotFound(doc_id)
@@ -448,7 +454,7 @@ class MongoStore:
     async def _page(
         self, query: DocumentQuery, limit: int, after: Key | None
     ) -> tuple[list[Document], Key | None]:
-        with _driver_errors():
+        with _driver_errors(self._reads):
             sizes = await self._find(query, limit, after, SIZE).to_list(limit)
         if not sizes:
             return [], None
@@ -458,7 +464,7 @@ class MongoStore:
             if fit and total > PAGE_MAX_BYTES:
                 break
             fit += 1
-        with _driver_errors():
+        with _driver_errors(self._reads):
             rows = await self._find(query, fit + 1, after).to_list(fit + 1)
         items = [_from_mongo(raw) for raw in rows[:fit]]
         return items, query.position(items[-1]) if len(rows) > fit else None
@@ -521,7 +527,7 @@ class MongoStore:
             new = apply_patch(current, patch, self._clock())
             if new is current:
                 return current
-            with _driver_errors():
+            with _driver_errors(self._writes):
                 # $set, not a replacement: the key that created the document stays with it.
                 # Words only when the text changed: a tag or metadata edit leaves them as they are.
                 text = (new.title, new.content)
@@ -546,7 +552,7 @@ class MongoStore:
         self._require_indexes()
         # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
         tombstone = {"deleted_at": self._clock(), "deleted_by": secrets.token_hex(8)}
-        with _driver_errors():
+        with _driver_errors(self._reads):
             raw = await self._docs.find_one(
                 {"_id": doc_id, **LIVE}, ["version", "restored_by", "idempotency_key"]
             )
@@ -568,7 +574,7 @@ class MongoStore:
                 # landed, this one matches nothing and the tombstone says whose delete it was.
                 done = await self._replace(match, tombstone)
             if not done:
-                with _driver_errors():
+                with _driver_errors(self._reads):
                     raw = await self._docs.find_one(
                         {"_id": doc_id}, ["version", "deleted_by", "restored_by"]
                     )
@@ -592,7 +598,7 @@ class MongoStore:
         set), after the tombstone: a claim is only emptied for a document that is gone. If it
         fails, the delete stands and the claim keeps the copy until the key expires."""
         try:
-            with _driver_errors():
+            with _driver_errors(self._writes):
                 await self._idempotency.update_one(
                     {"_id": key_id, "document._id": doc_id},
                     {"$set": {"document": {"_id": doc_id}, "deleted": True}},
@@ -601,7 +607,7 @@ class MongoStore:
             log.warning("store.claim_kept", extra={"document_id": doc_id})
 
     async def _replace(self, match: dict[str, Any], record: dict[str, Any]) -> bool:
-        with _driver_errors():
+        with _driver_errors(self._writes):
             return (await self._docs.replace_one(match, record)).matched_count == 1
 
     async def import_document(self, doc: Document) -> bool:
@@ -618,14 +624,15 @@ class MongoStore:
         raw["restored_by"] = secrets.token_hex(8)
         if await self._insert_new(self._docs, raw):
             return True
-        with _driver_errors():  # a restore may bring back what was deleted: over its tombstone
+        with _driver_errors(
+            self._writes
+        ):  # a restore may bring back what was deleted: over its tombstone
             result = await self._docs.replace_one({"_id": doc.id, **TOMBSTONE}, raw)
         return result.matched_count == 1
 
-    @staticmethod
-    async def _insert_new(collection: Any, record: dict[str, Any]) -> bool:
+    async def _insert_new(self, collection: Any, record: dict[str, Any]) -> bool:
         """Insert unless a record with its _id exists: False then, never an error."""
-        with _driver_errors():
+        with _driver_errors(self._writes):
             try:
                 await collection.insert_one(record)
             except DuplicateKeyError:
@@ -633,7 +640,7 @@ class MongoStore:
         return True
 
     async def export_documents(self) -> AsyncIterator[Document]:
-        with _driver_errors():
+        with _driver_errors(self._reads):
             async for raw in self._docs.find(LIVE, NO_WORDS).sort("_id", ASCENDING):
                 yield _from_mongo(raw)
 
@@ -641,7 +648,7 @@ class MongoStore:
         """From the collection's metadata. Tombstones of the last day count too, and after an
         unclean shutdown it may be off until the server next validates the collection."""
         self._require_indexes()  # at once: a start or a scrape without MongoDB waited a second
-        with _driver_errors():
+        with _driver_errors(self._reads):
             return await self._docs.estimated_document_count()
 
     async def cursor_secret(self) -> bytes:
@@ -650,7 +657,7 @@ class MongoStore:
             self._require_indexes()  # no call waits on a MongoDB the start could not reach
             record = {"_id": "cursor_secret", "value": secrets.token_bytes(32)}
             await self._insert_new(self._db["meta"], record)
-            with _driver_errors():
+            with _driver_errors(self._reads):
                 stored = await self._db["meta"].find_one({"_id": "cursor_secret"})
             if stored is None:
                 raise StoreUnavailable("the cursor secret was not stored; try again")
@@ -663,11 +670,11 @@ class MongoStore:
         # A server that answers `hello` may still refuse every operation: a read by _id says
         # whether it serves, and only an operation's answer ends an outage. Readiness was 200
         # meanwhile, and each probe logged the outage's end, the next request its beginning.
-        with _driver_errors(ends_outage=False):
+        with _driver_errors(self._reads, ends_outage=False):
             hello = await self._db.command("hello")
         if not hello.get("isWritablePrimary"):
             raise StoreUnavailable("MongoDB answers but does not take writes (not a primary)")
-        with _driver_errors():
+        with _driver_errors(self._reads):
             await self._db["meta"].find_one({"_id": "cursor_secret"}, {"_id": 1})
 
     async def close(self) -> None:

@@ -639,6 +639,44 @@ def test_an_outage_of_every_operation_but_hello_is_logged_once(
     assert outage == ["store.unavailable", "store.available"]
 
 
+def test_an_outage_of_reads_while_writes_succeed_is_logged_once(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MongoDB refuses every read and takes every write (or the reverse: a full disk, no
+    primary): each kind is an outage of its own, logged once as it begins and once as it ends.
+    One outage for both had each write end it and the next read begin it again: a pair of
+    lines for each pair of requests."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        doc = client.post("/v1/documents", json=DOC).json()
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        proxy.fault = lambda m: 24 if _command(m) == "find" else "deliver"
+        for n in range(3):
+            assert_problem(client.get(f"/v1/documents/{doc['id']}"), 503)
+            patched = client.patch(f"/v1/documents/{doc['id']}", json={"title": f"t{n}"})
+            assert_problem(patched, 503)  # a PATCH reads the document first
+            assert client.post("/v1/documents", json=DOC).status_code == 201
+        proxy.fault = lambda m: 24 if _command(m) in ("insert", "update") else "deliver"
+        for _ in range(3):
+            assert_problem(client.post("/v1/documents", json=DOC), 503)
+            assert client.get(f"/v1/documents/{doc['id']}").status_code == 200
+        proxy.fault = None
+        assert client.post("/v1/documents", json=DOC).status_code == 201
+    outage = [
+        (r.message, getattr(r, "operations", None))
+        for r in caplog.records
+        if r.message.startswith("store.")
+    ]
+    assert outage == [
+        ("store.unavailable", "reads"),
+        ("store.unavailable", "writes"),
+        ("store.available", "reads"),
+        ("store.available", "writes"),
+    ]
+
+
 @pytest.mark.parametrize("code", [6, 24, 43, 89, 112, 133, 175, 237, 262, 9001, 11600, 11601])
 def test_mongodb_answering_that_it_cannot_serve_is_503_never_500(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, code: int

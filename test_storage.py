@@ -242,14 +242,10 @@ async def test_a_database_of_the_first_schema_is_migrated_at_start(
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:  # as the first release left it
         conn.execute("DROP INDEX idempotency_created")
         for table, columns in (("tags", "tag"), ("metadata", "key, value")):
-            conn.execute(
-                f"CREATE TABLE old ({columns}, created, id, n, PRIMARY KEY ({columns}, created, id))"
-                " WITHOUT ROWID"
-            )
-            conn.execute(
-                f"INSERT INTO old SELECT {columns}, created, id, n FROM {table} JOIN"
-                " documents USING (n)"
-            )
+            old = f"{columns}, created, id, n, PRIMARY KEY ({columns}, created, id)"
+            copy = f"SELECT {columns}, created, id, n FROM {table} JOIN documents USING (n)"  # noqa: S608
+            conn.execute(f"CREATE TABLE old ({old}) WITHOUT ROWID")
+            conn.execute(f"INSERT INTO old {copy}")
             conn.execute(f"DROP TABLE {table}")
             conn.execute(f"ALTER TABLE old RENAME TO {table}")
         conn.execute("PRAGMA user_version = 1")
