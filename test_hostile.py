@@ -1101,7 +1101,7 @@ BUDGET = 10
 # Enough that the sparse listing reads for several READ_UNIT_S on a machine several times faster
 # than the ones it was written on, few enough to import in seconds (SecantusDB, the MongoDB
 # server of the tests, reads every document of the collection for any listing: far fewer do).
-SEEDED = {"sqlite": 30_000, "mongodb": 300}
+SEEDED = {"sqlite": 45_000, "mongodb": 300}
 
 
 @pytest.fixture(scope="module")
