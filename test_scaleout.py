@@ -617,12 +617,13 @@ def test_a_create_is_acknowledged_only_once_its_document_is_stored(
         assert [d["id"] for d in client.get("/v1/documents").json()["items"]] == [made.json()["id"]]
 
 
-def test_an_outage_of_every_operation_but_hello_is_logged_once(
+def test_an_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """MongoDB answers `hello` but refuses every operation: probes and requests alternate, and
-    the outage is logged once as it begins and once as it ends. Each probe's `hello` had ended
-    it, so every probe and request wrote a line."""
+    """MongoDB answers `hello` but refuses every operation, then refuses every read and takes
+    every write (or the reverse: a full disk, no primary). Each probe's `hello` had ended the
+    outage; and reads and writes are outages of their own, for each write had ended one outage
+    for both and the next read begun it again: a pair of lines per pair of requests."""
     proxy, url = proxied_mongo
     proxy.start()
     with mongo_app_client(url, tmp_path) as client:
@@ -635,23 +636,6 @@ def test_an_outage_of_every_operation_but_hello_is_logged_once(
             assert_problem(client.get(f"/v1/documents/{doc['id']}"), 503)
         proxy.fault = None
         until_ready(client)
-    outage = [m for m in caplog.messages if m.startswith("store.")]
-    assert outage == ["store.unavailable", "store.available"]
-
-
-def test_an_outage_of_reads_while_writes_succeed_is_logged_once(
-    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """MongoDB refuses every read and takes every write (or the reverse: a full disk, no
-    primary): each kind is an outage of its own, logged once as it begins and once as it ends.
-    One outage for both had each write end it and the next read begin it again: a pair of
-    lines for each pair of requests."""
-    proxy, url = proxied_mongo
-    proxy.start()
-    with mongo_app_client(url, tmp_path) as client:
-        doc = client.post("/v1/documents", json=DOC).json()
-        caplog.set_level(logging.INFO)
-        caplog.clear()
         proxy.fault = lambda m: 24 if _command(m) == "find" else "deliver"
         for n in range(3):
             assert_problem(client.get(f"/v1/documents/{doc['id']}"), 503)
@@ -670,6 +654,8 @@ def test_an_outage_of_reads_while_writes_succeed_is_logged_once(
         if r.message.startswith("store.")
     ]
     assert outage == [
+        ("store.unavailable", "reads"),
+        ("store.available", "reads"),
         ("store.unavailable", "reads"),
         ("store.unavailable", "writes"),
         ("store.available", "reads"),
