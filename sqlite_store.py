@@ -69,6 +69,7 @@ PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
 SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
 TTL_MS = int(IDEMPOTENCY_TTL.total_seconds() * 1000)
+FTS5_SEEKS_DOWN_WRONG = sqlite3.sqlite_version_info < (3, 42)  # see page_sql
 
 # Forward migrations: MIGRATIONS[n] takes a database from user_version n to n + 1. Words arrive
 # folded by models.words and joined by spaces: FTS5's ascii tokenizer only splits them again, so
@@ -674,22 +675,27 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
         where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = d.n)")  # noqa: S608
         params += values
     # A key sorts as (created, id): a creation time bounds the key itself, exactly.
-    for column, scale, start, end in (
-        (key, SLOTS, query.created_after, query.created_before),
-        ("d.updated", 1, query.updated_after, query.updated_before),
+    # SQLite before 3.42 skips matches when FTS5 walks its rowids downward from an upper bound:
+    # there the words' index walks down from the newest, and the bound (out of the index's
+    # reach behind a unary +) only filters, reading every newer match again for each page.
+    downward = query.words and by_created and query.descending
+    below = f"+{key}" if downward and FTS5_SEEKS_DOWN_WRONG else key
+    for low, high, scale, start, end in (
+        (key, below, SLOTS, query.created_after, query.created_before),
+        ("d.updated", "d.updated", 1, query.updated_after, query.updated_before),
     ):
         if start is not None:
-            where.append(f"{column} >= ?")
+            where.append(f"{low} >= ?")
             params.append(millis(start) * scale)
         if end is not None:
-            where.append(f"{column} < ?")
+            where.append(f"{high} < ?")
             params.append(millis(end) * scale)
     if after is not None:
         op = "<" if query.descending else ">"
         where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
         params += list(after)
         if by_created:  # where the walk of the key's index starts
-            where.append(f"{key} {'<' if query.descending else '>='} ?")
+            where.append(f"{below} < ?" if query.descending else f"{key} >= ?")
             params.append((after[0] + query.descending) * SLOTS)
     direction = " DESC" if query.descending else ""
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
