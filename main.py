@@ -507,7 +507,9 @@ async def open_store(settings: Settings, *, serving: bool = True) -> DocumentSto
             settings.database_url, timeout_ms=settings.mongo_timeout_ms, serving=serving
         )
     # Opened in a thread: a first start may migrate or import the previous version's file.
-    return await anyio.to_thread.run_sync(SQLiteStore.open, settings.data_dir)
+    # Only a service migrates: a task may run beside the previous version's service.
+    open_sqlite = functools.partial(SQLiteStore.open, settings.data_dir, migrate=serving)
+    return await anyio.to_thread.run_sync(open_sqlite)
 
 
 async def _count_or_none(store: DocumentStore) -> int | None:
@@ -741,8 +743,9 @@ def main(argv: list[str] | None = None) -> int:
   import FILE     read JSON lines as export writes them; existing ids are skipped
   backup FILE     write a consistent copy of the embedded store's database (while it serves)
 
-Every task may run while the service serves. To restore a backup: stop the service, put FILE in
-place of DATA_DIR/documents.db (and remove documents.db-wal and -shm), start it.""",
+Every task may run while the service serves; only the service migrates a database to a newer
+schema. To restore a backup: stop the service, put FILE in place of DATA_DIR/documents.db (and
+remove documents.db-wal and -shm), start it.""",
     )
     parser.add_argument(
         "task",

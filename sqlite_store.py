@@ -208,8 +208,9 @@ class SQLiteStore:
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
 
     @classmethod
-    def open(cls, data_dir: Path, *, clock: Clock = utc_now) -> SQLiteStore:
-        """Check the files, run the migrations (one process at a time), start the writer."""
+    def open(cls, data_dir: Path, *, clock: Clock = utc_now, migrate: bool = True) -> SQLiteStore:
+        """Check the files, run the migrations (one process at a time; without `migrate`, an
+        older schema is refused), start the writer."""
         store = cls(data_dir, clock)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,7 @@ class SQLiteStore:
             existed = _check_file(store.path)
             for name in ("-wal", "-shm"):
                 _check_file(store.path.with_name(DATABASE_FILE + name))
-            store._migrate(existed)
+            store._migrate(existed, migrate)
             sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
             store._secret = bytes(store._connection().execute(sql).fetchone()[0])
         except BaseException as exc:
@@ -234,7 +235,7 @@ class SQLiteStore:
         store._writer.start()
         return store
 
-    def _migrate(self, existed: bool) -> None:
+    def _migrate(self, existed: bool, migrate: bool) -> None:
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
         imported = None if existed else read_legacy(self.data_dir, self._clock())
         if not existed:
@@ -246,6 +247,12 @@ class SQLiteStore:
                 self.path,
                 f"written by a newer version (schema {version}, this one knows up to "
                 f"{len(MIGRATIONS)}); run that version or restore a backup",
+            )
+        if not migrate and 0 < version < len(MIGRATIONS):
+            # A task of a newer version: the previous version's service may still be using it.
+            raise StoreUnavailable(
+                f"{self.path} has schema {version}, this version {len(MIGRATIONS)}: stop the "
+                "service using it, then start this version's service, which migrates it"
             )
         if existed and version == 0:  # made, not yet migrated: by another process, or killed
             imported = read_legacy(self.data_dir, self._clock())
@@ -558,7 +565,10 @@ class SQLiteStore:
 
     async def check(self) -> None:
         try:
-            await self._read("SELECT 1 FROM meta", ())
+            # A newer version's service may have migrated the database under this one.
+            ((version,),) = await self._read("PRAGMA user_version", ())
+            if version != len(MIGRATIONS):
+                raise StoreUnavailable(f"{self.path} was migrated to schema {version} since")
             await anyio.to_thread.run_sync(self._probe)
         except StoreUnavailable as exc:
             self._outage.failed(str(exc))

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from conftest import (
     write_until_killed,
 )
 from models import Document
+from sqlite_store import DATABASE_FILE, MIGRATIONS, SQLiteStore
 from storage import IdGenerator
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
@@ -211,6 +213,26 @@ def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(
     assert message in result.stderr
     assert b"Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) <= 3  # the store's open and close lines, then this
+
+
+@pytest.mark.parametrize("task", [["export"], ["backup", "copy.db"], ["import", "none.jsonl"]])
+def test_a_task_refuses_a_database_of_an_older_schema_unchanged(
+    tmp_path: Path, task: list[str]
+) -> None:
+    """Only a service migrates: a newer version's task had migrated the database under the
+    previous version's service, which then failed its tag listings and writes."""
+    data = tmp_path / "data"
+    SQLiteStore.open(data).close_sync()
+    with sqlite3.connect(data / DATABASE_FILE) as conn:  # as the previous version left it
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    conn.close()
+    before = (data / DATABASE_FILE).read_bytes()
+    result = run_task(data, *[str(tmp_path / arg) if "." in arg else arg for arg in task])
+    assert result.returncode != 0
+    assert b"stop the service using it" in result.stderr.splitlines()[-1]
+    assert b"Traceback" not in result.stderr
+    assert (data / DATABASE_FILE).read_bytes() == before
+    assert not (tmp_path / "copy.db").exists()
 
 
 def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:

@@ -954,6 +954,29 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     assert "newer version" in str(_refused(tmp_path, DATABASE_FILE))
 
 
+async def test_only_a_service_migrates_and_one_migrated_under_is_not_ready(
+    tmp_path: Path,
+) -> None:
+    """A newer version's task (export, backup, import) migrated the database under the previous
+    version's service, whose tag listings and writes then failed while it answered ready. A
+    task now refuses an older schema and changes nothing; a service whose database was
+    migrated since it started is not ready."""
+    serving = SQLiteStore.open(tmp_path)
+    try:
+        with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:  # as the previous version left it
+            conn.execute(f"PRAGMA user_version = {len(sqlite_store.MIGRATIONS) - 1}")
+        conn.close()
+        files = [tmp_path / DATABASE_FILE, tmp_path / f"{DATABASE_FILE}-wal"]
+        before = [path.read_bytes() for path in files]  # -shm, an index of the WAL, may change
+        with pytest.raises(StoreUnavailable, match="stop the service using it"):
+            SQLiteStore.open(tmp_path, migrate=False)
+        assert [path.read_bytes() for path in files] == before
+        with pytest.raises(StoreUnavailable, match="migrated to schema"):
+            await serving.check()
+    finally:
+        await serving.close()
+
+
 def _legacy(data_dir: Path, docs: list[Document], keys: list[dict[str, Any]]) -> bytes:
     raw = orjson.dumps(
         {
