@@ -267,4 +267,7 @@ def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document
     changes = {k: v for k, v in changes.items() if orjson.dumps(v) != orjson.dumps(getattr(doc, k))}
     if not changes:
         return doc
-    return doc.model_copy(update={**changes, "updated_at": now, "version": doc.version + 1})
+    # Never before its creation, which an import may date in the future: `import` refuses a
+    # document updated before it was created, and so refused what `export` wrote of it.
+    updated = max(now, doc.created_at)
+    return doc.model_copy(update={**changes, "updated_at": updated, "version": doc.version + 1})

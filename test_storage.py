@@ -26,6 +26,7 @@ from models import (
     DocumentQuery,
     DocumentUpdate,
     as_stored,
+    check_stored,
     document_words,
     words,
 )
@@ -519,6 +520,19 @@ async def test_an_imported_document_is_found_as_if_the_service_had_stored_it(
     for sort in ("-created_at", "-updated_at"):
         assert await walk(store, 5, sort=sort, **window) == []
     assert (await store.get(doc.id)).created_at == sub_millisecond.replace(microsecond=0)
+
+
+async def test_a_change_to_a_document_created_in_the_future_is_dated_no_earlier(
+    store: DocumentStore,
+) -> None:
+    """An import may date a document's creation in the future; a PATCH dated it now, before
+    its creation, and `import` then refused what `export` wrote of it."""
+    future = imported(1, created_at=datetime(9999, 1, 1, tzinfo=UTC))
+    future = future.model_copy(update={"updated_at": future.created_at})
+    assert await store.import_document(future)
+    changed = await store.update(future.id, DocumentUpdate(title="changed"))
+    assert changed.updated_at == future.created_at
+    assert check_stored(Document.model_validate_json(changed.json_bytes)) == changed
 
 
 async def test_a_sparse_query_fills_every_page_but_the_last(tmp_path: Path) -> None:
