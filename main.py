@@ -313,7 +313,7 @@ def _add_routes(app: FastAPI) -> None:
         response_model=Document,
         summary="Read a document",
         responses=openapi.read_responses(),
-        openapi_extra=openapi.IF_NONE_MATCH,
+        openapi_extra=openapi.header("If-None-Match"),
     )
     document_route(
         "/v1/documents/{document_id}",
@@ -323,7 +323,7 @@ def _add_routes(app: FastAPI) -> None:
         summary="Update a document (JSON merge patch)",
         openapi_extra={
             **openapi.MERGE_PATCH_BODY,
-            **openapi.if_match("Only apply if the document still has this ETag."),
+            **openapi.header("If-Match", "Only apply if the document still has this ETag."),
         },
         responses=openapi.update_responses(),
     )
@@ -334,7 +334,9 @@ def _add_routes(app: FastAPI) -> None:
         status_code=204,
         summary="Delete a document",
         responses={204: {"description": "Deleted."}, **openapi.problems(403, 404, 412)},
-        openapi_extra=openapi.if_match("Only delete if the document still has this ETag."),
+        openapi_extra=openapi.header(
+            "If-Match", "Only delete if the document still has this ETag."
+        ),
     )
     health_route = functools.partial(app.router.add_api_route, tags=["health"], methods=["GET"])
     health_route("/health", read_health, summary="Liveness")

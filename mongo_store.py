@@ -624,9 +624,8 @@ class MongoStore:
         raw["restored_by"] = secrets.token_hex(8)
         if await self._insert_new(self._docs, raw):
             return True
-        with _driver_errors(
-            self._writes
-        ):  # a restore may bring back what was deleted: over its tombstone
+        # A restore may bring back what was deleted: over its tombstone.
+        with _driver_errors(self._writes):
             result = await self._docs.replace_one({"_id": doc.id, **TOMBSTONE}, raw)
         return result.matched_count == 1
 

@@ -116,25 +116,13 @@ def update_responses() -> dict[int | str, dict[str, Any]]:
     return {200: {"headers": ETAG_HEADER}, **problems(400, 403, 404, 408, 409, 412, 413, 415, 422)}
 
 
-# Read from the request by read_document rather than declared as a parameter: FastAPI validates
-# each declared parameter on every request, and a GET is the hot path.
-IF_NONE_MATCH = {
-    "parameters": [
-        {
-            "name": "if-none-match",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string", "title": "If-None-Match"},
-        }
-    ]
-}
-
-
-def if_match(description: str) -> dict[str, Any]:
-    """Read from the request, whose lines form one list, rather than declared as a parameter."""
-    schema = {"type": "string", "title": "If-Match"}
-    parameter = {"name": "if-match", "in": "header", "required": False, "schema": schema}
-    return {"parameters": [{**parameter, "description": description}]}
+def header(title: str, description: str | None = None) -> dict[str, Any]:
+    """A header the handler reads from the request rather than declares as a parameter: FastAPI
+    validates each declared parameter on every request (a GET is the hot path), and a header
+    sent on several lines is read whole, as one list."""
+    schema = {"type": "string", "title": title}
+    parameter = {"name": title.lower(), "in": "header", "required": False, "schema": schema}
+    return {"parameters": [{**parameter, **({"description": description} if description else {})}]}
 
 
 # The route takes exactly these (bodies.StrictJSONRoute reads them from here).
