@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import logging
 import os
 import secrets
@@ -477,9 +478,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "api_keys": [k.name for k in app.state.api_keys],
         },
     )
+    # What the start built (the framework, its schemas, the store) lives as long as the service:
+    # frozen out of the cyclic collector's way, a full collection walks only what requests
+    # made since, and no longer stalls a request for milliseconds (POST p99 in performance.md).
+    gc.freeze()
     try:
         yield
     finally:
+        gc.unfreeze()
         await store.close()
         app.state.refusals.close()
         app.state.metrics.close()
