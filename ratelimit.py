@@ -32,7 +32,6 @@ from redis.backoff import NoBackoff
 from logging_config import Outage
 
 log = logging.getLogger("documents.ratelimit")
-_outage = Outage(log, "rate_limit", logging.ERROR)  # Redis not answering within TIMEOUT
 # How long one request may wait on the rate-limit store before it is answered 503.
 TIMEOUT = 1.0
 
@@ -96,21 +95,29 @@ class LocalStorage(Storage):
         self._windows.pop(key, None)
 
 
+class RedisLimits(RedisStorage):
+    """limits' asyncio Redis storage over redis-py, with its own outage (Redis not answering
+    within TIMEOUT), logged once as it begins and once as it ends: one per app, as the storage
+    is, so that one app's Redis answering does not end another's outage."""
+
+    def __init__(self, uri: str) -> None:
+        # redis-py's own timeouts bound each socket operation; TIMEOUT bounds the whole spend.
+        super().__init__(
+            f"async+{uri}",
+            implementation="redispy",
+            wrap_exceptions=True,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            # Once more on a new connection: a pooled one Redis closed while idle (its `timeout`,
+            # a restart) fails at its next use though Redis answers. TIMEOUT still bounds it all.
+            retry=Retry(NoBackoff(), retries=1),  # type: ignore[arg-type]  # limits passes it on
+        )
+        self.outage = Outage(log, "rate_limit", logging.ERROR)
+
+
 def open_storage(uri: str) -> Storage:
     """The storage for a `RATE_LIMIT_STORAGE_URI` (`memory://` or a Redis URI: Settings checks)."""
-    if uri == "memory://":
-        return LocalStorage()
-    # redis-py's own timeouts bound each socket operation; TIMEOUT bounds the whole spend.
-    return RedisStorage(
-        f"async+{uri}",
-        implementation="redispy",
-        wrap_exceptions=True,
-        socket_timeout=TIMEOUT,
-        socket_connect_timeout=TIMEOUT,
-        # Once more on a new connection: a pooled one Redis closed while idle (its `timeout`, a
-        # restart) fails at its next use though Redis answers. TIMEOUT still bounds the whole.
-        retry=Retry(NoBackoff(), retries=1),  # type: ignore[arg-type]  # limits passes it on
-    )
+    return LocalStorage() if uri == "memory://" else RedisLimits(uri)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -129,17 +136,17 @@ def _bounded(storage: Storage) -> Iterator[None]:
     """At most TIMEOUT on the rate-limit store; its failures become LimiterUnavailable here.
     The local store never waits, so it goes unbounded: a timeout scope is the costliest part
     of a spend, on every request."""
-    if isinstance(storage, LocalStorage):
+    if not isinstance(storage, RedisLimits):
         yield
         return
     try:
         with anyio.fail_after(TIMEOUT):
             yield
     except (TimeoutError, StorageError) as exc:
-        _outage.failed(repr(exc.__cause__ or exc)[:200])
+        storage.outage.failed(repr(exc.__cause__ or exc)[:200])
         raise LimiterUnavailable("The rate-limit store did not answer; try again shortly.") from exc
     else:
-        _outage.answered()
+        storage.outage.answered()
 
 
 async def spend(

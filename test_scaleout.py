@@ -1690,6 +1690,38 @@ def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
         proxy.stop()
 
 
+def test_each_service_logs_the_outage_of_its_own_redis(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two services in one process, one of whose Redis stops: its outage is one line, and the
+    other's Redis answering says nothing about it."""
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
+    proxy.start()
+    try:
+        with (
+            app_client(
+                tmp_path / "down",
+                headers={"X-API-Key": KEY},
+                rate_limit_storage_uri=f"redis://{proxy.address}/0",
+            ) as down,
+            app_client(
+                tmp_path / "up", headers={"X-API-Key": KEY}, rate_limit_storage_uri=redis_url
+            ) as up,
+        ):
+            until_ready(down)
+            caplog.set_level(logging.INFO)
+            caplog.clear()
+            proxy.stop()
+            for _ in range(3):
+                assert down.get("/v1/documents").status_code == 503
+                assert up.get("/v1/documents").status_code == 200
+            assert caplog.messages.count("rate_limit.unavailable") == 1
+            assert "rate_limit.available" not in caplog.messages
+    finally:
+        proxy.stop()
+
+
 def test_a_redis_that_refuses_the_password_is_logged_as_refusing_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
