@@ -703,13 +703,14 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                     await out.write(doc.model_dump_json() + "\n")
         elif task == "import" and file is not None:
             added = seen = 0
-            batch: list[Document] = []
+            batch: list[tuple[str, Document]] = []  # each document with its line
             async with await anyio.open_file(file, "rb") as fh:
                 # Many lines per read: one thread hop per line would cost more than the import.
                 while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
                     for line in lines:
                         where = f"{file}:{seen + 1}"
-                        batch.append(_document_from(line, where, settings.max_content_chars))
+                        doc = _document_from(line, where, settings.max_content_chars)
+                        batch.append((where, doc))
                         seen += 1
                         if len(batch) == IMPORT_BATCH:
                             added += await _import_all(store, batch)
@@ -733,11 +734,18 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
 IMPORT_BATCH = 512
 
 
-async def _import_all(store: DocumentStore, docs: list[Document]) -> int:
+async def _import_all(store: DocumentStore, lines: list[tuple[str, Document]]) -> int:
     # In creation order: the embedded store keys documents by it, and has room for far more
     # in one millisecond that arrive in order than in any other.
-    in_order = sorted(docs, key=lambda doc: (doc.created_at, doc.id))
-    return sum(await asyncio.gather(*map(store.import_document, in_order)))
+    in_order = sorted(lines, key=lambda line: (line[1].created_at, line[1].id))
+    return sum(await asyncio.gather(*(_import(store, where, doc) for where, doc in in_order)))
+
+
+async def _import(store: DocumentStore, where: str, doc: Document) -> bool:
+    try:
+        return await store.import_document(doc)
+    except DocumentInvalid as exc:  # the store refuses it: the line and the id say which
+        raise TaskRefused(f"{where}: {exc.field}: {exc} (document {doc.id})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

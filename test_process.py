@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -171,6 +172,40 @@ def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) 
     lines.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[::-1]))
     assert run_task(tmp_path / "data", "import", str(lines)).returncode == 0
     assert len(run_task(tmp_path / "data", "export").stdout.splitlines()) == 200
+
+
+def test_an_import_the_store_refuses_names_the_line_and_the_document(tmp_path: Path) -> None:
+    """Documents of one millisecond whose ids all sort before one already stored leave the
+    store no room after a few: the refusal says which line and which document."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = sorted(IdGenerator()(at) for _ in range(21))
+    docs = [
+        Document(
+            id=i,
+            title="t",
+            content="c",
+            tags=[],
+            metadata={},
+            created_at=at,
+            updated_at=at,
+            version=1,
+        )
+        for i in ids
+    ]
+    first, rest = tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
+    first.write_bytes(docs[-1].model_dump_json().encode() + b"\n")
+    rest.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[:-1]))
+    assert run_task(tmp_path / "data", "import", str(first)).returncode == 0
+    refused = run_task(tmp_path / "data", "import", str(rest))
+    assert refused.returncode == 1
+    line = refused.stderr.decode().splitlines()[-1]
+    named = re.fullmatch(
+        rf"error: {re.escape(str(rest))}:(\d+): created_at: too many documents created in one"
+        r" millisecond \(document (\w{26})\)",
+        line,
+    )
+    assert named is not None, line
+    assert ids.index(named[2]) == int(named[1]) - 1  # the line holds the document named
 
 
 GOOD_LINE = {
