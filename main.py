@@ -662,7 +662,7 @@ async def _seed(store: DocumentStore, path: Path) -> int:
             doc = new_document(DocumentCreate.model_validate(fields), raw["id"], created_at)
         except (ValidationError, KeyError, TypeError, ValueError) as exc:
             raise TaskRefused(f"sample {number} in {path} is not valid: {exc}") from None
-        added += await store.import_document(doc)
+        added += await _import(store, f"sample {number} in {path}", doc)
     return added
 
 

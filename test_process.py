@@ -174,9 +174,14 @@ def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) 
     assert len(run_task(tmp_path / "data", "export").stdout.splitlines()) == 200
 
 
-def test_an_import_the_store_refuses_names_the_line_and_the_document(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("task", "where"), [("import", r"{file}:(\d+)"), ("seed", r"sample (\d+) in {file}")]
+)
+def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
+    task: str, where: str, tmp_path: Path
+) -> None:
     """Documents of one millisecond whose ids all sort before one already stored leave the
-    store no room after a few: the refusal says which line and which document."""
+    store no room after a few: the refusal says which line (or sample) and which document."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
     ids = sorted(IdGenerator()(at) for _ in range(21))
     docs = [
@@ -192,16 +197,20 @@ def test_an_import_the_store_refuses_names_the_line_and_the_document(tmp_path: P
         )
         for i in ids
     ]
-    first, rest = tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
+    first, rest = tmp_path / "first.jsonl", tmp_path / f"rest.{task}"
     first.write_bytes(docs[-1].model_dump_json().encode() + b"\n")
-    rest.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[:-1]))
     assert run_task(tmp_path / "data", "import", str(first)).returncode == 0
-    refused = run_task(tmp_path / "data", "import", str(rest))
+    if task == "import":
+        rest.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[:-1]))
+    else:
+        samples = [d.model_dump(mode="json", exclude={"updated_at", "version"}) for d in docs]
+        rest.write_text(json.dumps(samples[:-1]))
+    refused = run_task(tmp_path / "data", task, str(rest))
     assert refused.returncode == 1
     line = refused.stderr.decode().splitlines()[-1]
     named = re.fullmatch(
-        rf"error: {re.escape(str(rest))}:(\d+): created_at: too many documents created in one"
-        r" millisecond \(document (\w{26})\)",
+        rf"error: {where.format(file=re.escape(str(rest)))}: created_at: too many documents"
+        r" created in one millisecond \(document (\w{26})\)",
         line,
     )
     assert named is not None, line
