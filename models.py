@@ -340,6 +340,10 @@ class Document(BaseModel):
 
 
 ID_PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # Crockford base32, as ids are made
+# The highest version an imported document may carry: the largest integer every JSON client
+# reads exactly, and far below the 64 bits SQLite and BSON store, which a PATCH's one more would
+# have passed (its write then failed, and the writes committed with it).
+VERSION_MAX = 2**53 - 1
 
 
 def check_stored(doc: Document) -> Document:
@@ -348,6 +352,8 @@ def check_stored(doc: Document) -> Document:
     (Cheap on purpose: it runs for every document at every start.)"""
     if not ID_PATTERN.fullmatch(doc.id):
         raise ValueError(f"id {doc.id[:64]!r} is not a document id")
+    if doc.version > VERSION_MAX:
+        raise ValueError(f"version: at most {VERSION_MAX}")
     if doc.updated_at < doc.created_at:
         raise ValueError(f"document {doc.id!r} was updated before it was created")
     for at in (doc.created_at, doc.updated_at):

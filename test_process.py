@@ -233,6 +233,12 @@ def _line(**fields: object) -> bytes:
     return json.dumps({**GOOD_LINE, **fields}).encode()
 
 
+def _samples(**fields: object) -> bytes:
+    """A seed file of one sample: a document as a client sends it, with an id and a time."""
+    sample = {k: v for k, v in GOOD_LINE.items() if k not in ("updated_at", "version")}
+    return json.dumps([{**sample, **fields}]).encode()
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -245,6 +251,9 @@ def _line(**fields: object) -> bytes:
         (_line(content="c" * 100_001), b"bad.jsonl:1: content: at most 100000 characters"),
         (_line(created_at="0001-01-01T00:00:00+01:00"), b"outside the years 1 to 9999"),
         (_line(updated_at="9999-12-31T23:59:59.9999-01:00"), b"outside the years 1 to 9999"),
+        # One more on a PATCH would not fit the 64 bits the database stores.
+        (_line(version=2**53), b"bad.jsonl:1: version: at most 9007199254740991"),
+        (_line(version=2**64), b"bad.jsonl:1: version: at most 9007199254740991"),
     ],
 )
 def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(
@@ -334,6 +343,11 @@ def test_an_export_whose_reader_goes_away_stops_with_one_line(tmp_path: Path) ->
         (b"[1]", "expected a JSON array of documents"),
         (b'{"a": 1}', "expected a JSON array of documents"),
         (b'[{"id": "x"}]', "sample 1 in"),
+        # Each sample is taken as import takes a document.
+        (_samples(id="not/an id"), "samples.json: id 'not/an id' is not a document id"),
+        (_samples(content="c" * 100_001), "samples.json: content: at most 100000 characters"),
+        (_samples(created_at="0001-01-01T00:00:00+05:00"), "outside the years 1 to 9999"),
+        (_samples(tags=["t" * 51]), "samples.json: tags.0: "),
     ],
 )
 def test_seed_refuses_a_file_it_cannot_use_in_one_line(
@@ -347,6 +361,16 @@ def test_seed_refuses_a_file_it_cannot_use_in_one_line(
     last = result.stderr.decode().splitlines()[-1]
     assert last.startswith("error: ")
     assert message in last
+    assert len(result.stderr.splitlines()) <= 3  # the store's open and close lines, then this
+
+
+def test_seed_stores_a_sample_as_import_stores_a_document(tmp_path: Path) -> None:
+    """A time without an offset is UTC, and is kept to the millisecond, as everywhere."""
+    samples = tmp_path / "samples.json"
+    samples.write_bytes(_samples(created_at="2026-10-01T09:00:00.123456"))
+    assert run_task(tmp_path / "data", "seed", str(samples)).returncode == 0
+    [doc] = map(json.loads, run_task(tmp_path / "data", "export").stdout.splitlines())
+    assert doc["created_at"] == doc["updated_at"] == "2026-10-01T09:00:00.123000Z"
 
 
 def test_an_export_to_a_closed_standard_output_says_so_in_one_line(tmp_path: Path) -> None:
