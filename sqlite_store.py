@@ -47,7 +47,6 @@ from storage import (
     IdGenerator,
     Key,
     StoreCorrupt,
-    StoreError,
     StoreUnavailable,
     apply_patch,
     find_words,
@@ -318,18 +317,24 @@ class SQLiteStore:
                 return
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> list[Any]:
-        """Each job's result or StoreError. A job raises StoreError before it writes anything,
-        so the others commit; any other failure (a full disk) rolls back the whole batch."""
+        """Each job's result or what it raised. A job that fails by itself (StoreError, or a
+        document the database cannot take) is undone alone and the others commit; the database
+        failing (a full disk, an I/O error) rolls back the whole batch."""
         outcomes: list[Any] = []
         if not batch:
             return outcomes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job, _, _ in batch:
+                conn.execute("SAVEPOINT job")
                 try:
                     outcomes.append(job(conn))
-                except StoreError as exc:
+                except sqlite3.Error:
+                    raise  # the database failing: the whole batch
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
                     outcomes.append(exc)
+                conn.execute("RELEASE job")
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:

@@ -90,6 +90,47 @@ def body(title: str = "t", tags: list[str] | None = None, **extra: object) -> Do
     )
 
 
+async def test_a_write_the_database_cannot_take_fails_alone(tmp_path: Path) -> None:
+    """Writes queued together share a transaction: one whose document the database cannot take
+    (a version past 64 bits, which import now refuses before) fails alone, and those beside it
+    are committed. It had rolled them all back: 503s for other clients' writes."""
+    store = SQLiteStore.open(tmp_path)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    unfit = Document(
+        id=IdGenerator()(at),
+        title="t",
+        content="c",
+        tags=[],
+        metadata={},
+        created_at=at,
+        updated_at=at,
+        version=2**63,
+    )
+    # Another process holds the write lock: the writes below queue up and go in one batch.
+    holder = sqlite3.connect(tmp_path / DATABASE_FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        writes = asyncio.gather(
+            store.create(body("a")),
+            store.import_document(unfit),
+            store.create(body("b")),
+            store.create(body("c")),
+            return_exceptions=True,
+        )
+        # Each write's first step queues it; the lock goes once all of them have run theirs.
+        asyncio.get_running_loop().call_soon(holder.execute, "ROLLBACK")
+        outcomes = await writes
+        assert isinstance(outcomes[1], OverflowError)
+        created = [outcome[0] for outcome in outcomes if isinstance(outcome, tuple)]
+        assert [doc.title for doc in created] == ["a", "b", "c"]
+        for doc in created:
+            assert await store.get(doc.id) == doc
+        assert await store.count() == 3
+    finally:
+        holder.close()
+        await store.close()
+
+
 async def exported(store: DocumentStore) -> list[Document]:
     return [doc async for doc in store.export_documents()]
 
