@@ -168,6 +168,21 @@ SPARSE: dict[str, str | int | list[str]] = {
 }
 
 
+def plain_document(doc_id: str, at: datetime, version: int = 1) -> Document:
+    """A document as a store keeps it, titled "t", with nothing but `doc_id`, `at` (its creation
+    and its last change) and `version` to tell it apart."""
+    return Document(
+        id=doc_id,
+        title="t",
+        content="c",
+        tags=[],
+        metadata={},
+        created_at=at,
+        updated_at=at,
+        version=version,
+    )
+
+
 async def seed_common(settings: Settings, count: int) -> None:
     """`count` documents alike but for their ids and times, imported into the settings' store."""
     at = datetime(2025, 1, 1, tzinfo=UTC)

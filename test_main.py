@@ -32,6 +32,7 @@ from conftest import (
     cursor_values_out_of_range,
     make_settings,
     minted_cursor,
+    plain_document,
     walk,
 )
 from main import create_app
@@ -42,7 +43,6 @@ from models import (
     TAG_MAX_CHARS,
     TAGS_MAX,
     TITLE_MAX_CHARS,
-    Document,
     DocumentQuery,
 )
 from ratelimit import LocalStorage, spend
@@ -511,16 +511,7 @@ def test_every_rfc_3339_time_is_taken_at_its_instant_to_the_millisecond_above(
 def test_every_timestamp_has_one_length_and_sorts_as_its_time(year: int) -> None:
     """Clients sort and compare the strings: four digits of year, six of fraction, always."""
     at = datetime(year, 1, 1, tzinfo=UTC)
-    doc = Document(
-        id="0" * 26,
-        title="t",
-        content="",
-        tags=[],
-        metadata={},
-        created_at=at,
-        updated_at=at,
-        version=1,
-    )
+    doc = plain_document("0" * 26, at)
     stamp = orjson.loads(doc.json_bytes)["created_at"]
     assert stamp == f"{year:04d}-01-01T00:00:00.000000Z"
 

@@ -24,12 +24,12 @@ from conftest import (
     KEY,
     Service,
     ServiceFactory,
+    plain_document,
     run_main,
     run_threads,
     walk,
     write_until_killed,
 )
-from models import Document
 from sqlite_store import DATABASE_FILE, MIGRATIONS, SQLiteStore
 from storage import IdGenerator
 
@@ -155,19 +155,7 @@ def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) 
     in creation order, far fewer otherwise: import sorts what it reads."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
     ids = IdGenerator()
-    docs = [
-        Document(
-            id=ids(at),
-            title="t",
-            content="c",
-            tags=[],
-            metadata={},
-            created_at=at,
-            updated_at=at,
-            version=1,
-        )
-        for _ in range(200)
-    ]
+    docs = [plain_document(ids(at), at) for _ in range(200)]
     lines = tmp_path / "docs.jsonl"
     lines.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[::-1]))
     assert run_task(tmp_path / "data", "import", str(lines)).returncode == 0
@@ -184,19 +172,7 @@ def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
     store no room after a few: the refusal says which line (or sample) and which document."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
     ids = sorted(IdGenerator()(at) for _ in range(21))
-    docs = [
-        Document(
-            id=i,
-            title="t",
-            content="c",
-            tags=[],
-            metadata={},
-            created_at=at,
-            updated_at=at,
-            version=1,
-        )
-        for i in ids
-    ]
+    docs = [plain_document(i, at) for i in ids]
     first, rest = tmp_path / "first.jsonl", tmp_path / f"rest.{task}"
     first.write_bytes(docs[-1].model_dump_json().encode() + b"\n")
     assert run_task(tmp_path / "data", "import", str(first)).returncode == 0

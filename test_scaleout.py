@@ -1513,6 +1513,16 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """A relay in front of the test's Redis, started: stopping it is a Redis outage."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(("127.0.0.1", port), wire=False)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
 @contextlib.contextmanager
 def redis_serving(tmp_path: Path, *options: str) -> Iterator[str]:
     redis_server = shutil.which("redis-server")
@@ -1579,147 +1589,120 @@ def test_two_workers_share_the_rate_limit_through_redis(
 
 @pytest.mark.parametrize("fault", ["black hole", "down"])
 def test_a_redis_that_cannot_answer_costs_requests_a_bounded_503_never_liveness(
-    service_factory: ServiceFactory, mongo_url: str, redis_url: str, fault: str
+    service_factory: ServiceFactory, mongo_url: str, redis_proxy: TcpProxy, fault: str
 ) -> None:
     """Limits are spent asynchronously with a one-second bound: with Redis black-holed or down,
     /health answers at once on every worker, /v1 answers 503 with Retry-After within the
     bound, readiness says not ready, and all recovers when Redis answers again."""
-    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
-    proxy.start()
-    try:
-        service = two_workers(
-            service_factory,
-            mongo_url,
-            RATE_LIMIT_STORAGE_URI=f"redis://{proxy.address}/0",
-        )
-        assert fresh_connection_get(service.url, "/v1/documents").status_code == 200
-        if fault == "black hole":
-            proxy.black_hole = True
-        else:
-            proxy.stop()
-        for _ in range(4):
-            started = time.monotonic()
-            assert fresh_connection_get(service.url, "/health").status_code == 200
-            # Well under the one-second bound a request spends waiting on Redis: never waited.
-            assert time.monotonic() - started < LIMITER_TIMEOUT
-            started = time.monotonic()
-            refused = fresh_connection_get(service.url, "/v1/documents")
-            assert time.monotonic() - started < 3
-            assert_problem(refused, 503)
-            assert refused.headers["retry-after"] == "5"
-        assert_problem(fresh_connection_get(service.url, "/health/ready"), 503)
-        proxy.black_hole = False
-        proxy.stop()
-        proxy.start()
-        deadline = time.monotonic() + 30
-        # Each worker finds its pooled connections dead on its own next use: a worker that has
-        # served nothing since may answer its first probe 503, then recovers with the rest.
-        for path in ("/v1/documents", "/health/ready", "/health/ready"):
-            while fresh_connection_get(service.url, path).status_code != 200:
-                assert time.monotonic() < deadline, f"{path} did not recover"
-    finally:
-        proxy.stop()
+    service = two_workers(
+        service_factory,
+        mongo_url,
+        RATE_LIMIT_STORAGE_URI=f"redis://{redis_proxy.address}/0",
+    )
+    assert fresh_connection_get(service.url, "/v1/documents").status_code == 200
+    if fault == "black hole":
+        redis_proxy.black_hole = True
+    else:
+        redis_proxy.stop()
+    for _ in range(4):
+        started = time.monotonic()
+        assert fresh_connection_get(service.url, "/health").status_code == 200
+        # Well under the one-second bound a request spends waiting on Redis: never waited.
+        assert time.monotonic() - started < LIMITER_TIMEOUT
+        started = time.monotonic()
+        refused = fresh_connection_get(service.url, "/v1/documents")
+        assert time.monotonic() - started < 3
+        assert_problem(refused, 503)
+        assert refused.headers["retry-after"] == "5"
+    assert_problem(fresh_connection_get(service.url, "/health/ready"), 503)
+    redis_proxy.black_hole = False
+    redis_proxy.stop()
+    redis_proxy.start()
+    deadline = time.monotonic() + 30
+    # Each worker finds its pooled connections dead on its own next use: a worker that has
+    # served nothing since may answer its first probe 503, then recovers with the rest.
+    for path in ("/v1/documents", "/health/ready", "/health/ready"):
+        while fresh_connection_get(service.url, path).status_code != 200:
+            assert time.monotonic() < deadline, f"{path} did not recover"
 
 
 def test_read_time_is_charged_through_redis_and_a_failed_charge_still_answers(
-    mongo_url: str, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mongo_url: str, redis_proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The units a listing's reads cost beyond the first go through Redis like the first; when
     Redis fails them, the answered request stays answered and the failure is logged."""
     anyio.run(seed_common, make_settings(tmp_path, database_url=mongo_url), 300)
-    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
-    proxy.start()
     budget = 5_000  # room for listings of up to MONGO_TIMEOUT_MS, at READ_UNIT_S a unit
-    try:
-        with mongo_app_client(
-            mongo_url,
-            tmp_path,
-            rate_limit=f"{budget}/minute",
-            rate_limit_storage_uri=f"redis://{proxy.address}/0",
-            mongo_timeout_ms=10_000,  # the test server walks every document of a listing
-        ) as client:
-            assert client.get("/v1/documents", params=SPARSE).status_code == 200
-            charged = budget - _remaining(client) - 1
-            assert charged > 1
-            # limits' increment script, by more than one unit: cut the connection instead.
-            proxy.cut_when = lambda message: (
-                message.startswith(b"*6\r\n$7\r\nEVALSHA")
-                and not message.endswith(b"\r\n$1\r\n1\r\n")
-            )
-            caplog.clear()
-            assert client.get("/v1/documents", params=SPARSE).status_code == 200
-            assert "rate_limit.unavailable" in caplog.messages
-            assert (
-                _remaining(client) == budget - charged - 3
-            )  # the first probe, the listing, this one
-    finally:
-        proxy.stop()
+    with mongo_app_client(
+        mongo_url,
+        tmp_path,
+        rate_limit=f"{budget}/minute",
+        rate_limit_storage_uri=f"redis://{redis_proxy.address}/0",
+        mongo_timeout_ms=10_000,  # the test server walks every document of a listing
+    ) as client:
+        assert client.get("/v1/documents", params=SPARSE).status_code == 200
+        charged = budget - _remaining(client) - 1
+        assert charged > 1
+        # limits' increment script, by more than one unit: cut the connection instead.
+        redis_proxy.cut_when = lambda message: (
+            message.startswith(b"*6\r\n$7\r\nEVALSHA") and not message.endswith(b"\r\n$1\r\n1\r\n")
+        )
+        caplog.clear()
+        assert client.get("/v1/documents", params=SPARSE).status_code == 200
+        assert "rate_limit.unavailable" in caplog.messages
+        assert _remaining(client) == budget - charged - 3  # the first probe, the listing, this one
 
 
 def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
-    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    redis_proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Probes and keyed requests while Redis is down: one `rate_limit.unavailable` line, no
     `rate_limit.available` line until Redis answers again, then one."""
-    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
-    proxy.start()
-    try:
-        with app_client(
-            tmp_path,
-            headers={"X-API-Key": KEY},
-            rate_limit_storage_uri=f"redis://{proxy.address}/0",
-        ) as client:
-            until_ready(client)
-            caplog.set_level(logging.INFO)
-            caplog.clear()
-            proxy.stop()
-            for _ in range(3):
-                assert client.get("/health/ready").status_code == 503
-                assert client.get("/v1/documents").status_code == 503
-            assert caplog.messages.count("rate_limit.unavailable") == 1
-            assert "rate_limit.available" not in caplog.messages
-            proxy.start()
-            until_ready(client)
-            assert client.get("/v1/documents").status_code == 200
-            assert caplog.messages.count("rate_limit.unavailable") == 1
-            assert caplog.messages.count("rate_limit.available") == 1
-    finally:
-        proxy.stop()
+    with app_client(
+        tmp_path,
+        headers={"X-API-Key": KEY},
+        rate_limit_storage_uri=f"redis://{redis_proxy.address}/0",
+    ) as client:
+        until_ready(client)
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        redis_proxy.stop()
+        for _ in range(3):
+            assert client.get("/health/ready").status_code == 503
+            assert client.get("/v1/documents").status_code == 503
+        assert caplog.messages.count("rate_limit.unavailable") == 1
+        assert "rate_limit.available" not in caplog.messages
+        redis_proxy.start()
+        until_ready(client)
+        assert client.get("/v1/documents").status_code == 200
+        assert caplog.messages.count("rate_limit.unavailable") == 1
+        assert caplog.messages.count("rate_limit.available") == 1
 
 
 def test_each_service_logs_the_outage_of_its_own_redis(
-    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    redis_url: str, redis_proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two services in one process, one of whose Redis stops: its outage is one line, and the
     other's Redis answering says nothing about it."""
-    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = TcpProxy(("127.0.0.1", redis_port), wire=False)
-    proxy.start()
-    try:
-        with (
-            app_client(
-                tmp_path / "down",
-                headers={"X-API-Key": KEY},
-                rate_limit_storage_uri=f"redis://{proxy.address}/0",
-            ) as down,
-            app_client(
-                tmp_path / "up", headers={"X-API-Key": KEY}, rate_limit_storage_uri=redis_url
-            ) as up,
-        ):
-            until_ready(down)
-            caplog.set_level(logging.INFO)
-            caplog.clear()
-            proxy.stop()
-            for _ in range(3):
-                assert down.get("/v1/documents").status_code == 503
-                assert up.get("/v1/documents").status_code == 200
-            assert caplog.messages.count("rate_limit.unavailable") == 1
-            assert "rate_limit.available" not in caplog.messages
-    finally:
-        proxy.stop()
+    with (
+        app_client(
+            tmp_path / "down",
+            headers={"X-API-Key": KEY},
+            rate_limit_storage_uri=f"redis://{redis_proxy.address}/0",
+        ) as down,
+        app_client(
+            tmp_path / "up", headers={"X-API-Key": KEY}, rate_limit_storage_uri=redis_url
+        ) as up,
+    ):
+        until_ready(down)
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        redis_proxy.stop()
+        for _ in range(3):
+            assert down.get("/v1/documents").status_code == 503
+            assert up.get("/v1/documents").status_code == 200
+        assert caplog.messages.count("rate_limit.unavailable") == 1
+        assert "rate_limit.available" not in caplog.messages
 
 
 def test_a_redis_that_refuses_the_password_is_logged_as_refusing_it(

@@ -18,6 +18,7 @@ import pytest
 
 import mongo_store
 import sqlite_store
+from conftest import plain_document
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from metrics import MeteredStore, Metrics
 from models import (
@@ -96,16 +97,7 @@ async def test_a_write_the_database_cannot_take_fails_alone(tmp_path: Path) -> N
     are committed. It had rolled them all back: 503s for other clients' writes."""
     store = SQLiteStore.open(tmp_path)
     at = datetime(2026, 1, 1, tzinfo=UTC)
-    unfit = Document(
-        id=IdGenerator()(at),
-        title="t",
-        content="c",
-        tags=[],
-        metadata={},
-        created_at=at,
-        updated_at=at,
-        version=2**63,
-    )
+    unfit = plain_document(IdGenerator()(at), at, version=2**63)
     # Another process holds the write lock: the writes below queue up and go in one batch.
     holder = sqlite3.connect(tmp_path / DATABASE_FILE, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
