@@ -640,6 +640,13 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
+def _error_line(message: str) -> None:
+    """`error: MESSAGE` as one line: what is not printable (a line break in a file name) is
+    written as Python escapes it."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    sys.stderr.write(f"error: {shown}\n")
+
+
 class TaskRefused(Exception):
     """A data task's input cannot be used: one line says where and why, exit status 1."""
 
@@ -783,11 +790,11 @@ remove documents.db-wal and -shm), start it.""",
             asyncio.run(_run_task(settings, args.task, args.file))
             return 0
     except (StoreError, TaskRefused) as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        _error_line(str(exc))
         return 1
     except OSError as exc:  # a file of the task's, or its standard output
         where, reason = exc.filename or args.file, exc.strerror or str(exc)
-        sys.stderr.write(f"error: {where}: {reason}\n" if where else f"error: {reason}\n")
+        _error_line(f"{where}: {reason}" if where else reason)
         return 1
     metrics_dir = None
     if settings.workers > 1:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, monitoring, uri_parser
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, monitoring
 from pymongo.errors import (
     ConfigurationError,
     ConnectionFailure,
@@ -195,6 +195,11 @@ def _driver_errors(outage: Outage, *, ends_outage: bool = True) -> Iterator[None
     except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
         outage.failed(type(exc).__name__)
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc
+    except ConfigurationError as exc:
+        # At first contact, a mongodb+srv:// name DNS did not resolve. A service's start gives
+        # DNS FIRST_CONTACT_SECONDS: a name that does not exist stops it, a DNS server that does
+        # not answer in time is an outage (see open). DNS's message names the host only.
+        raise StoreError(f"cannot use DATABASE_URL: {exc}") from exc
     except OperationFailure as exc:
         if exc.code == AUTHENTICATION_FAILED:
             raise StoreAuthenticationFailed(
@@ -222,7 +227,6 @@ class MongoStore:
     backend = "mongodb"
 
     def __init__(self, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now) -> None:
-        database = uri_parser.parse_uri(url).get("database") or "documents"
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             url,
             w="majority",
@@ -234,7 +238,10 @@ class MongoStore:
             timeoutMS=timeout_ms,
             event_listeners=[_UnchargedWaits()],
         )
-        self._db = self._client[database]
+        # The URL's database, read as the client parsed it: pymongo's parse_uri would resolve a
+        # mongodb+srv:// name through DNS here, blocking the event loop. The client resolves it
+        # at first contact, without blocking (_driver_errors translates its failure).
+        self._db = self._client.get_default_database("documents")
         self._docs = self._db["documents"]
         self._idempotency = self._db["idempotency"]
         self._clock = clock
@@ -256,27 +263,28 @@ class MongoStore:
         cls, url: str, *, timeout_ms: int = 5000, clock: Clock = utc_now, serving: bool = True
     ) -> MongoStore:
         """A service waits at most FIRST_CONTACT_SECONDS for MongoDB, so it answers liveness
-        at once. Refused credentials stop the start; an unreachable server does not: the
+        at once. Refused credentials, or a mongodb+srv:// name DNS does not know, stop the
+        start; an unreachable server (or DNS not answering) does not: the
         process stays up, reports not ready, and makes the indexes in the background. A task
         (serving=False) has nothing to answer meanwhile: each call waits its timeout, and a
         server that does not answer stops it."""
         try:
             store = cls(url, timeout_ms=timeout_ms, clock=clock)
-        except (ConfigurationError, OSError) as exc:  # a name DNS does not resolve, a TLS file
+        except (ConfigurationError, OSError) as exc:  # a malformed option, a TLS file
             # pymongo's messages name what is wrong, never the password.
             raise StoreError(f"cannot use DATABASE_URL: {exc}") from exc
         try:
             with anyio.fail_after(FIRST_CONTACT_SECONDS if serving else None):
                 await store._build_indexes()
-        except StoreAuthenticationFailed:
-            await store.close()
-            raise
-        except (StoreUnavailable, TimeoutError):
-            if not serving:
+        except (StoreUnavailable, TimeoutError) as exc:
+            if not serving or isinstance(exc, StoreAuthenticationFailed):
                 await store.close()
                 raise
             log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
             store.indexes_made = asyncio.get_running_loop().create_task(store._make_indexes())
+        except StoreError:  # refused: a name DNS does not know, an index the server will not make
+            await store.close()
+            raise
         else:
             store._indexes_are_made()
         return store

@@ -264,13 +264,23 @@ def test_a_task_refuses_a_database_of_an_older_schema_unchanged(
     assert not (tmp_path / "copy.db").exists()
 
 
-def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
-    result = run_task(tmp_path / "data", "import", str(tmp_path / "missing.jsonl"))
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("missing.jsonl", None, ": No such file or directory"),
+        ("two\nlines.jsonl", None, ": No such file or directory"),
+        ("two\nlines.jsonl", b"{", ":1: document: Invalid JSON"),
+    ],
+)
+def test_a_task_error_is_one_line_whatever_the_file_is_named(
+    tmp_path: Path, name: str, content: bytes | None, reason: str
+) -> None:
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    result = run_task(tmp_path / "data", "import", str(tmp_path / name))
     assert result.returncode == 1
-    assert (
-        result.stderr.splitlines()[-1]
-        == f"error: {tmp_path}/missing.jsonl: No such file or directory".encode()
-    )
+    shown = name.replace("\n", "\\n")  # escaped, as every character that is not printable
+    assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path}/{shown}{reason}".encode())
     assert b"Traceback" not in result.stderr
 
 

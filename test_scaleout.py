@@ -60,6 +60,7 @@ from storage import (
     IdempotencyConflict,
     IdempotencyKey,
     PreconditionFailed,
+    StoreError,
     StoreUnavailable,
 )
 
@@ -1838,6 +1839,22 @@ def test_a_mongodb_url_the_driver_cannot_use_stops_the_start_with_one_line(
     assert "Traceback" not in output
     assert "s3cret-pw" not in output
     assert len([line for line in output.splitlines() if "cannot use DATABASE_URL" in line]) == 1
+
+
+def test_a_mongodb_srv_name_is_looked_up_at_first_contact_not_as_the_store_is_built() -> None:
+    """Reading the URL's database with pymongo's parse_uri resolved a mongodb+srv:// name with
+    blocking DNS calls on the event loop; the client looks it up with dnspython's asyncio
+    resolver at first contact, and what DNS says is the store's one error."""
+
+    url = "mongodb+srv://ada:s3cret-pw@nosuchhost.invalid/d"
+
+    async def first_contact() -> None:
+        await MongoStore(url).close()  # built on the event loop, without asking DNS
+        with pytest.raises(StoreError, match=r"cannot use DATABASE_URL: .*nosuchhost") as got:
+            await MongoStore.open(url, timeout_ms=2000, serving=False)
+        assert "s3cret-pw" not in str(got.value)
+
+    anyio.run(first_contact)
 
 
 def test_an_import_into_a_slow_mongodb_takes_longer_and_fails_nothing(
