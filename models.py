@@ -8,6 +8,7 @@ import json
 import math
 import re
 import string
+import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -428,7 +429,12 @@ def _words_by_piece(text: str, folded_max: float = math.inf) -> Iterator[list[st
     if text.isascii():
         yield text.translate(_ASCII_WORDS).split()
         return
-    for piece in _pieces(text):
+    for number, piece in enumerate(_pieces(text)):
+        if number:
+            # Let the interpreter lock go between pieces: a long text is tokenized in a thread,
+            # and the event loop, waiting for the lock at each of its system calls, otherwise
+            # got it back only within the switch interval.
+            time.sleep(0)
         # Compatibility forms first, then case (which may need decomposing again), then no marks.
         # Marks go first (see _UNMARK): normalization sorts a run of them in time quadratic in
         # its length, and a piece of reversed marks held the lock for 2.4 ms.
