@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -19,7 +20,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +63,10 @@ T = TypeVar("T")
 
 DATABASE_FILE = "documents.db"
 HEADER = b"SQLite format 3\x00"
+# The header's application id: a database this store made, and a copy `backup` wrote, which
+# keeps its own until its first start (see _adopt_backup).
+APPLICATION_ID = 1146048340
+BACKUP_ID = APPLICATION_ID + 1
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 PARSED_MAX = 4_096  # documents kept parsed
@@ -111,13 +116,14 @@ MIGRATIONS = [
 ]
 
 
-def _check_file(path: Path) -> bool:
-    """Whether `path` exists; raises StoreCorrupt for anything but a whole SQLite file (a
-    directory, a link, a FIFO, another format, a truncated database) before SQLite touches it."""
+def _check_file(path: Path) -> bytes | None:
+    """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
+    anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
+    format, a truncated database, another application's) before SQLite touches it."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        return False
+        return None
     if not stat.S_ISREG(mode):
         kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
         raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
@@ -132,16 +138,21 @@ def _check_file(path: Path) -> bool:
     finally:
         os.close(fd)
     if path.name != DATABASE_FILE:  # its WAL and shared-memory files: SQLite checks those
-        return True
+        return head
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
     page_size = int.from_bytes(head[16:18]) or 65536
     pages = int.from_bytes(head[28:32])
+    owner, user_version = int.from_bytes(head[68:72]), int.from_bytes(head[60:64])
+    # Unmarked (0) with tables but no schema version: another application's, which a migration
+    # would make a store of (this store's databases of its first days are unmarked, migrated).
+    if owner not in (0, APPLICATION_ID, BACKUP_ID) or (owner == 0 == user_version and pages > 1):
+        raise StoreCorrupt(path, "an SQLite database of another application")
     # Shorter than its header says is truncation, unless a WAL is there to finish a checkpoint.
     wal = path.with_name(DATABASE_FILE + "-wal")
     if head[24:28] == head[92:96] and size < page_size * pages and not wal.exists():
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
-    return True
+    return head
 
 
 def _create(path: Path) -> None:
@@ -152,7 +163,7 @@ def _create(path: Path) -> None:
         conn = sqlite3.connect(new)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA application_id = 1146048340")  # writes the header: a real file
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # the header: a real file
         finally:
             conn.close()
         with contextlib.suppress(FileExistsError):  # another process made it first
@@ -160,6 +171,19 @@ def _create(path: Path) -> None:
     finally:  # made or not (a full disk), nothing of it stays
         for name in ("", "-wal", "-shm"):
             new.with_name(new.name + name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _start_lock(data_dir: Path) -> Iterator[None]:
+    """Held while a process checks the files and adopts a restored backup: one process at a
+    time, so that none takes the WAL another has just begun for the replaced database's. The
+    lock is the data directory's own: a refused start leaves no file behind."""
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released as the file closes
+        yield
+    finally:
+        os.close(fd)
 
 
 def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
@@ -215,10 +239,13 @@ class SQLiteStore:
             data_dir.mkdir(parents=True, exist_ok=True)
             # SQLite says only "unable to open database file": a nameless file names the cause.
             tempfile.TemporaryFile(dir=data_dir).close()
-            existed = _check_file(store.path)
-            for name in ("-wal", "-shm"):
-                _check_file(store.path.with_name(DATABASE_FILE + name))
-            store._migrate(existed, migrate)
+            with _start_lock(data_dir):
+                head = _check_file(store.path)
+                if head is not None and int.from_bytes(head[68:72]) == BACKUP_ID:
+                    store._adopt_backup()
+                for name in ("-wal", "-shm"):
+                    _check_file(store.path.with_name(DATABASE_FILE + name))
+            store._migrate(head is not None, migrate)
             sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
             store._secret = bytes(store._connection().execute(sql).fetchone()[0])
         except BaseException as exc:
@@ -233,6 +260,23 @@ class SQLiteStore:
         store._writer = threading.Thread(target=store._write_loop, name="sqlite-writer")
         store._writer.start()
         return store
+
+    def _adopt_backup(self) -> None:
+        """A backup put in place of the database: a WAL and shared-memory file beside it are the
+        replaced database's (a backup keeps its mark until its first start), and SQLite would
+        replay that WAL over it. They are set aside, and the file marked as the database."""
+        aside = []
+        for name in ("-wal", "-shm"):
+            stale = self.path.with_name(DATABASE_FILE + name)
+            if os.path.lexists(stale):
+                aside.append(f"{stale.name}.replaced-{time.time_ns()}")
+                os.replace(stale, stale.with_name(aside[-1]))
+        conn = sqlite3.connect(self.path)
+        try:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        finally:
+            conn.close()
+        log.info("store.backup_adopted", extra={"set_aside": aside})
 
     def _migrate(self, existed: bool, migrate: bool) -> None:
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
@@ -590,15 +634,32 @@ class SQLiteStore:
             raise StoreUnavailable(f"the data directory cannot be read: {exc.strerror}") from exc
 
     def backup(self, target: Path) -> None:
-        """A consistent copy through SQLite's online backup API, in one step: one read
-        transaction, which writers never wait for under WAL."""
+        """A consistent copy through SQLite's online backup API, in one step (one read
+        transaction, which writers never wait for under WAL), marked as a backup, and linked
+        into place whole: a failure leaves nothing, a crash at most a `.partial` file."""
         if os.path.lexists(target):
             raise StoreUnavailable(f"{target} exists; back up to a new file")
-        copy = sqlite3.connect(target)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         try:
-            self._connection().backup(copy)
+            copy = sqlite3.connect(partial)
+            try:
+                self._connection().backup(copy)
+                copy.execute(f"PRAGMA application_id = {BACKUP_ID}")
+            finally:
+                copy.close()
+            os.link(partial, target)
+            fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the link is durable once the directory is
+            finally:
+                os.close(fd)
+        except FileExistsError:
+            raise StoreUnavailable(f"{target} exists; back up to a new file") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot write the backup {target}: {exc}") from exc
         finally:
-            copy.close()
+            for name in ("", "-journal"):
+                partial.with_name(partial.name + name).unlink(missing_ok=True)
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self.close_sync)

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from conftest import ServiceFactory, app_client
+from conftest import KEY, ServiceFactory, app_client, run_main
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
+from models import DocumentCreate
 from sqlite_store import DATABASE_FILE, SQLiteStore
 from storage import StoreCorrupt, StoreUnavailable
 
@@ -193,6 +195,29 @@ def test_a_full_disk_answers_503_loses_no_acknowledged_write_and_recovers(
             assert client.get(f"/v1/documents/{doc_id}").json() == expected
         listed = client.get("/v1/documents", params={"limit": 100}).json()["items"]
         assert len(listed) == len(acknowledged)
+
+
+def test_a_backup_the_disk_cannot_hold_is_one_line_and_leaves_nothing(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """It was a traceback, and the partial copy and its journal stayed under the name asked."""
+
+    async def fill() -> None:
+        store = SQLiteStore.open(tmp_path / "data")
+        for n in range(40):
+            await store.create(DocumentCreate(title=f"d{n}", content=f"{n} " * 20_000))
+        await store.close()
+
+    anyio.run(fill)
+    for target in (small_disk / "copy.db", tmp_path / "no such directory" / "copy.db"):
+        result = run_main(
+            {"DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY}, "backup", str(target)
+        )
+        assert result.returncode == 1
+        assert b"Traceback" not in result.stderr
+        last = result.stderr.decode().splitlines()[-1]
+        assert last.startswith(f"error: cannot write the backup {target}: "), last
+    assert list(small_disk.iterdir()) == []
 
 
 def test_a_first_start_on_a_full_disk_leaves_nothing_behind(small_disk: Path) -> None:

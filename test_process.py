@@ -483,6 +483,39 @@ def test_a_backup_taken_under_writes_restores_every_document_acknowledged_before
     assert set(before) <= listed
 
 
+def test_a_backup_put_in_place_of_a_killed_service_s_database_is_served_as_it_was(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    """Restoring is: stop, put the backup in place of documents.db, start. After a kill -9 the
+    replaced database's WAL is still beside it, and SQLite replayed it over the backup: pages of
+    one database in the other, "database disk image is malformed" on reads while readiness said
+    200. A backup keeps its mark until its first start, which sets that WAL aside."""
+    service = service_factory().start()
+    with service.client() as client:
+        before = [
+            client.post("/v1/documents", json={"title": f"b{n}", "content": "kept"}).json()["id"]
+            for n in range(20)
+        ]
+        assert run_task(service.data_dir, "backup", str(tmp_path / "backup.db")).returncode == 0
+        for n in range(100):
+            after = {"title": f"a{n}", "content": "after the backup", "tags": [f"t{n}"]}
+            assert client.post("/v1/documents", json=after).status_code == 201
+    service.kill()
+    assert (service.data_dir / f"{DATABASE_FILE}-wal").stat().st_size > 0
+    (tmp_path / "backup.db").replace(service.data_dir / DATABASE_FILE)
+    restored = service_factory(service.data_dir).start()
+    with restored.client() as client:
+        assert sorted(doc["id"] for doc in walk(client, limit=100)) == sorted(before)
+        assert walk(client, q="kept") == walk(client)
+        assert client.post("/v1/documents", json={"title": "t", "content": "c"}).status_code == 201
+    restored.terminate()
+    conn = sqlite3.connect(service.data_dir / DATABASE_FILE)
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
+    set_aside = sorted(p.name.split(".replaced-")[0] for p in service.data_dir.glob("*.replaced-*"))
+    assert set_aside == [f"{DATABASE_FILE}-shm", f"{DATABASE_FILE}-wal"]
+
+
 def test_a_client_connecting_while_workers_start_waits_and_is_never_refused(
     service_factory: ServiceFactory,
 ) -> None:

@@ -993,6 +993,19 @@ async def test_a_truncated_database_is_refused_untouched(tmp_path: Path) -> None
     _refused(tmp_path, DATABASE_FILE)
 
 
+@pytest.mark.parametrize(
+    "make",
+    ["CREATE TABLE x (a)", "PRAGMA application_id = 7"],
+    ids=["unmarked, with tables", "marked by another application"],
+)
+def test_another_application_s_database_is_refused_untouched(tmp_path: Path, make: str) -> None:
+    """Adopted, it was migrated in place and served as an empty store."""
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        conn.execute(make)
+    conn.close()
+    assert "another application" in str(_refused(tmp_path, DATABASE_FILE))
+
+
 def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     SQLiteStore.open(tmp_path).close_sync()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
