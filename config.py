@@ -215,6 +215,14 @@ class Settings(BaseSettings):
                 "WORKERS: several workers need API_KEYS or API_KEY_HASHES: a key generated at "
                 "start would be a different one in each worker"
             )
+        shares = self.workers > 1 and self.rate_limit_storage_uri == "memory://"
+        if shares and (low := [i for i in parse_many(self.rate_limit) if i.amount < self.workers]):
+            # Each worker allows its share (main._key_limits): less than one would be one each.
+            raise ValueError(
+                f"RATE_LIMIT: {low[0]} cannot be split among {self.workers} workers counting "
+                f"their own: allow at least {self.workers} a window, or share the count in Redis "
+                "(RATE_LIMIT_STORAGE_URI)"
+            )
         if self.max_body_bytes < (largest := largest_document_bytes(self.max_content_chars)):
             # A valid document, sent as json.dumps sends it by default, would get 413.
             raise ValueError(
@@ -260,7 +268,8 @@ def _scope(number: int, name: str, value: str) -> tuple[str, bool]:
     if not sep:
         return value, False
     if scope != "read":
-        raise ValueError(f"entry {number} has the scope {scope[:20]!r}; the only scope is 'read'")
+        # Not echoed: a key with a ':' in it would put part of itself in the message.
+        raise ValueError(f"entry {number}: a key holds no ':', and the only scope is 'read'")
     return secret, True
 
 

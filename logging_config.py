@@ -143,3 +143,5 @@ def configure_logging(
     logging.getLogger("uvicorn.error").addFilter(_drop_uvicorn_noise)
     # Our middleware writes one access line per request; uvicorn's would be a second.
     logging.getLogger("uvicorn.access").disabled = True
+    # pymongo logs every command with its documents at DEBUG: document bodies stay out.
+    logging.getLogger("pymongo").setLevel(max(logging.INFO, root.level))

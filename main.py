@@ -498,7 +498,7 @@ def _key_limits(settings: Settings) -> list[RateLimitItem]:
     if settings.workers == 1 or settings.rate_limit_storage_uri != "memory://":
         return limits
     return [
-        type(item)(max(1, item.amount // settings.workers), item.multiples, item.namespace)
+        type(item)(item.amount // settings.workers, item.multiples, item.namespace)
         for item in limits
     ]
 

@@ -937,6 +937,26 @@ def test_several_workers_without_configured_keys_are_refused(tmp_path: Path) -> 
         make_settings(tmp_path, api_keys="", workers=2, database_url="mongodb://db/d")
 
 
+@pytest.mark.parametrize("variable", ["api_keys", "api_key_hashes"])
+def test_a_key_with_a_colon_is_refused_without_showing_any_of_it(
+    tmp_path: Path, variable: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        make_settings(tmp_path, **{variable: "alice:abcdefgh:Sup3rSecretTail"})
+    shown = " ".join(error["msg"] for error in caught.value.errors())  # what a start prints
+    assert "the only scope is 'read'" in shown
+    assert "Sup3r" not in shown
+
+
+def test_a_rate_limit_several_workers_cannot_split_is_refused(tmp_path: Path) -> None:
+    """Each worker counting in memory allows its share: a share of less than one had been one,
+    so RATE_LIMIT=1/minute with two workers let two requests through."""
+    with pytest.raises(ValidationError, match="RATE_LIMIT: 1 per 1 minute cannot be split"):
+        make_settings(tmp_path, rate_limit="10/second;1/minute", workers=2)
+    make_settings(tmp_path, rate_limit="2/minute", workers=2)
+    make_settings(tmp_path, rate_limit="1/minute", workers=2, rate_limit_storage_uri="redis://r")
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from conftest import (
     until_ready,
     walk,
 )
+from logging_config import configure_logging
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import INDEXES, MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
@@ -1839,6 +1841,22 @@ def test_a_mongodb_url_the_driver_cannot_use_stops_the_start_with_one_line(
     assert "Traceback" not in output
     assert "s3cret-pw" not in output
     assert len([line for line in output.splitlines() if "cannot use DATABASE_URL" in line]) == 1
+
+
+def test_document_bodies_stay_out_of_the_log_at_debug_on_mongodb(
+    mongo_url: str, tmp_path: Path
+) -> None:
+    """pymongo logs each command with its documents at DEBUG."""
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)
+    try:
+        with mongo_app_client(mongo_url, tmp_path) as client:
+            created = client.post("/v1/documents", json={"title": "t", "content": "secret body"})
+            assert created.status_code == 201
+    finally:
+        configure_logging("INFO")
+    assert "document.created" in stream.getvalue()
+    assert "secret body" not in stream.getvalue()
 
 
 def test_a_mongodb_srv_name_is_looked_up_at_first_contact_not_as_the_store_is_built() -> None:
