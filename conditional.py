@@ -50,3 +50,20 @@ async def if_match_version(store: DocumentStore, doc_id: str, lines: list[str]) 
         current = (await store.get(doc_id)).version
         return current if current in numbers else -1
     return numbers.pop() if numbers else -1
+
+
+async def write_version(
+    store: DocumentStore, doc_id: str, if_match: list[str], if_none_match: list[str]
+) -> int | None:
+    """The version a write must find (None: any): If-Match's (if_match_version), and
+    If-None-Match's, which fails (-1) when it names the current version or is `*` (RFC 9110,
+    13.1.2) and else holds the write to the version it was checked against, so that a change
+    in between is a 412 too."""
+    version = await if_match_version(store, doc_id, if_match)
+    if not if_none_match or version == -1:
+        return version
+    named = etag_versions(", ".join(if_none_match), weak=True)
+    current = (await store.get(doc_id)).version
+    if "*" in named or current in named or version not in (None, current):
+        return -1
+    return current

@@ -38,7 +38,7 @@ import openapi
 import ratelimit
 from admission import AdmissionMiddleware, RefusalTally
 from bodies import StrictJSONRoute
-from conditional import etag, etag_versions, if_match_version
+from conditional import etag, etag_versions, write_version
 from config import ApiKey, Settings, configured_keys, digest_key
 from cursors import decode_cursor, encode_cursor
 from logging_config import clip, configure_logging
@@ -146,6 +146,14 @@ def _check_content(content: str | None, settings: Settings) -> None:
         )
 
 
+async def _write_version(store: DocumentStore, doc_id: str, request: Request) -> int | None:
+    # Each header's lines form one list.
+    headers = request.headers
+    return await write_version(
+        store, doc_id, headers.getlist("if-match"), headers.getlist("if-none-match")
+    )
+
+
 # --- routes -----------------------------------------------------------------------------------
 
 
@@ -238,19 +246,18 @@ async def update_document(
     document_id: str, body: DocumentUpdate, request: Request, caller: CallerDep
 ) -> Response:
     """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
-    `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing."""
+    `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing;
+    so does `If-None-Match` naming the current one (or `*`)."""
     _check_content(body.content, caller.settings)
-    if_match = request.headers.getlist("if-match")  # its lines form one list
-    version = await if_match_version(caller.store, document_id, if_match)
+    version = await _write_version(caller.store, document_id, request)
     doc = await caller.store.update(document_id, body, if_version=version)
     log.info("document.updated", extra={"document_id": doc.id, "version": doc.version})
     return _document_response(doc, headers={"ETag": etag(doc)})
 
 
 async def delete_document(document_id: str, request: Request, caller: CallerDep) -> Response:
-    """Delete for good; later reads get `404`."""
-    if_match = request.headers.getlist("if-match")  # its lines form one list
-    version = await if_match_version(caller.store, document_id, if_match)
+    """Delete for good; later reads get `404`. `If-Match` and `If-None-Match` as for PATCH."""
+    version = await _write_version(caller.store, document_id, request)
     await caller.store.delete(document_id, if_version=version)
     log.info("document.deleted", extra={"document_id": document_id})
     return Response(status_code=204)
@@ -320,10 +327,7 @@ def _add_routes(app: FastAPI) -> None:
         methods=["PATCH"],
         response_model=Document,
         summary="Update a document (JSON merge patch)",
-        openapi_extra={
-            **openapi.MERGE_PATCH_BODY,
-            **openapi.header("If-Match", "Only apply if the document still has this ETag."),
-        },
+        openapi_extra={**openapi.MERGE_PATCH_BODY, **openapi.write_conditions("apply")},
         responses=openapi.update_responses(),
     )
     document_route(
@@ -333,9 +337,7 @@ def _add_routes(app: FastAPI) -> None:
         status_code=204,
         summary="Delete a document",
         responses={204: {"description": "Deleted."}, **openapi.problems(403, 404, 412)},
-        openapi_extra=openapi.header(
-            "If-Match", "Only delete if the document still has this ETag."
-        ),
+        openapi_extra=openapi.write_conditions("delete"),
     )
     health_route = functools.partial(app.router.add_api_route, tags=["health"], methods=["GET"])
     health_route("/health", read_health, summary="Liveness")

@@ -125,6 +125,21 @@ def header(title: str, description: str | None = None) -> dict[str, Any]:
     return {"parameters": [{**parameter, **({"description": description} if description else {})}]}
 
 
+def write_conditions(action: str) -> dict[str, Any]:
+    """A write's conditional headers (RFC 9110, 13.1): a 412 when either does not hold."""
+    return {
+        "parameters": [
+            *header("If-Match", f"Only {action} if the document still has this ETag.")[
+                "parameters"
+            ],
+            *header(
+                "If-None-Match",
+                f"Only {action} if the document has none of these ETags (`*`: never).",
+            )["parameters"],
+        ]
+    }
+
+
 # The route takes exactly these (bodies.StrictJSONRoute reads them from here).
 MERGE_PATCH_BODY = {
     "requestBody": {

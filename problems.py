@@ -145,7 +145,7 @@ DOCUMENT_CONFLICT = ProblemType(
     "keys).",
 )
 PRECONDITION_FAILED = ProblemType(
-    412, "precondition-failed", "If-Match does not match the current ETag."
+    412, "precondition-failed", "If-Match or If-None-Match does not hold for the current ETag."
 )
 VALIDATION = ProblemType(422, "validation-error", "A field failed validation; `errors` names each.")
 HEAD_TOO_LARGE = ProblemType(

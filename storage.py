@@ -62,15 +62,15 @@ class DocumentNotFound(StoreError):
 class PreconditionFailed(StoreError):
     def __init__(self, doc_id: str, current_version: int) -> None:
         super().__init__(
-            f"If-Match does not match document {doc_id!r}, now at version {current_version}; "
-            "fetch it again."
+            f"If-Match or If-None-Match does not hold for document {doc_id!r}, now at version "
+            f"{current_version}; fetch it again."
         )
         self.doc_id = doc_id
         self.current_version = current_version
 
 
 def stale(doc_id: str, current_version: int) -> PreconditionFailed:
-    """The error for a stale If-Match, logged where it is raised."""
+    """The error for a failed If-Match or If-None-Match, logged where it is raised."""
     log.info("document.precondition_failed", extra={"document_id": doc_id})
     return PreconditionFailed(doc_id, current_version)
 

@@ -747,6 +747,36 @@ def test_delete_returns_204_then_404(client: TestClient) -> None:
     assert client.get("/v1/documents").json()["items"] == []
 
 
+@pytest.mark.parametrize("method", ["PATCH", "DELETE"])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"If-None-Match": "*"}, 412),
+        ({"If-None-Match": '"1"'}, 412),
+        ({"If-None-Match": 'W/"1"'}, 412),
+        ({"If-None-Match": '"7", "1"'}, 412),
+        ({"If-None-Match": '"1"', "If-Match": '"1"'}, 412),
+        ({"If-None-Match": '"7"', "If-Match": '"2"'}, 412),
+        ({"If-None-Match": '"7"'}, None),
+        ({"If-None-Match": '"7"', "If-Match": '"1"'}, None),
+    ],
+)
+def test_if_none_match_on_a_write_holds_as_rfc_9110_says(
+    client: TestClient, method: str, headers: dict[str, str], status: int | None
+) -> None:
+    """A write whose If-None-Match names the current ETag (or is `*`) is refused: it had been
+    ignored, and the PATCH or DELETE done."""
+    doc = create(client)
+    response = client.request(
+        method, f"/v1/documents/{doc['id']}", json={"content": "v2"}, headers=headers
+    )
+    if status is None:
+        assert response.status_code == {"PATCH": 200, "DELETE": 204}[method]
+    else:
+        assert_problem(response, status)
+        assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+
+
 def test_delete_with_stale_if_match_returns_412_and_keeps_document(client: TestClient) -> None:
     doc = create(client)
     assert_problem(client.delete(f"/v1/documents/{doc['id']}", headers={"If-Match": '"5"'}), 412)
