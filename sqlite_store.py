@@ -116,6 +116,9 @@ MIGRATIONS = [
 ]
 
 
+SCHEMA_TABLES = {"documents", "tags", "metadata", "words", "idempotency", "meta"}
+
+
 def _check_file(path: Path) -> bytes | None:
     """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
     anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
@@ -246,8 +249,7 @@ class SQLiteStore:
                 for name in ("-wal", "-shm"):
                     _check_file(store.path.with_name(DATABASE_FILE + name))
             store._migrate(head is not None, migrate)
-            sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
-            store._secret = bytes(store._connection().execute(sql).fetchone()[0])
+            store._secret = store._check_schema()
         except BaseException as exc:
             store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
@@ -317,6 +319,18 @@ class SQLiteStore:
         if imported is not None and version == 0:
             mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
+
+    def _check_schema(self) -> bytes:
+        """The cursor secret, once the tables are known to be there: a database missing one
+        (dropped by hand) is refused at start rather than failing every request that needs it."""
+        conn = self._connection()
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        if missing := sorted(SCHEMA_TABLES - tables):
+            raise StoreCorrupt(self.path, f"its table(s) {', '.join(missing)} are missing")
+        secret = conn.execute("SELECT value FROM meta WHERE name = 'cursor_secret'").fetchone()
+        if secret is None:
+            raise StoreCorrupt(self.path, "its cursor secret is missing")
+        return bytes(secret[0])
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection."""

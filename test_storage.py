@@ -1006,6 +1006,26 @@ def test_another_application_s_database_is_refused_untouched(tmp_path: Path, mak
     assert "another application" in str(_refused(tmp_path, DATABASE_FILE))
 
 
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("DROP TABLE documents", "documents are missing"),
+        ("DROP TABLE words", "words are missing"),
+        ("DELETE FROM meta", "cursor secret is missing"),
+    ],
+)
+def test_a_database_missing_part_of_its_schema_is_refused(
+    tmp_path: Path, damage: str, named: str
+) -> None:
+    """It started: every read then failed (503, "no such table"), or the start failed with a
+    traceback for the cursor secret."""
+    SQLiteStore.open(tmp_path).close_sync()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        conn.execute(damage)
+    conn.close()
+    assert named in str(_refused(tmp_path, DATABASE_FILE))
+
+
 def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     SQLiteStore.open(tmp_path).close_sync()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
