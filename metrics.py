@@ -91,6 +91,19 @@ log = logging.getLogger("documents.metrics")
 DISK_NEARLY_FULL = 0.1  # free share of DATA_DIR's volume below which a scrape warns (as the alert)
 
 
+def _forget_dead_workers() -> None:
+    """A worker killed with kill -9 never marks itself dead (close), and its live gauges (the
+    requests it had in progress) counted for ever: the worker that replaces it does."""
+    for path in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rpartition("_")[2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped upstream
+        except PermissionError:
+            pass  # alive, another user's: not a worker of this service
+
+
 class Metrics:
     """Every metric the service exports, on its own registry so that apps never share state."""
 
@@ -101,7 +114,9 @@ class Metrics:
         self.multiprocess = multiprocess
         self.data_dir = data_dir
         self.registry = CollectorRegistry()
-        if not multiprocess:
+        if multiprocess:
+            _forget_dead_workers()
+        else:
             # These read this process only; prometheus-client cannot merge them across workers.
             process_collector.ProcessCollector(registry=self.registry)
             platform_collector.PlatformCollector(registry=self.registry)

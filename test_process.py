@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from conftest import (
     plain_document,
     run_main,
     run_threads,
+    scrape,
     walk,
     write_until_killed,
 )
@@ -599,6 +601,37 @@ def test_a_worker_killed_with_kill_9_is_replaced_and_loses_nothing(
         assert set(acknowledged) <= listed
         response = client.post("/v1/documents", json={"title": "after", "content": "c"})
         assert response.status_code == 201
+
+
+def test_requests_a_killed_worker_had_in_progress_stop_counting_once_it_is_replaced(
+    service_factory: ServiceFactory,
+) -> None:
+    """A worker killed with kill -9 never marked its gauges dead: the requests it had in
+    progress stayed in `http_requests_in_progress` for good. Its replacement marks them."""
+    service = service_factory(env={"WORKERS": "2"}).start(wait=False)
+    service.wait_for_line("Application startup complete", 30, count=2)
+    head = f"POST /v1/documents HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\n"
+    head += "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(8)]
+    with contextlib.ExitStack() as closing:
+        for sock in stalled:  # spread over both workers by the kernel; each waits for its body
+            closing.enter_context(sock)
+            sock.sendall(head.encode())
+        with service.client() as client:
+            for _ in range(100):  # until every stalled request is in progress (and the scrape)
+                if _in_progress(client) == len(stalled) + 1:
+                    break
+                time.sleep(0.05)
+            assert _in_progress(client) == len(stalled) + 1
+        for pid in _workers(service):
+            os.kill(pid, signal.SIGKILL)
+        service.wait_for_line("Application startup complete", 30, count=4)
+    with service.client() as client:
+        assert _in_progress(client) == 1  # the scrape's own
+
+
+def _in_progress(client: httpx.Client) -> float:
+    return sum(sample.value for sample in scrape(client)["http_requests_in_progress"].samples)
 
 
 def write_until_killed_worker(service: Service, workers: set[int]) -> list[str]:
