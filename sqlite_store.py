@@ -146,7 +146,7 @@ def _check_file(path: Path) -> bytes | None:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
     page_size = int.from_bytes(head[16:18]) or 65536
     pages = int.from_bytes(head[28:32])
-    owner, user_version = int.from_bytes(head[68:72]), int.from_bytes(head[60:64])
+    owner, user_version = _owner(head), int.from_bytes(head[60:64])
     # Unmarked (0) with tables but no schema version: another application's, which a migration
     # would make a store of (this store's databases of its first days are unmarked, migrated).
     if owner not in (0, APPLICATION_ID, BACKUP_ID) or (owner == 0 == user_version and pages > 1):
@@ -156,6 +156,11 @@ def _check_file(path: Path) -> bytes | None:
     if head[24:28] == head[92:96] and size < page_size * pages and not wal.exists():
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     return head
+
+
+def _owner(head: bytes | None) -> int | None:
+    """The application id in a database file's header."""
+    return None if head is None else int.from_bytes(head[68:72])
 
 
 def _create(path: Path) -> None:
@@ -244,7 +249,7 @@ class SQLiteStore:
             tempfile.TemporaryFile(dir=data_dir).close()
             with _start_lock(data_dir):
                 head = _check_file(store.path)
-                if head is not None and int.from_bytes(head[68:72]) == BACKUP_ID:
+                if _owner(head) == BACKUP_ID:
                     store._adopt_backup()
                 for name in ("-wal", "-shm"):
                     _check_file(store.path.with_name(DATABASE_FILE + name))
@@ -277,7 +282,9 @@ class SQLiteStore:
         try:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         finally:
-            conn.close()
+            conn.close()  # the last connection: the WAL is checkpointed into the file
+        if _owner(_check_file(self.path)) == BACKUP_ID:  # the next start would set its WAL aside
+            raise StoreUnavailable(f"{self.path} is open in another process: stop it, then start")
         log.info("store.backup_adopted", extra={"set_aside": aside})
 
     def _migrate(self, existed: bool, migrate: bool) -> None:

@@ -1057,6 +1057,32 @@ async def test_only_a_service_migrates_and_one_migrated_under_is_not_ready(
         await serving.close()
 
 
+async def test_a_restored_backup_another_process_holds_open_is_not_adopted(
+    tmp_path: Path,
+) -> None:
+    """A backup is marked as one until its first start, which sets the WAL beside it aside: a
+    start that could not write that through to the file (another process had it open, whose
+    close would not checkpoint) would leave the mark, and the next start would set aside a WAL
+    that holds writes. It is refused instead; once the other process is gone, it starts."""
+    live = SQLiteStore.open(tmp_path / "live")
+    doc, _ = await live.create(body("kept"))
+    live.backup(tmp_path / "backup.db")
+    await live.close()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (tmp_path / "backup.db").rename(restored / DATABASE_FILE)
+    other = sqlite3.connect(restored / DATABASE_FILE)
+    try:
+        assert other.execute("SELECT count(*) FROM documents").fetchone() == (1,)
+        with pytest.raises(StoreUnavailable, match="open in another process"):
+            SQLiteStore.open(restored)
+    finally:
+        other.close()
+    store = SQLiteStore.open(restored)
+    assert await store.get(doc.id) == doc
+    await store.close()
+
+
 def _legacy(data_dir: Path, docs: list[Document], keys: list[dict[str, Any]]) -> bytes:
     raw = orjson.dumps(
         {
