@@ -151,11 +151,24 @@ def _check_file(path: Path) -> bytes | None:
     # would make a store of (this store's databases of its first days are unmarked, migrated).
     if owner not in (0, APPLICATION_ID, BACKUP_ID) or (owner == 0 == user_version and pages > 1):
         raise StoreCorrupt(path, "an SQLite database of another application")
-    # Shorter than its header says is truncation, unless a WAL is there to finish a checkpoint.
+    if user_version > len(MIGRATIONS):
+        raise _newer(path, user_version)
+    # Shorter than its header says is truncation, unless the WAL beside it (its own: not beside
+    # a backup) holds frames enough for the pages a checkpoint cut short was writing.
     wal = path.with_name(DATABASE_FILE + "-wal")
-    if head[24:28] == head[92:96] and size < page_size * pages and not wal.exists():
+    missing = -(-(page_size * pages - size) // page_size)
+    wal_size = os.lstat(wal).st_size if owner != BACKUP_ID and os.path.lexists(wal) else 0
+    if head[24:28] == head[92:96] and missing > 0 and wal_size < 32 + missing * (24 + page_size):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     return head
+
+
+def _newer(path: Path, version: int) -> StoreCorrupt:
+    return StoreCorrupt(
+        path,
+        f"written by a newer version (schema {version}, this one knows up to "
+        f"{len(MIGRATIONS)}); run that version or restore a backup",
+    )
 
 
 def _owner(head: bytes | None) -> int | None:
@@ -294,12 +307,8 @@ class SQLiteStore:
             _create(self.path)
         conn = self._connection()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise StoreCorrupt(
-                self.path,
-                f"written by a newer version (schema {version}, this one knows up to "
-                f"{len(MIGRATIONS)}); run that version or restore a backup",
-            )
+        if version > len(MIGRATIONS):  # a newer version's migration, still in the WAL
+            raise _newer(self.path, version)
         if not migrate and 0 < version < len(MIGRATIONS):
             # A task of a newer version: the previous version's service may still be using it.
             raise StoreUnavailable(
@@ -657,10 +666,10 @@ class SQLiteStore:
     def backup(self, target: Path) -> None:
         """A consistent copy through SQLite's online backup API, in one step (one read
         transaction, which writers never wait for under WAL), marked as a backup, and linked
-        into place whole: a failure leaves nothing, a crash at most a `.partial` file."""
+        into place whole: a failure leaves nothing, a crash at most `.PID.backup-partial`."""
         if os.path.lexists(target):
             raise StoreUnavailable(f"{target} exists; back up to a new file")
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        partial = target.with_name(f".{os.getpid()}.backup-partial")  # short: any name fits
         try:
             copy = sqlite3.connect(partial)
             try:
@@ -679,7 +688,7 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot write the backup {target}: {exc}") from exc
         finally:
-            for name in ("", "-journal"):
+            for name in ("", "-journal", "-wal", "-shm"):
                 partial.with_name(partial.name + name).unlink(missing_ok=True)
 
     async def close(self) -> None:

@@ -983,14 +983,36 @@ def test_a_database_file_that_is_not_sqlite_is_refused_untouched(
     _refused(tmp_path, DATABASE_FILE)
 
 
-async def test_a_truncated_database_is_refused_untouched(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wal", [None, b"", b"\0" * 4096], ids=["alone", "empty WAL", "small WAL"])
+async def test_a_truncated_database_is_refused_untouched(tmp_path: Path, wal: bytes | None) -> None:
+    """Beside a WAL (a kill -9 leaves one) it was let through, as a checkpoint cut short would
+    be, and served: a WAL too small to hold the missing pages cannot finish one."""
     store = SQLiteStore.open(tmp_path)
     for _ in range(30):
         await store.create(body("x" * 100, content="y" * 5000))
     await store.close()
     path = tmp_path / DATABASE_FILE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    if wal is not None:
+        (tmp_path / f"{DATABASE_FILE}-wal").write_bytes(wal)
     _refused(tmp_path, DATABASE_FILE)
+
+
+async def test_a_backup_that_cannot_be_used_is_refused_before_the_wal_beside_it_is_moved(
+    tmp_path: Path,
+) -> None:
+    """A backup of a newer version's, put in place beside the replaced database's WAL: that WAL
+    had been set aside before the refusal, which said the files were left untouched."""
+    store = SQLiteStore.open(tmp_path / "live")
+    await store.create(body("kept"))
+    store.backup(tmp_path / ("b" * 250))  # as long a name as the filesystem takes
+    await store.close()
+    with sqlite3.connect(tmp_path / ("b" * 250)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    (tmp_path / ("b" * 250)).rename(tmp_path / "live" / DATABASE_FILE)
+    (tmp_path / "live" / f"{DATABASE_FILE}-wal").write_bytes(b"the replaced database's")
+    assert "newer version" in str(_refused(tmp_path / "live", DATABASE_FILE))
 
 
 @pytest.mark.parametrize(
