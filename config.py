@@ -13,6 +13,7 @@ from typing import Literal
 from limits import parse_many
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 # The one local import: the body limit follows from the field limits, which models.py owns (and
 # models.py imports nothing local).
@@ -118,6 +119,13 @@ class Settings(BaseSettings):
             raise ValueError("not a valid Redis URL (host, port and database)") from None
         if not parts.hostname:
             raise ValueError("a Redis URL needs a host")
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError("a Redis URL's path is the database number")
+        try:
+            # Its options, as the client reads them; the message names no value.
+            parse_url(value)  # type: ignore[no-untyped-call]  # untyped upstream
+        except ValueError as exc:
+            raise ValueError(f"not a valid Redis URL: {exc}") from None
         return value
 
     @field_validator("api_keys")

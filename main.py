@@ -82,6 +82,7 @@ from storage import (
     PreconditionFailed,
     StoreError,
     StoreUnavailable,
+    stale,
 )
 
 VERSION = "1.0.0"
@@ -232,9 +233,16 @@ def _document_query(request: Request) -> DocumentQuery:
 
 
 async def read_document(document_id: str, request: Request, caller: CallerDep) -> Response:
-    """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged."""
-    if_none_match = ", ".join(request.headers.getlist("if-none-match"))  # lines form one list
+    """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged; an
+    `If-Match` that does not name the current ETag (or `*`) gets `412`."""
+    headers = request.headers  # each header's lines form one list
+    if_match, if_none_match = (
+        ", ".join(headers.getlist("if-match")),
+        ", ".join(headers.getlist("if-none-match")),
+    )
     doc = await caller.store.get(document_id)
+    if if_match and not {"*", doc.version} & set(etag_versions(if_match, weak=False)):
+        raise stale(doc.id, doc.version)  # RFC 9110, 13.2.2: before If-None-Match
     if if_none_match:
         versions = etag_versions(if_none_match, weak=True)
         if "*" in versions or doc.version in versions:
@@ -319,7 +327,7 @@ def _add_routes(app: FastAPI) -> None:
         response_model=Document,
         summary="Read a document",
         responses=openapi.read_responses(),
-        openapi_extra=openapi.header("If-None-Match"),
+        openapi_extra=openapi.read_conditions(),
     )
     document_route(
         "/v1/documents/{document_id}",

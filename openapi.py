@@ -108,7 +108,7 @@ def read_responses() -> dict[int | str, dict[str, Any]]:
             "description": "Not modified: `If-None-Match` names the current ETag.",
             "headers": ETAG_HEADER,
         },
-        **problems(404),
+        **problems(404, 412),
     }
 
 
@@ -123,6 +123,16 @@ def header(title: str, description: str | None = None) -> dict[str, Any]:
     schema = {"type": "string", "title": title}
     parameter = {"name": title.lower(), "in": "header", "required": False, "schema": schema}
     return {"parameters": [{**parameter, **({"description": description} if description else {})}]}
+
+
+def read_conditions() -> dict[str, Any]:
+    """A read's conditional headers (RFC 9110, 13.1): 304 for If-None-Match, 412 for If-Match."""
+    return {
+        "parameters": [
+            *header("If-None-Match")["parameters"],
+            *header("If-Match", "Only if the document still has this ETag.")["parameters"],
+        ]
+    }
 
 
 def write_conditions(action: str) -> dict[str, Any]:

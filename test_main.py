@@ -747,6 +747,30 @@ def test_delete_returns_204_then_404(client: TestClient) -> None:
     assert client.get("/v1/documents").json()["items"] == []
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"If-Match": '"2"'}, 412),
+        ({"If-Match": 'W/"1"'}, 412),
+        ({"If-Match": '"2"', "If-None-Match": '"1"'}, 412),
+        ({"If-Match": '"1"'}, 200),
+        ({"If-Match": '"7", "1"'}, 200),
+        ({"If-Match": "*"}, 200),
+        ({"If-Match": '"1"', "If-None-Match": '"1"'}, 304),
+    ],
+)
+def test_if_match_on_a_read_holds_as_rfc_9110_says(
+    client: TestClient, method: str, headers: dict[str, str], status: int
+) -> None:
+    """It was ignored: 200, or 304 where If-Match, evaluated first, fails."""
+    doc = create(client)
+    response = client.request(method, f"/v1/documents/{doc['id']}", headers=headers)
+    assert response.status_code == status
+    if status == 412 and method == "GET":
+        assert_problem(response, 412)
+
+
 @pytest.mark.parametrize("method", ["PATCH", "DELETE"])
 @pytest.mark.parametrize(
     ("headers", "status"),
@@ -1001,6 +1025,8 @@ def test_a_rate_limit_several_workers_cannot_split_is_refused(tmp_path: Path) ->
         ("rate_limit", "5 per 0 minute", "at least one unit"),
         ("rate_limit_storage_uri", "memory://x", "memory://"),
         ("rate_limit_storage_uri", "redis://u:pw@host:notaport/0", "not a valid Redis URL"),
+        ("rate_limit_storage_uri", "redis://:pw@h/0?socket_timeout=pw", "'socket_timeout'"),
+        ("rate_limit_storage_uri", "redis://:pw@h/pw", "database number"),
         ("database_url", "mongodb://user:pw@/db", "not a valid MongoDB URL"),
         ("database_url", "mongodb+srv://u:pw@host:27017/db", "without a port"),
         ("database_url", "mongodb://u:pw@h/d?tls=true&tlsCAFile=/nowhere", "not readable"),
