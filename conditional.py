@@ -35,6 +35,12 @@ def etag_versions(header: str, *, weak: bool) -> list[int | Literal["*"]]:
     return versions
 
 
+def names(header: str, version: int, *, weak: bool) -> bool:
+    """Whether an ETag list names `version`, or is `*`."""
+    versions = etag_versions(header, weak=weak)
+    return "*" in versions or version in versions
+
+
 async def if_match_version(store: DocumentStore, doc_id: str, lines: list[str]) -> int | None:
     """The version If-Match `lines` demand: None for no header or `*`, -1 (never matches) when it
     names no tag this service issued. A list matches if any tag does (RFC 9110, 13.1.1): of
@@ -62,8 +68,7 @@ async def write_version(
     version = await if_match_version(store, doc_id, if_match)
     if not if_none_match or version == -1:
         return version
-    named = etag_versions(", ".join(if_none_match), weak=True)
     current = (await store.get(doc_id)).version
-    if "*" in named or current in named or version not in (None, current):
+    if names(", ".join(if_none_match), current, weak=True) or version not in (None, current):
         return -1
     return current

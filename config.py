@@ -119,7 +119,7 @@ class Settings(BaseSettings):
             raise ValueError("not a valid Redis URL (host, port and database)") from None
         if not parts.hostname:
             raise ValueError("a Redis URL needs a host")
-        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        if (database := parts.path.strip("/")) and not database.isdigit():
             raise ValueError("a Redis URL's path is the database number")
         try:
             # Its options, as the client reads them; the message names no value.

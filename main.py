@@ -38,7 +38,7 @@ import openapi
 import ratelimit
 from admission import AdmissionMiddleware, RefusalTally
 from bodies import StrictJSONRoute
-from conditional import etag, etag_versions, write_version
+from conditional import etag, names, write_version
 from config import ApiKey, Settings, configured_keys, digest_key
 from cursors import decode_cursor, encode_cursor
 from logging_config import clip, configure_logging
@@ -241,12 +241,10 @@ async def read_document(document_id: str, request: Request, caller: CallerDep) -
         ", ".join(headers.getlist("if-none-match")),
     )
     doc = await caller.store.get(document_id)
-    if if_match and not {"*", doc.version} & set(etag_versions(if_match, weak=False)):
+    if if_match and not names(if_match, doc.version, weak=False):
         raise stale(doc.id, doc.version)  # RFC 9110, 13.2.2: before If-None-Match
-    if if_none_match:
-        versions = etag_versions(if_none_match, weak=True)
-        if "*" in versions or doc.version in versions:
-            return Response(status_code=304, headers={"ETag": etag(doc)})
+    if if_none_match and names(if_none_match, doc.version, weak=True):
+        return Response(status_code=304, headers={"ETag": etag(doc)})
     return _document_response(doc, headers={"ETag": etag(doc)})
 
 

@@ -122,15 +122,15 @@ def header(title: str, description: str | None = None) -> dict[str, Any]:
     sent on several lines is read whole, as one list."""
     schema = {"type": "string", "title": title}
     parameter = {"name": title.lower(), "in": "header", "required": False, "schema": schema}
-    return {"parameters": [{**parameter, **({"description": description} if description else {})}]}
+    return {**parameter, **({"description": description} if description else {})}
 
 
 def read_conditions() -> dict[str, Any]:
     """A read's conditional headers (RFC 9110, 13.1): 304 for If-None-Match, 412 for If-Match."""
     return {
         "parameters": [
-            *header("If-None-Match")["parameters"],
-            *header("If-Match", "Only if the document still has this ETag.")["parameters"],
+            header("If-None-Match"),
+            header("If-Match", "Only if the document still has this ETag."),
         ]
     }
 
@@ -139,13 +139,11 @@ def write_conditions(action: str) -> dict[str, Any]:
     """A write's conditional headers (RFC 9110, 13.1): a 412 when either does not hold."""
     return {
         "parameters": [
-            *header("If-Match", f"Only {action} if the document still has this ETag.")[
-                "parameters"
-            ],
-            *header(
+            header("If-Match", f"Only {action} if the document still has this ETag."),
+            header(
                 "If-None-Match",
                 f"Only {action} if the document has none of these ETags (`*`: never).",
-            )["parameters"],
+            ),
         ]
     }
 
