@@ -264,7 +264,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # recipient discard them): uvicorn added it to the request's headers, which the app may
         # or may not have read yet, so the same bytes were judged by when they came.
         if not self._trailing:
-            super().on_header(name, value)
+            # RFC 9110 5.5: a field value has no leading or trailing white space. httptools
+            # drops the leading only, so a key sent as `KEY ` was another key (401).
+            super().on_header(name, value.rstrip(b" \t"))
 
     def _count(self, size: int) -> None:
         self._parsed += size

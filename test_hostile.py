@@ -316,6 +316,26 @@ def test_an_idle_keep_alive_connection_is_closed(server: Service) -> None:
         assert time.monotonic() - started < KEEP_ALIVE_TIMEOUT + 5
 
 
+def test_white_space_after_a_header_value_is_not_part_of_it(server: Service) -> None:
+    """RFC 9110 5.5: `X-API-Key: KEY ` names KEY, and an ETag sent with a tab after it is that
+    ETag (the parser drops the white space before a value, not after)."""
+    body = json.dumps({"title": "spaced", "content": "x"}).encode()
+    head = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY} \t\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    created = exchange(server, head + body)
+    assert status_of(created) == 201
+    doc_id = json.loads(created.split(b"\r\n\r\n", 1)[1])["id"]
+    read = exchange(
+        server,
+        f"GET /v1/documents/{doc_id} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}  \r\n"
+        'If-None-Match: "1"\t\r\nConnection: close\r\n\r\n'.encode(),
+    )
+    assert status_of(read) == 304
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
 @pytest.mark.parametrize("path", ["/health", "/health/ready"])
 def test_a_probe_ends_its_connection(server: Service, path: str, method: str) -> None:
