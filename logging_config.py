@@ -110,10 +110,13 @@ _PER_REQUEST_NOISE = (
 
 
 def _drop_uvicorn_noise(record: logging.LogRecord) -> bool:
-    # uvicorn repeats a failed start as a bare traceback message; the lifespan has already
-    # logged that failure once, as one line (store.open_failed or service.start_failed).
+    # uvicorn repeats a failed start as a bare traceback message, then says it is exiting; the
+    # lifespan has already logged that failure once, as one line (store.open_failed or
+    # service.start_failed).
     message = str(record.msg)
-    return not message.startswith(("Traceback (most recent call last)", *_PER_REQUEST_NOISE))
+    return not message.startswith(
+        ("Traceback (most recent call last)", "Application startup failed", *_PER_REQUEST_NOISE)
+    )
 
 
 def configure_logging(

@@ -110,6 +110,9 @@ def test_a_damaged_data_file_is_refused_in_one_line_and_left_byte_for_byte_intac
     assert "corrupt" in output
     assert str(data_file) in output
     assert "Traceback" not in output
+    failures = [line for line in output.splitlines() if '"level":"CRITICAL"' in line]
+    assert len(failures) == 1, output
+    assert '"level":"ERROR"' not in output  # nothing after the one line
     assert data_file.read_bytes() == damage
     assert [p.name for p in data_dir.iterdir()] == [name]
 
