@@ -386,10 +386,11 @@ class MongoStore:
             return doc, False
         # Its id is taken: by this very insert, which the driver retried once its answer was
         # lost, or, with a key, by a retry that finished this create from the claim first (the
-        # document may since have been deleted). Answer from what is stored: a refusal with
-        # nothing stored was acknowledged 201 and then 404.
+        # document may since have been deleted). Either way this request is the original, not a
+        # replay. Answer from what is stored: a refusal with nothing stored was acknowledged 201
+        # and then 404.
         try:
-            return await self.get(doc.id), idempotency is not None
+            return await self.get(doc.id), False
         except DocumentNotFound:
             if idempotency is None:
                 raise StoreUnavailable("MongoDB did not confirm the insert; try again.") from None
@@ -398,12 +399,14 @@ class MongoStore:
     async def _claim(
         self, idempotency: IdempotencyKey, body_print: str, raw: dict[str, Any], now: datetime
     ) -> Document | None:
-        """Record the key, with the whole document it creates, before the document exists: two
+        """Record the key, with the document it creates, before the document exists: two
         racing requests cannot both create, and a retry can finish a create whose insert was
         lost (a cut connection, a timeout, a worker killed between the two writes). Returns the
-        original document when the key is already taken."""
+        original document when the key is already taken. The record leaves out the words, which
+        a retry finds again: a document of many short words is several times their text."""
         key_id = raw["idempotency_key"]
-        claim = {"_id": key_id, "fingerprint": body_print, "document": raw, "created_at": now}
+        document = {k: v for k, v in raw.items() if k != "words"}
+        claim = {"_id": key_id, "fingerprint": body_print, "document": document, "created_at": now}
         for _ in range(2):
             if await self._insert_new(self._idempotency, claim):
                 return None
@@ -426,7 +429,9 @@ class MongoStore:
             # document that was deleted (see delete). A delete marks the key once its tombstone
             # is written (an earlier version's marked it and left none): it never re-inserts.
             if not known.get("deleted"):
-                await self._insert_new(self._docs, known["document"])
+                lost = known["document"]
+                words = await _words_of(lost["title"], lost["content"])
+                await self._insert_new(self._docs, {**lost, "words": words})
             try:
                 return await self.get(known["document"]["_id"])
             except DocumentNotFound:

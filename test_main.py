@@ -485,6 +485,31 @@ def test_malformed_finding_parameters_get_422_naming_the_parameter(
 
 
 @pytest.mark.parametrize(
+    ("method", "query"),
+    [
+        ("GET", "fields=title"),
+        ("HEAD", "x"),
+        ("PATCH", "if_match=99"),
+        ("DELETE", "version=99"),
+        ("DELETE", "version=1&version=2"),
+        ("POST", "dry_run=1"),
+    ],
+)
+def test_a_query_parameter_where_none_is_taken_gets_422_and_changes_nothing(
+    client: TestClient, method: str, query: str
+) -> None:
+    """A precondition misspelt into the query must not leave a write unconditional."""
+    doc = create(client)
+    path = "/v1/documents" if method == "POST" else f"/v1/documents/{doc['id']}"
+    response = client.request(method, f"{path}?{query}", json={"title": "changed", "content": "c"})
+    assert response.status_code == 422
+    if method != "HEAD":
+        problem = assert_problem(response, 422)
+        assert f"query.{query.split('=')[0]}" in problem["detail"]
+    assert client.get("/v1/documents").json()["items"] == [doc]
+
+
+@pytest.mark.parametrize(
     ("sent", "means"),
     [
         ("2026-11-27T10:30:00+01:00", "2026-11-27T09:30:00"),

@@ -620,6 +620,27 @@ def test_a_create_is_acknowledged_only_once_its_document_is_stored(
         assert [d["id"] for d in client.get("/v1/documents").json()["items"]] == [made.json()["id"]]
 
 
+def test_a_keyed_create_whose_insert_answer_was_lost_is_the_original_not_a_replay(
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    """The driver's retry of the document's insert finds its own first attempt: the request
+    answers 201 as the original it is, without `Idempotent-Replayed`, which only a retry gets."""
+    proxy, url = proxied_mongo
+    proxy.start()
+    with mongo_app_client(url, tmp_path) as client:
+        lost = iter([False, True])  # the key's claim goes through, the document's answer is lost
+        proxy.fault = lambda m: (
+            "drop reply" if _command(m) == "insert" and next(lost, False) else "deliver"
+        )
+        made = client.post("/v1/documents", json=DOC, headers=KEYED)
+        assert made.status_code == 201
+        assert "idempotent-replayed" not in made.headers
+        proxy.fault = None
+        again = client.post("/v1/documents", json=DOC, headers=KEYED)
+        assert again.json() == made.json()
+        assert again.headers["idempotent-replayed"] == "true"
+
+
 def test_an_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
     proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -943,10 +964,23 @@ def test_retries_racing_a_lost_create_make_exactly_one_document(mongo_url: str) 
             assert {doc.id for doc, _ in results} == {first.id}
             assert all(replayed for _, replayed in results)
             assert [d.id async for d in store.export_documents()] == [first.id]
+            # The key's record holds no words (a document of many short words is several times
+            # its text); the retry that finished the create found them again.
+            found, _ = await store.page(
+                DocumentQuery.model_validate({"q": DOC["content"]}), limit=10
+            )
+            assert [d.id for d in found] == [first.id]
         finally:
             await store.close()
 
     anyio.run(scenario)
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_url, directConnection=True
+    )
+    with client:
+        claim = client.get_default_database()["idempotency"].find_one()
+    assert claim is not None
+    assert "words" not in claim["document"]
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["deleted", "patched then deleted"])
