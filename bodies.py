@@ -1,7 +1,7 @@
 """Strict JSON request bodies: the route class that takes JSON only (415 otherwise) and parses it
 strictly (a duplicate key, NaN, Infinity, an overflowing number or nesting deeper than
 MAX_NESTING is a malformed body, 400), and one with more values than any document holds is
-refused before it is parsed. Bodies are UTF-8."""
+refused before it is parsed. Bodies are UTF-8; a route that takes none refuses one (415)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def _require_json(headers: Headers, accepted: list[str]) -> None:
         codings = {c.strip(_OWS).lower() for line in headers.getlist(name) for c in line.split(",")}
         if codings - {plain, ""}:  # empty list elements are allowed (RFC 9110, 5.6.1)
             raise UnsupportedMediaType(f"Send the body as it is: no {name} but {plain}.")
+
+
+def _refuse_content(headers: Headers) -> None:
+    """Content in a GET or DELETE has no meaning (RFC 9110 9.3.1, 9.3.5): taken and ignored, a
+    precondition sent in it (`{"version": 1}`) left a delete unconditional."""
+    if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
+        raise UnsupportedMediaType("This operation takes no request body; send none.")
 
 
 # Arrays and objects nest at most this deep (a document body needs 2). Checked here, before the
@@ -158,12 +165,18 @@ class StrictJSONRequest(Request):
 
 class StrictJSONRoute(APIRoute):
     """Routes that take JSON bodies only, of the media types their OpenAPI entry lists (415
-    otherwise), parsed by StrictJSONRequest (FastAPI's custom route hook)."""
+    otherwise), parsed by StrictJSONRequest (FastAPI's custom route hook); and routes that take
+    none, which refuse any (415)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if not (self.methods or set()) & {"POST", "PATCH", "PUT"}:
-            return handler
+
+            async def bodiless_handler(request: Request) -> Response:
+                _refuse_content(request.headers)
+                return await handler(request)
+
+            return bodiless_handler
         declared = (self.openapi_extra or {}).get("requestBody", {}).get("content", {})
         accepted = list(declared) or ["application/json"]
 

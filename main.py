@@ -330,7 +330,7 @@ def _add_routes(app: FastAPI) -> None:
         methods=["GET"],
         response_model=DocumentPage,
         summary="Find and list documents",
-        responses=openapi.problems(400, 422),
+        responses=openapi.problems(400, 415, 422),
         openapi_extra={"parameters": openapi.query_parameters(DocumentQuery)},
     )
     document_route(
@@ -357,7 +357,7 @@ def _add_routes(app: FastAPI) -> None:
         methods=["DELETE"],
         status_code=204,
         summary="Delete a document",
-        responses={204: {"description": "Deleted."}, **openapi.problems(403, 404, 412)},
+        responses={204: {"description": "Deleted."}, **openapi.problems(403, 404, 412, 415)},
         openapi_extra=openapi.write_conditions("delete"),
     )
     health_route = functools.partial(app.router.add_api_route, tags=["health"], methods=["GET"])

@@ -414,6 +414,8 @@ class MongoStore:
                 known = await self._idempotency.find_one({"_id": key_id})
             if known is None:
                 continue
+            if known["document"]["_id"] == raw["_id"]:
+                return None  # its own claim, which the driver retried once the answer was lost
             if now - known["created_at"] >= IDEMPOTENCY_TTL:
                 # Expired but not yet swept by the TTL monitor: take the key over.
                 with _driver_errors(self._writes):

@@ -108,7 +108,7 @@ def read_responses() -> dict[int | str, dict[str, Any]]:
             "description": "Not modified: `If-None-Match` names the current ETag.",
             "headers": ETAG_HEADER,
         },
-        **problems(404, 412),
+        **problems(404, 412, 415),
     }
 
 

@@ -501,12 +501,33 @@ def test_a_query_parameter_where_none_is_taken_gets_422_and_changes_nothing(
     """A precondition misspelt into the query must not leave a write unconditional."""
     doc = create(client)
     path = "/v1/documents" if method == "POST" else f"/v1/documents/{doc['id']}"
-    response = client.request(method, f"{path}?{query}", json={"title": "changed", "content": "c"})
+    body = {"title": "changed", "content": "c"} if method in ("POST", "PATCH") else None
+    response = client.request(method, f"{path}?{query}", json=body)
     assert response.status_code == 422
     if method != "HEAD":
         problem = assert_problem(response, 422)
         assert f"query.{query.split('=')[0]}" in problem["detail"]
     assert client.get("/v1/documents").json()["items"] == [doc]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_where_none_is_taken_gets_415_and_changes_nothing(
+    client: TestClient, method: str, framing: str
+) -> None:
+    """A precondition sent as content (`{"version": 1}`) must not leave a delete unconditional."""
+    doc = create(client)
+    sent = b'{"version": 1}'
+    content = sent if framing == "content-length" else iter([sent])  # an iterator goes chunked
+    path = f"/v1/documents/{doc['id']}"
+    response = client.request(
+        method, path, content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 415
+    if method != "HEAD":
+        assert "no request body" in assert_problem(response, 415)["detail"]
+    assert client.get(path).json() == doc
+    assert client.delete(path).status_code == 204  # with no content, as ever
 
 
 @pytest.mark.parametrize(
@@ -816,9 +837,8 @@ def test_if_none_match_on_a_write_holds_as_rfc_9110_says(
     """A write whose If-None-Match names the current ETag (or is `*`) is refused: it had been
     ignored, and the PATCH or DELETE done."""
     doc = create(client)
-    response = client.request(
-        method, f"/v1/documents/{doc['id']}", json={"content": "v2"}, headers=headers
-    )
+    body = {"content": "v2"} if method == "PATCH" else None
+    response = client.request(method, f"/v1/documents/{doc['id']}", json=body, headers=headers)
     if status is None:
         assert response.status_code == {"PATCH": 200, "DELETE": 204}[method]
     else:

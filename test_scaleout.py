@@ -620,15 +620,17 @@ def test_a_create_is_acknowledged_only_once_its_document_is_stored(
         assert [d["id"] for d in client.get("/v1/documents").json()["items"]] == [made.json()["id"]]
 
 
+@pytest.mark.parametrize("lost_insert", ["the key's record", "the document"])
 def test_a_keyed_create_whose_insert_answer_was_lost_is_the_original_not_a_replay(
-    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path
+    proxied_mongo: tuple[TcpProxy, str], tmp_path: Path, lost_insert: str
 ) -> None:
-    """The driver's retry of the document's insert finds its own first attempt: the request
-    answers 201 as the original it is, without `Idempotent-Replayed`, which only a retry gets."""
+    """The driver's retry of an insert (the key's record, then the document) finds its own
+    first attempt: the request answers 201 as the original it is, without
+    `Idempotent-Replayed`, which only a retry gets."""
     proxy, url = proxied_mongo
     proxy.start()
     with mongo_app_client(url, tmp_path) as client:
-        lost = iter([False, True])  # the key's claim goes through, the document's answer is lost
+        lost = iter([lost_insert == "the key's record", lost_insert == "the document"])
         proxy.fault = lambda m: (
             "drop reply" if _command(m) == "insert" and next(lost, False) else "deliver"
         )
