@@ -4,9 +4,12 @@ else reads these files; this module goes once no such data directory is left."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -17,13 +20,40 @@ from storage import IDEMPOTENCY_TTL, StoreCorrupt, StoreUnavailable
 
 LEGACY_FILE = "documents.json"
 LEGACY_JOURNAL = "documents.journal"  # changes a killed process had not folded into the file
+LEGACY_LOCK = "documents.lock"  # held by the previous version for as long as it serves
 
 Legacy = tuple[list[Document], list[tuple[str, str, str, str, int]]]
 
 
-def read_legacy(data_dir: Path, now: datetime) -> Legacy | None:
+@contextlib.contextmanager
+def previous_version_stopped(data_dir: Path) -> Iterator[None]:
+    """Held while a start may carry `documents.json` over: refused while the previous version
+    serves from it (it holds its lock until it stops), which cannot start meanwhile. Without a
+    `documents.json`, or without the lock file that version makes as it starts, nothing to hold
+    (and nothing made: a refused start leaves the directory as it was)."""
+    try:
+        if not os.path.lexists(data_dir / LEGACY_FILE):
+            raise FileNotFoundError
+        fd = os.open(data_dir / LEGACY_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreUnavailable(
+                f"the previous version is serving from {data_dir}: stop it cleanly, then start "
+                "this one"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
     """The documents and unexpired idempotency keys of `documents.json`, refused as the previous
-    version refused them; None without one."""
+    version refused them; None without one. Only a service carries them over, never a `task`."""
     journal, path = data_dir / LEGACY_JOURNAL, data_dir / LEGACY_FILE
     if _read(journal):
         raise StoreCorrupt(
@@ -34,6 +64,8 @@ def read_legacy(data_dir: Path, now: datetime) -> Legacy | None:
     raw = _read(path)
     if raw is None:
         return None
+    if task:
+        raise StoreUnavailable(f"{path} is the previous version's: start this version's service")
     try:
         tables = orjson.loads(raw)
         if unknown := set(tables) - {"documents", "idempotency"}:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from legacy import mark_imported, read_legacy
+from legacy import LEGACY_FILE, mark_imported, previous_version_stopped, read_legacy
 from logging_config import Outage
 from models import (
     Document,
@@ -171,6 +171,23 @@ def _newer(path: Path, version: int) -> StoreCorrupt:
     )
 
 
+def _in_use(shm: Path) -> bool:
+    """Whether a process has the database open: each SQLite connection holds a read lock on byte
+    128 of the shared-memory file (the unix VFS's "dead man switch") for as long as it is open.
+    Asked before this process opens any: closing the descriptor drops the process's own locks."""
+    try:
+        fd = os.open(shm, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _owner(head: bytes | None) -> int | None:
     """The application id in a database file's header."""
     return None if head is None else int.from_bytes(head[68:72])
@@ -260,14 +277,15 @@ class SQLiteStore:
             data_dir.mkdir(parents=True, exist_ok=True)
             # SQLite says only "unable to open database file": a nameless file names the cause.
             tempfile.TemporaryFile(dir=data_dir).close()
-            with _start_lock(data_dir):
+            # One starting process at a time checks, adopts, migrates and imports.
+            with _start_lock(data_dir), previous_version_stopped(data_dir):
                 head = _check_file(store.path)
                 if _owner(head) == BACKUP_ID:
                     store._adopt_backup()
                 for name in ("-wal", "-shm"):
                     _check_file(store.path.with_name(DATABASE_FILE + name))
-            store._migrate(head is not None, migrate)
-            store._secret = store._check_schema()
+                store._migrate(head is not None, migrate)
+                store._secret = store._check_schema()
         except BaseException as exc:
             store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
@@ -284,7 +302,10 @@ class SQLiteStore:
     def _adopt_backup(self) -> None:
         """A backup put in place of the database: a WAL and shared-memory file beside it are the
         replaced database's (a backup keeps its mark until its first start), and SQLite would
-        replay that WAL over it. They are set aside, and the file marked as the database."""
+        replay that WAL over it. They are set aside, and the file marked as the database; not while
+        a process still has the database open, whose acknowledged writes go to that WAL."""
+        if _in_use(self.path.with_name(DATABASE_FILE + "-shm")):
+            raise StoreUnavailable(f"{self.path} is open in another process: stop it, then start")
         aside = []
         for name in ("-wal", "-shm"):
             stale = self.path.with_name(DATABASE_FILE + name)
@@ -302,7 +323,7 @@ class SQLiteStore:
 
     def _migrate(self, existed: bool, migrate: bool) -> None:
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
-        imported = None if existed else read_legacy(self.data_dir, self._clock())
+        imported = None if existed else read_legacy(self.data_dir, self._clock(), task=not migrate)
         if not existed:
             _create(self.path)
         conn = self._connection()
@@ -316,7 +337,13 @@ class SQLiteStore:
                 "service using it, then start this version's service, which migrates it"
             )
         if existed and version == 0:  # made, not yet migrated: by another process, or killed
-            imported = read_legacy(self.data_dir, self._clock())
+            imported = read_legacy(self.data_dir, self._clock(), task=not migrate)
+        elif existed and os.path.lexists(legacy := self.data_dir / LEGACY_FILE):
+            raise StoreCorrupt(
+                legacy,
+                "the previous version wrote it beside this store's database, which holds the "
+                "data since the upgrade; it is never read: move it aside, then start",
+            )
         # One process migrates; the others wait here for its lock, then find nothing to do.
         with conn:
             conn.execute("BEGIN EXCLUSIVE")

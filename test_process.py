@@ -521,6 +521,34 @@ def test_a_backup_put_in_place_of_a_killed_service_s_database_is_served_as_it_wa
     assert set_aside == [f"{DATABASE_FILE}-shm", f"{DATABASE_FILE}-wal"]
 
 
+@pytest.mark.parametrize("put", ["moved", "copied"])
+def test_a_backup_put_in_place_under_a_running_service_is_refused_and_its_files_kept(
+    service_factory: ServiceFactory, tmp_path: Path, put: str
+) -> None:
+    """Restoring is stop, then put in place. Put in place under a running service, a second
+    start set the running one's WAL aside and served the backup, while the first went on
+    acknowledging writes into the WAL set aside: lost at its next start."""
+    service = service_factory().start()
+    database, backup = service.data_dir / DATABASE_FILE, tmp_path / "backup.db"
+    with service.client() as client:
+        assert client.post("/v1/documents", json={"title": "t", "content": "c"}).status_code == 201
+        assert run_task(service.data_dir, "backup", str(backup)).returncode == 0
+        if put == "moved":
+            backup.replace(database)
+        else:
+            database.write_bytes(backup.read_bytes())
+        files = sorted(p.name for p in service.data_dir.iterdir())
+        second = service_factory(service.data_dir).start(wait=False)
+        assert second.proc is not None
+        assert second.proc.wait(20) != 0
+        assert "open in another process" in second.rest_of_output()
+        assert sorted(p.name for p in service.data_dir.iterdir()) == files
+        if put == "moved":  # the first serves on from the database it has open
+            assert (
+                client.post("/v1/documents", json={"title": "t", "content": "c"}).status_code == 201
+            )
+
+
 def test_a_client_connecting_while_workers_start_waits_and_is_never_refused(
     service_factory: ServiceFactory,
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import random
 import sqlite3
 import threading
@@ -19,7 +21,7 @@ import pytest
 import mongo_store
 import sqlite_store
 from conftest import plain_document
-from legacy import LEGACY_FILE, LEGACY_JOURNAL
+from legacy import LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK
 from metrics import MeteredStore, Metrics
 from models import (
     Document,
@@ -1156,6 +1158,42 @@ def test_a_journal_left_by_a_killed_previous_version_is_refused(tmp_path: Path) 
     (tmp_path / LEGACY_JOURNAL).write_bytes(b'0badc0de {"table": "documents"}\n')
     assert "start the previous version once" in str(_refused(tmp_path, LEGACY_JOURNAL))
     assert not (tmp_path / DATABASE_FILE).exists()
+
+
+def test_the_previous_file_is_not_carried_over_while_the_previous_version_serves(
+    tmp_path: Path,
+) -> None:
+    """That version holds its lock on documents.lock for as long as it serves, and writes
+    documents.json again as it stops: imported meanwhile, its later writes were lost."""
+    raw = _legacy(tmp_path, [imported(1)], [])
+    (tmp_path / LEGACY_LOCK).touch()
+    held = os.open(tmp_path / LEGACY_LOCK, os.O_RDONLY)  # as the previous version holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(StoreUnavailable, match="previous version is serving"):
+            SQLiteStore.open(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LEGACY_FILE, LEGACY_LOCK]
+    finally:
+        os.close(held)  # it stopped
+    SQLiteStore.open(tmp_path).close_sync()
+    assert (tmp_path / (LEGACY_FILE + ".imported")).read_bytes() == raw
+
+
+def test_a_task_never_carries_the_previous_file_over(tmp_path: Path) -> None:
+    """Only a service does: a task may run while the previous version still serves."""
+    _legacy(tmp_path, [imported(1)], [])
+    with pytest.raises(StoreUnavailable, match="start this version's service"):
+        SQLiteStore.open(tmp_path, migrate=False)
+    assert [p.name for p in tmp_path.iterdir()] == [LEGACY_FILE]
+
+
+def test_a_previous_file_written_after_the_upgrade_is_refused_not_ignored(tmp_path: Path) -> None:
+    """The previous version run again after the upgrade writes a documents.json of its own as
+    it stops: its writes are in no database this version reads, and were left unsaid."""
+    raw = _legacy(tmp_path, [imported(1)], [])
+    SQLiteStore.open(tmp_path).close_sync()
+    (tmp_path / LEGACY_FILE).write_bytes(raw)
+    assert "beside this store's database" in str(_refused(tmp_path, LEGACY_FILE))
 
 
 def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -> None:
