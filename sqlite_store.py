@@ -116,7 +116,27 @@ MIGRATIONS = [
 ]
 
 
-SCHEMA_TABLES = {"documents", "tags", "metadata", "words", "idempotency", "meta"}
+# Every table (the words' index's own included), index and view, with each one's columns; not
+# the words' index's, which SQLite could only read by building it, and which fails if damaged.
+SCHEMA_SQL = (
+    "SELECT m.type, m.name, m.tbl_name, c.name, c.type, c.pk FROM sqlite_master m"
+    " LEFT JOIN pragma_table_info(iif(m.sql LIKE 'CREATE VIRTUAL%', NULL, m.name)) c"
+)
+
+
+def _schema(conn: sqlite3.Connection) -> set[tuple[Any, ...]]:
+    return set(conn.execute(SCHEMA_SQL).fetchall())
+
+
+def _expected_schema() -> set[tuple[Any, ...]]:
+    """What the migrations make, made in memory."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for script in MIGRATIONS:
+            conn.executescript(script)
+        return _schema(conn)
+    finally:
+        conn.close()
 
 
 def _check_file(path: Path) -> bytes | None:
@@ -364,12 +384,13 @@ class SQLiteStore:
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
 
     def _check_schema(self) -> bytes:
-        """The cursor secret, once the tables are known to be there: a database missing one
-        (dropped by hand) is refused at start rather than failing every request that needs it."""
+        """The cursor secret, once the schema is known to be whole: a database missing part of
+        it (a table, a column, an index, a table of the words' index, dropped by hand) is
+        refused at start rather than failing the requests that need it, or scanning."""
         conn = self._connection()
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-        if missing := sorted(SCHEMA_TABLES - tables):
-            raise StoreCorrupt(self.path, f"its table(s) {', '.join(missing)} are missing")
+        if missing := _expected_schema() - _schema(conn):
+            names = ", ".join(sorted({name for _, name, *_ in missing}))
+            raise StoreCorrupt(self.path, f"its schema is missing parts of: {names}")
         secret = conn.execute("SELECT value FROM meta WHERE name = 'cursor_secret'").fetchone()
         if secret is None:
             raise StoreCorrupt(self.path, "its cursor secret is missing")

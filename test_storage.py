@@ -1033,19 +1033,25 @@ def test_another_application_s_database_is_refused_untouched(tmp_path: Path, mak
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
-        ("DROP TABLE documents", "documents are missing"),
-        ("DROP TABLE words", "words are missing"),
+        ("DROP TABLE documents", "missing parts of: documents"),
+        ("DROP TABLE words", "words"),
+        ("DROP TABLE words_data", "words_data"),  # one of the words' index's own
+        ("DROP TABLE words_config", "words_config"),
+        ("DROP INDEX documents_created", "documents_created"),
+        ("DROP INDEX documents_updated; ALTER TABLE documents DROP COLUMN updated", "documents"),
+        ("DROP TABLE metadata; CREATE VIEW metadata AS SELECT 1 AS key, 2 AS value", "metadata"),
         ("DELETE FROM meta", "cursor secret is missing"),
     ],
 )
 def test_a_database_missing_part_of_its_schema_is_refused(
     tmp_path: Path, damage: str, named: str
 ) -> None:
-    """It started: every read then failed (503, "no such table"), or the start failed with a
-    traceback for the cursor secret."""
+    """It started and was ready: the reads or the writes that needed the part then failed (503,
+    "no such table"), a listing without its index scanned, or the start failed with a traceback
+    for the cursor secret."""
     SQLiteStore.open(tmp_path).close_sync()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
-        conn.execute(damage)
+        conn.executescript(damage)
     conn.close()
     assert named in str(_refused(tmp_path, DATABASE_FILE))
 
