@@ -69,6 +69,7 @@ APPLICATION_ID = 1146048340
 BACKUP_ID = APPLICATION_ID + 1
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
+PROBE_WRITE_S = 1.0  # how long readiness waits for its write while writes are failing
 PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
 SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
@@ -287,6 +288,7 @@ class SQLiteStore:
         self._parsed = functools.lru_cache(maxsize=PARSED_MAX)(_parse)
         self._secret = b""
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
+        self._write_failed = ""  # why the last commit failed; empty once one succeeds
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now, migrate: bool = True) -> SQLiteStore:
@@ -458,9 +460,11 @@ class SQLiteStore:
                     outcomes.append(exc)
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
+            self._write_failed = ""
         except Exception as exc:
             if conn.in_transaction:
                 conn.rollback()
+            self._write_failed = str(exc)
             log.error("store.write_failed", extra={"error": str(exc)})
             failed = StoreUnavailable(f"cannot write the database: {exc}")
             failed.__cause__ = exc
@@ -697,6 +701,13 @@ class SQLiteStore:
             if version != len(MIGRATIONS):
                 raise StoreUnavailable(f"{self.path} was migrated to schema {version} since")
             await anyio.to_thread.run_sync(self._probe)
+            if self._write_failed:
+                # Writes are failing (a lock another program holds, an I/O error): ready again
+                # once one succeeds, so while they fail each probe tries one that changes nothing.
+                with anyio.move_on_after(PROBE_WRITE_S):
+                    await self._write(_rewrite_a_row)
+                if self._write_failed:
+                    raise StoreUnavailable(f"writes are failing: {self._write_failed}")
         except StoreUnavailable as exc:
             self._outage.failed(str(exc))
             raise
@@ -751,6 +762,10 @@ class SQLiteStore:
             conn.close()
         self._connections.clear()
         self._local = threading.local()
+
+
+def _rewrite_a_row(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE meta SET value = value WHERE name = 'cursor_secret'")
 
 
 def _terms(doc: Document | DocumentCreate) -> str:

@@ -1113,6 +1113,30 @@ async def test_a_restored_backup_another_process_holds_open_is_not_adopted(
     await store.close()
 
 
+async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program holding the write lock (an operator's `sqlite3` shell inside a
+    transaction), or an I/O error, failed every write while readiness said ready: it checked
+    the directory and the free space only."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 50)
+    store = SQLiteStore.open(tmp_path)
+    try:
+        await store.check()
+        shell = sqlite3.connect(tmp_path / DATABASE_FILE, isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.create(DocumentCreate(title="t", content="c"))
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.check()
+        shell.execute("ROLLBACK")
+        shell.close()
+        await store.check()
+        await store.create(DocumentCreate(title="t", content="c"))
+    finally:
+        await store.close()
+
+
 def _legacy(data_dir: Path, docs: list[Document], keys: list[dict[str, Any]]) -> bytes:
     raw = orjson.dumps(
         {
