@@ -172,8 +172,6 @@ def _check_file(path: Path) -> bytes | None:
     # would make a store of (this store's databases of its first days are unmarked, migrated).
     if owner not in (0, APPLICATION_ID, BACKUP_ID) or (owner == 0 == user_version and pages > 1):
         raise StoreCorrupt(path, "an SQLite database of another application")
-    if user_version > len(MIGRATIONS):
-        raise _newer(path, user_version)
     # Shorter than its header says is truncation, unless the WAL beside it (its own: not beside
     # a backup) holds frames enough for the pages a checkpoint cut short was writing.
     wal = path.with_name(DATABASE_FILE + "-wal")
@@ -181,7 +179,22 @@ def _check_file(path: Path) -> bytes | None:
     wal_size = os.lstat(wal).st_size if owner != BACKUP_ID and os.path.lexists(wal) else 0
     if head[24:28] == head[92:96] and missing > 0 and wal_size < 32 + missing * (24 + page_size):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
+    # Unmarked with a schema version: this store's from before it marked its files, or another
+    # application's, which keeps a number of its own there: its tables tell.
+    if owner == 0 and user_version and not {"documents", "words", "meta"} <= _tables(path):
+        raise StoreCorrupt(path, "an SQLite database of another application")
+    if user_version > len(MIGRATIONS):
+        raise _newer(path, user_version)
     return head
+
+
+def _tables(path: Path) -> set[str]:
+    """The tables in the file itself, read without a lock or a look at any file beside it."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+    try:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
 
 
 def _newer(path: Path, version: int) -> StoreCorrupt:

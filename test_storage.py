@@ -1019,15 +1019,33 @@ async def test_a_backup_that_cannot_be_used_is_refused_before_the_wal_beside_it_
 
 @pytest.mark.parametrize(
     "make",
-    ["CREATE TABLE x (a)", "PRAGMA application_id = 7"],
-    ids=["unmarked, with tables", "marked by another application"],
+    [
+        "CREATE TABLE x (a)",
+        "PRAGMA application_id = 7",
+        "CREATE TABLE documents (a); PRAGMA user_version = 2",
+        "CREATE TABLE x (a); PRAGMA user_version = 99",
+    ],
+    ids=[
+        "unmarked, with tables",
+        "marked by another application",
+        "unmarked, with a schema version of its own",
+        "unmarked, with a schema version past this store's",
+    ],
 )
 def test_another_application_s_database_is_refused_untouched(tmp_path: Path, make: str) -> None:
     """Adopted, it was migrated in place and served as an empty store."""
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
-        conn.execute(make)
+        conn.executescript(make)
     conn.close()
     assert "another application" in str(_refused(tmp_path, DATABASE_FILE))
+
+
+def test_this_store_s_database_from_before_it_marked_its_files_is_opened(tmp_path: Path) -> None:
+    SQLiteStore.open(tmp_path).close_sync()
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
+        conn.execute("PRAGMA application_id = 0")
+    conn.close()
+    SQLiteStore.open(tmp_path).close_sync()
 
 
 @pytest.mark.parametrize(
