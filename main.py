@@ -755,6 +755,13 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
         await store.close()
 
 
+def _file(name: str) -> Path:
+    # A Path drops a trailing slash: `backup newdir/` wrote a file named newdir.
+    if name.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{name} names a directory; name a file")
+    return Path(name)
+
+
 # Imports in flight at once: the embedded store commits them together, many per fsync.
 IMPORT_BATCH = 512
 
@@ -795,7 +802,7 @@ remove documents.db-wal and -shm), start it.""",
         choices=["serve", "seed", "export", "import", "backup"],
         help="what to do (see below)",
     )
-    parser.add_argument("file", nargs="?", type=Path, help="the file seed, export or import uses")
+    parser.add_argument("file", nargs="?", type=_file, help="the file the task reads or writes")
     args = parser.parse_args(argv)
     if args.task == "import" and args.file is None:
         parser.error("import needs a FILE of JSON lines")

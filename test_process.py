@@ -690,6 +690,15 @@ def write_until_killed_worker(service: Service, workers: set[int]) -> list[str]:
     return acknowledged
 
 
+@pytest.mark.parametrize("task", ["backup", "export", "seed"])
+def test_a_task_file_named_as_a_directory_is_refused(tmp_path: Path, task: str) -> None:
+    """A path drops a trailing slash: `backup newdir/` wrote a file named newdir."""
+    result = run_task(tmp_path / "data", task, f"{tmp_path / 'newdir'}/")
+    assert result.returncode == 2
+    assert b"names a directory; name a file" in result.stderr
+    assert not (tmp_path / "newdir").exists()
+
+
 @pytest.mark.parametrize("task", ["backup", "export"])
 def test_a_backup_or_export_of_a_directory_without_a_database_is_refused(
     tmp_path: Path, task: str
