@@ -4,12 +4,10 @@ else reads these files; this module goes once no such data directory is left."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -25,30 +23,30 @@ LEGACY_LOCK = "documents.lock"  # held by the previous version for as long as it
 Legacy = tuple[list[Document], list[tuple[str, str, str, str, int]]]
 
 
-@contextlib.contextmanager
-def previous_version_stopped(data_dir: Path) -> Iterator[None]:
-    """Held while a start may carry `documents.json` over: refused while the previous version
-    serves from it (it holds its lock until it stops), which cannot start meanwhile. Without a
-    `documents.json`, or without the lock file that version makes as it starts, nothing to hold
-    (and nothing made: a refused start leaves the directory as it was)."""
+def previous_version_locked_out(data_dir: Path) -> int | None:
+    """A shared hold on the previous version's lock file, kept while this store is open: that
+    version takes it exclusively for as long as it serves, so neither serves beside the other.
+    Without the file (that version never ran here) nothing is held, and nothing is made."""
     try:
-        if not os.path.lexists(data_dir / LEGACY_FILE):
-            raise FileNotFoundError
         fd = os.open(data_dir / LEGACY_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        yield
-        return
+        return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreUnavailable(
-                f"the previous version is serving from {data_dir}: stop it cleanly, then start "
-                "this one"
-            ) from None
-        yield
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
+        raise StoreUnavailable(
+            f"the previous version is serving from {data_dir}: stop it cleanly, then start this one"
+        ) from None
+    return fd
+
+
+def left_beside(data_dir: Path) -> Path | None:
+    """The previous version's file or unfolded journal found beside this store's database (that
+    version run again since the upgrade): data no version here reads."""
+    if os.path.lexists(path := data_dir / LEGACY_FILE):
+        return path
+    return data_dir / LEGACY_JOURNAL if _read(data_dir / LEGACY_JOURNAL) else None
 
 
 def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:

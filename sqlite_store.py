@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from legacy import LEGACY_FILE, mark_imported, previous_version_stopped, read_legacy
+from legacy import left_beside, mark_imported, previous_version_locked_out, read_legacy
 from logging_config import Outage
 from models import (
     Document,
@@ -117,16 +117,16 @@ MIGRATIONS = [
 ]
 
 
-# Every table (the words' index's own included), index and view, with each one's columns; not
-# the words' index's, which SQLite could only read by building it, and which fails if damaged.
-SCHEMA_SQL = (
-    "SELECT m.type, m.name, m.tbl_name, c.name, c.type, c.pk FROM sqlite_master m"
-    " LEFT JOIN pragma_table_info(iif(m.sql LIKE 'CREATE VIRTUAL%', NULL, m.name)) c"
-)
-
-
-def _schema(conn: sqlite3.Connection) -> set[tuple[Any, ...]]:
-    return set(conn.execute(SCHEMA_SQL).fetchall())
+def _schema(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
+    """Each table, index, view and trigger with its definition (white space and quotes aside);
+    the words' index's own tables by name, as each FTS5 version words them its own way."""
+    rows = conn.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+    )
+    return {
+        (kind, name, "" if name.startswith("words_") else " ".join(sql.replace('"', "").split()))
+        for kind, name, sql in ((kind, name, sql or "") for kind, name, sql in rows)
+    }
 
 
 def _expected_schema() -> set[tuple[Any, ...]]:
@@ -222,6 +222,14 @@ def _in_use(shm: Path) -> bool:
     return False
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _owner(head: bytes | None) -> int | None:
     """The application id in a database file's header."""
     return None if head is None else int.from_bytes(head[68:72])
@@ -233,6 +241,7 @@ def _create(path: Path) -> None:
     new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
     try:
         conn = sqlite3.connect(new)
+        os.chmod(new, 0o600)  # documents are the owner's: SQLite gives its WAL the same mode
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # the header: a real file
@@ -302,6 +311,8 @@ class SQLiteStore:
         self._secret = b""
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
         self._write_failed = ""  # why the last commit failed; empty once one succeeds
+        self._file: tuple[int, int] | None = None  # the database's (device, inode) as opened
+        self._legacy_fd: int | None = None
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now, migrate: bool = True) -> SQLiteStore:
@@ -313,7 +324,8 @@ class SQLiteStore:
             # SQLite says only "unable to open database file": a nameless file names the cause.
             tempfile.TemporaryFile(dir=data_dir).close()
             # One starting process at a time checks, adopts, migrates and imports.
-            with _start_lock(data_dir), previous_version_stopped(data_dir):
+            store._legacy_fd = previous_version_locked_out(data_dir)
+            with _start_lock(data_dir):
                 head = _check_file(store.path)
                 if _owner(head) == BACKUP_ID:
                     store._adopt_backup()
@@ -321,6 +333,7 @@ class SQLiteStore:
                     _check_file(store.path.with_name(DATABASE_FILE + name))
                 store._migrate(head is not None, migrate)
                 store._secret = store._check_schema()
+                store._file = _identity(store.path)
         except BaseException as exc:
             store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
@@ -340,7 +353,10 @@ class SQLiteStore:
         replay that WAL over it. They are set aside, and the file marked as the database; not while
         a process still has the database open, whose acknowledged writes go to that WAL."""
         if _in_use(self.path.with_name(DATABASE_FILE + "-shm")):
-            raise StoreUnavailable(f"{self.path} is open in another process: stop it, then start")
+            raise StoreUnavailable(
+                f"{self.path} is open in another process: stop it (which writes its WAL into the "
+                "file), put the backup in place again, then start"
+            )
         aside = []
         for name in ("-wal", "-shm"):
             stale = self.path.with_name(DATABASE_FILE + name)
@@ -373,9 +389,9 @@ class SQLiteStore:
             )
         if existed and version == 0:  # made, not yet migrated: by another process, or killed
             imported = read_legacy(self.data_dir, self._clock(), task=not migrate)
-        elif existed and os.path.lexists(legacy := self.data_dir / LEGACY_FILE):
+        elif existed and (left := left_beside(self.data_dir)):
             raise StoreCorrupt(
-                legacy,
+                left,
                 "the previous version wrote it beside this store's database, which holds the "
                 "data since the upgrade; it is never read: move it aside, then start",
             )
@@ -399,13 +415,14 @@ class SQLiteStore:
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
 
     def _check_schema(self) -> bytes:
-        """The cursor secret, once the schema is known to be whole: a database missing part of
-        it (a table, a column, an index, a table of the words' index, dropped by hand) is
-        refused at start rather than failing the requests that need it, or scanning."""
+        """The cursor secret, once the schema is known to be the migrations' own: a database
+        missing part of it, or with a part changed or added by hand (a column, an index, a
+        trigger, the words' index's tokenizer) is refused at start rather than failing, or
+        scanning, or doing what the part does, in the requests that meet it."""
         conn = self._connection()
-        if missing := _expected_schema() - _schema(conn):
-            names = ", ".join(sorted({name for _, name, *_ in missing}))
-            raise StoreCorrupt(self.path, f"its schema is missing parts of: {names}")
+        if differ := _expected_schema() ^ _schema(conn):
+            names = ", ".join(sorted({name for _, name, _ in differ}))
+            raise StoreCorrupt(self.path, f"its schema is not this version's in: {names}")
         secret = conn.execute("SELECT value FROM meta WHERE name = 'cursor_secret'").fetchone()
         if secret is None:
             raise StoreCorrupt(self.path, "its cursor secret is missing")
@@ -473,6 +490,10 @@ class SQLiteStore:
                     outcomes.append(exc)
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
+            if _identity(self.path) != self._file:
+                # Replaced or removed under this process (a restore while it ran): what it
+                # commits now goes to a file no later start reads. Never acknowledged.
+                raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
             self._write_failed = ""
         except Exception as exc:
             if conn.in_transaction:
@@ -714,19 +735,23 @@ class SQLiteStore:
             if version != len(MIGRATIONS):
                 raise StoreUnavailable(f"{self.path} was migrated to schema {version} since")
             await anyio.to_thread.run_sync(self._probe)
+            # A write transaction that changes nothing, which writes nothing, tells whether the
+            # write lock can be had (another program may hold it); while writes are failing (an
+            # I/O error, say) one rewrites a row, and the first to succeed ends the failure.
+            with anyio.move_on_after(PROBE_WRITE_S) as waited:
+                await self._write(_rewrite_a_row if self._write_failed else _change_nothing)
+            if waited.cancelled_caught:
+                raise StoreUnavailable(f"a write waited more than {PROBE_WRITE_S:g} s")
             if self._write_failed:
-                # Writes are failing (a lock another program holds, an I/O error): ready again
-                # once one succeeds, so while they fail each probe tries one that changes nothing.
-                with anyio.move_on_after(PROBE_WRITE_S):
-                    await self._write(_rewrite_a_row)
-                if self._write_failed:
-                    raise StoreUnavailable(f"writes are failing: {self._write_failed}")
+                raise StoreUnavailable(f"writes are failing: {self._write_failed}")
         except StoreUnavailable as exc:
             self._outage.failed(str(exc))
             raise
         self._outage.answered()
 
     def _probe(self) -> None:
+        if _identity(self.path) != self._file:
+            raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
         try:
             if not os.access(self.data_dir, os.W_OK):
                 raise StoreUnavailable("the data directory is not writable")
@@ -744,6 +769,7 @@ class SQLiteStore:
         partial = target.with_name(f".{os.getpid()}.backup-partial")  # short: any name fits
         try:
             copy = sqlite3.connect(partial)
+            os.chmod(partial, 0o600)
             try:
                 self._connection().backup(copy)
                 copy.execute(f"PRAGMA application_id = {BACKUP_ID}")
@@ -775,10 +801,17 @@ class SQLiteStore:
             conn.close()
         self._connections.clear()
         self._local = threading.local()
+        if self._legacy_fd is not None:
+            os.close(self._legacy_fd)
+            self._legacy_fd = None
 
 
 def _rewrite_a_row(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value WHERE name = 'cursor_secret'")
+
+
+def _change_nothing(conn: sqlite3.Connection) -> None:
+    pass
 
 
 def _terms(doc: Document | DocumentCreate) -> str:

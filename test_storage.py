@@ -1051,13 +1051,28 @@ def test_this_store_s_database_from_before_it_marked_its_files_is_opened(tmp_pat
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
-        ("DROP TABLE documents", "missing parts of: documents"),
+        ("DROP TABLE documents", "not this version's in: documents"),
         ("DROP TABLE words", "words"),
         ("DROP TABLE words_data", "words_data"),  # one of the words' index's own
         ("DROP TABLE words_config", "words_config"),
         ("DROP INDEX documents_created", "documents_created"),
         ("DROP INDEX documents_updated; ALTER TABLE documents DROP COLUMN updated", "documents"),
         ("DROP TABLE metadata; CREATE VIEW metadata AS SELECT 1 AS key, 2 AS value", "metadata"),
+        ("ALTER TABLE documents ADD COLUMN x", "documents"),
+        (
+            "DROP INDEX documents_created; CREATE INDEX documents_created ON documents (id)",
+            "documents_created",
+        ),
+        (
+            "CREATE TRIGGER gone AFTER INSERT ON documents BEGIN DELETE FROM documents"
+            " WHERE n = new.n; END",
+            "gone",
+        ),
+        (
+            "DROP TABLE words; CREATE VIRTUAL TABLE words USING fts5 (terms, content='',"
+            " tokenize='porter', detail='none')",
+            "words",
+        ),
         ("DELETE FROM meta", "cursor secret is missing"),
     ],
 )
@@ -1144,6 +1159,8 @@ async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
         shell = sqlite3.connect(tmp_path / DATABASE_FILE, isolation_level=None)
         shell.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailable, match="locked"):
+            await store.check()  # before any client's write has failed
+        with pytest.raises(StoreUnavailable, match="locked"):
             await store.create(DocumentCreate(title="t", content="c"))
         with pytest.raises(StoreUnavailable, match="locked"):
             await store.check()
@@ -1151,6 +1168,39 @@ async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
         shell.close()
         await store.check()
         await store.create(DocumentCreate(title="t", content="c"))
+    finally:
+        await store.close()
+
+
+async def test_a_database_replaced_under_the_store_is_written_no_more(tmp_path: Path) -> None:
+    """A restore done while the service ran (its files removed, a backup copied in their
+    place): it went on answering 201 with writes to the removed file, which no start reads."""
+    store = SQLiteStore.open(tmp_path)
+    try:
+        await store.create(DocumentCreate(title="t", content="c"))
+        store.backup(tmp_path / "backup.db")
+        for name in ("", "-wal", "-shm"):
+            (tmp_path / f"{DATABASE_FILE}{name}").unlink(missing_ok=True)
+        (tmp_path / DATABASE_FILE).write_bytes((tmp_path / "backup.db").read_bytes())
+        with pytest.raises(StoreUnavailable, match="replaced or removed"):
+            await store.create(DocumentCreate(title="lost", content="c"))
+        with pytest.raises(StoreUnavailable, match="replaced or removed"):
+            await store.check()
+    finally:
+        await store.close()
+
+
+async def test_the_database_and_its_backups_are_readable_by_their_owner_only(
+    tmp_path: Path,
+) -> None:
+    """As the previous version's files were: they were made readable by every local user."""
+    store = SQLiteStore.open(tmp_path / "data")
+    try:
+        await store.create(DocumentCreate(title="t", content="c"))
+        store.backup(tmp_path / "backup.db")
+        made = [tmp_path / "backup.db", *(tmp_path / "data").glob(f"{DATABASE_FILE}*")]
+        assert len(made) == 4  # with the WAL and the shared memory
+        assert {path.stat().st_mode & 0o777 for path in made} == {0o600}
     finally:
         await store.close()
 
@@ -1227,6 +1277,25 @@ def test_the_previous_file_is_not_carried_over_while_the_previous_version_serves
     assert (tmp_path / (LEGACY_FILE + ".imported")).read_bytes() == raw
 
 
+def test_the_previous_version_and_this_one_never_serve_one_directory_together(
+    tmp_path: Path,
+) -> None:
+    """With its changes still in its journal, that version leaves no documents.json: each had
+    started beside the other, acknowledging writes the other never saw."""
+    (tmp_path / LEGACY_LOCK).touch()  # it ran here once
+    store = SQLiteStore.open(tmp_path)
+    previous = os.open(tmp_path / LEGACY_LOCK, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):  # it cannot start: it takes the lock exclusively
+            fcntl.flock(previous, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        store.close_sync()
+        fcntl.flock(previous, fcntl.LOCK_EX | fcntl.LOCK_NB)  # now it serves
+        with pytest.raises(StoreUnavailable, match="previous version is serving"):
+            SQLiteStore.open(tmp_path)
+    finally:
+        os.close(previous)
+
+
 def test_a_task_never_carries_the_previous_file_over(tmp_path: Path) -> None:
     """Only a service does: a task may run while the previous version still serves."""
     _legacy(tmp_path, [imported(1)], [])
@@ -1235,13 +1304,17 @@ def test_a_task_never_carries_the_previous_file_over(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [LEGACY_FILE]
 
 
-def test_a_previous_file_written_after_the_upgrade_is_refused_not_ignored(tmp_path: Path) -> None:
+@pytest.mark.parametrize("left", [LEGACY_FILE, LEGACY_JOURNAL])
+def test_a_previous_file_written_after_the_upgrade_is_refused_not_ignored(
+    tmp_path: Path, left: str
+) -> None:
     """The previous version run again after the upgrade writes a documents.json of its own as
-    it stops: its writes are in no database this version reads, and were left unsaid."""
+    it stops, or leaves its writes in its journal when killed: in no database this version
+    reads, and left unsaid."""
     raw = _legacy(tmp_path, [imported(1)], [])
     SQLiteStore.open(tmp_path).close_sync()
-    (tmp_path / LEGACY_FILE).write_bytes(raw)
-    assert "beside this store's database" in str(_refused(tmp_path, LEGACY_FILE))
+    (tmp_path / left).write_bytes(raw if left == LEGACY_FILE else b'0badc0de {"table": "x"}\n')
+    assert "beside this store's database" in str(_refused(tmp_path, left))
 
 
 def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -> None:
