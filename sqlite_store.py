@@ -222,12 +222,14 @@ def _in_use(shm: Path) -> bool:
     return False
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """The database file's and its WAL's: both stay the same files while a process has the
+    database open (SQLite reuses its WAL in place), unless they are removed or replaced."""
     try:
-        found = os.stat(path)
+        database, wal = os.stat(path), os.stat(path.with_name(DATABASE_FILE + "-wal"))
     except FileNotFoundError:
         return None
-    return found.st_dev, found.st_ino
+    return database.st_dev, database.st_ino, wal.st_ino
 
 
 def _owner(head: bytes | None) -> int | None:
@@ -311,7 +313,7 @@ class SQLiteStore:
         self._secret = b""
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
         self._write_failed = ""  # why the last commit failed; empty once one succeeds
-        self._file: tuple[int, int] | None = None  # the database's (device, inode) as opened
+        self._file: tuple[int, int, int] | None = None  # the files as opened (_identity)
         self._legacy_fd: int | None = None
 
     @classmethod

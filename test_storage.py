@@ -1172,16 +1172,21 @@ async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
         await store.close()
 
 
-async def test_a_database_replaced_under_the_store_is_written_no_more(tmp_path: Path) -> None:
+@pytest.mark.parametrize("removed", [("", "-wal", "-shm"), ("-wal", "-shm")])
+async def test_a_database_replaced_under_the_store_is_written_no_more(
+    tmp_path: Path, removed: tuple[str, ...]
+) -> None:
     """A restore done while the service ran (its files removed, a backup copied in their
-    place): it went on answering 201 with writes to the removed file, which no start reads."""
+    place), or its WAL removed: it went on answering 201 with writes to removed files, which no
+    start reads."""
     store = SQLiteStore.open(tmp_path)
     try:
         await store.create(DocumentCreate(title="t", content="c"))
         store.backup(tmp_path / "backup.db")
-        for name in ("", "-wal", "-shm"):
-            (tmp_path / f"{DATABASE_FILE}{name}").unlink(missing_ok=True)
-        (tmp_path / DATABASE_FILE).write_bytes((tmp_path / "backup.db").read_bytes())
+        for name in removed:
+            (tmp_path / f"{DATABASE_FILE}{name}").unlink()
+        if "" in removed:
+            (tmp_path / DATABASE_FILE).write_bytes((tmp_path / "backup.db").read_bytes())
         with pytest.raises(StoreUnavailable, match="replaced or removed"):
             await store.create(DocumentCreate(title="lost", content="c"))
         with pytest.raises(StoreUnavailable, match="replaced or removed"):
