@@ -69,7 +69,7 @@ APPLICATION_ID = 1146048340
 BACKUP_ID = APPLICATION_ID + 1
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
-PROBE_WRITE_S = 1.0  # how long readiness waits for its write while writes are failing
+PROBE_WRITE_S = 1.0  # how long readiness waits for its write transaction
 PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
 SLOTS = 1 << 14  # document keys per millisecond: every time from year 1 to 9999 fits 63 bits
@@ -121,15 +121,15 @@ def _schema(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
     """Each table, index, view and trigger with its definition (white space and quotes aside);
     the words' index's own tables by name, as each FTS5 version words them its own way."""
     rows = conn.execute(
-        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+        "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
     )
     return {
         (kind, name, "" if name.startswith("words_") else " ".join(sql.replace('"', "").split()))
-        for kind, name, sql in ((kind, name, sql or "") for kind, name, sql in rows)
+        for kind, name, sql in rows
     }
 
 
-def _expected_schema() -> set[tuple[Any, ...]]:
+def _expected_schema() -> set[tuple[str, str, str]]:
     """What the migrations make, made in memory."""
     conn = sqlite3.connect(":memory:")
     try:
@@ -325,8 +325,8 @@ class SQLiteStore:
             data_dir.mkdir(parents=True, exist_ok=True)
             # SQLite says only "unable to open database file": a nameless file names the cause.
             tempfile.TemporaryFile(dir=data_dir).close()
-            # One starting process at a time checks, adopts, migrates and imports.
             store._legacy_fd = previous_version_locked_out(data_dir)
+            # One starting process at a time checks, adopts, migrates and imports.
             with _start_lock(data_dir):
                 head = _check_file(store.path)
                 if _owner(head) == BACKUP_ID:
