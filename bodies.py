@@ -1,7 +1,8 @@
 """Strict JSON request bodies: the route class that takes JSON only (415 otherwise) and parses it
 strictly (a duplicate key, NaN, Infinity, an overflowing number or nesting deeper than
 MAX_NESTING is a malformed body, 400), and one with more values than any document holds is
-refused before it is parsed. Bodies are UTF-8; a route that takes none refuses one (415)."""
+refused before it is parsed. Bodies are UTF-8; a route that takes none refuses one (415), and a
+route whose OpenAPI entry lists no query parameter refuses any (422)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -45,6 +47,16 @@ def _refuse_content(headers: Headers) -> None:
     precondition sent in it (`{"version": 1}`) left a delete unconditional."""
     if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
         raise UnsupportedMediaType("This operation takes no request body; send none.")
+
+
+def _refuse_query(request: Request) -> None:
+    """As the listing refuses a parameter it does not know: a precondition misspelt into the
+    query (`DELETE ...?version=3`) must not leave a write unconditional."""
+    if params := request.query_params.multi_items():
+        message = "Extra inputs are not permitted"
+        raise RequestValidationError(
+            [{"loc": ("query", k), "msg": message, "type": "extra_forbidden"} for k, _ in params]
+        )
 
 
 # Arrays and objects nest at most this deep (a document body needs 2). Checked here, before the
@@ -165,22 +177,30 @@ class StrictJSONRequest(Request):
 
 class StrictJSONRoute(APIRoute):
     """Routes that take JSON bodies only, of the media types their OpenAPI entry lists (415
-    otherwise), parsed by StrictJSONRequest (FastAPI's custom route hook); and routes that take
-    none, which refuse any (415)."""
+    otherwise), parsed by StrictJSONRequest (FastAPI's custom route hook); routes that take
+    none refuse any (415); and routes that list no query parameter refuse any (422), so that a
+    route added later cannot forget to."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        extra = self.openapi_extra or {}
+        takes_query = bool(self.dependant.query_params) or any(
+            parameter.get("in") == "query" for parameter in extra.get("parameters", [])
+        )
         if not (self.methods or set()) & {"POST", "PATCH", "PUT"}:
 
             async def bodiless_handler(request: Request) -> Response:
+                if not takes_query:
+                    _refuse_query(request)
                 _refuse_content(request.headers)
                 return await handler(request)
 
             return bodiless_handler
-        declared = (self.openapi_extra or {}).get("requestBody", {}).get("content", {})
-        accepted = list(declared) or ["application/json"]
+        accepted = list(extra.get("requestBody", {}).get("content", {})) or ["application/json"]
 
         async def strict_handler(request: Request) -> Response:
+            if not takes_query:
+                _refuse_query(request)
             _require_json(request.headers, accepted)
             return await handler(StrictJSONRequest(request.scope, request.receive))
 

@@ -173,7 +173,6 @@ async def create_document(
     ] = None,
 ) -> Response:
     """Store a new document. The response carries its `Location` and `ETag`."""
-    _refuse_query(request)
     _check_content(body.content, caller.settings)
     if len(keys := request.headers.getlist("idempotency-key")) > 1:  # which would it name?
         message = "send one Idempotency-Key"
@@ -223,17 +222,6 @@ async def list_documents(request: Request, caller: CallerDep) -> Response:
     return Response(body, media_type="application/json")
 
 
-def _refuse_query(request: Request) -> None:
-    """The routes that take no query parameter refuse any, as the listing refuses one it does
-    not know: a precondition misspelt into the query (`DELETE ...?version=3`) must not leave a
-    write unconditional."""
-    if params := request.query_params.multi_items():
-        message = "Extra inputs are not permitted"
-        raise RequestValidationError(
-            [{"loc": ("query", k), "msg": message, "type": "extra_forbidden"} for k, _ in params]
-        )
-
-
 def _document_query(request: Request) -> DocumentQuery:
     """The query string, validated by the model the OpenAPI document describes it with, and
     refused as FastAPI refuses any parameter."""
@@ -247,7 +235,6 @@ def _document_query(request: Request) -> DocumentQuery:
 async def read_document(document_id: str, request: Request, caller: CallerDep) -> Response:
     """Fetch one document. Send its ETag as `If-None-Match` to get `304` when unchanged; an
     `If-Match` that does not name the current ETag (or `*`) gets `412`."""
-    _refuse_query(request)
     headers = request.headers  # each header's lines form one list
     if_match, if_none_match = (
         ", ".join(headers.getlist("if-match")),
@@ -267,7 +254,6 @@ async def update_document(
     """Change some fields. `tags` is replaced whole; `metadata` merges key by key and a
     `null` value removes a key. With `If-Match`, a stale ETag gets `412` and changes nothing;
     so does `If-None-Match` naming the current one (or `*`)."""
-    _refuse_query(request)
     _check_content(body.content, caller.settings)
     version = await _write_version(caller.store, document_id, request)
     doc = await caller.store.update(document_id, body, if_version=version)
@@ -277,7 +263,6 @@ async def update_document(
 
 async def delete_document(document_id: str, request: Request, caller: CallerDep) -> Response:
     """Delete for good; later reads get `404`. `If-Match` and `If-None-Match` as for PATCH."""
-    _refuse_query(request)
     version = await _write_version(caller.store, document_id, request)
     await caller.store.delete(document_id, if_version=version)
     log.info("document.deleted", extra={"document_id": document_id})
