@@ -71,7 +71,8 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve
-from sqlite_store import DATABASE_FILE, SQLiteStore
+from sqlite_files import DATABASE_FILE
+from sqlite_store import SQLiteStore
 from storage import (
     PAGE_MAX_BYTES,
     DocumentInvalid,

@@ -9,18 +9,15 @@ transaction (group commit). Reads use one connection per thread and never wait f
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import functools
 import logging
 import os
 import queue
 import sqlite3
-import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +34,17 @@ from models import (
     millis,
 )
 from ratelimit import StoreWork
+from sqlite_files import (
+    BACKUP_ID,
+    DATABASE_FILE,
+    adopt_backup,
+    check_file,
+    create,
+    identity,
+    newer,
+    owner,
+    start_lock,
+)
 from storage import (
     IDEMPOTENCY_TTL,
     PAGE_MAX_BYTES,
@@ -61,12 +69,6 @@ from storage import (
 log = logging.getLogger("documents.store")
 T = TypeVar("T")
 
-DATABASE_FILE = "documents.db"
-HEADER = b"SQLite format 3\x00"
-# The header's application id: a database this store made, and a copy `backup` wrote, which
-# keeps its own until its first start (see _adopt_backup).
-APPLICATION_ID = 1146048340
-BACKUP_ID = APPLICATION_ID + 1
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 PROBE_WRITE_S = 1.0  # how long readiness waits for its write transaction
@@ -140,135 +142,6 @@ def _expected_schema() -> set[tuple[str, str, str]]:
         conn.close()
 
 
-def _check_file(path: Path) -> bytes | None:
-    """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
-    anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
-    format, a truncated database, another application's) before SQLite touches it."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(mode):
-        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
-    try:
-        # Neither blocks on a FIFO nor follows a link put there since the check above.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
-    try:
-        size = os.fstat(fd).st_size
-        head = os.read(fd, 100)
-    finally:
-        os.close(fd)
-    if path.name != DATABASE_FILE:  # its WAL and shared-memory files: SQLite checks those
-        return head
-    if not head.startswith(HEADER) or len(head) < 100:
-        raise StoreCorrupt(path, "not an SQLite database, or truncated")
-    page_size = int.from_bytes(head[16:18]) or 65536
-    pages = int.from_bytes(head[28:32])
-    owner, user_version = _owner(head), int.from_bytes(head[60:64])
-    # Unmarked (0) with tables but no schema version: another application's, which a migration
-    # would make a store of (this store's databases of its first days are unmarked, migrated).
-    if owner not in (0, APPLICATION_ID, BACKUP_ID) or (owner == 0 == user_version and pages > 1):
-        raise StoreCorrupt(path, "an SQLite database of another application")
-    # Shorter than its header says is truncation, unless the WAL beside it (its own: not beside
-    # a backup) holds frames enough for the pages a checkpoint cut short was writing.
-    wal = path.with_name(DATABASE_FILE + "-wal")
-    missing = -(-(page_size * pages - size) // page_size)
-    wal_size = os.lstat(wal).st_size if owner != BACKUP_ID and os.path.lexists(wal) else 0
-    if head[24:28] == head[92:96] and missing > 0 and wal_size < 32 + missing * (24 + page_size):
-        raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
-    # Unmarked with a schema version: this store's from before it marked its files, or another
-    # application's, which keeps a number of its own there: its tables tell.
-    if owner == 0 and user_version and not {"documents", "words", "meta"} <= _tables(path):
-        raise StoreCorrupt(path, "an SQLite database of another application")
-    if user_version > len(MIGRATIONS):
-        raise _newer(path, user_version)
-    return head
-
-
-def _tables(path: Path) -> set[str]:
-    """The tables in the file itself, read without a lock or a look at any file beside it."""
-    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
-    try:
-        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-    finally:
-        conn.close()
-
-
-def _newer(path: Path, version: int) -> StoreCorrupt:
-    return StoreCorrupt(
-        path,
-        f"written by a newer version (schema {version}, this one knows up to "
-        f"{len(MIGRATIONS)}); run that version or restore a backup",
-    )
-
-
-def _in_use(shm: Path) -> bool:
-    """Whether a process has the database open: each SQLite connection holds a read lock on byte
-    128 of the shared-memory file (the unix VFS's "dead man switch") for as long as it is open.
-    Asked before this process opens any: closing the descriptor drops the process's own locks."""
-    try:
-        fd = os.open(shm, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """The database file's and its WAL's: both stay the same files while a process has the
-    database open (SQLite reuses its WAL in place), unless they are removed or replaced."""
-    try:
-        database, wal = os.stat(path), os.stat(path.with_name(DATABASE_FILE + "-wal"))
-    except FileNotFoundError:
-        return None
-    return database.st_dev, database.st_ino, wal.st_ino
-
-
-def _owner(head: bytes | None) -> int | None:
-    """The application id in a database file's header."""
-    return None if head is None else int.from_bytes(head[68:72])
-
-
-def _create(path: Path) -> None:
-    """An empty database in WAL mode, put in place whole: a process starting at the same moment
-    finds either no file or this one, never a half-made one."""
-    new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
-    try:
-        conn = sqlite3.connect(new)
-        os.chmod(new, 0o600)  # documents are the owner's: SQLite gives its WAL the same mode
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # the header: a real file
-        finally:
-            conn.close()
-        with contextlib.suppress(FileExistsError):  # another process made it first
-            os.link(new, path)
-    finally:  # made or not (a full disk), nothing of it stays
-        for name in ("", "-wal", "-shm"):
-            new.with_name(new.name + name).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _start_lock(data_dir: Path) -> Iterator[None]:
-    """Held while a process checks the files and adopts a restored backup: one process at a
-    time, so that none takes the WAL another has just begun for the replaced database's. The
-    lock is the data directory's own: a refused start leaves no file behind."""
-    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released as the file closes
-        yield
-    finally:
-        os.close(fd)
-
-
 def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
     """A document's key `n` sorts as (created, id) does: SLOTS keys per millisecond, handed out
     in id order. The words' index returns keys in order, so `q` pages need no sort."""
@@ -313,7 +186,7 @@ class SQLiteStore:
         self._secret = b""
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
         self._write_failed = ""  # why the last commit failed; empty once one succeeds
-        self._file: tuple[int, int, int] | None = None  # the files as opened (_identity)
+        self._file: tuple[int, int, int] | None = None  # the files as opened (identity)
         self._legacy_fd: int | None = None
 
     @classmethod
@@ -327,15 +200,15 @@ class SQLiteStore:
             tempfile.TemporaryFile(dir=data_dir).close()
             store._legacy_fd = previous_version_locked_out(data_dir)
             # One starting process at a time checks, adopts, migrates and imports.
-            with _start_lock(data_dir):
-                head = _check_file(store.path)
-                if _owner(head) == BACKUP_ID:
-                    store._adopt_backup()
+            with start_lock(data_dir):
+                head = check_file(store.path, len(MIGRATIONS))
+                if owner(head) == BACKUP_ID:
+                    adopt_backup(store.path, len(MIGRATIONS))
                 for name in ("-wal", "-shm"):
-                    _check_file(store.path.with_name(DATABASE_FILE + name))
+                    check_file(store.path.with_name(DATABASE_FILE + name), len(MIGRATIONS))
                 store._migrate(head is not None, migrate)
                 store._secret = store._check_schema()
-                store._file = _identity(store.path)
+                store._file = identity(store.path)
         except BaseException as exc:
             store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
@@ -349,40 +222,15 @@ class SQLiteStore:
         store._writer.start()
         return store
 
-    def _adopt_backup(self) -> None:
-        """A backup put in place of the database: a WAL and shared-memory file beside it are the
-        replaced database's (a backup keeps its mark until its first start), and SQLite would
-        replay that WAL over it. They are set aside, and the file marked as the database; not while
-        a process still has the database open, whose acknowledged writes go to that WAL."""
-        if _in_use(self.path.with_name(DATABASE_FILE + "-shm")):
-            raise StoreUnavailable(
-                f"{self.path} is open in another process: stop it (which writes its WAL into the "
-                "file), put the backup in place again, then start"
-            )
-        aside = []
-        for name in ("-wal", "-shm"):
-            stale = self.path.with_name(DATABASE_FILE + name)
-            if os.path.lexists(stale):
-                aside.append(f"{stale.name}.replaced-{time.time_ns()}")
-                os.replace(stale, stale.with_name(aside[-1]))
-        conn = sqlite3.connect(self.path)
-        try:
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        finally:
-            conn.close()  # the last connection: the WAL is checkpointed into the file
-        if _owner(_check_file(self.path)) == BACKUP_ID:  # the next start would set its WAL aside
-            raise StoreUnavailable(f"{self.path} is open in another process: stop it, then start")
-        log.info("store.backup_adopted", extra={"set_aside": aside})
-
     def _migrate(self, existed: bool, migrate: bool) -> None:
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
         imported = None if existed else read_legacy(self.data_dir, self._clock(), task=not migrate)
         if not existed:
-            _create(self.path)
+            create(self.path)
         conn = self._connection()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):  # a newer version's migration, still in the WAL
-            raise _newer(self.path, version)
+            raise newer(self.path, version, len(MIGRATIONS))
         if not migrate and 0 < version < len(MIGRATIONS):
             # A task of a newer version: the previous version's service may still be using it.
             raise StoreUnavailable(
@@ -492,7 +340,7 @@ class SQLiteStore:
                     outcomes.append(exc)
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
-            if _identity(self.path) != self._file:
+            if identity(self.path) != self._file:
                 # Replaced or removed under this process (a restore while it ran): what it
                 # commits now goes to a file no later start reads. Never acknowledged.
                 raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
@@ -752,7 +600,7 @@ class SQLiteStore:
         self._outage.answered()
 
     def _probe(self) -> None:
-        if _identity(self.path) != self._file:
+        if identity(self.path) != self._file:
             raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
         try:
             if not os.access(self.data_dir, os.W_OK):

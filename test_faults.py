@@ -18,7 +18,8 @@ import pytest
 from conftest import KEY, ServiceFactory, app_client, run_main
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from models import DocumentCreate
-from sqlite_store import DATABASE_FILE, SQLiteStore
+from sqlite_files import DATABASE_FILE
+from sqlite_store import SQLiteStore
 from storage import StoreCorrupt, StoreUnavailable
 
 

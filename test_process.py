@@ -33,7 +33,8 @@ from conftest import (
     walk,
     write_until_killed,
 )
-from sqlite_store import DATABASE_FILE, MIGRATIONS, SQLiteStore
+from sqlite_files import DATABASE_FILE
+from sqlite_store import MIGRATIONS, SQLiteStore
 from storage import IdGenerator
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)

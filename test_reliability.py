@@ -32,7 +32,8 @@ from hypothesis.stateful import (
 from conftest import KEY, Service, ServiceFactory, walk, write_until_killed
 from models import DocumentCreate, DocumentQuery, DocumentUpdate, words
 from mongo_store import MongoStore
-from sqlite_store import DATABASE_FILE, SQLiteStore
+from sqlite_files import DATABASE_FILE
+from sqlite_store import SQLiteStore
 from storage import (
     DocumentNotFound,
     DocumentStore,

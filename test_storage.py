@@ -34,7 +34,8 @@ from models import (
     words,
 )
 from mongo_store import MongoStore
-from sqlite_store import DATABASE_FILE, SQLiteStore, page_sql
+from sqlite_files import DATABASE_FILE
+from sqlite_store import SQLiteStore, page_sql
 from storage import (
     DocumentInvalid,
     DocumentNotFound,

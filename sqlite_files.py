@@ -1,0 +1,184 @@
+"""The database's files as files: what SQLite says too late or not at all about `documents.db`
+and the WAL and shared-memory files beside it (another format, truncation, another application's
+database, a newer schema, a process that has it open, a backup put in its place), checked before
+SQLite opens it; the file made whole; the lock one starting process holds."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage import StoreCorrupt, StoreUnavailable
+
+log = logging.getLogger("documents.store")
+
+DATABASE_FILE = "documents.db"
+HEADER = b"SQLite format 3\x00"
+# The header's application id: a database this store made, and a copy `backup` wrote, which
+# keeps its own until its first start (see adopt_backup).
+APPLICATION_ID = 1146048340
+BACKUP_ID = APPLICATION_ID + 1
+
+
+def check_file(path: Path, versions: int) -> bytes | None:
+    """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
+    anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
+    format, a truncated database, another application's, one of a schema past `versions`)
+    before SQLite touches it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
+    try:
+        # Neither blocks on a FIFO nor follows a link put there since the check above.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        head = os.read(fd, 100)
+    finally:
+        os.close(fd)
+    if path.name != DATABASE_FILE:  # its WAL and shared-memory files: SQLite checks those
+        return head
+    if not head.startswith(HEADER) or len(head) < 100:
+        raise StoreCorrupt(path, "not an SQLite database, or truncated")
+    page_size = int.from_bytes(head[16:18]) or 65536
+    pages = int.from_bytes(head[28:32])
+    app_id, user_version = owner(head), int.from_bytes(head[60:64])
+    # Unmarked (0) with tables but no schema version: another application's, which a migration
+    # would make a store of (this store's databases of its first days are unmarked, migrated).
+    if app_id not in (0, APPLICATION_ID, BACKUP_ID) or (app_id == 0 == user_version and pages > 1):
+        raise StoreCorrupt(path, "an SQLite database of another application")
+    # Shorter than its header says is truncation, unless the WAL beside it (its own: not beside
+    # a backup) holds frames enough for the pages a checkpoint cut short was writing.
+    wal = path.with_name(DATABASE_FILE + "-wal")
+    missing = -(-(page_size * pages - size) // page_size)
+    wal_size = os.lstat(wal).st_size if app_id != BACKUP_ID and os.path.lexists(wal) else 0
+    if head[24:28] == head[92:96] and missing > 0 and wal_size < 32 + missing * (24 + page_size):
+        raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
+    # Unmarked with a schema version: this store's from before it marked its files, or another
+    # application's, which keeps a number of its own there: its tables tell.
+    if app_id == 0 and user_version and not {"documents", "words", "meta"} <= tables(path):
+        raise StoreCorrupt(path, "an SQLite database of another application")
+    if user_version > versions:
+        raise newer(path, user_version, versions)
+    return head
+
+
+def tables(path: Path) -> set[str]:
+    """The tables in the file itself, read without a lock or a look at any file beside it."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+    try:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+
+
+def newer(path: Path, version: int, versions: int) -> StoreCorrupt:
+    return StoreCorrupt(
+        path,
+        f"written by a newer version (schema {version}, this one knows up to "
+        f"{versions}); run that version or restore a backup",
+    )
+
+
+def in_use(shm: Path) -> bool:
+    """Whether a process has the database open: each SQLite connection holds a read lock on byte
+    128 of the shared-memory file (the unix VFS's "dead man switch") for as long as it is open.
+    Asked before this process opens any: closing the descriptor drops the process's own locks."""
+    try:
+        fd = os.open(shm, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def identity(path: Path) -> tuple[int, int, int] | None:
+    """The database file's and its WAL's: both stay the same files while a process has the
+    database open (SQLite reuses its WAL in place), unless they are removed or replaced."""
+    try:
+        database, wal = os.stat(path), os.stat(path.with_name(DATABASE_FILE + "-wal"))
+    except FileNotFoundError:
+        return None
+    return database.st_dev, database.st_ino, wal.st_ino
+
+
+def owner(head: bytes | None) -> int | None:
+    """The application id in a database file's header."""
+    return None if head is None else int.from_bytes(head[68:72])
+
+
+def create(path: Path) -> None:
+    """An empty database in WAL mode, put in place whole: a process starting at the same moment
+    finds either no file or this one, never a half-made one."""
+    new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
+    try:
+        conn = sqlite3.connect(new)
+        os.chmod(new, 0o600)  # documents are the owner's: SQLite gives its WAL the same mode
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # the header: a real file
+        finally:
+            conn.close()
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.link(new, path)
+    finally:  # made or not (a full disk), nothing of it stays
+        for name in ("", "-wal", "-shm"):
+            new.with_name(new.name + name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def start_lock(data_dir: Path) -> Iterator[None]:
+    """Held while a process checks the files and adopts a restored backup: one process at a
+    time, so that none takes the WAL another has just begun for the replaced database's. The
+    lock is the data directory's own: a refused start leaves no file behind."""
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released as the file closes
+        yield
+    finally:
+        os.close(fd)
+
+
+def adopt_backup(path: Path, versions: int) -> None:
+    """A backup put in place of the database: a WAL and shared-memory file beside it are the
+    replaced database's (a backup keeps its mark until its first start), and SQLite would
+    replay that WAL over it. They are set aside, and the file marked as the database; not while
+    a process still has the database open, whose acknowledged writes go to that WAL."""
+    if in_use(path.with_name(DATABASE_FILE + "-shm")):
+        raise StoreUnavailable(
+            f"{path} is open in another process: stop it (which writes its WAL into the "
+            "file), put the backup in place again, then start"
+        )
+    aside = []
+    for name in ("-wal", "-shm"):
+        stale = path.with_name(DATABASE_FILE + name)
+        if os.path.lexists(stale):
+            aside.append(f"{stale.name}.replaced-{time.time_ns()}")
+            os.replace(stale, stale.with_name(aside[-1]))
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    finally:
+        conn.close()  # the last connection: the WAL is checkpointed into the file
+    if owner(check_file(path, versions)) == BACKUP_ID:  # the next start would set its WAL aside
+        raise StoreUnavailable(f"{path} is open in another process: stop it, then start")
+    log.info("store.backup_adopted", extra={"set_aside": aside})
