@@ -778,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
   backup FILE     write a consistent copy of the embedded store's database (while it serves)
 
 Every task may run while the service serves; only the service migrates a database to a newer
-schema. To restore a backup: stop the service, put FILE in place of DATA_DIR/documents.db (and
-remove documents.db-wal and -shm), start it.""",
+schema. To restore a backup: stop the service, put FILE in place of DATA_DIR/documents.db, start
+it; its first start sets the replaced database's documents.db-wal and -shm aside.""",
     )
     parser.add_argument(
         "task",
