@@ -11,6 +11,7 @@ import logging
 import os
 import sqlite3
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ HEADER = b"SQLite format 3\x00"
 # keeps its own until its first start (see adopt_backup).
 APPLICATION_ID = 1146048340
 BACKUP_ID = APPLICATION_ID + 1
+# The tables of the first migration: an unmarked database with a schema version lacking one is
+# another application's.
+FIRST_TABLES = frozenset({"documents", "tags", "metadata", "words", "idempotency", "meta"})
 
 
 def check_file(path: Path, versions: int) -> bytes | None:
@@ -70,7 +74,7 @@ def check_file(path: Path, versions: int) -> bytes | None:
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     # Unmarked with a schema version: this store's from before it marked its files, or another
     # application's, which keeps a number of its own there: its tables tell.
-    if app_id == 0 and user_version and not {"documents", "words", "meta"} <= tables(path):
+    if app_id == 0 and user_version and not tables(path) >= FIRST_TABLES:
         raise StoreCorrupt(path, "an SQLite database of another application")
     if user_version > versions:
         raise newer(path, user_version, versions)
@@ -94,31 +98,57 @@ def newer(path: Path, version: int, versions: int) -> StoreCorrupt:
     )
 
 
-def in_use(shm: Path) -> bool:
-    """Whether a process has the database open: each SQLite connection holds a read lock on byte
-    128 of the shared-memory file (the unix VFS's "dead man switch") for as long as it is open.
-    Asked before this process opens any: closing the descriptor drops the process's own locks."""
+# The unix VFS's locks (os_unix.c): every connection holds a read lock on byte 128 of the
+# shared-memory file (its "dead man switch"), and in WAL mode one on the database file's shared
+# range, for as long as it is open.
+SHM_DMS_BYTE = 128
+SHARED_FIRST, SHARED_SIZE = 0x40000000 + 2, 510
+
+
+def _locked(path: Path, start: int, length: int) -> bool:
+    """Whether another process holds a lock on `length` bytes of `path` from `start`: asked with
+    F_GETLK, which takes none. Asked before this process opens the database: closing the
+    descriptor drops the process's own locks on the file."""
     try:
-        fd = os.open(shm, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
-    except OSError:
-        return True
+        asked = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        kind: int = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0]
     finally:
         os.close(fd)
-    return False
+    return kind != fcntl.F_UNLCK
 
 
-def identity(path: Path) -> tuple[int, int, int] | None:
-    """The database file's and its WAL's: both stay the same files while a process has the
-    database open (SQLite reuses its WAL in place), unless they are removed or replaced."""
+def in_use(shm: Path) -> bool:
+    """Whether a process has the database of this shared-memory file open."""
+    return _locked(shm, SHM_DMS_BYTE, 1)
+
+
+def check_sharers(path: Path) -> None:
+    """Refuse a database another process has open but whose WAL or shared-memory file is not
+    that process's any more (removed, or replaced): SQLite here would make its own, and two
+    processes would each write one WAL believing itself alone, corrupting the database."""
+    if _locked(path, SHARED_FIRST, SHARED_SIZE) and not (
+        path.with_name(DATABASE_FILE + "-wal").exists()
+        and in_use(path.with_name(DATABASE_FILE + "-shm"))
+    ):
+        raise StoreUnavailable(
+            f"{path} is open in another process, whose {DATABASE_FILE}-wal or -shm was removed "
+            "or replaced: stop every process using it, then start"
+        )
+
+
+def identity(path: Path) -> tuple[int, ...] | None:
+    """The database file's, its WAL's and its shared-memory file's: they stay the same files
+    while a process has the database open (SQLite reuses its WAL in place), unless removed or
+    replaced."""
     try:
-        database, wal = os.stat(path), os.stat(path.with_name(DATABASE_FILE + "-wal"))
+        files = [os.stat(path.with_name(DATABASE_FILE + name)) for name in ("", "-wal", "-shm")]
     except FileNotFoundError:
         return None
-    return database.st_dev, database.st_ino, wal.st_ino
+    return files[0].st_dev, *(f.st_ino for f in files)
 
 
 def owner(head: bytes | None) -> int | None:

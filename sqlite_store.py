@@ -39,6 +39,7 @@ from sqlite_files import (
     DATABASE_FILE,
     adopt_backup,
     check_file,
+    check_sharers,
     create,
     identity,
     newer,
@@ -186,7 +187,7 @@ class SQLiteStore:
         self._secret = b""
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
         self._write_failed = ""  # why the last commit failed; empty once one succeeds
-        self._file: tuple[int, int, int] | None = None  # the files as opened (identity)
+        self._file: tuple[int, ...] | None = None  # the files as opened (identity)
         self._legacy_fd: int | None = None
 
     @classmethod
@@ -202,6 +203,7 @@ class SQLiteStore:
             # One starting process at a time checks, adopts, migrates and imports.
             with start_lock(data_dir):
                 head = check_file(store.path, len(MIGRATIONS))
+                check_sharers(store.path)
                 if owner(head) == BACKUP_ID:
                     adopt_backup(store.path, len(MIGRATIONS))
                 for name in ("-wal", "-shm"):
@@ -274,9 +276,9 @@ class SQLiteStore:
             names = ", ".join(sorted({name for _, name, _ in differ}))
             raise StoreCorrupt(self.path, f"its schema is not this version's in: {names}")
         secret = conn.execute("SELECT value FROM meta WHERE name = 'cursor_secret'").fetchone()
-        if secret is None:
-            raise StoreCorrupt(self.path, "its cursor secret is missing")
-        return bytes(secret[0])
+        if secret is None or not isinstance(secret[0], bytes) or len(secret[0]) != 32:
+            raise StoreCorrupt(self.path, "its cursor secret is missing or not 32 bytes")
+        return secret[0]
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection."""
@@ -339,11 +341,12 @@ class SQLiteStore:
                     conn.execute("ROLLBACK TO job")
                     outcomes.append(exc)
                 conn.execute("RELEASE job")
+            # Files replaced or removed under this process (a restore while it ran) take what it
+            # commits where no later start reads it: undone if found before the commit, and
+            # never acknowledged if found after it.
+            self._check_files()
             conn.execute("COMMIT")
-            if identity(self.path) != self._file:
-                # Replaced or removed under this process (a restore while it ran): what it
-                # commits now goes to a file no later start reads. Never acknowledged.
-                raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
+            self._check_files()
             self._write_failed = ""
         except Exception as exc:
             if conn.in_transaction:
@@ -599,9 +602,12 @@ class SQLiteStore:
             raise
         self._outage.answered()
 
-    def _probe(self) -> None:
+    def _check_files(self) -> None:
         if identity(self.path) != self._file:
             raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
+
+    def _probe(self) -> None:
+        self._check_files()
         try:
             if not os.access(self.data_dir, os.W_OK):
                 raise StoreUnavailable("the data directory is not writable")

@@ -551,6 +551,40 @@ def test_a_backup_put_in_place_under_a_running_service_is_refused_and_its_files_
             assert_problem(client.get("/health/ready"), 503)
 
 
+@pytest.mark.parametrize("shm", ["removed", "replaced"])
+def test_a_second_process_never_opens_a_database_whose_shared_memory_was_taken_away(
+    service_factory: ServiceFactory, shm: str
+) -> None:
+    """With the -shm file removed (or replaced) under a running service, a replaced worker or a
+    second process made a new one: two processes then wrote one WAL, each believing itself
+    alone, and every document became unreadable. The second is refused; the first acknowledges
+    no more writes, and a restart finds every acknowledged document."""
+    service = service_factory().start()
+    shared_memory = service.data_dir / f"{DATABASE_FILE}-shm"
+    with service.client() as client:
+        made = [client.post("/v1/documents", json={"title": "t", "content": "c"}) for _ in range(5)]
+        assert [r.status_code for r in made] == [201] * 5
+        shared_memory.unlink()
+        if shm == "replaced":
+            shared_memory.write_bytes(b"")
+        files = sorted(p.name for p in service.data_dir.iterdir())
+        second = service_factory(service.data_dir).start(wait=False)
+        assert second.proc is not None
+        assert second.proc.wait(20) != 0
+        assert "removed or replaced" in second.rest_of_output()
+        task = run_task(service.data_dir, "import", "/dev/null")
+        assert task.returncode != 0
+        assert b"removed or replaced" in task.stderr + task.stdout
+        assert sorted(p.name for p in service.data_dir.iterdir()) == files
+        refused = client.post("/v1/documents", json={"title": "t", "content": "c"})
+        assert "replaced or removed" in assert_problem(refused, 503)["detail"]
+        assert_problem(client.get("/health/ready"), 503)
+    assert service.terminate() in CLEAN_EXITS
+    restarted = service_factory(service.data_dir).start()
+    with restarted.client() as client:
+        assert sorted(doc["id"] for doc in walk(client)) == sorted(r.json()["id"] for r in made)
+
+
 def test_a_client_connecting_while_workers_start_waits_and_is_never_refused(
     service_factory: ServiceFactory,
 ) -> None:

@@ -1025,12 +1025,15 @@ async def test_a_backup_that_cannot_be_used_is_refused_before_the_wal_beside_it_
         "PRAGMA application_id = 7",
         "CREATE TABLE documents (a); PRAGMA user_version = 2",
         "CREATE TABLE x (a); PRAGMA user_version = 99",
+        "CREATE TABLE documents (x); CREATE TABLE words (y); CREATE TABLE meta (z);"
+        " PRAGMA user_version = 3",
     ],
     ids=[
         "unmarked, with tables",
         "marked by another application",
         "unmarked, with a schema version of its own",
         "unmarked, with a schema version past this store's",
+        "unmarked, with some of this store's table names",
     ],
 )
 def test_another_application_s_database_is_refused_untouched(tmp_path: Path, make: str) -> None:
@@ -1075,6 +1078,8 @@ def test_this_store_s_database_from_before_it_marked_its_files_is_opened(tmp_pat
             "words",
         ),
         ("DELETE FROM meta", "cursor secret is missing"),
+        ("UPDATE meta SET value = 'abc'", "cursor secret is missing or not 32 bytes"),
+        ("UPDATE meta SET value = 7", "cursor secret is missing or not 32 bytes"),
     ],
 )
 def test_a_database_missing_part_of_its_schema_is_refused(
@@ -1173,13 +1178,13 @@ async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
         await store.close()
 
 
-@pytest.mark.parametrize("removed", [("", "-wal", "-shm"), ("-wal", "-shm")])
+@pytest.mark.parametrize("removed", [("", "-wal", "-shm"), ("-wal", "-shm"), ("-wal",), ("-shm",)])
 async def test_a_database_replaced_under_the_store_is_written_no_more(
     tmp_path: Path, removed: tuple[str, ...]
 ) -> None:
     """A restore done while the service ran (its files removed, a backup copied in their
-    place), or its WAL removed: it went on answering 201 with writes to removed files, which no
-    start reads."""
+    place), or its WAL or shared memory removed: it went on answering 201 with writes to
+    removed files, which no start reads; and a write it answered 503 was kept."""
     store = SQLiteStore.open(tmp_path)
     try:
         await store.create(DocumentCreate(title="t", content="c"))
@@ -1192,6 +1197,12 @@ async def test_a_database_replaced_under_the_store_is_written_no_more(
             await store.create(DocumentCreate(title="lost", content="c"))
         with pytest.raises(StoreUnavailable, match="replaced or removed"):
             await store.check()
+    finally:
+        await store.close()
+    store = SQLiteStore.open(tmp_path)
+    try:
+        items, _ = await store.page(DocumentQuery(), limit=10)
+        assert [doc.title for doc in items] == ["t"]
     finally:
         await store.close()
 
