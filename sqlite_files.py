@@ -58,7 +58,8 @@ def check_file(path: Path, versions: int) -> bytes | None:
         return head
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
-    page_size = int.from_bytes(head[16:18]) or 65536
+    page_size = int.from_bytes(head[16:18])
+    page_size = 65536 if page_size == 1 else page_size  # the one size 16 bits cannot hold
     pages = int.from_bytes(head[28:32])
     app_id, user_version = owner(head), int.from_bytes(head[60:64])
     # Unmarked (0) with tables but no schema version: another application's, which a migration
@@ -66,11 +67,9 @@ def check_file(path: Path, versions: int) -> bytes | None:
     if app_id not in (0, APPLICATION_ID, BACKUP_ID) or (app_id == 0 == user_version and pages > 1):
         raise StoreCorrupt(path, "an SQLite database of another application")
     # Shorter than its header says is truncation, unless the WAL beside it (its own: not beside
-    # a backup) holds frames enough for the pages a checkpoint cut short was writing.
-    wal = path.with_name(DATABASE_FILE + "-wal")
-    missing = -(-(page_size * pages - size) // page_size)
-    wal_size = os.lstat(wal).st_size if app_id != BACKUP_ID and os.path.lexists(wal) else 0
-    if head[24:28] == head[92:96] and missing > 0 and wal_size < 32 + missing * (24 + page_size):
+    # a backup) holds every page a checkpoint cut short was writing.
+    lost = range(size // page_size + 1, pages + 1) if head[24:28] == head[92:96] else range(0)
+    if lost and (app_id == BACKUP_ID or not _wal_holds(path, page_size, lost)):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     # Unmarked with a schema version: this store's from before it marked its files, or another
     # application's, which keeps a number of its own there: its tables tell.
@@ -79,6 +78,35 @@ def check_file(path: Path, versions: int) -> bytes | None:
     if user_version > versions:
         raise newer(path, user_version, versions)
     return head
+
+
+def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
+    """Whether the committed frames of the database's WAL hold every page in `lost`: those of
+    its current generation (the salts of its header), up to its last commit, which recovery
+    replays. A page count no WAL frame could back is never walked."""
+    wal = path.with_name(DATABASE_FILE + "-wal")
+    pages: set[int] = set()
+    try:
+        if not stat.S_ISREG(os.lstat(wal).st_mode):
+            return False  # refused by its own check
+        fd = os.open(wal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        header = os.pread(fd, 32, 0)
+        if len(header) < 32 or int.from_bytes(header[8:12]) != page_size:
+            return False
+        since_commit: list[int] = []
+        offset = 32
+        while len(frame := os.pread(fd, 24, offset)) == 24 and frame[8:16] == header[16:24]:
+            since_commit.append(int.from_bytes(frame[:4]))
+            if int.from_bytes(frame[4:8]):  # a commit: the database's size after it
+                pages.update(since_commit)
+                since_commit.clear()
+            offset += 24 + page_size
+    finally:
+        os.close(fd)
+    return len(lost) <= len(pages) and all(page in pages for page in lost)
 
 
 def tables(path: Path) -> set[str]:

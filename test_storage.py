@@ -1001,6 +1001,43 @@ async def test_a_truncated_database_is_refused_untouched(tmp_path: Path, wal: by
     _refused(tmp_path, DATABASE_FILE)
 
 
+def _beside_a_wal_of(path: Path, change: str) -> None:
+    """`path` as a kill -9 leaves it: beside the WAL of `change`, its last transactions."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.executescript(change)
+    wal = path.with_name(f"{DATABASE_FILE}-wal").read_bytes()
+    conn.close()  # checkpoints the WAL into the file and removes it
+    path.with_name(f"{DATABASE_FILE}-wal").write_bytes(wal)
+
+
+@pytest.mark.parametrize("holds", [False, True], ids=["other pages", "the pages cut off"])
+async def test_a_database_shorter_than_its_header_beside_a_wal_opens_only_if_the_wal_holds_the_rest(
+    tmp_path: Path, holds: bool
+) -> None:
+    """A checkpoint cut short leaves the file shorter than its header says, beside a WAL that
+    holds the rest. A WAL of other pages (a truncated file beside a kill -9's WAL) was let
+    through as large enough, and half the documents were unreadable."""
+    store = SQLiteStore.open(tmp_path)
+    for _ in range(30):
+        await store.create(body("x" * 100, content="y" * 5000))
+    await store.close()
+    path = tmp_path / DATABASE_FILE
+    # Many transactions of one page: a WAL larger than the pages cut off, holding none of them.
+    change = "UPDATE documents SET version = version + 1 WHERE n = (SELECT min(n) FROM documents);"
+    _beside_a_wal_of(path, "VACUUM" if holds else change * 200)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    if not holds:
+        _refused(tmp_path, DATABASE_FILE)
+        return
+    store = SQLiteStore.open(tmp_path)
+    try:
+        items, _ = await store.page(DocumentQuery(), limit=50)
+        assert len(items) == 30
+    finally:
+        await store.close()
+
+
 async def test_a_backup_that_cannot_be_used_is_refused_before_the_wal_beside_it_is_moved(
     tmp_path: Path,
 ) -> None:
