@@ -12,6 +12,7 @@ import os
 import sqlite3
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -60,6 +61,8 @@ def check_file(path: Path, versions: int) -> bytes | None:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
     page_size = int.from_bytes(head[16:18])
     page_size = 65536 if page_size == 1 else page_size  # the one size 16 bits cannot hold
+    if page_size < 512 or page_size & (page_size - 1):
+        raise StoreCorrupt(path, f"not an SQLite database (a page size of {page_size})")
     pages = int.from_bytes(head[28:32])
     app_id, user_version = owner(head), int.from_bytes(head[60:64])
     # Unmarked (0) with tables but no schema version: another application's, which a migration
@@ -155,17 +158,46 @@ def in_use(shm: Path) -> bool:
 
 
 def check_sharers(path: Path) -> None:
-    """Refuse a database another process has open but whose WAL or shared-memory file is not
-    that process's any more (removed, or replaced): SQLite here would make its own, and two
-    processes would each write one WAL believing itself alone, corrupting the database."""
-    if _locked(path, SHARED_FIRST, SHARED_SIZE) and not (
-        path.with_name(DATABASE_FILE + "-wal").exists()
-        and in_use(path.with_name(DATABASE_FILE + "-shm"))
-    ):
+    """Refuse a database whose files are not all those of the processes that have it open: its
+    WAL or shared-memory file removed or replaced under them, or the database file itself.
+    SQLite here would make its own, and two processes would each write one WAL believing
+    itself alone, or mix two databases, corrupting them."""
+    wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
+    database_open, shm_open = _locked(path, SHARED_FIRST, SHARED_SIZE), in_use(shm)
+    if database_open != shm_open or (shm_open and not _wal_of(wal, shm)):
         raise StoreUnavailable(
-            f"{path} is open in another process, whose {DATABASE_FILE}-wal or -shm was removed "
-            "or replaced: stop every process using it, then start"
+            f"{path} is open in another process through files since removed or replaced (the "
+            "database, its -wal or -shm): stop every process using it, then start"
         )
+
+
+def _head(path: Path, size: int) -> tuple[bytes, int]:
+    """The first `size` bytes of a regular file, and its size; OSError for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG((status := os.fstat(fd)).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.pread(fd, size, 0), status.st_size
+    finally:
+        os.close(fd)
+
+
+def _wal_of(wal: Path, shm: Path) -> bool:
+    """Whether `wal` is the WAL the shared memory indexes: a header of the same salts and the
+    frames it counts. Its header is read while its processes may write it: two copies that
+    differ (one being written) tell nothing."""
+    try:
+        (index, _), (wal_head, wal_size) = _head(shm, 96), _head(wal, 32)
+    except OSError:  # missing, or not a regular file
+        return False
+    if len(index) < 96 or index[:48] != index[48:]:
+        return True
+    frames = int.from_bytes(index[16:20], sys.byteorder)  # mxFrame, in the machine's order
+    page_size = int.from_bytes(index[14:16], sys.byteorder)
+    page_size = 65536 if page_size == 1 else page_size
+    return frames == 0 or (
+        wal_head[16:24] == index[32:40] and wal_size >= 32 + frames * (24 + page_size)
+    )
 
 
 def identity(path: Path) -> tuple[int, ...] | None:

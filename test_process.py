@@ -551,23 +551,30 @@ def test_a_backup_put_in_place_under_a_running_service_is_refused_and_its_files_
             assert_problem(client.get("/health/ready"), 503)
 
 
-@pytest.mark.parametrize("shm", ["removed", "replaced"])
-def test_a_second_process_never_opens_a_database_whose_shared_memory_was_taken_away(
-    service_factory: ServiceFactory, shm: str
+@pytest.mark.parametrize(
+    "taken", ["-shm removed", "-shm replaced", "-wal replaced", "database removed"]
+)
+def test_a_second_process_never_opens_a_database_whose_files_were_taken_away(
+    service_factory: ServiceFactory, taken: str
 ) -> None:
-    """With the -shm file removed (or replaced) under a running service, a replaced worker or a
+    """With the -shm file removed or replaced under a running service, a replaced worker or a
     second process made a new one: two processes then wrote one WAL, each believing itself
-    alone, and every document became unreadable. The second is refused; the first acknowledges
-    no more writes, and a restart finds every acknowledged document."""
+    alone, and every document became unreadable. With the -wal replaced, or the database file
+    removed, it took the running one's other files for its own. The second is refused; the
+    first acknowledges no more writes, and a restart finds every document it acknowledged."""
     service = service_factory().start()
-    shared_memory = service.data_dir / f"{DATABASE_FILE}-shm"
+    files = {name: service.data_dir / f"{DATABASE_FILE}{name}" for name in ("", "-wal", "-shm")}
     with service.client() as client:
         made = [client.post("/v1/documents", json={"title": "t", "content": "c"}) for _ in range(5)]
         assert [r.status_code for r in made] == [201] * 5
-        shared_memory.unlink()
-        if shm == "replaced":
-            shared_memory.write_bytes(b"")
-        files = sorted(p.name for p in service.data_dir.iterdir())
+        name, how = taken.split()
+        name = "" if name == "database" else name
+        if how == "replaced":
+            files[name].rename(service.data_dir / "aside")
+            files[name].write_bytes(b"")
+        else:
+            files[name].unlink()
+        before = sorted(p.name for p in service.data_dir.iterdir())
         second = service_factory(service.data_dir).start(wait=False)
         assert second.proc is not None
         assert second.proc.wait(20) != 0
@@ -575,11 +582,13 @@ def test_a_second_process_never_opens_a_database_whose_shared_memory_was_taken_a
         task = run_task(service.data_dir, "import", "/dev/null")
         assert task.returncode != 0
         assert b"removed or replaced" in task.stderr + task.stdout
-        assert sorted(p.name for p in service.data_dir.iterdir()) == files
+        assert sorted(p.name for p in service.data_dir.iterdir()) == before
         refused = client.post("/v1/documents", json={"title": "t", "content": "c"})
         assert "replaced or removed" in assert_problem(refused, 503)["detail"]
         assert_problem(client.get("/health/ready"), 503)
     assert service.terminate() in CLEAN_EXITS
+    if name == "":
+        return  # the documents went with the file
     restarted = service_factory(service.data_dir).start()
     with restarted.client() as client:
         assert sorted(doc["id"] for doc in walk(client)) == sorted(r.json()["id"] for r in made)
