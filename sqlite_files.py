@@ -134,6 +134,7 @@ def newer(path: Path, version: int, versions: int) -> StoreCorrupt:
 # range, for as long as it is open.
 SHM_DMS_BYTE = 128
 SHARED_FIRST, SHARED_SIZE = 0x40000000 + 2, 510
+SHARERS_CHECKS, SHARERS_CHECK_EVERY_S = 50, 0.02  # a mismatch lasting a second is refused
 
 
 def _locked(path: Path, start: int, length: int) -> bool:
@@ -163,12 +164,17 @@ def check_sharers(path: Path) -> None:
     SQLite here would make its own, and two processes would each write one WAL believing
     itself alone, or mix two databases, corrupting them."""
     wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
-    database_open, shm_open = _locked(path, SHARED_FIRST, SHARED_SIZE), in_use(shm)
-    if database_open != shm_open or (shm_open and not _wal_of(wal, shm)):
-        raise StoreUnavailable(
-            f"{path} is open in another process through files since removed or replaced (the "
-            "database, its -wal or -shm): stop every process using it, then start"
-        )
+    # A process closing the database as its last user lets its files go one at a time, over
+    # milliseconds: only what lasts is a mismatch.
+    for _ in range(SHARERS_CHECKS):
+        database_open, shm_open = _locked(path, SHARED_FIRST, SHARED_SIZE), in_use(shm)
+        if database_open == shm_open and (not shm_open or _wal_of(wal, shm)):
+            return
+        time.sleep(SHARERS_CHECK_EVERY_S)
+    raise StoreUnavailable(
+        f"{path} is open in another process through files since removed or replaced (the "
+        "database, its -wal or -shm): stop every process using it, then start"
+    )
 
 
 def _head(path: Path, size: int) -> tuple[bytes, int]:

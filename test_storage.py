@@ -8,6 +8,8 @@ import json
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -34,7 +36,7 @@ from models import (
     words,
 )
 from mongo_store import MongoStore
-from sqlite_files import DATABASE_FILE
+from sqlite_files import DATABASE_FILE, check_sharers, start_lock
 from sqlite_store import SQLiteStore, page_sql
 from storage import (
     DocumentInvalid,
@@ -1213,6 +1215,39 @@ async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
         await store.create(DocumentCreate(title="t", content="c"))
     finally:
         await store.close()
+
+
+_OPEN_AND_CLOSE = """
+import fcntl, os, sqlite3, sys
+for n in range(int(sys.argv[2])):
+    lock = os.open(sys.argv[1], os.O_RDONLY)  # the data directory's start lock, as a start takes it
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    conn = sqlite3.connect(os.path.join(sys.argv[1], "documents.db"), isolation_level=None)
+    conn.execute("UPDATE meta SET value = randomblob(32) WHERE name = 'unused'")
+    os.close(lock)
+    conn.close()  # the last user: its files go one at a time
+"""
+
+
+def test_a_start_is_not_refused_while_the_last_other_user_closes_the_database(
+    tmp_path: Path,
+) -> None:
+    """A process closing the database as its last user drops its lock on the shared memory
+    before its lock on the database: a start checking in between was refused as though the
+    files had been taken away, for a few milliseconds at each stop of the service."""
+    SQLiteStore.open(tmp_path).close_sync()
+    other = subprocess.Popen([sys.executable, "-c", _OPEN_AND_CLOSE, str(tmp_path), "300"])
+    try:
+        checks = 0
+        while other.poll() is None:
+            with start_lock(tmp_path):
+                check_sharers(tmp_path / DATABASE_FILE)
+            checks += 1
+        assert other.returncode == 0
+        assert checks > 10
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize("removed", [("", "-wal", "-shm"), ("-wal", "-shm"), ("-wal",), ("-shm",)])
