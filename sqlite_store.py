@@ -132,11 +132,11 @@ def _schema(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
     }
 
 
-def _expected_schema() -> set[tuple[str, str, str]]:
-    """What the migrations make, made in memory."""
+def _expected_schema(version: int) -> set[tuple[str, str, str]]:
+    """What the migrations up to `version` make, made in memory."""
     conn = sqlite3.connect(":memory:")
     try:
-        for script in MIGRATIONS:
+        for script in MIGRATIONS[:version]:
             conn.executescript(script)
         return _schema(conn)
     finally:
@@ -209,7 +209,6 @@ class SQLiteStore:
                 for name in ("-wal", "-shm"):
                     check_file(store.path.with_name(DATABASE_FILE + name), len(MIGRATIONS))
                 store._migrate(head is not None, migrate)
-                store._secret = store._check_schema()
                 store._file = identity(store.path)
         except BaseException as exc:
             store.close_sync()
@@ -229,16 +228,7 @@ class SQLiteStore:
         imported = None if existed else read_legacy(self.data_dir, self._clock(), task=not migrate)
         if not existed:
             create(self.path)
-        conn = self._connection()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):  # a newer version's migration, still in the WAL
-            raise newer(self.path, version, len(MIGRATIONS))
-        if not migrate and 0 < version < len(MIGRATIONS):
-            # A task of a newer version: the previous version's service may still be using it.
-            raise StoreUnavailable(
-                f"{self.path} has schema {version}, this version {len(MIGRATIONS)}: stop the "
-                "service using it, then start this version's service, which migrates it"
-            )
+        version = self._check_as_found(migrate)
         if existed and version == 0:  # made, not yet migrated: by another process, or killed
             imported = read_legacy(self.data_dir, self._clock(), task=not migrate)
         elif existed and (left := left_beside(self.data_dir)):
@@ -248,6 +238,7 @@ class SQLiteStore:
                 "data since the upgrade; it is never read: move it aside, then start",
             )
         # One process migrates; the others wait here for its lock, then find nothing to do.
+        conn = self._connection()
         with conn:
             conn.execute("BEGIN EXCLUSIVE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -262,23 +253,48 @@ class SQLiteStore:
             # Expired keys go at each start; a live key is replaced once expired.
             expired = millis(self._clock()) - TTL_MS
             conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
+        if not self._secret:  # made by the first migration, just now
+            self._secret = conn.execute(
+                "SELECT value FROM meta WHERE name = 'cursor_secret'"
+            ).fetchone()[0]
         if imported is not None and version == 0:
             mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
 
-    def _check_schema(self) -> bytes:
-        """The cursor secret, once the schema is known to be the migrations' own: a database
-        missing part of it, or with a part changed or added by hand (a column, an index, a
-        trigger, the words' index's tokenizer) is refused at start rather than failing, or
-        scanning, or doing what the part does, in the requests that meet it."""
-        conn = self._connection()
-        if differ := _expected_schema() ^ _schema(conn):
-            names = ", ".join(sorted({name for _, name, _ in differ}))
-            raise StoreCorrupt(self.path, f"its schema is not this version's in: {names}")
-        secret = conn.execute("SELECT value FROM meta WHERE name = 'cursor_secret'").fetchone()
-        if secret is None or not isinstance(secret[0], bytes) or len(secret[0]) != 32:
-            raise StoreCorrupt(self.path, "its cursor secret is missing or not 32 bytes")
-        return secret[0]
+    def _check_as_found(self, migrate: bool) -> int:
+        """The schema version, once the database is one this version can serve: not a newer
+        version's (nor an older one's for a task, which never migrates), its schema what the
+        migrations made (a part missing, changed or added by hand is refused here, not met by
+        requests that fail or scan), its cursor secret whole. Read through a read-only
+        connection, which never writes the database nor folds the WAL into it as the last
+        connection's close does: a refusal leaves both as they were."""
+        beside = [self.path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm")]
+        made = [path for path in beside if not os.path.lexists(path)]
+        conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True)
+        try:
+            version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise newer(self.path, version, len(MIGRATIONS))
+            if not migrate and 0 < version < len(MIGRATIONS):
+                # A task of a newer version: the previous version's service may still use it.
+                raise StoreUnavailable(
+                    f"{self.path} has schema {version}, this version {len(MIGRATIONS)}: stop the "
+                    "service using it, then start this version's service, which migrates it"
+                )
+            if differ := _expected_schema(version) ^ _schema(conn):
+                names = ", ".join(sorted({name for _, name, _ in differ}))
+                raise StoreCorrupt(self.path, f"its schema is not this version's in: {names}")
+            if version:
+                sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
+                secret = conn.execute(sql).fetchone()
+                if secret is None or not isinstance(secret[0], bytes) or len(secret[0]) != 32:
+                    raise StoreCorrupt(self.path, "its cursor secret is missing or not 32 bytes")
+                self._secret = secret[0]
+            return version
+        finally:
+            conn.close()
+            for path in made:  # by this connection, which cannot remove them (start_lock held)
+                path.unlink(missing_ok=True)
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection."""

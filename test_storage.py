@@ -280,8 +280,14 @@ async def test_a_database_of_the_first_schema_is_migrated_at_start(
     await store.close()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:  # as the first release left it
         conn.execute("DROP INDEX idempotency_created")
-        for table, columns in (("tags", "tag"), ("metadata", "key, value")):
-            old = f"{columns}, created, id, n, PRIMARY KEY ({columns}, created, id)"
+        for table, columns, typed in (
+            ("tags", "tag", "tag TEXT NOT NULL"),
+            ("metadata", "key, value", "key TEXT NOT NULL, value NOT NULL"),
+        ):
+            old = (
+                f"{typed}, created INTEGER NOT NULL, id TEXT NOT NULL, n INTEGER NOT NULL,"
+                f" PRIMARY KEY ({columns}, created, id)"
+            )
             copy = f"SELECT {columns}, created, id, n FROM {table} JOIN documents USING (n)"  # noqa: S608
             conn.execute(f"CREATE TABLE old ({old}) WITHOUT ROWID")
             conn.execute(f"INSERT INTO old {copy}")
@@ -1121,24 +1127,32 @@ def test_this_store_s_database_from_before_it_marked_its_files_is_opened(tmp_pat
         ("UPDATE meta SET value = 7", "cursor secret is missing or not 32 bytes"),
     ],
 )
+@pytest.mark.parametrize("in_wal", [False, True], ids=["in the file", "in the WAL"])
 def test_a_database_missing_part_of_its_schema_is_refused(
-    tmp_path: Path, damage: str, named: str
+    tmp_path: Path, damage: str, named: str, in_wal: bool
 ) -> None:
     """It started and was ready: the reads or the writes that needed the part then failed (503,
     "no such table"), a listing without its index scanned, or the start failed with a traceback
-    for the cursor secret."""
+    for the cursor secret. Left in the WAL by a kill -9, the change was folded into the file and
+    the WAL removed by the refused start's close, which said the file was left untouched."""
     SQLiteStore.open(tmp_path).close_sync()
-    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
-        conn.executescript(damage)
-    conn.close()
+    _damage(tmp_path / DATABASE_FILE, damage, in_wal)
     assert named in str(_refused(tmp_path, DATABASE_FILE))
 
 
-def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
-    SQLiteStore.open(tmp_path).close_sync()
-    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
-        conn.execute("PRAGMA user_version = 99")
+def _damage(path: Path, change: str, in_wal: bool) -> None:
+    if in_wal:
+        _beside_a_wal_of(path, change)
+        return
+    with sqlite3.connect(path) as conn:
+        conn.executescript(change)
     conn.close()
+
+
+@pytest.mark.parametrize("in_wal", [False, True], ids=["in the file", "in the WAL"])
+def test_a_database_from_a_newer_version_is_refused(tmp_path: Path, in_wal: bool) -> None:
+    SQLiteStore.open(tmp_path).close_sync()
+    _damage(tmp_path / DATABASE_FILE, "PRAGMA user_version = 99", in_wal)
     assert "newer version" in str(_refused(tmp_path, DATABASE_FILE))
 
 
