@@ -1019,13 +1019,18 @@ def _beside_a_wal_of(path: Path, change: str) -> None:
     path.with_name(f"{DATABASE_FILE}-wal").write_bytes(wal)
 
 
-@pytest.mark.parametrize("holds", [False, True], ids=["other pages", "the pages cut off"])
+@pytest.mark.parametrize(
+    ("holds", "damaged"),
+    [(False, False), (True, False), (True, True)],
+    ids=["other pages", "the pages cut off", "the pages cut off, one damaged"],
+)
 async def test_a_database_shorter_than_its_header_beside_a_wal_opens_only_if_the_wal_holds_the_rest(
-    tmp_path: Path, holds: bool
+    tmp_path: Path, holds: bool, damaged: bool
 ) -> None:
     """A checkpoint cut short leaves the file shorter than its header says, beside a WAL that
     holds the rest. A WAL of other pages (a truncated file beside a kill -9's WAL) was let
-    through as large enough, and half the documents were unreadable."""
+    through as large enough, and half the documents were unreadable. A frame damaged in the WAL
+    ends what SQLite replays: refused, and the refused start's close had removed the WAL."""
     store = SQLiteStore.open(tmp_path)
     for _ in range(30):
         await store.create(body("x" * 100, content="y" * 5000))
@@ -1035,7 +1040,13 @@ async def test_a_database_shorter_than_its_header_beside_a_wal_opens_only_if_the
     change = "UPDATE documents SET version = version + 1 WHERE n = (SELECT min(n) FROM documents);"
     _beside_a_wal_of(path, "VACUUM" if holds else change * 200)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    if not holds:
+    if damaged:  # a page's bytes in a frame half-way through: its checksum no longer matches
+        wal = bytearray((tmp_path / f"{DATABASE_FILE}-wal").read_bytes())
+        frame = 24 + int.from_bytes(wal[8:12])
+        middle = 32 + frame * (len(wal) // frame // 2) + 100
+        wal[middle : middle + 16] = b"\xff" * 16
+        (tmp_path / f"{DATABASE_FILE}-wal").write_bytes(wal)
+    if damaged or not holds:
         _refused(tmp_path, DATABASE_FILE)
         return
     store = SQLiteStore.open(tmp_path)
