@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from storage import StoreCorrupt, StoreUnavailable
 
@@ -28,6 +29,7 @@ HEADER = b"SQLite format 3\x00"
 # keeps its own until its first start (see adopt_backup).
 APPLICATION_ID = 1146048340
 BACKUP_ID = APPLICATION_ID + 1
+WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header (wal.c)
 # The tables of the first migration: an unmarked database with a schema version lacking one is
 # another application's.
 FIRST_TABLES = frozenset({"documents", "tags", "metadata", "words", "idempotency", "meta"})
@@ -55,7 +57,16 @@ def check_file(path: Path, versions: int) -> bytes | None:
         head = os.read(fd, 100)
     finally:
         os.close(fd)
-    if path.name != DATABASE_FILE:  # its WAL and shared-memory files: SQLite checks those
+    # SQLite reads a WAL whose header fails its checks as empty, and drops it with every write
+    # it holds. Not while the database is open: its processes may be rewriting that header.
+    wal = path.name.endswith("-wal") and size
+    if wal and not _wal_header_whole(head) and not in_use(path.with_name(DATABASE_FILE + "-shm")):
+        raise StoreCorrupt(
+            path,
+            "not a WAL, or its header is damaged: SQLite would drop every write it holds; "
+            "restore a backup, or move it aside to start without them",
+        )
+    if path.name != DATABASE_FILE:  # SQLite checks the rest of the WAL and shared memory
         return head
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
@@ -81,6 +92,23 @@ def check_file(path: Path, versions: int) -> bytes | None:
     if user_version > versions:
         raise newer(path, user_version, versions)
     return head
+
+
+def _wal_header_whole(head: bytes) -> bool:
+    """Whether a WAL's first bytes pass the checks SQLite makes of its header: the magic number
+    (which gives the checksum's byte order), the format version, a page size, the checksum."""
+    magic = int.from_bytes(head[:4])
+    page_size = int.from_bytes(head[8:12])
+    if len(head) < 32 or magic not in (WAL_MAGIC, WAL_MAGIC + 1) or head[4:8] != WAL_VERSION:
+        return False
+    if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+        return False
+    order: Literal["big", "little"] = "big" if magic & 1 else "little"
+    first = second = 0
+    for at in range(0, 24, 8):
+        first = (first + int.from_bytes(head[at : at + 4], order) + second) & 0xFFFFFFFF
+        second = (second + int.from_bytes(head[at + 4 : at + 8], order) + first) & 0xFFFFFFFF
+    return head[24:32] == first.to_bytes(4) + second.to_bytes(4)
 
 
 def _wal_holds(path: Path, page_size: int, lost: range) -> bool:

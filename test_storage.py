@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -980,7 +980,7 @@ async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 def _refused(data_dir: Path, name: str) -> StoreCorrupt:
     before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()}
     with pytest.raises(StoreCorrupt) as caught:
-        SQLiteStore.open(data_dir)
+        SQLiteStore.open(data_dir).close_sync()  # closed if it opens: its writer would stay
     assert str(data_dir / name) in str(caught.value)
     assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()} == before
     return caught.value
@@ -1017,6 +1017,32 @@ def _beside_a_wal_of(path: Path, change: str) -> None:
     wal = path.with_name(f"{DATABASE_FILE}-wal").read_bytes()
     conn.close()  # checkpoints the WAL into the file and removes it
     path.with_name(f"{DATABASE_FILE}-wal").write_bytes(wal)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda wal: os.urandom(len(wal)),
+        lambda wal: b"\x00" + wal[1:],  # the magic number
+        lambda wal: wal[:4] + bytes(4) + wal[8:],  # the format version
+        lambda wal: wal[:8] + (1000).to_bytes(4) + wal[12:],  # the page size
+        lambda wal: wal[:16] + bytes([wal[16] ^ 1]) + wal[17:],  # a salt: the checksum fails
+        lambda wal: wal[:31],
+    ],
+    ids=["garbage", "magic", "version", "page size", "checksum", "shorter than a header"],
+)
+def test_a_wal_whose_header_is_damaged_is_refused_untouched(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    """SQLite reads such a WAL as empty: the start went on, and every write the WAL held, left
+    there by a kill -9, was gone."""
+    SQLiteStore.open(tmp_path).close_sync()
+    path = tmp_path / DATABASE_FILE
+    _beside_a_wal_of(path, "INSERT INTO meta VALUES ('written', 1)")
+    wal = path.with_name(f"{DATABASE_FILE}-wal")
+    assert wal.stat().st_size > 32
+    wal.write_bytes(damage(wal.read_bytes()))
+    assert "header is damaged" in str(_refused(tmp_path, wal.name))
 
 
 @pytest.mark.parametrize(
