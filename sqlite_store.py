@@ -35,6 +35,7 @@ from models import (
 )
 from ratelimit import StoreWork
 from sqlite_files import (
+    APPLICATION_ID,
     BACKUP_ID,
     DATABASE_FILE,
     adopt_backup,
@@ -121,13 +122,21 @@ MIGRATIONS = [
 
 
 def _schema(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
-    """Each table, index, view and trigger with its definition (white space and quotes aside);
-    the words' index's own tables by name, as each FTS5 version words them its own way."""
+    """Each table, index, view and trigger with its definition (white space aside, and the
+    quotes a rename puts around its name), but ANALYZE's tables; the words' index's own tables
+    by name, as each FTS5 version words them its own way."""
     rows = conn.execute(
-        "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'"
+        "SELECT type, name, coalesce(sql, '') FROM sqlite_master"
+        " WHERE NOT (type = 'table' AND name GLOB 'sqlite_stat[1-4]')"
     )
     return {
-        (kind, name, "" if name.startswith("words_") else " ".join(sql.replace('"', "").split()))
+        (
+            kind,
+            name,
+            ""
+            if name.startswith("words_")
+            else " ".join(sql.replace(f'"{name}"', name, 1).split()),
+        )
         for kind, name, sql in rows
     }
 
@@ -204,7 +213,8 @@ class SQLiteStore:
             with start_lock(data_dir):
                 head = check_file(store.path, len(MIGRATIONS))
                 check_sharers(store.path)
-                if owner(head) == BACKUP_ID:
+                if owner(head) == BACKUP_ID:  # checked alone: the WAL beside it is not its own
+                    store._check_as_found(migrate, backup=True)
                     adopt_backup(store.path, len(MIGRATIONS))
                 for name in ("-wal", "-shm"):
                     check_file(store.path.with_name(DATABASE_FILE + name), len(MIGRATIONS))
@@ -229,7 +239,12 @@ class SQLiteStore:
         if not existed:
             create(self.path)
         version = self._check_as_found(migrate)
-        if existed and version == 0:  # made, not yet migrated: by another process, or killed
+        if existed and version == 0 and not migrate:
+            raise StoreUnavailable(
+                f"{self.path} is an empty database: start the service on it once, or check that "
+                "DATA_DIR is the service's"
+            )
+        if existed and version == 0:  # made, not yet migrated: the start was killed
             imported = read_legacy(self.data_dir, self._clock(), task=not migrate)
         elif existed and (left := left_beside(self.data_dir)):
             raise StoreCorrupt(
@@ -261,17 +276,23 @@ class SQLiteStore:
             mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
 
-    def _check_as_found(self, migrate: bool) -> int:
+    def _check_as_found(self, migrate: bool, *, backup: bool = False) -> int:
         """The schema version, once the database is one this version can serve: not a newer
         version's (nor an older one's for a task, which never migrates), its schema what the
         migrations made (a part missing, changed or added by hand is refused here, not met by
         requests that fail or scan), its cursor secret whole. Read through a read-only
         connection, which never writes the database nor folds the WAL into it as the last
-        connection's close does: a refusal leaves both as they were."""
+        connection's close does: a refusal leaves both as they were. A `backup` is read alone,
+        without the WAL beside it, which is the replaced database's."""
         beside = [self.path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm")]
         made = [path for path in beside if not os.path.lexists(path)]
-        conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True)
+        mode = "immutable=1" if backup else "mode=ro"
+        conn = sqlite3.connect(f"{self.path.as_uri()}?{mode}", uri=True)
         try:
+            # The header as the WAL leaves it: check_file read the file's own.
+            marks = {BACKUP_ID} if backup else {0, APPLICATION_ID}
+            if conn.execute("PRAGMA application_id").fetchone()[0] not in marks:
+                raise StoreCorrupt(self.path, "an SQLite database of another application")
             version: int = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise newer(self.path, version, len(MIGRATIONS))

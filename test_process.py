@@ -756,3 +756,19 @@ def test_a_backup_or_export_of_a_directory_without_a_database_is_refused(
     assert b"no database at" in result.stderr
     assert not (tmp_path / "copy").exists()
     assert not (wrong / "documents.db").exists()
+
+
+@pytest.mark.parametrize("task", ["backup", "export", "import"])
+def test_a_task_never_migrates_an_empty_database(tmp_path: Path, task: str) -> None:
+    """An empty SQLite file where the database should be (made by hand, or a start killed
+    before its migration): a task made it a store, and a backup or export of it looked good."""
+    data = tmp_path / "data"
+    data.mkdir()
+    sqlite3.connect(data / "documents.db").execute("PRAGMA journal_mode = WAL").connection.close()
+    before = (data / "documents.db").read_bytes()
+    (tmp_path / "in.jsonl").write_text("")
+    result = run_task(data, task, str(tmp_path / ("in.jsonl" if task == "import" else "copy")))
+    assert result.returncode != 0
+    assert b"is an empty database" in result.stderr
+    assert not (tmp_path / "copy").exists()
+    assert (data / "documents.db").read_bytes() == before

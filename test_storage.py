@@ -1010,12 +1010,15 @@ async def test_a_truncated_database_is_refused_untouched(tmp_path: Path, wal: by
 
 
 def _beside_a_wal_of(path: Path, change: str) -> None:
-    """`path` as a kill -9 leaves it: beside the WAL of `change`, its last transactions."""
+    """`path` as a kill -9 leaves it: as it was, beside the WAL of `change`, its last
+    transactions."""
+    file = path.read_bytes()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.executescript(change)
     wal = path.with_name(f"{DATABASE_FILE}-wal").read_bytes()
     conn.close()  # checkpoints the WAL into the file and removes it
+    path.write_bytes(file)
     path.with_name(f"{DATABASE_FILE}-wal").write_bytes(wal)
 
 
@@ -1083,21 +1086,31 @@ async def test_a_database_shorter_than_its_header_beside_a_wal_opens_only_if_the
         await store.close()
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("PRAGMA user_version = 99", "newer version"),
+        ("CREATE TRIGGER t AFTER INSERT ON documents BEGIN SELECT 1; END", "in: t"),
+        ("PRAGMA application_id = 7", "another application"),
+    ],
+    ids=["of a newer version", "its schema changed by hand", "marked as another's"],
+)
 async def test_a_backup_that_cannot_be_used_is_refused_before_the_wal_beside_it_is_moved(
-    tmp_path: Path,
+    tmp_path: Path, change: str, named: str
 ) -> None:
-    """A backup of a newer version's, put in place beside the replaced database's WAL: that WAL
-    had been set aside before the refusal, which said the files were left untouched."""
+    """A backup that would be refused, put in place beside the replaced database's WAL: that
+    WAL had been set aside before the refusal, which said the files were left untouched, and
+    with the replaced database put back, its writes in that WAL were not served."""
     store = SQLiteStore.open(tmp_path / "live")
     await store.create(body("kept"))
     store.backup(tmp_path / ("b" * 250))  # as long a name as the filesystem takes
     await store.close()
     with sqlite3.connect(tmp_path / ("b" * 250)) as conn:
-        conn.execute("PRAGMA user_version = 99")
+        conn.executescript(change)
     conn.close()
     (tmp_path / ("b" * 250)).rename(tmp_path / "live" / DATABASE_FILE)
     (tmp_path / "live" / f"{DATABASE_FILE}-wal").write_bytes(b"the replaced database's")
-    assert "newer version" in str(_refused(tmp_path / "live", DATABASE_FILE))
+    assert named in str(_refused(tmp_path / "live", DATABASE_FILE))
 
 
 @pytest.mark.parametrize(
@@ -1118,12 +1131,21 @@ async def test_a_backup_that_cannot_be_used_is_refused_before_the_wal_beside_it_
         "unmarked, with some of this store's table names",
     ],
 )
-def test_another_application_s_database_is_refused_untouched(tmp_path: Path, make: str) -> None:
-    """Adopted, it was migrated in place and served as an empty store."""
-    with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
-        conn.executescript(make)
-    conn.close()
-    assert "another application" in str(_refused(tmp_path, DATABASE_FILE))
+@pytest.mark.parametrize("in_wal", [False, True], ids=["in the file", "in the WAL"])
+def test_another_application_s_database_is_refused_untouched(
+    tmp_path: Path, make: str, in_wal: bool
+) -> None:
+    """Adopted, it was migrated in place and served as an empty store; marked in the WAL a kill
+    -9 left (the header read before SQLite opens the file is the file's own), it was served,
+    then refused at the next start."""
+    if in_wal:
+        sqlite3.connect(tmp_path / DATABASE_FILE).execute(
+            "PRAGMA journal_mode = WAL"
+        ).connection.close()
+    _damage(tmp_path / DATABASE_FILE, make, in_wal)
+    refused = str(_refused(tmp_path, DATABASE_FILE))
+    # Unmarked, in the WAL: refused for its schema (or its schema version), not this store's.
+    assert "another application" in refused or (in_wal and "application_id" not in make)
 
 
 def test_this_store_s_database_from_before_it_marked_its_files_is_opened(tmp_path: Path) -> None:
@@ -1158,6 +1180,16 @@ def test_this_store_s_database_from_before_it_marked_its_files_is_opened(tmp_pat
             "DROP TABLE words; CREATE VIRTUAL TABLE words USING fts5 (terms, content='',"
             " tokenize='porter', detail='none')",
             "words",
+        ),
+        (
+            "CREATE TRIGGER sqlitexstat1 AFTER INSERT ON documents BEGIN DELETE FROM documents"
+            " WHERE n = new.n; END",
+            "sqlitexstat1",
+        ),
+        (
+            "PRAGMA writable_schema = ON; UPDATE sqlite_master SET sql = replace(sql,"
+            " 'body BLOB NOT NULL', '\"body BLOB\" NOT NULL') WHERE name = 'documents'",
+            "documents",
         ),
         ("DELETE FROM meta", "cursor secret is missing"),
         ("UPDATE meta SET value = 'abc'", "cursor secret is missing or not 32 bytes"),
