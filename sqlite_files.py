@@ -30,9 +30,6 @@ HEADER = b"SQLite format 3\x00"
 APPLICATION_ID = 1146048340
 BACKUP_ID = APPLICATION_ID + 1
 WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header (wal.c)
-# The tables of the first migration: an unmarked database with a schema version lacking one is
-# another application's.
-FIRST_TABLES = frozenset({"documents", "tags", "metadata", "words", "idempotency", "meta"})
 
 
 def check_file(path: Path, versions: int) -> bytes | None:
@@ -86,10 +83,10 @@ def check_file(path: Path, versions: int) -> bytes | None:
     if lost and (app_id == BACKUP_ID or not _wal_holds(path, page_size, lost)):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     # Unmarked with a schema version: this store's from before it marked its files, or another
-    # application's, which keeps a number of its own there: its tables tell.
-    if app_id == 0 and user_version and not tables(path) >= FIRST_TABLES:
-        raise StoreCorrupt(path, "an SQLite database of another application")
+    # application's, whose schema tells (SQLiteStore._check_as_found), unless past this one's.
     if user_version > versions:
+        if app_id == 0:
+            raise StoreCorrupt(path, "an SQLite database of another application")
         raise newer(path, user_version, versions)
     return head
 
@@ -138,15 +135,6 @@ def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
     finally:
         os.close(fd)
     return len(lost) <= len(pages) and all(page in pages for page in lost)
-
-
-def tables(path: Path) -> set[str]:
-    """The tables in the file itself, read without a lock or a look at any file beside it."""
-    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
-    try:
-        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-    finally:
-        conn.close()
 
 
 def newer(path: Path, version: int, versions: int) -> StoreCorrupt:
