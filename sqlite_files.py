@@ -1,7 +1,7 @@
 """The database's files as files: what SQLite says too late or not at all about `documents.db`
 and the WAL and shared-memory files beside it (another format, truncation, another application's
-database, a newer schema, a process that has it open, a backup put in its place), checked before
-SQLite opens it; the file made whole; the lock one starting process holds."""
+mark, a damaged WAL header, a process that has it open, a backup put in its place), checked
+before SQLite opens it; the file made whole; the lock one starting process holds."""
 
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ BACKUP_ID = APPLICATION_ID + 1
 WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header (wal.c)
 
 
-def check_file(path: Path, versions: int) -> bytes | None:
+def check_file(path: Path) -> bytes | None:
     """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
     anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
-    format, a truncated database, another application's, one of a schema past `versions`)
-    before SQLite touches it."""
+    format, a truncated database, another application's by its header) before SQLite opens it;
+    SQLiteStore._check_as_found reads the rest through SQLite."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -82,12 +82,6 @@ def check_file(path: Path, versions: int) -> bytes | None:
     lost = range(size // page_size + 1, pages + 1) if head[24:28] == head[92:96] else range(0)
     if lost and (app_id == BACKUP_ID or not _wal_holds(path, page_size, lost)):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
-    # Unmarked with a schema version: this store's from before it marked its files, or another
-    # application's, whose schema tells (SQLiteStore._check_as_found), unless past this one's.
-    if user_version > versions:
-        if app_id == 0:
-            raise StoreCorrupt(path, "an SQLite database of another application")
-        raise newer(path, user_version, versions)
     return head
 
 
@@ -135,14 +129,6 @@ def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
     finally:
         os.close(fd)
     return len(lost) <= len(pages) and all(page in pages for page in lost)
-
-
-def newer(path: Path, version: int, versions: int) -> StoreCorrupt:
-    return StoreCorrupt(
-        path,
-        f"written by a newer version (schema {version}, this one knows up to "
-        f"{versions}); run that version or restore a backup",
-    )
 
 
 # The unix VFS's locks (os_unix.c): every connection holds a read lock on byte 128 of the
@@ -270,7 +256,7 @@ def start_lock(data_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def adopt_backup(path: Path, versions: int) -> None:
+def adopt_backup(path: Path) -> None:
     """A backup put in place of the database: a WAL and shared-memory file beside it are the
     replaced database's (a backup keeps its mark until its first start), and SQLite would
     replay that WAL over it. They are set aside, and the file marked as the database; not while
@@ -291,6 +277,6 @@ def adopt_backup(path: Path, versions: int) -> None:
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     finally:
         conn.close()  # the last connection: the WAL is checkpointed into the file
-    if owner(check_file(path, versions)) == BACKUP_ID:  # the next start would set its WAL aside
+    if owner(check_file(path)) == BACKUP_ID:  # the next start would set its WAL aside
         raise StoreUnavailable(f"{path} is open in another process: stop it, then start")
     log.info("store.backup_adopted", extra={"set_aside": aside})

@@ -43,7 +43,6 @@ from sqlite_files import (
     check_sharers,
     create,
     identity,
-    newer,
     owner,
     start_lock,
 )
@@ -211,13 +210,13 @@ class SQLiteStore:
             store._legacy_fd = previous_version_locked_out(data_dir)
             # One starting process at a time checks, adopts, migrates and imports.
             with start_lock(data_dir):
-                head = check_file(store.path, len(MIGRATIONS))
+                head = check_file(store.path)
                 check_sharers(store.path)
                 if owner(head) == BACKUP_ID:  # checked alone: the WAL beside it is not its own
                     store._check_as_found(migrate, backup=True)
-                    adopt_backup(store.path, len(MIGRATIONS))
+                    adopt_backup(store.path)
                 for name in ("-wal", "-shm"):
-                    check_file(store.path.with_name(DATABASE_FILE + name), len(MIGRATIONS))
+                    check_file(store.path.with_name(DATABASE_FILE + name))
                 store._migrate(head is not None, migrate)
                 store._file = identity(store.path)
         except BaseException as exc:
@@ -291,11 +290,18 @@ class SQLiteStore:
         try:
             # The header as the WAL leaves it: check_file read the file's own.
             marks = {BACKUP_ID} if backup else {0, APPLICATION_ID}
-            if conn.execute("PRAGMA application_id").fetchone()[0] not in marks:
-                raise StoreCorrupt(self.path, "an SQLite database of another application")
+            mark = conn.execute("PRAGMA application_id").fetchone()[0]
             version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+            # Unmarked: this store's from before it marked its files (its schema tells), or
+            # another application's, whose numbers are its own.
+            if mark not in marks or (mark == 0 and version > len(MIGRATIONS)):
+                raise StoreCorrupt(self.path, "an SQLite database of another application")
             if version > len(MIGRATIONS):
-                raise newer(self.path, version, len(MIGRATIONS))
+                raise StoreCorrupt(
+                    self.path,
+                    f"written by a newer version (schema {version}, this one knows up to "
+                    f"{len(MIGRATIONS)}); run that version or restore a backup",
+                )
             if not migrate and 0 < version < len(MIGRATIONS):
                 # A task of a newer version: the previous version's service may still use it.
                 raise StoreUnavailable(
