@@ -52,12 +52,13 @@ def check_file(path: Path) -> bytes | None:
     try:
         size = os.fstat(fd).st_size
         head = os.read(fd, 100)
+        # SQLite reads a WAL whose header fails its checks as empty, and drops every write it
+        # holds: anything but zeros past the header may be one.
+        wal = path.name.endswith("-wal") and not _wal_header_whole(head) and _past_header(fd)
     finally:
         os.close(fd)
-    # SQLite reads a WAL whose header fails its checks as empty, and drops it with every write
-    # it holds. Not while the database is open: its processes may be rewriting that header.
-    wal = path.name.endswith("-wal") and size
-    if wal and not _wal_header_whole(head) and not in_use(path.with_name(DATABASE_FILE + "-shm")):
+    # Not while the database is open: its processes may be rewriting that header.
+    if wal and not in_use(path.with_name(DATABASE_FILE + "-shm")):
         raise StoreCorrupt(
             path,
             "not a WAL, or its header is damaged: SQLite would drop every write it holds; "
@@ -100,6 +101,16 @@ def _wal_header_whole(head: bytes) -> bool:
         first = (first + int.from_bytes(head[at : at + 4], order) + second) & 0xFFFFFFFF
         second = (second + int.from_bytes(head[at + 4 : at + 8], order) + first) & 0xFFFFFFFF
     return head[24:32] == first.to_bytes(4) + second.to_bytes(4)
+
+
+def _past_header(fd: int) -> bool:
+    """Whether a WAL holds anything but zeros past its header, read a megabyte at a time."""
+    offset = 32
+    while chunk := os.pread(fd, 1 << 20, offset):
+        if chunk.strip(b"\0"):
+            return True
+        offset += len(chunk)
+    return False
 
 
 def _wal_holds(path: Path, page_size: int, lost: range) -> bool:

@@ -1030,9 +1030,9 @@ def _beside_a_wal_of(path: Path, change: str) -> None:
         lambda wal: wal[:4] + bytes(4) + wal[8:],  # the format version
         lambda wal: wal[:8] + (1000).to_bytes(4) + wal[12:],  # the page size
         lambda wal: wal[:16] + bytes([wal[16] ^ 1]) + wal[17:],  # a salt: the checksum fails
-        lambda wal: wal[:31],
+        lambda wal: bytes(32) + wal[32:],
     ],
-    ids=["garbage", "magic", "version", "page size", "checksum", "shorter than a header"],
+    ids=["garbage", "magic", "version", "page size", "checksum", "zeroed"],
 )
 def test_a_wal_whose_header_is_damaged_is_refused_untouched(
     tmp_path: Path, damage: Callable[[bytes], bytes]
@@ -1046,6 +1046,22 @@ def test_a_wal_whose_header_is_damaged_is_refused_untouched(
     assert wal.stat().st_size > 32
     wal.write_bytes(damage(wal.read_bytes()))
     assert "header is damaged" in str(_refused(tmp_path, wal.name))
+
+
+@pytest.mark.parametrize(
+    "wal", [b"\x00" * 31, b"\x00" * 4096, b"torn"], ids=["zeros", "a page of zeros", "short"]
+)
+async def test_a_wal_that_holds_no_frame_is_no_damage(tmp_path: Path, wal: bytes) -> None:
+    """SQLite reads it as empty, as it is: nothing is lost, and nothing is refused."""
+    store = SQLiteStore.open(tmp_path)
+    made, _ = await store.create(body("kept"))
+    await store.close()
+    (tmp_path / f"{DATABASE_FILE}-wal").write_bytes(wal)
+    store = SQLiteStore.open(tmp_path)
+    try:
+        assert await store.get(made.id) == made
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize(
