@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
+from uvicorn.config import STARTUP_FAILURE
 
 import openapi
 import ratelimit
@@ -812,6 +813,14 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
         where, reason = exc.filename or args.file, exc.strerror or str(exc)
         _error_line(f"{where}: {reason}" if where else reason)
         return 1
+    if settings.workers > 1 and not settings.database_url:
+        # Each worker would refuse a database none can open, a line each: refused once, here.
+        # The migrations run here too; the workers then find nothing to do.
+        try:
+            SQLiteStore.open(settings.data_dir).close_sync()
+        except StoreError as exc:
+            log.critical("store.open_failed", extra={"error": str(exc)})
+            return STARTUP_FAILURE
     metrics_dir = None
     if settings.workers > 1:
         # Each worker writes its metrics to files here; /metrics sums them (prometheus-client's
