@@ -212,6 +212,14 @@ class SQLiteStore:
             with start_lock(data_dir):
                 head = check_file(store.path)
                 check_sharers(store.path)
+                wal = store.path.with_name(DATABASE_FILE + "-wal")
+                if head is None and os.path.lexists(wal) and os.lstat(wal).st_size:
+                    # A new database beside it would be read through another's pages.
+                    raise StoreCorrupt(
+                        wal,
+                        f"its database, {DATABASE_FILE}, is missing: put it back or restore a "
+                        "backup, or move this file aside to start a new, empty database",
+                    )
                 if owner(head) == BACKUP_ID:  # checked alone: the WAL beside it is not its own
                     store._check_as_found(migrate, backup=True)
                     adopt_backup(store.path)

@@ -1048,6 +1048,15 @@ def test_a_wal_whose_header_is_damaged_is_refused_untouched(
     assert "header is damaged" in str(_refused(tmp_path, wal.name))
 
 
+def test_a_wal_whose_database_is_missing_is_refused_untouched(tmp_path: Path) -> None:
+    """`documents.db` removed after a kill -9: a new, empty database was made beside the WAL,
+    which SQLite then read as its own, and the service answered ready with no documents."""
+    SQLiteStore.open(tmp_path).close_sync()
+    _beside_a_wal_of(tmp_path / DATABASE_FILE, "INSERT INTO meta VALUES ('written', 1)")
+    (tmp_path / DATABASE_FILE).unlink()
+    assert "is missing" in str(_refused(tmp_path, f"{DATABASE_FILE}-wal"))
+
+
 @pytest.mark.parametrize(
     "wal", [b"\x00" * 31, b"\x00" * 4096, b"torn"], ids=["zeros", "a page of zeros", "short"]
 )
