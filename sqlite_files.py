@@ -68,8 +68,7 @@ def check_file(path: Path) -> bytes | None:
         return head
     if not head.startswith(HEADER) or len(head) < 100:
         raise StoreCorrupt(path, "not an SQLite database, or truncated")
-    page_size = int.from_bytes(head[16:18])
-    page_size = 65536 if page_size == 1 else page_size  # the one size 16 bits cannot hold
+    page_size = _page_size(int.from_bytes(head[16:18]))
     if page_size < 512 or page_size & (page_size - 1):
         raise StoreCorrupt(path, f"not an SQLite database (a page size of {page_size})")
     pages = int.from_bytes(head[28:32])
@@ -84,6 +83,11 @@ def check_file(path: Path) -> bytes | None:
     if lost and (app_id == BACKUP_ID or not _wal_holds(path, page_size, lost)):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     return head
+
+
+def _page_size(stored: int) -> int:
+    """A page size as a 16-bit field holds it: 1 is 65536, the one size it cannot."""
+    return 65536 if stored == 1 else stored
 
 
 def _wal_header_whole(head: bytes) -> bool:
@@ -117,18 +121,15 @@ def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
     """Whether the committed frames of the database's WAL hold every page in `lost`: those of
     its current generation (the salts of its header), up to its last commit, which recovery
     replays. A page count no WAL frame could back is never walked."""
-    wal = path.with_name(DATABASE_FILE + "-wal")
     pages: set[int] = set()
     try:
-        if not stat.S_ISREG(os.lstat(wal).st_mode):
-            return False  # refused by its own check
-        fd = os.open(wal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        fd, _ = _open_regular(path.with_name(DATABASE_FILE + "-wal"))
+    except OSError:  # missing, or refused by its own check
         return False
     try:
         header = os.pread(fd, 32, 0)
-        if len(header) < 32 or int.from_bytes(header[8:12]) != page_size:
-            return False
+        if not _wal_header_whole(header) or int.from_bytes(header[8:12]) != page_size:
+            return False  # SQLite replays none of it
         since_commit: list[int] = []
         offset = 32
         while len(frame := os.pread(fd, 24, offset)) == 24 and frame[8:16] == header[16:24]:
@@ -190,13 +191,20 @@ def check_sharers(path: Path) -> None:
     )
 
 
+def _open_regular(path: Path) -> tuple[int, int]:
+    """A read-only descriptor of a regular file, and its size; OSError for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG((status := os.fstat(fd)).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd, status.st_size
+
+
 def _head(path: Path, size: int) -> tuple[bytes, int]:
     """The first `size` bytes of a regular file, and its size; OSError for anything else."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    fd, file_size = _open_regular(path)
     try:
-        if not stat.S_ISREG((status := os.fstat(fd)).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return os.pread(fd, size, 0), status.st_size
+        return os.pread(fd, size, 0), file_size
     finally:
         os.close(fd)
 
@@ -212,8 +220,7 @@ def _wal_of(wal: Path, shm: Path) -> bool:
     if len(index) < 96 or index[:48] != index[48:]:
         return True
     frames = int.from_bytes(index[16:20], sys.byteorder)  # mxFrame, in the machine's order
-    page_size = int.from_bytes(index[14:16], sys.byteorder)
-    page_size = 65536 if page_size == 1 else page_size
+    page_size = _page_size(int.from_bytes(index[14:16], sys.byteorder))
     return frames == 0 or (
         wal_head[16:24] == index[32:40] and wal_size >= 32 + frames * (24 + page_size)
     )

@@ -252,7 +252,7 @@ class SQLiteStore:
                 "DATA_DIR is the service's"
             )
         if existed and version == 0:  # made, not yet migrated: the start was killed
-            imported = read_legacy(self.data_dir, self._clock(), task=not migrate)
+            imported = read_legacy(self.data_dir, self._clock(), task=False)
         elif existed and (left := left_beside(self.data_dir)):
             raise StoreCorrupt(
                 left,
