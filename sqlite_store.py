@@ -294,7 +294,7 @@ class SQLiteStore:
         beside = [self.path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm")]
         made = [path for path in beside if not os.path.lexists(path)]
         mode = "immutable=1" if backup else "mode=ro"
-        conn = sqlite3.connect(f"{self.path.as_uri()}?{mode}", uri=True)
+        conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?{mode}", uri=True)
         try:
             # The header as the WAL leaves it: check_file read the file's own.
             marks = {BACKUP_ID} if backup else {0, APPLICATION_ID}

@@ -1048,6 +1048,15 @@ def test_a_wal_whose_header_is_damaged_is_refused_untouched(
     assert "header is damaged" in str(_refused(tmp_path, wal.name))
 
 
+def test_a_data_directory_given_as_a_relative_path_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` serves `./data`: a relative path has no file URI, and every start failed."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # made, then found
+        SQLiteStore.open(Path("data")).close_sync()
+
+
 def test_a_wal_whose_database_is_missing_is_refused_untouched(tmp_path: Path) -> None:
     """`documents.db` removed after a kill -9: a new, empty database was made beside the WAL,
     which SQLite then read as its own, and the service answered ready with no documents."""
