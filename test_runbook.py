@@ -124,10 +124,21 @@ def _stop_all(pids_file: Path) -> None:
             os.killpg(int(line), signal.SIGKILL)
 
 
-def _run(root: Path, settings: list[str], steps: list[str], *, ready: bool = True) -> None:
+def _run(
+    root: Path,
+    settings: list[str],
+    steps: list[str],
+    *,
+    ready: bool = True,
+    default_data_dir: bool = False,
+) -> None:
     """Start the service (seeded, and ready, unless a dependency is meant to be down), run the
-    steps as one strict bash script, then stop every process it started."""
+    steps as one strict bash script, then stop every process it started. With
+    `default_data_dir`, the service serves `./data` in its directory, as `make run` does."""
     app = _app_dir(root)
+    env = _environment(root, KEY)
+    if default_data_dir:
+        del env["DATA_DIR"]
     (app / ".env").write_text("".join(f"{line}\n" for line in settings))
     prelude = [b.text for b in blocks("sh") if {"runbook", "prelude"} <= b.tags]
     script = "\n".join(
@@ -145,7 +156,7 @@ def _run(root: Path, settings: list[str], steps: list[str], *, ready: bool = Tru
         done = subprocess.run(
             ["bash", "-euxo", "pipefail", "-c", script],
             cwd=app,
-            env=_environment(root, KEY),
+            env=env,
             capture_output=True,
             text=True,
             timeout=SCRIPT_TIMEOUT,
@@ -185,7 +196,8 @@ def test_the_readme_walkthrough_runs_against_a_fresh_service(tmp_path: Path) -> 
     block = next(m.group(3) for m in FENCE.finditer(walk) if m.group(1) == "sh")
     # The walkthrough names the default address; the test's service has a port of its own.
     assert block.startswith("BASE=http://127.0.0.1:8000\n")
-    _run(tmp_path, [f"API_KEYS=ops:{KEY}"], [block.removeprefix("BASE=http://127.0.0.1:8000\n")])
+    steps = [block.removeprefix("BASE=http://127.0.0.1:8000\n")]
+    _run(tmp_path, [f"API_KEYS=ops:{KEY}"], steps, default_data_dir=True)
 
 
 def test_the_kubernetes_manifest_runs_one_replica_on_its_own_volume() -> None:
