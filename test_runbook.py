@@ -1,8 +1,8 @@
 """The runbook (docs/operations.md) runs as written, against the real service on a temp DATA_DIR.
 
 Each `## ` procedure's ```sh runbook blocks run in order as one bash script, after the blocks
-marked `prelude`. Blocks marked `workers` need several workers: they run on MongoDB (SecantusDB)
-with WORKERS=2. Blocks marked `sqlite` drive the embedded store's file with the `sqlite3` shell.
+marked `prelude`. Blocks marked `workers` need several workers: they run with WORKERS=2 on each
+store, the embedded one and MongoDB (SecantusDB). Blocks marked `sqlite` drive the embedded store's file with the `sqlite3` shell.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def procedures() -> list[Any]:
             steps = [b for b in own if not b.tags & MODES.keys() or mode in b.tags]
             if any(mode in b.tags for b in steps) or (not mode and steps):
                 cases.append(pytest.param(steps, mode, id=f"{name}, {how}"))
+            if mode == "workers" and any(mode in b.tags for b in steps):
+                # The embedded store's workers share its file: the same steps there too.
+                how = "with WORKERS=2 on the embedded store"
+                cases.append(pytest.param(steps, "", id=f"{name}, {how}"))
     return cases
 
 
