@@ -2,7 +2,8 @@
 
 Each `## ` procedure's ```sh runbook blocks run in order as one bash script, after the blocks
 marked `prelude`. Blocks marked `workers` need several workers: they run with WORKERS=2 on each
-store, the embedded one and MongoDB (SecantusDB). Blocks marked `sqlite` drive the embedded store's file with the `sqlite3` shell.
+store, the embedded one and MongoDB (SecantusDB). Blocks marked `sqlite` drive the embedded
+store's file with the `sqlite3` shell.
 """
 
 from __future__ import annotations
