@@ -35,7 +35,8 @@ WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header 
 def check_file(path: Path) -> bytes | None:
     """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
     anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
-    format, a truncated database, another application's by its header) before SQLite opens it;
+    format, a truncated database, another application's by its header, a rollback journal)
+    before SQLite opens it;
     SQLiteStore._check_as_found reads the rest through SQLite."""
     try:
         mode = os.lstat(path).st_mode
@@ -57,6 +58,14 @@ def check_file(path: Path) -> bytes | None:
         wal = path.name.endswith("-wal") and not _wal_header_whole(head) and _past_header(fd)
     finally:
         os.close(fd)
+    if path.name.endswith("-journal") and size:
+        # SQLite would play it back into the database as a transaction cut short: in WAL mode it
+        # writes none, so another program's, or a file put here under that name.
+        raise StoreCorrupt(
+            path,
+            "a rollback journal, which this store never writes: if another program was writing "
+            "to the database, open it once with the sqlite3 shell to finish, else move it aside",
+        )
     # Not while the database is open: its processes may be rewriting that header.
     if wal and not in_use(path.with_name(DATABASE_FILE + "-shm")):
         raise StoreCorrupt(
@@ -141,6 +150,44 @@ def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
     finally:
         os.close(fd)
     return len(lost) <= len(pages) and all(page in pages for page in lost)
+
+
+def check_replayed(path: Path) -> None:
+    """Refuse a WAL that holds a commit SQLite did not replay. Its recovery (at a first
+    connection's first read) replays the frames up to the first whose checksum fails, which a
+    frame a power loss tore fails too. Only the last transaction can be torn: each begins once
+    the commit before it is synced. So a commit of the WAL's generation (its header's salts)
+    past the replayed frames, with any frame of that generation after it, was damaged since,
+    and every write after it would be lost. Not while another process has the database open:
+    its next transaction may be under way past what the index counts."""
+    wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
+    try:
+        (index, _), (header, _) = _head(shm, 48), _head(wal, 32)
+    except OSError:  # no WAL: nothing to replay
+        return
+    if len(index) < 48 or len(header) < 32 or in_use(shm):
+        return
+    replayed = int.from_bytes(index[16:20], sys.byteorder)  # mxFrame, in the machine's order
+    frame = 24 + int.from_bytes(header[8:12])
+    first_commit = last = 0
+    fd, _ = _open_regular(wal)
+    try:
+        # Frames of older generations (their salts differ) may follow: each is stepped over.
+        offset = 32 + replayed * frame
+        while len(head := os.pread(fd, 24, offset)) == 24:
+            if head[8:16] == header[16:24]:
+                last = offset
+                if int.from_bytes(head[4:8]) and not first_commit:
+                    first_commit = offset
+            offset += frame
+    finally:
+        os.close(fd)
+    if first_commit and last > first_commit:
+        raise StoreCorrupt(
+            wal,
+            "a frame of it is damaged: SQLite stops replaying there, and the writes committed "
+            "after it would be lost; restore a backup, or move it aside to start without them",
+        )
 
 
 # The unix VFS's locks (os_unix.c): every connection holds a read lock on byte 128 of the

@@ -40,6 +40,7 @@ from sqlite_files import (
     DATABASE_FILE,
     adopt_backup,
     check_file,
+    check_replayed,
     check_sharers,
     create,
     identity,
@@ -211,6 +212,7 @@ class SQLiteStore:
             # One starting process at a time checks, adopts, migrates and imports.
             with start_lock(data_dir):
                 head = check_file(store.path)
+                check_file(store.path.with_name(DATABASE_FILE + "-journal"))
                 check_sharers(store.path)
                 wal = store.path.with_name(DATABASE_FILE + "-wal")
                 if head is None and os.path.lexists(wal) and os.lstat(wal).st_size:
@@ -299,6 +301,8 @@ class SQLiteStore:
             # The header as the WAL leaves it: check_file read the file's own.
             marks = {BACKUP_ID} if backup else {0, APPLICATION_ID}
             mark = conn.execute("PRAGMA application_id").fetchone()[0]
+            if not backup:  # that read replayed the WAL, as far as SQLite could
+                check_replayed(self.path)
             version: int = conn.execute("PRAGMA user_version").fetchone()[0]
             # Unmarked: this store's from before it marked its files (its schema tells), or
             # another application's, whose numbers are its own.
@@ -673,6 +677,12 @@ class SQLiteStore:
         into place whole: a failure leaves nothing, a crash at most `.PID.backup-partial`."""
         if os.path.lexists(target):
             raise StoreUnavailable(f"{target} exists; back up to a new file")
+        if target.absolute().parent == self.path.absolute().parent and target.name in {
+            DATABASE_FILE + name for name in ("-journal", "-wal", "-shm")
+        }:  # SQLite would take the copy for one of the database's own files
+            raise StoreUnavailable(
+                f"{target} is a name SQLite gives the database's own files; back up to another"
+            )
         partial = target.with_name(f".{os.getpid()}.backup-partial")  # short: any name fits
         try:
             copy = sqlite3.connect(partial)
