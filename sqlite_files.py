@@ -95,8 +95,7 @@ def check_file(path: Path) -> bytes | None:
 
 
 def _page_size(stored: int) -> int:
-    """A page size as a 16-bit field holds it: 1 is 65536, the one size it cannot."""
-    return 65536 if stored == 1 else stored
+    return 65536 if stored == 1 else stored  # a 16-bit field holds 65536 as 1
 
 
 def _wal_header_whole(head: bytes) -> bool:
@@ -149,7 +148,7 @@ def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
             offset += 24 + page_size
     finally:
         os.close(fd)
-    return len(lost) <= len(pages) and all(page in pages for page in lost)
+    return all(page in pages for page in lost)  # stops at the first page missing
 
 
 def check_replayed(path: Path) -> None:
@@ -248,8 +247,7 @@ def _open_regular(path: Path) -> tuple[int, int]:
 
 
 def _head(path: Path, size: int) -> tuple[bytes, int]:
-    """The first `size` bytes of a regular file, and its size; OSError for anything else."""
-    fd, file_size = _open_regular(path)
+    fd, file_size = _open_regular(path)  # OSError for anything but a regular file
     try:
         return os.pread(fd, size, 0), file_size
     finally:
@@ -294,13 +292,10 @@ def create(path: Path) -> None:
     finds either no file or this one, never a half-made one."""
     new = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.new")
     try:
-        conn = sqlite3.connect(new)
-        os.chmod(new, 0o600)  # documents are the owner's: SQLite gives its WAL the same mode
-        try:
+        with contextlib.closing(sqlite3.connect(new)) as conn:
+            os.chmod(new, 0o600)  # documents are the owner's: SQLite gives its WAL the same mode
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # the header: a real file
-        finally:
-            conn.close()
         with contextlib.suppress(FileExistsError):  # another process made it first
             os.link(new, path)
     finally:  # made or not (a full disk), nothing of it stays
@@ -337,11 +332,9 @@ def adopt_backup(path: Path) -> None:
         if os.path.lexists(stale):
             aside.append(f"{stale.name}.replaced-{time.time_ns()}")
             os.replace(stale, stale.with_name(aside[-1]))
-    conn = sqlite3.connect(path)
-    try:
+    # Closed as the last connection: the WAL is checkpointed into the file.
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-    finally:
-        conn.close()  # the last connection: the WAL is checkpointed into the file
     if owner(check_file(path)) == BACKUP_ID:  # the next start would set its WAL aside
         raise StoreUnavailable(f"{path} is open in another process: stop it, then start")
     log.info("store.backup_adopted", extra={"set_aside": aside})

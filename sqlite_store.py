@@ -9,6 +9,7 @@ transaction (group commit). Reads use one connection per thread and never wait f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -143,13 +144,10 @@ def _schema(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
 
 def _expected_schema(version: int) -> set[tuple[str, str, str]]:
     """What the migrations up to `version` make, made in memory."""
-    conn = sqlite3.connect(":memory:")
-    try:
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
         for script in MIGRATIONS[:version]:
             conn.executescript(script)
         return _schema(conn)
-    finally:
-        conn.close()
 
 
 def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
@@ -277,10 +275,8 @@ class SQLiteStore:
             # Expired keys go at each start; a live key is replaced once expired.
             expired = millis(self._clock()) - TTL_MS
             conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
-        if not self._secret:  # made by the first migration, just now
-            self._secret = conn.execute(
-                "SELECT value FROM meta WHERE name = 'cursor_secret'"
-            ).fetchone()[0]
+        sql = "SELECT value FROM meta WHERE name = 'cursor_secret'"
+        self._secret = conn.execute(sql).fetchone()[0]
         if imported is not None and version == 0:
             mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
@@ -298,7 +294,7 @@ class SQLiteStore:
         mode = "immutable=1" if backup else "mode=ro"
         conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?{mode}", uri=True)
         try:
-            # The header as the WAL leaves it: check_file read the file's own.
+            # The header as the WAL leaves it.
             marks = {BACKUP_ID} if backup else {0, APPLICATION_ID}
             mark = conn.execute("PRAGMA application_id").fetchone()[0]
             if not backup:  # that read replayed the WAL, as far as SQLite could
@@ -328,7 +324,6 @@ class SQLiteStore:
                 secret = conn.execute(sql).fetchone()
                 if secret is None or not isinstance(secret[0], bytes) or len(secret[0]) != 32:
                     raise StoreCorrupt(self.path, "its cursor secret is missing or not 32 bytes")
-                self._secret = secret[0]
             return version
         finally:
             conn.close()
@@ -336,16 +331,13 @@ class SQLiteStore:
                 path.unlink(missing_ok=True)
 
     def _connection(self) -> sqlite3.Connection:
-        """This thread's connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, cached_statements=256
             )
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            # Made in WAL mode (a backup too); asking first takes no lock.
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA journal_mode = WAL")  # a no-op, without a lock, once it is
             conn.execute("PRAGMA synchronous = FULL")
             self._local.conn = conn
             self._connections.append(conn)
@@ -509,12 +501,10 @@ class SQLiteStore:
         while True:
             seen = await self.get(doc_id)
             preview = apply_patch(seen, patch, self._clock())
-            edited = _text(seen) != _text(preview)
-            terms = (
-                await find_words(_both_terms, _chars(seen, preview), seen, preview)
-                if edited
-                else None
-            )
+            terms: tuple[str, str] | None = None
+            if _text(seen) != _text(preview):
+                chars = _chars(seen, preview)
+                terms = await find_words(lambda a, b: (_terms(a), _terms(b)), chars, seen, preview)
 
             def job(
                 conn: sqlite3.Connection,
@@ -646,8 +636,10 @@ class SQLiteStore:
             # A write transaction that changes nothing, which writes nothing, tells whether the
             # write lock can be had (another program may hold it); while writes are failing (an
             # I/O error, say) one rewrites a row, and the first to succeed ends the failure.
+            rewrite = "UPDATE meta SET value = value WHERE name = 'cursor_secret'"
+            sql = rewrite if self._write_failed else "SELECT 1"
             with anyio.move_on_after(PROBE_WRITE_S) as waited:
-                await self._write(_rewrite_a_row if self._write_failed else _change_nothing)
+                await self._write(lambda conn: conn.execute(sql).fetchall())
             if waited.cancelled_caught:
                 raise StoreUnavailable(f"a write waited more than {PROBE_WRITE_S:g} s")
             if self._write_failed:
@@ -685,13 +677,10 @@ class SQLiteStore:
             )
         partial = target.with_name(f".{os.getpid()}.backup-partial")  # short: any name fits
         try:
-            copy = sqlite3.connect(partial)
-            os.chmod(partial, 0o600)
-            try:
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                os.chmod(partial, 0o600)
                 self._connection().backup(copy)
                 copy.execute(f"PRAGMA application_id = {BACKUP_ID}")
-            finally:
-                copy.close()
             os.link(partial, target)
             fd = os.open(target.parent, os.O_RDONLY)
             try:
@@ -723,22 +712,9 @@ class SQLiteStore:
             self._legacy_fd = None
 
 
-def _rewrite_a_row(conn: sqlite3.Connection) -> None:
-    conn.execute("UPDATE meta SET value = value WHERE name = 'cursor_secret'")
-
-
-def _change_nothing(conn: sqlite3.Connection) -> None:
-    pass
-
-
 def _terms(doc: Document | DocumentCreate) -> str:
     """A document's words as the words table takes them."""
     return " ".join(document_words(doc.title, doc.content))
-
-
-def _both_terms(old: Document, new: Document) -> tuple[str, str]:
-    """The words an update takes out of the index and puts in."""
-    return _terms(old), _terms(new)
 
 
 def _chars(*docs: Document | DocumentCreate) -> int:
