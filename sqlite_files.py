@@ -161,10 +161,11 @@ def check_replayed(path: Path) -> None:
     its next transaction may be under way past what the index counts."""
     wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
     try:
-        (index, _), (header, _) = _head(shm, 48), _head(wal, 32)
+        (index, _), (header, _) = _head(shm, 96), _head(wal, 32)
     except OSError:  # no WAL: nothing to replay
         return
-    if len(index) < 48 or len(header) < 32 or in_use(shm):
+    # The index's header is written twice: two copies that differ are no index to read.
+    if len(index) < 96 or index[:48] != index[48:] or len(header) < 32 or in_use(shm):
         return
     replayed = int.from_bytes(index[16:20], sys.byteorder)  # mxFrame, in the machine's order
     frame = 24 + int.from_bytes(header[8:12])
