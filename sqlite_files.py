@@ -151,45 +151,6 @@ def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
     return all(page in pages for page in lost)  # stops at the first page missing
 
 
-def check_replayed(path: Path) -> None:
-    """Refuse a WAL that holds a commit SQLite did not replay. Its recovery (at a first
-    connection's first read) replays the frames up to the first whose checksum fails, which a
-    frame a power loss tore fails too. Only the last transaction can be torn: each begins once
-    the commit before it is synced. So a commit of the WAL's generation (its header's salts)
-    past the replayed frames, with any frame of that generation after it, was damaged since,
-    and every write after it would be lost. Not while another process has the database open:
-    its next transaction may be under way past what the index counts."""
-    wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
-    try:
-        (index, _), (header, _) = _head(shm, 96), _head(wal, 32)
-    except OSError:  # no WAL: nothing to replay
-        return
-    # The index's header is written twice: two copies that differ are no index to read.
-    if len(index) < 96 or index[:48] != index[48:] or len(header) < 32 or in_use(shm):
-        return
-    replayed = int.from_bytes(index[16:20], sys.byteorder)  # mxFrame, in the machine's order
-    frame = 24 + int.from_bytes(header[8:12])
-    first_commit = last = 0
-    fd, _ = _open_regular(wal)
-    try:
-        # Frames of older generations (their salts differ) may follow: each is stepped over.
-        offset = 32 + replayed * frame
-        while len(head := os.pread(fd, 24, offset)) == 24:
-            if head[8:16] == header[16:24]:
-                last = offset
-                if int.from_bytes(head[4:8]) and not first_commit:
-                    first_commit = offset
-            offset += frame
-    finally:
-        os.close(fd)
-    if first_commit and last > first_commit:
-        raise StoreCorrupt(
-            wal,
-            "a frame of it is damaged: SQLite stops replaying there, and the writes committed "
-            "after it would be lost; restore a backup, or move it aside to start without them",
-        )
-
-
 # The unix VFS's locks (os_unix.c): every connection holds a read lock on byte 128 of the
 # shared-memory file (its "dead man switch"), and in WAL mode one on the database file's shared
 # range, for as long as it is open.

@@ -41,7 +41,6 @@ from sqlite_files import (
     DATABASE_FILE,
     adopt_backup,
     check_file,
-    check_replayed,
     check_sharers,
     create,
     identity,
@@ -297,8 +296,6 @@ class SQLiteStore:
             # The header as the WAL leaves it.
             marks = {BACKUP_ID} if backup else {0, APPLICATION_ID}
             mark = conn.execute("PRAGMA application_id").fetchone()[0]
-            if not backup:  # that read replayed the WAL, as far as SQLite could
-                check_replayed(self.path)
             version: int = conn.execute("PRAGMA user_version").fetchone()[0]
             # Unmarked: this store's from before it marked its files (its schema tells), or
             # another application's, whose numbers are its own.

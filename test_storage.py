@@ -1048,44 +1048,6 @@ def test_a_wal_whose_header_is_damaged_is_refused_untouched(
     assert "header is damaged" in str(_refused(tmp_path, wal.name))
 
 
-@pytest.mark.parametrize(
-    ("frame", "at", "refused"),
-    [(0, 24 + 100, True), (0, 8, True), (-1, 24 + 100, False)],
-    ids=["a page before later commits", "a salt before later commits", "the last commit's page"],
-)
-async def test_a_damaged_wal_frame_is_refused_unless_a_torn_last_write_left_it(
-    tmp_path: Path, frame: int, at: int, refused: bool
-) -> None:
-    """SQLite replays a WAL up to the first frame whose checksum fails: the start went on, and
-    every write committed after the damaged frame was gone. A power loss tears only the last
-    transaction, whose writes were never acknowledged: that one is served without it."""
-    SQLiteStore.open(tmp_path).close_sync()
-    path = tmp_path / DATABASE_FILE
-    # Three transactions, a commit each.
-    _beside_a_wal_of(
-        path,
-        "INSERT INTO meta VALUES ('w0', 0); INSERT INTO meta VALUES ('w1', 1);"
-        " INSERT INTO meta VALUES ('w2', 2);",
-    )
-    wal_path = path.with_name(f"{DATABASE_FILE}-wal")
-    wal = bytearray(wal_path.read_bytes())
-    size = 24 + int.from_bytes(wal[8:12])
-    frames = (len(wal) - 32) // size
-    assert frames >= 3  # a frame a commit, at least
-    wal[32 + frame % frames * size + at] ^= 0xFF
-    wal_path.write_bytes(wal)
-    if refused:
-        assert "damaged" in str(_refused(tmp_path, wal_path.name))
-        return
-    SQLiteStore.open(tmp_path).close_sync()
-    conn = sqlite3.connect(path)
-    try:
-        names = {n for (n,) in conn.execute("SELECT name FROM meta WHERE name LIKE 'w_'")}
-    finally:
-        conn.close()
-    assert names == {"w0", "w1"}
-
-
 async def test_a_backup_named_as_the_databases_own_files_is_refused_and_so_is_a_journal(
     tmp_path: Path,
 ) -> None:
