@@ -370,11 +370,17 @@ def _closing_send(send: Send) -> Send:
     MAX_CONNECTIONS for good. Orchestrators open a connection per probe anyway."""
 
     async def closing(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
-        await send(message)
+        await send(closing_start(message) if message["type"] == "http.response.start" else message)
 
     return closing
+
+
+def closing_start(message: Message) -> Message:
+    """A response's start that says `Connection: close`, once."""
+    headers = message.get("headers", [])
+    if any(name.lower() == b"connection" for name, _ in headers):
+        return message
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
 
 
 def _rate_limit_headers(budget: Budget) -> list[tuple[bytes, bytes]]:

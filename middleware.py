@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from admission import PROBES, route_path
+from admission import PROBES, closing_start, route_path
 from logging_config import clip, request_id_var
 from problems import INTERNAL, BodyBufferFull, BodyTimeout, BodyTooLarge
 
@@ -94,7 +94,8 @@ class RequestContextMiddleware:
             status = 500
             if not response_started:
                 response = INTERNAL.response(
-                    "The server failed to handle this request; quote the request id to report it."
+                    "The server failed to handle this request; quote the request id to report it.",
+                    headers={"Connection": "close"},  # its body may be unread (BodyLimit)
                 )
                 await response(scope, receive, send_with_headers)
         finally:
@@ -252,8 +253,15 @@ class BodyLimitMiddleware:
                 headers={"Connection": "close"},
             )
 
+        async def closing_send(message: Message) -> None:
+            # Answered before its body has all arrived, the connection ends with the response
+            # (server.py reads on no body nobody will use): the response says so.
+            start = message["type"] == "http.response.start"
+            await send(closing_start(message) if start and not complete else message)
+
+        with_body = declared or any(name == b"transfer-encoding" for name, _ in scope["headers"])
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, closing_send if with_body else send)
         finally:
             # Held until the request is answered: its handler keeps the body (and what was
             # parsed from it) until then.

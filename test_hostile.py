@@ -375,7 +375,7 @@ def test_a_body_nobody_reads_ends_the_connection_once_answered(
     server: Service, head: bytes, status: int
 ) -> None:
     """Whoever answered before the body arrived, the server does not go on reading it at the
-    client's pace: the connection closes right after the response."""
+    client's pace: the connection closes right after the response, which says so."""
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + b"1\r\na\r\n")
         sock.settimeout(KEEP_ALIVE_TIMEOUT - 1)  # well before any idle timer could close it
@@ -386,6 +386,7 @@ def test_a_body_nobody_reads_ends_the_connection_once_answered(
                 with contextlib.suppress(OSError):
                     sock.sendall(b"a")
     assert status_of(received) == status
+    assert received.lower().count(b"connection: close") == 1
 
 
 def _read(sock: socket.socket, size: float = math.inf, bytes_per_second: float = math.inf) -> bytes:

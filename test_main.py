@@ -1161,6 +1161,7 @@ def test_unhandled_error_returns_500_problem_without_internals(tmp_path: Path) -
         problem = assert_problem(response, 500)
         assert problem["request_id"] != "trace-500"  # the server's own id, as in the header
         assert "secret internal detail" not in response.text
+        assert response.headers["connection"] == "close"  # a body may be left unread
 
 
 def test_client_request_id_never_becomes_the_request_id(client: TestClient) -> None:
