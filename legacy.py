@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 
-from models import Document, check_stored, millis
+from models import Document, as_stored, millis
 from storage import IDEMPOTENCY_TTL, StoreCorrupt, StoreUnavailable
 
 LEGACY_FILE = "documents.json"
@@ -70,7 +71,11 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
             raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
         docs: dict[str, Document] = {}
         for record in tables.get("documents", {}).values():
-            doc = check_stored(Document.model_validate(record))
+            doc = Document.model_validate(record)
+            # As `main.py import` takes a document (ValueError for what the API refuses), and
+            # kept as it is: what the previous version stored is already in those forms.
+            if as_stored(doc) != doc:
+                raise StoreCorrupt(path, f"document {doc.id!r} is not in the forms the API stores")
             if docs.setdefault(doc.id, doc) is not doc:
                 raise StoreCorrupt(path, f"two records have the id {doc.id!r}")
         keys: dict[tuple[str, str], tuple[str, str, str, str, int]] = {}
@@ -81,6 +86,12 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
                 key = (*(str(record[f]) for f in fields), millis(at))
                 if keys.setdefault(key[:2], key) is not key:  # type: ignore[arg-type]
                     raise StoreCorrupt(path, f"two records have the idempotency key {key[1]!r}")
+    except ValidationError as exc:  # named by field: the message would repeat the value
+        first = exc.errors()[0]
+        field = ".".join(map(str, first["loc"]))
+        raise StoreCorrupt(
+            path, f"not a database the previous version wrote: {field}: {first['msg']}"
+        ) from None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
     # In creation order: the store has room for far more documents of one millisecond that way.

@@ -233,6 +233,38 @@ def _wal_of(wal: Path, shm: Path) -> bool:
     )
 
 
+def check_wal_kept(path: Path) -> None:
+    """Refuse a WAL that holds fewer committed frames than the shared-memory file left beside
+    it counts as not yet copied into the database: a process killed with writes in it, then
+    the WAL emptied, cut or removed. SQLite reads what is left as all there is, and writes over
+    it. Not while a process has the database open (check_sharers judges that)."""
+    wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
+    if not os.path.lexists(shm) or in_use(shm):
+        return
+    index, _ = _head(shm, 100)
+    # mxFrame, the frames committed, and nBackfill, those copied into the database since.
+    frames, copied = (int.from_bytes(index[at : at + 4], sys.byteorder) for at in (16, 96))
+    if len(index) == 100 and copied < frames and not _wal_of(wal, shm):
+        raise StoreCorrupt(
+            wal,
+            "missing, or shorter than the writes its index (the -shm file) counts: put the whole "
+            "WAL back; or move the -shm file aside to start with what the WAL holds; or restore "
+            "a backup",
+        )
+
+
+def remove_made(path: Path, made: list[str]) -> None:
+    """Remove what a refused start made of the database's files (`made`: those of "", "-wal"
+    and "-shm" it found missing), once its connections are closed: it leaves the directory as
+    it found it. A WAL it made beside a database that stays is kept unless empty: it may hold a
+    commit its close could not copy into the database."""
+    for name in made:
+        file = path.with_name(DATABASE_FILE + name)
+        with contextlib.suppress(FileNotFoundError):
+            if "" in made or name != "-wal" or not os.lstat(file).st_size:
+                file.unlink()
+
+
 def identity(path: Path) -> tuple[int, ...] | None:
     """The database file's, its WAL's and its shared-memory file's: they stay the same files
     while a process has the database open (SQLite reuses its WAL in place), unless removed or

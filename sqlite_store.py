@@ -42,9 +42,11 @@ from sqlite_files import (
     adopt_backup,
     check_file,
     check_sharers,
+    check_wal_kept,
     create,
     identity,
     owner,
+    remove_made,
     start_lock,
 )
 from storage import (
@@ -224,7 +226,18 @@ class SQLiteStore:
                     adopt_backup(store.path)
                 for name in ("-wal", "-shm"):
                     check_file(store.path.with_name(DATABASE_FILE + name))
-                store._migrate(head is not None, migrate)
+                check_wal_kept(store.path)
+                made = [
+                    name
+                    for name in ("", "-wal", "-shm")
+                    if not os.path.lexists(f"{store.path}{name}")
+                ]
+                try:
+                    store._migrate(head is not None, migrate)
+                except BaseException:
+                    store.close_sync()
+                    remove_made(store.path, made)
+                    raise
                 store._file = identity(store.path)
         except BaseException as exc:
             store.close_sync()

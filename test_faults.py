@@ -221,14 +221,17 @@ def test_a_backup_the_disk_cannot_hold_is_one_line_and_leaves_nothing(
     assert list(small_disk.iterdir()) == []
 
 
-def test_a_first_start_on_a_full_disk_leaves_nothing_behind(small_disk: Path) -> None:
+@pytest.mark.parametrize("free", [0, 48 << 10], ids=["full", "room for an empty database only"])
+def test_a_first_start_on_a_full_disk_leaves_nothing_behind(small_disk: Path, free: int) -> None:
     """The database is made aside and put in place whole: a start the disk refuses leaves the
-    directory as it was, and the next one, once there is room, starts."""
+    directory as it was, and the next one, once there is room, starts. With room for the empty
+    database but not its tables, the start had left the empty database behind."""
     data_dir = small_disk / "data"
     data_dir.mkdir()
     filler = small_disk / "filler"
     with pytest.raises(OSError, match="No space"):
         filler.write_bytes(b"\0" * (2 << 20))  # twice the disk: it fills up
+    os.truncate(filler, filler.stat().st_size - free)
     for _ in range(2):
         with pytest.raises(StoreUnavailable, match="full"):
             SQLiteStore.open(data_dir)
@@ -282,6 +285,31 @@ def test_an_unusable_data_directory_stops_the_service_with_one_clean_line(
     if damage == "owner":
         assert (data_dir / LEGACY_FILE).read_bytes() == b'{"documents": {}}'
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o444], ids=["unreadable", "read-only"])
+def test_a_database_the_process_cannot_use_is_refused_leaving_the_directory_as_it_was(
+    tmp_path: Path, service_factory: ServiceFactory, mode: int
+) -> None:
+    """The read-only one had left a new, empty WAL and shared-memory file beside it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop the permission override")
+    data_dir = tmp_path / "data"
+    SQLiteStore.open(data_dir).close_sync()
+    database = data_dir / DATABASE_FILE
+    before = database.read_bytes()
+    database.chmod(mode)
+    service = service_factory(data_dir, wrapper=NO_OVERRIDE)
+    service.start(wait=False)
+    assert service.proc is not None
+    assert service.proc.wait(20) == 3
+    output = service.rest_of_output()
+    assert output.count("store.open_failed") == 1
+    assert str(database) in output
+    assert "Traceback" not in output
+    database.chmod(0o600)
+    assert [p.name for p in data_dir.iterdir()] == [DATABASE_FILE]
+    assert database.read_bytes() == before
 
 
 def test_a_scrape_warns_once_the_data_volume_is_nearly_full(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -1082,6 +1083,58 @@ def test_a_data_directory_given_as_a_relative_path_is_opened(
         SQLiteStore.open(Path("data")).close_sync()
 
 
+_WRITE_AND_DIE = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(os.path.join(sys.argv[1], "documents.db"), isolation_level=None)
+for n in range(20):
+    conn.execute("INSERT INTO meta VALUES (?, randomblob(3000))", (f"written {n}",))
+if sys.argv[2] == "checkpointed":
+    conn.execute("PRAGMA wal_checkpoint")  # every frame copied into the database
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_writing(data_dir: Path, checkpointed: bool = False) -> None:
+    """The store's database as a process killed (-9) after 20 commits leaves it: its WAL and
+    shared-memory file beside it."""
+    SQLiteStore.open(data_dir).close_sync()
+    script = [
+        sys.executable,
+        "-c",
+        _WRITE_AND_DIE,
+        str(data_dir),
+        str(checkpointed and "checkpointed"),
+    ]
+    assert subprocess.run(script, check=False).returncode == -9
+
+
+@pytest.mark.parametrize("cut", ["emptied", "halved", "removed"])
+def test_a_wal_cut_after_a_kill_is_refused_untouched(tmp_path: Path, cut: str) -> None:
+    """A killed process's last writes are in its WAL, which the shared-memory file left beside
+    it counts. The WAL emptied, cut or removed was read as holding no more: the start answered
+    ready without them, and wrote over what was left."""
+    _killed_writing(tmp_path)
+    wal = tmp_path / f"{DATABASE_FILE}-wal"
+    if cut == "removed":
+        wal.unlink()
+    else:
+        wal.write_bytes(wal.read_bytes()[: wal.stat().st_size // 2 if cut == "halved" else 0])
+    assert "shorter than the writes its index" in str(_refused(tmp_path, wal.name))
+
+
+@pytest.mark.parametrize("wal_removed", [False, True], ids=["as left", "removed once copied"])
+def test_a_kill_leaves_every_write_and_no_refusal(tmp_path: Path, wal_removed: bool) -> None:
+    """Nor is a WAL whose frames were all copied into the database refused for being gone (a
+    stop killed between removing it and the -shm file)."""
+    _killed_writing(tmp_path, checkpointed=wal_removed)
+    if wal_removed:
+        (tmp_path / f"{DATABASE_FILE}-wal").unlink()
+    SQLiteStore.open(tmp_path).close_sync()
+    with contextlib.closing(sqlite3.connect(tmp_path / DATABASE_FILE)) as conn:
+        sql = "SELECT count(*) FROM meta WHERE name LIKE 'written %'"
+        assert conn.execute(sql).fetchone() == (20,)
+
+
 def test_a_wal_whose_database_is_missing_is_refused_untouched(tmp_path: Path) -> None:
     """`documents.db` removed after a kill -9: a new, empty database was made beside the WAL,
     which SQLite then read as its own, and the service answered ready with no documents."""
@@ -1560,6 +1613,34 @@ def test_a_previous_file_with_a_time_past_the_calendar_in_utc_is_refused(tmp_pat
         orjson.dumps({"documents": {"1": record}})
     )  # year 0 in UTC
     assert "outside the years 1 to 9999" in str(_refused(tmp_path, LEGACY_FILE))
+    assert not (tmp_path / DATABASE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tags": ["  UPPER "]},
+        {"tags": ["x" * 51]},
+        {"title": "\u0000\n"},
+        {"metadata": {"n": 2**80}},
+        dict.fromkeys(["created_at", "updated_at"], "2025-01-01T05:00:00.123456+05:00"),
+    ],
+    ids=[
+        "a tag not in its stored form",
+        "a tag too long",
+        "a control character",
+        "a number past 64 bits",
+        "a time not in UTC milliseconds",
+    ],
+)
+def test_a_previous_file_with_a_document_the_api_would_not_store_is_refused(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """Carried over as written, such a document was served as it was (a number past 64 bits
+    changed to a float), and what `export` wrote of it `import` refused."""
+    record = {**imported(1).model_dump(mode="json"), **change}
+    (tmp_path / LEGACY_FILE).write_text(json.dumps({"documents": {"1": record}}))  # any number
+    _refused(tmp_path, LEGACY_FILE)
     assert not (tmp_path / DATABASE_FILE).exists()
 
 
