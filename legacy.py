@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import stat
 from datetime import datetime
 from pathlib import Path
 
-import orjson
 from pydantic import ValidationError
 
 from models import Document, as_stored, millis
@@ -66,15 +66,17 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
     if task:
         raise StoreUnavailable(f"{path} is the previous version's: start this version's service")
     try:
-        tables = orjson.loads(raw)
+        # Numbers as written (orjson reads one past 64 bits as a float, near enough to pass).
+        tables = json.loads(raw)
         if unknown := set(tables) - {"documents", "idempotency"}:
             raise StoreCorrupt(path, f"unknown tables {sorted(unknown)[:5]}")
         docs: dict[str, Document] = {}
         for record in tables.get("documents", {}).values():
             doc = Document.model_validate(record)
             # As `main.py import` takes a document (ValueError for what the API refuses), and
-            # kept as it is: what the previous version stored is already in those forms.
-            if as_stored(doc) != doc:
+            # kept as it is: what the previous version stored is in those forms, times in UTC
+            # (which a time's equality, by the instant, does not see).
+            if as_stored(doc) != doc or doc.created_at.utcoffset() or doc.updated_at.utcoffset():
                 raise StoreCorrupt(path, f"document {doc.id!r} is not in the forms the API stores")
             if docs.setdefault(doc.id, doc) is not doc:
                 raise StoreCorrupt(path, f"two records have the id {doc.id!r}")

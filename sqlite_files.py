@@ -234,23 +234,47 @@ def _wal_of(wal: Path, shm: Path) -> bool:
 
 
 def check_wal_kept(path: Path) -> None:
-    """Refuse a WAL that holds fewer committed frames than the shared-memory file left beside
-    it counts as not yet copied into the database: a process killed with writes in it, then
-    the WAL emptied, cut or removed. SQLite reads what is left as all there is, and writes over
-    it. Not while a process has the database open (check_sharers judges that)."""
+    """Refuse a WAL that no longer holds the committed frames the shared-memory file left beside
+    it counts (a process killed with writes in it, then the WAL emptied, cut, removed, replaced
+    by an older copy or another database's): SQLite reads what is left as all there is, and
+    writes over it. A WAL whose frames were all copied into the database may be gone, not
+    another. Not while a process has the database open (check_sharers judges that)."""
     wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
     if not os.path.lexists(shm) or in_use(shm):
         return
     index, _ = _head(shm, 100)
+    if len(index) < 100 or index[:48] != index[48:96]:
+        return  # an index whose two copies differ (being written) tells nothing
     # mxFrame, the frames committed, and nBackfill, those copied into the database since.
     frames, copied = (int.from_bytes(index[at : at + 4], sys.byteorder) for at in (16, 96))
-    if len(index) == 100 and copied < frames and not _wal_of(wal, shm):
+    if not frames or (copied >= frames and not os.path.lexists(wal)):
+        return
+    page_size = _page_size(int.from_bytes(index[14:16], sys.byteorder))
+    if _frames_of(wal, index[32:40], page_size, frames) < frames:
         raise StoreCorrupt(
             wal,
-            "missing, or shorter than the writes its index (the -shm file) counts: put the whole "
+            "missing, or not holding the writes its index (the -shm file) counts: put the whole "
             "WAL back; or move the -shm file aside to start with what the WAL holds; or restore "
             "a backup",
         )
+
+
+def _frames_of(wal: Path, salts: bytes, page_size: int, most: int) -> int:
+    """How many frames from the WAL's start (up to `most`) carry `salts`, as those of its
+    current generation do: an older copy holds the previous generation's after its first ones."""
+    try:
+        fd, _ = _open_regular(wal)
+    except OSError:  # missing
+        return 0
+    try:
+        count, offset = 0, 32
+        if os.pread(fd, 8, 16) != salts:  # the header's
+            return count
+        while count < most and os.pread(fd, 8, offset + 8) == salts:
+            count, offset = count + 1, offset + 24 + page_size
+        return count
+    finally:
+        os.close(fd)
 
 
 def remove_made(path: Path, made: list[str]) -> None:
@@ -295,6 +319,13 @@ def create(path: Path) -> None:
     finally:  # made or not (a full disk), nothing of it stays
         for name in ("", "-wal", "-shm"):
             new.with_name(new.name + name).unlink(missing_ok=True)
+
+
+def remove_leftovers(data_dir: Path) -> None:
+    """What `create` was making when its process was killed; called under the start lock,
+    which `create` runs under too, so no process is making one now."""
+    for path in data_dir.glob(f"{DATABASE_FILE}.[0-9]*-[0-9]*.new*"):
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ from sqlite_files import (
     create,
     identity,
     owner,
+    remove_leftovers,
     remove_made,
     start_lock,
 )
@@ -210,6 +211,7 @@ class SQLiteStore:
             store._legacy_fd = previous_version_locked_out(data_dir)
             # One starting process at a time checks, adopts, migrates and imports.
             with start_lock(data_dir):
+                remove_leftovers(data_dir)
                 head = check_file(store.path)
                 check_file(store.path.with_name(DATABASE_FILE + "-journal"))
                 check_sharers(store.path)

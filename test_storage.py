@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -1084,55 +1085,95 @@ def test_a_data_directory_given_as_a_relative_path_is_opened(
 
 
 _WRITE_AND_DIE = """
-import os, signal, sqlite3, sys
-conn = sqlite3.connect(os.path.join(sys.argv[1], "documents.db"), isolation_level=None)
-for n in range(20):
-    conn.execute("INSERT INTO meta VALUES (?, randomblob(3000))", (f"written {n}",))
-if sys.argv[2] == "checkpointed":
+import os, shutil, signal, sqlite3, sys
+path = os.path.join(sys.argv[1], "documents.db")
+conn = sqlite3.connect(path, isolation_level=None)
+def write(count):
+    for _ in range(count):
+        conn.execute("INSERT INTO meta VALUES (hex(randomblob(8)), randomblob(3000))")
+write(20)
+if sys.argv[2] != "plain":
     conn.execute("PRAGMA wal_checkpoint")  # every frame copied into the database
+if sys.argv[2] == "restarted":
+    write(2)  # the next generation of the WAL, written over the first from its start
+    shutil.copy(path + "-wal", path + "-wal.older")
+    write(10)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def _killed_writing(data_dir: Path, checkpointed: bool = False) -> None:
-    """The store's database as a process killed (-9) after 20 commits leaves it: its WAL and
-    shared-memory file beside it."""
+def _killed_writing(data_dir: Path, how: str = "plain") -> Path:
+    """The store's database as a process killed (-9) after its writes leaves it, beside its WAL
+    and shared-memory file: 20 commits, then (`how`) a checkpoint, then 12 more commits in
+    the WAL's next generation. Returns the WAL."""
     SQLiteStore.open(data_dir).close_sync()
-    script = [
-        sys.executable,
-        "-c",
-        _WRITE_AND_DIE,
-        str(data_dir),
-        str(checkpointed and "checkpointed"),
-    ]
+    script = [sys.executable, "-c", _WRITE_AND_DIE, str(data_dir), how]
     assert subprocess.run(script, check=False).returncode == -9
+    return data_dir / f"{DATABASE_FILE}-wal"
 
 
-@pytest.mark.parametrize("cut", ["emptied", "halved", "removed"])
-def test_a_wal_cut_after_a_kill_is_refused_untouched(tmp_path: Path, cut: str) -> None:
+def _written(data_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(data_dir / DATABASE_FILE)) as conn:
+        count: int = conn.execute(
+            "SELECT count(*) FROM meta WHERE length(value) = 3000"
+        ).fetchone()[0]
+        return count
+
+
+@pytest.mark.parametrize(
+    "cut", ["emptied", "halved", "removed", "an older copy", "another database's"]
+)
+def test_a_wal_cut_or_replaced_after_a_kill_is_refused_untouched(tmp_path: Path, cut: str) -> None:
     """A killed process's last writes are in its WAL, which the shared-memory file left beside
-    it counts. The WAL emptied, cut or removed was read as holding no more: the start answered
-    ready without them, and wrote over what was left."""
-    _killed_writing(tmp_path)
-    wal = tmp_path / f"{DATABASE_FILE}-wal"
+    it counts. The WAL emptied, cut, removed or replaced by an older copy was read as holding
+    no more: the start answered ready without them, and wrote over what was left. Another
+    database's was served in its place once every frame had been copied."""
+    wal = _killed_writing(tmp_path, "restarted" if cut == "an older copy" else "plain")
     if cut == "removed":
         wal.unlink()
+    elif cut == "an older copy":
+        wal.with_name(f"{wal.name}.older").replace(wal)
+    elif cut == "another database's":
+        _killed_writing(tmp_path / "other").replace(_killed_writing(tmp_path, "checkpointed"))
+        shutil.rmtree(tmp_path / "other")
     else:
         wal.write_bytes(wal.read_bytes()[: wal.stat().st_size // 2 if cut == "halved" else 0])
-    assert "shorter than the writes its index" in str(_refused(tmp_path, wal.name))
+    assert "not holding the writes its index" in str(_refused(tmp_path, wal.name))
 
 
-@pytest.mark.parametrize("wal_removed", [False, True], ids=["as left", "removed once copied"])
-def test_a_kill_leaves_every_write_and_no_refusal(tmp_path: Path, wal_removed: bool) -> None:
+@pytest.mark.parametrize(
+    ("how", "wal_removed"),
+    [("plain", False), ("checkpointed", False), ("checkpointed", True), ("restarted", False)],
+    ids=["as left", "copied", "copied, then removed", "in its next generation"],
+)
+def test_a_kill_leaves_every_write_and_no_refusal(
+    tmp_path: Path, how: str, wal_removed: bool
+) -> None:
     """Nor is a WAL whose frames were all copied into the database refused for being gone (a
     stop killed between removing it and the -shm file)."""
-    _killed_writing(tmp_path, checkpointed=wal_removed)
+    wal = _killed_writing(tmp_path, how)
     if wal_removed:
-        (tmp_path / f"{DATABASE_FILE}-wal").unlink()
+        wal.unlink()
     SQLiteStore.open(tmp_path).close_sync()
-    with contextlib.closing(sqlite3.connect(tmp_path / DATABASE_FILE)) as conn:
-        sql = "SELECT count(*) FROM meta WHERE name LIKE 'written %'"
-        assert conn.execute(sql).fetchone() == (20,)
+    assert _written(tmp_path) == (32 if how == "restarted" else 20)
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["first start", "later start"])
+def test_a_start_removes_what_a_start_killed_while_making_the_database_left(
+    tmp_path: Path, existed: bool
+) -> None:
+    """The empty database is made under another name, then linked into place: a kill in between
+    left it (with its journal or WAL) beside the database for good."""
+    if existed:
+        SQLiteStore.open(tmp_path).close_sync()
+    left = [f"{DATABASE_FILE}.4242-139712.new{name}" for name in ("", "-journal", "-wal", "-shm")]
+    for name in [*left, f"{DATABASE_FILE}.mine.new"]:
+        (tmp_path / name).write_bytes(b"x")
+    SQLiteStore.open(tmp_path).close_sync()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        DATABASE_FILE,
+        f"{DATABASE_FILE}.mine.new",
+    ]
 
 
 def test_a_wal_whose_database_is_missing_is_refused_untouched(tmp_path: Path) -> None:
@@ -1624,6 +1665,8 @@ def test_a_previous_file_with_a_time_past_the_calendar_in_utc_is_refused(tmp_pat
         {"title": "\u0000\n"},
         {"metadata": {"n": 2**80}},
         dict.fromkeys(["created_at", "updated_at"], "2025-01-01T05:00:00.123456+05:00"),
+        dict.fromkeys(["created_at", "updated_at"], "2025-01-01T05:00:00.123+05:00"),
+        {"metadata": {"n": -(2**63) - 1}},
     ],
     ids=[
         "a tag not in its stored form",
@@ -1631,6 +1674,8 @@ def test_a_previous_file_with_a_time_past_the_calendar_in_utc_is_refused(tmp_pat
         "a control character",
         "a number past 64 bits",
         "a time not in UTC milliseconds",
+        "a time not in UTC",
+        "a number just past 64 bits",
     ],
 )
 def test_a_previous_file_with_a_document_the_api_would_not_store_is_refused(
