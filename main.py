@@ -71,7 +71,7 @@ from problems import (
     for_status,
 )
 from ratelimit import LimiterUnavailable, open_storage
-from server import SERVER_OPTIONS, serve
+from server import SERVER_OPTIONS, serve, stop_with_supervisor
 from sqlite_files import DATABASE_FILE
 from sqlite_store import SQLiteStore
 from storage import (
@@ -617,6 +617,7 @@ def _announce_generated_key(key: str, settings: Settings) -> None:
 def serve_app() -> FastAPI:
     """uvicorn's app factory for each of several workers: settings (already checked by the
     parent) and logging as `python main.py` sets them up."""
+    stop_with_supervisor()
     settings = load_settings()
     configure_logging(settings.log_level, json_lines=settings.log_format == "json")
     return create_app(settings)

@@ -26,10 +26,14 @@ closing a transport's socket only after `connection_lost` returns.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import functools
 import ipaddress
 import logging
+import multiprocessing
+import os
+import signal
 import socket
 import struct
 import sys
@@ -417,6 +421,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def stop_with_supervisor() -> None:
+    """In each of several workers: SIGTERM (uvicorn's graceful stop) as soon as the supervisor
+    is gone. Killed with -9 alone, it had left its workers serving the socket they share, with
+    the settings of their start, and no new service could bind the port."""
+    parent = multiprocessing.parent_process()
+    if parent is None or sys.platform != "linux":
+        return
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent.pid:  # gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(app: Any, **options: Any) -> int:

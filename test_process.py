@@ -681,6 +681,24 @@ def test_a_worker_killed_with_kill_9_is_replaced_and_loses_nothing(
         assert response.status_code == 201
 
 
+def test_workers_stop_when_their_supervisor_is_killed(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    """Killed with kill -9 alone, the supervisor had left its workers serving the port they
+    share, with the settings of their start, and the next start failed: address in use."""
+    # The supervisor's metrics directory, which a kill -9 leaves, goes with tmp_path.
+    service = service_factory(env={"WORKERS": "2", "TMPDIR": str(tmp_path)}).start(wait=False)
+    service.wait_for_line("Application startup complete", 30, count=2)
+    assert service.proc is not None
+    service.proc.kill()  # the supervisor alone, not its group
+    service.proc.wait(10)
+    service.wait_for_line("service.stopped", 30, count=2)  # each worker, gracefully
+    service.start(wait=False)
+    service.wait_for_line("Application startup complete", 30, count=2)
+    with service.client() as client:
+        assert client.get("/health/ready").status_code == 200
+
+
 def test_requests_a_killed_worker_had_in_progress_stop_counting_once_it_is_replaced(
     service_factory: ServiceFactory,
 ) -> None:
