@@ -216,21 +216,28 @@ def _head(path: Path, size: int) -> tuple[bytes, int]:
         os.close(fd)
 
 
+def _index(shm: Path) -> tuple[int, int, bytes, int] | None:
+    """The WAL index's header in the -shm (wal.c): frames committed (mxFrame), frames copied
+    since (nBackfill), the WAL generation's salts, the page size. None while it is being written
+    (its two copies differ); OSError if the file is missing or not a regular one."""
+    index, _ = _head(shm, 100)
+    if len(index) < 100 or index[:48] != index[48:96]:
+        return None
+    frames, copied = (int.from_bytes(index[at : at + 4], sys.byteorder) for at in (16, 96))
+    return frames, copied, index[32:40], _page_size(int.from_bytes(index[14:16], sys.byteorder))
+
+
 def _wal_of(wal: Path, shm: Path) -> bool:
     """Whether `wal` is the WAL the shared memory indexes: a header of the same salts and the
-    frames it counts. Its header is read while its processes may write it: two copies that
-    differ (one being written) tell nothing."""
+    frames it counts. Its header is read while its processes may write it."""
     try:
-        (index, _), (wal_head, wal_size) = _head(shm, 96), _head(wal, 32)
+        index, (wal_head, wal_size) = _index(shm), _head(wal, 32)
     except OSError:  # missing, or not a regular file
         return False
-    if len(index) < 96 or index[:48] != index[48:]:
+    if index is None:
         return True
-    frames = int.from_bytes(index[16:20], sys.byteorder)  # mxFrame, in the machine's order
-    page_size = _page_size(int.from_bytes(index[14:16], sys.byteorder))
-    return frames == 0 or (
-        wal_head[16:24] == index[32:40] and wal_size >= 32 + frames * (24 + page_size)
-    )
+    frames, _, salts, page_size = index
+    return frames == 0 or (wal_head[16:24] == salts and wal_size >= 32 + frames * (24 + page_size))
 
 
 def check_wal_kept(path: Path) -> None:
@@ -242,15 +249,12 @@ def check_wal_kept(path: Path) -> None:
     wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
     if not os.path.lexists(shm) or in_use(shm):
         return
-    index, _ = _head(shm, 100)
-    if len(index) < 100 or index[:48] != index[48:96]:
-        return  # an index whose two copies differ (being written) tells nothing
-    # mxFrame, the frames committed, and nBackfill, those copied into the database since.
-    frames, copied = (int.from_bytes(index[at : at + 4], sys.byteorder) for at in (16, 96))
+    if (index := _index(shm)) is None:
+        return
+    frames, copied, salts, page_size = index
     if not frames or (copied >= frames and not os.path.lexists(wal)):
         return
-    page_size = _page_size(int.from_bytes(index[14:16], sys.byteorder))
-    if _frames_of(wal, index[32:40], page_size, frames) < frames:
+    if _frames_of(wal, salts, page_size, frames) < frames:
         raise StoreCorrupt(
             wal,
             "missing, or not holding the writes its index (the -shm file) counts: put the whole "
