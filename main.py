@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,7 +43,7 @@ from config import ApiKey, Settings, configured_keys, digest_key
 from cursors import decode_cursor, encode_cursor
 from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from metrics import MeteredStore, Metrics
+from metrics import MeteredStore, Metrics, multiprocess_directory
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, RequestContextMiddleware
 from models import (
     Document,
@@ -822,13 +821,11 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
         except StoreError as exc:
             log.critical("store.open_failed", extra={"error": str(exc)})
             return STARTUP_FAILURE
-    metrics_dir = None
-    if settings.workers > 1:
-        # Each worker writes its metrics to files here; /metrics sums them (prometheus-client's
-        # multiprocess mode reads this variable when the workers import it).
-        metrics_dir = tempfile.mkdtemp(prefix="documents-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    try:
+    with contextlib.ExitStack() as stack:
+        if settings.workers > 1:
+            # Each worker writes its metrics to files here; /metrics sums them (prometheus-client's
+            # multiprocess mode reads this variable when the workers import it).
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(multiprocess_directory())
         return serve(
             # Several workers each build the app through the factory; one gets it directly.
             "main:serve_app" if settings.workers > 1 else create_app(settings),
@@ -844,9 +841,6 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
             root_path=settings.root_path,
             timeout_graceful_shutdown=8,
         )
-    finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ wrapper that times every store operation and counts its failures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -89,6 +93,31 @@ _CLIENT_OUTCOMES = (
 
 log = logging.getLogger("documents.metrics")
 DISK_NEARLY_FULL = 0.1  # free share of DATA_DIR's volume below which a scrape warns (as the alert)
+
+
+MULTIPROCESS_PREFIX = "documents-metrics-"
+
+
+@contextlib.contextmanager
+def multiprocess_directory() -> Iterator[str]:
+    """A directory for the workers' metric files, removed when the service stops. A service
+    killed with kill -9 cannot remove its own: each holds a lock on its directory (released by
+    the kernel at its death), and a start removes the directories nobody holds."""
+    temp = Path(tempfile.gettempdir())
+    for directory in temp.glob(MULTIPROCESS_PREFIX + "*"):
+        with contextlib.suppress(OSError):  # held: its service lives; no lock: not one of ours
+            with (directory / ".lock").open() as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(directory, ignore_errors=True)
+    # Made under another name and locked, then renamed: no start sees it unheld under its name.
+    made = Path(tempfile.mkdtemp(prefix="." + MULTIPROCESS_PREFIX))
+    with (made / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        directory = made.rename(temp / made.name[1:])
+        try:
+            yield str(directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _forget_dead_workers() -> None:

@@ -685,18 +685,31 @@ def test_workers_stop_when_their_supervisor_is_killed(
     service_factory: ServiceFactory, tmp_path: Path
 ) -> None:
     """Killed with kill -9 alone, the supervisor had left its workers serving the port they
-    share, with the settings of their start, and the next start failed: address in use."""
-    # The supervisor's metrics directory, which a kill -9 leaves, goes with tmp_path.
-    service = service_factory(env={"WORKERS": "2", "TMPDIR": str(tmp_path)}).start(wait=False)
+    share, with the settings of their start, and the next start failed: address in use. The
+    metrics directory it could not remove stayed in the temporary directory for good; the next
+    start removes it, and never that of a service still running."""
+    env = {"WORKERS": "2", "TMPDIR": str(tmp_path)}
+    other = service_factory(tmp_path / "other", env=env).start(wait=False)
+    other.wait_for_line("Application startup complete", 30, count=2)
+    service = service_factory(env=env).start(wait=False)
     service.wait_for_line("Application startup complete", 30, count=2)
     assert service.proc is not None
+    before = set(tmp_path.glob("documents-metrics-*"))
+    assert len(before) == 2
     service.proc.kill()  # the supervisor alone, not its group
     service.proc.wait(10)
     service.wait_for_line("service.stopped", 30, count=2)  # each worker, gracefully
+    assert set(tmp_path.glob("documents-metrics-*")) == before  # left by the kill
     service.start(wait=False)
     service.wait_for_line("Application startup complete", 30, count=2)
     with service.client() as client:
         assert client.get("/health/ready").status_code == 200
+    after = set(tmp_path.glob("documents-metrics-*"))
+    assert len(after) == 2
+    assert len(after & before) == 1  # the killed one's went, not the other service's
+    with other.client() as client:  # its workers' counts, in files of its directory
+        assert client.get("/health/ready").status_code == 200
+        assert 'http_requests_total{method="GET"' in client.get("/metrics").text
 
 
 def test_requests_a_killed_worker_had_in_progress_stop_counting_once_it_is_replaced(
