@@ -89,6 +89,10 @@ class MalformedBody(HTTPProblem):
     kind = ProblemType(400, "malformed-json", "Malformed JSON body.")
 
 
+class MalformedTarget(HTTPProblem):
+    kind = ProblemType(400, "malformed-target", "A path or query that is not UTF-8 text.")
+
+
 class InvalidCursor(HTTPProblem):
     kind = ProblemType(400, "invalid-cursor", "A cursor that does not verify.")
 

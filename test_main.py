@@ -510,6 +510,32 @@ def test_a_query_parameter_where_none_is_taken_gets_422_and_changes_nothing(
     assert client.get("/v1/documents").json()["items"] == [doc]
 
 
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/v1/documents?tag=%FF"),
+        ("GET", "/v1/documents?q=%ED%A0%80"),  # a lone surrogate, as UTF-8 would encode it
+        ("GET", "/v1/documents?metadata.%C0=1"),
+        ("GET", "/v1/documents/%FF"),
+        ("POST", "/v1/documents?%FF"),
+        ("DELETE", "/v1/documents/{id}%FF"),
+    ],
+)
+def test_a_path_or_query_that_is_not_utf8_gets_400_and_changes_nothing(
+    client: TestClient, method: str, target: str
+) -> None:
+    """Decoded, each such byte had become U+FFFD: `tag=%FF` found the documents tagged with
+    that character, and a `q` of such bytes was dropped, listing every document."""
+    doc = create(
+        client, {"title": "\ufffd", "content": "c", "tags": ["\ufffd"], "metadata": {"\ufffd": 1}}
+    )
+    body = {"title": "t", "content": "c"} if method == "POST" else None
+    response = client.request(method, target.format(id=doc["id"]), json=body)
+    assert "not UTF-8" in assert_problem(response, 400)["detail"]
+    assert client.get("/v1/documents").json()["items"] == [doc]
+    assert client.get("/v1/documents?tag=%EF%BF%BD").json()["items"] == [doc]  # U+FFFD itself
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_body_where_none_is_taken_gets_415_and_changes_nothing(
