@@ -291,6 +291,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             name == b"transfer-encoding" for name, _ in self.headers
         ):
             raise ValueError("Transfer-Encoding in an HTTP/1.0 request")
+        # RFC 9112 3.2: an HTTP/1.1 request names one Host, and none names two (a proxy and
+        # this server may each read another): 400.
+        hosts = sum(name == b"host" for name, _ in self.headers)
+        if hosts > 1 or (not hosts and self.parser.get_http_version() == "1.1"):
+            raise ValueError("a request without its one Host header")
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
             self._hold(self._parsed)

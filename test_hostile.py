@@ -220,6 +220,20 @@ def test_an_http_1_0_request_with_a_transfer_coding_is_refused_unstored(server: 
         assert "ten" not in [d["title"] for d in client.get("/v1/documents").json()["items"]]
 
 
+@pytest.mark.parametrize(
+    ("version", "hosts", "status"),
+    [("1.1", "", 400), ("1.1", "Host: a\r\nHost: b\r\n", 400), ("1.0", "", 200)],
+    ids=["HTTP/1.1 without Host", "two Host fields", "HTTP/1.0 without Host"],
+)
+def test_a_request_without_its_one_host_header_gets_400(
+    server: Service, version: str, hosts: str, status: int
+) -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, or any with two, is a 400; both had been
+    served."""
+    head = f"GET /v1/documents HTTP/{version}\r\n{hosts}X-API-Key: {KEY}\r\n\r\n"
+    assert status_of(exchange(server, head.encode())) == status
+
+
 def test_trailer_fields_are_dropped_never_taken_for_headers(server: Service) -> None:
     """A chunked body's trailer fields do not join the request's headers: a trailer saying
     `Content-Encoding: gzip` got 415 when it came in the same write as the head, and 201 when
@@ -306,7 +320,9 @@ def test_slow_and_silent_connections_are_closed_and_others_are_served(server: Se
 
 def test_an_idle_keep_alive_connection_is_closed(server: Service) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(f"GET /v1/documents?limit=0 HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /v1/documents?limit=0 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
+        )
         sock.settimeout(KEEP_ALIVE_TIMEOUT + 10)
         first = b""
         while not first.endswith(b"}"):
@@ -789,7 +805,7 @@ def test_one_address_holds_at_most_a_tenth_of_the_connections(
         silent.pop().close()
     try:
         deadline = time.monotonic() + 10
-        while status_of(exchange(service, b"GET /health HTTP/1.1\r\n\r\n")) != 200:
+        while status_of(exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")) != 200:
             assert time.monotonic() < deadline  # until the server has seen one close
     finally:
         for sock in silent:
@@ -814,7 +830,12 @@ def test_connections_past_the_limit_get_503_at_once(service_factory: ServiceFact
         for sock in held:
             sock.close()
     deadline = time.monotonic() + 10
-    while status_of(exchange(service, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")) != 200:
+    while (
+        status_of(
+            exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )
+        != 200
+    ):
         assert time.monotonic() < deadline  # until the server has seen the others close
 
 
