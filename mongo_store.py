@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -82,6 +82,7 @@ WORDS_RETRY_SECONDS = 30.0
 TOMBSTONE: dict[str, Any] = {"deleted_at": {"$exists": True}}
 LIVE: dict[str, Any] = {"deleted_at": {"$exists": False}}
 TOMBSTONE_TTL = IDEMPOTENCY_TTL + timedelta(hours=1)
+LAST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)  # the last stored millisecond
 INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
 # Between attempts at the indexes while MongoDB cannot be reached (each waits up to the timeout
 # for it to answer).
@@ -502,10 +503,12 @@ class MongoStore:
             ("created_at", query.created_after, query.created_before),
             ("updated_at", query.updated_after, query.updated_before),
         ):
+            # A bound past the last millisecond (9999-12-31T23:59:59.999999) is after every
+            # stored time, as in SQLite: a BSON date would cut it down to that millisecond.
             if start is not None:
-                clauses.append({name: {"$gte": start}})
+                clauses.append({name: {"$gt": LAST} if start > LAST else {"$gte": start}})
             if end is not None:
-                clauses.append({name: {"$lt": end}})
+                clauses.append({name: {"$lte": LAST} if end > LAST else {"$lt": end}})
         if after is not None:
             # Past `after` in the sort order: the time bound alone narrows the index scan.
             beyond, up_to = ("$lt", "$lte") if direction == DESCENDING else ("$gt", "$gte")

@@ -568,6 +568,18 @@ async def test_an_imported_document_is_found_as_if_the_service_had_stored_it(
     assert (await store.get(doc.id)).created_at == sub_millisecond.replace(microsecond=0)
 
 
+async def test_a_bound_past_the_calendar_is_after_every_document(store: DocumentStore) -> None:
+    """A bound past 9999-12-31T23:59:59.999 is the last instant Python has, .999999: SQLite
+    rounded it up, past the last stored millisecond, while MongoDB cut it down to that one."""
+    last = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    doc = imported(1, created_at=last, updated_at=last)
+    assert await store.import_document(doc)
+    past = "9999-12-31T23:59:59.9991Z"
+    for name in ("created", "updated"):
+        assert await walk(store, 5, **{f"{name}_after": past}) == []
+        assert await walk(store, 5, **{f"{name}_before": past}) == [doc.id]
+
+
 async def test_a_change_to_a_document_created_in_the_future_is_dated_no_earlier(
     store: DocumentStore,
 ) -> None:
