@@ -46,9 +46,12 @@ METADATA_INT_MAX = 2**63 - 1
 _INT64_RANGE = {"minimum": METADATA_INT_MIN, "exclusiveMaximum": 2**63}
 
 
-def _unicode(text: str) -> str:
+def _unicode(text: Any) -> Any:
     # JSON's \ud800 escape decodes to a lone surrogate: not Unicode text, so no UTF-8 file,
-    # BSON string or response body can hold it. Refused here, before anything is stored.
+    # BSON string or response body can hold it. Refused here, before anything is stored; before
+    # a pattern too, whose engine reads no such string ("unable to parse raw data").
+    if not isinstance(text, str):
+        return text  # the type's own check says what it is not
     try:
         text.encode()
     except UnicodeEncodeError as exc:
@@ -80,7 +83,7 @@ def normal_tag(tag: str) -> str:
 Title = Annotated[
     str,
     StringConstraints(min_length=1, max_length=TITLE_MAX_CHARS, pattern=LABEL_PATTERN),
-    AfterValidator(_unicode),
+    BeforeValidator(_unicode),  # last, so it runs first: before the pattern
     AfterValidator(str.strip),
     Field(
         description="Human-readable title of 1-200 characters, one line (no control "
@@ -90,13 +93,13 @@ Title = Annotated[
 Tag = Annotated[
     str,
     StringConstraints(min_length=1, max_length=TAG_MAX_CHARS, pattern=LABEL_PATTERN),
-    AfterValidator(_unicode),
+    BeforeValidator(_unicode),
     AfterValidator(normal_tag),
 ]
 MetadataKey = Annotated[
     str,
     StringConstraints(min_length=1, max_length=METADATA_KEY_MAX_CHARS),
-    AfterValidator(_unicode),
+    BeforeValidator(_unicode),
 ]
 
 
@@ -136,7 +139,7 @@ MetadataValue = Annotated[
         str,
         Strict(),
         StringConstraints(max_length=METADATA_STRING_MAX_CHARS),
-        AfterValidator(_unicode),
+        BeforeValidator(_unicode),
     ]
     | StrictBool
     | Annotated[int, Strict(), WithJsonSchema({"type": "integer", **_INT64_RANGE})]
