@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import stat
@@ -21,7 +22,8 @@ LEGACY_FILE = "documents.json"
 LEGACY_JOURNAL = "documents.journal"  # changes a killed process had not folded into the file
 LEGACY_LOCK = "documents.lock"  # held by the previous version for as long as it serves
 
-Legacy = tuple[list[Document], list[tuple[str, str, str, str, int]]]
+# Its documents, its unexpired idempotency keys, and the digest of the file they were read from.
+Legacy = tuple[list[Document], list[tuple[str, str, str, str, int]], bytes]
 
 
 def previous_version_locked_out(data_dir: Path) -> int | None:
@@ -98,7 +100,13 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
         raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
     # In creation order: the store has room for far more documents of one millisecond that way.
     in_order = sorted(docs.values(), key=lambda doc: (doc.created_at, doc.id))
-    return in_order, list(keys.values())
+    return in_order, list(keys.values()), hashlib.sha256(raw).digest()
+
+
+def imported_already(path: Path, digest: bytes | None) -> bool:
+    """Whether `path` is the very file whose import the database records by `digest`: a start
+    killed after the import's commit, before it set the file aside."""
+    return path.name == LEGACY_FILE and digest == hashlib.sha256(_read(path) or b"").digest()
 
 
 def mark_imported(data_dir: Path) -> None:

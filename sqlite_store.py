@@ -24,7 +24,13 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from legacy import left_beside, mark_imported, previous_version_locked_out, read_legacy
+from legacy import (
+    imported_already,
+    left_beside,
+    mark_imported,
+    previous_version_locked_out,
+    read_legacy,
+)
 from logging_config import Outage
 from models import (
     Document,
@@ -196,8 +202,10 @@ class SQLiteStore:
         self._secret = b""
         self._outage = Outage(log, "store")  # what readiness finds failing, logged once
         self._write_failed = ""  # why the last commit failed; empty once one succeeds
+        self._damaged = ""  # what SQLite said of damage it met: until a restart
         self._file: tuple[int, ...] | None = None  # the files as opened (identity)
         self._legacy_fd: int | None = None
+        self._legacy_digest: bytes | None = None  # of the previous version's file it imported
 
     @classmethod
     def open(cls, data_dir: Path, *, clock: Clock = utc_now, migrate: bool = True) -> SQLiteStore:
@@ -268,11 +276,13 @@ class SQLiteStore:
         if existed and version == 0:  # made, not yet migrated: the start was killed
             imported = read_legacy(self.data_dir, self._clock(), task=False)
         elif existed and (left := left_beside(self.data_dir)):
-            raise StoreCorrupt(
-                left,
-                "the previous version wrote it beside this store's database, which holds the "
-                "data since the upgrade; it is never read: move it aside, then start",
-            )
+            if not imported_already(left, self._legacy_digest):
+                raise StoreCorrupt(
+                    left,
+                    "the previous version wrote it beside this store's database, which holds the "
+                    "data since the upgrade; it is never read: move it aside, then start",
+                )
+            mark_imported(self.data_dir)
         # One process migrates; the others wait here for its lock, then find nothing to do.
         conn = self._connection()
         with conn:
@@ -286,6 +296,7 @@ class SQLiteStore:
                 for doc in imported[0]:
                     self._insert(conn, doc, _terms(doc))
                 conn.executemany("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?)", imported[1])
+                conn.execute("INSERT INTO meta VALUES ('legacy_file', ?)", (imported[2],))
             # Expired keys go at each start; a live key is replaced once expired.
             expired = millis(self._clock()) - TTL_MS
             conn.execute("DELETE FROM idempotency WHERE created <= ?", (expired,))
@@ -336,6 +347,9 @@ class SQLiteStore:
                 secret = conn.execute(sql).fetchone()
                 if secret is None or not isinstance(secret[0], bytes) or len(secret[0]) != 32:
                     raise StoreCorrupt(self.path, "its cursor secret is missing or not 32 bytes")
+                sql = "SELECT value FROM meta WHERE name = 'legacy_file'"
+                digest = conn.execute(sql).fetchone()
+                self._legacy_digest = digest[0] if digest else None
             return version
         finally:
             conn.close()
@@ -411,6 +425,7 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.rollback()
             self._write_failed = str(exc)
+            self._damaged = self._damaged or _damage(exc)
             log.error("store.write_failed", extra={"error": str(exc)})
             failed = StoreUnavailable(f"cannot write the database: {exc}")
             failed.__cause__ = exc
@@ -602,6 +617,7 @@ class SQLiteStore:
             StoreWork.waited(time.perf_counter() - started - cpu)
             return rows
         except sqlite3.Error as exc:
+            self._damaged = self._damaged or _damage(exc)
             raise StoreUnavailable(f"cannot read the database: {exc}") from exc
 
     def _over_budget(self) -> bool:
@@ -640,6 +656,12 @@ class SQLiteStore:
 
     async def check(self) -> None:
         try:
+            # The probe's own reads and writes may miss the damaged pages a request met.
+            if self._damaged:
+                raise StoreUnavailable(
+                    f"the database is damaged ({self._damaged}): check and recover it as the "
+                    "runbook says, or restore a backup"
+                )
             # A newer version's service may have migrated the database under this one.
             ((version,),) = await self._read("PRAGMA user_version", ())
             if version != len(MIGRATIONS):
@@ -722,6 +744,12 @@ class SQLiteStore:
         if self._legacy_fd is not None:
             os.close(self._legacy_fd)
             self._legacy_fd = None
+
+
+def _damage(exc: BaseException) -> str:
+    """What SQLite said if it found the database's file damaged ("malformed"), else ""."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    return str(exc) if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) else ""
 
 
 def _terms(doc: Document | DocumentCreate) -> str:

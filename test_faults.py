@@ -3,9 +3,11 @@ the store serves exactly what a restart would load."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from conftest import KEY, ServiceFactory, app_client, run_main
+from conftest import KEY, ServiceFactory, app_client, assert_problem, run_main
 from legacy import LEGACY_FILE, LEGACY_JOURNAL
 from models import DocumentCreate
 from sqlite_files import DATABASE_FILE
@@ -196,6 +198,28 @@ def test_a_full_disk_answers_503_loses_no_acknowledged_write_and_recovers(
             assert client.get(f"/v1/documents/{doc_id}").json() == expected
         listed = client.get("/v1/documents", params={"limit": 100}).json()["items"]
         assert len(listed) == len(acknowledged)
+
+
+def test_a_damaged_page_a_write_meets_keeps_the_store_unready_until_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Every create failed on a damaged index page ("database disk image is malformed"), while
+    readiness said 200: its probe rewrote a row of an undamaged page, which ended the failure."""
+    with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
+        for n in range(20):
+            assert client.post("/v1/documents", json={"title": f"d{n}", "content": "c"}).is_success
+    database = tmp_path / DATABASE_FILE
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'documents_updated'"
+        page, size = conn.execute(sql).fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0]
+    with database.open("r+b") as file:  # garbage over the index of update times
+        file.seek((page - 1) * size)
+        file.write(b"\xff" * size)
+    with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
+        created = client.post("/v1/documents", json={"title": "t", "content": "c"})
+        assert "malformed" in assert_problem(created, 503)["detail"]
+        for _ in range(3):
+            assert "damaged" in assert_problem(client.get("/health/ready"), 503)["detail"]
 
 
 def test_a_backup_the_disk_cannot_hold_is_one_line_and_leaves_nothing(

@@ -1649,10 +1649,30 @@ def test_a_previous_file_written_after_the_upgrade_is_refused_not_ignored(
     """The previous version run again after the upgrade writes a documents.json of its own as
     it stops, or leaves its writes in its journal when killed: in no database this version
     reads, and left unsaid."""
+    _legacy(tmp_path, [imported(1)], [])
+    SQLiteStore.open(tmp_path).close_sync()
+    if left == LEGACY_FILE:  # with a document written since
+        _legacy(tmp_path, [imported(1), imported(2)], [])
+    else:
+        (tmp_path / left).write_bytes(b'0badc0de {"table": "x"}\n')
+    assert "beside this store's database" in str(_refused(tmp_path, left))
+
+
+async def test_a_start_killed_before_it_set_the_imported_file_aside_is_finished(
+    tmp_path: Path,
+) -> None:
+    """The first start commits the import, then renames documents.json aside: killed between
+    the two, every later start was refused, saying the file held writes made since."""
     raw = _legacy(tmp_path, [imported(1)], [])
     SQLiteStore.open(tmp_path).close_sync()
-    (tmp_path / left).write_bytes(raw if left == LEGACY_FILE else b'0badc0de {"table": "x"}\n')
-    assert "beside this store's database" in str(_refused(tmp_path, left))
+    (tmp_path / f"{LEGACY_FILE}.imported").rename(tmp_path / LEGACY_FILE)  # as the kill left it
+    store = SQLiteStore.open(tmp_path)
+    try:
+        assert await walk(store, 5) == [imported(1).id]
+    finally:
+        await store.close()
+    assert not (tmp_path / LEGACY_FILE).exists()
+    assert (tmp_path / f"{LEGACY_FILE}.imported").read_bytes() == raw
 
 
 def test_a_previous_file_with_two_records_of_one_id_is_refused(tmp_path: Path) -> None:
