@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 from storage import StoreCorrupt, StoreUnavailable
 
@@ -107,12 +106,18 @@ def _wal_header_whole(head: bytes) -> bool:
         return False
     if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
         return False
-    order: Literal["big", "little"] = "big" if magic & 1 else "little"
-    first = second = 0
-    for at in range(0, 24, 8):
-        first = (first + int.from_bytes(head[at : at + 4], order) + second) & 0xFFFFFFFF
-        second = (second + int.from_bytes(head[at + 4 : at + 8], order) + first) & 0xFFFFFFFF
-    return head[24:32] == first.to_bytes(4) + second.to_bytes(4)
+    return head[24:32] == _checksum(head[:24], magic, b"\0" * 8)
+
+
+def _checksum(data: bytes, magic: int, before: bytes) -> bytes:
+    """SQLite's WAL checksum (wal.c) of `data`, continuing `before`: two running sums over its
+    32-bit words, read in the byte order the WAL's magic number names."""
+    first, second = int.from_bytes(before[:4]), int.from_bytes(before[4:])
+    words = iter(struct.unpack(f"{'>' if magic & 1 else '<'}{len(data) // 4}I", data))
+    for even, odd in zip(words, words, strict=True):
+        first = (first + even + second) & 0xFFFFFFFF
+        second = (second + odd + first) & 0xFFFFFFFF
+    return first.to_bytes(4) + second.to_bytes(4)
 
 
 def _past_header(fd: int) -> bool:
@@ -265,16 +270,23 @@ def check_wal_kept(path: Path) -> None:
 
 def _frames_of(wal: Path, salts: bytes, page_size: int, most: int) -> int:
     """How many frames from the WAL's start (up to `most`) carry `salts`, as those of its
-    current generation do: an older copy holds the previous generation's after its first ones."""
+    current generation do (an older copy holds the previous generation's after its first
+    ones), and their checksums, as SQLite reads them (it replays none after one that fails)."""
     try:
         fd, _ = _open_regular(wal)
     except OSError:  # missing
         return 0
     try:
         count, offset = 0, 32
-        if os.pread(fd, 8, 16) != salts:  # the header's
+        header = os.pread(fd, 32, 0)
+        summed = header[24:]
+        if header[16:24] != salts:
             return count
-        while count < most and os.pread(fd, 8, offset + 8) == salts:
+        magic = int.from_bytes(header[:4])
+        while count < most and len(frame := os.pread(fd, 24 + page_size, offset)) == 24 + page_size:
+            summed = _checksum(frame[:8] + frame[24:], magic, summed)
+            if frame[8:16] != salts or frame[16:24] != summed:
+                break
             count, offset = count + 1, offset + 24 + page_size
         return count
     finally:

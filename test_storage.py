@@ -1133,18 +1133,26 @@ def _written(data_dir: Path) -> int:
 
 
 @pytest.mark.parametrize(
-    "cut", ["emptied", "halved", "removed", "an older copy", "another database's"]
+    "cut",
+    ["emptied", "halved", "removed", "an older copy", "another database's", "a frame damaged"],
 )
 def test_a_wal_cut_or_replaced_after_a_kill_is_refused_untouched(tmp_path: Path, cut: str) -> None:
     """A killed process's last writes are in its WAL, which the shared-memory file left beside
     it counts. The WAL emptied, cut, removed or replaced by an older copy was read as holding
     no more: the start answered ready without them, and wrote over what was left. Another
-    database's was served in its place once every frame had been copied."""
+    database's was served in its place once every frame had been copied. SQLite replays no
+    frame after one damaged inside its page: a start answered ready without all of them."""
     wal = _killed_writing(tmp_path, "restarted" if cut == "an older copy" else "plain")
     if cut == "removed":
         wal.unlink()
     elif cut == "an older copy":
         wal.with_name(f"{wal.name}.older").replace(wal)
+    elif cut == "a frame damaged":  # a byte inside its first frame's page: the checksum fails
+        with wal.open("r+b") as file:
+            file.seek(32 + 24 + 100)
+            byte = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte[0] ^ 0xFF]))
     elif cut == "another database's":
         _killed_writing(tmp_path / "other").replace(_killed_writing(tmp_path, "checkpointed"))
         shutil.rmtree(tmp_path / "other")
