@@ -14,8 +14,10 @@ counts too). So that a burst cannot run far ahead of its charges, a key has at m
 IN_FLIGHT_PER_KEY requests in progress in a process, and its store work that takes more than a
 moment runs one piece at a time, each after the charges of those before (ratelimit.StoreWork, its
 lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's
-write: 403. Each refusal is answered from here with the body unread, and a connection whose body
-is left unread is closed (`server.py`).
+write: 403. A path or query that is not UTF-8 once percent-decoded: 400, on every route but the
+probes (decoded, each such byte would become U+FFFD: `tag=%FF` found that character, and a `q`
+of such bytes was dropped unsaid). Each refusal is answered from here with the body unread, and
+a connection whose body is left unread is closed (`server.py`).
 
 A refusal writes its access line like any request; once a budget is spent within a window, its
 further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
@@ -35,6 +37,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from limits import RateLimitItem
 from limits.aio.storage import Storage
@@ -49,6 +52,7 @@ from problems import (
     LIMITER_UNAVAILABLE,
     RETRY_AFTER_SECONDS,
     Forbidden,
+    MalformedTarget,
     RateLimited,
     Unauthorized,
     for_status,
@@ -218,6 +222,10 @@ class AdmissionMiddleware:
         state["response_headers"] = _rate_limit_headers(shown)
         if refused:
             await self._refuse_over_budget(scope, receive, send, key or client, shown)
+        elif reason := _not_utf8(scope):  # once its budget is spent, so a flood logs no line each
+            detail = f"The path or query is not UTF-8 once percent-decoded: {reason}."
+            response = MalformedTarget.kind.response(detail, headers=_closing({}))
+            await response(scope, receive, send)
         elif preflight and self.cors is not None:
             await self.cors(scope, receive, send)
         elif key is None and protected:
@@ -356,6 +364,18 @@ def route_path(scope: Scope) -> str:
 
 def _writes(scope: Scope) -> bool:
     return scope["method"] not in READ_METHODS
+
+
+def _not_utf8(scope: Scope) -> str:
+    """Why the raw path or query does not decode as UTF-8 (a lone surrogate's bytes included),
+    or "" if it does."""
+    for raw in (scope.get("raw_path") or b"", scope["query_string"]):
+        if b"%" in raw or not raw.isascii():
+            try:
+                unquote_to_bytes(raw).decode()
+            except UnicodeDecodeError as exc:
+                return exc.reason
+    return ""
 
 
 def _closing(headers: dict[str, str]) -> dict[str, str]:

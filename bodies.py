@@ -2,8 +2,7 @@
 strictly (a duplicate key, NaN, Infinity, an overflowing number or nesting deeper than
 MAX_NESTING is a malformed body, 400), and one with more values than any document holds is
 refused before it is parsed. Bodies are UTF-8; a route that takes none refuses one (415), and a
-route whose OpenAPI entry lists no query parameter refuses any (422); a path or query that is not
-UTF-8 text is refused (400)."""
+route whose OpenAPI entry lists no query parameter refuses any (422)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import math
 from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import anyio.to_thread
 from fastapi import Request
@@ -22,7 +20,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from logging_config import clip
-from problems import MalformedBody, MalformedTarget, UnsupportedMediaType
+from problems import MalformedBody, UnsupportedMediaType
 
 _OWS = " \t"  # HTTP's whitespace; str.strip() would also take U+0085 and U+00A0 off a value
 
@@ -50,18 +48,6 @@ def _refuse_content(headers: Headers) -> None:
     precondition sent in it (`{"version": 1}`) left a delete unconditional."""
     if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
         raise UnsupportedMediaType("This operation takes no request body; send none.")
-
-
-def _refuse_non_utf8(request: Request) -> None:
-    """The path and query are decoded with each byte that is not UTF-8 (a lone surrogate's
-    too) taken as U+FFFD: a filter sent so matched that character, or was dropped unsaid."""
-    for raw in (request.scope.get("raw_path", b""), request.scope["query_string"]):
-        if b"%" in raw or not raw.isascii():
-            try:
-                unquote_to_bytes(raw).decode()
-            except UnicodeDecodeError as exc:
-                detail = f"The path or query is not UTF-8 once percent-decoded: {exc.reason}."
-                raise MalformedTarget(detail) from None
 
 
 def _refuse_query(request: Request) -> None:
@@ -219,7 +205,6 @@ class StrictJSONRoute(APIRoute):
         if not (self.methods or set()) & {"POST", "PATCH", "PUT"}:
 
             async def bodiless_handler(request: Request) -> Response:
-                _refuse_non_utf8(request)
                 if not takes_query:
                     _refuse_query(request)
                 _refuse_content(request.headers)
@@ -229,7 +214,6 @@ class StrictJSONRoute(APIRoute):
         accepted = list(extra.get("requestBody", {}).get("content", {})) or ["application/json"]
 
         async def strict_handler(request: Request) -> Response:
-            _refuse_non_utf8(request)
             if not takes_query:
                 _refuse_query(request)
             _require_json(request.headers, accepted)

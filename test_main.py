@@ -519,6 +519,9 @@ def test_a_query_parameter_where_none_is_taken_gets_422_and_changes_nothing(
         ("GET", "/v1/documents/%FF"),
         ("POST", "/v1/documents?%FF"),
         ("DELETE", "/v1/documents/{id}%FF"),
+        ("GET", "/v1/docu%FFments"),  # no route: its 404 had named the path with U+FFFD
+        ("PUT", "/v1/documents/%FF"),
+        ("GET", "/metrics?x=%C0%AF"),
     ],
 )
 def test_a_path_or_query_that_is_not_utf8_gets_400_and_changes_nothing(
