@@ -183,6 +183,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._answering: RequestResponseCycle | None = None  # the request being answered
+        self._refusal: bytes | None = None  # sent once the request being answered is
         # Paused as soon as one byte waits for the peer, not past asyncio's 64 KiB: the send
         # timer then runs whenever this process holds anything the peer has not taken.
         transport.set_write_buffer_limits(high=0)
@@ -327,6 +328,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._refusal is not None:  # see send_400_response
+            self._refuse(self._refusal)
+            return
         if self.cycle is not None and self.cycle.more_body:
             # Answered before the body arrived (a 413, or a route that reads none): end the
             # connection rather than go on reading a body nobody will use, at the client's pace.
@@ -342,9 +346,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.abort()
             return
         if self._too_large:
-            self._refuse(HEAD_TOO_LARGE)
+            refusal = HEAD_TOO_LARGE
         else:
-            self._refuse(BODY_IN_TOO_MANY_PIECES if self._pieces > MAX_BODY_PIECES else MALFORMED)
+            refusal = BODY_IN_TOO_MANY_PIECES if self._pieces > MAX_BODY_PIECES else MALFORMED
+        answering = self._answering
+        if answering is not None and not answering.response_complete and not answering.more_body:
+            # The fault is in a request after one still being answered (whose body has all come):
+            # that answer goes first, for its write is done (a 400 in its place said it was not),
+            # then this one. Requests queued between are dropped unanswered, so that none takes
+            # this 400 for its own: the connection closes after it.
+            self.transport.pause_reading()
+            self._refusal = b"" if self.pipeline else refusal
+            self.pipeline.clear()
+            self._queued.clear()
+            return
+        self._refuse(refusal)
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -232,6 +233,25 @@ def test_a_request_without_its_one_host_header_gets_400(
     served."""
     head = f"GET /v1/documents HTTP/{version}\r\n{hosts}X-API-Key: {KEY}\r\n\r\n"
     assert status_of(exchange(server, head.encode())) == status
+
+
+@pytest.mark.parametrize("between", [0, 1], ids=["right behind", "behind another"])
+def test_a_malformed_request_pipelined_behind_a_write_is_refused_after_its_answer(
+    server: Service, between: int
+) -> None:
+    """The write's answer had been dropped for the 400, then the write committed: its client
+    took the 400 for its answer. A request queued between gets none (the 400 is not its)."""
+    body = b'{"title": "pipelined", "content": "c"}'
+    write = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    read = f"GET /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
+    response = exchange(server, write + read * between + b"GET / HTTP/1.1\r\nHost x\r\n\r\n")
+    answers = re.findall(rb"HTTP/1.1 (\d{3}) ", response)
+    assert answers == ([b"201"] if between else [b"201", b"400"])
+    with server.client() as client:
+        assert "pipelined" in [d["title"] for d in client.get("/v1/documents").json()["items"]]
 
 
 def test_trailer_fields_are_dropped_never_taken_for_headers(server: Service) -> None:
