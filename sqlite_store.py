@@ -51,6 +51,7 @@ from sqlite_files import (
     check_wal_kept,
     create,
     identity,
+    in_use,
     owner,
     remove_leftovers,
     remove_made,
@@ -82,6 +83,7 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
+DAMAGE_FILE = "documents.damaged"  # what SQLite said of damage a process met, for the others
 PROBE_WRITE_S = 1.0  # how long readiness waits for its write transaction
 PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
@@ -223,6 +225,8 @@ class SQLiteStore:
                 head = check_file(store.path)
                 check_file(store.path.with_name(DATABASE_FILE + "-journal"))
                 check_sharers(store.path)
+                if not in_use(store.path.with_name(DATABASE_FILE + "-shm")):  # the first process
+                    (data_dir / DAMAGE_FILE).unlink(missing_ok=True)
                 wal = store.path.with_name(DATABASE_FILE + "-wal")
                 if head is None and os.path.lexists(wal) and os.lstat(wal).st_size:
                     # A new database beside it would be read through another's pages.
@@ -425,7 +429,7 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.rollback()
             self._write_failed = str(exc)
-            self._damaged = self._damaged or _damage(exc)
+            self._note_damage(exc)
             log.error("store.write_failed", extra={"error": str(exc)})
             failed = StoreUnavailable(f"cannot write the database: {exc}")
             failed.__cause__ = exc
@@ -617,7 +621,7 @@ class SQLiteStore:
             StoreWork.waited(time.perf_counter() - started - cpu)
             return rows
         except sqlite3.Error as exc:
-            self._damaged = self._damaged or _damage(exc)
+            self._note_damage(exc)
             raise StoreUnavailable(f"cannot read the database: {exc}") from exc
 
     def _over_budget(self) -> bool:
@@ -656,17 +660,17 @@ class SQLiteStore:
 
     async def check(self) -> None:
         try:
+            # A newer version's service may have migrated the database under this one.
+            ((version,),) = await self._read("PRAGMA user_version", ())
+            if version != len(MIGRATIONS):
+                raise StoreUnavailable(f"{self.path} was migrated to schema {version} since")
+            await anyio.to_thread.run_sync(self._probe)
             # The probe's own reads and writes may miss the damaged pages a request met.
             if self._damaged:
                 raise StoreUnavailable(
                     f"the database is damaged ({self._damaged}): check and recover it as the "
                     "runbook says, or restore a backup"
                 )
-            # A newer version's service may have migrated the database under this one.
-            ((version,),) = await self._read("PRAGMA user_version", ())
-            if version != len(MIGRATIONS):
-                raise StoreUnavailable(f"{self.path} was migrated to schema {version} since")
-            await anyio.to_thread.run_sync(self._probe)
             # A write transaction that changes nothing, which writes nothing, tells whether the
             # write lock can be had (another program may hold it); while writes are failing (an
             # I/O error, say) one rewrites a row, and the first to succeed ends the failure.
@@ -687,8 +691,20 @@ class SQLiteStore:
         if identity(self.path) != self._file:
             raise StoreUnavailable(f"{self.path} was replaced or removed: restart")
 
+    def _note_damage(self, exc: BaseException) -> None:
+        """Damage SQLite met, kept until the next start of a first process on the database, for
+        every process on it: each one's readiness says so, whatever its own requests met."""
+        if (damage := _damage(exc)) and not self._damaged:
+            self._damaged = damage
+            with contextlib.suppress(OSError):  # this process's readiness says so all the same
+                (self.data_dir / DAMAGE_FILE).write_text(damage)
+
     def _probe(self) -> None:
         self._check_files()
+        with contextlib.suppress(OSError):  # absent: no process met damage since the first start
+            self._damaged = self._damaged or (self.data_dir / DAMAGE_FILE).read_text(
+                "utf-8", "replace"
+            )
         try:
             if not os.access(self.data_dir, os.W_OK):
                 raise StoreUnavailable("the data directory is not writable")

@@ -222,6 +222,35 @@ def test_a_damaged_page_a_write_meets_keeps_the_store_unready_until_a_restart(
             assert "damaged" in assert_problem(client.get("/health/ready"), 503)["detail"]
 
 
+def test_damage_one_worker_meets_makes_every_worker_unready_until_a_restart(
+    tmp_path: Path, service_factory: ServiceFactory
+) -> None:
+    """With several workers, readiness answered 200 from each worker whose own requests had met
+    no damage: a probe had one chance in two of saying all was well."""
+    service = service_factory(tmp_path / "data", env={"WORKERS": "2"}).start()
+    with service.client() as client:
+        for n in range(20):
+            assert client.post("/v1/documents", json={"title": f"d{n}", "content": "c"}).is_success
+    service.stop_quietly()
+    database = tmp_path / "data" / DATABASE_FILE
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'documents_updated'"
+        page, size = conn.execute(sql).fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0]
+    with database.open("r+b") as file:
+        file.seek((page - 1) * size)
+        file.write(b"\xff" * size)
+    service.start()
+    with service.client() as client:
+        assert_problem(client.post("/v1/documents", json={"title": "t", "content": "c"}), 503)
+    for _ in range(10):  # a connection each, spread over the workers by the kernel
+        with service.client() as client:
+            assert "damaged" in assert_problem(client.get("/health/ready"), 503)["detail"]
+    service.stop_quietly()
+    service.start()  # a first process again: ready until a request meets the damage
+    with service.client() as client:
+        assert client.get("/health/ready").status_code == 200
+
+
 def test_a_backup_the_disk_cannot_hold_is_one_line_and_leaves_nothing(
     small_disk: Path, tmp_path: Path
 ) -> None:
