@@ -596,13 +596,9 @@ class DocumentQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # No lone surrogate can reach these: admission refuses a query that is not UTF-8 first.
     q: Annotated[
-        Annotated[
-            str,
-            StringConstraints(min_length=1, max_length=QUERY_MAX_CHARS),
-            AfterValidator(_unicode),
-        ]
-        | None,
+        Annotated[str, StringConstraints(min_length=1, max_length=QUERY_MAX_CHARS)] | None,
         # What a word is (after Unicode folding) is not something a JSON Schema pattern can
         # say, so the length bounds `q` (at most 100 words) and any text is a valid `q`.
         Field(
@@ -629,12 +625,8 @@ class DocumentQuery(BaseModel):
     # what a too-long `q` word gets, nothing found, not a 422 the document never announced.
     metadata: Annotated[
         dict[
-            Annotated[str, StringConstraints(min_length=1), AfterValidator(_unicode)],
-            Annotated[
-                str,
-                StringConstraints(max_length=METADATA_STRING_MAX_CHARS),
-                AfterValidator(_unicode),
-            ],
+            Annotated[str, StringConstraints(min_length=1)],
+            Annotated[str, StringConstraints(max_length=METADATA_STRING_MAX_CHARS)],
         ],
         _at_most(METADATA_MAX_KEYS),
         Field(max_length=METADATA_MAX_KEYS),

@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import struct
@@ -70,6 +71,9 @@ SEND_TIMEOUT = 10.0
 # (400) and its connection closed.
 MAX_BODY_PIECES = 4096
 MAX_BODY_FRAMING_BYTES = 64 * 1024
+# RFC 9110 7.2, a Host field's value: uri-host [":" port], where a host is a bracketed IP
+# literal or a reg-name (unreserved, pct-encoded and sub-delims characters); empty is allowed.
+HOST = re.compile(rb"(\[[\w.:~!$&'()*+,;=-]+\]|[\w.~!$&'()*+,;=%-]*)(:\d*)?")
 
 log = logging.getLogger("documents.server")
 
@@ -285,18 +289,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._stop_head_timer()
         self._trailing = True
+        version = self.parser.get_http_version()
         # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a proxy
         # that speaks 1.0 reads its body by Content-Length, or to the end): a request smuggled
         # past one. Raising stops the parser, as _count does: 400, the connection closed.
-        if self.parser.get_http_version() == "1.0" and any(
-            name == b"transfer-encoding" for name, _ in self.headers
-        ):
+        if version == "1.0" and any(name == b"transfer-encoding" for name, _ in self.headers):
             raise ValueError("Transfer-Encoding in an HTTP/1.0 request")
-        # RFC 9112 3.2: an HTTP/1.1 request names one Host, and none names two (a proxy and
-        # this server may each read another): 400.
-        hosts = sum(name == b"host" for name, _ in self.headers)
-        if hosts > 1 or (not hosts and self.parser.get_http_version() == "1.1"):
+        # RFC 9112 3.2: an HTTP/1.1 request names one Host, none names two, and its value is
+        # a host (a proxy and this server may each read another): 400.
+        hosts = [value for name, value in self.headers if name == b"host"]  # names lower-cased
+        if len(hosts) > 1 or (not hosts and version == "1.1"):
             raise ValueError("a request without its one Host header")
+        if hosts and not HOST.fullmatch(hosts[0]):
+            raise ValueError("a Host header that names no host")
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
             self._hold(self._parsed)

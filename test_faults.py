@@ -200,6 +200,16 @@ def test_a_full_disk_answers_503_loses_no_acknowledged_write_and_recovers(
         assert len(listed) == len(acknowledged)
 
 
+def damage_the_update_index(database: Path) -> None:
+    """Write garbage over the root page of the index of update times."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'documents_updated'"
+        page, size = conn.execute(sql).fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0]
+    with database.open("r+b") as file:
+        file.seek((page - 1) * size)
+        file.write(b"\xff" * size)
+
+
 def test_a_damaged_page_a_write_meets_keeps_the_store_unready_until_a_restart(
     tmp_path: Path,
 ) -> None:
@@ -208,13 +218,7 @@ def test_a_damaged_page_a_write_meets_keeps_the_store_unready_until_a_restart(
     with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
         for n in range(20):
             assert client.post("/v1/documents", json={"title": f"d{n}", "content": "c"}).is_success
-    database = tmp_path / DATABASE_FILE
-    with contextlib.closing(sqlite3.connect(database)) as conn:
-        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'documents_updated'"
-        page, size = conn.execute(sql).fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0]
-    with database.open("r+b") as file:  # garbage over the index of update times
-        file.seek((page - 1) * size)
-        file.write(b"\xff" * size)
+    damage_the_update_index(tmp_path / DATABASE_FILE)
     with app_client(tmp_path, headers={"X-API-Key": KEY}) as client:
         created = client.post("/v1/documents", json={"title": "t", "content": "c"})
         assert "malformed" in assert_problem(created, 503)["detail"]
@@ -232,13 +236,7 @@ def test_damage_one_worker_meets_makes_every_worker_unready_until_a_restart(
         for n in range(20):
             assert client.post("/v1/documents", json={"title": f"d{n}", "content": "c"}).is_success
     service.stop_quietly()
-    database = tmp_path / "data" / DATABASE_FILE
-    with contextlib.closing(sqlite3.connect(database)) as conn:
-        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'documents_updated'"
-        page, size = conn.execute(sql).fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0]
-    with database.open("r+b") as file:
-        file.seek((page - 1) * size)
-        file.write(b"\xff" * size)
+    damage_the_update_index(tmp_path / "data" / DATABASE_FILE)
     service.start()
     with service.client() as client:
         assert_problem(client.post("/v1/documents", json={"title": "t", "content": "c"}), 503)
