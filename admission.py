@@ -14,10 +14,11 @@ counts too). So that a burst cannot run far ahead of its charges, a key has at m
 IN_FLIGHT_PER_KEY requests in progress in a process, and its store work that takes more than a
 moment runs one piece at a time, each after the charges of those before (ratelimit.StoreWork, its
 lane). Over the budget or the bound: 429. Under /v1, no valid key: 401; a read-only key's
-write: 403. A path or query that is not UTF-8 once percent-decoded: 400, on every route but the
-probes (decoded, each such byte would become U+FFFD: `tag=%FF` found that character, and a `q`
-of such bytes was dropped unsaid). Each refusal is answered from here with the body unread, and
-a connection whose body is left unread is closed (`server.py`).
+write: 403. A path or query that is not percent-encoded UTF-8, or a path with an encoded slash:
+400, on every route but the probes (decoded, each byte not UTF-8 would become U+FFFD: `tag=%FF`
+found that character, and a `q` of such bytes was dropped unsaid; `/v1%2Fdocuments` was routed
+as `/v1/documents`, past a proxy's rule on the path it saw). Each refusal is answered from here
+with the body unread, and a connection whose body is left unread is closed (`server.py`).
 
 A refusal writes its access line like any request; once a budget is spent within a window, its
 further refusals write none, and one `rate_limit.refused` line at the window's end counts them.
@@ -33,6 +34,7 @@ import functools
 import hmac
 import logging
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -78,6 +80,8 @@ READ_UNIT_S = 0.010
 # answers cost, and is as many as a client with a connection pool of 32 ever has in progress.
 IN_FLIGHT_PER_KEY = 32
 API_KEY_HEADER = b"x-api-key"
+ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
+BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 CORS_REQUEST_HEADERS = [
     "X-API-Key",
     "Content-Type",
@@ -222,8 +226,8 @@ class AdmissionMiddleware:
         state["response_headers"] = _rate_limit_headers(shown)
         if refused:
             await self._refuse_over_budget(scope, receive, send, key or client, shown)
-        elif reason := _not_utf8(scope):  # once its budget is spent, so a flood logs no line each
-            detail = f"The path or query is not UTF-8 once percent-decoded: {reason}."
+        elif reason := _malformed(scope):  # once its budget is spent: a flood logs no line each
+            detail = f"The path or query is malformed: {reason}."
             response = MalformedTarget.kind.response(detail, headers=_closing({}))
             await response(scope, receive, send)
         elif preflight and self.cors is not None:
@@ -366,15 +370,20 @@ def _writes(scope: Scope) -> bool:
     return scope["method"] not in READ_METHODS
 
 
-def _not_utf8(scope: Scope) -> str:
-    """Why the raw path or query does not decode as UTF-8 (a lone surrogate's bytes included),
-    or "" if it does."""
-    for raw in (scope.get("raw_path") or b"", scope["query_string"]):
+def _malformed(scope: Scope) -> str:
+    """Why the raw path or query is not percent-encoded UTF-8 (a lone surrogate's bytes
+    included), or the path holds an encoded slash; "" if neither."""
+    path = scope.get("raw_path") or b""
+    if b"%" in path and ENCODED_SLASH.search(path):
+        return "a slash percent-encoded in the path (%2F)"
+    for raw in (path, scope["query_string"]):
+        if b"%" in raw and BAD_ESCAPE.search(raw):
+            return "a % not followed by two hexadecimal digits"
         if b"%" in raw or not raw.isascii():
             try:
                 unquote_to_bytes(raw).decode()
             except UnicodeDecodeError as exc:
-                return exc.reason
+                return f"not UTF-8 once percent-decoded ({exc.reason})"
     return ""
 
 

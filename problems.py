@@ -90,7 +90,9 @@ class MalformedBody(HTTPProblem):
 
 
 class MalformedTarget(HTTPProblem):
-    kind = ProblemType(400, "malformed-target", "A path or query that is not UTF-8 text.")
+    kind = ProblemType(
+        400, "malformed-target", "A path or query that is not percent-encoded UTF-8 text."
+    )
 
 
 class InvalidCursor(HTTPProblem):

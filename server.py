@@ -11,7 +11,9 @@ connection whose peer takes none of the bytes we or the kernel hold for it for `
 seconds is reset: asyncio's `close()` waits for ours to drain, and the kernel keeps its own for
 minutes after a close, so a client that never reads would otherwise hold its responses in memory
 for good, or for minutes. One closed while the kernel still holds some (a `Connection: close`
-response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`.
+response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`. Whatever ends a
+connection but the client (a malformed request, a pipelining bound, an `Upgrade`), every
+request that came whole before it is answered first, in order (`_finish`).
 
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
@@ -42,6 +44,7 @@ import termios
 from collections import Counter
 from typing import Any
 
+import httptools
 import orjson
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -71,9 +74,10 @@ SEND_TIMEOUT = 10.0
 # (400) and its connection closed.
 MAX_BODY_PIECES = 4096
 MAX_BODY_FRAMING_BYTES = 64 * 1024
-# RFC 9110 7.2, a Host field's value: uri-host [":" port], where a host is a bracketed IP
-# literal or a reg-name (unreserved, pct-encoded and sub-delims characters); empty is allowed.
-HOST = re.compile(rb"(\[[\w.:~!$&'()*+,;=-]+\]|[\w.~!$&'()*+,;=%-]*)(:\d*)?")
+# RFC 9110 7.2 and 4.2.1, a Host field's value for an http URI: uri-host [":" port], where the
+# host is a bracketed IPv6 address or a reg-name (unreserved, pct-encoded and sub-delims), never
+# empty.
+HOST = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|(?:[\w.~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)(?::\d*)?")
 
 log = logging.getLogger("documents.server")
 
@@ -146,6 +150,31 @@ def client_of(host: str) -> str:
     return host
 
 
+def _names_a_host(value: bytes) -> bool:
+    if not (match := HOST.fullmatch(value)):
+        return False
+    if match[1] is not None:
+        try:
+            ipaddress.IPv6Address(match[1].decode())
+        except ValueError:
+            return False
+    return True
+
+
+def _valid_target(method: bytes, target: bytes) -> bool:
+    """RFC 9112 3.2: a path (origin-form); an http or https URI with a host and no user
+    (absolute-form, RFC 9110 4.2.4); `*` for OPTIONS alone."""
+    if target.startswith(b"/"):
+        return True
+    if target == b"*":
+        return method == b"OPTIONS"
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return False
+    return url.schema in (b"http", b"https") and bool(url.host) and url.userinfo is None
+
+
 @functools.lru_cache(maxsize=4096)
 def _is_proxy(host: str, trusted: str) -> bool:
     if trusted.strip() == "*":
@@ -187,7 +216,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._answering: RequestResponseCycle | None = None  # the request being answered
-        self._refusal: bytes | None = None  # sent once the request being answered is
+        self._refusal: bytes | None = None  # set by _finish: sent once the last is answered
         # Paused as soon as one byte waits for the peer, not past asyncio's 64 KiB: the send
         # timer then runs whenever this process holds anything the peer has not taken.
         transport.set_write_buffer_limits(high=0)
@@ -233,10 +262,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # see _finish: nothing after the last request is read
         if self._awaiting_head and self._head_timer is None:
             self._start_head_timer()
         before = (self._awaiting_head, self._heads)
         super().data_received(data)
+        if self._refusal is not None:
+            return
         if before == (False, self._heads) and not self._awaiting_head:
             # Read wholly inside one body: what of it was not body bytes is framing.
             self._body_wire += len(data)
@@ -290,18 +323,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_head_timer()
         self._trailing = True
         version = self.parser.get_http_version()
+        # httptools also reads HTTP/0.9 and HTTP/2.0 request lines as HTTP/1.x. Raising stops
+        # the parser, as _count does: 400, the connection closed.
+        if version not in ("1.0", "1.1"):
+            raise ValueError(f"HTTP/{version}")
         # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a proxy
         # that speaks 1.0 reads its body by Content-Length, or to the end): a request smuggled
-        # past one. Raising stops the parser, as _count does: 400, the connection closed.
+        # past one.
         if version == "1.0" and any(name == b"transfer-encoding" for name, _ in self.headers):
             raise ValueError("Transfer-Encoding in an HTTP/1.0 request")
         # RFC 9112 3.2: an HTTP/1.1 request names one Host, none names two, and its value is
-        # a host (a proxy and this server may each read another): 400.
+        # a host (a proxy and this server may each read another).
         hosts = [value for name, value in self.headers if name == b"host"]  # names lower-cased
         if len(hosts) > 1 or (not hosts and version == "1.1"):
             raise ValueError("a request without its one Host header")
-        if hosts and not HOST.fullmatch(hosts[0]):
+        if hosts and not _names_a_host(hosts[0]):
             raise ValueError("a Host header that names no host")
+        if not _valid_target(self.parser.get_method(), self.url):
+            raise ValueError("a request target that is not this server's")
+        if version == "1.0":
+            self.expect_100_continue = False  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
             self._hold(self._parsed)
@@ -330,11 +371,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # The next request's head is bounded again from its first byte.
         self._awaiting_head = True
         self._head_bytes = 0
+        if self.parser.should_upgrade():
+            # No protocol is taken up here (RFC 9110 7.8 lets a server ignore Upgrade), but
+            # httptools stops reading at such a request and uvicorn drops the rest of the read,
+            # so what followed it was read or not by how TCP split it: a request smuggled in
+            # another's body. It is the connection's last.
+            self.cycle.keep_alive = False
+            self._finish(b"")
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._refusal is not None:  # see send_400_response
-            self._refuse(self._refusal)
+        if self._refusal is not None:  # see _finish
+            if self._answering is None or self._answering.response_complete:
+                self._refuse(self._refusal)
             return
         if self.cycle is not None and self.cycle.more_body:
             # Answered before the body arrived (a 413, or a route that reads none): end the
@@ -343,29 +392,32 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers every parser error here, those _count and on_headers_complete raised
-        # included. Past MAX_PIPELINED or MAX_PIPELINED_BYTES no answer can go in order: the
-        # connection is dropped, and with it every request it queued.
+        # included. Past MAX_PIPELINED or MAX_PIPELINED_BYTES the request that went past is
+        # not answered: the connection closes after those before it.
         if self._too_many:
-            self.pipeline.clear()
-            self._queued.clear()
-            self.transport.abort()
-            return
-        if self._too_large:
+            refusal = b""
+        elif self._too_large:
             refusal = HEAD_TOO_LARGE
         else:
             refusal = BODY_IN_TOO_MANY_PIECES if self._pieces > MAX_BODY_PIECES else MALFORMED
+        self._finish(refusal)
+
+    def _finish(self, refusal: bytes) -> bool:
+        """Read nothing more; answer, in order, every request that came whole (their writes are
+        done: an answer dropped, or a 400 in its place, said they were not), then send `refusal`
+        and close. A request whose body had not all come is never run. False if there was
+        nothing to answer, and the refusal went at once."""
+        self._stop_head_timer()
+        self.transport.pause_reading()
+        self._refusal = refusal
+        for queued in [item for item in self.pipeline if item[0].more_body]:
+            self.pipeline.remove(queued)
+            self._queued.pop(queued[0], None)
         answering = self._answering
-        if answering is not None and not answering.response_complete and not answering.more_body:
-            # The fault is in a request after one still being answered (whose body has all come):
-            # that answer goes first, for its write is done (a 400 in its place said it was not),
-            # then this one. Requests queued between are dropped unanswered, so that none takes
-            # this 400 for its own: the connection closes after it.
-            self.transport.pause_reading()
-            self._refusal = b"" if self.pipeline else refusal
-            self.pipeline.clear()
-            self._queued.clear()
-            return
-        self._refuse(refusal)
+        if answering is None or answering.response_complete or answering.more_body:
+            self._refuse(refusal)
+            return False
+        return True
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
