@@ -375,9 +375,13 @@ class MongoStore:
         self, data: DocumentCreate, *, idempotency: IdempotencyKey | None = None
     ) -> tuple[Document, bool]:
         self._require_indexes()
+        words = await _words_of(data.title, data.content)
+        # Timed once its words are found (tens of ms for a large text), just before its insert:
+        # timed first, it fell behind documents created and listed meanwhile, where a walk in
+        # creation order that had passed them never saw it.
         now = self._clock()
         doc = new_document(data, self._new_id(now), now)
-        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
+        raw = _to_mongo(doc, words)
         if idempotency is not None:
             raw["idempotency_key"] = _key_id(idempotency)
             original = await self._claim(idempotency, fingerprint(data), raw, now)
@@ -395,7 +399,9 @@ class MongoStore:
         except DocumentNotFound:
             if idempotency is None:
                 raise StoreUnavailable("MongoDB did not confirm the insert; try again.") from None
-            raise IdempotencyConflict(idempotency.key, "for a document since deleted") from None
+            raise IdempotencyConflict(
+                idempotency.key, "for a document that has since been deleted"
+            ) from None
 
     async def _claim(
         self, idempotency: IdempotencyKey, body_print: str, raw: dict[str, Any], now: datetime
@@ -438,7 +444,9 @@ class MongoStore:
             try:
                 return await self.get(known["document"]["_id"])
             except DocumentNotFound:
-                raise IdempotencyConflict(idempotency.key, "for a document since deleted") from None
+                raise IdempotencyConflict(
+                    idempotency.key, "for a document that has since been deleted"
+                ) from None
         raise StoreUnavailable("idempotency key is contended; retry")
 
     async def get(self, doc_id: str) -> Document:
@@ -658,7 +666,9 @@ class MongoStore:
 
     async def export_documents(self) -> AsyncIterator[Document]:
         with _driver_errors(self._reads):
-            async for raw in self._docs.find(LIVE, NO_WORDS).sort("_id", ASCENDING):
+            # Oldest first, as on SQLite: ids sort by creation only among the ids made here.
+            oldest = [(field, ASCENDING) for field, _ in NEWEST]
+            async for raw in self._docs.find(LIVE, NO_WORDS).sort(oldest):
                 yield _from_mongo(raw)
 
     async def count(self) -> int:

@@ -240,8 +240,10 @@ def new_document(data: DocumentCreate, doc_id: str, now: datetime) -> Document:
 
 
 def fingerprint(data: DocumentCreate) -> str:
-    """Same validated body, same fingerprint, whatever the whitespace or key order sent."""
-    return hashlib.sha256(data.model_dump_json().encode()).hexdigest()
+    """Same validated body, same fingerprint, whatever the whitespace or key order sent (the
+    metadata's too: a JSON object is unordered)."""
+    ordered = data.model_copy(update={"metadata": dict(sorted(data.metadata.items()))})
+    return hashlib.sha256(ordered.model_dump_json().encode()).hexdigest()
 
 
 def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document:

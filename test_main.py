@@ -903,6 +903,29 @@ def test_same_idempotency_key_and_body_returns_original_and_creates_nothing(
     assert len(walk(client)) == 1
 
 
+@pytest.mark.parametrize(
+    "again",
+    [
+        b'{ "content" : "c",\n "title": "t", "metadata": {"a": 1, "b": 2} }',
+        b'{"title": "t", "content": "c", "metadata": {"b": 2, "a": 1}}',
+    ],
+    ids=["white space and field order", "metadata key order"],
+)
+def test_the_same_json_object_sent_again_with_its_key_is_a_replay(
+    client: TestClient, again: bytes
+) -> None:
+    """RFC 8259 objects are unordered: metadata keys in another order had got 409."""
+    headers = {"Idempotency-Key": "same-object", "Content-Type": "application/json"}
+    first = client.post(
+        "/v1/documents",
+        json={"title": "t", "content": "c", "metadata": {"a": 1, "b": 2}},
+        headers=headers,
+    )
+    replay = client.post("/v1/documents", content=again, headers=headers)
+    assert (replay.status_code, replay.json()) == (201, first.json())
+    assert replay.headers["idempotent-replayed"] == "true"
+
+
 def test_same_idempotency_key_with_other_body_returns_409(client: TestClient) -> None:
     create(client, DOC, **{"Idempotency-Key": "req-1"})
     other = {**DOC, "title": "different"}

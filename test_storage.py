@@ -328,6 +328,15 @@ async def test_import_keeps_ids_and_timestamps_and_skips_existing(store: Documen
     assert await exported(store) == [doc]
 
 
+async def test_export_is_oldest_first_whatever_the_ids(store: DocumentStore) -> None:
+    """On MongoDB it went by id, which follows creation only among the ids made here."""
+    older = imported(1).model_copy(update={"id": "01J" + "Z" * 23})
+    newer = imported(2).model_copy(update={"id": "01J" + "0" * 23})
+    for doc in (newer, older):
+        assert await store.import_document(doc)
+    assert await exported(store) == [older, newer]
+
+
 # --- finding documents ------------------------------------------------------------------------
 
 
@@ -478,6 +487,19 @@ async def test_a_walk_visits_every_match_once_while_documents_are_created(
         assert seen[:5] == first
         assert seen[5:] == added[: len(seen) - 5]
     assert len(set(seen)) == len(seen)
+
+
+async def test_a_document_is_timed_once_its_words_are_found(
+    store: DocumentStore, clock: FakeClock
+) -> None:
+    """Finding a large text's words takes tens of ms. On MongoDB a create was timed before it,
+    so a document created meanwhile came first, and a walk in creation order that had passed
+    that one never saw the slow one."""
+    slow = asyncio.create_task(store.create(body("slow", content="\u01c4 " * 50_000)))
+    await asyncio.sleep(0)  # the slow create runs until it waits for its words
+    quick, _ = await store.create(body("quick"))
+    late, _ = await slow
+    assert late.created_at > quick.created_at
 
 
 def reference(docs: list[Document], params: dict[str, Any]) -> list[str]:
