@@ -444,6 +444,13 @@ def _words_by_piece(text: str, folded_max: float = math.inf) -> Iterator[list[st
         folded = _fold(piece.translate(_UNMARK))
         folded_max -= len(folded)
         if folded_max < 0:
+            # The words within the bound, but one the bound cuts.
+            within = len(folded) + int(folded_max)
+            head, rest = folded[:within].translate(_MARKS), folded[within:].translate(_MARKS)
+            found = _WORD.findall(head)
+            if found and _WORD.match(head[-1:]) and _WORD.match(rest):
+                found.pop()
+            yield found
             return
         yield _WORD.findall(folded.translate(_MARKS))
 
@@ -455,8 +462,9 @@ def _fold(text: str) -> str:
 def _pieces(text: str) -> Iterator[str]:
     """`text` in pieces of at most WORDS_PIECE_CHARS: each step above is one C call that holds
     the interpreter lock for as long as its input, and other threads (the event loop) run
-    between pieces. A piece ends after a space or punctuation, which no step turns into a letter
-    or digit, so the words are those of the whole text; only a run of more than
+    between pieces. A piece ends after a character that folds into no letter or digit (a space,
+    punctuation, most symbols; not a mark, which folds into nothing and so joins what is around
+    it), so the words are those of the whole text; only a run of more than
     INDEXED_WORD_MAX_CHARS without one, a word longer than the index keeps, may be cut."""
     start = 0
     while len(text) - start > WORDS_PIECE_CHARS:
@@ -471,7 +479,12 @@ def _pieces(text: str) -> Iterator[str]:
 
 
 def _separates(char: str) -> bool:
-    return char.isspace() or unicodedata.category(char)[0] in "PZ"
+    if char.isspace():
+        return True
+    if unicodedata.category(char)[0] in "LMN":  # a letter, digit or mark: inside a word
+        return False
+    folded = _fold(char)  # a symbol may fold into letters (™ is `tm`)
+    return bool(folded) and not _WORD.search(folded)
 
 
 # Every mark (Unicode category M: accents, vowel signs), for str.translate to drop. Built at

@@ -302,6 +302,31 @@ def test_the_tokenizer_works_in_bounded_pieces_and_finds_the_words_of_the_whole_
     assert yields == []
 
 
+def _separated(between: str) -> str:
+    return between.join(f"wé{n}" for n in range(2_000))
+
+
+def _joined(within: str) -> str:
+    return " ".join(f"wé{n}{within}{n}" for n in range(2_000))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *map(_separated, [" ", "\U0001f600", "+", "\u200b", "_", "\u00b4"]),
+        *map(_joined, ["\u2122", "\u0301", "\u2460"]),
+    ],
+    ids=["space", "emoji", "plus", "zero-width space", "underscore", "acute", "TM", "mark", "①"],
+)
+def test_the_words_of_a_text_in_pieces_are_those_of_the_whole(text: str) -> None:
+    """A piece had ended only after a space or punctuation: at a symbol (an emoji, `+`) or a
+    format character the cut fell inside the next word, and `q` found its halves, not it. Some
+    characters fold into letters (TM, a circled digit) and a mark into nothing: they join the
+    characters around them into one word, so no piece ends after one."""
+    folded = models._fold(text.translate(models._UNMARK)).translate(models._MARKS)
+    assert models.words(text) == models._WORD.findall(folded)
+
+
 def test_normalization_has_no_marks_to_sort(monkeypatch: pytest.MonkeyPatch) -> None:
     """Normalization sorts a run of combining marks by class in time quadratic in its length:
     1 024 marks in reverse order held the interpreter lock for 2.4 ms a piece, as did U+0345
@@ -339,6 +364,13 @@ def test_text_past_the_folded_bound_is_not_indexed() -> None:
     assert document_words("title", f"{folding} needle") == document_words("title", folding)
     assert "title" in document_words("title", folding)
     assert INDEXED_FOLDED_CHARS_MAX < 20_000 * 18
+    # A word within the bound is found, though the piece it ends passes it (that piece's words
+    # had all gone); one the bound cuts is not, nor its first part.
+    just_within = (INDEXED_FOLDED_CHARS_MAX - 6 - len("title\n")) // 19
+    before = "\ufdfa " * just_within
+    assert "needle" in document_words("title", before + "needle" + " z" * 200)
+    cut = document_words("title", before + "x" * 20 + " z" * 200)
+    assert not any(word.startswith("x") for word in cut)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
