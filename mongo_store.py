@@ -89,8 +89,9 @@ INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
 UNREACHABLE_RETRY_SECONDS = 0.5
 # Reads leave `words` on the server: only queries use them, and a long text has many.
 NO_WORDS = {"words": False}
-# What a listing first reads of each match: its size as stored (its words included).
-SIZE = {"size": {"$bsonSize": "$$ROOT"}}
+# What a listing first reads of each match: its size as stored, without its words, which are
+# never sent (a document's thousand words had ended a page at 8 documents where SQLite sent 10).
+SIZE = {"size": {"$subtract": [{"$bsonSize": "$$ROOT"}, {"$bsonSize": {"w": "$words"}}]}}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {

@@ -28,6 +28,7 @@ from conftest import plain_document
 from legacy import LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK
 from metrics import MeteredStore, Metrics
 from models import (
+    INDEXED_WORDS_MAX,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -727,6 +728,19 @@ async def test_indexes_follow_updates_and_deletes_across_a_reopen(tmp_path: Path
     assert await walk(store, 5, tag=["t"]) == [kept.id]
     assert await walk(store, 5, sort="-updated_at") == [renamed.id, kept.id]
     await store.close()
+
+
+async def test_a_page_holds_the_large_documents_that_fit_whatever_their_words(
+    store: DocumentStore,
+) -> None:
+    """Ten documents of 100 000 characters, each with a thousand words, fit a page's 1 MiB:
+    MongoDB had counted their words, which are never sent, and ended the page at eight."""
+    words = " ".join(f"w{i:09d}" for i in range(INDEXED_WORDS_MAX))
+    content = words + " " * (100_000 - len(words))
+    for i in range(11):
+        await store.create(body(f"big {i}", content=content))
+    items, after = await store.page(DocumentQuery(), limit=10)
+    assert (len(items), after is not None) == (10, True)
 
 
 async def test_a_page_of_large_documents_reads_about_what_it_can_send(
