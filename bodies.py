@@ -7,9 +7,7 @@ route whose OpenAPI entry lists no query parameter refuses any (422)."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Coroutine
-from decimal import Decimal
 from typing import Any
 
 import anyio.to_thread
@@ -20,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from logging_config import clip
+from models import json_float
 from problems import MalformedBody, UnsupportedMediaType
 
 _OWS = " \t"  # HTTP's whitespace; str.strip() would also take U+0085 and U+00A0 off a value
@@ -135,19 +134,10 @@ def _int(text: str) -> int:
     return int(text[:_INT_CHARS_READ])
 
 
-_EDGE = 2.0**63  # a metadata number lies in [-2**63, 2**63): the document says so exactly
-
-
 def _finite(text: str) -> float:
-    value = float(text)
+    value = json_float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"{clip(text, 64)} does not fit a 64-bit float")
-    # Literals on either side of a bound of the range read as the float of the bound itself;
-    # the number written decides, as it does for the document's validators.
-    if value == _EDGE and Decimal(text) < _EDGE:
-        return math.nextafter(_EDGE, 0)  # within: the float below the bound
-    if value == -_EDGE and Decimal(text) < -_EDGE:
-        return -2 * _EDGE  # beyond, and refused as such
     return value
 
 

@@ -12,6 +12,7 @@ import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
@@ -577,6 +578,21 @@ def _rfc3339(value: Any) -> datetime:
 Time = Annotated[datetime, BeforeValidator(_rfc3339), Field(examples=["2026-11-27T09:30:00Z"])]
 
 
+_EDGE = 2.0**63  # a metadata number lies in [-2**63, 2**63): the document says so exactly
+
+
+def json_float(text: str) -> float:
+    """A JSON number with a fraction or an exponent, as a body and a query read it: the float it
+    reads as, but one written on either side of a bound of the metadata range reads as the float
+    on that side (9223372036854775807.0 is within, though its nearest float, 2^63, is not)."""
+    value = float(text)
+    if value == _EDGE and Decimal(text) < _EDGE:
+        return math.nextafter(_EDGE, 0)  # within: the float below the bound
+    if value == -_EDGE and Decimal(text) < -_EDGE:
+        return -2 * _EDGE  # beyond, and refused as such
+    return value
+
+
 def metadata_values(value: str) -> tuple[str | bool | int | float, ...]:
     """What `metadata.KEY=VALUE` finds: the string VALUE, and the JSON number or boolean it
     spells (`12` finds 12, 12.0 and "12"; `true` finds true and "true")."""
@@ -584,7 +600,7 @@ def metadata_values(value: str) -> tuple[str | bool | int | float, ...]:
         return value, value == "true"
     if _JSON_NUMBER.fullmatch(value):
         # Read as a JSON body's number is read; one outside the range no stored number equals.
-        number = float(value) if any(c in value for c in ".eE") else int(value)
+        number = json_float(value) if any(c in value for c in ".eE") else int(value)
         if METADATA_INT_MIN <= number <= METADATA_INT_MAX:
             return value, number
     return (value,)

@@ -148,6 +148,29 @@ def test_metadata_keeps_every_finite_number_as_sent_and_finds_it(
 
 
 @pytest.mark.parametrize(
+    "literal",
+    ["9223372036854775807.0", "9.2233720368547758070e18", "-9223372036854775808.5", "1e400"],
+)
+def test_a_number_literal_means_the_same_in_a_body_and_in_a_filter(
+    client: TestClient, literal: str
+) -> None:
+    """A literal beside a bound of the range is read on its side of it in a body; a filter had
+    read it as its nearest float, past the bound (the document it was stored in was not found),
+    or within it (a filter found -2^63 for a literal whose body was refused)."""
+    raw = f'{{"title": "t", "content": "c", "metadata": {{"n": {literal}}}}}'
+    created = client.post(
+        "/v1/documents", content=raw, headers={"Content-Type": "application/json"}
+    )
+    edge = create(client, {**DOC, "metadata": {"n": -(2**63)}})
+    found = client.get("/v1/documents", params={"metadata.n": literal}).json()["items"]
+    if created.status_code == 201:
+        assert [d["id"] for d in found] == [created.json()["id"]]
+    else:
+        assert created.status_code in (400, 422)
+        assert edge["id"] not in [d["id"] for d in found]
+
+
+@pytest.mark.parametrize(
     ("value", "message"),
     [
         (2**63, "64-bit"),
