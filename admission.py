@@ -189,7 +189,8 @@ class AdmissionMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-        elif route_path(scope) in PROBES:
+        elif route_path(scope) in PROBES and b"%" not in (scope.get("raw_path") or b""):
+            # Spelt as sent: /health%2Fready is no probe, and is refused as a malformed path.
             await self.app(scope, receive, _closing_send(send))
         elif self.cors is None:
             await self._admit(scope, receive, send)

@@ -105,6 +105,12 @@ HEAD_TOO_LARGE = _problem(
     f"A request head may hold at most {MAX_HEADERS} headers and {MAX_HEAD_BYTES} bytes.",
 )
 MALFORMED = _problem(400, "Bad Request", "The request is not valid HTTP/1.1.")
+UPGRADE_WITH_BODY = _problem(
+    400,
+    "Bad Request",
+    "A request asking to Upgrade may not carry a body here: send it without the Upgrade header "
+    "(curl: --http1.1).",
+)
 BODY_IN_TOO_MANY_PIECES = _problem(
     400,
     "Bad Request",
@@ -161,9 +167,18 @@ def _names_a_host(value: bytes) -> bool:
     return True
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0"))
+        for name, value in headers
+    )
+
+
 def _valid_target(method: bytes, target: bytes) -> bool:
     """RFC 9112 3.2: a path (origin-form); an http or https URI with a host and no user
     (absolute-form, RFC 9110 4.2.4); `*` for OPTIONS alone."""
+    if b"#" in target:  # RFC 9112 3.2.1: no fragment
+        return False
     if target.startswith(b"/"):
         return True
     if target == b"*":
@@ -172,7 +187,8 @@ def _valid_target(method: bytes, target: bytes) -> bool:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
         return False
-    return url.schema in (b"http", b"https") and bool(url.host) and url.userinfo is None
+    authority = target.partition(b"://")[2].partition(b"/")[0].partition(b"?")[0]
+    return url.schema.lower() in (b"http", b"https") and bool(url.host) and b"@" not in authority
 
 
 @functools.lru_cache(maxsize=4096)
@@ -207,6 +223,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
+        self._fault: bytes | None = None  # the refusal on_headers_complete chose
         # The current request's body: its pieces, their bytes, and the bytes read while it came.
         self._pieces = self._body_bytes = self._body_wire = 0
         # More requests queued behind the one answered than MAX_PIPELINED, or bytes than
@@ -341,6 +358,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise ValueError("a Host header that names no host")
         if not _valid_target(self.parser.get_method(), self.url):
             raise ValueError("a request target that is not this server's")
+        if self.parser.should_upgrade() and _has_body(self.headers):
+            # httptools ends such a request at its head: its body would be dropped, and the
+            # request run without it (a `curl --http2` POST got 422, "Field required").
+            self._fault = UPGRADE_WITH_BODY
+            raise ValueError("a body on a request asking to Upgrade")
         if version == "1.0":
             self.expect_100_continue = False  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
         super().on_headers_complete()
@@ -380,12 +402,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._finish(b"")
 
     def on_response_complete(self) -> None:
+        answered = self._answering  # super() starts the next one queued
         super().on_response_complete()
         if self._refusal is not None:  # see _finish
             if self._answering is None or self._answering.response_complete:
                 self._refuse(self._refusal)
             return
-        if self.cycle is not None and self.cycle.more_body:
+        # Not the last request parsed (self.cycle): one queued whose body is still coming had
+        # closed the connection, unanswered with the write queued before it.
+        if answered is not None and answered.more_body:
             # Answered before the body arrived (a 413, or a route that reads none): end the
             # connection rather than go on reading a body nobody will use, at the client's pace.
             self.transport.close()
@@ -396,6 +421,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # not answered: the connection closes after those before it.
         if self._too_many:
             refusal = b""
+        elif self._fault is not None:
+            refusal = self._fault
         elif self._too_large:
             refusal = HEAD_TOO_LARGE
         else:

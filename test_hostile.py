@@ -340,6 +340,44 @@ def test_nothing_sent_after_an_upgrade_request_is_read(server: Service, split: b
     assert title not in _titles(server)
 
 
+def test_a_request_asking_to_upgrade_with_a_body_is_refused_unrun(server: Service) -> None:
+    """httptools ends a request asking to Upgrade at its head: its body was dropped and the
+    request run without it (`curl --http2` sends such a POST, and got 422 "Field required")."""
+    body = b'{"title": "upgrading", "content": "c"}'
+    head = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    response = exchange(server, head + body)
+    assert status_of(response) == 400
+    assert b"Upgrade" in response
+    assert "upgrading" not in _titles(server)
+
+
+def _answers(sock: socket.socket, received: bytes, count: int) -> bytes:
+    """What `sock` sends until `count` responses have begun, or it closes."""
+    while received.count(b"HTTP/1.1 ") < count and (chunk := sock.recv(65536)):
+        received += chunk
+    return received
+
+
+def test_a_request_queued_with_its_body_still_coming_leaves_those_before_answered(
+    server: Service,
+) -> None:
+    """Once the request before it was answered, a queued request whose body had not all come
+    closed the connection: the write queued between committed, unanswered."""
+    slow = _write("its body still coming")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_TIMEOUT + 10) as sock:
+        sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" + _write("queued") + slow[:-5])
+        received = _answers(sock, b"", 2)
+        sock.sendall(slow[-5:])
+        received = _answers(sock, received, 3)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", received) == [b"404", b"201", b"201"]
+    assert {"queued", "its body still coming"} <= set(_titles(server))
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -347,16 +385,28 @@ def test_nothing_sent_after_an_upgrade_request_is_read(server: Service, split: b
         b"GET /health\r\n\r\n",
         b"GET ftp://x/health HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET http://user@x/health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://@x/health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health#top HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
     ],
-    ids=["HTTP/2.0", "HTTP/0.9", "another scheme", "a user", "* but for OPTIONS"],
+    ids=[
+        "HTTP/2.0",
+        "HTTP/0.9",
+        "another scheme",
+        "a user",
+        "an empty user",
+        "a fragment",
+        "* but for OPTIONS",
+    ],
 )
 def test_a_request_line_of_another_version_or_target_gets_400(server: Service, head: bytes) -> None:
     """httptools read HTTP/2.0 and HTTP/0.9 request lines as HTTP/1.x (a chunked body without
     Host was stored); a URI of another scheme or with a user was served as its path (RFC 9112
     3.2, RFC 9110 4.2.4). A URI of this server's is served as its path."""
     assert status_of(exchange(server, head)) == 400
-    assert status_of(exchange(server, b"GET http://x/health HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+    for this_server in (b"http://x/health", b"HTTP://x/health"):  # a scheme has no case
+        request = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % this_server
+        assert status_of(exchange(server, request)) == 200
 
 
 def test_an_http_1_0_client_is_sent_no_100_continue(server: Service) -> None:

@@ -549,6 +549,7 @@ def test_a_query_parameter_where_none_is_taken_gets_422_and_changes_nothing(
         ("GET", "/v1/documents/%zz"),
         ("GET", "/v1%2Fdocuments"),  # had been routed as /v1/documents
         ("DELETE", "/v1/documents%2f{id}"),
+        ("GET", "/health%2Fready"),  # had been answered as the readiness probe
     ],
 )
 def test_a_path_or_query_that_is_malformed_gets_400_and_changes_nothing(
