@@ -410,6 +410,9 @@ WORDS_PIECE_CHARS = 1_024
 # A text up to this long is tokenized where it is written (about a millisecond at worst); a
 # longer one in a thread, while the event loop and the SQLite writer go on.
 WORDS_INLINE_CHARS = WORDS_PIECE_CHARS
+# How far back from a piece's end a character that separates words is looked for: four times
+# the longest word indexed, as a word's letters may carry marks.
+SEPARATOR_SEARCH_CHARS = 256
 # ASCII text, most text, needs no Unicode folding: one C-level pass maps it to lower-case words
 # separated by spaces.
 _ASCII_WORDS = str.maketrans(
@@ -428,12 +431,18 @@ def words(text: str) -> list[str]:
 
 
 def _words_by_piece(text: str, folded_max: float = math.inf) -> Iterator[list[str]]:
-    """The words of each piece of `text`, until the pieces folded pass `folded_max` characters:
-    folding is where the cost is, and a character may fold into 18 (U+FDFA)."""
-    if text.isascii():
-        yield text.translate(_ASCII_WORDS).split()
+    """The words of each piece of `text`, until the pieces folded pass `folded_max` characters
+    (a word the bound cuts is left out): folding is where the cost is, and a character may fold
+    into 18 (U+FDFA)."""
+    if text.isascii():  # each character folds into one
+        if len(text) <= folded_max:
+            yield text.translate(_ASCII_WORDS).split()
+        else:
+            cut = int(folded_max)
+            yield _words_before(text[:cut].lower(), text[cut : cut + 1])
         return
-    for number, piece in enumerate(_pieces(text)):
+    run_cut = False  # the previous piece ended inside a run of word characters
+    for number, (piece, cut) in enumerate(_pieces(text)):
         if number:
             # Let the interpreter lock go between pieces: a long text is tokenized in a thread,
             # and the event loop, waiting for the lock at each of its system calls, otherwise
@@ -444,39 +453,49 @@ def _words_by_piece(text: str, folded_max: float = math.inf) -> Iterator[list[st
         # its length, and a piece of reversed marks held the lock for 2.4 ms.
         folded = _fold(piece.translate(_UNMARK))
         folded_max -= len(folded)
+        within = len(folded) + int(min(folded_max, 0))
+        head = folded[:within].translate(_MARKS)
+        # What follows: past the bound, the text; at a cut inside a run, more of the run.
+        after = folded[within:].translate(_MARKS)[:1] if folded_max < 0 else "a" * cut
+        found = _words_before(head, after)
+        if run_cut and found and _WORD.match(head[:1]):
+            found.pop(0)  # the rest of a word cut with its piece: not a word
+        yield found
         if folded_max < 0:
-            # The words within the bound, but one the bound cuts.
-            within = len(folded) + int(folded_max)
-            head, rest = folded[:within].translate(_MARKS), folded[within:].translate(_MARKS)
-            found = _WORD.findall(head)
-            if found and _WORD.match(head[-1:]) and _WORD.match(rest):
-                found.pop()
-            yield found
             return
-        yield _WORD.findall(folded.translate(_MARKS))
+        run_cut = cut
+
+
+def _words_before(head: str, after: str) -> list[str]:
+    """The words of `head`, but a last one that goes on in `after`: cut, it is not a word."""
+    found = _WORD.findall(head)
+    if found and _WORD.match(head[-1:]) and _WORD.match(after):
+        found.pop()
+    return found
 
 
 def _fold(text: str) -> str:
     return unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
 
 
-def _pieces(text: str) -> Iterator[str]:
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
     """`text` in pieces of at most WORDS_PIECE_CHARS: each step above is one C call that holds
     the interpreter lock for as long as its input, and other threads (the event loop) run
-    between pieces. A piece ends after a character that folds into no letter or digit (a space,
-    punctuation, most symbols; not a mark, which folds into nothing and so joins what is around
-    it), so the words are those of the whole text; only a run of more than
-    INDEXED_WORD_MAX_CHARS without one, a word longer than the index keeps, may be cut."""
+    between pieces. A piece ends after a character that folds into no letter or digit (a
+    space, punctuation, most symbols; not a mark, which folds into nothing and so joins what is
+    around it), so the words are those of the whole text. Only where the last
+    SEPARATOR_SEARCH_CHARS characters hold none is a piece cut inside a run of word characters
+    (True): a word longer than the index keeps, unless the run is mostly marks."""
     start = 0
     while len(text) - start > WORDS_PIECE_CHARS:
         end = start + WORDS_PIECE_CHARS
-        end = next(
-            (i for i in range(end, end - INDEXED_WORD_MAX_CHARS, -1) if _separates(text[i - 1])),
-            end,
+        cut = next(
+            (i for i in range(end, end - SEPARATOR_SEARCH_CHARS, -1) if _separates(text[i - 1])),
+            end if _separates(text[end]) else None,  # or before one
         )
-        yield text[start:end]
-        start = end
-    yield text[start:]
+        yield text[start : cut or end], cut is None
+        start = cut or end
+    yield text[start:], False
 
 
 def _separates(char: str) -> bool:

@@ -315,8 +315,13 @@ def _joined(within: str) -> str:
     [
         *map(_separated, [" ", "\U0001f600", "+", "\u200b", "_", "\u00b4"]),
         *map(_joined, ["\u2122", "\u0301", "\u2460"]),
+        " ".join("e\u0301" * 40 + str(n) for n in range(300)),  # 40 letters, 80 characters
+        " ".join(f"{'l' * 124}tail{n}é" for n in range(100)),  # too long for the index
     ],
-    ids=["space", "emoji", "plus", "zero-width space", "underscore", "acute", "TM", "mark", "①"],
+    ids=[
+        *["space", "emoji", "plus", "zero-width space", "underscore", "acute", "TM", "mark", "①"],
+        *["words of many marks", "words too long to index"],
+    ],
 )
 def test_the_words_of_a_text_in_pieces_are_those_of_the_whole(text: str) -> None:
     """A piece had ended only after a space or punctuation: at a symbol (an emoji, `+`) or a
@@ -325,6 +330,18 @@ def test_the_words_of_a_text_in_pieces_are_those_of_the_whole(text: str) -> None
     characters around them into one word, so no piece ends after one."""
     folded = models._fold(text.translate(models._UNMARK)).translate(models._MARKS)
     assert models.words(text) == models._WORD.findall(folded)
+
+
+def test_a_run_with_nowhere_to_cut_leaves_no_part_of_a_word() -> None:
+    """A run of word characters with no separator for SEPARATOR_SEARCH_CHARS (`½` folds into
+    a 1, a fraction slash and a 2, and joins its neighbours) is cut where it must be: the words
+    the cut falls in go, and none of their parts is taken for a word (`2w20` and `31` had been)."""
+    text = "é " + "½".join(f"w{n:03d}" for n in range(300))
+    folded = models._fold(text.translate(models._UNMARK)).translate(models._MARKS)
+    whole = models._WORD.findall(folded)
+    found = models.words(text)
+    assert set(found) <= set(whole)
+    assert len(whole) - len(found) <= 2 * (len(text) // models.WORDS_PIECE_CHARS)
 
 
 def test_normalization_has_no_marks_to_sort(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -350,7 +367,7 @@ def test_normalization_has_no_marks_to_sort(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(models, "_fold", recorded)
     marks = sorted(map(chr, range(0x300, 0x345)), key=unicodedata.combining, reverse=True)
     assert models.words("a" + "".join(marks) * 10 + "b") == ["ab"]  # 690 marks in one piece
-    assert models.words(" ".join(["\u0345" * 512 + "\uff9e" * 512] * 2)) == ["\u03b9" * 512] * 2
+    assert models.words(" ".join(["\u0345" * 500 + "\uff9e" * 500] * 2)) == ["\u03b9" * 500] * 2
     assert max(inversions) == 0
     assert models.words("\u1fb3") == models.words("\u03b1\u0345") == ["\u03b1\u03b9"]
 
@@ -371,6 +388,11 @@ def test_text_past_the_folded_bound_is_not_indexed() -> None:
     assert "needle" in document_words("title", before + "needle" + " z" * 200)
     cut = document_words("title", before + "x" * 20 + " z" * 200)
     assert not any(word.startswith("x") for word in cut)
+    # ASCII text, folded as it is, had no bound at all (a larger MAX_CONTENT_CHARS reaches it).
+    ascii_text = "x " * (INDEXED_FOLDED_CHARS_MAX // 2)
+    assert "needle" not in document_words("title", ascii_text + "needle")
+    assert "needle" in document_words("title", ascii_text[: -len("title\n") - 8] + "needle")
+    assert "needl" not in document_words("title", ascii_text[: -len("title\n") - 2] + "needle")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "mongodb"])
