@@ -89,9 +89,17 @@ INDEX_RETRY_SECONDS = 5  # as the Retry-After of a 503
 UNREACHABLE_RETRY_SECONDS = 0.5
 # Reads leave `words` on the server: only queries use them, and a long text has many.
 NO_WORDS = {"words": False}
-# What a listing first reads of each match: its size as stored, without its words, which are
-# never sent (a document's thousand words had ended a page at 8 documents where SQLite sent 10).
-SIZE = {"size": {"$subtract": [{"$bsonSize": "$$ROOT"}, {"$bsonSize": {"w": "$words"}}]}}
+# What a listing first reads of each match: the size of the JSON it sends, kept beside it (as
+# stored, words and metadata pairs included, pages ended early: 8 documents where SQLite sent
+# 10); of a document written before it was kept, its size as stored, without its words.
+SIZE = {
+    "size": {
+        "$ifNull": [
+            "$json_size",
+            {"$subtract": [{"$bsonSize": "$$ROOT"}, {"$bsonSize": {"w": "$words"}}]},
+        ]
+    }
+}
 NEWEST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 # Every listing names its index (see MongoStore._index_for): one scan, never the collection.
 INDEXES = {
@@ -111,6 +119,7 @@ def _to_mongo(doc: Document, words: list[str] | None) -> dict[str, Any]:
     raw["metadata"] = [{"k": k, "v": v} for k, v in doc.metadata.items()]
     if words is not None:
         raw["words"] = words
+    raw["json_size"] = len(doc.json_bytes)
     return raw
 
 
@@ -133,6 +142,7 @@ def _from_mongo(raw: dict[str, Any]) -> Document:
     raw.pop("idempotency_key", None)
     raw.pop("restored_by", None)
     raw.pop("words", None)
+    raw.pop("json_size", None)
     raw["metadata"] = {pair["k"]: pair["v"] for pair in raw["metadata"]}
     return Document.model_validate(raw)
 

@@ -168,7 +168,7 @@ def test_50_mb_body_with_content_length_is_refused_before_it_arrives(
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/documents/..%2F..%2Fetc%2Fpasswd", "/v1/documents/%00", "/v1/documents/a%0Ab%22c"]
+    "path", ["/v1/documents/..%5C..%5Cetc%5Cpasswd", "/v1/documents/%00", "/v1/documents/a%0Ab%22c"]
 )
 def test_hostile_ids_get_404(hostile_target: tuple[Service, int], path: str) -> None:
     service, _ = hostile_target

@@ -42,6 +42,7 @@ from mongo_store import MongoStore
 from sqlite_files import DATABASE_FILE, check_sharers, start_lock
 from sqlite_store import SQLiteStore, page_sql
 from storage import (
+    PAGE_MAX_BYTES,
     DocumentInvalid,
     DocumentNotFound,
     DocumentStore,
@@ -730,17 +731,24 @@ async def test_indexes_follow_updates_and_deletes_across_a_reopen(tmp_path: Path
     await store.close()
 
 
-async def test_a_page_holds_the_large_documents_that_fit_whatever_their_words(
-    store: DocumentStore,
+@pytest.mark.parametrize("shape", ["a thousand words", "fifty metadata values"])
+async def test_a_page_holds_the_large_documents_that_fit_whatever_is_stored_beside_them(
+    store: DocumentStore, shape: str
 ) -> None:
-    """Ten documents of 100 000 characters, each with a thousand words, fit a page's 1 MiB:
-    MongoDB had counted their words, which are never sent, and ended the page at eight."""
-    words = " ".join(f"w{i:09d}" for i in range(INDEXED_WORDS_MAX))
-    content = words + " " * (100_000 - len(words))
-    for i in range(11):
-        await store.create(body(f"big {i}", content=content))
-    items, after = await store.page(DocumentQuery(), limit=10)
-    assert (len(items), after is not None) == (10, True)
+    """A page holds what fits in 1 MiB of the JSON it sends: MongoDB had sized documents as
+    it stores them, words (never sent) and metadata pairs included, and ended pages early."""
+    if shape == "a thousand words":
+        words = " ".join(f"w{i:09d}" for i in range(INDEXED_WORDS_MAX))
+        fields: dict[str, Any] = {"content": words + " " * (100_000 - len(words))}
+        count = 10
+    else:
+        fields = {"content": "a" * 51_543, "metadata": {f"k{i:02d}": 1 for i in range(50)}}
+        count = 20
+    for i in range(count + 1):
+        await store.create(body(f"big {i}", **fields))
+    items, after = await store.page(DocumentQuery(), limit=count)
+    assert sum(len(doc.json_bytes) for doc in items) <= PAGE_MAX_BYTES
+    assert (len(items), after is not None) == (count, True)
 
 
 async def test_a_page_of_large_documents_reads_about_what_it_can_send(
