@@ -429,11 +429,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             refusal = BODY_IN_TOO_MANY_PIECES if self._pieces > MAX_BODY_PIECES else MALFORMED
         self._finish(refusal)
 
-    def _finish(self, refusal: bytes) -> bool:
+    def _finish(self, refusal: bytes) -> None:
         """Read nothing more; answer, in order, every request that came whole (their writes are
         done: an answer dropped, or a 400 in its place, said they were not), then send `refusal`
-        and close. A request whose body had not all come is never run. False if there was
-        nothing to answer, and the refusal went at once."""
+        and close. A request whose body had not all come is never run."""
         self._stop_head_timer()
         self.transport.pause_reading()
         self._refusal = refusal
@@ -442,9 +441,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._queued.pop(queued[0], None)
         answering = self._answering
         if answering is None or answering.response_complete or answering.more_body:
-            self._refuse(refusal)
-            return False
-        return True
+            self._refuse(refusal)  # none to answer first
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
