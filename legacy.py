@@ -98,9 +98,7 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
         ) from None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
-    # In creation order: the store has room for far more documents of one millisecond that way.
-    in_order = sorted(docs.values(), key=lambda doc: (doc.created_at, doc.id))
-    return in_order, list(keys.values()), hashlib.sha256(raw).digest()
+    return list(docs.values()), list(keys.values()), hashlib.sha256(raw).digest()
 
 
 def imported_already(path: Path, digest: bytes | None) -> bool:

@@ -754,10 +754,7 @@ IMPORT_BATCH = 512
 
 
 async def _import_all(store: DocumentStore, lines: list[tuple[str, Document]]) -> int:
-    # In creation order: the embedded store keys documents by it, and has room for far more
-    # in one millisecond that arrive in order than in any other.
-    in_order = sorted(lines, key=lambda line: (line[1].created_at, line[1].id))
-    return sum(await asyncio.gather(*(_import(store, where, doc) for where, doc in in_order)))
+    return sum(await asyncio.gather(*(_import(store, where, doc) for where, doc in lines)))
 
 
 async def _import(store: DocumentStore, where: str, doc: Document) -> bool:

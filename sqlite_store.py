@@ -116,7 +116,7 @@ MIGRATIONS = [
     """,
     # Expired idempotency records are found by age while the service runs (see create).
     "CREATE INDEX idempotency_created ON idempotency (created)",
-    # A tag's or a metadata value's rows hold only the key, which sorts as (created, id) does.
+    # A tag's or a metadata value's rows hold only the key, which sorts as creation times do.
     """
     CREATE TABLE tags_by_key (tag TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (tag, n))
         WITHOUT ROWID;
@@ -160,20 +160,18 @@ def _expected_schema(version: int) -> set[tuple[str, str, str]]:
         return _schema(conn)
 
 
-def _key(conn: sqlite3.Connection, created: int, doc_id: str) -> int:
-    """A document's key `n` sorts as (created, id) does: SLOTS keys per millisecond, handed out
-    in id order. The words' index returns keys in order, so `q` pages need no sort."""
-    below, above = conn.execute(
-        "SELECT (SELECT max(n) FROM documents WHERE created = :at AND id < :id),"
-        " (SELECT min(n) FROM documents WHERE created = :at AND id > :id)",
-        {"at": created, "id": doc_id},
+def _key(conn: sqlite3.Connection, created: int) -> int:
+    """A document's key `n`: the next of the SLOTS keys of its creation's millisecond. Keys sort
+    as creation times do, so the words' index returns `q`'s matches in page order; those of one
+    millisecond in the order they were written, which _page_rows sorts by id."""
+    first = created * SLOTS
+    (last,) = conn.execute(
+        "SELECT max(n) FROM documents WHERE n BETWEEN ? AND ?", (first, first + SLOTS - 1)
     ).fetchone()
-    low = created * SLOTS - 1 if below is None else below
-    high = (created + 1) * SLOTS if above is None else above
-    n = min(low + 64, (low + high) // 2)  # room after it for the next id, and between
-    if not low < n < high:
-        raise DocumentInvalid("created_at", "too many documents created in one millisecond")
-    return int(n)
+    if last == first + SLOTS - 1:
+        reason = f"too many documents created in one millisecond (the most is {SLOTS})"
+        raise DocumentInvalid("created_at", reason)
+    return first if last is None else int(last) + 1
 
 
 def _meta_value(value: Any) -> Any:
@@ -438,7 +436,7 @@ class SQLiteStore:
 
     def _insert(self, conn: sqlite3.Connection, doc: Document, terms: str) -> None:
         created = millis(doc.created_at)
-        n = _key(conn, created, doc.id)
+        n = _key(conn, created)
         conn.execute(
             "INSERT INTO documents (n, id, created, updated, version, body)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -500,8 +498,7 @@ class SQLiteStore:
                         reason = "for a document that has since been deleted"
                         raise IdempotencyConflict(idempotency.key, reason)
                     return self._document(known[1]), True
-            # After every id of its millisecond, another worker's too: the document's key then
-            # goes after theirs, where the space is (_key), not into the gaps between them.
+            # After every id of its millisecond, another worker's too: ids sort by creation.
             (last,) = conn.execute(
                 "SELECT max(id) FROM documents WHERE created = ?", (millis(now),)
             ).fetchone()
@@ -637,8 +634,12 @@ class SQLiteStore:
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
         sql, params = page_sql(query, limit + 1, after)
-        rows, more = await self._read(sql, params, functools.partial(_page_rows, limit=limit))
-        items = [self._document(row[0]) for row in rows]
+        ranked = query.sort_field != "created_at"  # by update time: in order already
+        fetch = functools.partial(
+            _page_rows, limit=limit, descending=query.descending, ranked=ranked
+        )
+        rows, more = await self._read(sql, params, fetch)
+        items = [self._document(row[1]) for row in rows]
         return items, query.position(items[-1]) if more else None
 
     async def export_documents(self) -> AsyncIterator[Document]:
@@ -781,19 +782,47 @@ def _text(doc: Document) -> tuple[str, str]:
     return doc.title, doc.content
 
 
-def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], bool]:
-    """Up to `limit` rows, ending before the one that would take their bodies past
-    PAGE_MAX_BYTES (at least one row), and whether any row is left: no more is sent, and a page
-    of large documents read whole would hold the event loop (a blob is one step of the progress
-    handler, however large) and its memory for nothing."""
+def _page_rows(
+    cursor: sqlite3.Cursor, limit: int, descending: bool, ranked: bool
+) -> tuple[list[Any], bool]:
+    """The page's rows of (key, body), and whether any row is left. By creation time (not
+    `ranked`), keys sort as times do, but those of one millisecond in the order written: the
+    rows of a millisecond are sorted by their bodies, which begin with the id, and the one the
+    page ends in is read to its end, keeping no more than a page of it. The page ends before the
+    row that would take its bodies past PAGE_MAX_BYTES (at least one), and no more is read: a
+    page of large documents read whole would hold the event loop (a blob is one step of the
+    progress handler, however large) and its memory for nothing."""
     rows: list[Any] = []
-    size = 0
+    size, left, tied, at = 0, False, False, None
     for row in cursor:
-        size += len(row[0])
-        if len(rows) == limit or (rows and size > PAGE_MAX_BYTES):
-            return rows, True
+        millisecond = row[0] // SLOTS
+        if len(rows) >= limit or size > PAGE_MAX_BYTES:
+            if ranked or millisecond != at:
+                left = True
+                break
+            if len(rows) > 2 * limit or size > 2 * PAGE_MAX_BYTES:
+                kept = _page_of(rows, limit, descending, tied)
+                left, rows, size = left or len(kept) < len(rows), kept, sum(len(r[1]) for r in kept)
+        tied = tied or (millisecond == at and not ranked)
+        at = millisecond
         rows.append(row)
-    return rows, False
+        size += len(row[1])
+    fits = not tied and len(rows) <= limit and size <= PAGE_MAX_BYTES
+    page = rows if fits else _page_of(rows, limit, descending, tied)
+    return page, left or len(page) < len(rows)
+
+
+def _page_of(rows: list[Any], limit: int, descending: bool, tied: bool) -> list[Any]:
+    """The first `limit` of `rows` (those of one millisecond sorted by id, when some are `tied`),
+    ending before the row that would take their bodies past PAGE_MAX_BYTES (at least one)."""
+    if tied:
+        rows.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=descending)
+    size = 0
+    for taken, row in enumerate(rows):
+        size += len(row[1])
+        if taken == limit or (taken and size > PAGE_MAX_BYTES):
+            return rows[:taken]
+    return rows
 
 
 def _parse(body: bytes) -> Document:
@@ -813,7 +842,7 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, list[Any]]:
-    """One statement per listing, driven by an index that walks keys in (created, id) order: the
+    """One statement per listing, driven by an index that walks keys in creation order: the
     FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
@@ -838,7 +867,7 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
     for table, condition, values in filters:
         where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = d.n)")  # noqa: S608
         params += values
-    # A key sorts as (created, id): a creation time bounds the key itself, exactly.
+    # A key's millisecond is its creation's: a creation time bounds the key itself, exactly.
     # SQLite before 3.42 skips matches when FTS5 walks its rowids downward from an upper bound:
     # there the words' index walks down from the newest, and the bound (out of the index's
     # reach behind a unary +) only filters, reading every newer match again for each page.
@@ -864,15 +893,15 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
     direction = " DESC" if query.descending else ""
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
     # Only fixed fragments are joined here; every value is a parameter.
-    if by_created:
-        return f"SELECT d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
+    if by_created:  # no LIMIT: the page reads on to the end of the millisecond it ends in
+        return f"SELECT {key}, d.body {found} ORDER BY {key}{direction}", params
     rank = f"d.updated{direction}, d.id{direction}"
     if key == "d.n":  # the index on (updated, id) walks the page in order
-        return f"SELECT d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
+        return f"SELECT d.n, d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
     # SQLite sorts the matches: the page is found on keys alone, then its bodies are read.
     inner = f"SELECT d.n AS k, d.updated AS at, d.id AS i {found} ORDER BY {rank}"
     sql = (
-        f"SELECT d.body FROM ({inner} LIMIT {int(limit)})"  # noqa: S608
+        f"SELECT k, d.body FROM ({inner} LIMIT {int(limit)})"  # noqa: S608
         f" CROSS JOIN documents d ON d.n = k ORDER BY at{direction}, i{direction}"
     )
     return sql, params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -34,7 +35,7 @@ from conftest import (
     write_until_killed,
 )
 from sqlite_files import DATABASE_FILE
-from sqlite_store import MIGRATIONS, SQLiteStore
+from sqlite_store import MIGRATIONS, SLOTS, SQLiteStore
 from storage import IdGenerator
 
 CLEAN_EXITS = (0, 143, -signal.SIGTERM)
@@ -160,15 +161,16 @@ def test_export_then_import_round_trips_documents(tmp_path: Path) -> None:
 
 
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
-    """The embedded store has room for hundreds of documents in one millisecond when they come
-    in creation order, far fewer otherwise: import sorts what it reads."""
+    """Data whose times are whole seconds: a thousand documents of one millisecond, newest id
+    first (the embedded store had room for a dozen in that order, and import sorted them)."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
     ids = IdGenerator()
-    docs = [plain_document(ids(at), at) for _ in range(200)]
+    docs = [plain_document(ids(at), at) for _ in range(1000)]
     lines = tmp_path / "docs.jsonl"
     lines.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[::-1]))
     assert run_task(tmp_path / "data", "import", str(lines)).returncode == 0
-    assert len(run_task(tmp_path / "data", "export").stdout.splitlines()) == 200
+    exported = run_task(tmp_path / "data", "export").stdout.splitlines()
+    assert [json.loads(line)["id"] for line in exported] == [doc.id for doc in docs]
 
 
 @pytest.mark.parametrize(
@@ -177,25 +179,33 @@ def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) 
 def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
     task: str, where: str, tmp_path: Path
 ) -> None:
-    """Documents of one millisecond whose ids all sort before one already stored leave the
-    store no room after a few: the refusal says which line (or sample) and which document."""
+    """The embedded store has 16 384 keys for the documents of one millisecond, taken in any
+    order; past them, the refusal says which line (or sample) and which document."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
-    ids = sorted(IdGenerator()(at) for _ in range(21))
+
+    async def fill() -> None:
+        store = SQLiteStore.open(tmp_path / "data")
+        try:
+            docs = [plain_document(IdGenerator()(at), at) for _ in range(SLOTS)]
+            assert all(await asyncio.gather(*map(store.import_document, docs)))
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    ids = [IdGenerator()(at) for _ in range(3)]
     docs = [plain_document(i, at) for i in ids]
-    first, rest = tmp_path / "first.jsonl", tmp_path / f"rest.{task}"
-    first.write_bytes(docs[-1].model_dump_json().encode() + b"\n")
-    assert run_task(tmp_path / "data", "import", str(first)).returncode == 0
+    rest = tmp_path / f"rest.{task}"
     if task == "import":
-        rest.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs[:-1]))
+        rest.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs))
     else:
         samples = [d.model_dump(mode="json", exclude={"updated_at", "version"}) for d in docs]
-        rest.write_text(json.dumps(samples[:-1]))
+        rest.write_text(json.dumps(samples))
     refused = run_task(tmp_path / "data", task, str(rest))
     assert refused.returncode == 1
     line = refused.stderr.decode().splitlines()[-1]
     named = re.fullmatch(
         rf"error: {where.format(file=re.escape(str(rest)))}: created_at: too many documents"
-        r" created in one millisecond \(document (\w{26})\)",
+        rf" created in one millisecond \(the most is {SLOTS}\) \(document (\w{{26}})\)",
         line,
     )
     assert named is not None, line
