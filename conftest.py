@@ -34,6 +34,8 @@ import cursors
 from config import Settings
 from main import create_app, open_store
 from models import Document, DocumentQuery
+from sqlite_store import SLOTS, SQLiteStore
+from storage import IdGenerator
 
 KEY = "test-key-0001"
 OTHER_KEY = "test-key-0002"
@@ -181,6 +183,14 @@ def plain_document(doc_id: str, at: datetime, version: int = 1) -> Document:
         updated_at=at,
         version=version,
     )
+
+
+async def fill_millisecond(store: SQLiteStore, at: datetime) -> list[Document]:
+    """As many documents of the millisecond `at` as the embedded store holds (16 384), imported
+    in random id order."""
+    docs = [plain_document(IdGenerator()(at), at) for _ in range(SLOTS)]
+    assert all(await asyncio.gather(*map(store.import_document, docs)))
+    return docs
 
 
 async def seed_common(settings: Settings, count: int) -> None:

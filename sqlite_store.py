@@ -161,17 +161,25 @@ def _expected_schema(version: int) -> set[tuple[str, str, str]]:
 
 
 def _key(conn: sqlite3.Connection, created: int) -> int:
-    """A document's key `n`: the next of the SLOTS keys of its creation's millisecond. Keys sort
-    as creation times do, so the words' index returns `q`'s matches in page order; those of one
-    millisecond in the order they were written, which _page_rows sorts by id."""
-    first = created * SLOTS
-    (last,) = conn.execute(
-        "SELECT max(n) FROM documents WHERE n BETWEEN ? AND ?", (first, first + SLOTS - 1)
+    """A document's key `n`: the next of the SLOTS keys of its creation's millisecond, or once
+    the last is taken, the first free one. Keys sort as creation times do, so the words' index
+    returns `q`'s matches in page order; those of one millisecond in the order written."""
+    first, last = created * SLOTS, created * SLOTS + SLOTS - 1
+    (taken,) = conn.execute(
+        "SELECT max(n) FROM documents WHERE n BETWEEN ? AND ?", (first, last)
     ).fetchone()
-    if last == first + SLOTS - 1:
+    if taken is None or taken < last:
+        return first if taken is None else int(taken) + 1
+    free = conn.execute(
+        "SELECT k FROM (SELECT ? AS k UNION ALL"
+        " SELECT n + 1 FROM documents WHERE n BETWEEN ? AND ?)"
+        " WHERE NOT EXISTS (SELECT 1 FROM documents WHERE n = k) ORDER BY k LIMIT 1",
+        (first, first, last - 1),
+    ).fetchone()
+    if free is None:
         reason = f"too many documents created in one millisecond (the most is {SLOTS})"
         raise DocumentInvalid("created_at", reason)
-    return first if last is None else int(last) + 1
+    return int(free[0])
 
 
 def _meta_value(value: Any) -> Any:
@@ -634,13 +642,36 @@ class SQLiteStore:
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
         sql, params = page_sql(query, limit + 1, after)
-        ranked = query.sort_field != "created_at"  # by update time: in order already
-        fetch = functools.partial(
-            _page_rows, limit=limit, descending=query.descending, ranked=ranked
-        )
-        rows, more = await self._read(sql, params, fetch)
-        items = [self._document(row[1]) for row in rows]
+        fetch = functools.partial(_page_rows, limit=limit)
+        rows, following = await self._read(sql, params, fetch)
+        more = following is not None
+        # By creation time, keys sort as times do, but those of one millisecond in the order
+        # written: the page's are put in id order (a body begins with its id); a page ending
+        # inside a millisecond is found again on keys and ids, then its bodies are read.
+        if query.sort_field == "created_at" and rows:
+            if more and following // SLOTS == rows[-1][0] // SLOTS:
+                rows, more = await self._crowded_page(query, limit, after)
+            elif len({key // SLOTS for key, _ in rows}) < len(rows):
+                rows.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=query.descending)
+        items = [self._document(body) for _, body in rows]
         return items, query.position(items[-1]) if more else None
+
+    async def _crowded_page(
+        self, query: DocumentQuery, limit: int, after: Key | None
+    ) -> tuple[list[Any], bool]:
+        sql, params = page_sql(query, limit, after, keys=True)
+        fetch = functools.partial(_to_the_end_of_a_millisecond, limit=limit)
+        keys, beyond = await self._read(sql, params, fetch)
+        keys.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=query.descending)
+        taken = [key for key, _ in keys[:limit]]
+        order = " DESC" if query.descending else ""
+        marks = ", ".join("?" * len(taken))
+        sql = (
+            f"SELECT n, body FROM documents WHERE n IN ({marks})"  # noqa: S608
+            f" ORDER BY created{order}, id{order}"
+        )
+        rows, following = await self._read(sql, taken, functools.partial(_page_rows, limit=limit))
+        return rows, beyond or following is not None or len(taken) < len(keys)
 
     async def export_documents(self) -> AsyncIterator[Document]:
         after: Key | None = None
@@ -782,47 +813,30 @@ def _text(doc: Document) -> tuple[str, str]:
     return doc.title, doc.content
 
 
-def _page_rows(
-    cursor: sqlite3.Cursor, limit: int, descending: bool, ranked: bool
-) -> tuple[list[Any], bool]:
-    """The page's rows of (key, body), and whether any row is left. By creation time (not
-    `ranked`), keys sort as times do, but those of one millisecond in the order written: the
-    rows of a millisecond are sorted by their bodies, which begin with the id, and the one the
-    page ends in is read to its end, keeping no more than a page of it. The page ends before the
-    row that would take its bodies past PAGE_MAX_BYTES (at least one), and no more is read: a
-    page of large documents read whole would hold the event loop (a blob is one step of the
-    progress handler, however large) and its memory for nothing."""
+def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], int | None]:
+    """Up to `limit` rows of (key, body), ending before the row that would take their bodies
+    past PAGE_MAX_BYTES (at least one), and the key of the row after them (None: no row is
+    left). No more is read: a page of large documents read whole would hold the event loop (a
+    blob is one step of the progress handler, however large) and its memory for nothing."""
     rows: list[Any] = []
-    size, left, tied, at = 0, False, False, None
-    for row in cursor:
-        millisecond = row[0] // SLOTS
-        if len(rows) >= limit or size > PAGE_MAX_BYTES:
-            if ranked or millisecond != at:
-                left = True
-                break
-            if len(rows) > 2 * limit or size > 2 * PAGE_MAX_BYTES:
-                kept = _page_of(rows, limit, descending, tied)
-                left, rows, size = left or len(kept) < len(rows), kept, sum(len(r[1]) for r in kept)
-        tied = tied or (millisecond == at and not ranked)
-        at = millisecond
-        rows.append(row)
-        size += len(row[1])
-    fits = not tied and len(rows) <= limit and size <= PAGE_MAX_BYTES
-    page = rows if fits else _page_of(rows, limit, descending, tied)
-    return page, left or len(page) < len(rows)
-
-
-def _page_of(rows: list[Any], limit: int, descending: bool, tied: bool) -> list[Any]:
-    """The first `limit` of `rows` (those of one millisecond sorted by id, when some are `tied`),
-    ending before the row that would take their bodies past PAGE_MAX_BYTES (at least one)."""
-    if tied:
-        rows.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=descending)
     size = 0
-    for taken, row in enumerate(rows):
+    for row in cursor:
         size += len(row[1])
-        if taken == limit or (taken and size > PAGE_MAX_BYTES):
-            return rows[:taken]
-    return rows
+        if len(rows) == limit or (rows and size > PAGE_MAX_BYTES):
+            return rows, row[0]
+        rows.append(row)
+    return rows, None
+
+
+def _to_the_end_of_a_millisecond(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], bool]:
+    """At least `limit` rows of (key, id), on to the last of the millisecond they end in, and
+    whether any row is left."""
+    rows: list[Any] = []
+    for row in cursor:
+        if len(rows) >= limit and row[0] // SLOTS != rows[-1][0] // SLOTS:
+            return rows, True
+        rows.append(row)
+    return rows, False
 
 
 def _parse(body: bytes) -> Document:
@@ -841,9 +855,12 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_result(outcome)
 
 
-def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, list[Any]]:
+def page_sql(
+    query: DocumentQuery, limit: int, after: Key | None, *, keys: bool = False
+) -> tuple[str, list[Any]]:
     """One statement per listing, driven by an index that walks keys in creation order: the
-    FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'."""
+    FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'.
+    With `keys`, by creation time only: keys and ids, every match after `after`."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
@@ -893,8 +910,10 @@ def page_sql(query: DocumentQuery, limit: int, after: Key | None) -> tuple[str, 
     direction = " DESC" if query.descending else ""
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
     # Only fixed fragments are joined here; every value is a parameter.
-    if by_created:  # no LIMIT: the page reads on to the end of the millisecond it ends in
-        return f"SELECT {key}, d.body {found} ORDER BY {key}{direction}", params
+    if keys:
+        return f"SELECT {key}, d.id {found} ORDER BY {key}{direction}", params
+    if by_created:
+        return f"SELECT {key}, d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
     rank = f"d.updated{direction}, d.id{direction}"
     if key == "d.n":  # the index on (updated, id) walks the page in order
         return f"SELECT d.n, d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params

@@ -27,6 +27,7 @@ from conftest import (
     Service,
     ServiceFactory,
     assert_problem,
+    fill_millisecond,
     plain_document,
     run_main,
     run_threads,
@@ -186,8 +187,7 @@ def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
     async def fill() -> None:
         store = SQLiteStore.open(tmp_path / "data")
         try:
-            docs = [plain_document(IdGenerator()(at), at) for _ in range(SLOTS)]
-            assert all(await asyncio.gather(*map(store.import_document, docs)))
+            await fill_millisecond(store, at)
         finally:
             await store.close()
 

@@ -24,7 +24,7 @@ import pytest
 
 import mongo_store
 import sqlite_store
-from conftest import plain_document
+from conftest import fill_millisecond, plain_document
 from legacy import LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK
 from metrics import MeteredStore, Metrics
 from models import (
@@ -339,33 +339,38 @@ async def test_export_is_oldest_first_whatever_the_ids(store: DocumentStore) -> 
     assert await exported(store) == [older, newer]
 
 
-ONE_MILLISECOND: list[tuple[dict[str, Any], int, int]] = [
-    # (listing, documents of the millisecond, characters of each one's content)
-    ({}, 150, 1),
-    ({"sort": "created_at"}, 150, 1),
-    ({"q": "word"}, 150, 1),
-    ({"q": "word", "sort": "created_at"}, 150, 1),
-    ({"tag": ["t"]}, 150, 1),
-    ({"metadata.k": "1", "sort": "created_at"}, 150, 1),
-    ({"sort": "-updated_at"}, 150, 1),
-    ({}, 30, 99_000),  # pages end at 1 MiB inside the millisecond
+ONE_MILLISECOND: list[tuple[dict[str, Any], int, tuple[int, ...]]] = [
+    # (listing, documents of the millisecond, four-byte characters of their contents in turn)
+    ({}, 150, (1,)),
+    ({"sort": "created_at"}, 150, (1,)),
+    ({"q": "word"}, 150, (1,)),
+    ({"q": "word", "sort": "created_at"}, 150, (1,)),
+    ({"tag": ["t"]}, 150, (1,)),
+    ({"metadata.k": "1", "sort": "created_at"}, 150, (1,)),
+    ({"sort": "-updated_at"}, 150, (1,)),
+    # Pages end at 1 MiB inside the millisecond, before small documents that would still fit.
+    ({}, 30, (25_000,)),
+    ({}, 25, (100_000, 1, 100_000, 10, 50_000)),
+    ({"sort": "created_at"}, 25, (100_000, 1, 100_000, 10, 50_000)),
 ]
 
 
-@pytest.mark.parametrize(("params", "count", "chars"), ONE_MILLISECOND)
+@pytest.mark.parametrize(("params", "count", "sizes"), ONE_MILLISECOND)
 async def test_documents_of_one_millisecond_are_taken_in_any_order_and_paged_by_id(
-    store: DocumentStore, params: dict[str, Any], count: int, chars: int
+    store: DocumentStore, params: dict[str, Any], count: int, sizes: tuple[int, ...]
 ) -> None:
     """The embedded store had kept the documents of one millisecond in id order by the room
     left between their keys: about 250 fitted when they came in id order, a dozen in another,
     and the next was refused (an import of data whose times are whole seconds stopped there).
-    Up to 16 384 now fit in any order, and every listing pages them by (time, id)."""
+    Up to 16 384 now fit in any order, and every listing pages them by (time, id), documents
+    of every size among them: none passed over for a page's size is skipped."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
     fields: dict[str, Any] = {"tags": ["t"], "metadata": {"k": 1}}
     docs = [
-        imported(n, content="word " + "x" * chars, created_at=at, updated_at=at, **fields)
+        imported(n, content="word " + "\U0001f600" * sizes[n % len(sizes)], **fields)
         for n in range(count)
-    ] + [
+    ]
+    docs = [doc.model_copy(update={"created_at": at, "updated_at": at}) for doc in docs] + [
         imported(count + n, content="word", created_at=moment, updated_at=moment, **fields)
         for n, moment in enumerate([at - timedelta(milliseconds=1), at + timedelta(milliseconds=1)])
     ]
@@ -374,9 +379,30 @@ async def test_documents_of_one_millisecond_are_taken_in_any_order_and_paged_by_
         assert await store.import_document(doc)
     in_order = [doc.id for doc in sorted(docs, key=lambda doc: (doc.created_at, doc.id))]
     newest_first = params.get("sort") != "created_at"
-    assert await walk(store, 7 if chars == 1 else 100, **params) == (
+    assert await walk(store, 7 if max(sizes) == 1 else 100, **params) == (
         in_order[::-1] if newest_first else in_order
     )
+
+
+async def test_keys_of_a_full_millisecond_freed_by_deletes_are_taken_again(
+    tmp_path: Path,
+) -> None:
+    """A millisecond holds 16 384 documents at once: its keys had been handed out in turn, so
+    a document deleted below the last taken left a key no document would get again."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    store = SQLiteStore.open(tmp_path)
+    try:
+        docs = await fill_millisecond(store, at)
+        for doc in docs[:2] + docs[7_000:7_002]:
+            await store.delete(doc.id)
+        late = [plain_document(IdGenerator()(at), at) for _ in range(5)]
+        for doc in late[:4]:
+            assert await store.import_document(doc)
+        with pytest.raises(DocumentInvalid, match="one millisecond"):
+            await store.import_document(late[4])
+        assert await store.count() == sqlite_store.SLOTS
+    finally:
+        await store.close()
 
 
 # --- finding documents ------------------------------------------------------------------------
@@ -968,8 +994,7 @@ async def test_a_create_refused_for_a_full_millisecond_leaves_its_idempotency_ke
     at = datetime(2026, 1, 1, tzinfo=UTC)
     store = SQLiteStore.open(tmp_path, clock=lambda: at)
     try:
-        docs = [plain_document(IdGenerator()(at), at) for _ in range(sqlite_store.SLOTS)]
-        assert all(await asyncio.gather(*map(store.import_document, docs)))
+        await fill_millisecond(store, at)
         for _ in range(2):
             with pytest.raises(DocumentInvalid, match="one millisecond"):
                 await store.create(body("late"), idempotency=IdempotencyKey("alice", "k"))
