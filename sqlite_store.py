@@ -644,34 +644,33 @@ class SQLiteStore:
         sql, params = page_sql(query, limit + 1, after)
         fetch = functools.partial(_page_rows, limit=limit)
         rows, following = await self._read(sql, params, fetch)
-        more = following is not None
         # By creation time, keys sort as times do, but those of one millisecond in the order
-        # written: the page's are put in id order (a body begins with its id); a page ending
-        # inside a millisecond is found again on keys and ids, then its bodies are read.
+        # written: the page's are put in id order (a body begins with its id), and a page that
+        # ends inside a millisecond takes that millisecond's first ids.
         if query.sort_field == "created_at" and rows:
-            if more and following // SLOTS == rows[-1][0] // SLOTS:
-                rows, more = await self._crowded_page(query, limit, after)
-            elif len({key // SLOTS for key, _ in rows}) < len(rows):
+            if len({key // SLOTS for key, _ in rows}) < len(rows):
                 rows.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=query.descending)
+            if following is not None and following // SLOTS == rows[-1][0] // SLOTS:
+                rows, following = await self._crowded_page(query, limit, after, rows)
         items = [self._document(body) for _, body in rows]
-        return items, query.position(items[-1]) if more else None
+        return items, query.position(items[-1]) if following is not None else None
 
     async def _crowded_page(
-        self, query: DocumentQuery, limit: int, after: Key | None
-    ) -> tuple[list[Any], bool]:
-        sql, params = page_sql(query, limit, after, keys=True)
-        fetch = functools.partial(_to_the_end_of_a_millisecond, limit=limit)
-        keys, beyond = await self._read(sql, params, fetch)
-        keys.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=query.descending)
-        taken = [key for key, _ in keys[:limit]]
-        order = " DESC" if query.descending else ""
-        marks = ", ".join("?" * len(taken))
-        sql = (
-            f"SELECT n, body FROM documents WHERE n IN ({marks})"  # noqa: S608
-            f" ORDER BY created{order}, id{order}"
-        )
-        rows, following = await self._read(sql, taken, functools.partial(_page_rows, limit=limit))
-        return rows, beyond or following is not None or len(taken) < len(keys)
+        self, query: DocumentQuery, limit: int, after: Key | None, rows: list[Any]
+    ) -> tuple[list[Any], int | None]:
+        """`rows` without those of the millisecond they end in, then its first ids (SQLite
+        sorts them); and the key of a row after the page, if any."""
+        millisecond = rows[-1][0] // SLOTS
+        before = [row for row in rows if row[0] // SLOTS != millisecond]
+        sql, params = page_sql(query, limit - len(before) + 1, after, millisecond=millisecond)
+        fetch = functools.partial(_page_rows, limit=limit, rows=before)
+        rows, following = await self._read(sql, params, fetch)
+        if following is None:  # the millisecond ended inside the page: is a later one there?
+            end = (millisecond, "" if query.descending else "~")  # before or after every id
+            sql, params = page_sql(query, 1, end, keys=True)
+            row = await self._read(sql, params, sqlite3.Cursor.fetchone)
+            following = None if row is None else row[0]
+        return rows, following
 
     async def export_documents(self) -> AsyncIterator[Document]:
         after: Key | None = None
@@ -813,30 +812,22 @@ def _text(doc: Document) -> tuple[str, str]:
     return doc.title, doc.content
 
 
-def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], int | None]:
-    """Up to `limit` rows of (key, body), ending before the row that would take their bodies
-    past PAGE_MAX_BYTES (at least one), and the key of the row after them (None: no row is
-    left). No more is read: a page of large documents read whole would hold the event loop (a
-    blob is one step of the progress handler, however large) and its memory for nothing."""
-    rows: list[Any] = []
-    size = 0
+def _page_rows(
+    cursor: sqlite3.Cursor, limit: int, rows: list[Any] | None = None
+) -> tuple[list[Any], int | None]:
+    """Up to `limit` rows of (key, body), after `rows` if given, ending before the row that
+    would take their bodies past PAGE_MAX_BYTES (at least one), and the key of the row after
+    them (None: no row is left). No more is read: a page of large documents read whole would
+    hold the event loop (a blob is one step of the progress handler, however large) and its
+    memory for nothing."""
+    rows = list(rows or ())
+    size = sum(len(body) for _, body in rows)
     for row in cursor:
         size += len(row[1])
         if len(rows) == limit or (rows and size > PAGE_MAX_BYTES):
             return rows, row[0]
         rows.append(row)
     return rows, None
-
-
-def _to_the_end_of_a_millisecond(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], bool]:
-    """At least `limit` rows of (key, id), on to the last of the millisecond they end in, and
-    whether any row is left."""
-    rows: list[Any] = []
-    for row in cursor:
-        if len(rows) >= limit and row[0] // SLOTS != rows[-1][0] // SLOTS:
-            return rows, True
-        rows.append(row)
-    return rows, False
 
 
 def _parse(body: bytes) -> Document:
@@ -856,11 +847,17 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 def page_sql(
-    query: DocumentQuery, limit: int, after: Key | None, *, keys: bool = False
+    query: DocumentQuery,
+    limit: int,
+    after: Key | None,
+    *,
+    keys: bool = False,
+    millisecond: int | None = None,
 ) -> tuple[str, list[Any]]:
     """One statement per listing, driven by an index that walks keys in creation order: the
     FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'.
-    With `keys`, by creation time only: keys and ids, every match after `after`."""
+    By creation time only: with `keys`, the keys of every match after `after`; with
+    `millisecond`, the matches of that millisecond in id order."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
@@ -888,7 +885,8 @@ def page_sql(
     # SQLite before 3.42 skips matches when FTS5 walks its rowids downward from an upper bound:
     # there the words' index walks down from the newest, and the bound (out of the index's
     # reach behind a unary +) only filters, reading every newer match again for each page.
-    downward = query.words and by_created and query.descending
+    # A millisecond's matches, sorted by id, are not walked downward.
+    downward = query.words and by_created and query.descending and millisecond is None
     below = f"+{key}" if downward and FTS5_SEEKS_DOWN_WRONG else key
     for low, high, scale, start, end in (
         (key, below, SLOTS, query.created_after, query.created_before),
@@ -900,6 +898,9 @@ def page_sql(
         if end is not None:
             where.append(f"{high} < ?")
             params.append(millis(end) * scale)
+    if millisecond is not None:
+        where += [f"{key} >= ?", f"{below} < ?"]
+        params += [millisecond * SLOTS, (millisecond + 1) * SLOTS]
     if after is not None:
         op = "<" if query.descending else ">"
         where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
@@ -911,7 +912,9 @@ def page_sql(
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
     # Only fixed fragments are joined here; every value is a parameter.
     if keys:
-        return f"SELECT {key}, d.id {found} ORDER BY {key}{direction}", params
+        return f"SELECT {key} {found} ORDER BY {key}{direction}", params
+    if millisecond is not None:
+        return f"SELECT {key}, d.body {found} ORDER BY d.id{direction} LIMIT {int(limit)}", params
     if by_created:
         return f"SELECT {key}, d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
     rank = f"d.updated{direction}, d.id{direction}"

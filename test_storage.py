@@ -762,10 +762,21 @@ LISTINGS: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("params", LISTINGS)
-def test_every_listing_is_served_by_an_index(tmp_path: Path, params: dict[str, Any]) -> None:
+# By creation time, a page ending inside a millisecond also looks for what follows it (keys)
+# and for that millisecond's matches in id order.
+BY_CREATION = [p for p in LISTINGS if DocumentQuery.model_validate(p).sort_field == "created_at"]
+STATEMENTS: list[tuple[dict[str, Any], dict[str, Any]]] = [(p, {}) for p in LISTINGS] + [
+    (p, variant) for p in BY_CREATION for variant in ({"keys": True}, {"millisecond": 1})
+]
+
+
+@pytest.mark.parametrize(("params", "variant"), STATEMENTS)
+def test_every_listing_is_served_by_an_index(
+    tmp_path: Path, params: dict[str, Any], variant: dict[str, Any]
+) -> None:
+    query = DocumentQuery.model_validate(params)
     SQLiteStore.open(tmp_path).close_sync()
-    sql, values = page_sql(DocumentQuery.model_validate(params), 21, (1, "A"))
+    sql, values = page_sql(query, 21, (1, "A"), **variant)
     with sqlite3.connect(tmp_path / DATABASE_FILE) as conn:
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", values)]
     conn.close()
