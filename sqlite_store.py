@@ -641,36 +641,52 @@ class SQLiteStore:
     async def page(
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
-        sql, params = page_sql(query, limit + 1, after)
-        fetch = functools.partial(_page_rows, limit=limit)
-        rows, following = await self._read(sql, params, fetch)
-        # By creation time, keys sort as times do, but those of one millisecond in the order
-        # written: the page's are put in id order (a body begins with its id), and a page that
-        # ends inside a millisecond takes that millisecond's first ids.
-        if query.sort_field == "created_at" and rows:
+        rows: list[Any] = []
+        while not rows:  # found again if what a crowded page took was deleted meanwhile
+            sql, params = page_sql(query, limit + 1, after)
+            rows, following = await self._read(
+                sql, params, functools.partial(_page_rows, limit=limit)
+            )
+            if query.sort_field != "created_at" or not rows:
+                break
+            # By creation time, keys sort as times do, but those of one millisecond in the order
+            # written: the page's are put in id order (a body begins with its id). A page that
+            # ends inside a millisecond, or at a row too large to fit, goes on with the ids of
+            # that millisecond in order.
             if len({key // SLOTS for key, _ in rows}) < len(rows):
                 rows.sort(key=lambda row: (row[0] // SLOTS, row[1]), reverse=query.descending)
-            if following is not None and following // SLOTS == rows[-1][0] // SLOTS:
-                rows, following = await self._crowded_page(query, limit, after, rows)
+            last = rows[-1][0] // SLOTS
+            if following is not None and (len(rows) < limit or following // SLOTS == last):
+                rows, following = await self._crowded_page(query, limit, after, rows, following)
         items = [self._document(body) for _, body in rows]
         return items, query.position(items[-1]) if following is not None else None
 
     async def _crowded_page(
-        self, query: DocumentQuery, limit: int, after: Key | None, rows: list[Any]
+        self, query: DocumentQuery, limit: int, after: Key | None, rows: list[Any], following: int
     ) -> tuple[list[Any], int | None]:
-        """`rows` without those of the millisecond they end in, then its first ids (SQLite
-        sorts them); and the key of a row after the page, if any."""
-        millisecond = rows[-1][0] // SLOTS
-        before = [row for row in rows if row[0] // SLOTS != millisecond]
-        sql, params = page_sql(query, limit - len(before) + 1, after, millisecond=millisecond)
-        fetch = functools.partial(_page_rows, limit=limit, rows=before)
-        rows, following = await self._read(sql, params, fetch)
-        if following is None:  # the millisecond ended inside the page: is a later one there?
-            end = (millisecond, "" if query.descending else "~")  # before or after every id
-            sql, params = page_sql(query, 1, end, keys=True)
-            row = await self._read(sql, params, sqlite3.Cursor.fetchone)
-            following = None if row is None else row[0]
-        return rows, following
+        """`rows` without those of the millisecond of `following`, then that millisecond's in id
+        order (SQLite sorts their keys; each body is read once it is known to be sent); and the
+        key of the first row after the page, if any."""
+        millisecond = following // SLOTS
+        rows = [row for row in rows if row[0] // SLOTS != millisecond]
+        room = limit - len(rows)
+        sql, params = page_sql(query, room + 1, after, millisecond=millisecond)
+        keys = [key for (key,) in await self._read(sql, params)]
+        size = sum(len(body) for _, body in rows)
+        for key in keys[:room]:
+            sql = "SELECT n, body FROM documents WHERE n = ?"
+            if (row := await self._read(sql, (key,), sqlite3.Cursor.fetchone)) is None:
+                continue  # deleted since
+            size += len(row[1])
+            if rows and size > PAGE_MAX_BYTES:
+                return rows, key
+            rows.append(row)
+        if len(keys) > room:
+            return rows, keys[room]
+        end = (millisecond, "" if query.descending else "~")  # before or after every id
+        sql, params = page_sql(query, 1, end, keys=True)
+        row = await self._read(sql, params, sqlite3.Cursor.fetchone)
+        return rows, None if row is None else row[0]
 
     async def export_documents(self) -> AsyncIterator[Document]:
         after: Key | None = None
@@ -812,16 +828,13 @@ def _text(doc: Document) -> tuple[str, str]:
     return doc.title, doc.content
 
 
-def _page_rows(
-    cursor: sqlite3.Cursor, limit: int, rows: list[Any] | None = None
-) -> tuple[list[Any], int | None]:
-    """Up to `limit` rows of (key, body), after `rows` if given, ending before the row that
-    would take their bodies past PAGE_MAX_BYTES (at least one), and the key of the row after
-    them (None: no row is left). No more is read: a page of large documents read whole would
-    hold the event loop (a blob is one step of the progress handler, however large) and its
-    memory for nothing."""
-    rows = list(rows or ())
-    size = sum(len(body) for _, body in rows)
+def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], int | None]:
+    """Up to `limit` rows of (key, body), ending before the row that would take their bodies
+    past PAGE_MAX_BYTES (at least one), and the key of the row after them (None: no row is
+    left). No more is read: a page of large documents read whole would hold the event loop (a
+    blob is one step of the progress handler, however large) and its memory for nothing."""
+    rows: list[Any] = []
+    size = 0
     for row in cursor:
         size += len(row[1])
         if len(rows) == limit or (rows and size > PAGE_MAX_BYTES):
@@ -857,7 +870,7 @@ def page_sql(
     """One statement per listing, driven by an index that walks keys in creation order: the
     FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'.
     By creation time only: with `keys`, the keys of every match after `after`; with
-    `millisecond`, the matches of that millisecond in id order."""
+    `millisecond`, the keys of that millisecond's matches in id order."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
@@ -914,7 +927,7 @@ def page_sql(
     if keys:
         return f"SELECT {key} {found} ORDER BY {key}{direction}", params
     if millisecond is not None:
-        return f"SELECT {key}, d.body {found} ORDER BY d.id{direction} LIMIT {int(limit)}", params
+        return f"SELECT {key} {found} ORDER BY d.id{direction} LIMIT {int(limit)}", params
     if by_created:
         return f"SELECT {key}, d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
     rank = f"d.updated{direction}, d.id{direction}"

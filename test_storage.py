@@ -384,6 +384,37 @@ async def test_documents_of_one_millisecond_are_taken_in_any_order_and_paged_by_
     )
 
 
+@pytest.mark.parametrize("sort", ["created_at", "-created_at"])
+async def test_a_page_ends_where_the_next_document_in_id_order_does_not_fit(
+    store: DocumentStore, sort: str
+) -> None:
+    """Two documents of 400 KB, then in the next millisecond a small one and one of 400 KB that
+    was written first: the small one still fits in the first page's 1 MiB. The embedded store
+    had ended the page at the large one, the first of its millisecond in the order written."""
+    large = "\U0001f600" * 100_000
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    first, second = (
+        [imported(n, content=content, created_at=moment, updated_at=moment) for n, content in pair]
+        for moment, pair in (
+            (at, [(1, large), (2, large)]),
+            (at + timedelta(milliseconds=1), [(3, "small"), (4, large)]),
+        )
+    )
+    for doc in [*first, second[1], second[0]]:
+        assert await store.import_document(doc)
+    pages = []
+    after = None
+    while True:
+        items, after = await store.page(
+            DocumentQuery.model_validate({"sort": sort}), limit=20, after=after
+        )
+        pages.append([doc.id for doc in items])
+        if after is None:
+            break
+    ids = [imported(n).id for n in (1, 2, 3, 4)]
+    assert pages == ([ids[:3], ids[3:]] if sort == "created_at" else [ids[:0:-1], ids[:1]])
+
+
 async def test_keys_of_a_full_millisecond_freed_by_deletes_are_taken_again(
     tmp_path: Path,
 ) -> None:
