@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -856,13 +857,25 @@ async def test_a_page_holds_the_large_documents_that_fit_whatever_is_stored_besi
     assert (len(items), after is not None) == (count, True)
 
 
+def _bytes_read() -> int:
+    """What this process has read from files so far, SQLite's page reads included."""
+    io = Path("/proc/self/io").read_text()
+    return int(re.search(r"^rchar: (\d+)$", io, re.MULTILINE)[1])  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"q": "big"}, {"tag": ["big"], "sort": "updated_at"}, {"q": "big", "sort": "-updated_at"}],
+)
 async def test_a_page_of_large_documents_reads_about_what_it_can_send(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict[str, Any]
 ) -> None:
     """limit=100 over documents of 400 KB (100 000 four-byte characters): the page ends before
-    1 MiB and the store parses about that much, not every match, on the event loop; a walk
-    still returns each once. Bodies this large are not kept parsed (the cache would hold
-    megabytes each), so reading the page again parses them again."""
+    1 MiB and the store reads and parses about that much, not every match, on the event loop;
+    a walk still returns each once. By update time with a word or a tag, SQLite had sorted
+    every body of the page's matches (40 MB at limit 100) before the first was sent. Bodies
+    this large are not kept parsed (the cache would hold megabytes each), so reading the page
+    again parses them again."""
     parsed: list[int] = []
     parse = sqlite_store._parse
 
@@ -872,19 +885,23 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
 
     monkeypatch.setattr(sqlite_store, "_parse", counted)
     store = SQLiteStore.open(tmp_path)
+    query = DocumentQuery.model_validate(params)
     try:
         made = [
-            (await store.create(body(f"big {i}", content="\U0001f600" * 100_000)))[0].id
-            for i in range(6)
+            (await store.create(body(f"big {i}", ["big"], content="\U0001f600" * 100_000)))[0].id
+            for i in range(30)
         ]
+        order = made if params.get("sort") == "updated_at" else made[::-1]
         parsed.clear()
-        items, after = await store.page(DocumentQuery(), limit=100)
-        assert [doc.id for doc in items] == made[::-1][:2]
+        read = _bytes_read()
+        items, after = await store.page(query, limit=100)
+        assert _bytes_read() - read < 4 * PAGE_MAX_BYTES  # 12 MB match
+        assert [doc.id for doc in items] == order[:2]
         assert after is not None
         assert len(parsed) == 2
-        await store.page(DocumentQuery(), limit=100)
+        await store.page(query, limit=100)
         assert len(parsed) == 4
-        assert await walk(store, 100) == made[::-1]
+        assert await walk(store, 100, **params) == order
     finally:
         await store.close()
 
