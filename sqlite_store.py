@@ -665,24 +665,16 @@ class SQLiteStore:
         self, query: DocumentQuery, limit: int, after: Key | None, rows: list[Any], following: int
     ) -> tuple[list[Any], int | None]:
         """`rows` without those of the millisecond of `following`, then that millisecond's in id
-        order (SQLite sorts their keys; each body is read once it is known to be sent); and the
-        key of the first row after the page, if any."""
+        order (SQLite sorts their keys and reads each body as it is sent); and the key of the
+        first row after the page, if any."""
         millisecond = following // SLOTS
         rows = [row for row in rows if row[0] // SLOTS != millisecond]
-        room = limit - len(rows)
-        sql, params = page_sql(query, room + 1, after, millisecond=millisecond)
-        keys = [key for (key,) in await self._read(sql, params)]
-        size = sum(len(body) for _, body in rows)
-        for key in keys[:room]:
-            sql = "SELECT n, body FROM documents WHERE n = ?"
-            if (row := await self._read(sql, (key,), sqlite3.Cursor.fetchone)) is None:
-                continue  # deleted since
-            size += len(row[1])
-            if rows and size > PAGE_MAX_BYTES:
-                return rows, key
-            rows.append(row)
-        if len(keys) > room:
-            return rows, keys[room]
+        sql, params = page_sql(query, limit - len(rows) + 1, after, millisecond=millisecond)
+        rows, following = await self._read(
+            sql, params, functools.partial(_page_rows, limit=limit, rows=rows)
+        )
+        if following is not None:
+            return rows, following
         end = (millisecond, "" if query.descending else "~")  # before or after every id
         sql, params = page_sql(query, 1, end, keys=True)
         row = await self._read(sql, params, sqlite3.Cursor.fetchone)
@@ -828,13 +820,16 @@ def _text(doc: Document) -> tuple[str, str]:
     return doc.title, doc.content
 
 
-def _page_rows(cursor: sqlite3.Cursor, limit: int) -> tuple[list[Any], int | None]:
-    """Up to `limit` rows of (key, body), ending before the row that would take their bodies
-    past PAGE_MAX_BYTES (at least one), and the key of the row after them (None: no row is
-    left). No more is read: a page of large documents read whole would hold the event loop (a
-    blob is one step of the progress handler, however large) and its memory for nothing."""
-    rows: list[Any] = []
-    size = 0
+def _page_rows(
+    cursor: sqlite3.Cursor, limit: int, rows: list[Any] | None = None
+) -> tuple[list[Any], int | None]:
+    """`rows` (none by default) and the rows of (key, body) after them, up to `limit` in all,
+    ending before the row that would take their bodies past
+    PAGE_MAX_BYTES (at least one); and the key of the row after them (None: no row is left). No
+    more is read: a page of large documents read whole would hold the event loop (a blob is one
+    step of the progress handler, however large) and its memory for nothing."""
+    rows = list(rows or ())
+    size = sum(len(body) for _, body in rows)
     for row in cursor:
         size += len(row[1])
         if len(rows) == limit or (rows and size > PAGE_MAX_BYTES):
@@ -927,16 +922,19 @@ def page_sql(
     if keys:
         return f"SELECT {key} {found} ORDER BY {key}{direction}", params
     if millisecond is not None:
-        return f"SELECT {key} {found} ORDER BY d.id{direction} LIMIT {int(limit)}", params
+        return _bodies_of(f"SELECT {key} AS k {found} ORDER BY d.id{direction}", limit), params
     if by_created:
         return f"SELECT {key}, d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
     rank = f"d.updated{direction}, d.id{direction}"
     if key == "d.n":  # the index on (updated, id) walks the page in order
         return f"SELECT d.n, d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
-    # SQLite sorts the matches: the page is found on keys alone, then each body is read as its
-    # row is stepped to, so no more are read than fit. An outer ORDER BY would sort again, with
-    # every body; the keys' subquery (a co-routine) yields them in its order (the contract
-    # tests walk every sort and filter, and would see another).
-    inner = f"SELECT d.n AS k {found} ORDER BY {rank} LIMIT {int(limit)}"
-    sql = f"SELECT k, (SELECT body FROM documents WHERE n = k) FROM ({inner})"  # noqa: S608
-    return sql, params
+    return _bodies_of(f"SELECT d.n AS k {found} ORDER BY {rank}", limit), params
+
+
+def _bodies_of(keys: str, limit: int) -> str:
+    """The first `limit` keys `k` of a sorted statement with their bodies. SQLite sorts the keys
+    alone, then reads each body as its row is stepped to, so no more are read than fit. An outer
+    ORDER BY would sort again, with every body; the keys' subquery (a co-routine) yields them in
+    its order (the contract tests walk every sort and filter, and would see another)."""
+    sorted_keys = f"{keys} LIMIT {int(limit)}"
+    return f"SELECT k, (SELECT body FROM documents WHERE n = k) FROM ({sorted_keys})"  # noqa: S608

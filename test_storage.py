@@ -53,6 +53,7 @@ from storage import (
     PreconditionFailed,
     StoreCorrupt,
     StoreUnavailable,
+    new_document,
 )
 
 pytestmark = pytest.mark.anyio
@@ -864,18 +865,25 @@ def _bytes_read() -> int:
 
 
 @pytest.mark.parametrize(
-    "params",
-    [{}, {"q": "big"}, {"tag": ["big"], "sort": "updated_at"}, {"q": "big", "sort": "-updated_at"}],
+    ("params", "one_millisecond"),
+    [
+        ({}, False),
+        ({}, True),
+        ({"q": "big", "sort": "created_at"}, True),
+        ({"q": "big"}, False),
+        ({"tag": ["big"], "sort": "updated_at"}, False),
+        ({"q": "big", "sort": "-updated_at"}, False),
+    ],
 )
 async def test_a_page_of_large_documents_reads_about_what_it_can_send(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict[str, Any]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict[str, Any], one_millisecond: bool
 ) -> None:
     """limit=100 over documents of 400 KB (100 000 four-byte characters): the page ends before
     1 MiB and the store reads and parses about that much, not every match, on the event loop;
-    a walk still returns each once. By update time with a word or a tag, SQLite had sorted
-    every body of the page's matches (40 MB at limit 100) before the first was sent. Bodies
-    this large are not kept parsed (the cache would hold megabytes each), so reading the page
-    again parses them again."""
+    a walk still returns each once. SQLite had sorted every body of the page's matches (40 MB
+    at limit 100) before the first was sent: by update time with a word or a tag, and in id
+    order within one millisecond. Bodies this large are not kept parsed (the cache would hold
+    megabytes each), so reading the page again parses them again."""
     parsed: list[int] = []
     parse = sqlite_store._parse
 
@@ -886,12 +894,17 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
     monkeypatch.setattr(sqlite_store, "_parse", counted)
     store = SQLiteStore.open(tmp_path)
     query = DocumentQuery.model_validate(params)
+    big = body("big", ["big"], content="\U0001f600" * 100_000)
     try:
-        made = [
-            (await store.create(body(f"big {i}", ["big"], content="\U0001f600" * 100_000)))[0].id
-            for i in range(30)
-        ]
-        order = made if params.get("sort") == "updated_at" else made[::-1]
+        if one_millisecond:
+            at = datetime(2026, 1, 1, tzinfo=UTC)
+            docs = [new_document(big, IdGenerator()(at), at) for _ in range(30)]
+            for doc in random.sample(docs, len(docs)):
+                assert await store.import_document(doc)
+            made = sorted(doc.id for doc in docs)
+        else:
+            made = [(await store.create(big))[0].id for _ in range(30)]
+        order = made if params.get("sort") in ("updated_at", "created_at") else made[::-1]
         parsed.clear()
         read = _bytes_read()
         items, after = await store.page(query, limit=100)
