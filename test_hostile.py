@@ -264,7 +264,10 @@ def test_a_request_without_its_one_host_header_gets_400(
 ) -> None:
     """RFC 9112 3.2: an HTTP/1.1 request without Host, any with two, or one whose Host names no
     host, is a 400; all had been served."""
-    head = f"GET /v1/documents HTTP/{version}\r\n{hosts}X-API-Key: {KEY}\r\n\r\n"
+    # Connection: close, or a request served would wait out the keep-alive timeout.
+    head = (
+        f"GET /v1/documents HTTP/{version}\r\n{hosts}X-API-Key: {KEY}\r\nConnection: close\r\n\r\n"
+    )
     assert status_of(exchange(server, head.encode())) == status
 
 
@@ -442,7 +445,8 @@ def test_a_body_in_more_pieces_than_the_bound_is_refused_as_it_arrives(
     Python call per 6 bytes sent, 0.9 s of CPU for 2 MB. Past MAX_BODY_PIECES the connection is
     refused and closed, with or without a key; a body in about as many pieces as allowed is
     stored."""
-    head = _post_head(f"X-API-Key: {key}\r\n", "Transfer-Encoding: chunked")
+    # Connection: close, or the request stored would wait out the keep-alive timeout.
+    head = _post_head(f"X-API-Key: {key}\r\nConnection: close\r\n", "Transfer-Encoding: chunked")
     title = f"in pieces, {key}"
     body = b'{"title": "%s", "content": "%s"}' % (title.encode(), b"x" * 100_000)
     response = exchange(server, head, more=[_chunked(body, 30_000)])
