@@ -877,6 +877,7 @@ def page_sql(
         for k, vs in query.metadata_values
     ]
     source, key, where, params = "documents d", "d.n", list[str](), list[Any]()
+    merged = False  # the rows come from several ranges of their index, which SQLite sorts
     if query.words:
         source, key = "words w CROSS JOIN documents d ON d.n = w.rowid", "w.rowid"
         where.append("w.words MATCH ?")
@@ -886,6 +887,7 @@ def page_sql(
         source, key = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t.n"
         where.append(condition)
         params += values
+        merged = len(values) > 2  # a metadata key and a value of several stored forms
     for table, condition, values in filters:
         where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = d.n)")  # noqa: S608
         params += values
@@ -923,6 +925,8 @@ def page_sql(
         return f"SELECT {key} {found} ORDER BY {key}{direction}", params
     if millisecond is not None:
         return _bodies_of(f"SELECT {key} AS k {found} ORDER BY d.id{direction}", limit), params
+    if by_created and merged:  # sorted with their bodies, every match's would be read
+        return _bodies_of(f"SELECT {key} AS k {found} ORDER BY {key}{direction}", limit), params
     if by_created:
         return f"SELECT {key}, d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
     rank = f"d.updated{direction}, d.id{direction}"

@@ -873,6 +873,8 @@ def _bytes_read() -> int:
         ({"q": "big"}, False),
         ({"tag": ["big"], "sort": "updated_at"}, False),
         ({"q": "big", "sort": "-updated_at"}, False),
+        ({"metadata.n": "7"}, False),
+        ({"metadata.m": "true", "sort": "created_at"}, False),
     ],
 )
 async def test_a_page_of_large_documents_reads_about_what_it_can_send(
@@ -881,9 +883,10 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
     """limit=100 over documents of 400 KB (100 000 four-byte characters): the page ends before
     1 MiB and the store reads and parses about that much, not every match, on the event loop;
     a walk still returns each once. SQLite had sorted every body of the page's matches (40 MB
-    at limit 100) before the first was sent: by update time with a word or a tag, and in id
-    order within one millisecond. Bodies this large are not kept parsed (the cache would hold
-    megabytes each), so reading the page again parses them again."""
+    at limit 100) before the first was sent: by update time with a word or a tag, in id order
+    within one millisecond, and by a metadata value stored in two forms (7 and "7"). Bodies
+    this large are not kept parsed (the cache would hold megabytes each), so reading the page
+    again parses them again."""
     parsed: list[int] = []
     parse = sqlite_store._parse
 
@@ -894,7 +897,7 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
     monkeypatch.setattr(sqlite_store, "_parse", counted)
     store = SQLiteStore.open(tmp_path)
     query = DocumentQuery.model_validate(params)
-    big = body("big", ["big"], content="\U0001f600" * 100_000)
+    big = body("big", ["big"], content="\U0001f600" * 100_000, metadata={"n": 7, "m": True})
     try:
         if one_millisecond:
             at = datetime(2026, 1, 1, tzinfo=UTC)
