@@ -924,15 +924,18 @@ def page_sql(
     if keys:
         return f"SELECT {key} {found} ORDER BY {key}{direction}", params
     if millisecond is not None:
-        return _bodies_of(f"SELECT {key} AS k {found} ORDER BY d.id{direction}", limit), params
-    if by_created and merged:  # sorted with their bodies, every match's would be read
-        return _bodies_of(f"SELECT {key} AS k {found} ORDER BY {key}{direction}", limit), params
-    if by_created:
-        return f"SELECT {key}, d.body {found} ORDER BY {key}{direction} LIMIT {int(limit)}", params
-    rank = f"d.updated{direction}, d.id{direction}"
-    if key == "d.n":  # the index on (updated, id) walks the page in order
-        return f"SELECT d.n, d.body {found} ORDER BY {rank} LIMIT {int(limit)}", params
-    return _bodies_of(f"SELECT d.n AS k {found} ORDER BY {rank}", limit), params
+        order = f"d.id{direction}"
+    elif by_created:
+        order = f"{key}{direction}"
+    else:
+        order = f"d.updated{direction}, d.id{direction}"
+    # An index walks the page in its order: the keys' own (by creation time), or the one on
+    # (updated, id), which a creation range may lead SQLite to leave for the keys'. Else SQLite
+    # sorts the matches, which with their bodies would read every one: the keys alone then.
+    created_range = query.created_after is not None or query.created_before is not None
+    if millisecond is None and (not merged if by_created else key == "d.n" and not created_range):
+        return f"SELECT {key}, d.body {found} ORDER BY {order} LIMIT {int(limit)}", params
+    return _bodies_of(f"SELECT {key} AS k {found} ORDER BY {order}", limit), params
 
 
 def _bodies_of(keys: str, limit: int) -> str:
