@@ -898,9 +898,12 @@ def page_sql(
     # A millisecond's matches, sorted by id, are not walked downward.
     downward = query.words and by_created and query.descending and millisecond is None
     below = f"+{key}" if downward and FTS5_SEEKS_DOWN_WRONG else key
+    # By creation time the keys' index walks the page. An update range of both ends would lead
+    # SQLite to the (updated, id) index instead, and to sort every match with its body.
+    updated = "+d.updated" if by_created and key == "d.n" else "d.updated"
     for low, high, scale, start, end in (
         (key, below, SLOTS, query.created_after, query.created_before),
-        ("d.updated", "d.updated", 1, query.updated_after, query.updated_before),
+        (updated, updated, 1, query.updated_after, query.updated_before),
     ):
         if start is not None:
             where.append(f"{low} >= ?")

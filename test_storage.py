@@ -880,6 +880,10 @@ def _bytes_read() -> int:
             False,
         ),
         (
+            {"updated_after": "2000-01-01T00:00:00Z", "updated_before": "2100-01-01T00:00:00Z"},
+            False,
+        ),
+        (
             {
                 "sort": "-updated_at",
                 "created_after": "2000-01-01T00:00:00Z",
@@ -896,9 +900,10 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
     1 MiB and the store reads and parses about that much, not every match, on the event loop;
     a walk still returns each once. SQLite had sorted every body of the page's matches (40 MB
     at limit 100) before the first was sent: by update time with a word or a tag, in id order
-    within one millisecond, by a metadata value stored in two forms (7 and "7"), and by
-    update time within a creation range. Bodies this large are not kept parsed (the cache
-    would hold megabytes each), so reading the page again parses them again."""
+    within one millisecond, by a metadata value stored in two forms (7 and "7"), by update
+    time within a creation range, and by creation time within an update range. Bodies this
+    large are not kept parsed (the cache would hold megabytes each), so reading the page again
+    parses them again."""
     parsed: list[int] = []
     parse = sqlite_store._parse
 
