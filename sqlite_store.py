@@ -665,8 +665,7 @@ class SQLiteStore:
         self, query: DocumentQuery, limit: int, after: Key | None, rows: list[Any], following: int
     ) -> tuple[list[Any], int | None]:
         """`rows` without those of the millisecond of `following`, then that millisecond's in id
-        order (SQLite sorts their keys and reads each body as it is sent); and the key of the
-        first row after the page, if any."""
+        order; and the key of the first row after the page, if any."""
         millisecond = following // SLOTS
         rows = [row for row in rows if row[0] // SLOTS != millisecond]
         sql, params = page_sql(query, limit - len(rows) + 1, after, millisecond=millisecond)
@@ -865,7 +864,7 @@ def page_sql(
     """One statement per listing, driven by an index that walks keys in creation order: the
     FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'.
     By creation time only: with `keys`, the keys of every match after `after`; with
-    `millisecond`, the keys of that millisecond's matches in id order."""
+    `millisecond`, that millisecond's matches in id order."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
@@ -878,10 +877,20 @@ def page_sql(
     ]
     source, key, where, params = "documents d", "d.n", list[str](), list[Any]()
     merged = False  # the rows come from several ranges of their index, which SQLite sorts
-    if query.words:
+    match = " ".join(f'"{word}"' for word in query.words)
+    # A millisecond's page walks the index on (created, id): in id order, reading only the rows
+    # it sends, where the keys' range would read each row of the millisecond to sort them.
+    if millisecond is not None:
+        where.append("d.created = ?")
+        params.append(millisecond)
+        if query.words:  # the millisecond's matches, found once (+: no row looked up by key)
+            matches = "SELECT rowid FROM words WHERE words MATCH ? AND rowid >= ? AND rowid < ?"
+            where.append(f"+d.n IN ({matches})")
+            params += [match, millisecond * SLOTS, (millisecond + 1) * SLOTS]
+    elif query.words:
         source, key = "words w CROSS JOIN documents d ON d.n = w.rowid", "w.rowid"
         where.append("w.words MATCH ?")
-        params.append(" ".join(f'"{word}"' for word in query.words))
+        params.append(match)
     elif filters and (query.tag or by_created):
         table, condition, values = filters.pop(0)
         source, key = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t.n"
@@ -895,27 +904,26 @@ def page_sql(
     # SQLite before 3.42 skips matches when FTS5 walks its rowids downward from an upper bound:
     # there the words' index walks down from the newest, and the bound (out of the index's
     # reach behind a unary +) only filters, reading every newer match again for each page.
-    # A millisecond's matches, sorted by id, are not walked downward.
-    downward = query.words and by_created and query.descending and millisecond is None
+    downward = query.words and by_created and query.descending
     below = f"+{key}" if downward and FTS5_SEEKS_DOWN_WRONG else key
     # By creation time the keys' index walks the page. An update range of both ends would lead
     # SQLite to the (updated, id) index instead, and to sort every match with its body.
     updated = "+d.updated" if by_created and key == "d.n" else "d.updated"
-    for low, high, scale, start, end in (
-        (key, below, SLOTS, query.created_after, query.created_before),
-        (updated, updated, 1, query.updated_after, query.updated_before),
-    ):
+    ranges = [(updated, updated, 1, query.updated_after, query.updated_before)]
+    if millisecond is None:  # else its millisecond is one of the range's
+        ranges.append((key, below, SLOTS, query.created_after, query.created_before))
+    for low, high, scale, start, end in ranges:
         if start is not None:
             where.append(f"{low} >= ?")
             params.append(millis(start) * scale)
         if end is not None:
             where.append(f"{high} < ?")
             params.append(millis(end) * scale)
-    if millisecond is not None:
-        where += [f"{key} >= ?", f"{below} < ?"]
-        params += [millisecond * SLOTS, (millisecond + 1) * SLOTS]
-    if after is not None:
-        op = "<" if query.descending else ">"
+    op = "<" if query.descending else ">"
+    if after is not None and after[0] == millisecond:  # where the index walk starts
+        where.append(f"d.id {op} ?")
+        params.append(after[1])
+    elif after is not None and millisecond is None:  # else its millisecond follows the cursor
         where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
         params += list(after)
         if by_created:  # where the walk of the key's index starts
@@ -932,11 +940,13 @@ def page_sql(
         order = f"{key}{direction}"
     else:
         order = f"d.updated{direction}, d.id{direction}"
-    # An index walks the page in its order: the keys' own (by creation time), or the one on
-    # (updated, id), which a creation range may lead SQLite to leave for the keys'. Else SQLite
-    # sorts the matches, which with their bodies would read every one: the keys alone then.
+    # An index walks the page in its order: the keys' own (by creation time), the one on
+    # (created, id) (a millisecond's), or the one on (updated, id), which a creation range may
+    # lead SQLite to leave for the keys'. Else SQLite sorts the matches, which with their bodies
+    # would read every one: the keys alone then.
     created_range = query.created_after is not None or query.created_before is not None
-    if millisecond is None and (not merged if by_created else key == "d.n" and not created_range):
+    in_order = not merged if by_created else key == "d.n" and not created_range
+    if millisecond is not None or in_order:
         return f"SELECT {key}, d.body {found} ORDER BY {order} LIMIT {int(limit)}", params
     return _bodies_of(f"SELECT {key} AS k {found} ORDER BY {order}", limit), params
 
