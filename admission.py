@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import hashlib
 import hmac
 import logging
 import math
@@ -43,12 +44,10 @@ from urllib.parse import unquote_to_bytes
 
 from limits import RateLimitItem
 from limits.aio.storage import Storage
-from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config import ApiKey, digest_key
+from config import ApiKey
 from metrics import Metrics
 from problems import (
     LIMITER_UNAVAILABLE,
@@ -57,7 +56,6 @@ from problems import (
     MalformedTarget,
     RateLimited,
     Unauthorized,
-    for_status,
 )
 from ratelimit import Budget, LimiterUnavailable, LocalStorage, StoreWork, spend
 from server import client_of
@@ -175,7 +173,7 @@ class AdmissionMiddleware:
         self.tally = tally
         self.protected = protected
         self.cors = (
-            ProblemCORSMiddleware(
+            CORSMiddleware(
                 self._admit,
                 allow_origins=cors_origins,
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
@@ -305,7 +303,8 @@ class AdmissionMiddleware:
         time, whether or not one matched."""
         presented = [v for k, v in headers if k == API_KEY_HEADER]
         # Two keys in one request match neither: a proxy in front may have read the other.
-        digest = digest_key(presented[0].decode("latin-1")) if len(presented) == 1 else b""
+        # The bytes sent: a key of any characters matches as its UTF-8, which clients send.
+        digest = hashlib.sha256(presented[0]).digest() if len(presented) == 1 else b""
         match: ApiKey | None = None
         for key in self.keys:
             if hmac.compare_digest(digest, key.digest):
@@ -336,17 +335,6 @@ class AdmissionMiddleware:
         retry_after = max(1, int(budget.reset_at - time.time()) + 1)
         headers = _closing({"Retry-After": str(retry_after)})
         await RateLimited.kind.response(detail, headers=headers)(scope, receive, send)
-
-
-class ProblemCORSMiddleware(CORSMiddleware):
-    """Starlette's CORS, whose refusal of a preflight (an origin, method or header not allowed)
-    is a problem document, as every other error is."""
-
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
-        if response.status_code != 400:
-            return response
-        return for_status(400).response(f"{bytes(response.body).decode()}.")
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -31,7 +31,7 @@ from limits import RateLimitItem, parse_many
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
 from uvicorn.config import STARTUP_FAILURE
 
 import openapi
@@ -399,9 +399,16 @@ def _allowed_methods(request: Request) -> list[str]:
     """Every method any route serves at this path (RFC 9110: Allow lists them all, where
     Starlette names only the first route's), HEAD wherever GET is."""
     methods: set[str] = set()
+    # As the app's router met it: a mount (the docs' static files) has since grown root_path.
+    top = request.scope.get("app_root_path", request.scope.get("root_path", ""))
+    scope = {**request.scope, "root_path": top}
     for route in request.app.router.routes:
-        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+        if route.matches(scope)[0] is Match.NONE:
+            continue
+        if isinstance(route, Route):
             methods |= route.methods or set()
+        elif isinstance(route, Mount):  # the docs' static files, which serve GET
+            methods.add("GET")
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)

@@ -11,11 +11,12 @@ import time
 from typing import Any, Protocol
 
 import anyio
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admission import PROBES, closing_start, route_path
 from logging_config import clip, request_id_var
-from problems import INTERNAL, BodyBufferFull, BodyTimeout, BodyTooLarge
+from problems import INTERNAL, MEDIA_TYPE, BodyBufferFull, BodyTimeout, BodyTooLarge, for_status
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's own X-Request-ID is logged beside ours, cut to this and with any other character
@@ -39,7 +40,9 @@ class RequestContextMiddleware:
     """Give each request an id of ours (a client's X-Request-ID is logged beside it, never
     taken for it: clients could otherwise make ids collide), stamp the response headers, log
     one access line, and turn an unhandled exception into a logged 500 problem (so it is
-    logged once, here)."""
+    logged once, here). An error a framework part answers itself, past the error map, in its
+    own format (Starlette's static files refusing a Range, its CORS refusing a preflight)
+    becomes a problem document too, its text the detail."""
 
     def __init__(
         self,
@@ -73,14 +76,26 @@ class RequestContextMiddleware:
         state: dict[str, Any] = scope.setdefault("state", {})
         status = 500
         response_started = False
+        held: Message | None = None  # the start of an error not yet a problem document
+        text = b""  # its body: the problem's detail
         if self.observer is not None:
             self.observer.request_started()
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, held, text
+            if held is not None:
+                text = (text + message.get("body", b""))[:ERROR_TEXT_MAX_BYTES]
+                if not message.get("more_body", False):
+                    start, held = held, None
+                    problem = _as_problem(start, text.decode("utf-8", "replace"))
+                    await problem(scope, receive, send_with_headers)
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
+                if status >= 400 and _media_type(message) != PROBLEM:
+                    held = message
+                    return
                 headers = message.setdefault("headers", [])
                 headers.append((b"x-request-id", request_id.encode()))
                 headers.extend(self.fixed_headers)
@@ -143,6 +158,27 @@ class RequestContextMiddleware:
         access_log.log(level, "request", extra=fields)
         if duration >= self.slow_request_seconds:
             log.warning("request.slow", extra=slow)
+
+
+ERROR_TEXT_MAX_BYTES = 1024  # of a framework's own error text, kept as a problem's detail
+PROBLEM = MEDIA_TYPE.encode()
+
+
+def _media_type(start: Message) -> bytes:
+    return next((v for k, v in start.get("headers", ()) if k == b"content-type"), b"")
+
+
+def _as_problem(start: Message, text: str) -> Response:
+    """An error response of a framework part as a problem document, keeping its headers (the
+    Content-Range of a 416, the Vary of a CORS refusal)."""
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in start.get("headers", ())
+        if k not in (b"content-type", b"content-length")
+    }
+    status: int = start["status"]
+    detail = clip(text.strip()) or f"{for_status(status).title}."
+    return for_status(status).response(detail, headers=headers)
 
 
 def route_template(scope: Scope) -> str:

@@ -716,14 +716,12 @@ class DocumentQuery(BaseModel):
     def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> DocumentQuery:
         """From a query string's (name, value) pairs: `tag` may repeat; any other parameter
         given twice becomes a list, which its field refuses."""
-        values: dict[str, Any] = {}
-        for name, value in pairs:
-            if name == "tag" or name in values:
-                known = values.get(name, [])
-                values[name] = [*known, value] if isinstance(known, list) else [known, value]
-            else:
-                values[name] = value
-        return cls.model_validate(values)
+        values: dict[str, list[str]] = {}
+        for name, value in pairs:  # appended: linear in the pairs however often a name repeats
+            values.setdefault(name, []).append(value)
+        return cls.model_validate(
+            {name: vs if name == "tag" or len(vs) > 1 else vs[0] for name, vs in values.items()}
+        )
 
     @property
     def sort_field(self) -> Literal["created_at", "updated_at"]:

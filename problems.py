@@ -35,6 +35,7 @@ TITLES = {
     412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",

@@ -1333,6 +1333,7 @@ def test_head_answers_like_get_without_a_body(client: TestClient) -> None:
         ("POST", "/v1/documents/x", "DELETE, GET, HEAD, PATCH"),
         ("DELETE", "/health", "GET, HEAD"),
         ("TRACE", "/health/ready", "GET, HEAD"),
+        ("POST", "/docs-static/favicon.png", "GET, HEAD"),
     ],
 )
 def test_a_method_a_path_does_not_serve_gets_405_with_every_allowed_method(
@@ -1344,6 +1345,25 @@ def test_a_method_a_path_does_not_serve_gets_405_with_every_allowed_method(
         return
     assert response.status_code == 405
     assert response.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize(
+    ("range_", "status", "detail"),
+    [
+        ("bytes=99999999-", 416, "Range Not Satisfiable."),
+        ("bytes=5-1", 400, "Range header: start must be less than end"),
+        ("items=0-1", 400, "Only support bytes range"),
+    ],
+)
+def test_an_error_a_framework_part_answers_itself_is_a_problem_too(
+    client: TestClient, range_: str, status: int, detail: str
+) -> None:
+    """Starlette's static files answer a Range they cannot serve themselves, in plain text:
+    that answer becomes a problem document with its headers kept."""
+    response = client.get("/docs-static/favicon.png", headers={"Range": range_})
+    assert assert_problem(response, status)["detail"] == detail
+    if status == 416:
+        assert response.headers["content-range"].startswith("bytes */")
 
 
 @pytest.mark.parametrize("path", ["/v1/documents/", "/health/", "//v1/documents"])

@@ -1327,6 +1327,18 @@ def test_malformed_key_settings_are_refused(
         make_settings(tmp_path, **overrides)
 
 
+def test_a_key_of_any_characters_matches_as_the_utf8_bytes_clients_send(tmp_path: Path) -> None:
+    """HTTP carries bytes: a key (or a key's SHA-256) is compared as its UTF-8, what curl and
+    browsers send, never as the header's bytes read as Latin-1 and encoded again."""
+    key, hashed = "clé-secrète-123", "ключ-доступа-456"
+    digest = hashlib.sha256(hashed.encode()).hexdigest()
+    settings = make_settings(tmp_path, api_keys=f"carol:{key}", api_key_hashes=f"dave:{digest}")
+    with TestClient(create_app(settings)) as client:
+        for sent in (key, hashed):
+            response = client.get("/v1/documents", headers={b"x-api-key": sent.encode()})
+            assert response.status_code == 200, response.text
+
+
 def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
     preflight = {
         "Origin": "https://app.example",
