@@ -711,8 +711,9 @@ class SQLiteStore:
                 )
             # A write transaction that changes nothing, which writes nothing, tells whether the
             # write lock can be had (another program may hold it); while writes are failing (an
-            # I/O error, say) one rewrites a row, and the first to succeed ends the failure.
-            rewrite = "UPDATE meta SET value = value WHERE name = 'cursor_secret'"
+            # I/O error, say) one writes a row anew, and the first to succeed ends the failure
+            # (a row rewritten as it was is a page SQLite does not write, nor the disk sync).
+            rewrite = "INSERT OR REPLACE INTO meta VALUES ('probe', randomblob(8))"
             sql = rewrite if self._write_failed else "SELECT 1"
             with anyio.move_on_after(PROBE_WRITE_S) as waited:
                 await self._write(lambda conn: conn.execute(sql).fetchall())

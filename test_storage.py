@@ -1687,7 +1687,12 @@ async def test_readiness_fails_while_writes_fail_and_recovers_with_them(
             await store.check()
         shell.execute("ROLLBACK")
         shell.close()
+        wal = tmp_path / f"{DATABASE_FILE}-wal"
+        size = wal.stat().st_size
         await store.check()
+        # A real write, which the disk must take: a row rewritten as it was writes no page,
+        # and readiness had said ready while every write failed on an I/O error.
+        assert wal.stat().st_size > size
         await store.create(DocumentCreate(title="t", content="c"))
     finally:
         await store.close()
