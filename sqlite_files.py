@@ -250,28 +250,55 @@ def check_wal_kept(path: Path) -> None:
     it counts (a process killed with writes in it, then the WAL emptied, cut, removed, replaced
     by an older copy or another database's): SQLite reads what is left as all there is, and
     writes over it. A WAL whose frames were all copied into the database may be gone, not
-    another. Not while a process has the database open (check_sharers judges that)."""
+    another; a later generation of it (begun once all were copied) may have taken its place
+    since the index was last written back, which a power loss leaves behind. Refuse a WAL
+    holding frames beside no shared-memory file, which SQLite never leaves (it removes the WAL
+    first): another database's would be replayed over this one. Not while a process has the
+    database open (check_sharers judges that)."""
     wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
-    if not os.path.lexists(shm) or in_use(shm):
+    if not os.path.lexists(shm):
+        if os.path.lexists(wal) and _frames_of(wal, None, 0, 1):
+            raise StoreCorrupt(
+                wal,
+                f"beside no {DATABASE_FILE}-shm, which SQLite never leaves: if another "
+                "database's, SQLite would replay it over this one, so move it aside; if this "
+                f"database's own (its -shm was removed), create an empty {DATABASE_FILE}-shm "
+                "beside it, then start",
+            )
         return
-    if (index := _index(shm)) is None:
+    if in_use(shm) or (index := _index(shm)) is None:
         return
     frames, copied, salts, page_size = index
     if not frames or (copied >= frames and not os.path.lexists(wal)):
+        return
+    if _later_generation(wal, salts):
         return
     if _frames_of(wal, salts, page_size, frames) < frames:
         raise StoreCorrupt(
             wal,
             "missing, or not holding the writes its index (the -shm file) counts: put the whole "
-            "WAL back; or move the -shm file aside to start with what the WAL holds; or restore "
+            "WAL back; or, to start with what the WAL holds, move the -shm file aside and put "
+            "an empty one in its place; or restore "
             "a backup",
         )
 
 
-def _frames_of(wal: Path, salts: bytes, page_size: int, most: int) -> int:
-    """How many frames from the WAL's start (up to `most`) carry `salts`, as those of its
-    current generation do (an older copy holds the previous generation's after its first
-    ones), and their checksums, as SQLite reads them (it replays none after one that fails)."""
+def _later_generation(wal: Path, salts: bytes) -> bool:
+    """Whether the WAL's header is of a later generation than `salts`: SQLite begins one, once
+    every frame is copied into the database, with the first salt one more than the last."""
+    try:
+        header, _ = _head(wal, 32)
+    except OSError:  # missing
+        return False
+    ahead = (int.from_bytes(header[16:20]) - int.from_bytes(salts[:4])) % (1 << 32)
+    return _wal_header_whole(header) and 0 < ahead < 1 << 31
+
+
+def _frames_of(wal: Path, salts: bytes | None, page_size: int, most: int) -> int:
+    """How many frames from the WAL's start (up to `most`) carry `salts` (None: its header's),
+    as those of its current generation do (an older copy holds the previous generation's after
+    its first ones), and their checksums, as SQLite reads them (it replays none after one that
+    fails); of `page_size` (0: its header's)."""
     try:
         fd, _ = _open_regular(wal)
     except OSError:  # missing
@@ -280,7 +307,9 @@ def _frames_of(wal: Path, salts: bytes, page_size: int, most: int) -> int:
         count, offset = 0, 32
         header = os.pread(fd, 32, 0)
         summed = header[24:]
-        if header[16:24] != salts:
+        salts = header[16:24] if salts is None else salts
+        page_size = page_size or int.from_bytes(header[8:12])
+        if header[16:24] != salts or not _wal_header_whole(header):
             return count
         magic = int.from_bytes(header[:4])
         while count < most and len(frame := os.pread(fd, 24 + page_size, offset)) == 24 + page_size:
@@ -296,13 +325,13 @@ def _frames_of(wal: Path, salts: bytes, page_size: int, most: int) -> int:
 def remove_made(path: Path, made: list[str]) -> None:
     """Remove what a refused start made of the database's files (`made`: those of "", "-wal"
     and "-shm" it found missing), once its connections are closed: it leaves the directory as
-    it found it. A WAL it made beside a database that stays is kept unless empty: it may hold a
-    commit its close could not copy into the database."""
+    it found it. A WAL it made beside a database that stays is kept, with its shared memory,
+    unless empty: it may hold a commit its close could not copy into the database."""
+    wal = path.with_name(DATABASE_FILE + "-wal")
+    kept = "" not in made and os.path.lexists(wal) and os.lstat(wal).st_size > 0
     for name in made:
-        file = path.with_name(DATABASE_FILE + name)
-        with contextlib.suppress(FileNotFoundError):
-            if "" in made or name != "-wal" or not os.lstat(file).st_size:
-                file.unlink()
+        if not (kept and name in ("-wal", "-shm")):
+            path.with_name(DATABASE_FILE + name).unlink(missing_ok=True)
 
 
 def identity(path: Path) -> tuple[int, ...] | None:

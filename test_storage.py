@@ -1211,11 +1211,21 @@ async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
 
 def _refused(data_dir: Path, name: str) -> StoreCorrupt:
-    before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()}
+    """The refusal naming `name`, every file left as it was (the -shm file, an index SQLite
+    rebuilds from the WAL, is left in place but may be rebuilt)."""
+
+    def files() -> dict[str, bytes]:
+        return {
+            p.name: b"" if p.name.endswith("-shm") else p.read_bytes()
+            for p in data_dir.iterdir()
+            if p.is_file()
+        }
+
+    before = files()
     with pytest.raises(StoreCorrupt) as caught:
         SQLiteStore.open(data_dir).close_sync()  # closed if it opens: its writer would stay
     assert str(data_dir / name) in str(caught.value)
-    assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.is_file()} == before
+    assert files() == before
     return caught.value
 
 
@@ -1244,15 +1254,16 @@ async def test_a_truncated_database_is_refused_untouched(tmp_path: Path, wal: by
 
 def _beside_a_wal_of(path: Path, change: str) -> None:
     """`path` as a kill -9 leaves it: as it was, beside the WAL of `change`, its last
-    transactions."""
+    transactions, and the shared-memory file that indexes it."""
     file = path.read_bytes()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.executescript(change)
-    wal = path.with_name(f"{DATABASE_FILE}-wal").read_bytes()
+    beside = {name: path.with_name(DATABASE_FILE + name).read_bytes() for name in ("-wal", "-shm")}
     conn.close()  # checkpoints the WAL into the file and removes it
     path.write_bytes(file)
-    path.with_name(f"{DATABASE_FILE}-wal").write_bytes(wal)
+    for name, content in beside.items():
+        path.with_name(DATABASE_FILE + name).write_bytes(content)
 
 
 @pytest.mark.parametrize(
@@ -1323,6 +1334,7 @@ def write(count):
     for _ in range(count):
         conn.execute("INSERT INTO meta VALUES (hex(randomblob(8)), randomblob(3000))")
 write(20)
+shutil.copy(path + "-shm", path + "-shm.earlier")  # as a power loss may leave it, not synced
 if sys.argv[2] != "plain":
     conn.execute("PRAGMA wal_checkpoint")  # every frame copied into the database
 if sys.argv[2] == "restarted":
@@ -1381,20 +1393,59 @@ def test_a_wal_cut_or_replaced_after_a_kill_is_refused_untouched(tmp_path: Path,
 
 
 @pytest.mark.parametrize(
-    ("how", "wal_removed"),
-    [("plain", False), ("checkpointed", False), ("checkpointed", True), ("restarted", False)],
-    ids=["as left", "copied", "copied, then removed", "in its next generation"],
+    ("how", "then"),
+    [
+        ("plain", ""),
+        ("checkpointed", ""),
+        ("checkpointed", "WAL removed"),
+        ("restarted", ""),
+        ("restarted", "-shm of an earlier generation"),
+    ],
+    ids=[
+        "as left",
+        "copied",
+        "copied, then removed",
+        "in its next generation",
+        "in its next generation, beside an earlier -shm",
+    ],
 )
-def test_a_kill_leaves_every_write_and_no_refusal(
-    tmp_path: Path, how: str, wal_removed: bool
-) -> None:
+def test_a_kill_leaves_every_write_and_no_refusal(tmp_path: Path, how: str, then: str) -> None:
     """Nor is a WAL whose frames were all copied into the database refused for being gone (a
-    stop killed between removing it and the -shm file)."""
+    stop killed between removing it and the -shm file). The -shm file is never synced: after
+    a power loss it may index an earlier generation of the WAL, whose frames were all copied
+    before the next began; SQLite rebuilds it from the WAL, and every start had been refused."""
     wal = _killed_writing(tmp_path, how)
-    if wal_removed:
+    earlier = tmp_path / f"{DATABASE_FILE}-shm.earlier"
+    if then == "WAL removed":
         wal.unlink()
+    elif then:
+        earlier.replace(tmp_path / f"{DATABASE_FILE}-shm")
+    earlier.unlink(missing_ok=True)
     SQLiteStore.open(tmp_path).close_sync()
     assert _written(tmp_path) == (32 if how == "restarted" else 20)
+
+
+@pytest.mark.parametrize("whose", ["another database's", "its own"])
+def test_a_wal_beside_no_shared_memory_file_is_refused_untouched(
+    tmp_path: Path, whose: str
+) -> None:
+    """SQLite removes a WAL before its -shm file and leaves both after a kill: a WAL alone was
+    put there. Another database's, beside one stopped cleanly, was replayed over it: its
+    documents replaced by the other's, with readiness 200. Its own, its -shm removed, starts
+    once an empty -shm file is put beside it, as the refusal says."""
+    if whose == "its own":
+        wal = _killed_writing(tmp_path)
+        (tmp_path / f"{DATABASE_FILE}-shm").unlink()
+    else:
+        SQLiteStore.open(tmp_path).close_sync()
+        wal = _killed_writing(tmp_path / "other").replace(tmp_path / f"{DATABASE_FILE}-wal")
+        shutil.rmtree(tmp_path / "other")
+    (tmp_path / f"{DATABASE_FILE}-shm.earlier").unlink(missing_ok=True)
+    assert "beside no documents.db-shm" in str(_refused(tmp_path, wal.name))
+    if whose == "its own":
+        (tmp_path / f"{DATABASE_FILE}-shm").touch()
+        SQLiteStore.open(tmp_path).close_sync()
+        assert _written(tmp_path) == 20
 
 
 @pytest.mark.parametrize("existed", [False, True], ids=["first start", "later start"])
