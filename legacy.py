@@ -15,12 +15,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from models import Document, as_stored, millis
+from models import Document, DocumentCreate, as_stored, millis
 from storage import IDEMPOTENCY_TTL, StoreCorrupt, StoreUnavailable
 
 LEGACY_FILE = "documents.json"
 LEGACY_JOURNAL = "documents.journal"  # changes a killed process had not folded into the file
 LEGACY_LOCK = "documents.lock"  # held by the previous version for as long as it serves
+
+# Marks a fingerprint carried over: the previous version's hashed the metadata in the order sent.
+LEGACY_PRINT = "unordered:"
 
 # Its documents, its unexpired idempotency keys, and the digest of the file they were read from.
 Legacy = tuple[list[Document], list[tuple[str, str, str, str, int]], bytes]
@@ -75,10 +78,18 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
         docs: dict[str, Document] = {}
         for record in tables.get("documents", {}).values():
             doc = Document.model_validate(record)
-            # As `main.py import` takes a document (ValueError for what the API refuses), and
-            # kept as it is: what the previous version stored is in those forms, times in UTC
-            # (which a time's equality, by the instant, does not see).
-            if as_stored(doc) != doc or doc.created_at.utcoffset() or doc.updated_at.utcoffset():
+            # As `main.py import` takes a document, and kept as it is: what the previous
+            # version stored is in those forms, times in UTC (which a time's equality, by the
+            # instant, does not see). It took some values this one refuses (any float).
+            try:
+                stored = as_stored(doc)
+            except ValueError as exc:
+                raise StoreCorrupt(
+                    path,
+                    f"document {doc.id!r}: {_reason(exc)}; if the previous version took it, "
+                    "change it through that version's API, stop it cleanly, then start this one",
+                ) from None
+            if stored != doc or doc.created_at.utcoffset() or doc.updated_at.utcoffset():
                 raise StoreCorrupt(path, f"document {doc.id!r} is not in the forms the API stores")
             if docs.setdefault(doc.id, doc) is not doc:
                 raise StoreCorrupt(path, f"two records have the id {doc.id!r}")
@@ -87,18 +98,33 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
             at = datetime.fromisoformat(record["created_at"])
             if now - at < IDEMPOTENCY_TTL:
                 fields = ("scope", "key", "fingerprint", "document_id")
-                key = (*(str(record[f]) for f in fields), millis(at))
-                if keys.setdefault(key[:2], key) is not key:  # type: ignore[arg-type]
-                    raise StoreCorrupt(path, f"two records have the idempotency key {key[1]!r}")
-    except ValidationError as exc:  # named by field: the message would repeat the value
-        first = exc.errors()[0]
-        field = ".".join(map(str, first["loc"]))
+                scope, name, printed, doc_id = (str(record[f]) for f in fields)
+                entry = (scope, name, LEGACY_PRINT + printed, doc_id, millis(at))
+                if keys.setdefault((scope, name), entry) is not entry:
+                    raise StoreCorrupt(path, f"two records have the idempotency key {name!r}")
+    except ValidationError as exc:
         raise StoreCorrupt(
-            path, f"not a database the previous version wrote: {field}: {first['msg']}"
+            path, f"not a database the previous version wrote: {_reason(exc)}"
         ) from None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
     return list(docs.values()), list(keys.values()), hashlib.sha256(raw).digest()
+
+
+def _reason(exc: ValueError) -> str:
+    """A validation error named by its field: its message would repeat the value."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    first = exc.errors()[0]
+    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+
+
+def same_body(stored: str, data: DocumentCreate) -> bool:
+    """Whether a fingerprint carried over from the previous version is that of `data` sent again
+    as it was (its metadata in the same order)."""
+    if not stored.startswith(LEGACY_PRINT):
+        return False
+    return stored == LEGACY_PRINT + hashlib.sha256(data.model_dump_json().encode()).hexdigest()
 
 
 def imported_already(path: Path, digest: bytes | None) -> bool:

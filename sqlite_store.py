@@ -30,6 +30,7 @@ from legacy import (
     mark_imported,
     previous_version_locked_out,
     read_legacy,
+    same_body,
 )
 from logging_config import Outage
 from models import (
@@ -500,7 +501,7 @@ class SQLiteStore:
                     (*scope, millis(now) - TTL_MS),
                 ).fetchone()
                 if known is not None:
-                    if known[0] != body_print:
+                    if known[0] != body_print and not same_body(known[0], data):
                         raise IdempotencyConflict(idempotency.key)
                     if known[1] is None:
                         reason = "for a document that has since been deleted"

@@ -1872,6 +1872,29 @@ async def test_the_previous_versions_file_is_imported_once_and_kept_aside(
     conn.close()
 
 
+async def test_a_key_carried_over_from_the_previous_version_replays_its_body_sent_again(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """That version's fingerprint hashed the metadata in the order sent: each identical retry
+    of a key it had answered got 409, and the client whose answer was lost never learned the
+    document's id. The fingerprint is the one that version computed for this body."""
+    sent = '{"title": "t", "content": "c", "metadata": {"n": 0, "f": 1.5, "a": true, "s": "x"}}'
+    data = DocumentCreate.model_validate_json(sent)
+    doc = imported(1, metadata=data.metadata)
+    printed = "9a8576bdd00e0be630a5f7b807d28db66c15ba1412114e0c162504668b6567cf"
+    key = {"scope": "alice", "key": "k", "fingerprint": printed, "document_id": doc.id}
+    _legacy(tmp_path, [doc], [{**key, "created_at": clock.now.isoformat()}])
+    store = SQLiteStore.open(tmp_path, clock=clock)
+    try:
+        again = IdempotencyKey("alice", "k")
+        assert await store.create(data, idempotency=again) == (doc, True)
+        other = data.model_copy(update={"title": "other"})
+        with pytest.raises(IdempotencyConflict):
+            await store.create(other, idempotency=again)
+    finally:
+        await store.close()
+
+
 def test_a_journal_left_by_a_killed_previous_version_is_refused(tmp_path: Path) -> None:
     _legacy(tmp_path, [imported(1)], [])
     (tmp_path / LEGACY_JOURNAL).write_bytes(b'0badc0de {"table": "documents"}\n')
@@ -1982,6 +2005,7 @@ def test_a_previous_file_with_a_time_past_the_calendar_in_utc_is_refused(tmp_pat
         dict.fromkeys(["created_at", "updated_at"], "2025-01-01T05:00:00.123456+05:00"),
         dict.fromkeys(["created_at", "updated_at"], "2025-01-01T05:00:00.123+05:00"),
         {"metadata": {"n": -(2**63) - 1}},
+        {"metadata": {"ratio": 1e20}},
     ],
     ids=[
         "a tag not in its stored form",
@@ -1991,6 +2015,7 @@ def test_a_previous_file_with_a_time_past_the_calendar_in_utc_is_refused(tmp_pat
         "a time not in UTC milliseconds",
         "a time not in UTC",
         "a number just past 64 bits",
+        "a float past 64 bits (the previous version took any)",
     ],
 )
 def test_a_previous_file_with_a_document_the_api_would_not_store_is_refused(
@@ -2000,7 +2025,8 @@ def test_a_previous_file_with_a_document_the_api_would_not_store_is_refused(
     changed to a float), and what `export` wrote of it `import` refused."""
     record = {**imported(1).model_dump(mode="json"), **change}
     (tmp_path / LEGACY_FILE).write_text(json.dumps({"documents": {"1": record}}))  # any number
-    _refused(tmp_path, LEGACY_FILE)
+    refused = str(_refused(tmp_path, LEGACY_FILE))
+    assert record["id"] in refused
     assert not (tmp_path / DATABASE_FILE).exists()
 
 
