@@ -28,6 +28,9 @@ HEADER = b"SQLite format 3\x00"
 # keeps its own until its first start (see adopt_backup).
 APPLICATION_ID = 1146048340
 BACKUP_ID = APPLICATION_ID + 1
+# How many generations of the WAL the -shm file may be behind (it is never synced, and the
+# kernel writes it back within seconds): a generation ends once every frame is copied.
+GENERATIONS_BEHIND = 1 << 16
 WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header (wal.c)
 
 
@@ -285,13 +288,14 @@ def check_wal_kept(path: Path) -> None:
 
 def _later_generation(wal: Path, salts: bytes) -> bool:
     """Whether the WAL's header is of a later generation than `salts`: SQLite begins one, once
-    every frame is copied into the database, with the first salt one more than the last."""
+    every frame is copied into the database, with the first salt one more than the last (a
+    random one, another database's, is this close once in tens of thousands)."""
     try:
         header, _ = _head(wal, 32)
     except OSError:  # missing
         return False
     ahead = (int.from_bytes(header[16:20]) - int.from_bytes(salts[:4])) % (1 << 32)
-    return _wal_header_whole(header) and 0 < ahead < 1 << 31
+    return _wal_header_whole(header) and 0 < ahead <= GENERATIONS_BEHIND
 
 
 def _frames_of(wal: Path, salts: bytes | None, page_size: int, most: int) -> int:
