@@ -863,10 +863,13 @@ def page_sql(
     keys: bool = False,
     millisecond: int | None = None,
 ) -> tuple[str, list[Any]]:
-    """One statement per listing, driven by an index that walks keys in creation order: the
-    FTS5 words for `q`, else the first tag's or metadata filter's rows, else the documents'.
-    By creation time only: with `keys`, the keys of every match after `after`; with
-    `millisecond`, that millisecond's matches in id order."""
+    """One statement per listing, driven by an index that walks the page in its order: by
+    creation time, one of keys (the FTS5 words for `q`, else the first tag's or metadata
+    filter's rows, else the documents'); by update time, the one on (updated, id), each entry
+    tested against the filters, so a walk reads each entry once, where sorting every match
+    for every page had read each match's row (quadratic in the matches). By creation time
+    only: with `keys`, the keys of every match after `after`; with `millisecond`, that
+    millisecond's matches in id order."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
@@ -889,11 +892,14 @@ def page_sql(
             matches = "SELECT rowid FROM words WHERE words MATCH ? AND rowid >= ? AND rowid < ?"
             where.append(f"+d.n IN ({matches})")
             params += [match, millisecond * SLOTS, (millisecond + 1) * SLOTS]
+    elif query.words and not by_created:  # the matches' keys, found once (+: none looked up)
+        where.append("+d.n IN (SELECT rowid FROM words WHERE words MATCH ?)")
+        params.append(match)
     elif query.words:
         source, key = "words w CROSS JOIN documents d ON d.n = w.rowid", "w.rowid"
         where.append("w.words MATCH ?")
         params.append(match)
-    elif filters and (query.tag or by_created):
+    elif filters and by_created:
         table, condition, values = filters.pop(0)
         source, key = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t.n"
         where.append(condition)
