@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -73,7 +74,7 @@ def check_file(path: Path) -> bytes | None:
         raise StoreCorrupt(
             path,
             "not a WAL, or its header is damaged: SQLite would drop every write it holds; "
-            "restore a backup, or move it aside to start without them",
+            f"restore a backup, or move it and {DATABASE_FILE}-shm aside to start without them",
         )
     if path.name != DATABASE_FILE:  # SQLite checks the rest of the WAL and shared memory
         return head
@@ -134,29 +135,46 @@ def _past_header(fd: int) -> bool:
 
 
 def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
-    """Whether the committed frames of the database's WAL hold every page in `lost`: those of
-    its current generation (the salts of its header), up to its last commit, which recovery
-    replays. A page count no WAL frame could back is never walked."""
+    """Whether the committed frames of the database's WAL hold every page in `lost`: those
+    SQLite replays at recovery. A page count no WAL frame could back is never walked."""
     pages: set[int] = set()
+    since_commit: list[int] = []
+    for number, size, _, _ in _frames(path.with_name(DATABASE_FILE + "-wal"), page_size):
+        since_commit.append(number)
+        if size:  # a commit
+            pages.update(since_commit)
+            since_commit.clear()
+    return all(page in pages for page in lost)  # stops at the first page missing
+
+
+def _frames(
+    wal: Path, page_size: int = 0, salts: bytes | None = None
+) -> Iterator[tuple[int, int, int, bytes]]:
+    """The frames SQLite would read of a WAL (wal.c), from its start: each frame's page number,
+    the database's size in pages after it if it ends a commit (else 0), its offset and its page;
+    while each carries `salts` (None: the header's) and its checksum chains on (an older copy
+    holds the previous generation's after its first ones; SQLite replays none after one that
+    fails). None for a missing WAL or a header that fails its checks, or of another `page_size`
+    (0: any)."""
     try:
-        fd, _ = _open_regular(path.with_name(DATABASE_FILE + "-wal"))
+        fd, _ = _open_regular(wal)
     except OSError:  # missing, or refused by its own check
-        return False
+        return
     try:
         header = os.pread(fd, 32, 0)
-        if not _wal_header_whole(header) or int.from_bytes(header[8:12]) != page_size:
-            return False  # SQLite replays none of it
-        since_commit: list[int] = []
-        offset = 32
-        while len(frame := os.pread(fd, 24, offset)) == 24 and frame[8:16] == header[16:24]:
-            since_commit.append(int.from_bytes(frame[:4]))
-            if int.from_bytes(frame[4:8]):  # a commit: the database's size after it
-                pages.update(since_commit)
-                since_commit.clear()
-            offset += 24 + page_size
+        salts = header[16:24] if salts is None else salts
+        size = int.from_bytes(header[8:12])
+        if not _wal_header_whole(header) or header[16:24] != salts or page_size not in (0, size):
+            return
+        magic, summed, offset = int.from_bytes(header[:4]), header[24:], 32
+        while len(frame := os.pread(fd, 24 + size, offset)) == 24 + size:
+            summed = _checksum(frame[:8] + frame[24:], magic, summed)
+            if frame[8:16] != salts or frame[16:24] != summed:
+                return
+            yield int.from_bytes(frame[:4]), int.from_bytes(frame[4:8]), offset, frame[24:]
+            offset += 24 + size
     finally:
         os.close(fd)
-    return all(page in pages for page in lost)  # stops at the first page missing
 
 
 # The unix VFS's locks (os_unix.c): every connection holds a read lock on byte 128 of the
@@ -255,18 +273,19 @@ def check_wal_kept(path: Path) -> None:
     writes over it. A WAL whose frames were all copied into the database may be gone, not
     another; a later generation of it (begun once all were copied) may have taken its place
     since the index was last written back, which a power loss leaves behind. Refuse a WAL
-    holding frames beside no shared-memory file, which SQLite never leaves (it removes the WAL
-    first): another database's would be replayed over this one. Not while a process has the
-    database open (check_sharers judges that)."""
+    beside no shared-memory file whose commits hold pages the database does not: SQLite leaves
+    a WAL alone only when killed between removing the -shm and the WAL, each page copied; and
+    another database's would be replayed over this one. Not while a process has the database
+    open (check_sharers judges that)."""
     wal, shm = (path.with_name(DATABASE_FILE + name) for name in ("-wal", "-shm"))
     if not os.path.lexists(shm):
-        if os.path.lexists(wal) and _frames_of(wal, None, 0, 1):
+        if not _copied(path, wal):
             raise StoreCorrupt(
                 wal,
-                f"beside no {DATABASE_FILE}-shm, which SQLite never leaves: if another "
-                "database's, SQLite would replay it over this one, so move it aside; if this "
-                f"database's own (its -shm was removed), create an empty {DATABASE_FILE}-shm "
-                "beside it, then start",
+                f"beside no {DATABASE_FILE}-shm, holding pages the database does not: if "
+                "another database's, SQLite would replay it over this one, so move it aside; "
+                f"if this database's own (its -shm was removed), create an empty "
+                f"{DATABASE_FILE}-shm beside it, then start",
             )
         return
     if in_use(shm) or (index := _index(shm)) is None:
@@ -298,32 +317,40 @@ def _later_generation(wal: Path, salts: bytes) -> bool:
     return _wal_header_whole(header) and 0 < ahead <= GENERATIONS_BEHIND
 
 
-def _frames_of(wal: Path, salts: bytes | None, page_size: int, most: int) -> int:
-    """How many frames from the WAL's start (up to `most`) carry `salts` (None: its header's),
-    as those of its current generation do (an older copy holds the previous generation's after
-    its first ones), and their checksums, as SQLite reads them (it replays none after one that
-    fails); of `page_size` (0: its header's)."""
+def _frames_of(wal: Path, salts: bytes, page_size: int, most: int) -> int:
+    """How many frames from the WAL's start (up to `most`) SQLite reads as of its generation
+    of `salts`."""
+    return sum(1 for _ in itertools.islice(_frames(wal, page_size, salts), most))
+
+
+def _copied(path: Path, wal: Path) -> bool:
+    """Whether the database holds every page of the WAL's commits as the last of them left it:
+    a checkpoint copied them all, so SQLite replaying the WAL changes nothing."""
+    latest: dict[int, int] = {}  # page number: the offset of its last committed frame
+    pending: dict[int, int] = {}
+    pages = 0  # the database's size after the last commit
+    for number, size, offset, _ in _frames(wal):
+        pending[number] = offset
+        if size:
+            latest.update(pending)
+            pending.clear()
+            pages = size
     try:
-        fd, _ = _open_regular(wal)
-    except OSError:  # missing
-        return 0
+        wal_fd, _ = _open_regular(wal)
+        db_fd, _ = _open_regular(path)
+    except OSError:
+        return not latest
     try:
-        count, offset = 0, 32
-        header = os.pread(fd, 32, 0)
-        summed = header[24:]
-        salts = header[16:24] if salts is None else salts
-        page_size = page_size or int.from_bytes(header[8:12])
-        if header[16:24] != salts or not _wal_header_whole(header):
-            return count
-        magic = int.from_bytes(header[:4])
-        while count < most and len(frame := os.pread(fd, 24 + page_size, offset)) == 24 + page_size:
-            summed = _checksum(frame[:8] + frame[24:], magic, summed)
-            if frame[8:16] != salts or frame[16:24] != summed:
-                break
-            count, offset = count + 1, offset + 24 + page_size
-        return count
+        page_size = int.from_bytes(os.pread(wal_fd, 4, 8))
+        return all(
+            os.pread(wal_fd, page_size, offset + 24)
+            == os.pread(db_fd, page_size, (number - 1) * page_size)
+            for number, offset in latest.items()
+            if number <= pages
+        )
     finally:
-        os.close(fd)
+        os.close(wal_fd)
+        os.close(db_fd)
 
 
 def remove_made(path: Path, made: list[str]) -> None:

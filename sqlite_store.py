@@ -240,7 +240,8 @@ class SQLiteStore:
                     raise StoreCorrupt(
                         wal,
                         f"its database, {DATABASE_FILE}, is missing: put it back or restore a "
-                        "backup, or move this file aside to start a new, empty database",
+                        f"backup, or move this file and {DATABASE_FILE}-shm aside to start a "
+                        "new, empty database",
                     )
                 if owner(head) == BACKUP_ID:  # checked alone: the WAL beside it is not its own
                     store._check_as_found(migrate, backup=True)

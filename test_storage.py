@@ -1326,6 +1326,16 @@ def test_a_wal_whose_header_is_damaged_is_refused_untouched(
     assert wal.stat().st_size > 32
     wal.write_bytes(damage(wal.read_bytes()))
     assert "header is damaged" in str(_refused(tmp_path, wal.name))
+    _follow_the_advice_to_set_aside(tmp_path)
+
+
+def _follow_the_advice_to_set_aside(data_dir: Path) -> None:
+    """Move the WAL and the -shm file aside, as the refusal says: the next start opens (the
+    WAL alone had been refused again, as missing the frames the -shm counts)."""
+    for name in ("-wal", "-shm"):
+        path = data_dir / f"{DATABASE_FILE}{name}"
+        path.rename(path.with_name(f"{path.name}.aside"))
+    SQLiteStore.open(data_dir).close_sync()
 
 
 async def test_a_backup_named_as_the_databases_own_files_is_refused_and_so_is_a_journal(
@@ -1461,22 +1471,27 @@ def test_a_kill_leaves_every_write_and_no_refusal(tmp_path: Path, how: str, then
     assert _written(tmp_path) == (32 if how == "restarted" else 20)
 
 
-@pytest.mark.parametrize("whose", ["another database's", "its own"])
+@pytest.mark.parametrize("whose", ["another database's", "its own", "its own, copied"])
 def test_a_wal_beside_no_shared_memory_file_is_refused_untouched(
     tmp_path: Path, whose: str
 ) -> None:
-    """SQLite removes a WAL before its -shm file and leaves both after a kill: a WAL alone was
-    put there. Another database's, beside one stopped cleanly, was replayed over it: its
-    documents replaced by the other's, with readiness 200. Its own, its -shm removed, starts
+    """SQLite leaves a WAL without its -shm file only when a stop is killed between removing
+    the -shm and the WAL, every page copied into the database: that one starts. Another
+    database's, beside one stopped cleanly, was replayed over it: its documents replaced by the
+    other's, with readiness 200. Its own with writes not yet copied, its -shm removed, starts
     once an empty -shm file is put beside it, as the refusal says."""
-    if whose == "its own":
-        wal = _killed_writing(tmp_path)
+    if whose.startswith("its own"):
+        wal = _killed_writing(tmp_path, "checkpointed" if whose.endswith("copied") else "plain")
         (tmp_path / f"{DATABASE_FILE}-shm").unlink()
     else:
         SQLiteStore.open(tmp_path).close_sync()
         wal = _killed_writing(tmp_path / "other").replace(tmp_path / f"{DATABASE_FILE}-wal")
         shutil.rmtree(tmp_path / "other")
     (tmp_path / f"{DATABASE_FILE}-shm.earlier").unlink(missing_ok=True)
+    if whose == "its own, copied":
+        SQLiteStore.open(tmp_path).close_sync()
+        assert _written(tmp_path) == 20
+        return
     assert "beside no documents.db-shm" in str(_refused(tmp_path, wal.name))
     if whose == "its own":
         (tmp_path / f"{DATABASE_FILE}-shm").touch()
@@ -1509,6 +1524,7 @@ def test_a_wal_whose_database_is_missing_is_refused_untouched(tmp_path: Path) ->
     _beside_a_wal_of(tmp_path / DATABASE_FILE, "INSERT INTO meta VALUES ('written', 1)")
     (tmp_path / DATABASE_FILE).unlink()
     assert "is missing" in str(_refused(tmp_path, f"{DATABASE_FILE}-wal"))
+    _follow_the_advice_to_set_aside(tmp_path)
 
 
 @pytest.mark.parametrize(
