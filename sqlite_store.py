@@ -906,28 +906,44 @@ def page_sql(
         where.append(condition)
         params += values
         merged = len(values) > 2  # a metadata key and a value of several stored forms
-    for table, condition, values in filters:
-        where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = d.n)")  # noqa: S608
+    for table, condition, values in filters:  # tested on the key, before its row is read
+        where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = {key})")  # noqa: S608
         params += values
+    # One bound a side for each index (SQLite seeks on the first of two, and a range's end
+    # before the cursor had each page walk from there again): a range's, or the cursor's.
     # A key's millisecond is its creation's: a creation time bounds the key itself, exactly.
+    created = [
+        None if at is None else millis(at) * SLOTS
+        for at in (query.created_after, query.created_before)
+    ]
+    updated = [
+        None if at is None else millis(at) for at in (query.updated_after, query.updated_before)
+    ]
+    side = int(query.descending)  # the bound the cursor moves: the lower one walking up
+    if after is not None and millisecond is None and by_created:
+        cursor, bound = (after[0] + side) * SLOTS, created[side]
+        created[side] = cursor if bound is None else (max, min)[side](bound, cursor)
+    elif after is not None and millisecond is None:
+        bound = updated[side]
+        if bound is not None and (after[0] < bound if side else after[0] >= bound):
+            updated[side] = None  # the cursor's (time, id) is past it
     # SQLite before 3.42 skips matches when FTS5 walks its rowids downward from an upper bound:
     # there the words' index walks down from the newest, and the bound (out of the index's
     # reach behind a unary +) only filters, reading every newer match again for each page.
     downward = query.words and by_created and query.descending
     below = f"+{key}" if downward and FTS5_SEEKS_DOWN_WRONG else key
-    # By creation time the keys' index walks the page. An update range of both ends would lead
-    # SQLite to the (updated, id) index instead, and to sort every match with its body.
-    updated = "+d.updated" if by_created and key == "d.n" else "d.updated"
-    ranges = [(updated, updated, 1, query.updated_after, query.updated_before)]
-    if millisecond is None:  # else its millisecond is one of the range's
-        ranges.append((key, below, SLOTS, query.created_after, query.created_before))
-    for low, high, scale, start, end in ranges:
+    # Each sort's own index walks the page: the other time only filters, out of reach behind
+    # a unary + (SQLite had taken the other index and sorted every match).
+    low_key, high_key = (key, below) if by_created else (f"+{key}", f"+{key}")
+    time = "+d.updated" if by_created else "d.updated"
+    bounds = [(low_key, high_key, created), (time, time, updated)]
+    for low, high, (start, end) in bounds if millisecond is None else bounds[1:]:
         if start is not None:
             where.append(f"{low} >= ?")
-            params.append(millis(start) * scale)
+            params.append(start)
         if end is not None:
             where.append(f"{high} < ?")
-            params.append(millis(end) * scale)
+            params.append(end)
     op = "<" if query.descending else ">"
     if after is not None and after[0] == millisecond:  # where the index walk starts
         where.append(f"d.id {op} ?")
@@ -935,9 +951,6 @@ def page_sql(
     elif after is not None and millisecond is None:  # else its millisecond follows the cursor
         where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
         params += list(after)
-        if by_created:  # where the walk of the key's index starts
-            where.append(f"{below} < ?" if query.descending else f"{key} >= ?")
-            params.append((after[0] + query.descending) * SLOTS)
     direction = " DESC" if query.descending else ""
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
     # Only fixed fragments are joined here; every value is a parameter.
@@ -950,12 +963,9 @@ def page_sql(
     else:
         order = f"d.updated{direction}, d.id{direction}"
     # An index walks the page in its order: the keys' own (by creation time), the one on
-    # (created, id) (a millisecond's), or the one on (updated, id), which a creation range may
-    # lead SQLite to leave for the keys'. Else SQLite sorts the matches, which with their bodies
-    # would read every one: the keys alone then.
-    created_range = query.created_after is not None or query.created_before is not None
-    in_order = not merged if by_created else key == "d.n" and not created_range
-    if millisecond is not None or in_order:
+    # (created, id) (a millisecond's), or the one on (updated, id). Else SQLite sorts the
+    # matches, which with their bodies would read every one: the keys alone then.
+    if millisecond is not None or not (merged and by_created):
         return f"SELECT {key}, d.body {found} ORDER BY {order} LIMIT {int(limit)}", params
     return _bodies_of(f"SELECT {key} AS k {found} ORDER BY {order}", limit), params
 

@@ -50,6 +50,7 @@ from storage import (
     IdempotencyConflict,
     IdempotencyKey,
     IdGenerator,
+    Key,
     PreconditionFailed,
     StoreCorrupt,
     StoreUnavailable,
@@ -997,6 +998,52 @@ async def test_pages_by_update_time_of_many_matches_read_about_what_they_send(
             items, after = await store.page(query, limit=10, after=after)
             assert [doc.id for doc in items] == order[page * 10 : page * 10 + 10]
         assert _bytes_read() - read < 1 << 20  # 5 pages of 10 documents of 3.5 KB: 175 KB
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"created_before": "2027-01-01T00:00:00Z"},
+        {"sort": "created_at", "created_after": "2025-01-01T00:00:00Z"},
+        {
+            "sort": "-updated_at",
+            "created_after": "2025-01-01T00:00:00Z",
+            "created_before": "2027-01-01T00:00:00Z",
+        },
+    ],
+    ids=["newest first before a time", "oldest first after a time", "by update time in a range"],
+)
+async def test_a_page_deep_in_a_time_range_reads_about_what_it_sends(
+    tmp_path: Path, params: dict[str, Any]
+) -> None:
+    """2 000 documents of 3.5 KB, three pages of 10 from the 1 000th on: a creation range and
+    the cursor bounded the key twice, and SQLite walked from the range's end, reading every row
+    before the cursor again for each page; by update time, SQLite took the keys' range and
+    sorted all of it for each page (a walk the square of the range, 29-55 GB at 100 000)."""
+    store = SQLiteStore.open(tmp_path)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    docs = [
+        imported(
+            n,
+            "word",
+            "c" * 3_500,
+            created_at=at + timedelta(milliseconds=n),
+            updated_at=at + timedelta(days=1, milliseconds=n * 7_919 % 2_000),
+        )
+        for n in range(2_000)
+    ]
+    try:
+        assert all(await asyncio.gather(*map(store.import_document, docs)))
+        query = DocumentQuery.model_validate(params)
+        order = sorted(docs, key=query.position, reverse=query.descending)
+        after: Key | None = query.position(order[999])
+        read = _bytes_read()
+        for page in range(3):
+            items, after = await store.page(query, limit=10, after=after)
+            assert items == order[1_000 + page * 10 : 1_010 + page * 10]
+        assert _bytes_read() - read < 1 << 20  # 3 pages of 10 documents of 3.5 KB: 105 KB
     finally:
         await store.close()
 
