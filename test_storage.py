@@ -966,16 +966,9 @@ async def test_a_page_inside_a_crowded_millisecond_reads_the_rows_it_sends(
         await store.close()
 
 
-@pytest.mark.parametrize("params", [{"tag": ["t"]}, {"q": "word"}])
-@pytest.mark.parametrize("sort", ["updated_at", "-updated_at"])
-async def test_pages_by_update_time_of_many_matches_read_about_what_they_send(
-    tmp_path: Path, params: dict[str, Any], sort: str
-) -> None:
-    """2 000 documents of 3.5 KB with a tag and a word, changed in another order than created:
-    five pages of 10 by update time read about their own rows (0.3 MB). Each page had sorted every
-    match, reading its row: 13 MB a page, a walk the square of the matches (13.7 GB for 30 000
-    documents of 1 KB)."""
-    store = SQLiteStore.open(tmp_path)
+async def _rows_of_a_page_each(store: SQLiteStore) -> list[Document]:
+    """2 000 documents of 3.5 KB (each row fills a page of the table, so a row read is a page
+    read), with a tag and a word, created a millisecond apart and changed in another order."""
     at = datetime(2026, 1, 1, tzinfo=UTC)
     docs = [
         imported(
@@ -988,8 +981,22 @@ async def test_pages_by_update_time_of_many_matches_read_about_what_they_send(
         )
         for n in range(2_000)
     ]
+    assert all(await asyncio.gather(*map(store.import_document, docs)))
+    return docs
+
+
+@pytest.mark.parametrize("params", [{"tag": ["t"]}, {"q": "word"}])
+@pytest.mark.parametrize("sort", ["updated_at", "-updated_at"])
+async def test_pages_by_update_time_of_many_matches_read_about_what_they_send(
+    tmp_path: Path, params: dict[str, Any], sort: str
+) -> None:
+    """2 000 documents of 3.5 KB with a tag and a word, changed in another order than created:
+    five pages of 10 by update time read about their own rows (0.3 MB). Each page had sorted every
+    match, reading its row: 13 MB a page, a walk the square of the matches (13.7 GB for 30 000
+    documents of 1 KB)."""
+    store = SQLiteStore.open(tmp_path)
     try:
-        assert all(await asyncio.gather(*map(store.import_document, docs)))
+        docs = await _rows_of_a_page_each(store)
         order = [d.id for d in sorted(docs, key=lambda d: (d.updated_at, d.id))]
         order = order if sort == "updated_at" else order[::-1]
         query = DocumentQuery.model_validate({**params, "sort": sort})
@@ -1023,19 +1030,8 @@ async def test_a_page_deep_in_a_time_range_reads_about_what_it_sends(
     before the cursor again for each page; by update time, SQLite took the keys' range and
     sorted all of it for each page (a walk the square of the range, 29-55 GB at 100 000)."""
     store = SQLiteStore.open(tmp_path)
-    at = datetime(2026, 1, 1, tzinfo=UTC)
-    docs = [
-        imported(
-            n,
-            "word",
-            "c" * 3_500,
-            created_at=at + timedelta(milliseconds=n),
-            updated_at=at + timedelta(days=1, milliseconds=n * 7_919 % 2_000),
-        )
-        for n in range(2_000)
-    ]
     try:
-        assert all(await asyncio.gather(*map(store.import_document, docs)))
+        docs = await _rows_of_a_page_each(store)
         query = DocumentQuery.model_validate(params)
         order = sorted(docs, key=query.position, reverse=query.descending)
         after: Key | None = query.position(order[999])
