@@ -902,10 +902,13 @@ def page_sql(
         params.append(match)
     elif filters and by_created:
         table, condition, values = filters.pop(0)
-        source, key = f"{table} t CROSS JOIN documents d ON d.n = t.n", "t.n"
+        merged = len(values) > 2  # a metadata key and a value of several stored forms
+        # Merged, SQLite sorts the keys: with no row read for them (a document is read below
+        # only for what it alone holds), where a row had been read for each remaining match.
+        source = f"{table} t" if merged else f"{table} t CROSS JOIN documents d ON d.n = t.n"
+        key = "t.n"
         where.append(condition)
         params += values
-        merged = len(values) > 2  # a metadata key and a value of several stored forms
     for table, condition, values in filters:  # tested on the key, before its row is read
         where.append(f"EXISTS (SELECT 1 FROM {table} WHERE {condition} AND n = {key})")  # noqa: S608
         params += values
@@ -936,6 +939,8 @@ def page_sql(
     # a unary + (SQLite had taken the other index and sorted every match).
     low_key, high_key = (key, below) if by_created else (f"+{key}", f"+{key}")
     time = "+d.updated" if by_created else "d.updated"
+    if merged:
+        time = f"(SELECT updated FROM documents WHERE n = {key})"  # noqa: S608
     bounds = [(low_key, high_key, created), (time, time, updated)]
     for low, high, (start, end) in bounds if millisecond is None else bounds[1:]:
         if start is not None:
@@ -948,6 +953,11 @@ def page_sql(
     if after is not None and after[0] == millisecond:  # where the index walk starts
         where.append(f"d.id {op} ?")
         params.append(after[1])
+    elif after is not None and merged:  # the id read only in the cursor's millisecond
+        edge = "<" if query.descending else ">="
+        doc_id = f"(SELECT id FROM documents WHERE n = {key})"  # noqa: S608
+        where.append(f"({key} {edge} ? OR {doc_id} {op} ?)")
+        params += [(after[0] + 1 - query.descending) * SLOTS, after[1]]
     elif after is not None and millisecond is None:  # else its millisecond follows the cursor
         where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
         params += list(after)
