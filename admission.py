@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import hashlib
 import hmac
 import logging
 import math
@@ -47,7 +46,7 @@ from limits.aio.storage import Storage
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config import ApiKey
+from config import ApiKey, digest_key
 from metrics import Metrics
 from problems import (
     LIMITER_UNAVAILABLE,
@@ -304,7 +303,7 @@ class AdmissionMiddleware:
         presented = [v for k, v in headers if k == API_KEY_HEADER]
         # Two keys in one request match neither: a proxy in front may have read the other.
         # The bytes sent: a key of any characters matches as its UTF-8, which clients send.
-        digest = hashlib.sha256(presented[0]).digest() if len(presented) == 1 else b""
+        digest = digest_key(presented[0]) if len(presented) == 1 else b""
         match: ApiKey | None = None
         for key in self.keys:
             if hmac.compare_digest(digest, key.digest):

@@ -255,8 +255,9 @@ class ApiKey:
     read_only: bool = False
 
 
-def digest_key(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+def digest_key(key: str | bytes) -> bytes:
+    """A key's SHA-256, of its UTF-8 (what clients send) when given as text."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
 
 
 def _entries(spec: str) -> list[tuple[int, str, str]]:

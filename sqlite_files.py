@@ -137,14 +137,21 @@ def _past_header(fd: int) -> bool:
 def _wal_holds(path: Path, page_size: int, lost: range) -> bool:
     """Whether the committed frames of the database's WAL hold every page in `lost`: those
     SQLite replays at recovery. A page count no WAL frame could back is never walked."""
-    pages: set[int] = set()
-    since_commit: list[int] = []
-    for number, size, _, _ in _frames(path.with_name(DATABASE_FILE + "-wal"), page_size):
-        since_commit.append(number)
-        if size:  # a commit
-            pages.update(since_commit)
-            since_commit.clear()
+    wal = path.with_name(DATABASE_FILE + "-wal")
+    pages = {number for number, _, _ in _committed(wal, page_size)}
     return all(page in pages for page in lost)  # stops at the first page missing
+
+
+def _committed(wal: Path, page_size: int = 0) -> Iterator[tuple[int, int, int]]:
+    """The frames of the WAL's commits, which SQLite replays at recovery (it drops those after
+    the last commit): each one's page number, the database's size in pages after the commit
+    it ends (else 0), its offset."""
+    since_commit: list[tuple[int, int, int]] = []
+    for number, size, offset, _ in _frames(wal, page_size):
+        since_commit.append((number, size, offset))
+        if size:  # a commit
+            yield from since_commit
+            since_commit.clear()
 
 
 def _frames(
@@ -300,8 +307,7 @@ def check_wal_kept(path: Path) -> None:
             wal,
             "missing, or not holding the writes its index (the -shm file) counts: put the whole "
             "WAL back; or, to start with what the WAL holds, move the -shm file aside and put "
-            "an empty one in its place; or restore "
-            "a backup",
+            "an empty one in its place; or restore a backup",
         )
 
 
@@ -327,14 +333,10 @@ def _copied(path: Path, wal: Path) -> bool:
     """Whether the database holds every page of the WAL's commits as the last of them left it:
     a checkpoint copied them all, so SQLite replaying the WAL changes nothing."""
     latest: dict[int, int] = {}  # page number: the offset of its last committed frame
-    pending: dict[int, int] = {}
     pages = 0  # the database's size after the last commit
-    for number, size, offset, _ in _frames(wal):
-        pending[number] = offset
-        if size:
-            latest.update(pending)
-            pending.clear()
-            pages = size
+    for number, size, offset in _committed(wal):
+        latest[number] = offset
+        pages = size or pages
     try:
         wal_fd, _ = _open_regular(wal)
         db_fd, _ = _open_regular(path)

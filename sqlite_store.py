@@ -975,7 +975,7 @@ def page_sql(
     # An index walks the page in its order: the keys' own (by creation time), the one on
     # (created, id) (a millisecond's), or the one on (updated, id). Else SQLite sorts the
     # matches, which with their bodies would read every one: the keys alone then.
-    if millisecond is not None or not (merged and by_created):
+    if not merged:  # merged: only by creation time, never a millisecond's
         return f"SELECT {key}, d.body {found} ORDER BY {order} LIMIT {int(limit)}", params
     return _bodies_of(f"SELECT {key} AS k {found} ORDER BY {order}", limit), params
 
