@@ -606,7 +606,8 @@ def test_a_create_is_acknowledged_only_once_its_document_is_stored(
     and its document was 404; now 503."""
     proxy, url = proxied_mongo
     proxy.start()
-    with mongo_app_client(url, tmp_path) as client:
+    # Time for the driver's retry on a new connection, on a busy host too (500 ms fell short).
+    with mongo_app_client(url, tmp_path, mongo_timeout_ms=5_000) as client:
         lost = iter([True])
         proxy.fault = lambda m: (
             "drop reply" if _command(m) == "insert" and next(lost, False) else "deliver"
@@ -629,7 +630,7 @@ def test_a_keyed_create_whose_insert_answer_was_lost_is_the_original_not_a_repla
     `Idempotent-Replayed`, which only a retry gets."""
     proxy, url = proxied_mongo
     proxy.start()
-    with mongo_app_client(url, tmp_path) as client:
+    with mongo_app_client(url, tmp_path, mongo_timeout_ms=5_000) as client:  # as above
         lost = iter([lost_insert == "the key's record", lost_insert == "the document"])
         proxy.fault = lambda m: (
             "drop reply" if _command(m) == "insert" and next(lost, False) else "deliver"
