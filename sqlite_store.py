@@ -644,12 +644,23 @@ class SQLiteStore:
         self, query: DocumentQuery, *, limit: int, after: Key | None = None
     ) -> tuple[list[Document], Key | None]:
         rows: list[Any] = []
+        by_created = query.sort_field == "created_at"
         while not rows:  # found again if what a crowded page took was deleted meanwhile
-            sql, params = page_sql(query, limit + 1, after)
+            following = None
+            if after is not None and by_created:
+                # The rest of the cursor's millisecond first, in id order from the cursor (its
+                # keys, in the order written, would step past every row of it sent before).
+                sql, params = page_sql(query, limit + 1, after, millisecond=after[0])
+                rows, following = await self._read(
+                    sql, params, functools.partial(_page_rows, limit=limit)
+                )
+            if following is not None:  # the millisecond's rest fills the page
+                break
+            sql, params = page_sql(query, limit + 1, after)  # the page goes on past it
             rows, following = await self._read(
-                sql, params, functools.partial(_page_rows, limit=limit)
+                sql, params, functools.partial(_page_rows, limit=limit, rows=rows)
             )
-            if query.sort_field != "created_at" or not rows:
+            if not by_created or not rows:
                 break
             # By creation time, keys sort as times do, but those of one millisecond in the order
             # written: the page's are put in id order (a body begins with its id). A page that
@@ -676,8 +687,7 @@ class SQLiteStore:
         )
         if following is not None:
             return rows, following
-        end = (millisecond, "" if query.descending else "~")  # before or after every id
-        sql, params = page_sql(query, 1, end, keys=True)
+        sql, params = page_sql(query, 1, (millisecond, ""), keys=True)  # past that millisecond
         row = await self._read(sql, params, sqlite3.Cursor.fetchone)
         return rows, None if row is None else row[0]
 
@@ -869,8 +879,9 @@ def page_sql(
     filter's rows, else the documents'); by update time, the one on (updated, id), each entry
     tested against the filters, so a walk reads each entry once, where sorting every match
     for every page had read each match's row (quadratic in the matches). By creation time
-    only: with `keys`, the keys of every match after `after`; with `millisecond`, that
-    millisecond's matches in id order."""
+    only: `after` starts past its millisecond (page() reads the rest of it first); with `keys`,
+    the keys of every match after it; with `millisecond`, that millisecond's matches in id
+    order, after `after` if it is of that millisecond."""
     by_created = query.sort_field == "created_at"
     # Each tag and metadata filter: its table and the condition its rows meet.
     filters = [("tags", "tag = ?", [tag]) for tag in query.tag] + [
@@ -923,8 +934,8 @@ def page_sql(
         None if at is None else millis(at) for at in (query.updated_after, query.updated_before)
     ]
     side = int(query.descending)  # the bound the cursor moves: the lower one walking up
-    if after is not None and millisecond is None and by_created:
-        cursor, bound = (after[0] + side) * SLOTS, created[side]
+    if after is not None and millisecond is None and by_created:  # past the cursor's millisecond
+        cursor, bound = (after[0] + 1 - side) * SLOTS, created[side]
         created[side] = cursor if bound is None else (max, min)[side](bound, cursor)
     elif after is not None and millisecond is None:
         bound = updated[side]
@@ -953,13 +964,8 @@ def page_sql(
     if after is not None and after[0] == millisecond:  # where the index walk starts
         where.append(f"d.id {op} ?")
         params.append(after[1])
-    elif after is not None and merged:  # the id read only in the cursor's millisecond
-        edge = "<" if query.descending else ">="
-        doc_id = f"(SELECT id FROM documents WHERE n = {key})"  # noqa: S608
-        where.append(f"({key} {edge} ? OR {doc_id} {op} ?)")
-        params += [(after[0] + 1 - query.descending) * SLOTS, after[1]]
-    elif after is not None and millisecond is None:  # else its millisecond follows the cursor
-        where.append(f"(d.{'created' if by_created else 'updated'}, d.id) {op} (?, ?)")
+    elif after is not None and not by_created:
+        where.append(f"(d.updated, d.id) {op} (?, ?)")
         params += list(after)
     direction = " DESC" if query.descending else ""
     found = f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")

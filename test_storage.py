@@ -37,6 +37,7 @@ from models import (
     as_stored,
     check_stored,
     document_words,
+    millis,
     words,
 )
 from mongo_store import MongoStore
@@ -797,7 +798,8 @@ LISTINGS: list[dict[str, Any]] = [
 
 
 # By creation time, a page ending inside a millisecond also looks for what follows it (keys)
-# and for that millisecond's matches in id order.
+# and for that millisecond's matches in id order, as a page after a cursor does for the rest of
+# the cursor's millisecond (here millisecond 1, from id "A").
 BY_CREATION = [p for p in LISTINGS if DocumentQuery.model_validate(p).sort_field == "created_at"]
 STATEMENTS: list[tuple[dict[str, Any], dict[str, Any]]] = [(p, {}) for p in LISTINGS] + [
     (p, variant) for p in BY_CREATION for variant in ({"keys": True}, {"millisecond": 1})
@@ -940,15 +942,17 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
         await store.close()
 
 
+@pytest.mark.parametrize("sent", [0, 970])
 @pytest.mark.parametrize(
     "params", [{}, {"sort": "created_at"}, {"tag": ["t"], "metadata.k": "1"}, {"q": "crowd"}]
 )
 async def test_a_page_inside_a_crowded_millisecond_reads_the_rows_it_sends(
-    tmp_path: Path, params: dict[str, Any]
+    tmp_path: Path, params: dict[str, Any], sent: int
 ) -> None:
     """An import of 1 000 documents of 3 500 characters stamped with one millisecond, in random
-    id order: a page of 10 in id order reads about its own rows, not each row of the
-    millisecond (4 MB a page, 400 MB a walk)."""
+    id order: a page of 10 in id order reads about its own rows, at the start of the millisecond
+    or with most of it sent, not each row of the millisecond (4 MB a page, 400 MB a walk), nor
+    each row sent before it (1-4 MB a page near the end, a walk of 16 384 read 300 MB)."""
     store = SQLiteStore.open(tmp_path)
     at = datetime(2026, 1, 1, tzinfo=UTC)
     crowd = body("crowd", ["t"], content="c" * 3_500, metadata={"k": 1})
@@ -957,10 +961,11 @@ async def test_a_page_inside_a_crowded_millisecond_reads_the_rows_it_sends(
         assert all(await asyncio.gather(*map(store.import_document, random.sample(docs, 1_000))))
         query = DocumentQuery.model_validate(params)
         order = sorted(doc.id for doc in docs)[:: 1 if params.get("sort") else -1]
-        read, after = _bytes_read(), None
+        read, after = _bytes_read(), None if sent == 0 else (millis(at), order[sent - 1])
         for page in range(3):
             items, after = await store.page(query, limit=10, after=after)
-            assert [doc.id for doc in items] == order[page * 10 : page * 10 + 10]
+            assert [doc.id for doc in items] == order[sent + page * 10 : sent + page * 10 + 10]
+        assert after is None if sent else after is not None
         assert _bytes_read() - read < 3 * 40 * 4_096  # 3 pages of 10 documents of 4 KB
     finally:
         await store.close()
