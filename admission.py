@@ -67,6 +67,9 @@ log = logging.getLogger("documents.admission")
 # every few seconds stays well within.
 PROBES = frozenset({"/health", "/health/ready"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+# Methods that change nothing (RFC 9110, 9.2.1): a read-only key sending OPTIONS or TRACE gets
+# what any key gets (405 and the methods allowed), not a 403 saying it may not write.
+SAFE_METHODS = READ_METHODS | {"OPTIONS", "TRACE"}
 # A unit of store read time. A get or a page of 50 reads in about 1 ms: ten times that keeps them
 # at one unit on a slower or busy machine (the time is measured around the await, so it includes
 # waiting for a thread), while a read a hundred times costlier spends a hundred units.
@@ -355,7 +358,7 @@ def route_path(scope: Scope) -> str:
 
 
 def _writes(scope: Scope) -> bool:
-    return scope["method"] not in READ_METHODS
+    return scope["method"] not in SAFE_METHODS
 
 
 def _malformed(scope: Scope) -> str:

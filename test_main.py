@@ -1203,6 +1203,13 @@ def test_a_read_only_key_reads_and_every_write_gets_403(
         ]
         for response in writes:
             assert_problem(response, 403)
+        # A method that writes nothing is no write: answered as for any key.
+        for method in ("OPTIONS", "TRACE"):
+            path = f"/v1/documents/{doc['id']}"
+            mine = client.request(method, path, headers=reader)
+            assert_problem(mine, 405)
+            writer = client.request(method, path, headers={"X-API-Key": KEY})
+            assert mine.headers["allow"] == writer.headers["allow"]
         listed = client.get("/v1/documents", headers=reader).json()["items"]
         assert listed == [doc]
 
