@@ -223,6 +223,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
+        self._head_request = False  # the request being read is a HEAD
         self._fault: bytes | None = None  # the refusal on_headers_complete chose
         # The current request's body: its pieces, their bytes, and the bytes read while it came.
         self._pieces = self._body_bytes = self._body_wire = 0
@@ -311,9 +312,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed = 0
         self._pieces = self._body_bytes = self._body_wire = 0
         self._trailing = False
+        self._head_request = False
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
+        self._head_request = self.parser.get_method() == b"HEAD"  # parsed before the URL
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -445,6 +448,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
+        if self._head_request and response:  # an answer to HEAD has no content (RFC 9110)
+            response = response[: response.index(b"\r\n\r\n") + 4]
         if not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()

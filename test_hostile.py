@@ -138,6 +138,24 @@ def test_a_head_over_the_limits_gets_431_without_a_key(server: Service, head: by
     assert Problem.model_validate_json(response.split(b"\r\n\r\n", 1)[1]).status == 431
 
 
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize(
+    "rest",
+    [b"Host: x\r\nContent-Length: abc\r\n\r\n", _many(MAX_HEADERS + 1, 1) + b"\r\n"],
+    ids=["a malformed header", "too many headers"],
+)
+def test_a_request_the_server_refuses_is_answered_without_content_when_it_is_a_head(
+    server: Service, method: bytes, rest: bytes
+) -> None:
+    """An answer to HEAD has no content (RFC 9110): a client reads what follows as the next
+    answer's start. The server's own refusals of a HEAD had sent their problem document."""
+    response = exchange(server, method + b" /v1/documents HTTP/1.1\r\n" + rest)
+    head, _, content = response.partition(b"\r\n\r\n")
+    assert status_of(response) in (400, 431)
+    assert b"application/problem+json" in head
+    assert (content == b"") == (method == b"HEAD")
+
+
 def test_an_endless_head_is_cut_off_while_memory_stays_flat(server: Service) -> None:
     before = server.rss_kb()
 
