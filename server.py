@@ -223,7 +223,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
-        self._head_request = False  # the request being read is a HEAD
+        # The method of the request read last, until the one being read has come to its target.
+        self._method_before: bytes | None = b""
         self._fault: bytes | None = None  # the refusal on_headers_complete chose
         # The current request's body: its pieces, their bytes, and the bytes read while it came.
         self._pieces = self._body_bytes = self._body_wire = 0
@@ -312,11 +313,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed = 0
         self._pieces = self._body_bytes = self._body_wire = 0
         self._trailing = False
-        self._head_request = False
 
     def on_url(self, url: bytes) -> None:
+        self._method_before = None  # the parser holds this request's method
         self._count(len(url))
-        self._head_request = self.parser.get_method() == b"HEAD"  # parsed before the URL
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -393,6 +393,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._method_before = self.parser.get_method()
         # The next request's head is bounded again from its first byte.
         self._awaiting_head = True
         self._head_bytes = 0
@@ -448,7 +449,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
-        if self._head_request and response:  # an answer to HEAD has no content (RFC 9110)
+        # An answer to HEAD has no content (RFC 9110). The parser holds a request's method once
+        # its name has come, whatever fails after, and the previous request's until then: a
+        # method as before is this request's only once its target has come. Unsure, the content
+        # goes: a GET's client would be short of the length announced, a HEAD's is closed on.
+        method = self.parser.get_method()
+        if response and method == b"HEAD" and method != self._method_before:
             response = response[: response.index(b"\r\n\r\n") + 4]
         if not self.transport.is_closing():
             self.transport.write(response)
