@@ -223,8 +223,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0  # heads completed on this connection
         self._parsed = 0  # bytes of URL and headers parsed in the current head
         self._too_large = False
-        # The method of the request read last, until the one being read has come to its target.
-        self._method_before: bytes | None = b""
+        self._target_seen = False  # the request being read has come to its target
         self._fault: bytes | None = None  # the refusal on_headers_complete chose
         # The current request's body: its pieces, their bytes, and the bytes read while it came.
         self._pieces = self._body_bytes = self._body_wire = 0
@@ -294,7 +293,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._body_wire += len(data)
             framing = self._body_wire - self._body_bytes
             if framing > MAX_BODY_FRAMING_BYTES and not self.transport.is_closing():
-                self._refuse(BODY_IN_TOO_MANY_PIECES)
+                self._finish(BODY_IN_TOO_MANY_PIECES)
         if (
             before == (True, self._heads)
             and self._awaiting_head
@@ -304,7 +303,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # buffers a header's name and value until they end): the head's cost so far.
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(HEAD_TOO_LARGE)
+                self._finish(HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -315,7 +314,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._trailing = False
 
     def on_url(self, url: bytes) -> None:
-        self._method_before = None  # the parser holds this request's method
+        self._target_seen = True
         self._count(len(url))
         super().on_url(url)
 
@@ -393,7 +392,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._method_before = self.parser.get_method()
+        self._target_seen = False
         # The next request's head is bounded again from its first byte.
         self._awaiting_head = True
         self._head_bytes = 0
@@ -449,13 +448,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
-        # An answer to HEAD has no content (RFC 9110). The parser holds a request's method once
-        # its name has come, whatever fails after, and the previous request's until then: a
-        # method as before is this request's only once its target has come. Unsure, the content
-        # goes: a GET's client would be short of the length announced, a HEAD's is closed on.
-        method = self.parser.get_method()
-        if response and method == b"HEAD" and method != self._method_before:
+        # An answer to HEAD has no content (RFC 9110). The parser holds a request's method from
+        # its name's last letter (HEADX too) and the previous request's until then: it is this
+        # request's, and a HEAD, only once its target has come. Else the answer goes with neither
+        # content nor length, which the close ends for any client.
+        if response and self.parser.get_method() == b"HEAD":
             response = response[: response.index(b"\r\n\r\n") + 4]
+            if not self._target_seen:
+                response = re.sub(rb"content-length: \d+\r\n", b"", response)
         if not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
@@ -528,7 +528,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._send_timer = None
 
     def _start_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._refuse, HEAD_TIMED_OUT)
+        # After the answers to the requests before it, as every refusal (see _finish).
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._finish, HEAD_TIMED_OUT)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
