@@ -13,7 +13,8 @@ minutes after a close, so a client that never reads would otherwise hold its res
 for good, or for minutes. One closed while the kernel still holds some (a `Connection: close`
 response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`. Whatever ends a
 connection but the client (a malformed request, a pipelining bound, an `Upgrade`), every
-request that came whole before it is answered first, in order (`_finish`).
+request that came whole before it is answered first, in order (`_finish`), and a close while the
+client may still be sending is a half-close until it has taken them (`_close`).
 
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
@@ -42,7 +43,8 @@ import struct
 import sys
 import termios
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import httptools
 import orjson
@@ -65,6 +67,12 @@ MAX_PIPELINED = 32
 # 1000 connections (MAX_CONNECTIONS); with it, 1000 connections queue at most 32 MiB.
 MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
+# A connection closed while its client may still be sending (a refusal, an answer before the body
+# came, requests pipelined behind the last answered) is half-closed first (RFC 9112 9.6): a socket
+# closed with bytes unread, or that bytes reach after its close, is reset by the kernel, which
+# drops what it still holds of our answers, so the client never gets them. It closes once the
+# client has taken them all, reading and dropping what comes meanwhile, up to LINGER_BYTES.
+LINGER_BYTES = 4 * 1024 * 1024
 # A body reaches the application in pieces, one parser callback each: a chunk of a chunked body,
 # or what one read holds. Sent as 1-byte chunks, 6 bytes on the wire cost a Python call: 0.9 s of
 # CPU for a 2 MB body, before or after any key is checked. 4096 pieces carry a 1 MiB body in
@@ -203,6 +211,24 @@ def _is_proxy(host: str, trusted: str) -> bool:
     return any(address in network for network in networks)
 
 
+class _Transport:
+    """The connection's transport as uvicorn and the protocol see it, but whose `close()` is the
+    protocol's `_close`: every close of the connection, uvicorn's own after a `Connection: close`
+    answer included, may linger (see LINGER_SECONDS)."""
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
+        self._transport = transport
+        self.lingering = False
+        self.close = close
+        self.write = transport.write  # each answer's writes: no lookup through __getattr__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Counts what a head costs as it arrives; memory stays within one read of the limit. Open
     connections are bounded by uvicorn's `limit_concurrency`, enforced here from accept."""
@@ -216,7 +242,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # uvicorn narrows the parameter to asyncio.Transport; BaseTransport in asyncio.Protocol.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._socket = transport
+        self._lingering = _Transport(transport, self._close)
+        super().connection_made(cast(asyncio.Transport, self._lingering))
+        self._dropped = 0  # bytes read and dropped while lingering
+        self._in_message = False  # a request has begun and not all of it has come
         self._head_bytes = 0
         self._headers = 0
         self._awaiting_head = True
@@ -280,6 +310,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering.lingering:  # see _close
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self._socket.close()
+            return
         if self._refusal is not None:
             return  # see _finish: nothing after the last request is read
         if self._awaiting_head and self._head_timer is None:
@@ -294,6 +329,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             framing = self._body_wire - self._body_bytes
             if framing > MAX_BODY_FRAMING_BYTES and not self.transport.is_closing():
                 self._finish(BODY_IN_TOO_MANY_PIECES)
+        self._bound_begun_head()
         if (
             before == (True, self._heads)
             and self._awaiting_head
@@ -307,6 +343,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_message = True
         self._head_bytes = 0
         self._headers = 0
         self._parsed = 0
@@ -392,6 +429,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._in_message = False
         self._target_seen = False
         # The next request's head is bounded again from its first byte.
         self._awaiting_head = True
@@ -417,6 +455,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # Answered before the body arrived (a 413, or a route that reads none): end the
             # connection rather than go on reading a body nobody will use, at the client's pace.
             self.transport.close()
+        else:
+            self._bound_begun_head()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers every parser error here, those _count and on_headers_complete raised
@@ -487,16 +527,41 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._reset(untaken)
 
     def timeout_keep_alive_handler(self) -> None:
+        if not self._in_message:  # else a head has begun: its timer bounds it, with a 408
+            self._close_once_taken(None)
+
+    def _close(self) -> None:
+        """Every close of the connection (see _Transport). While the client may still be
+        sending, a half-close first (see LINGER_BYTES): the client reads every answer, then the
+        end, and the connection closes once it has taken them."""
+        if self.transport.is_closing():
+            return
+        if not (self._input_pending() and self._socket.can_write_eof()):
+            self._socket.close()
+            return
+        self._lingering.lingering = True
+        self._socket.write_eof()
+        self._socket.resume_reading()
         self._close_once_taken(None)
 
+    def _input_pending(self) -> bool:
+        """Whether the client may still be sending: a request under way, or reading stopped."""
+        return (
+            self._in_message
+            or self._refusal is not None
+            or bool(self.pipeline)
+            or self.flow.read_paused
+        )
+
     def _close_once_taken(self, before: int | None) -> None:
-        """Idle past the keep-alive timeout: closed while the kernel still holds bytes the peer
-        has not taken, the socket would keep them for minutes (FIN-WAIT-1), counted nowhere. So
-        it closes once they are taken, or is reset as by the send timeout. The wait runs on
-        uvicorn's keep-alive timer, which a new request or a response's end cancels."""
+        """Idle past the keep-alive timeout, or lingering (see _close): closed while the kernel
+        still holds bytes the peer has not taken, the socket would keep them for minutes
+        (FIN-WAIT-1), counted nowhere. So it closes once they are taken, or is reset as by the
+        send timeout. The wait runs on uvicorn's keep-alive timer, which a new request or a
+        response's end cancels (neither comes while lingering)."""
         untaken = self._untaken()
         if not untaken:
-            super().timeout_keep_alive_handler()
+            self._socket.close()
         elif before is None or untaken < before:
             self.timeout_keep_alive_task = self.loop.call_later(
                 SEND_TIMEOUT, self._close_once_taken, untaken
@@ -530,6 +595,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _start_head_timer(self) -> None:
         # After the answers to the requests before it, as every refusal (see _finish).
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._finish, HEAD_TIMED_OUT)
+
+    def _bound_begun_head(self) -> None:
+        """A head begun in the read that ended the request before it is timed from then, or
+        once reading no longer waits for the answers to those before it."""
+        if (
+            self._in_message
+            and self._awaiting_head
+            and self._head_timer is None
+            and not self.flow.read_paused
+        ):
+            self._start_head_timer()
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:

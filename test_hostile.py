@@ -196,6 +196,7 @@ def test_a_head_too_slow_is_framed_as_its_request_asks(server: Service) -> None:
         (b"HEAD" + read, b"G"): [b"HEAD", b"G"],
         (b"HEAD" + read, b"\r\n"): [b"HEAD", b"none"],
         (b"GET" + read, b"HEAD "): [b"GET", b"HEAD"],
+        (b"GET" + read + b"GET /v1", b""): [b"GET", b"GET"],  # begun in the first's read
     }
 
     def exchange_in_turn(head: bytes, then: bytes) -> bytes:
@@ -217,27 +218,68 @@ def test_a_head_too_slow_is_framed_as_its_request_asks(server: Service) -> None:
             assert Problem.model_validate_json(content).status == 408
 
 
-def test_a_refusal_comes_after_the_answers_to_the_requests_before_it(
-    service_factory: ServiceFactory,
-) -> None:
-    """Eight pages of 1 MiB pipelined, then a head over the limits while their answers wait for
-    the client: each is answered, in order, then the 431. It had been written at once, between
-    two answers, and those after it followed its `connection: close`."""
-    service = service_factory().start()
+@pytest.fixture(scope="module")
+def paged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service whose first page of 100 is about 1 MB."""
+    service = Service(tmp_path_factory.mktemp("paged") / "data").start()
     with service.client() as client:
         for n in range(12):
             assert client.post("/v1/documents", json={"title": f"t{n}", "content": "x" * 99_000})
-    page = f"GET /v1/documents?limit=100 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n"
+    yield service
+    service.stop_quietly()
+
+
+PAGE = f"GET /v1/documents?limit=100 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
+
+
+def _pages_then(service: Service, pages: int, then: bytes, more: bytes) -> bytes:
+    """`pages` pages pipelined and `then`, read by a client with a 4 KiB receive buffer, so
+    that the answers wait for it; once the first answer has begun, it sends `more` as it reads."""
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KB)  # the answers wait
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KB)
         sock.connect(("127.0.0.1", service.port))
-        sock.sendall(page.encode() * 8)
+        sock.sendall(PAGE * pages + then)
         received = b""
-        while not received.endswith(b"\r\n\r\n"):  # the first answer has begun
+        while not received.endswith(b"\r\n\r\n"):
             received += sock.recv(1)
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 17 * KB)
-        answers = _framed(received + _read(sock), [b"GET"] * 9)
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(sock.sendall, more)
+            received += _read(sock)
+        with contextlib.suppress(OSError):  # the server may have stopped reading: a reset
+            sent.result()
+        return received
+
+
+def test_a_refusal_comes_after_the_answers_to_the_requests_before_it(paged: Service) -> None:
+    """Eight pages of about 1 MB pipelined, then a head over the limits while their answers wait for
+    the client: each is answered, in order, then the 431. It had been written at once, between
+    two answers, and those after it followed its `connection: close`."""
+    long_head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 17 * KB
+    answers = _framed(_pages_then(paged, 8, b"", long_head), [b"GET"] * 9)
     assert [status for status, _ in answers] == [200] * 8 + [431]
+
+
+# Requests that end their connection, with the statuses of the answers after the pages.
+ENDS: dict[str, tuple[bytes, list[int]]] = {
+    "malformed": (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", [400]),
+    "a body past the pipelining bound": (
+        b"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize(("end", "statuses"), ENDS.values(), ids=ENDS)
+def test_every_answer_before_a_close_reaches_a_client_still_sending(
+    paged: Service, end: bytes, statuses: list[int]
+) -> None:
+    """Four pages of about 1 MB pipelined, then a request that ends the connection, and the
+    client goes on sending (256 KiB: the body, or anything) while it reads: it gets every answer
+    whole (`_framed`), then the end. Closed with those bytes unread, or before they came, the
+    connection had been reset, and the kernel had dropped what it still held of the pages."""
+    stream = _pages_then(paged, 4, end, b"a" * 256 * KB)
+    answers = _framed(stream, [b"GET"] * (4 + len(statuses)))
+    assert [status for status, _ in answers] == [200] * 4 + statuses
 
 
 def test_an_endless_head_is_cut_off_while_memory_stays_flat(server: Service) -> None:
