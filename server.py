@@ -79,7 +79,9 @@ LINGER_BYTES = 4 * 1024 * 1024
 # 256-byte chunks. The bytes around the chunks (their sizes, extensions, line ends) are no body
 # bytes, so MAX_BODY_BYTES does not see them: a chunk extension that never ends was read at line
 # speed until the body's deadline, 15 GB and a core for 30 s. A body past either bound is refused
-# (400) and its connection closed.
+# (400) and its connection closed. Framing is counted in the reads that fall wholly within a body:
+# httptools tells that a body began or ended within a read, not where, so the read that also
+# holds the head or the end (at most 256 KiB) may add framing uncounted, once each.
 MAX_BODY_PIECES = 4096
 MAX_BODY_FRAMING_BYTES = 64 * 1024
 # RFC 9110 7.2 and 4.2.1, a Host field's value for an http URI: uri-host [":" port], where the
