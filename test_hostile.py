@@ -147,6 +147,10 @@ REFUSED: dict[str, bytes] = {
 }
 
 
+# A request answered 200, less its method.
+READ = f" /v1/documents?limit=1 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
+
+
 def _framed(stream: bytes, methods: list[bytes]) -> list[tuple[int, bytes]]:
     """The answers to requests of `methods` in order, as a client frames them (RFC 9112): no
     content to a HEAD, else by Content-Length, or without one up to the close. Nothing may be
@@ -173,8 +177,7 @@ def test_the_servers_own_refusals_are_framed_as_their_request_asks(
     start. The server's own refusals of a HEAD had sent their problem document, and then
     (when the method's letters began as HEAD's, or a request after a HEAD failed before its
     target) announced a length they did not send."""
-    read = f" /v1/documents?limit=1 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
-    answered = before + read if before else b""
+    answered = before + READ if before else b""
     framed_as = [before] * bool(before) + [method]
     answers = _framed(exchange(server, answered + method + rest), framed_as)
     assert [status for status, _ in answers[:-1]] == [200] * bool(before)
@@ -188,15 +191,14 @@ def test_a_head_too_slow_is_framed_as_its_request_asks(server: Service) -> None:
     """The 408 for a head that stops after its method, or before it: what a client of that
     method can frame, with the problem document to a GET, after an answered HEAD too (whose
     method the parser still holds)."""
-    read = f" /v1/documents?limit=1 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
     cases = {  # what comes after a first read, if any: the answer is read before it is sent
         (b"HEAD ", b""): [b"HEAD"],
         (b"GET ", b""): [b"GET"],
-        (b"HEAD" + read, b"GET "): [b"HEAD", b"GET"],
-        (b"HEAD" + read, b"G"): [b"HEAD", b"G"],
-        (b"HEAD" + read, b"\r\n"): [b"HEAD", b"none"],
-        (b"GET" + read, b"HEAD "): [b"GET", b"HEAD"],
-        (b"GET" + read + b"GET /v1", b""): [b"GET", b"GET"],  # begun in the first's read
+        (b"HEAD" + READ, b"GET "): [b"HEAD", b"GET"],
+        (b"HEAD" + READ, b"G"): [b"HEAD", b"G"],
+        (b"HEAD" + READ, b"\r\n"): [b"HEAD", b"none"],
+        (b"GET" + READ, b"HEAD "): [b"GET", b"HEAD"],
+        (b"GET" + READ + b"GET /v1", b""): [b"GET", b"GET"],  # begun in the first's read
     }
 
     def exchange_in_turn(head: bytes, then: bytes) -> bytes:
