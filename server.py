@@ -10,20 +10,20 @@ before the application sees anything. Idle keep-alive connections close after
 connection whose peer takes none of the bytes we or the kernel hold for it for `SEND_TIMEOUT`
 seconds is reset: asyncio's `close()` waits for ours to drain, and the kernel keeps its own for
 minutes after a close, so a client that never reads would otherwise hold its responses in memory
-for good, or for minutes. One closed while the kernel still holds some (a `Connection: close`
-response) is left to the kernel, with `TCP_USER_TIMEOUT` set to `SEND_TIMEOUT`. Whatever ends a
-connection but the client (a malformed request, a pipelining bound, an `Upgrade`), every
-request that came whole before it is answered first, in order (`_finish`), and a close while the
-client may still be sending is a half-close until it has taken them (`_close`).
+for good, or for minutes. Whatever ends a connection but the client (a malformed request, a
+pipelining bound, an `Upgrade`, its own end), every request that came whole before it is answered
+first, in order (`_finish`); and every close while the client may still be sending, or has not
+taken all we sent, is a half-close until it has (`_close`, by the same measure of progress).
 
 uvicorn documents `http=` as taking a protocol class but not the class's insides. This module
 leans on them, pinned by the lock and guarded by test_hostile.py: HttpToolsProtocol's parser
 callbacks (`on_url`, `on_header`, ...), `send_400_response`, `on_response_complete`,
 `_start_asgi_task`, `timeout_keep_alive_handler` and `timeout_keep_alive_task`, `pipeline`, its
-`transport`, `loop`, `client`, `parser`, `headers`, `cycle` with its `more_body` and
-`disconnected`; `Multiprocess` with its `processes` and their `exitcode`, and `STARTUP_FAILURE`,
-the status uvicorn gives a failed start. It also leans on the event loop (uvloop or asyncio)
-closing a transport's socket only after `connection_lost` returns.
+`transport` (which it wraps), `flow`, `loop`, `client`, `parser`, `headers`, `cycle` with its
+`more_body`, `disconnected` and `message_event`; `Multiprocess` with its `processes` and their
+`exitcode`, and `STARTUP_FAILURE`, the status uvicorn gives a failed start. It also leans on the
+event loop (uvloop or asyncio) closing a transport's socket only after `connection_lost` returns,
+and stopping its reads at the client's end when `eof_received` keeps the transport open.
 """
 
 from __future__ import annotations
@@ -67,11 +67,16 @@ MAX_PIPELINED = 32
 # 1000 connections (MAX_CONNECTIONS); with it, 1000 connections queue at most 32 MiB.
 MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
-# A connection closed while its client may still be sending (a refusal, an answer before the body
-# came, requests pipelined behind the last answered) is half-closed first (RFC 9112 9.6): a socket
-# closed with bytes unread, or that bytes reach after its close, is reset by the kernel, which
-# drops what it still holds of our answers, so the client never gets them. It closes once the
-# client has taken them all, reading and dropping what comes meanwhile, up to LINGER_BYTES.
+# A connection is half-closed first (RFC 9112 9.6) when its client may still be sending (a
+# refusal, an answer before the body came, requests pipelined behind the last answered) or has
+# not taken all we sent: a socket closed with bytes unread, or that bytes reach after its close,
+# is reset by the kernel, which drops what it still holds of our answers, so the client never
+# gets them; and one handed to the kernel with bytes untaken was cut by its own measure of
+# progress (a steady reader of 40 KB/s with a small window, after about 10 s). It closes once the
+# client has taken them all and sent nothing for LINGER_CHECK seconds, or sent its own end
+# (waiting at most SEND_TIMEOUT once all is taken); what comes meanwhile is read and dropped, up to
+# LINGER_BYTES, then left unread; a client that takes nothing for SEND_TIMEOUT is reset.
+LINGER_CHECK = 1.0
 LINGER_BYTES = 4 * 1024 * 1024
 # A body reaches the application in pieces, one parser callback each: a chunk of a chunked body,
 # or what one read holds. Sent as 1-byte chunks, 6 bytes on the wire cost a Python call: 0.9 s of
@@ -216,7 +221,7 @@ def _is_proxy(host: str, trusted: str) -> bool:
 class _Transport:
     """The connection's transport as uvicorn and the protocol see it, but whose `close()` is the
     protocol's `_close`: every close of the connection, uvicorn's own after a `Connection: close`
-    answer included, may linger (see LINGER_SECONDS)."""
+    answer included, may linger (see LINGER_CHECK)."""
 
     def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
         self._transport = transport
@@ -247,8 +252,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._socket = transport
         self._lingering = _Transport(transport, self._close)
         super().connection_made(cast(asyncio.Transport, self._lingering))
-        self._dropped = 0  # bytes read and dropped while lingering
+        self._dropped = 0  # bytes read and dropped after the last request (see LINGER_CHECK)
         self._in_message = False  # a request has begun and not all of it has come
+        self._eof = False  # the client has sent its end
+        self._lingered_since = 0.0
         self._head_bytes = 0
         self._headers = 0
         self._awaiting_head = True
@@ -296,11 +303,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None
             self.timeout_keep_alive_task.cancel()
         if exc is None and self._untaken():
-            # Closed with bytes the peer has not taken (a `Connection: close` response, say): the
-            # kernel goes on sending them once we let go; it gives up after SEND_TIMEOUT without
-            # progress, not after minutes.
+            # Closed with bytes the peer has not taken, not through _close (the transport closed
+            # itself): the kernel goes on sending them once we let go; it gives up after
+            # SEND_TIMEOUT without progress, not after minutes.
             sock = self.transport.get_extra_info("socket")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SEND_TIMEOUT * 1000))
+        self._abandon_answer()
+        super().connection_lost(exc)
+
+    def _abandon_answer(self) -> None:
+        """The request being answered gets nothing more through this connection."""
         if self._answering is not None:
             if not self._answering.response_complete:
                 # Its response will never be sent: the access line says so (middleware.py),
@@ -309,16 +321,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn marks only the last request parsed: with more pipelined behind it, the one
             # being answered would wake from its wait to write on a closed transport.
             self._answering.disconnected = True
-        super().connection_lost(exc)
+            self._answering.message_event.set()  # a wait for its body ends
+
+    # asyncio.Protocol's returns bool | None (True: the protocol closes); uvicorn's says None.
+    def eof_received(self) -> bool:  # type: ignore[override]
+        """The client sends nothing more (it half-closed): the requests that came whole are
+        answered, then the connection closes (uvicorn closed it at once, unanswered)."""
+        self._eof = True
+        if self._lingering.lingering:
+            return bool(self._untaken())  # False: closed now, having sent all it was owed
+        if self._refusal is None:
+            self._finish(b"")
+        return True  # closed by _close
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering.lingering:  # see _close
+        if self._refusal is not None or self._lingering.lingering:
+            # Nothing after the last request is read (see _finish), and what comes once reading
+            # resumes (uvicorn resumes it as an answer ends, and so does _close) is dropped.
             self._dropped += len(data)
             if self._dropped > LINGER_BYTES:
-                self._socket.close()
+                self._socket.pause_reading()
             return
-        if self._refusal is not None:
-            return  # see _finish: nothing after the last request is read
         if self._awaiting_head and self._head_timer is None:
             self._start_head_timer()
         before = (self._awaiting_head, self._heads)
@@ -499,6 +522,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if not self._target_seen:
                 response = re.sub(rb"content-length: \d+\r\n", b"", response)
         if not self.transport.is_closing():
+            if self._refusal is None:  # refused as it opened: it is sending its request
+                self._refusal = response
             self.transport.write(response)
             self.transport.close()
 
@@ -530,46 +555,47 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def timeout_keep_alive_handler(self) -> None:
         if not self._in_message:  # else a head has begun: its timer bounds it, with a 408
-            self._close_once_taken(None)
+            self._close()
 
     def _close(self) -> None:
-        """Every close of the connection (see _Transport). While the client may still be
-        sending, a half-close first (see LINGER_BYTES): the client reads every answer, then the
-        end, and the connection closes once it has taken them."""
+        """Every close of the connection (see _Transport): at once when nothing is owed either
+        way, else a half-close first, and the close once the client has taken every answer and
+        gone quiet (see LINGER_CHECK)."""
         if self.transport.is_closing():
             return
-        if not (self._input_pending() and self._socket.can_write_eof()):
+        pending = not self._eof and (
+            self._in_message or self._refusal is not None or self.pipeline or self.flow.read_paused
+        )
+        if not (pending or self._untaken()) or not self._socket.can_write_eof():
             self._socket.close()
             return
         self._lingering.lingering = True
-        self._socket.write_eof()
-        self._socket.resume_reading()
-        self._close_once_taken(None)
+        self._lingered_since = self.loop.time()
+        self._abandon_answer()
+        self._socket.write_eof()  # the FIN goes after every byte already written
+        if self._dropped <= LINGER_BYTES:
+            self._socket.resume_reading()
+        self._linger(self._untaken(), self._dropped, 0.0)
 
-    def _input_pending(self) -> bool:
-        """Whether the client may still be sending: a request under way, or reading stopped."""
-        return (
-            self._in_message
-            or self._refusal is not None
-            or bool(self.pipeline)
-            or self.flow.read_paused
+    def _linger(self, untaken: int, dropped: int, stalled: float) -> None:
+        """Check again in LINGER_CHECK seconds, on uvicorn's keep-alive timer (which only a
+        request or an answer's end cancel: neither comes now, and connection_lost does)."""
+        self.timeout_keep_alive_task = self.loop.call_later(
+            LINGER_CHECK, self._check_linger, untaken, dropped, stalled
         )
 
-    def _close_once_taken(self, before: int | None) -> None:
-        """Idle past the keep-alive timeout, or lingering (see _close): closed while the kernel
-        still holds bytes the peer has not taken, the socket would keep them for minutes
-        (FIN-WAIT-1), counted nowhere. So it closes once they are taken, or is reset as by the
-        send timeout. The wait runs on uvicorn's keep-alive timer, which a new request or a
-        response's end cancels (neither comes while lingering)."""
+    def _check_linger(self, before: int, dropped: int, stalled: float) -> None:
         untaken = self._untaken()
-        if not untaken:
-            self._socket.close()
-        elif before is None or untaken < before:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                SEND_TIMEOUT, self._close_once_taken, untaken
-            )
-        else:
+        if not untaken:  # all taken: closed once the client is quiet, or has had SEND_TIMEOUT
+            lingered = self.loop.time() - self._lingered_since
+            if self._eof or self._dropped == dropped or lingered >= SEND_TIMEOUT:
+                self._socket.close()
+                return
+        stalled = stalled + LINGER_CHECK if untaken and untaken >= before else 0.0
+        if stalled >= SEND_TIMEOUT:
             self._reset(untaken)
+        else:
+            self._linger(untaken, self._dropped, stalled)
 
     def _reset(self, untaken: int) -> None:
         log.warning(
@@ -606,6 +632,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             and self._awaiting_head
             and self._head_timer is None
             and not self.flow.read_paused
+            and not self.transport.is_closing()
         ):
             self._start_head_timer()
 

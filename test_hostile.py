@@ -234,9 +234,12 @@ def paged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 PAGE = f"GET /v1/documents?limit=100 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
 
 
-def _pages_then(service: Service, pages: int, then: bytes, more: bytes) -> bytes:
+def _pages_then(
+    service: Service, pages: int, then: bytes, more: bytes, times: int = 1, **read: Any
+) -> tuple[bytes, int]:
     """`pages` pages pipelined and `then`, read by a client with a 4 KiB receive buffer, so
-    that the answers wait for it; once the first answer has begun, it sends `more` as it reads."""
+    that the answers wait for it (`read`: see _read); once the first answer has begun, it sends
+    `more` up to `times` times as it reads. What it read, and how much of `more` it sent."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KB)
         sock.connect(("127.0.0.1", service.port))
@@ -244,12 +247,29 @@ def _pages_then(service: Service, pages: int, then: bytes, more: bytes) -> bytes
         received = b""
         while not received.endswith(b"\r\n\r\n"):
             received += sock.recv(1)
+        sent = 0
+
+        def send() -> None:
+            nonlocal sent
+            with contextlib.suppress(OSError):  # the server ended the connection
+                for _ in range(times):
+                    sock.sendall(more)
+                    sent += len(more)
+
         with ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(sock.sendall, more)
-            received += _read(sock)
-        with contextlib.suppress(OSError):  # the server may have stopped reading: a reset
-            sent.result()
-        return received
+            pool.submit(send)
+            received += _read(sock, **read)
+        return received, sent
+
+
+def test_a_client_that_ends_its_side_gets_every_answer_it_asked_for(server: Service) -> None:
+    """Five requests, then the client's end (a half-close): five answers, then the close.
+    uvicorn had closed the connection at the client's end, having answered one, or none."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall((b"GET" + READ) * 5)
+        sock.shutdown(socket.SHUT_WR)
+        answers = _framed(_read(sock), [b"GET"] * 5)
+    assert [status for status, _ in answers] == [200] * 5
 
 
 def test_a_refusal_comes_after_the_answers_to_the_requests_before_it(paged: Service) -> None:
@@ -257,7 +277,7 @@ def test_a_refusal_comes_after_the_answers_to_the_requests_before_it(paged: Serv
     the client: each is answered, in order, then the 431. It had been written at once, between
     two answers, and those after it followed its `connection: close`."""
     long_head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 17 * KB
-    answers = _framed(_pages_then(paged, 8, b"", long_head), [b"GET"] * 9)
+    answers = _framed(_pages_then(paged, 8, b"", long_head)[0], [b"GET"] * 9)
     assert [status for status, _ in answers] == [200] * 8 + [431]
 
 
@@ -271,15 +291,25 @@ ENDS: dict[str, tuple[bytes, list[int]]] = {
 }
 
 
+@pytest.mark.parametrize("flood", [False, True], ids=["256 KiB more", "a flood"])
 @pytest.mark.parametrize(("end", "statuses"), ENDS.values(), ids=ENDS)
 def test_every_answer_before_a_close_reaches_a_client_still_sending(
-    paged: Service, end: bytes, statuses: list[int]
+    paged: Service, end: bytes, statuses: list[int], flood: bool
 ) -> None:
     """Four pages of about 1 MB pipelined, then a request that ends the connection, and the
-    client goes on sending (256 KiB: the body, or anything) while it reads: it gets every answer
-    whole (`_framed`), then the end. Closed with those bytes unread, or before they came, the
-    connection had been reset, and the kernel had dropped what it still held of the pages."""
-    stream = _pages_then(paged, 4, end, b"a" * 256 * KB)
+    client goes on sending (the body, or anything) while it reads: it gets every answer whole
+    (`_framed`), then the end. Closed with those bytes unread, or before they came, the
+    connection had been reset, and the kernel had dropped what it still held of the pages; so
+    it had after 4 MiB of them (LINGER_BYTES). The server reads at most that much, and what the
+    buffers between hold, of a flood sent while the client reads at 2 MB/s (it had read and
+    dropped gigabytes)."""
+    if not flood:
+        stream, _ = _pages_then(paged, 4, end, b"a" * 256 * KB)
+    else:  # a reset may end it, once every answer has been taken
+        stream, sent = _pages_then(
+            paged, 4, end, b"a" * MB, 256, bytes_per_second=2 * MB, reset_ends=True
+        )
+        assert sent < 32 * MB
     answers = _framed(stream, [b"GET"] * (4 + len(statuses)))
     assert [status for status, _ in answers] == [200] * 4 + statuses
 
@@ -743,14 +773,22 @@ def test_a_body_nobody_reads_ends_the_connection_once_answered(
     assert received.lower().count(b"connection: close") == 1
 
 
-def _read(sock: socket.socket, size: float = math.inf, bytes_per_second: float = math.inf) -> bytes:
-    """Read `size` bytes or until the server closes, at most as fast as a client of that pace
-    (the pace is the behaviour under test, not a wait for the server)."""
+def _read(
+    sock: socket.socket,
+    size: float = math.inf,
+    bytes_per_second: float = math.inf,
+    *,
+    reset_ends: bool = False,
+) -> bytes:
+    """Read `size` bytes or until the server closes (or resets, if `reset_ends`), at most as
+    fast as a client of that pace (the pace is the behaviour under test, not a wait for the
+    server)."""
     received = bytearray()
     started = time.monotonic()
-    while len(received) < size and (chunk := sock.recv(16 * KB)):
-        received += chunk
-        time.sleep(max(0.0, started + len(received) / bytes_per_second - time.monotonic()))
+    with contextlib.suppress(*[ConnectionResetError] * reset_ends):
+        while len(received) < size and (chunk := sock.recv(16 * KB)):
+            received += chunk
+            time.sleep(max(0.0, started + len(received) / bytes_per_second - time.monotonic()))
     return bytes(received)
 
 
@@ -763,10 +801,12 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
     more ask for one page of 400 KiB, which the kernel takes whole, and never read; closed (at
     the keep-alive timeout, or at once when the request says `Connection: close`), the kernel
     would go on holding it for minutes. Each is reset once it has taken nothing for
-    SEND_TIMEOUT, all but the `Connection: close` ones (gone from the process by then) with one
-    log line, and their memory is freed. Beside them, a client reads 8 pages, its first MiB at
-    40 KiB/s (over twice SEND_TIMEOUT), and gets every byte; another reads one 400 KiB page at
-    20 KiB/s (past the keep-alive timeout and SEND_TIMEOUT), gets it whole, then the close."""
+    SEND_TIMEOUT, with one log line, and their memory is freed (the `Connection: close` ones had
+    been left to the kernel, whose measure of progress cut a steady reader too). Beside them, a
+    client reads 8 pages, its first MiB at 40 KiB/s (over twice SEND_TIMEOUT), and gets every
+    byte; another reads one 400 KiB page at 20 KiB/s (past the keep-alive timeout and
+    SEND_TIMEOUT), gets it whole, then the close; so does a third, its request saying
+    `Connection: close`, with a 16 KiB receive buffer."""
     # Two keys: each has fewer than its 32 requests in progress at once (admission.py).
     service = service_factory(env={"API_KEYS": f"alice:{KEY},bob:{OTHER_KEY}"}).start()
     with service.client() as client:
@@ -777,7 +817,7 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
     head = f"GET /v1/documents?limit=100 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
     request = f"{head}\r\n".encode()
     small = f"GET /v1/documents?limit=4 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
-    # The `Connection: close` ones first: the kernel's clock for them starts at once.
+    # The `Connection: close` ones first: their answers' ends come first.
     payloads = [f"{small}Connection: close\r\n\r\n".encode()] * 4
     payloads += [request * (5 + n % 4) for n in range(40)] + [f"{small}\r\n".encode()] * 8
     payloads = [
@@ -791,19 +831,24 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
     with (
         socket.create_connection(("127.0.0.1", service.port)) as slow,
         socket.create_connection(("127.0.0.1", service.port)) as slow_small,
+        socket.socket() as slow_close,
         ThreadPoolExecutor() as pool,
     ):
         slow.sendall(request * 7 + f"{head}Connection: close\r\n\r\n".encode())
         read = pool.submit(read_slowly_then_the_rest, slow)
         slow_small.sendall(f"{small}\r\n".encode())
         read_small = pool.submit(_read, slow_small, math.inf, 20 * KB)
+        slow_close.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KB)
+        slow_close.connect(("127.0.0.1", service.port))
+        slow_close.sendall(f"{small}Connection: close\r\n\r\n".encode())
+        read_close = pool.submit(_read, slow_close, math.inf, 20 * KB)
         try:
             for sock, payload in zip(stalled, payloads, strict=True):
                 sock.sendall(payload)
             service.wait_for_line(
                 "connection.send_timeout",
                 timeout=KEEP_ALIVE_TIMEOUT + 2 * SEND_TIMEOUT + 10,
-                count=48,
+                count=len(payloads),
             )
             for sock in stalled:
                 sock.settimeout(5)
@@ -814,14 +859,16 @@ def test_clients_that_do_not_read_are_reset_and_a_slow_reader_is_served(
                 sock.close()
         received = read.result(timeout=60)
         received_small = read_small.result(timeout=60)
+        received_close = read_close.result(timeout=60)
     assert received.count(b"HTTP/1.1 200 OK\r\n") == 8
     assert received.endswith(b"}")
-    small_head, _, small_body = received_small.partition(b"\r\n\r\n")
-    assert small_head.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"content-length: %d\r\n" % len(small_body) in small_head
+    for whole in (received_small, received_close):
+        small_head, _, small_body = whole.partition(b"\r\n\r\n")
+        assert small_head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"content-length: %d\r\n" % len(small_body) in small_head
     assert service.rss_kb() - baseline < 20 * KB
     lines = service.output
-    assert sum("connection.send_timeout" in line for line in lines) == 48
+    assert sum("connection.send_timeout" in line for line in lines) == len(payloads)
     assert not [line for line in lines if '"ERROR"' in line]
 
 
@@ -1135,10 +1182,13 @@ def test_one_address_holds_at_most_a_tenth_of_the_connections(
     service = service_factory(env=env).start()
     silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
     try:
-        refused = exchange(service, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status_of(refused) == 503
-        assert b"as one address may" in refused
-        assert b"retry-after: 1" in refused
+        for _ in range(5):  # the request it sends is read and dropped: a close, never a reset
+            with socket.create_connection(("127.0.0.1", service.port)) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                refused = _read(sock)
+            assert status_of(refused) == 503
+            assert b"as one address may" in refused
+            assert b"retry-after: 1" in refused
     finally:
         silent.pop().close()
     try:
