@@ -11,7 +11,7 @@ connection whose peer takes none of the bytes we or the kernel hold for it for `
 seconds is reset: asyncio's `close()` waits for ours to drain, and the kernel keeps its own for
 minutes after a close, so a client that never reads would otherwise hold its responses in memory
 for good, or for minutes. Whatever ends a connection but the client (a malformed request, a
-pipelining bound, an `Upgrade`, its own end), every request that came whole before it is answered
+pipelining bound, an `Upgrade`), every request that came whole before it is answered
 first, in order (`_finish`); and every close while the client may still be sending, or has not
 taken all we sent, is a half-close until it has (`_close`, by the same measure of progress).
 
@@ -325,14 +325,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # asyncio.Protocol's returns bool | None (True: the protocol closes); uvicorn's says None.
     def eof_received(self) -> bool:  # type: ignore[override]
-        """The client sends nothing more (it half-closed): the requests that came whole are
-        answered, then the connection closes (uvicorn closed it at once, unanswered)."""
+        """The client's end is taken as its going, as uvicorn takes it: the connection closes (a
+        request in progress is abandoned, and its access line says so). While lingering, it
+        closes once the client has taken what it was owed (see LINGER_CHECK)."""
         self._eof = True
-        if self._lingering.lingering:
-            return bool(self._untaken())  # False: closed now, having sent all it was owed
-        if self._refusal is None:
-            self._finish(b"")
-        return True  # closed by _close
+        return self._lingering.lingering and bool(self._untaken())
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None or self._lingering.lingering:

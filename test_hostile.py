@@ -262,16 +262,6 @@ def _pages_then(
         return received, sent
 
 
-def test_a_client_that_ends_its_side_gets_every_answer_it_asked_for(server: Service) -> None:
-    """Five requests, then the client's end (a half-close): five answers, then the close.
-    uvicorn had closed the connection at the client's end, having answered one, or none."""
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall((b"GET" + READ) * 5)
-        sock.shutdown(socket.SHUT_WR)
-        answers = _framed(_read(sock), [b"GET"] * 5)
-    assert [status for status, _ in answers] == [200] * 5
-
-
 def test_a_refusal_comes_after_the_answers_to_the_requests_before_it(paged: Service) -> None:
     """Eight pages of about 1 MB pipelined, then a head over the limits while their answers wait for
     the client: each is answered, in order, then the 431. It had been written at once, between
