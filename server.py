@@ -279,7 +279,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         transport.set_write_buffer_limits(high=0)
         self._client: str | None = None
         if self.max_connections is not None and len(self.connections) > self.max_connections:
-            self._refuse(TOO_MANY_CONNECTIONS)
+            self._turn_away(TOO_MANY_CONNECTIONS)
             return
         host = self.client[0] if self.client else ""
         trusted = self.config.forwarded_allow_ips
@@ -289,7 +289,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._client = client_of(host)
             _open_by_client[self._client] += 1
             if _open_by_client[self._client] > max(1, self.max_connections // 10):
-                self._refuse(TOO_MANY_FROM_CLIENT)
+                self._turn_away(TOO_MANY_FROM_CLIENT)
                 return
         self._start_head_timer()
 
@@ -519,10 +519,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if not self._target_seen:
                 response = re.sub(rb"content-length: \d+\r\n", b"", response)
         if not self.transport.is_closing():
-            if self._refusal is None:  # refused as it opened: it is sending its request
-                self._refusal = response
             self.transport.write(response)
             self.transport.close()
+
+    def _turn_away(self, response: bytes) -> None:
+        """Refused as it opens: closed at once, not lingering (see LINGER_CHECK), so that its slot
+        is free again. Lingering, refused connections had filled every slot from one address.
+        The request the client sends may reach a closed socket, whose reset comes after the 503
+        (which a Linux client still reads)."""
+        self._socket.write(response)
+        self._socket.close()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._answering = cycle
@@ -544,6 +550,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """A peer that took none of our bytes for SEND_TIMEOUT is cut off: closing would wait
         for them to drain, holding them (and the request waiting to write) while it stays open.
         Progress, not the total time, counts, so a slow reader is served to the end."""
+        if self._socket.is_closing():  # reset by the linger check meanwhile
+            return
         untaken = self._untaken()
         if untaken < before:
             self._watch_sending(untaken)
@@ -568,6 +576,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._lingering.lingering = True
         self._lingered_since = self.loop.time()
+        self._stop_head_timer()
         self._abandon_answer()
         self._socket.write_eof()  # the FIN goes after every byte already written
         if self._dropped <= LINGER_BYTES:
@@ -582,6 +591,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def _check_linger(self, before: int, dropped: int, stalled: float) -> None:
+        if self._socket.is_closing():  # reset by the send timer meanwhile
+            return
         untaken = self._untaken()
         if not untaken:  # all taken: closed once the client is quiet, or has had SEND_TIMEOUT
             lingered = self.loop.time() - self._lingered_since
