@@ -568,7 +568,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         gone quiet (see LINGER_CHECK)."""
         if self.transport.is_closing():
             return
-        pending = not self._eof and (
+        # None comes here after the client's end: eof_received closed, or it already lingers.
+        pending = (
             self._in_message or self._refusal is not None or self.pipeline or self.flow.read_paused
         )
         if not (pending or self._untaken()) or not self._socket.can_write_eof():
