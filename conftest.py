@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -189,7 +188,7 @@ async def fill_millisecond(store: SQLiteStore, at: datetime) -> list[Document]:
     """As many documents of the millisecond `at` as the embedded store holds (16 384), imported
     in random id order."""
     docs = [plain_document(IdGenerator()(at), at) for _ in range(SLOTS)]
-    assert all(await asyncio.gather(*map(store.import_document, docs)))
+    assert await store.import_documents(docs) == len(docs)
     return docs
 
 
@@ -212,7 +211,7 @@ async def seed_common(settings: Settings, count: int) -> None:
                 )
                 for n in range(start, min(count, start + 512))
             ]
-            await asyncio.gather(*map(store.import_document, batch))
+            await store.import_documents(batch)
     finally:
         await store.close()
 

@@ -681,7 +681,7 @@ async def _seed(store: DocumentStore, path: Path, content_max: int) -> int:
     for number, raw in enumerate(samples, 1):
         where = f"sample {number} in {path}"
         first = orjson.dumps({**raw, "updated_at": raw.get("created_at"), "version": 1})
-        added += await _import(store, where, _document_from(first, where, content_max))
+        added += await _import_all(store, [(where, _document_from(first, where, content_max))])
     return added
 
 
@@ -756,19 +756,16 @@ def _file(name: str) -> Path:
     return Path(name)
 
 
-# Imports in flight at once: the embedded store commits them together, many per fsync.
+# Documents per call: the embedded store writes them in one transaction, one fsync.
 IMPORT_BATCH = 512
 
 
 async def _import_all(store: DocumentStore, lines: list[tuple[str, Document]]) -> int:
-    return sum(await asyncio.gather(*(_import(store, where, doc) for where, doc in lines)))
-
-
-async def _import(store: DocumentStore, where: str, doc: Document) -> bool:
     try:
-        return await store.import_document(doc)
-    except DocumentInvalid as exc:  # the store refuses it: the line and the id say which
-        raise TaskRefused(f"{where}: {exc.field}: {exc} (document {doc.id})") from None
+        return await store.import_documents([doc for _, doc in lines])
+    except DocumentInvalid as exc:  # the store refuses one: its line and its id say which
+        where = next((where for where, doc in lines if doc.id == exc.doc_id), "a document")
+        raise TaskRefused(f"{where}: {exc.field}: {exc} (document {exc.doc_id})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -395,9 +395,9 @@ class MeteredStore:
                 await self.inner.delete(doc_id, if_version=if_version)
         self._count -= 1
 
-    async def import_document(self, doc: Document) -> bool:
+    async def import_documents(self, docs: Sequence[Document]) -> int:
         with self._timed("import"):
-            imported = await self.inner.import_document(doc)
+            imported = await self.inner.import_documents(docs)
         self._count += imported
         return imported
 

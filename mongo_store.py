@@ -7,7 +7,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -647,14 +647,17 @@ class MongoStore:
         with _driver_errors(self._writes):
             return (await self._docs.replace_one(match, record)).matched_count == 1
 
-    async def import_document(self, doc: Document) -> bool:
+    async def import_documents(self, docs: Sequence[Document]) -> int:
         self._require_indexes()
+        return sum(await asyncio.gather(*map(self._import, docs)))
+
+    async def _import(self, doc: Document) -> bool:
         # Fewer at once than the driver's pool holds (100): each call's time limit runs from its
         # start, and a call queued for a connection would spend it waiting on the others.
         async with self._importing:
-            return await self._import(doc)
+            return await self._import_one(doc)
 
-    async def _import(self, doc: Document) -> bool:
+    async def _import_one(self, doc: Document) -> bool:
         raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
         # Which copy it is: a delete that read another (before a delete and this restore) and
         # retries its write cannot remove this one (see delete).

@@ -11,7 +11,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -87,6 +87,7 @@ class DocumentInvalid(StoreError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+        self.doc_id = ""  # which of several documents, where a call takes several
 
 
 class StoreUnavailable(StoreError):
@@ -181,8 +182,9 @@ class DocumentStore(Protocol):
         """Raises DocumentNotFound, PreconditionFailed."""
         ...
 
-    async def import_document(self, doc: Document) -> bool:
-        """Insert `doc` as it is (id and timestamps kept) unless its id exists; True if inserted."""
+    async def import_documents(self, docs: Sequence[Document]) -> int:
+        """Insert each of `docs` as it is (id and timestamps kept) unless its id exists; how many
+        were inserted. Raises DocumentInvalid, naming the document, for one it cannot take."""
         ...
 
     def export_documents(self) -> AsyncIterator[Document]:

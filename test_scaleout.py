@@ -1281,7 +1281,7 @@ def test_a_delete_retried_after_a_lost_reply_leaves_a_copy_restored_in_between(
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(relayed.delete, doc.id)
                     assert await anyio.to_thread.run_sync(retry_held.wait, 10)
-                    assert await plain.import_document(doc)  # over the first write's tombstone
+                    assert await plain.import_documents([doc])  # over the first write's tombstone
                     restored.set()
                 assert await plain.get(doc.id) == doc
             finally:
@@ -1356,7 +1356,7 @@ def test_a_document_restored_then_deleted_again_never_comes_back_through_its_key
         try:
             doc, _ = await _create(store, DOC)
             await store.delete(doc.id)
-            assert await store.import_document(doc)
+            assert await store.import_documents([doc])
             await store.delete(doc.id)
             return await _outcome(_create(store, DOC)), await _outcome(store.get(doc.id))
         finally:

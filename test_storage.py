@@ -117,7 +117,7 @@ async def test_a_write_the_database_cannot_take_fails_alone(tmp_path: Path) -> N
     try:
         writes = asyncio.gather(
             store.create(body("a")),
-            store.import_document(unfit),
+            store.import_documents([unfit]),
             store.create(body("b")),
             store.create(body("c")),
             return_exceptions=True,
@@ -328,8 +328,8 @@ async def test_import_keeps_ids_and_timestamps_and_skips_existing(store: Documen
         updated_at=datetime(2025, 6, 1, tzinfo=UTC),
         version=4,
     )
-    assert await store.import_document(doc)
-    assert not await store.import_document(doc.model_copy(update={"title": "other"}))
+    assert await store.import_documents([doc])
+    assert not await store.import_documents([doc.model_copy(update={"title": "other"})])
     assert await store.get(doc.id) == doc
     assert await exported(store) == [doc]
 
@@ -339,7 +339,7 @@ async def test_export_is_oldest_first_whatever_the_ids(store: DocumentStore) -> 
     older = imported(1).model_copy(update={"id": "01J" + "Z" * 23})
     newer = imported(2).model_copy(update={"id": "01J" + "0" * 23})
     for doc in (newer, older):
-        assert await store.import_document(doc)
+        assert await store.import_documents([doc])
     assert await exported(store) == [older, newer]
 
 
@@ -380,7 +380,7 @@ async def test_documents_of_one_millisecond_are_taken_in_any_order_and_paged_by_
     ]
     random.Random(5).shuffle(docs)
     for doc in docs:
-        assert await store.import_document(doc)
+        assert await store.import_documents([doc])
     in_order = [doc.id for doc in sorted(docs, key=lambda doc: (doc.created_at, doc.id))]
     newest_first = params.get("sort") != "created_at"
     assert await walk(store, 7 if max(sizes) == 1 else 100, **params) == (
@@ -405,7 +405,7 @@ async def test_a_page_ends_where_the_next_document_in_id_order_does_not_fit(
         )
     )
     for doc in [*first, second[1], second[0]]:
-        assert await store.import_document(doc)
+        assert await store.import_documents([doc])
     pages = []
     after = None
     while True:
@@ -432,9 +432,9 @@ async def test_keys_of_a_full_millisecond_freed_by_deletes_are_taken_again(
             await store.delete(doc.id)
         late = [plain_document(IdGenerator()(at), at) for _ in range(5)]
         for doc in late[:4]:
-            assert await store.import_document(doc)
+            assert await store.import_documents([doc])
         with pytest.raises(DocumentInvalid, match="one millisecond"):
-            await store.import_document(late[4])
+            await store.import_documents([late[4]])
         assert await store.count() == sqlite_store.SLOTS
     finally:
         await store.close()
@@ -472,7 +472,7 @@ async def test_q_finds_whole_words_of_title_or_content_ignoring_case_and_accents
         ),
     ]
     for doc in docs:
-        await store.import_document(doc)
+        await store.import_documents([doc])
     ids = [doc.id for doc in docs]
     for q, found in [
         ("creme", [ids[2], ids[0]]),
@@ -506,8 +506,8 @@ async def test_metadata_value_matches_as_string_or_as_the_number_or_boolean_it_s
     values.append(-(2.0**63))
     docs = [imported(n, metadata={"v": value}) for n, value in enumerate(values)]
     for doc in docs:
-        await store.import_document(doc)
-    await store.import_document(imported(99, metadata={"other": 12}))
+        await store.import_documents([doc])
+    await store.import_documents([imported(99, metadata={"other": 12})])
 
     def having(*wanted: int) -> list[str]:
         return [docs[n].id for n in sorted(wanted, reverse=True)]
@@ -537,7 +537,7 @@ async def test_metadata_value_matches_as_string_or_as_the_number_or_boolean_it_s
 async def test_time_ranges_are_half_open(store: DocumentStore, clock: FakeClock) -> None:
     docs = [imported(n) for n in range(5)]
     for doc in docs:
-        await store.import_document(doc)
+        await store.import_documents([doc])
     touched = await store.update(docs[1].id, DocumentUpdate(title="touched"))
     ids = [doc.id for doc in docs]
     created = [doc.created_at.isoformat() for doc in docs]
@@ -557,7 +557,7 @@ async def test_every_sort_is_total_with_ties_broken_by_id(store: DocumentStore, 
     docs = [imported(n % 2, updated_at=imported(10 + n % 3).created_at) for n in range(6)]
     docs = [doc.model_copy(update={"id": f"01J{n:023d}"}) for n, doc in enumerate(docs)]
     for doc in docs:
-        await store.import_document(doc)
+        await store.import_documents([doc])
     for sort, field in [
         ("-created_at", "created_at"),
         ("created_at", "created_at"),
@@ -645,17 +645,16 @@ async def test_every_combination_of_filters_and_sorts_agrees_with_brute_force(
     values: list[Any] = [12, "12", 12.0, True, "true", 1, "x", None]
     for n in range(60):
         created = rng.randrange(20)
-        await store.import_document(
-            imported(
-                n,
-                title=rng.choice(vocabulary),
-                content=" ".join(rng.sample(vocabulary, 3)),
-                tags=rng.sample(["a", "b", "c"], rng.randrange(3)),
-                metadata={"k": rng.choice(values), "j": rng.choice(values)},
-                created_at=imported(created).created_at,
-                updated_at=imported(created + rng.randrange(10)).created_at,
-            ).model_copy(update={"id": f"01J{n:023d}"})
+        doc = imported(
+            n,
+            title=rng.choice(vocabulary),
+            content=" ".join(rng.sample(vocabulary, 3)),
+            tags=rng.sample(["a", "b", "c"], rng.randrange(3)),
+            metadata={"k": rng.choice(values), "j": rng.choice(values)},
+            created_at=imported(created).created_at,
+            updated_at=imported(created + rng.randrange(10)).created_at,
         )
+        await store.import_documents([doc.model_copy(update={"id": f"01J{n:023d}"})])
     for doc in rng.sample(await exported(store), 10):
         await store.update(doc.id, DocumentUpdate(title=rng.choice(vocabulary), tags=["a"]))
     for doc in rng.sample(await exported(store), 5):
@@ -684,7 +683,7 @@ async def test_an_imported_document_is_found_as_if_the_service_had_stored_it(
     sub_millisecond = datetime(2026, 9, 2, 0, 0, 0, 600, tzinfo=UTC)
     doc = imported(1, tags=[" Finance", "finance", "Q3"], created_at=sub_millisecond)
     doc = doc.model_copy(update={"updated_at": sub_millisecond.replace(tzinfo=None)})
-    assert await store.import_document(as_stored(doc))
+    assert await store.import_documents([as_stored(doc)])
     assert await walk(store, 5, tag=["finance", "q3"]) == [doc.id]
     # .0006 is before .001 in every order: the time is kept to the millisecond, as stored.
     window = {"created_after": "2026-09-02T00:00:00.001Z", "updated_before": "2026-09-03T00:00:00Z"}
@@ -698,7 +697,7 @@ async def test_a_bound_past_the_calendar_is_after_every_document(store: Document
     rounded it up, past the last stored millisecond, while MongoDB cut it down to that one."""
     last = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
     doc = imported(1, created_at=last, updated_at=last)
-    assert await store.import_document(doc)
+    assert await store.import_documents([doc])
     past = "9999-12-31T23:59:59.9991Z"
     for name in ("created", "updated"):
         assert await walk(store, 5, **{f"{name}_after": past}) == []
@@ -712,7 +711,7 @@ async def test_a_change_to_a_document_created_in_the_future_is_dated_no_earlier(
     its creation, and `import` then refused what `export` wrote of it."""
     future = imported(1, created_at=datetime(9999, 1, 1, tzinfo=UTC))
     future = future.model_copy(update={"updated_at": future.created_at})
-    assert await store.import_document(future)
+    assert await store.import_documents([future])
     changed = await store.update(future.id, DocumentUpdate(title="changed"))
     assert changed.updated_at == future.created_at
     assert check_stored(Document.model_validate_json(changed.json_bytes)) == changed
@@ -725,7 +724,7 @@ async def test_a_sparse_query_fills_every_page_but_the_last(tmp_path: Path) -> N
     async with anyio.create_task_group() as tasks:
         for n in range(2_500):
             doc = imported(n, tags=["a", "b"] if n in both else ["ab"[n % 2]])
-            tasks.start_soon(store.import_document, doc)
+            tasks.start_soon(store.import_documents, [doc])
     pages = []
     after = None
     while True:
@@ -764,13 +763,13 @@ async def test_a_search_walked_newest_first_finds_every_match_after_writes(tmp_p
     try:
         docs = [made(n, created()) for n in range(50_000)]
         for start in range(0, len(docs), 512):
-            await asyncio.gather(*map(store.import_document, docs[start : start + 512]))
+            await store.import_documents(docs[start : start + 512])
         ids = [doc.id for doc in docs]
         for n in range(1_500):
             if (choice := seeded.random()) < 0.3:
                 at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(milliseconds=n)
                 new = made(n, at)
-                assert await store.import_document(new)
+                assert await store.import_documents([new])
                 ids.append(new.id)
             elif choice < 0.8:
                 title = " ".join(seeded.sample(["alpha", "beta", "gamma"], 2))
@@ -923,7 +922,7 @@ async def test_a_page_of_large_documents_reads_about_what_it_can_send(
             at = datetime(2026, 1, 1, tzinfo=UTC)
             docs = [new_document(big, IdGenerator()(at), at) for _ in range(30)]
             for doc in random.sample(docs, len(docs)):
-                assert await store.import_document(doc)
+                assert await store.import_documents([doc])
             made = sorted(doc.id for doc in docs)
         else:
             made = [(await store.create(big))[0].id for _ in range(30)]
@@ -958,7 +957,7 @@ async def test_a_page_inside_a_crowded_millisecond_reads_the_rows_it_sends(
     crowd = body("crowd", ["t"], content="c" * 3_500, metadata={"k": 1})
     docs = [new_document(crowd, IdGenerator()(at), at) for _ in range(1_000)]
     try:
-        assert all(await asyncio.gather(*map(store.import_document, random.sample(docs, 1_000))))
+        assert await store.import_documents(random.sample(docs, 1_000)) == 1_000
         query = DocumentQuery.model_validate(params)
         order = sorted(doc.id for doc in docs)[:: 1 if params.get("sort") else -1]
         read, after = _bytes_read(), None if sent == 0 else (millis(at), order[sent - 1])
@@ -988,7 +987,7 @@ async def _rows_of_a_page_each(store: SQLiteStore) -> list[Document]:
         )
         for n in range(2_000)
     ]
-    assert all(await asyncio.gather(*map(store.import_document, docs)))
+    assert await store.import_documents(docs) == len(docs)
     return docs
 
 
