@@ -704,6 +704,9 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     if task in ("backup", "export") and not settings.database_url and not database.exists():
         # Opening would make an empty database: a copy of it would look like a good backup.
         raise TaskRefused(f"no database at {database}: is DATA_DIR the service's?")
+    if task == "import" and file is not None:
+        # Before the store opens: a file that cannot be read leaves DATA_DIR as it was.
+        await (await anyio.open_file(file, "rb")).aclose()
     store = await open_store(settings, serving=False)
     try:
         if task == "seed":
@@ -727,10 +730,12 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                 # Many lines per read: one thread hop per line would cost more than the import.
                 while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
                     for line in lines:
-                        where = f"{file}:{seen + 1}"
+                        seen += 1
+                        if not line.strip():  # a blank line (one at the end, say) holds none
+                            continue
+                        where = f"{file}:{seen}"
                         doc = _document_from(line, where, settings.max_content_chars)
                         batch.append((where, doc))
-                        seen += 1
                         if len(batch) == IMPORT_BATCH:
                             added += await _import_all(store, batch)
                             batch = []

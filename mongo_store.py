@@ -649,7 +649,11 @@ class MongoStore:
 
     async def import_documents(self, docs: Sequence[Document]) -> int:
         self._require_indexes()
-        return sum(await asyncio.gather(*map(self._import, docs)))
+        # An id's first document only: inserted at once, a later one could win the race.
+        first: dict[str, Document] = {}
+        for doc in docs:
+            first.setdefault(doc.id, doc)
+        return sum(await asyncio.gather(*map(self._import, first.values())))
 
     async def _import(self, doc: Document) -> bool:
         # Fewer at once than the driver's pool holds (100): each call's time limit runs from its

@@ -239,6 +239,8 @@ def _samples(**fields: object) -> bytes:
     [
         (b'{"id": "x"}', b"bad.jsonl:1: title: Field required"),
         (b"not json", b"bad.jsonl:1: document: Invalid JSON"),
+        # Blank lines hold no document, and count: the line named is the file's.
+        (b"\n \r\n" + _line() + b"\n\nnot json", b"bad.jsonl:5: document: Invalid JSON"),
         # What the API would refuse is refused: the document could not be sent back as it is.
         (_line(title="x" * 201), b"bad.jsonl:1: title: "),
         (_line(tags=["t" * 51]), b"bad.jsonl:1: tags.0: "),
@@ -269,6 +271,7 @@ def test_a_task_refuses_a_database_of_an_older_schema_unchanged(
 ) -> None:
     """Only a service migrates: a newer version's task had migrated the database under the
     previous version's service, which then failed its tag listings and writes."""
+    (tmp_path / "none.jsonl").write_bytes(b"")
     data = tmp_path / "data"
     SQLiteStore.open(data).close_sync()
     with sqlite3.connect(data / DATABASE_FILE) as conn:  # as the previous version left it
@@ -301,6 +304,8 @@ def test_a_task_error_is_one_line_whatever_the_file_is_named(
     shown = name.replace("\n", "\\n")  # escaped, as every character that is not printable
     assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path}/{shown}{reason}".encode())
     assert b"Traceback" not in result.stderr
+    if content is None:  # refused before the store opens: no database made
+        assert not (tmp_path / "data" / DATABASE_FILE).exists()
 
 
 def test_export_writes_the_file_it_is_given(tmp_path: Path) -> None:
