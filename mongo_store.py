@@ -659,19 +659,16 @@ class MongoStore:
         # Fewer at once than the driver's pool holds (100): each call's time limit runs from its
         # start, and a call queued for a connection would spend it waiting on the others.
         async with self._importing:
-            return await self._import_one(doc)
-
-    async def _import_one(self, doc: Document) -> bool:
-        raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
-        # Which copy it is: a delete that read another (before a delete and this restore) and
-        # retries its write cannot remove this one (see delete).
-        raw["restored_by"] = secrets.token_hex(8)
-        if await self._insert_new(self._docs, raw):
-            return True
-        # A restore may bring back what was deleted: over its tombstone.
-        with _driver_errors(self._writes):
-            result = await self._docs.replace_one({"_id": doc.id, **TOMBSTONE}, raw)
-        return result.matched_count == 1
+            raw = _to_mongo(doc, await _words_of(doc.title, doc.content))
+            # Which copy it is: a delete that read another (before a delete and this restore)
+            # and retries its write cannot remove this one (see delete).
+            raw["restored_by"] = secrets.token_hex(8)
+            if await self._insert_new(self._docs, raw):
+                return True
+            # A restore may bring back what was deleted: over its tombstone.
+            with _driver_errors(self._writes):
+                result = await self._docs.replace_one({"_id": doc.id, **TOMBSTONE}, raw)
+            return result.matched_count == 1
 
     async def _insert_new(self, collection: Any, record: dict[str, Any]) -> bool:
         """Insert unless a record with its _id exists: False then, never an error."""
