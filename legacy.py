@@ -4,18 +4,17 @@ else reads these files; this module goes once no such data directory is left."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import stat
 from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from models import Document, DocumentCreate, as_stored, millis
+from sqlite_files import open_own, read_own
 from storage import IDEMPOTENCY_TTL, StoreCorrupt, StoreUnavailable
 
 LEGACY_FILE = "documents.json"
@@ -33,9 +32,7 @@ def previous_version_locked_out(data_dir: Path) -> int | None:
     """A shared hold on the previous version's lock file, kept while this store is open: that
     version takes it exclusively for as long as it serves, so neither serves beside the other.
     Without the file (that version never ran here) nothing is held, and nothing is made."""
-    try:
-        fd = os.open(data_dir / LEGACY_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    if (fd := open_own(data_dir / LEGACY_LOCK)) is None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -52,20 +49,20 @@ def left_beside(data_dir: Path) -> Path | None:
     version run again since the upgrade): data no version here reads."""
     if os.path.lexists(path := data_dir / LEGACY_FILE):
         return path
-    return data_dir / LEGACY_JOURNAL if _read(data_dir / LEGACY_JOURNAL) else None
+    return data_dir / LEGACY_JOURNAL if read_own(data_dir / LEGACY_JOURNAL) else None
 
 
 def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
     """The documents and unexpired idempotency keys of `documents.json`, refused as the previous
     version refused them; None without one. Only a service carries them over, never a `task`."""
     journal, path = data_dir / LEGACY_JOURNAL, data_dir / LEGACY_FILE
-    if _read(journal):
+    if read_own(journal):
         raise StoreCorrupt(
             journal,
             "it holds changes not yet folded into documents.json; start the previous version "
             "once and stop it cleanly, then start this one",
         )
-    raw = _read(path)
+    raw = read_own(path)
     if raw is None:
         return None
     if task:
@@ -106,7 +103,7 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
         raise StoreCorrupt(
             path, f"not a database the previous version wrote: {_reason(exc)}"
         ) from None
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
         raise StoreCorrupt(path, f"not a database the previous version wrote: {exc}") from exc
     return list(docs.values()), list(keys.values()), hashlib.sha256(raw).digest()
 
@@ -130,27 +127,9 @@ def same_body(stored: str, data: DocumentCreate) -> bool:
 def imported_already(path: Path, digest: bytes | None) -> bool:
     """Whether `path` is the very file whose import the database records by `digest`: a start
     killed after the import's commit, before it set the file aside."""
-    return path.name == LEGACY_FILE and digest == hashlib.sha256(_read(path) or b"").digest()
+    return path.name == LEGACY_FILE and digest == hashlib.sha256(read_own(path) or b"").digest()
 
 
 def mark_imported(data_dir: Path) -> None:
     """Kept byte for byte, under a name no version reads again."""
     (data_dir / LEGACY_FILE).rename(data_dir / (LEGACY_FILE + ".imported"))
-
-
-def _read(path: Path) -> bytes | None:
-    """A regular file's bytes; None if there is none. The previous version only wrote regular
-    files: a link, a directory or a FIFO is refused, without following or blocking on it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreCorrupt(path, "a symbolic link; the store only uses files it wrote") from exc
-        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise StoreCorrupt(path, "not a regular file; the store only uses files it wrote")
-    with open(fd, "rb") as file:
-        return file.read()

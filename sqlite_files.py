@@ -6,6 +6,7 @@ before SQLite opens it; the file made whole; the lock one starting process holds
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -37,10 +38,10 @@ WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header 
 
 def check_file(path: Path) -> bytes | None:
     """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
-    anything but a whole SQLite file of this store's (a directory, a link, a FIFO, another
-    format, a truncated database, another application's by its header, a rollback journal)
-    before SQLite opens it;
-    SQLiteStore._check_as_found reads the rest through SQLite."""
+    anything but a whole SQLite file of this store's (a directory, a link, a FIFO, a file of
+    several names, another format, a truncated database, another application's by its header,
+    a rollback journal) before SQLite opens it; SQLiteStore._check_as_found reads the rest
+    through SQLite."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -54,7 +55,14 @@ def check_file(path: Path) -> bytes | None:
     except OSError as exc:
         raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
     try:
-        size = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        if status.st_nlink > 1:  # SQLite would write through every name (another of its files)
+            raise StoreCorrupt(
+                path,
+                f"{status.st_nlink} names link to it; the store only uses files of one name: "
+                "copy it instead of linking it",
+            )
+        size = status.st_size
         head = os.read(fd, 100)
         # SQLite reads a WAL whose header fails its checks as empty, and drops every write it
         # holds: anything but zeros past the header may be one.
@@ -89,12 +97,43 @@ def check_file(path: Path) -> bytes | None:
     # would make a store of (this store's databases of its first days are unmarked, migrated).
     if app_id not in (0, APPLICATION_ID, BACKUP_ID) or (app_id == 0 == user_version and pages > 1):
         raise StoreCorrupt(path, "an SQLite database of another application")
+    # SQLite takes the header's page count on trust only while these two fields agree, which
+    # every write of the header since 3.7.0 makes them: else it counts the file's pages, and a
+    # truncated database would pass for whole (its header then rewritten to match).
+    if head[24:28] != head[92:96]:
+        raise StoreCorrupt(path, "its header is damaged (its page count is not valid)")
     # Shorter than its header says is truncation, unless the WAL beside it (its own: not beside
     # a backup) holds every page a checkpoint cut short was writing.
-    lost = range(size // page_size + 1, pages + 1) if head[24:28] == head[92:96] else range(0)
+    lost = range(size // page_size + 1, pages + 1)
     if lost and (app_id == BACKUP_ID or not _wal_holds(path, page_size, lost)):
         raise StoreCorrupt(path, f"truncated: {size} of {page_size * pages} bytes")
     return head
+
+
+def open_own(path: Path) -> int | None:
+    """A read-only descriptor of a file the store keeps in DATA_DIR (None if there is none),
+    opened without following a link or blocking on a FIFO: anything but a regular file is
+    refused (a FIFO had held a start, or readiness, for ever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreCorrupt(path, "a symbolic link; the store only uses files it wrote") from exc
+        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreCorrupt(path, "not a regular file; the store only uses files it wrote")
+    return fd
+
+
+def read_own(path: Path, limit: int = -1) -> bytes | None:
+    """Up to `limit` bytes (all by default) of a file `open_own` opens; None if there is none."""
+    if (fd := open_own(path)) is None:
+        return None
+    with open(fd, "rb") as file:
+        return file.read(limit)
 
 
 def _page_size(stored: int) -> int:

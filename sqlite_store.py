@@ -54,6 +54,7 @@ from sqlite_files import (
     identity,
     in_use,
     owner,
+    read_own,
     remove_leftovers,
     remove_made,
     start_lock,
@@ -85,6 +86,8 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transaction
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 DAMAGE_FILE = "documents.damaged"  # what SQLite said of damage a process met, for the others
+DAMAGE_MAX = 1024  # bytes of it read or written: SQLite's messages are a line
+OWN_NAMES = "documents."  # how every file the store keeps in DATA_DIR is named
 PROBE_WRITE_S = 1.0  # how long readiness waits for its write transaction
 PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
@@ -758,15 +761,22 @@ class SQLiteStore:
         every process on it: each one's readiness says so, whatever its own requests met."""
         if (damage := _damage(exc)) and not self._damaged:
             self._damaged = damage
-            with contextlib.suppress(OSError):  # this process's readiness says so all the same
-                (self.data_dir / DAMAGE_FILE).write_text(damage)
+            # Neither following a link put there nor blocking on a FIFO; this process's
+            # readiness says so all the same if it cannot be written.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+            with contextlib.suppress(OSError):
+                fd = os.open(self.data_dir / DAMAGE_FILE, flags, 0o600)
+                with open(fd, "wb") as file:
+                    file.write(damage.encode()[:DAMAGE_MAX])
 
     def _probe(self) -> None:
         self._check_files()
-        with contextlib.suppress(OSError):  # absent: no process met damage since the first start
-            self._damaged = self._damaged or (self.data_dir / DAMAGE_FILE).read_text(
-                "utf-8", "replace"
-            )
+        try:
+            # Absent: no process met damage since the first start.
+            if not self._damaged and (damage := read_own(self.data_dir / DAMAGE_FILE, DAMAGE_MAX)):
+                self._damaged = damage.decode("utf-8", "replace")
+        except StoreCorrupt as exc:
+            raise StoreUnavailable(str(exc)) from exc
         try:
             if not os.access(self.data_dir, os.W_OK):
                 raise StoreUnavailable("the data directory is not writable")
@@ -781,11 +791,15 @@ class SQLiteStore:
         into place whole: a failure leaves nothing, a crash at most `.PID.backup-partial`."""
         if os.path.lexists(target):
             raise StoreUnavailable(f"{target} exists; back up to a new file")
-        if target.absolute().parent == self.path.absolute().parent and target.name in {
-            DATABASE_FILE + name for name in ("-journal", "-wal", "-shm")
-        }:  # SQLite would take the copy for one of the database's own files
+        try:  # however the path spells it (`..`, a link to the directory)
+            beside = os.path.samefile(target.parent, self.data_dir)
+        except OSError:  # no such directory: the copy below fails with the reason
+            beside = False
+        if beside and target.name.startswith(OWN_NAMES):
+            # Taken for one of the store's: the database's WAL or journal, a damage report...
             raise StoreUnavailable(
-                f"{target} is a name SQLite gives the database's own files; back up to another"
+                f"{target}: {OWN_NAMES}* names in the data directory are the store's own files; "
+                "back up to another name"
             )
         partial = target.with_name(f".{os.getpid()}.backup-partial")  # short: any name fits
         try:

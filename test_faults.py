@@ -3,6 +3,7 @@ the store serves exactly what a restart would load."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,10 +19,10 @@ import anyio
 import pytest
 
 from conftest import KEY, ServiceFactory, app_client, assert_problem, run_main
-from legacy import LEGACY_FILE, LEGACY_JOURNAL
+from legacy import LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK
 from models import DocumentCreate
 from sqlite_files import DATABASE_FILE
-from sqlite_store import SQLiteStore
+from sqlite_store import DAMAGE_FILE, SQLiteStore
 from storage import StoreCorrupt, StoreUnavailable
 
 
@@ -43,7 +44,7 @@ def _dangling_link(path: Path) -> None:
 
 
 SHAPES = {"FIFO": _fifo, "directory": _directory, "link": _link_to_file, "dangling": _dangling_link}
-NAMES = [DATABASE_FILE, DATABASE_FILE + "-wal", LEGACY_FILE, LEGACY_JOURNAL]
+NAMES = [DATABASE_FILE, DATABASE_FILE + "-wal", LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK]
 
 
 def _open_in_thread(data_dir: Path) -> BaseException | None:
@@ -87,6 +88,85 @@ def test_a_path_of_the_wrong_shape_is_refused_untouched_without_a_hang(
     assert _snapshot(data_dir) == before
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_damage_report_of_the_wrong_shape_fails_readiness_without_a_hang(
+    tmp_path: Path, shape: str
+) -> None:
+    """A FIFO named as the report one process leaves the others had held every probe (and a
+    thread each) for ever."""
+    store = SQLiteStore.open(tmp_path)
+    SHAPES[shape](tmp_path / DAMAGE_FILE)
+    outcome: list[BaseException | None] = []
+
+    def check() -> None:
+        try:
+            asyncio.run(store.check())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "readiness hung"
+    store.close_sync()
+    assert isinstance(outcome[0], StoreUnavailable)
+    assert DAMAGE_FILE in str(outcome[0])
+
+
+def _filled(data_dir: Path, count: int) -> None:
+    async def fill() -> None:
+        store = SQLiteStore.open(data_dir)
+        try:
+            for n in range(count):
+                await store.create(DocumentCreate(title=f"d{n}", content="x" * 2000))
+        finally:
+            await store.close()
+
+    anyio.run(fill)
+
+
+def _linked_as_shm(data_dir: Path) -> None:
+    os.link(data_dir / DATABASE_FILE, data_dir / f"{DATABASE_FILE}-shm")
+
+
+def _linked_elsewhere(data_dir: Path) -> None:
+    os.link(data_dir / DATABASE_FILE, data_dir / "documents-copy.db")
+
+
+def _truncated_and_untrusted(data_dir: Path) -> None:
+    """Pages cut off the end, and the header's page count made one SQLite does not trust, so
+    that it counts the file's pages instead (and rewrites the header to match)."""
+    database = data_dir / DATABASE_FILE
+    data = bytearray(database.read_bytes())
+    del data[-20 * 4096 :]
+    data[92:96] = (int.from_bytes(data[92:96]) - 1).to_bytes(4)
+    database.write_bytes(data)
+
+
+DAMAGED_FILES = {
+    "its -shm a second name of it": _linked_as_shm,
+    "a second name elsewhere": _linked_elsewhere,
+    "truncated, with a page count not to be trusted": _truncated_and_untrusted,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_FILES)
+def test_a_database_of_several_names_or_an_untrusted_header_is_refused_untouched(
+    tmp_path: Path, damage: str
+) -> None:
+    """A `-shm` linked to the database had been written over it, every document gone, with a
+    refusal that said the file was left untouched; a truncated file whose header SQLite would
+    not trust had been served, its header rewritten to hide the loss."""
+    _filled(tmp_path, 300)
+    DAMAGED_FILES[damage](tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    error = _open_in_thread(tmp_path)
+    assert isinstance(error, StoreCorrupt)
+    assert DATABASE_FILE in str(error)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_two_records_with_one_id_in_the_previous_file_are_refused_untouched(
     tmp_path: Path,
 ) -> None:
@@ -120,6 +200,10 @@ NEVER_WRITTEN = {
     "an id the service never makes": (
         LEGACY_FILE,
         json.dumps({"documents": {"1": _record(doc_id="nope")}}).encode(),
+    ),
+    "nesting deeper than a parser goes": (
+        LEGACY_FILE,
+        b'{"documents": {"1": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}",
     ),
     "nested metadata": (
         LEGACY_FILE,

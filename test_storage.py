@@ -1401,29 +1401,40 @@ def _follow_the_advice_to_set_aside(data_dir: Path) -> None:
     SQLiteStore.open(data_dir).close_sync()
 
 
-async def test_a_backup_named_as_the_databases_own_files_is_refused_and_so_is_a_journal(
+async def test_a_backup_named_as_one_of_the_stores_files_is_refused_and_so_is_a_journal(
     tmp_path: Path,
 ) -> None:
     """`backup data/documents.db-journal` wrote it, and every start after failed with "attempt to
-    write a readonly database": SQLite took the copy for a transaction to play back. A journal
-    beside the database, which the store never writes, is refused naming it."""
-    store = SQLiteStore.open(tmp_path)
+    write a readonly database": SQLite took the copy for a transaction to play back. So did
+    `data/../data/documents.db-journal`, and `data/documents.damaged` made readiness say the
+    database was damaged, with the whole copy as the reason. The store's names in the data
+    directory are refused however the path spells it; a journal beside the database, which the
+    store never writes, is refused naming it."""
+    data_dir = tmp_path / "data"
+    (tmp_path / "link").symlink_to(data_dir)
+    store = SQLiteStore.open(data_dir)
     try:
         await store.create(body("kept"))
-        for name in ("-journal", "-wal", "-shm"):
-            target = tmp_path / f"{DATABASE_FILE}{name}"
-            existed = target.exists()
-            with pytest.raises(StoreUnavailable, match=r"exists|the database's own files"):
-                store.backup(target)
-            assert target.exists() == existed
-        store.backup(tmp_path / "copy.db")
+        names = [f"{DATABASE_FILE}{end}" for end in ("-journal", "-wal", "-shm")]
+        names += [sqlite_store.DAMAGE_FILE, LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK]
+        for name in names:
+            for target in (
+                data_dir / name,
+                data_dir / ".." / "data" / name,
+                tmp_path / "link" / name,
+            ):
+                listed = sorted(p.name for p in data_dir.iterdir())
+                with pytest.raises(StoreUnavailable, match=r"exists|the store's own files"):
+                    store.backup(target)
+                assert sorted(p.name for p in data_dir.iterdir()) == listed
+        store.backup(data_dir / "copy.db")  # any other name
     finally:
         await store.close()
-    journal = tmp_path / f"{DATABASE_FILE}-journal"
-    journal.write_bytes((tmp_path / "copy.db").read_bytes())
-    assert "rollback journal" in str(_refused(tmp_path, journal.name))
+    journal = data_dir / f"{DATABASE_FILE}-journal"
+    journal.write_bytes((data_dir / "copy.db").read_bytes())
+    assert "rollback journal" in str(_refused(data_dir, journal.name))
     journal.write_bytes(b"")  # an empty one holds no transaction: SQLite ignores it
-    SQLiteStore.open(tmp_path).close_sync()
+    SQLiteStore.open(data_dir).close_sync()
 
 
 def test_a_data_directory_given_as_a_relative_path_is_opened(
