@@ -67,6 +67,9 @@ MAX_PIPELINED = 32
 # 1000 connections (MAX_CONNECTIONS); with it, 1000 connections queue at most 32 MiB.
 MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
+# How long after it opened a connection on which no request has begun is kept through a graceful
+# stop, for the request its client opened it to send (Go's http.Server.Shutdown waits 5 s too).
+STOP_GRACE = 5.0
 # A connection is half-closed first (RFC 9112 9.6) when its client may still be sending (a
 # refusal, an answer before the body came, requests pipelined behind the last answered) or has
 # not taken all we sent: a socket closed with bytes unread, or that bytes reach after its close,
@@ -256,6 +259,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_message = False  # a request has begun and not all of it has come
         self._eof = False  # the client has sent its end
         self._lingered_since = 0.0
+        self._opened = self.loop.time()
+        self._stopping = False  # a graceful stop has begun: the next answer is the last
         self._head_bytes = 0
         self._headers = 0
         self._awaiting_head = True
@@ -427,6 +432,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if version == "1.0":
             self.expect_100_continue = False  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
         super().on_headers_complete()
+        if self._stopping:
+            self.cycle.keep_alive = False
         if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind the one answered
             self._hold(self._parsed)
         if len(self.pipeline) > MAX_PIPELINED:
@@ -557,6 +564,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._watch_sending(untaken)
         else:
             self._reset(untaken)
+
+    def shutdown(self) -> None:
+        """A graceful stop (SIGTERM; each worker's in a rolling restart). uvicorn closes a
+        connection on which no request has begun at once, but its client has just opened it to
+        send one, which then met a closed socket, unanswered (about 1% of the requests through a
+        rolling restart that opened a connection each): such a connection is kept until
+        STOP_GRACE seconds after it opened, and a request begun on it is answered as its last."""
+        self._stopping = True
+        wait = self._opened + STOP_GRACE - self.loop.time()
+        if self.cycle is None and wait > 0 and not self.transport.is_closing():
+            self.loop.call_later(wait, self._stop_unbegun)
+        else:
+            super().shutdown()
+
+    def _stop_unbegun(self) -> None:
+        if self.cycle is None and not self._in_message:
+            super().shutdown()
 
     def timeout_keep_alive_handler(self) -> None:
         if not self._in_message:  # else a head has begun: its timer bounds it, with a 408

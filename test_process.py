@@ -68,6 +68,28 @@ def test_sigterm_finishes_cleanly_within_10_seconds(service_factory: ServiceFact
     assert "Traceback" not in output
 
 
+def test_a_request_on_a_connection_opened_before_a_stop_is_answered(
+    service_factory: ServiceFactory,
+) -> None:
+    """A client opens a connection to send a request at once: a graceful stop (SIGTERM, and
+    each worker's in a rolling restart) coming in between answers it, as the connection's last."""
+    service = service_factory().start()
+    assert service.proc is not None
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        # Connections are accepted in the order they were opened: once a later one is answered,
+        # the server has this one.
+        with service.client() as client:
+            assert client.get("/health").status_code == 200
+        service.proc.send_signal(signal.SIGTERM)
+        service.wait_for_line("Waiting for connections to close", timeout=10)
+        sock.sendall(f"GET /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200 ")
+    assert b"\r\nconnection: close" in head
+    assert service.proc.wait(10) in CLEAN_EXITS
+
+
 def test_kill_9_during_concurrent_writes_loses_no_acknowledged_document(
     service_factory: ServiceFactory,
 ) -> None:
