@@ -49,24 +49,24 @@ def left_beside(data_dir: Path) -> Path | None:
     version run again since the upgrade): data no version here reads."""
     if os.path.lexists(path := data_dir / LEGACY_FILE):
         return path
-    return data_dir / LEGACY_JOURNAL if read_own(data_dir / LEGACY_JOURNAL) else None
+    return data_dir / LEGACY_JOURNAL if read_own(data_dir / LEGACY_JOURNAL, 1) else None
 
 
 def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
     """The documents and unexpired idempotency keys of `documents.json`, refused as the previous
     version refused them; None without one. Only a service carries them over, never a `task`."""
     journal, path = data_dir / LEGACY_JOURNAL, data_dir / LEGACY_FILE
-    if read_own(journal):
+    if read_own(journal, 1):  # a byte tells: none is read whole before it is needed
         raise StoreCorrupt(
             journal,
             "it holds changes not yet folded into documents.json; start the previous version "
             "once and stop it cleanly, then start this one",
         )
-    raw = read_own(path)
+    if task and read_own(path, 0) is not None:
+        raise StoreUnavailable(f"{path} is the previous version's: start this version's service")
+    raw = None if task else read_own(path)
     if raw is None:
         return None
-    if task:
-        raise StoreUnavailable(f"{path} is the previous version's: start this version's service")
     try:
         # Numbers as written (orjson reads one past 64 bits as a float, near enough to pass).
         tables = json.loads(raw)
@@ -127,7 +127,10 @@ def same_body(stored: str, data: DocumentCreate) -> bool:
 def imported_already(path: Path, digest: bytes | None) -> bool:
     """Whether `path` is the very file whose import the database records by `digest`: a start
     killed after the import's commit, before it set the file aside."""
-    return path.name == LEGACY_FILE and digest == hashlib.sha256(read_own(path) or b"").digest()
+    if path.name != LEGACY_FILE or (fd := open_own(path)) is None:
+        return False
+    with open(fd, "rb") as file:  # a piece at a time: the file may be of any size
+        return digest == hashlib.file_digest(file, "sha256").digest()
 
 
 def mark_imported(data_dir: Path) -> None:

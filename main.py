@@ -71,7 +71,7 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve, stop_with_supervisor
-from sqlite_files import DATABASE_FILE
+from sqlite_files import DATABASE_FILE, check_target
 from sqlite_store import SQLiteStore
 from storage import (
     PAGE_MAX_BYTES,
@@ -713,6 +713,8 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             added = await _seed(store, file or SAMPLES, settings.max_content_chars)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
+            if file is not None:
+                check_target(file, settings.data_dir)
             if file is None and sys.stdout is None:
                 raise TaskRefused("standard output is closed: give export a FILE")
             target = (

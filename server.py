@@ -566,21 +566,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._reset(untaken)
 
     def shutdown(self) -> None:
-        """A graceful stop (SIGTERM; each worker's in a rolling restart). uvicorn closes a
-        connection on which no request has begun at once, but its client has just opened it to
-        send one, which then met a closed socket, unanswered (about 1% of the requests through a
-        rolling restart that opened a connection each): such a connection is kept until
-        STOP_GRACE seconds after it opened, and a request begun on it is answered as its last."""
-        self._stopping = True
+        """A graceful stop (SIGTERM; each worker's in a rolling restart): every request begun is
+        answered, as its connection's last. uvicorn closed a connection at once unless it was
+        answering, so a head part of which had come was cut; and one on which no request had
+        begun, though its client had just opened it to send one, which then met a closed
+        socket, unanswered (about 1% of the requests through a rolling restart that opened a
+        connection each): such a connection is kept until STOP_GRACE seconds after it opened."""
+        self._stopping = True  # on_headers_complete: the request is its connection's last
         wait = self._opened + STOP_GRACE - self.loop.time()
-        if self.cycle is None and wait > 0 and not self.transport.is_closing():
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif self.cycle is None and not self._in_message and wait > 0:
             self.loop.call_later(wait, self._stop_unbegun)
-        else:
-            super().shutdown()
+        elif not self._in_message:  # else its head's timer bounds it
+            self.transport.close()
 
     def _stop_unbegun(self) -> None:
         if self.cycle is None and not self._in_message:
-            super().shutdown()
+            self.transport.close()
 
     def timeout_keep_alive_handler(self) -> None:
         if not self._in_message:  # else a head has begun: its timer bounds it, with a 408

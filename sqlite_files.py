@@ -11,6 +11,7 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import sqlite3
 import stat
 import struct
@@ -25,6 +26,7 @@ from storage import StoreCorrupt, StoreUnavailable
 log = logging.getLogger("documents.store")
 
 DATABASE_FILE = "documents.db"
+OWN_NAMES = "documents."  # how every file the store keeps in DATA_DIR is named
 HEADER = b"SQLite format 3\x00"
 # The header's application id: a database this store made, and a copy `backup` wrote, which
 # keeps its own until its first start (see adopt_backup).
@@ -34,6 +36,22 @@ BACKUP_ID = APPLICATION_ID + 1
 # kernel writes it back within seconds): a generation ends once every frame is copied.
 GENERATIONS_BEHIND = 1 << 16
 WAL_MAGIC, WAL_VERSION = 0x377F0682, (3007000).to_bytes(4)  # of a WAL's header (wal.c)
+
+
+def check_target(target: Path, data_dir: Path) -> None:
+    """Refuse a task's output file (a backup, an export) named as one of the store's own in the
+    data directory, however the path spells it (`..`, a link to it): written over, the database
+    or its WAL had been destroyed, acknowledged writes with it, and a copy named as another of
+    them taken for it (a journal to play back, a damage report, the previous version's file)."""
+    try:
+        beside = os.path.samefile(target.parent, data_dir)
+    except OSError:  # no such directory: writing there fails, with the reason
+        return
+    if beside and target.name.startswith(OWN_NAMES):
+        raise StoreUnavailable(
+            f"{target}: {OWN_NAMES}* names in the data directory are the store's own files; "
+            "write to another name"
+        )
 
 
 def check_file(path: Path) -> bytes | None:
@@ -441,8 +459,10 @@ def create(path: Path) -> None:
 def remove_leftovers(data_dir: Path) -> None:
     """What `create` was making when its process was killed; called under the start lock,
     which `create` runs under too, so no process is making one now."""
-    for path in data_dir.glob(f"{DATABASE_FILE}.[0-9]*-[0-9]*.new*"):
-        path.unlink(missing_ok=True)
+    made = re.compile(rf"{re.escape(DATABASE_FILE)}\.\d+-\d+\.new(-journal|-wal|-shm)?")
+    for path in data_dir.glob(f"{DATABASE_FILE}.*.new*"):
+        if made.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ from sqlite_files import (
     adopt_backup,
     check_file,
     check_sharers,
+    check_target,
     check_wal_kept,
     create,
     identity,
@@ -87,7 +88,6 @@ BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's transac
 LOOP_BUDGET_S = 0.002  # a read on the event loop longer than this moves to a thread
 DAMAGE_FILE = "documents.damaged"  # what SQLite said of damage a process met, for the others
 DAMAGE_MAX = 1024  # bytes of it read or written: SQLite's messages are a line
-OWN_NAMES = "documents."  # how every file the store keeps in DATA_DIR is named
 PROBE_WRITE_S = 1.0  # how long readiness waits for its write transaction
 PARSED_MAX = 4_096  # documents kept parsed
 PARSED_BODY_MAX = 4_096  # larger bodies are parsed at each read: the cache stays tens of MB
@@ -231,7 +231,6 @@ class SQLiteStore:
             store._legacy_fd = previous_version_locked_out(data_dir)
             # One starting process at a time checks, adopts, migrates and imports.
             with start_lock(data_dir):
-                remove_leftovers(data_dir)
                 head = check_file(store.path)
                 check_file(store.path.with_name(DATABASE_FILE + "-journal"))
                 check_sharers(store.path)
@@ -264,6 +263,7 @@ class SQLiteStore:
                     remove_made(store.path, made)
                     raise
                 store._file = identity(store.path)
+                remove_leftovers(data_dir)  # once started: a refused start changes nothing
         except BaseException as exc:
             store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied
@@ -788,23 +788,20 @@ class SQLiteStore:
     def backup(self, target: Path) -> None:
         """A consistent copy through SQLite's online backup API, in one step (one read
         transaction, which writers never wait for under WAL), marked as a backup, and linked
-        into place whole: a failure leaves nothing, a crash at most `.PID.backup-partial`."""
+        into place whole: a failure leaves nothing, a crash at most `.*.backup-partial`."""
         if os.path.lexists(target):
             raise StoreUnavailable(f"{target} exists; back up to a new file")
-        try:  # however the path spells it (`..`, a link to the directory)
-            beside = os.path.samefile(target.parent, self.data_dir)
-        except OSError:  # no such directory: the copy below fails with the reason
-            beside = False
-        if beside and target.name.startswith(OWN_NAMES):
-            # Taken for one of the store's: the database's WAL or journal, a damage report...
-            raise StoreUnavailable(
-                f"{target}: {OWN_NAMES}* names in the data directory are the store's own files; "
-                "back up to another name"
-            )
-        partial = target.with_name(f".{os.getpid()}.backup-partial")  # short: any name fits
+        check_target(target, self.data_dir)
+        # Made here, by a random name, with no link followed: SQLite would write the copy
+        # through a link planted at a predictable name.
+        try:
+            fd, name = tempfile.mkstemp(".backup-partial", ".", target.parent)  # short names
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write the backup {target}: {exc}") from exc
+        os.close(fd)
+        partial = Path(name)
         try:
             with contextlib.closing(sqlite3.connect(partial)) as copy:
-                os.chmod(partial, 0o600)
                 self._connection().backup(copy)
                 copy.execute(f"PRAGMA application_id = {BACKUP_ID}")
             os.link(partial, target)

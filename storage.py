@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 import anyio.to_thread
 import orjson
 
+from logging_config import clip
 from models import (
     METADATA_MAX_KEYS,
     WORDS_INLINE_CHARS,
@@ -105,7 +106,8 @@ class StoreAuthenticationFailed(StoreUnavailable):
 
 class StoreCorrupt(StoreError):
     def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"data file {path} is corrupt ({reason}); it was left untouched")
+        # The reason may quote the file (a table's name, a key): a line's worth of it, not all.
+        super().__init__(f"data file {path} is corrupt ({clip(reason)}); it was left untouched")
         self.path = path
 
 

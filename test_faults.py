@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,56 @@ def test_a_database_of_several_names_or_an_untrusted_header_is_refused_untouched
     assert isinstance(error, StoreCorrupt)
     assert DATABASE_FILE in str(error)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def _journal_at_the_first_start(data_dir: Path) -> tuple[Path, bool]:
+    return data_dir / LEGACY_JOURNAL, True
+
+
+def _journal_beside_a_database(data_dir: Path) -> tuple[Path, bool]:
+    SQLiteStore.open(data_dir).close_sync()
+    return data_dir / LEGACY_JOURNAL, True
+
+
+def _previous_file_for_a_task(data_dir: Path) -> tuple[Path, bool]:
+    return data_dir / LEGACY_FILE, False
+
+
+LARGE_PREVIOUS_FILES = {
+    "a journal at the first start": _journal_at_the_first_start,
+    "a journal beside the database": _journal_beside_a_database,
+    "the previous file, for a task": _previous_file_for_a_task,
+}
+
+
+@pytest.mark.parametrize("case", LARGE_PREVIOUS_FILES)
+def test_a_large_previous_file_is_refused_without_being_read_whole(
+    tmp_path: Path, case: str
+) -> None:
+    """A byte says whether a journal holds changes, and a task never reads the previous file:
+    each had been read whole first (a sparse file of 4 GB took 4 GB of memory, then failed)."""
+    path, migrate = LARGE_PREVIOUS_FILES[case](tmp_path)
+    with path.open("wb") as file:
+        file.truncate(1 << 30)  # sparse: no disk taken
+    tracemalloc.start()
+    try:
+        with pytest.raises((StoreCorrupt, StoreUnavailable), match=re.escape(str(path))):
+            SQLiteStore.open(tmp_path, migrate=migrate).close_sync()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+
+
+def test_a_refusal_quotes_at_most_a_line_of_the_file(tmp_path: Path) -> None:
+    """Text of the file in a refusal (an unknown table's name, an idempotency key) had been
+    copied whole into its one line: 10 MB for two names of 5 MB."""
+    names: dict[str, dict[str, Any]] = {"x" * 5_000_000: {}, "y" * 5_000_000: {}}
+    (tmp_path / LEGACY_FILE).write_text(json.dumps(names))
+    with pytest.raises(StoreCorrupt) as refused:
+        SQLiteStore.open(tmp_path)
+    assert "unknown tables" in str(refused.value)
+    assert len(str(refused.value)) < 2_000
 
 
 def test_two_records_with_one_id_in_the_previous_file_are_refused_untouched(

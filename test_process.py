@@ -68,21 +68,40 @@ def test_sigterm_finishes_cleanly_within_10_seconds(service_factory: ServiceFact
     assert "Traceback" not in output
 
 
+def _read_answer(sock: socket.socket) -> bytes:
+    """One answer with a Content-Length, read whole: its head and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: (\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+@pytest.mark.parametrize("begun", [False, True], ids=["opened", "second head begun"])
 def test_a_request_on_a_connection_opened_before_a_stop_is_answered(
-    service_factory: ServiceFactory,
+    service_factory: ServiceFactory, begun: bool
 ) -> None:
-    """A client opens a connection to send a request at once: a graceful stop (SIGTERM, and
-    each worker's in a rolling restart) coming in between answers it, as the connection's last."""
+    """A client opens a connection to send a request at once, or has begun a second one's head
+    on a kept-alive connection: a graceful stop (SIGTERM, and each worker's in a rolling
+    restart) coming in between answers it, as the connection's last."""
     service = service_factory().start()
     assert service.proc is not None
+    request = f"GET /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
-        # Connections are accepted in the order they were opened: once a later one is answered,
-        # the server has this one.
+        if begun:
+            sock.sendall(request)
+            assert _read_answer(sock).startswith(b"HTTP/1.1 200 ")
+            sock.sendall(request[:10])
+        # Connections are accepted, and what came on them read, in the order sent: once a later
+        # one is answered, the server has this one and its bytes.
         with service.client() as client:
             assert client.get("/health").status_code == 200
         service.proc.send_signal(signal.SIGTERM)
         service.wait_for_line("Waiting for connections to close", timeout=10)
-        sock.sendall(f"GET /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n\r\n".encode())
+        sock.sendall(request[10:] if begun else request)
         answer = b"".join(iter(lambda: sock.recv(65536), b""))
     head = answer.split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"http/1.1 200 ")
@@ -163,6 +182,24 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"configuration error: {variable}:")
+
+
+@pytest.mark.parametrize(
+    "name", [DATABASE_FILE, f"{DATABASE_FILE}-wal", "documents.damaged", "documents.json"]
+)
+def test_an_export_named_as_one_of_the_stores_files_is_refused_unwritten(
+    tmp_path: Path, name: str
+) -> None:
+    """`export data/documents.db` had emptied the database, and one over the WAL of a running
+    service lost writes it had acknowledged; however the path spells the data directory."""
+    data_dir = tmp_path / "data"
+    assert run_task(data_dir, "seed").returncode == 0
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    refused = run_task(data_dir, "export", str(data_dir / ".." / "data" / name))
+    assert refused.returncode == 1
+    assert refused.stderr.decode().count("\n") == 1
+    assert "the store's own files" in refused.stderr.decode()
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
 
 
 def test_seed_is_idempotent_and_validated(tmp_path: Path) -> None:

@@ -1437,6 +1437,25 @@ async def test_a_backup_named_as_one_of_the_stores_files_is_refused_and_so_is_a_
     SQLiteStore.open(data_dir).close_sync()
 
 
+async def test_a_backup_never_follows_a_link_planted_where_it_writes_its_copy(
+    tmp_path: Path,
+) -> None:
+    """The copy was written under `.PID.backup-partial` beside the target, through a link
+    planted there: the copy went elsewhere, and the backup was a link to it."""
+    store = SQLiteStore.open(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere.db"
+    (tmp_path / f".{os.getpid()}.backup-partial").symlink_to(elsewhere)
+    try:
+        await store.create(body("kept"))
+        store.backup(tmp_path / "backup.db")
+    finally:
+        await store.close()
+    assert not elsewhere.exists()
+    assert not (tmp_path / "backup.db").is_symlink()
+    with contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
+        assert copy.execute("SELECT count(*) FROM documents").fetchone() == (1,)
+
+
 def test_a_data_directory_given_as_a_relative_path_is_opened(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1582,13 +1601,21 @@ def test_a_start_removes_what_a_start_killed_while_making_the_database_left(
     if existed:
         SQLiteStore.open(tmp_path).close_sync()
     left = [f"{DATABASE_FILE}.4242-139712.new{name}" for name in ("", "-journal", "-wal", "-shm")]
-    for name in [*left, f"{DATABASE_FILE}.mine.new"]:
+    kept = [f"{DATABASE_FILE}.2024-06-01.new", f"{DATABASE_FILE}.mine.new"]  # not its names
+    for name in [*left, *kept]:
         (tmp_path / name).write_bytes(b"x")
     SQLiteStore.open(tmp_path).close_sync()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        DATABASE_FILE,
-        f"{DATABASE_FILE}.mine.new",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DATABASE_FILE, *kept]
+
+
+def test_a_refused_start_leaves_what_a_killed_start_left(tmp_path: Path) -> None:
+    """They had been removed before the checks, so a refused start changed the directory."""
+    left = tmp_path / f"{DATABASE_FILE}.4242-139712.new"
+    left.write_bytes(b"x")
+    (tmp_path / DATABASE_FILE).write_bytes(b"not a database")
+    with pytest.raises(StoreCorrupt):
+        SQLiteStore.open(tmp_path)
+    assert left.read_bytes() == b"x"
 
 
 def test_a_wal_whose_database_is_missing_is_refused_untouched(tmp_path: Path) -> None:
