@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,14 @@ SHAPES = {"FIFO": _fifo, "directory": _directory, "link": _link_to_file, "dangli
 NAMES = [DATABASE_FILE, DATABASE_FILE + "-wal", LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK]
 
 
-def _open_in_thread(data_dir: Path) -> BaseException | None:
-    """Open the store where a hang would show as a thread still running, not a stuck test."""
+def _in_thread(work: Callable[[], object], what: str) -> BaseException | None:
+    """What `work` raised (None if nothing), run where a hang would show as a thread still
+    running, not a stuck test."""
     outcome: list[BaseException | None] = []
 
     def run() -> None:
         try:
-            store = SQLiteStore.open(data_dir)
-            store.close_sync()
+            work()
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
@@ -64,8 +64,12 @@ def _open_in_thread(data_dir: Path) -> BaseException | None:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(10)
-    assert not thread.is_alive(), "opening the store hung"
+    assert not thread.is_alive(), f"{what} hung"
     return outcome[0]
+
+
+def _open_in_thread(data_dir: Path) -> BaseException | None:
+    return _in_thread(lambda: SQLiteStore.open(data_dir).close_sync(), "opening the store")
 
 
 def _snapshot(data_dir: Path) -> dict[str, tuple[int, str | None]]:
@@ -98,22 +102,10 @@ def test_a_damage_report_of_the_wrong_shape_fails_readiness_without_a_hang(
     thread each) for ever."""
     store = SQLiteStore.open(tmp_path)
     SHAPES[shape](tmp_path / DAMAGE_FILE)
-    outcome: list[BaseException | None] = []
-
-    def check() -> None:
-        try:
-            asyncio.run(store.check())
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=check, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "readiness hung"
+    error = _in_thread(lambda: asyncio.run(store.check()), "readiness")
     store.close_sync()
-    assert isinstance(outcome[0], StoreUnavailable)
-    assert DAMAGE_FILE in str(outcome[0])
+    assert isinstance(error, StoreUnavailable)
+    assert DAMAGE_FILE in str(error)
 
 
 def _filled(data_dir: Path, count: int) -> None:
