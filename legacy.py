@@ -62,10 +62,13 @@ def read_legacy(data_dir: Path, now: datetime, *, task: bool) -> Legacy | None:
             "it holds changes not yet folded into documents.json; start the previous version "
             "once and stop it cleanly, then start this one",
         )
-    if task and read_own(path, 0) is not None:
-        raise StoreUnavailable(f"{path} is the previous version's: start this version's service")
-    raw = None if task else read_own(path)
-    if raw is None:
+    if task:  # the file is not read: whether there is one is enough
+        if read_own(path, 0) is not None:
+            raise StoreUnavailable(
+                f"{path} is the previous version's: start this version's service"
+            )
+        return None
+    if (raw := read_own(path)) is None:
         return None
     try:
         # Numbers as written (orjson reads one past 64 bits as a float, near enough to pass).

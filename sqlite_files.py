@@ -6,7 +6,6 @@ before SQLite opens it; the file made whole; the lock one starting process holds
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import logging
@@ -60,18 +59,8 @@ def check_file(path: Path) -> bytes | None:
     several names, another format, a truncated database, another application's by its header,
     a rollback journal) before SQLite opens it; SQLiteStore._check_as_found reads the rest
     through SQLite."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    if (fd := open_own(path)) is None:
         return None
-    if not stat.S_ISREG(mode):
-        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
-    try:
-        # Neither blocks on a FIFO nor follows a link put there since the check above.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
     try:
         status = os.fstat(fd)
         if status.st_nlink > 1:  # SQLite would write through every name (another of its files)
@@ -129,20 +118,24 @@ def check_file(path: Path) -> bytes | None:
 
 
 def open_own(path: Path) -> int | None:
-    """A read-only descriptor of a file the store keeps in DATA_DIR (None if there is none),
-    opened without following a link or blocking on a FIFO: anything but a regular file is
-    refused (a FIFO had held a start, or readiness, for ever)."""
+    """A read-only descriptor of a file the store keeps in DATA_DIR (None if there is none):
+    anything but a regular file is refused (a directory, a link, a FIFO, which had held a
+    start, or readiness, for ever)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise StoreCorrupt(path, f"{kind}; the store only uses regular files it wrote")
+    try:
+        # Neither blocks on a FIFO nor follows a link put there since the check above.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreCorrupt(path, "a symbolic link; the store only uses files it wrote") from exc
         raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check above
         os.close(fd)
-        raise StoreCorrupt(path, "not a regular file; the store only uses files it wrote")
+        raise StoreCorrupt(path, "not a regular file; the store only uses regular files it wrote")
     return fd
 
 
