@@ -37,7 +37,7 @@ from uvicorn.config import STARTUP_FAILURE
 import openapi
 import ratelimit
 from admission import AdmissionMiddleware, RefusalTally
-from bodies import StrictJSONRoute
+from bodies import StrictJSONRoute, parse_strict
 from conditional import etag, names, write_version
 from config import ApiKey, Settings, configured_keys, digest_key
 from cursors import decode_cursor, encode_cursor
@@ -65,6 +65,7 @@ from problems import (
     STORE_UNAVAILABLE,
     VALIDATION,
     HTTPProblem,
+    MalformedBody,
     ProblemType,
     Unauthorized,
     for_status,
@@ -686,8 +687,15 @@ async def _seed(store: DocumentStore, path: Path, content_max: int) -> int:
 
 
 def _document_from(line: bytes, where: str, content_max: int) -> Document:
+    """Read as strictly as a request body: a repeated key or NaN is refused, not settled."""
     try:
-        doc = as_stored(Document.model_validate_json(line))
+        value = parse_strict(line)
+    except MalformedBody as exc:
+        raise TaskRefused(f"{where}: document: {exc.detail}") from None
+    except (ValueError, RecursionError) as exc:
+        raise TaskRefused(f"{where}: document: Invalid JSON: {exc}") from None
+    try:
+        doc = as_stored(Document.model_validate(value))
         if len(doc.content) > content_max:
             raise ValueError(f"content: at most {content_max} characters (MAX_CONTENT_CHARS)")
         return doc
