@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 from datetime import datetime
@@ -137,5 +138,10 @@ def imported_already(path: Path, digest: bytes | None) -> bool:
 
 
 def mark_imported(data_dir: Path) -> None:
-    """Kept byte for byte, under a name no version reads again."""
-    (data_dir / LEGACY_FILE).rename(data_dir / (LEGACY_FILE + ".imported"))
+    """Kept byte for byte, under a name no version reads again nor an earlier import took (a
+    database made again from another copy): `.imported`, then `.imported.2`, ..."""
+    for n in itertools.count(1):
+        kept = data_dir / f"{LEGACY_FILE}.imported{f'.{n}' if n > 1 else ''}"
+        if not os.path.lexists(kept):  # no other start runs meanwhile: it holds the start lock
+            (data_dir / LEGACY_FILE).rename(kept)
+            return

@@ -2025,6 +2025,24 @@ async def test_the_previous_versions_file_is_imported_once_and_kept_aside(
     conn.close()
 
 
+async def test_an_upgrade_keeps_the_file_an_earlier_upgrade_set_aside(tmp_path: Path) -> None:
+    """A database made again from another copy of the previous version's file: its import had
+    renamed that copy over the file the first upgrade had set aside."""
+    first = _legacy(tmp_path, [imported(1)], [])
+    SQLiteStore.open(tmp_path).close_sync()
+    for path in tmp_path.glob(f"{DATABASE_FILE}*"):
+        path.unlink()
+    second = _legacy(tmp_path, [imported(2)], [])
+    store = SQLiteStore.open(tmp_path)
+    try:
+        assert [doc.id for doc in await exported(store)] == [imported(2).id]
+    finally:
+        await store.close()
+    kept = sorted(tmp_path.glob(f"{LEGACY_FILE}.imported*"))
+    assert [path.read_bytes() for path in kept] == [first, second]
+    assert not (tmp_path / LEGACY_FILE).exists()
+
+
 async def test_a_key_carried_over_from_the_previous_version_replays_its_body_sent_again(
     tmp_path: Path, clock: FakeClock
 ) -> None:
