@@ -68,7 +68,9 @@ MAX_PIPELINED = 32
 MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
 # How long after it opened a connection on which no request has begun is kept through a graceful
-# stop, for the request its client opened it to send (Go's http.Server.Shutdown waits 5 s too).
+# stop, for the request its client opened it to send (Go's http.Server.Shutdown waits 5 s too);
+# and how long after the stop began a request body may go on arriving, within the 8 s the stop
+# waits for requests before it cancels them.
 STOP_GRACE = 5.0
 # A connection is half-closed first (RFC 9112 9.6) when its client may still be sending (a
 # refusal, an answer before the body came, requests pipelined behind the last answered) or has
@@ -137,6 +139,13 @@ BODY_IN_TOO_MANY_PIECES = _problem(
 )
 HEAD_TIMED_OUT = _problem(
     408, "Request Timeout", f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds."
+)
+STOPPED_BEFORE_BODY = _problem(
+    503,
+    "Service Unavailable",
+    f"The server stopped and the request body had not arrived {STOP_GRACE:g} seconds later; "
+    "nothing was done: retry.",
+    b"retry-after: 1\r\n",
 )
 TOO_MANY_CONNECTIONS = _problem(
     503,
@@ -576,10 +585,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         wait = self._opened + STOP_GRACE - self.loop.time()
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
+            if self.cycle.more_body:
+                # Else still arriving when the stop cancels its handler: a text/plain 500 and a
+                # traceback, for a request never acted on.
+                self.loop.call_later(STOP_GRACE, self._stop_body, self.cycle)
         elif self.cycle is None and not self._in_message and wait > 0:
             self.loop.call_later(wait, self._stop_unbegun)
         elif not self._in_message:  # else its head's timer bounds it
             self.transport.close()
+
+    def _stop_body(self, cycle: RequestResponseCycle) -> None:
+        if cycle is self.cycle and cycle.more_body and not cycle.response_started:
+            self._finish(STOPPED_BEFORE_BODY)
 
     def _stop_unbegun(self) -> None:
         if self.cycle is None and not self._in_message:

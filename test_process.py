@@ -111,6 +111,34 @@ def test_a_request_on_a_connection_opened_before_a_stop_is_answered(
     assert service.proc.wait(10) in CLEAN_EXITS
 
 
+def test_a_body_still_arriving_when_a_stop_ends_gets_a_503_problem_and_changes_nothing(
+    service_factory: ServiceFactory,
+) -> None:
+    """Its handler had been cancelled when the stop stopped waiting: a text/plain 500 and a
+    traceback in the log, for a request that was never acted on."""
+    service = service_factory().start()
+    assert service.proc is not None
+    head = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
+        sock.sendall(head + b'{"title": "t"')
+        with service.client() as client:  # answered once the server has read the above
+            assert client.get("/health").status_code == 200
+        service.proc.send_signal(signal.SIGTERM)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"\r\ncontent-type: application/problem+json" in head.lower()
+    assert json.loads(body)["status"] == 503
+    assert service.proc.wait(10) in CLEAN_EXITS
+    assert "Traceback" not in service.rest_of_output()
+    service.start()
+    with service.client() as client:
+        assert client.get("/v1/documents").json()["items"] == []
+
+
 def test_kill_9_during_concurrent_writes_loses_no_acknowledged_document(
     service_factory: ServiceFactory,
 ) -> None:
