@@ -116,6 +116,7 @@ class RequestContextMiddleware:
         finally:
             duration = time.perf_counter() - started
             route = route_template(scope)
+            status = state.get("answered_status", status)  # the server's own (server.py)
             # No line for a refusal admission's tally counts, nor for a probe, failed or not
             # (whatever its method): orchestrators poll them, strangers may flood them with no
             # budget, and metrics count them all; a failing store logs itself once (Outage).

@@ -328,10 +328,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _abandon_answer(self) -> None:
         """The request being answered gets nothing more through this connection."""
         if self._answering is not None:
-            if not self._answering.response_complete:
+            state = self._answering.scope["state"]
+            if not self._answering.response_complete and "answered_status" not in state:
                 # Its response will never be sent: the access line says so (middleware.py),
                 # rather than give the status alone, as if the client had got it.
-                self._answering.scope["state"]["client_disconnected"] = True
+                state["client_disconnected"] = True
             # uvicorn marks only the last request parsed: with more pipelined behind it, the one
             # being answered would wake from its wait to write on a closed transport.
             self._answering.disconnected = True
@@ -526,6 +527,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, response: bytes) -> None:
         self._stop_head_timer()
+        if response and (cycle := self._answering) is not None and not cycle.response_complete:
+            # The refusal is its answer (its body had not all come): the access line and the
+            # metrics give its status, where they had said the client left.
+            cycle.scope["state"]["answered_status"] = int(response[9:12])
         # An answer to HEAD has no content (RFC 9110). The parser holds a request's method from
         # its name's last letter (HEADX too) and the previous request's until then: it is this
         # request's, and a HEAD, only once its target has come. Else the answer goes with neither

@@ -133,7 +133,11 @@ def test_a_body_still_arriving_when_a_stop_ends_gets_a_503_problem_and_changes_n
     assert b"\r\ncontent-type: application/problem+json" in head.lower()
     assert json.loads(body)["status"] == 503
     assert service.proc.wait(10) in CLEAN_EXITS
-    assert "Traceback" not in service.rest_of_output()
+    output = service.rest_of_output()
+    assert "Traceback" not in output
+    # As the client got it: not a client that left, the status the service had chosen.
+    (line,) = [json.loads(x) for x in output.splitlines() if '"logger":"documents.access"' in x]
+    assert (line["status_code"], line.get("client_disconnected")) == (503, None)
     service.start()
     with service.client() as client:
         assert client.get("/v1/documents").json()["items"] == []
