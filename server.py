@@ -140,10 +140,10 @@ BODY_IN_TOO_MANY_PIECES = _problem(
 HEAD_TIMED_OUT = _problem(
     408, "Request Timeout", f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds."
 )
-STOPPED_BEFORE_BODY = _problem(
+STOPPED_BEFORE_ARRIVAL = _problem(
     503,
     "Service Unavailable",
-    f"The server stopped and the request body had not arrived {STOP_GRACE:g} seconds later; "
+    f"The server stopped and the request had not all arrived {STOP_GRACE:g} seconds later; "
     "nothing was done: retry.",
     b"retry-after: 1\r\n",
 )
@@ -590,18 +590,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         wait = self._opened + STOP_GRACE - self.loop.time()
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
-            if self.cycle.more_body:
-                # Else still arriving when the stop cancels its handler: a text/plain 500 and a
-                # traceback, for a request never acted on.
-                self.loop.call_later(STOP_GRACE, self._stop_body, self.cycle)
         elif self.cycle is None and not self._in_message and wait > 0:
             self.loop.call_later(wait, self._stop_unbegun)
-        elif not self._in_message:  # else its head's timer bounds it
+        elif not self._in_message:
             self.transport.close()
+            return
+        self.loop.call_later(STOP_GRACE, self._stop_late)
 
-    def _stop_body(self, cycle: RequestResponseCycle) -> None:
-        if cycle is self.cycle and cycle.more_body and not cycle.response_started:
-            self._finish(STOPPED_BEFORE_BODY)
+    def _stop_late(self) -> None:
+        """A request not all come STOP_GRACE seconds into a stop (its head or its body) is
+        refused, never run: its handler had still been waiting for the body when the stop
+        cancelled it, a text/plain 500 and a traceback for a request never acted on."""
+        cycle = self.cycle
+        answering_early = cycle is not None and cycle.more_body and cycle.response_started
+        if self._in_message and not answering_early and not self.transport.is_closing():
+            self._finish(STOPPED_BEFORE_ARRIVAL)
 
     def _stop_unbegun(self) -> None:
         if self.cycle is None and not self._in_message:

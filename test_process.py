@@ -111,22 +111,27 @@ def test_a_request_on_a_connection_opened_before_a_stop_is_answered(
     assert service.proc.wait(10) in CLEAN_EXITS
 
 
+@pytest.mark.parametrize("begun", [True, False], ids=["begun before the stop", "begun after it"])
 def test_a_body_still_arriving_when_a_stop_ends_gets_a_503_problem_and_changes_nothing(
-    service_factory: ServiceFactory,
+    service_factory: ServiceFactory, begun: bool
 ) -> None:
     """Its handler had been cancelled when the stop stopped waiting: a text/plain 500 and a
     traceback in the log, for a request that was never acted on."""
     service = service_factory().start()
     assert service.proc is not None
-    head = (
+    request = (
         f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"title": "t"'
     ).encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
-        sock.sendall(head + b'{"title": "t"')
+        if begun:
+            sock.sendall(request)
         with service.client() as client:  # answered once the server has read the above
             assert client.get("/health").status_code == 200
         service.proc.send_signal(signal.SIGTERM)
+        if not begun:  # on a connection opened before the stop, as its first request
+            service.wait_for_line("Waiting for connections to close", timeout=10)
+            sock.sendall(request)
         answer = b"".join(iter(lambda: sock.recv(65536), b""))
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 "), answer
