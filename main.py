@@ -712,10 +712,15 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     if task in ("backup", "export") and not settings.database_url and not database.exists():
         # Opening would make an empty database: a copy of it would look like a good backup.
         raise TaskRefused(f"no database at {database}: is DATA_DIR the service's?")
-    if task == "import" and file is not None:
-        # Before the store opens: a file that cannot be read leaves DATA_DIR as it was.
-        await (await anyio.open_file(file, "rb")).aclose()
-    store = await open_store(settings, serving=False)
+    # Opened before the store, so that a file that cannot be read leaves DATA_DIR as it was, and
+    # read through that one opening: a pipe's writer is gone once a first opening closes.
+    source = await anyio.open_file(file, "rb") if task == "import" and file is not None else None
+    try:
+        store = await open_store(settings, serving=False)
+    except BaseException:
+        if source is not None:
+            await source.aclose()
+        raise
     try:
         if task == "seed":
             added = await _seed(store, file or SAMPLES, settings.max_content_chars)
@@ -733,10 +738,10 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             async with target as out:
                 async for doc in store.export_documents():
                     await out.write(doc.model_dump_json() + "\n")
-        elif task == "import" and file is not None:
+        elif source is not None:
             added = seen = 0
             batch: list[tuple[str, Document]] = []  # each document with its line
-            async with await anyio.open_file(file, "rb") as fh:
+            async with source as fh:
                 # Many lines per read: one thread hop per line would cost more than the import.
                 while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
                     for line in lines:
@@ -750,7 +755,7 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                             added += await _import_all(store, batch)
                             batch = []
                         if seen % 10_000 == 0:
-                            sys.stderr.write(f"imported {seen} lines\n")
+                            sys.stderr.write(f"read {seen} lines\n")
             added += await _import_all(store, batch)
             log.info("import.done", extra={"read": seen, "added": added})
         elif task == "backup" and file is not None:

@@ -259,6 +259,29 @@ def test_export_then_import_round_trips_documents(tmp_path: Path) -> None:
     assert run_task(target, "export").stdout == backup
 
 
+def test_import_reads_its_file_through_one_opening_so_a_pipe_works(tmp_path: Path) -> None:
+    """The file was opened and closed once as a check, then opened again to be read: a pipe's
+    writer was gone by then, and the import waited for ever."""
+    assert run_task(tmp_path / "a", "seed").returncode == 0
+    exported = run_task(tmp_path / "a", "export").stdout
+    pipe = tmp_path / "documents.pipe"
+    os.mkfifo(pipe)
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), pipe.open("wb") as out:
+            out.write(exported)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        result = run_main({"DATA_DIR": str(tmp_path / "b")}, "import", str(pipe), timeout=60)
+    finally:
+        os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))  # a writer still waiting goes on
+        writer.join()
+    assert result.returncode == 0, result.stderr
+    assert run_task(tmp_path / "b", "export").stdout == exported
+
+
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
     """Data whose times are whole seconds: a thousand documents of one millisecond, newest id
     first (the embedded store had room for a dozen in that order, and import sorted them)."""
