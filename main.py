@@ -32,7 +32,6 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Mount, Route
-from uvicorn.config import STARTUP_FAILURE
 
 import openapi
 import ratelimit
@@ -769,6 +768,20 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
         await store.close()
 
 
+def _open_once(settings: Settings) -> bool:
+    """Each of several workers would refuse a database none can open, a line each: refused once,
+    here, once the port is bound. The migrations (and an upgrade's import) run here too; the
+    workers then find nothing to do."""
+    if settings.workers == 1 or settings.database_url:
+        return True
+    try:
+        SQLiteStore.open(settings.data_dir).close_sync()
+    except StoreError as exc:
+        log.critical("store.open_failed", extra={"error": str(exc)})
+        return False
+    return True
+
+
 def _file(name: str) -> Path:
     # A Path drops a trailing slash: `backup newdir/` wrote a file named newdir.
     if name.endswith("/"):
@@ -834,14 +847,6 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
         where, reason = exc.filename or args.file, exc.strerror or str(exc)
         _error_line(f"{where}: {reason}" if where else reason)
         return 1
-    if settings.workers > 1 and not settings.database_url:
-        # Each worker would refuse a database none can open, a line each: refused once, here.
-        # The migrations run here too; the workers then find nothing to do.
-        try:
-            SQLiteStore.open(settings.data_dir).close_sync()
-        except StoreError as exc:
-            log.critical("store.open_failed", extra={"error": str(exc)})
-            return STARTUP_FAILURE
     with contextlib.ExitStack() as stack:
         if settings.workers > 1:
             # Each worker writes its metrics to files here; /metrics sums them (prometheus-client's
@@ -850,6 +855,7 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
         return serve(
             # Several workers each build the app through the factory; one gets it directly.
             "main:serve_app" if settings.workers > 1 else create_app(settings),
+            functools.partial(_open_once, settings),
             factory=settings.workers > 1,
             workers=settings.workers,
             host=settings.host,

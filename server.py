@@ -718,16 +718,21 @@ def stop_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve(app: Any, **options: Any) -> int:
+def serve(app: Any, prepare: Callable[[], bool], **options: Any) -> int:
     """Run uvicorn until it stops; the exit status to report. uvicorn's own `run` exits 0 when
     one of several workers failed to start (its supervisor stops all of them quietly), so the
-    workers are supervised here, where their exit codes can be seen."""
+    workers are supervised here, where their exit codes can be seen. `prepare` runs once the
+    port is bound, before any worker starts; False stops the start."""
     config = uvicorn.Config(app, **options)
-    # Bound and listening before the app starts: a port in use fails before `service.started`,
-    # and a client that connects during the start waits, not refused (with several workers too:
-    # each says its startup is complete before it serves the socket).
+    # Bound and listening before the app starts: a port in use fails before `service.started`
+    # and before `prepare` changes anything, and a client that connects during the start waits,
+    # not refused (with several workers too: each says its startup is complete before it serves
+    # the socket).
     sock = config.bind_socket()
     sock.listen(config.backlog)
+    if not prepare():
+        sock.close()
+        return STARTUP_FAILURE
     if config.workers == 1:
         server = uvicorn.Server(config)
         server.run(sockets=[sock])

@@ -582,10 +582,17 @@ def test_a_malformed_database_url_is_one_line_without_the_password(tmp_path: Pat
     assert b"s3cr3t" not in result.stdout + result.stderr
 
 
-def test_a_port_in_use_fails_before_the_service_says_it_started(
-    service_factory: ServiceFactory,
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_fails_before_the_service_says_it_started_or_changes_a_file(
+    service_factory: ServiceFactory, tmp_path: Path, workers: str
 ) -> None:
-    service = service_factory()
+    """With several workers the store was opened before the port was bound: the previous
+    version's file had been imported and set aside by a start that then failed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    previous = data / "documents.json"
+    previous.write_bytes(b'{"documents": {}, "idempotency": {}}')
+    service = service_factory(data, {"WORKERS": workers})
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", service.port))
         taken.listen()
@@ -595,6 +602,7 @@ def test_a_port_in_use_fails_before_the_service_says_it_started(
     output = service.rest_of_output()
     assert "service.started" not in output
     assert "address already in use" in output.lower()
+    assert [path.name for path in data.iterdir()] == [previous.name]
 
 
 def test_a_backup_taken_under_writes_restores_every_document_acknowledged_before_it(
