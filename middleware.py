@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -16,7 +17,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admission import PROBES, closing_start, route_path
 from logging_config import clip, request_id_var
-from problems import INTERNAL, MEDIA_TYPE, BodyBufferFull, BodyTimeout, BodyTooLarge, for_status
+from problems import (
+    INTERNAL,
+    MEDIA_TYPE,
+    STOPPED,
+    BodyBufferFull,
+    BodyTimeout,
+    BodyTooLarge,
+    for_status,
+)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's own X-Request-ID is logged beside ours, cut to this and with any other character
@@ -111,6 +120,18 @@ class RequestContextMiddleware:
                 response = INTERNAL.response(
                     "The server failed to handle this request; quote the request id to report it.",
                     headers={"Connection": "close"},  # its body may be unread (BodyLimit)
+                )
+                await response(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            # What still runs when a graceful stop's time is out: uvicorn cancels it and awaits
+            # none of it. It had answered a text/plain 500 and logged a traceback; not re-raised,
+            # as uvicorn would log it again. A write may yet commit: the detail says so.
+            status = 503
+            if not response_started:
+                response = STOPPED.response(
+                    "The server stopped before it answered; the request may have been carried "
+                    "out: check before repeating it, or repeat it with its Idempotency-Key.",
+                    headers={"Connection": "close", "Retry-After": "1"},
                 )
                 await response(scope, receive, send_with_headers)
         finally:

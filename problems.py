@@ -165,6 +165,9 @@ STORE_UNAVAILABLE = ProblemType(503, "store-unavailable", "The store cannot serv
 LIMITER_UNAVAILABLE = ProblemType(
     503, "rate-limit-store-unavailable", "The rate-limit store cannot answer right now."
 )
+STOPPED = ProblemType(
+    503, "stopped", "The service stopped before it answered; the request may have been carried out."
+)
 
 
 def for_status(status: int) -> ProblemType:
@@ -187,5 +190,6 @@ ALL: tuple[ProblemType, ...] = (
     HEAD_TOO_LARGE,
     STORE_UNAVAILABLE,
     LIMITER_UNAVAILABLE,
+    STOPPED,
     INTERNAL,
 )

@@ -148,6 +148,39 @@ def test_a_body_still_arriving_when_a_stop_ends_gets_a_503_problem_and_changes_n
         assert client.get("/v1/documents").json()["items"] == []
 
 
+def test_a_request_still_running_when_a_stop_ends_gets_a_503_problem_saying_so(
+    service_factory: ServiceFactory,
+) -> None:
+    """A handler the stop cancels (here a write held up by another process's transaction) had
+    answered a text/plain 500 and logged a traceback. The write may still commit once the
+    transaction ends, and the answer says it may have been carried out."""
+    service = service_factory().start()
+    assert service.proc is not None
+    body = b'{"title": "t", "content": "c"}'
+    request = (
+        f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    holder = sqlite3.connect(service.data_dir / DATABASE_FILE, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+            sock.sendall(request)
+            with service.client() as client:  # answered once the server has read the above
+                assert client.get("/health").status_code == 200
+            service.proc.send_signal(signal.SIGTERM)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    finally:
+        holder.rollback()
+        holder.close()
+    head, _, problem = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"\r\ncontent-type: application/problem+json" in head.lower()
+    assert "may have been carried out" in json.loads(problem)["detail"]
+    assert service.proc.wait(15) in CLEAN_EXITS
+    assert "Traceback" not in service.rest_of_output()
+
+
 def test_kill_9_during_concurrent_writes_loses_no_acknowledged_document(
     service_factory: ServiceFactory,
 ) -> None:
