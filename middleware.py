@@ -130,7 +130,8 @@ class RequestContextMiddleware:
             if not response_started:
                 response = STOPPED.response(
                     "The server stopped before it answered; the request may have been carried "
-                    "out: check before repeating it, or repeat it with its Idempotency-Key.",
+                    "out: check before repeating it (a POST may be repeated with its "
+                    "Idempotency-Key).",
                     headers={"Connection": "close", "Retry-After": "1"},
                 )
                 await response(scope, receive, send_with_headers)

@@ -29,6 +29,7 @@ and stopping its reads at the client's end when `eof_received` keeps the transpo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -735,7 +736,10 @@ def serve(app: Any, prepare: Callable[[], bool], **options: Any) -> int:
         return STARTUP_FAILURE
     if config.workers == 1:
         server = uvicorn.Server(config)
-        server.run(sockets=[sock])
+        # Its stop by Ctrl-C ends in KeyboardInterrupt, which uvicorn's own `run` catches too:
+        # else a traceback after the clean stop.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
         return 0 if server.started else STARTUP_FAILURE
     supervisor = Multiprocess(config, sockets=[sock])
     supervisor.run()
