@@ -686,7 +686,7 @@ async def _seed(store: DocumentStore, path: Path, content_max: int) -> int:
 
 
 def _document_from(line: bytes, where: str, content_max: int) -> Document:
-    """Read as strictly as a request body: a repeated key or NaN is refused, not settled."""
+    """Read as strictly as a request body: a repeated key is refused, not settled."""
     try:
         value = parse_strict(line)
     except MalformedBody as exc:

@@ -70,8 +70,8 @@ MAX_PIPELINED_BYTES = 2 * MAX_HEAD_BYTES
 SEND_TIMEOUT = 10.0
 # How long after it opened a connection on which no request has begun is kept through a graceful
 # stop, for the request its client opened it to send (Go's http.Server.Shutdown waits 5 s too);
-# and how long after the stop began a request body may go on arriving, within the 8 s the stop
-# waits for requests before it cancels them.
+# and how long after the stop began a request may go on arriving (its head or its body), within
+# the 8 s the stop waits for requests before it cancels them.
 STOP_GRACE = 5.0
 # A connection is half-closed first (RFC 9112 9.6) when its client may still be sending (a
 # refusal, an answer before the body came, requests pipelined behind the last answered) or has
