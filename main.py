@@ -686,13 +686,16 @@ async def _seed(store: DocumentStore, path: Path, content_max: int) -> int:
 
 
 def _document_from(line: bytes, where: str, content_max: int) -> Document:
-    """Read as strictly as a request body: a repeated key is refused, not settled."""
+    """Read as strictly as a request body: a repeated key or a field no document has (`tag`
+    for `tags`, whose tags were left out) is refused, not settled."""
     try:
         value = parse_strict(line)
     except MalformedBody as exc:
         raise TaskRefused(f"{where}: document: {exc.detail}") from None
     except (ValueError, RecursionError) as exc:
         raise TaskRefused(f"{where}: document: Invalid JSON: {exc}") from None
+    if isinstance(value, dict) and (unknown := sorted(value.keys() - Document.model_fields)):
+        raise TaskRefused(f"{where}: {clip(unknown[0], 64)}: Extra inputs are not permitted")
     try:
         doc = as_stored(Document.model_validate(value))
         if len(doc.content) > content_max:

@@ -416,6 +416,7 @@ def _samples(**fields: object) -> bytes:
         (_line(metadata={"n": math.nan}), b"bad.jsonl:1: document: Invalid JSON: NaN is not"),
         (_line(metadata={"n": 0}).replace(b": 0}", b": 1e999}"), b"1e999 does not fit"),
         (_line(tags=["t"] * 600), b"bad.jsonl:1: document: The body holds more than 512"),
+        (_line(tag=["t"]), b"bad.jsonl:1: tag: Extra inputs are not permitted"),
     ],
 )
 def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(
