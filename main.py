@@ -748,7 +748,7 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                 while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
                     for line in lines:
                         seen += 1
-                        if not line.strip():  # a blank line (one at the end, say) holds none
+                        if not line.strip(b" \t\r\n"):  # blank in JSON's white space: none
                             continue
                         where = f"{file}:{seen}"
                         doc = _document_from(line, where, settings.max_content_chars)

@@ -401,6 +401,7 @@ def _samples(**fields: object) -> bytes:
         (b"not json", b"bad.jsonl:1: document: Invalid JSON"),
         # Blank lines hold no document, and count: the line named is the file's.
         (b"\n \r\n" + _line() + b"\n\nnot json", b"bad.jsonl:5: document: Invalid JSON"),
+        (b"\x0b\x0c", b"bad.jsonl:1: document: Invalid JSON"),  # no white space JSON knows
         # What the API would refuse is refused: the document could not be sent back as it is.
         (_line(title="x" * 201), b"bad.jsonl:1: title: "),
         (_line(tags=["t" * 51]), b"bad.jsonl:1: tags.0: "),
