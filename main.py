@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import functools
 import gc
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import anyio
 import orjson
@@ -697,7 +698,10 @@ def _document_from(line: bytes, where: str, content_max: int) -> Document:
     if isinstance(value, dict) and (unknown := sorted(value.keys() - Document.model_fields)):
         raise TaskRefused(f"{where}: {clip(unknown[0], 64)}: Extra inputs are not permitted")
     try:
-        doc = as_stored(Document.model_validate(value))
+        # Strict, as no request sets these fields: `"version": true` or `"created_at": 0` is
+        # refused, not read as 1 or as 1970. Its JSON again: strict mode reads a time only so.
+        strict = Document.model_validate_json(line.removeprefix(codecs.BOM_UTF8), strict=True)
+        doc = as_stored(strict)
         if len(doc.content) > content_max:
             raise ValueError(f"content: at most {content_max} characters (MAX_CONTENT_CHARS)")
         return doc
@@ -744,13 +748,19 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             added = seen = 0
             batch: list[tuple[str, Document]] = []  # each document with its line
             async with source as fh:
+                line_max = settings.max_body_bytes + IMPORT_LINE_EXTRA_BYTES
                 # Many lines per read: one thread hop per line would cost more than the import.
-                while lines := await anyio.to_thread.run_sync(fh.wrapped.readlines, 1 << 20):
+                while lines := await anyio.to_thread.run_sync(_read_lines, fh.wrapped, line_max):
                     for line in lines:
                         seen += 1
+                        where = f"{file}:{seen}"
+                        if len(line) > line_max:
+                            raise TaskRefused(
+                                f"{where}: document: longer than {line_max} bytes, more than "
+                                "any document takes (MAX_BODY_BYTES, and its id, times, version)"
+                            )
                         if not line.strip(b" \t\r\n"):  # blank in JSON's white space: none
                             continue
-                        where = f"{file}:{seen}"
                         doc = _document_from(line, where, settings.max_content_chars)
                         batch.append((where, doc))
                         if len(batch) == IMPORT_BATCH:
@@ -794,6 +804,19 @@ def _file(name: str) -> Path:
 
 # Documents per call: the embedded store writes them in one transaction, one fsync.
 IMPORT_BATCH = 512
+# What an import line holds beyond a request body (id, times, version), with room to spare.
+IMPORT_LINE_EXTRA_BYTES = 1024
+
+
+def _read_lines(file: IO[bytes], line_max: int) -> list[bytes]:
+    """About a megabyte of lines, each cut after `line_max + 1` bytes: a line without an end
+    (a pipe, a file of one huge line) is refused at that length, never read whole."""
+    lines: list[bytes] = []
+    size = 0
+    while size < 1 << 20 and (line := file.readline(line_max + 1)):
+        lines.append(line)
+        size += len(line)
+    return lines
 
 
 async def _import_all(store: DocumentStore, lines: list[tuple[str, Document]]) -> int:

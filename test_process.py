@@ -321,6 +321,35 @@ def test_import_reads_its_file_through_one_opening_so_a_pipe_works(tmp_path: Pat
     assert run_task(tmp_path / "b", "export").stdout == exported
 
 
+def test_import_refuses_a_line_longer_than_any_document_without_reading_it_whole(
+    tmp_path: Path,
+) -> None:
+    """A line was read whole before it was parsed: a 500 MB line took 1.5 GB, and a pipe that
+    never sends a line break all the memory there is."""
+    pipe = tmp_path / "endless.pipe"
+    os.mkfifo(pipe)
+    sent = 0
+
+    def write() -> None:  # 64 MB of one line, unless the import stops reading first
+        nonlocal sent
+        with contextlib.suppress(BrokenPipeError), pipe.open("wb") as out:
+            while sent < 64 << 20:
+                out.write(b"x" * (1 << 16))
+                sent += 1 << 16
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        result = run_task(tmp_path / "data", "import", str(pipe))
+    finally:
+        os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))  # a writer still waiting goes on
+        writer.join()
+    line = result.stderr.splitlines()[-1]
+    assert result.returncode == 1
+    assert re.fullmatch(rb"error: .*endless\.pipe:1: document: longer than \d+ bytes, .*", line)
+    assert sent < 8 << 20  # the default bound is about 1.2 MB
+
+
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
     """Data whose times are whole seconds: a thousand documents of one millisecond, newest id
     first (the embedded store had room for a dozen in that order, and import sorted them)."""
@@ -418,6 +447,10 @@ def _samples(**fields: object) -> bytes:
         (_line(metadata={"n": 0}).replace(b": 0}", b": 1e999}"), b"1e999 does not fit"),
         (_line(tags=["t"] * 600), b"bad.jsonl:1: document: The body holds more than 512"),
         (_line(tag=["t"]), b"bad.jsonl:1: tag: Extra inputs are not permitted"),
+        # No request sets these: they are read as export writes them, not settled.
+        (_line(version=True), b"bad.jsonl:1: version: Input should be a valid integer"),
+        (_line(version=1.0), b"bad.jsonl:1: version: Input should be a valid integer"),
+        (_line(created_at=0), b"bad.jsonl:1: created_at: Input should be a valid datetime"),
     ],
 )
 def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(
