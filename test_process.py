@@ -34,6 +34,7 @@ from conftest import (
     run_main,
     run_threads,
     scrape,
+    starts_a_process,
     walk,
     write_until_killed,
 )
@@ -348,6 +349,30 @@ def test_import_refuses_a_line_longer_than_any_document_without_reading_it_whole
     assert result.returncode == 1
     assert re.fullmatch(rb"error: .*endless\.pipe:1: document: longer than \d+ bytes, .*", line)
     assert sent < 8 << 20  # the default bound is about 1.2 MB
+
+
+def test_an_import_of_large_documents_holds_a_bounded_batch_in_memory(tmp_path: Path) -> None:
+    """A batch of 512 documents of 100 000 characters each had been held at once: 280 MB."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = IdGenerator()
+    text = " ".join(f"été{n}" for n in range(15_000))[:100_000]  # 2 bytes a letter in UTF-8
+    lines = tmp_path / "large.jsonl"
+    with lines.open("wb") as out:
+        for _ in range(600):
+            doc = plain_document(ids(at), at).model_copy(update={"content": text})
+            out.write(doc.model_dump_json().encode() + b"\n")
+    starts_a_process()
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "import", str(lines)],
+        cwd=HERE,
+        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    assert usage.ru_maxrss < 200 * 1024  # kB: 130 MB, 65 MB of it for an import of one line
 
 
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
