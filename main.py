@@ -669,11 +669,21 @@ class TaskRefused(Exception):
     """A data task's input cannot be used: one line says where and why, exit status 1."""
 
 
-async def _seed(store: DocumentStore, path: Path, content_max: int) -> int:
+# Samples are read whole: more than this is data, which import takes a line at a time.
+SEED_MAX_BYTES = 16 << 20
+
+
+async def _seed(store: DocumentStore, source: anyio.AsyncFile[bytes], content_max: int) -> int:
     """Sample documents, each version 1 of itself, taken as import takes a document (every bound
     and normal form); fixed ids make it idempotent."""
+    path = source.wrapped.name
+    if len(raw := await source.read(SEED_MAX_BYTES + 1)) > SEED_MAX_BYTES:
+        raise TaskRefused(
+            f"{path}: larger than {SEED_MAX_BYTES >> 20} MiB: seed takes sample documents; "
+            "import takes data of any size, as JSON lines"
+        )
     try:
-        samples = orjson.loads(await anyio.Path(path).read_bytes())
+        samples = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise TaskRefused(f"{path}: not JSON: {exc}") from None
     if not isinstance(samples, list) or not all(isinstance(raw, dict) for raw in samples):
@@ -720,7 +730,9 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
         raise TaskRefused(f"no database at {database}: is DATA_DIR the service's?")
     # Opened before the store, so that a file that cannot be read leaves DATA_DIR as it was, and
     # read through that one opening: a pipe's writer is gone once a first opening closes.
-    source = await anyio.open_file(file, "rb") if task == "import" and file is not None else None
+    if task == "seed":
+        file = file or SAMPLES
+    source = await anyio.open_file(file, "rb") if task in ("seed", "import") and file else None
     try:
         store = await open_store(settings, serving=False)
     except BaseException:
@@ -728,8 +740,9 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             await source.aclose()
         raise
     try:
-        if task == "seed":
-            added = await _seed(store, file or SAMPLES, settings.max_content_chars)
+        if task == "seed" and source is not None:
+            async with source:
+                added = await _seed(store, source, settings.max_content_chars)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
             if file is not None:

@@ -512,19 +512,24 @@ def test_a_task_refuses_a_database_of_an_older_schema_unchanged(
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "reason"),
+    ("task", "name", "content", "reason"),
     [
-        ("missing.jsonl", None, ": No such file or directory"),
-        ("two\nlines.jsonl", None, ": No such file or directory"),
-        ("two\nlines.jsonl", b"{", ":1: document: Invalid JSON"),
+        ("import", "missing.jsonl", None, ": No such file or directory"),
+        ("import", "two\nlines.jsonl", None, ": No such file or directory"),
+        ("import", "two\nlines.jsonl", b"{", ":1: document: Invalid JSON"),
+        # A seed file had been opened once the store was: a missing one left an empty database.
+        ("seed", "missing.json", None, ": No such file or directory"),
+        ("seed", "two\nlines.json", b"{", ": not JSON"),
+        # Read whole, as samples are: not past a bound, which a pipe would not reach.
+        ("seed", "huge.json", b" " * (16 << 20) + b"[]", ": larger than 16 MiB"),
     ],
 )
 def test_a_task_error_is_one_line_whatever_the_file_is_named(
-    tmp_path: Path, name: str, content: bytes | None, reason: str
+    tmp_path: Path, task: str, name: str, content: bytes | None, reason: str
 ) -> None:
     if content is not None:
         (tmp_path / name).write_bytes(content)
-    result = run_task(tmp_path / "data", "import", str(tmp_path / name))
+    result = run_task(tmp_path / "data", task, str(tmp_path / name))
     assert result.returncode == 1
     shown = name.replace("\n", "\\n")  # escaped, as every character that is not printable
     assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path}/{shown}{reason}".encode())
