@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import secrets
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -72,7 +73,7 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve, stop_with_supervisor
-from sqlite_files import DATABASE_FILE, check_target
+from sqlite_files import DATABASE_FILE, check_target, is_own
 from sqlite_store import SQLiteStore
 from storage import (
     PAGE_MAX_BYTES,
@@ -749,14 +750,10 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                 check_target(file, settings.data_dir)
             if file is None and sys.stdout is None:
                 raise TaskRefused("standard output is closed: give export a FILE")
-            target = (
-                await anyio.open_file(file, "w")
-                if file
-                else await anyio.open_file(sys.stdout.fileno(), "w", closefd=False)
-            )
-            async with target as out:
+            fd = await anyio.to_thread.run_sync(_open_output, file, settings.data_dir)
+            async with await anyio.open_file(fd, "wb") as out:  # UTF-8, whatever the locale
                 async for doc in store.export_documents():
-                    await out.write(doc.model_dump_json() + "\n")
+                    await out.write(doc.json_bytes + b"\n")
         elif source is not None:
             added = seen = batch_bytes = 0
             batch: list[tuple[str, Document]] = []  # each document with its line
@@ -793,6 +790,29 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             log.info("backup.done", extra={"file": str(file)})
     finally:
         await store.close()
+
+
+def _open_output(file: Path | None, data_dir: Path) -> int:
+    """Export's output (standard output without FILE), emptied only once it is known not to be
+    one of the store's files, reached through a link or a redirection: written, it had
+    destroyed the database."""
+    if file is None:
+        fd = os.dup(sys.stdout.fileno())
+    else:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        status = os.fstat(fd)
+        if is_own(status, data_dir):
+            raise TaskRefused(
+                f"{file or 'standard output'} is one of the store's own files in {data_dir}; "
+                "export to another file"
+            )
+        if file is not None and stat.S_ISREG(status.st_mode):
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _open_once(settings: Settings) -> bool:

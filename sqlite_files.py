@@ -53,6 +53,20 @@ def check_target(target: Path, data_dir: Path) -> None:
         )
 
 
+def is_own(opened: os.stat_result, data_dir: Path) -> bool:
+    """Whether an open file is one the store keeps in the data directory, by whatever name or
+    link it was reached: export had followed a link to the database and emptied it."""
+    try:
+        own = [entry for entry in os.scandir(data_dir) if entry.name.startswith(OWN_NAMES)]
+    except OSError:  # no data directory: no file of the store's
+        return False
+    for entry in own:
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if os.path.samestat(opened, entry.stat(follow_symlinks=False)):
+                return True
+    return False
+
+
 def check_file(path: Path) -> bytes | None:
     """The first 100 bytes of `path` (None if it does not exist); raises StoreCorrupt for
     anything but a whole SQLite file of this store's (a directory, a link, a FIFO, a file of

@@ -547,6 +547,45 @@ def test_export_writes_the_file_it_is_given(tmp_path: Path) -> None:
     assert (tmp_path / "out.jsonl").read_bytes() == to_stdout
 
 
+@pytest.mark.parametrize("reached", ["a link", "a redirection"])
+def test_export_refuses_to_write_into_a_store_file_however_it_is_reached(
+    tmp_path: Path, reached: str
+) -> None:
+    """Export had followed a link to the database and emptied it, under a running service too."""
+    data = tmp_path / "data"
+    assert run_task(data, "seed").returncode == 0
+    exported = run_task(data, "export").stdout
+    before = (data / DATABASE_FILE).read_bytes()
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(data / DATABASE_FILE)
+    starts_a_process()
+    with (data / DATABASE_FILE).open("ab") as appended:  # as `>>` opens it: nothing emptied
+        result = subprocess.run(
+            [sys.executable, "main.py", "export", *([str(link)] if reached == "a link" else [])],
+            cwd=HERE,
+            env={"PATH": os.environ["PATH"], "DATA_DIR": str(data), "API_KEYS": KEY},
+            stdout=subprocess.PIPE if reached == "a link" else appended,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].endswith(b"export to another file")
+    assert (data / DATABASE_FILE).read_bytes() == before
+    assert run_task(data, "export").stdout == exported
+
+
+def test_export_writes_utf_8_whatever_the_locale(tmp_path: Path) -> None:
+    """Text was written in the locale's encoding: under LC_ALL=C, a traceback and a cut file."""
+    line = _line(title="Crème brûlée ✓")
+    (tmp_path / "in.jsonl").write_bytes(line + b"\n")
+    assert run_task(tmp_path / "data", "import", str(tmp_path / "in.jsonl")).returncode == 0
+    ascii_only = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env = {"DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY, **ascii_only}
+    result = run_main(env, "export", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out.jsonl").read_bytes())["title"] == "Crème brûlée ✓"
+
+
 def test_an_export_whose_reader_goes_away_stops_with_one_line(tmp_path: Path) -> None:
     """`main.py export | head -c 100`: the pipe closes under the export."""
     doc = {"title": "t", "content": "c" * 1000, "tags": [], "metadata": {}, "version": 1}
