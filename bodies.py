@@ -154,6 +154,12 @@ def parse_strict(body: bytes) -> Any:
     # is ignored, as RFC 8259 allows.
     text = body.decode("utf-8-sig")
     _check_shape(body)
+    return loads_strict(text)
+
+
+def loads_strict(text: str) -> Any:
+    """JSON text's value, with no bound on its shape; ValueError for a duplicate key, NaN,
+    Infinity or a number past a float, RecursionError past the parser's nesting."""
     return json.loads(
         text,
         object_pairs_hook=_reject_duplicates,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import functools
 import gc
+import json
 import logging
 import os
 import secrets
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import anyio
 import orjson
@@ -38,7 +38,7 @@ from starlette.routing import Match, Mount, Route
 import openapi
 import ratelimit
 from admission import AdmissionMiddleware, RefusalTally
-from bodies import StrictJSONRoute, parse_strict
+from bodies import StrictJSONRoute, loads_strict, parse_strict
 from conditional import etag, names, write_version
 from config import ApiKey, Settings, configured_keys, digest_key
 from cursors import decode_cursor, encode_cursor
@@ -53,6 +53,7 @@ from models import (
     DocumentQuery,
     DocumentUpdate,
     as_stored,
+    exported_time,
 )
 from problems import (
     DOCUMENT_CONFLICT,
@@ -671,29 +672,40 @@ class TaskRefused(Exception):
 
 
 # Samples are read whole: more than this is data, which import takes a line at a time.
-SEED_MAX_BYTES = 16 << 20
+SEED_MAX_BYTES = 1 << 20
 
 
-async def _seed(store: DocumentStore, source: anyio.AsyncFile[bytes], content_max: int) -> int:
-    """Sample documents, each version 1 of itself, taken as import takes a document (every bound
-    and normal form); fixed ids make it idempotent."""
-    path = source.wrapped.name
-    if len(raw := await source.read(SEED_MAX_BYTES + 1)) > SEED_MAX_BYTES:
+async def _read_samples(path: Path) -> list[dict[str, Any]]:
+    """A seed file's samples, read whole (before the store opens: a file that cannot be read
+    leaves DATA_DIR as it was) and as strictly as a body: a repeated key had kept its last value."""
+    async with await anyio.open_file(path, "rb") as source:
+        raw = await source.read(SEED_MAX_BYTES + 1)
+    if len(raw) > SEED_MAX_BYTES:
         raise TaskRefused(
             f"{path}: larger than {SEED_MAX_BYTES >> 20} MiB: seed takes sample documents; "
             "import takes data of any size, as JSON lines"
         )
     try:
-        samples = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        samples = loads_strict(raw.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as exc:
         raise TaskRefused(f"{path}: not JSON: {exc}") from None
     if not isinstance(samples, list) or not all(isinstance(raw, dict) for raw in samples):
         raise TaskRefused(f"{path}: expected a JSON array of documents")
+    return samples
+
+
+async def _seed(
+    store: DocumentStore, samples: list[dict[str, Any]], path: Path, content_max: int
+) -> int:
+    """Sample documents, each version 1 of itself, taken as import takes a document (every bound
+    and normal form); fixed ids make it idempotent."""
     added = 0
     for number, raw in enumerate(samples, 1):
         where = f"sample {number} in {path}"
-        first = orjson.dumps({**raw, "updated_at": raw.get("created_at"), "version": 1})
-        added += await _import_all(store, [(where, _document_from(first, where, content_max))])
+        # json, not orjson: an integer past 64 bits stays one, refused as such.
+        first = json.dumps({**raw, "updated_at": raw.get("created_at"), "version": 1})
+        doc = _document_from(first.encode(), where, content_max)
+        added += await _import_all(store, [(where, doc)])
     return added
 
 
@@ -708,11 +720,15 @@ def _document_from(line: bytes, where: str, content_max: int) -> Document:
         raise TaskRefused(f"{where}: document: Invalid JSON: {exc}") from None
     if isinstance(value, dict) and (unknown := sorted(value.keys() - Document.model_fields)):
         raise TaskRefused(f"{where}: {clip(unknown[0], 64)}: Extra inputs are not permitted")
+    for name in ("created_at", "updated_at"):
+        if isinstance(value, dict) and name in value:
+            try:
+                value[name] = exported_time(value[name])
+            except ValueError as exc:
+                raise TaskRefused(f"{where}: {name}: {exc}") from None
     try:
-        # Strict, as no request sets these fields: `"version": true` or `"created_at": 0` is
-        # refused, not read as 1 or as 1970. Its JSON again: strict mode reads a time only so.
-        strict = Document.model_validate_json(line.removeprefix(codecs.BOM_UTF8), strict=True)
-        doc = as_stored(strict)
+        # Strict, as no request sets id, times or version: `"version": true` is refused, not 1.
+        doc = as_stored(Document.model_validate(value, strict=True))
         if len(doc.content) > content_max:
             raise ValueError(f"content: at most {content_max} characters (MAX_CONTENT_CHARS)")
         return doc
@@ -729,21 +745,24 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     if task in ("backup", "export") and not settings.database_url and not database.exists():
         # Opening would make an empty database: a copy of it would look like a good backup.
         raise TaskRefused(f"no database at {database}: is DATA_DIR the service's?")
-    # Opened before the store, so that a file that cannot be read leaves DATA_DIR as it was, and
-    # read through that one opening: a pipe's writer is gone once a first opening closes.
-    if task == "seed":
-        file = file or SAMPLES
-    source = await anyio.open_file(file, "rb") if task in ("seed", "import") and file else None
+    # Opened and first read before the store, so that a file that cannot be read (missing, or
+    # an I/O error) leaves DATA_DIR as it was; and read through that one opening: a pipe's
+    # writer is gone once a first opening closes.
+    samples = await _read_samples(file or SAMPLES) if task == "seed" else []
+    source = await anyio.open_file(file, "rb") if task == "import" and file else None
+    line_max = settings.max_body_bytes + IMPORT_LINE_EXTRA_BYTES
     try:
+        lines = []
+        if source is not None:
+            lines = await anyio.to_thread.run_sync(_read_lines, source.wrapped, line_max)
         store = await open_store(settings, serving=False)
     except BaseException:
         if source is not None:
             await source.aclose()
         raise
     try:
-        if task == "seed" and source is not None:
-            async with source:
-                added = await _seed(store, source, settings.max_content_chars)
+        if task == "seed":
+            added = await _seed(store, samples, file or SAMPLES, settings.max_content_chars)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
             if file is not None:
@@ -758,9 +777,7 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             added = seen = batch_bytes = 0
             batch: list[tuple[str, Document]] = []  # each document with its line
             async with source as fh:
-                line_max = settings.max_body_bytes + IMPORT_LINE_EXTRA_BYTES
-                # Many lines per read: one thread hop per line would cost more than the import.
-                while lines := await anyio.to_thread.run_sync(_read_lines, fh.wrapped, line_max):
+                while lines:
                     for line in lines:
                         seen += 1
                         where = f"{file}:{seen}"
@@ -779,6 +796,8 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                             batch, batch_bytes = [], 0
                         if seen % 10_000 == 0:
                             sys.stderr.write(f"read {seen} lines\n")
+                    # Many lines a read: a thread hop per line would cost more than the import.
+                    lines = await anyio.to_thread.run_sync(_read_lines, fh.wrapped, line_max)
             added += await _import_all(store, batch)
             log.info("import.done", extra={"read": seen, "added": added})
         elif task == "backup" and file is not None:

@@ -366,6 +366,23 @@ def check_stored(doc: Document) -> Document:
     return doc
 
 
+# A time as export writes it (RFC 3339, upper-case T and Z), or with no offset, taken as UTC:
+# pydantic, strict too, read "1700000000000" as a Unix time, in seconds or milliseconds by size.
+_EXPORTED_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?", re.ASCII
+)
+
+
+def exported_time(value: Any) -> datetime:
+    """An imported document's time, as export writes it; ValueError for anything else."""
+    if not isinstance(value, str) or not _EXPORTED_TIME.fullmatch(value):
+        raise ValueError("must be an RFC 3339 time, as export writes it: 2026-11-27T09:30:00Z")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value} is not a valid time") from None
+
+
 def as_stored(doc: Document) -> Document:
     """An imported document as this service would have stored it: times in UTC whole
     milliseconds (a time without an offset taken as UTC), fields within the API's bounds and in

@@ -475,7 +475,13 @@ def _samples(**fields: object) -> bytes:
         # No request sets these: they are read as export writes them, not settled.
         (_line(version=True), b"bad.jsonl:1: version: Input should be a valid integer"),
         (_line(version=1.0), b"bad.jsonl:1: version: Input should be a valid integer"),
-        (_line(created_at=0), b"bad.jsonl:1: created_at: Input should be a valid datetime"),
+        (_line(created_at=0), b"bad.jsonl:1: created_at: must be an RFC 3339 time"),
+        # Strict pydantic too read digits as a Unix time, in seconds or milliseconds by size.
+        (_line(created_at="1700000000000"), b"bad.jsonl:1: created_at: must be an RFC 3339"),
+        (_line(updated_at="2026-01-01 00:00:00Z"), b"bad.jsonl:1: updated_at: must be an RFC"),
+        (_line(created_at="2026-02-30T00:00:00Z"), b"created_at: 2026-02-30T00:00:00Z is not a"),
+        # Read once, as a body reads it: a second parser had read this as -2^63, in range.
+        (_line(metadata={"n": 0}).replace(b": 0}", b": -9223372036854775809.0}"), b"n: a number"),
     ],
 )
 def test_import_refuses_an_invalid_line_in_one_line_naming_file_line_and_field(
@@ -521,7 +527,7 @@ def test_a_task_refuses_a_database_of_an_older_schema_unchanged(
         ("seed", "missing.json", None, ": No such file or directory"),
         ("seed", "two\nlines.json", b"{", ": not JSON"),
         # Read whole, as samples are: not past a bound, which a pipe would not reach.
-        ("seed", "huge.json", b" " * (16 << 20) + b"[]", ": larger than 16 MiB"),
+        ("seed", "huge.json", b" " * (1 << 20) + b"[]", ": larger than 1 MiB"),
     ],
 )
 def test_a_task_error_is_one_line_whatever_the_file_is_named(
@@ -536,6 +542,15 @@ def test_a_task_error_is_one_line_whatever_the_file_is_named(
     assert b"Traceback" not in result.stderr
     if content is None:  # refused before the store opens: no database made
         assert not (tmp_path / "data" / DATABASE_FILE).exists()
+
+
+@pytest.mark.parametrize("task", ["import", "seed"])
+def test_a_file_that_opens_but_cannot_be_read_changes_nothing(tmp_path: Path, task: str) -> None:
+    """Its first read came once the store was open: an empty database was left behind."""
+    result = run_task(tmp_path / "data", task, "/proc/self/mem")  # reading at 0 is EIO
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == b"error: /proc/self/mem: Input/output error"
+    assert not (tmp_path / "data" / DATABASE_FILE).exists()
 
 
 def test_export_writes_the_file_it_is_given(tmp_path: Path) -> None:
@@ -627,6 +642,11 @@ def test_an_export_whose_reader_goes_away_stops_with_one_line(tmp_path: Path) ->
         (_samples(content="c" * 100_001), "samples.json: content: at most 100000 characters"),
         (_samples(created_at="0001-01-01T00:00:00+05:00"), "outside the years 1 to 9999"),
         (_samples(tags=["t" * 51]), "samples.json: tags.0: "),
+        # Read as strictly as a body: a repeated key had kept its last value, and an integer
+        # past 64 bits had been read as a float, then stored as the integer 2^63.
+        (_samples()[:-2] + b', "title": "again"}]', "not JSON: duplicate key 'title'"),
+        (_samples(metadata={"n": -(2**63) - 1}), "samples.json: metadata.n: a number must be"),
+        (_samples(created_at="1700000000000"), "created_at: must be an RFC 3339 time"),
     ],
 )
 def test_seed_refuses_a_file_it_cannot_use_in_one_line(
