@@ -856,9 +856,10 @@ def _file(name: str) -> Path:
 
 
 # Documents per call, and the most bytes of their lines: the embedded store writes them in one
-# transaction, one fsync. 512 documents of 100 KB had held 280 MB at once.
+# transaction, one fsync. 512 documents of 100 KB had held 280 MB at once; 2 MiB of words that
+# fold to several letters each (㌀ to アパート) take about 70 MB.
 IMPORT_BATCH = 512
-IMPORT_BATCH_BYTES = 8 << 20
+IMPORT_BATCH_BYTES = 2 << 20
 # What an import line holds beyond a request body (id, times, version), with room to spare.
 IMPORT_LINE_EXTRA_BYTES = 1024
 
