@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import stat
 import sys
 import time
@@ -925,6 +926,9 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
     except (StoreError, TaskRefused) as exc:
         _error_line(str(exc))
         return 1
+    except KeyboardInterrupt:  # the store closed as the task stopped; what it wrote stays
+        _error_line("interrupted")
+        return 128 + signal.SIGINT
     except OSError as exc:  # a file of the task's, or its standard output
         where, reason = exc.filename or args.file, exc.strerror or str(exc)
         _error_line(f"{where}: {reason}" if where else reason)

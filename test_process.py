@@ -390,6 +390,41 @@ def test_an_import_of_large_documents_holds_a_bounded_batch_in_memory(
     assert usage.ru_maxrss < 180 * 1024  # kB: about 135 MB, 65 MB of it for an import of a line
 
 
+def test_an_import_stopped_with_ctrl_c_says_so_in_one_line_and_keeps_what_it_wrote(
+    tmp_path: Path,
+) -> None:
+    """It had ended in a traceback of 41 lines."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = IdGenerator()
+    pipe = tmp_path / "documents.pipe"
+    os.mkfifo(pipe)
+    starts_a_process()
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "import", str(pipe)],
+        cwd=HERE,
+        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY},
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    # Read a megabyte at a time: 10 000 lines are taken once the megabyte after them has come.
+    docs = (plain_document(ids(at), at) for _ in range(15_000))
+    with pipe.open("wb") as out:  # held open: the import waits for more after the last line
+        out.writelines(doc.model_dump_json().encode() + b"\n" for doc in docs)
+        out.flush()
+        for line in proc.stderr:
+            if b"read 10000 lines" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 128 + signal.SIGINT
+    rest = proc.stderr.read()
+    assert b"Traceback" not in rest
+    assert rest.splitlines()[-1] == b"error: interrupted"
+    exported = run_task(tmp_path / "data", "export").stdout
+    written = len(exported.splitlines())  # every whole batch; not the one it was making
+    assert written % 512 == 0
+    assert 10_000 - 512 < written < 15_000
+
+
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
     """Data whose times are whole seconds: a thousand documents of one millisecond, newest id
     first (the embedded store had room for a dozen in that order, and import sorted them)."""
