@@ -41,16 +41,19 @@ def check_target(target: Path, data_dir: Path) -> None:
     """Refuse a task's output file (a backup, an export) named as one of the store's own in the
     data directory, however the path spells it (`..`, a link to it): written over, the database
     or its WAL had been destroyed, acknowledged writes with it, and a copy named as another of
-    them taken for it (a journal to play back, a damage report, the previous version's file)."""
-    try:
-        beside = os.path.samefile(target.parent, data_dir)
-    except OSError:  # no such directory: writing there fails, with the reason
-        return
-    if beside and target.name.startswith(OWN_NAMES):
-        raise StoreUnavailable(
-            f"{target}: {OWN_NAMES}* names in the data directory are the store's own files; "
-            "write to another name"
-        )
+    them taken for it (a journal to play back, a damage report, the previous version's file);
+    or reached through a link to such a name, which export had created (an empty
+    `documents.json` then stopped every start)."""
+    for path in (target, Path(os.path.realpath(target))):
+        try:
+            beside = os.path.samefile(path.parent, data_dir)
+        except OSError:  # no such directory: writing there fails, with the reason
+            continue
+        if beside and path.name.startswith(OWN_NAMES):
+            raise StoreUnavailable(
+                f"{target}: {OWN_NAMES}* names in the data directory are the store's own "
+                "files; write to another name"
+            )
 
 
 def is_own(opened: os.stat_result, data_dir: Path) -> bool:

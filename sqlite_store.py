@@ -273,7 +273,11 @@ class SQLiteStore:
             if isinstance(exc, sqlite3.DatabaseError):
                 raise StoreCorrupt(store.path, f"SQLite refused it: {exc}") from exc
             raise
-        store._writer = threading.Thread(target=store._write_loop, name="sqlite-writer")
+        # A daemon: a store opened for a task cancelled meanwhile (Ctrl-C) is never closed, and
+        # its writer, with no write, had held the exit for ever.
+        store._writer = threading.Thread(
+            target=store._write_loop, name="sqlite-writer", daemon=True
+        )
         store._writer.start()
         return store
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -263,18 +264,25 @@ def test_bad_setting_stops_startup_with_one_line_naming_it(
     assert lines[0].startswith(f"configuration error: {variable}:")
 
 
+@pytest.mark.parametrize("linked", [False, True], ids=["named", "linked"])
 @pytest.mark.parametrize(
     "name", [DATABASE_FILE, f"{DATABASE_FILE}-wal", "documents.damaged", "documents.json"]
 )
 def test_an_export_named_as_one_of_the_stores_files_is_refused_unwritten(
-    tmp_path: Path, name: str
+    tmp_path: Path, name: str, linked: bool
 ) -> None:
     """`export data/documents.db` had emptied the database, and one over the WAL of a running
-    service lost writes it had acknowledged; however the path spells the data directory."""
+    service lost writes it had acknowledged; however the path spells the data directory. A
+    link elsewhere to a name not yet there (documents.json) had made an empty one, which then
+    stopped every start."""
     data_dir = tmp_path / "data"
     assert run_task(data_dir, "seed").returncode == 0
     before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
-    refused = run_task(data_dir, "export", str(data_dir / ".." / "data" / name))
+    target = data_dir / ".." / "data" / name
+    if linked:
+        (tmp_path / "out.jsonl").symlink_to(target)
+        target = tmp_path / "out.jsonl"
+    refused = run_task(data_dir, "export", str(target))
     assert refused.returncode == 1
     assert refused.stderr.decode().count("\n") == 1
     assert "the store's own files" in refused.stderr.decode()
@@ -423,6 +431,35 @@ def test_an_import_stopped_with_ctrl_c_says_so_in_one_line_and_keeps_what_it_wro
     written = len(exported.splitlines())  # every whole batch; not the one it was making
     assert written % 512 == 0
     assert 10_000 - 512 < written < 15_000
+
+
+def test_a_task_stopped_with_ctrl_c_while_its_store_opens_exits(tmp_path: Path) -> None:
+    """The store, opened in a thread after the stop, was never closed: its writer thread held
+    the exit for ever, after `error: interrupted`."""
+    data = tmp_path / "data"
+    assert run_task(data, "seed").returncode == 0
+    lock = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the start lock: the task's store waits for it
+    starts_a_process()
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "export"],
+        cwd=HERE,
+        env={"PATH": os.environ["PATH"], "DATA_DIR": str(data), "API_KEYS": KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        waiting = f" -> FLOCK  ADVISORY  WRITE {proc.pid} "
+        while proc.poll() is None and waiting not in Path("/proc/locks").read_text():
+            pass  # until the task waits for the lock
+        proc.send_signal(signal.SIGINT)
+        os.close(lock)  # the store opens now, for a task that has stopped
+        assert proc.wait(30) == 128 + signal.SIGINT
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    assert proc.stderr.read().splitlines()[-1] == b"error: interrupted"
 
 
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
