@@ -23,6 +23,7 @@ import orjson
 from logging_config import clip
 from models import (
     METADATA_MAX_KEYS,
+    VERSION_MAX,
     WORDS_INLINE_CHARS,
     Document,
     DocumentCreate,
@@ -273,6 +274,8 @@ def apply_patch(doc: Document, patch: DocumentUpdate, now: datetime) -> Document
     changes = {k: v for k, v in changes.items() if orjson.dumps(v) != orjson.dumps(getattr(doc, k))}
     if not changes:
         return doc
+    if doc.version == VERSION_MAX:  # an import's: one more, export wrote what import refuses
+        raise DocumentInvalid("version", f"at its most ({VERSION_MAX}): it cannot change again")
     # Never before its creation, which an import may date in the future: `import` refuses a
     # document updated before it was created, and so refused what `export` wrote of it.
     updated = max(now, doc.created_at)

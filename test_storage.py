@@ -30,6 +30,7 @@ from legacy import LEGACY_FILE, LEGACY_JOURNAL, LEGACY_LOCK
 from metrics import MeteredStore, Metrics
 from models import (
     INDEXED_WORDS_MAX,
+    VERSION_MAX,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -102,6 +103,21 @@ def body(title: str = "t", tags: list[str] | None = None, **extra: object) -> Do
     return DocumentCreate.model_validate(
         {"title": title, "content": "c", "tags": tags or [], **extra}
     )
+
+
+async def test_a_document_at_the_highest_version_is_refused_a_change(
+    store: DocumentStore,
+) -> None:
+    """An import may set the highest version; a change then made one that export wrote and
+    import refused: no backup of it could be restored."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    doc = plain_document(IdGenerator()(at), at, version=VERSION_MAX)
+    await store.import_documents([doc])
+    with pytest.raises(DocumentInvalid, match="at its most") as refused:
+        await store.update(doc.id, DocumentUpdate(title="again"))
+    assert refused.value.field == "version"
+    assert await store.get(doc.id) == doc
+    check_stored(doc)  # as export writes it, import takes it
 
 
 async def test_a_write_the_database_cannot_take_fails_alone(tmp_path: Path) -> None:
