@@ -698,14 +698,15 @@ async def _read_samples(path: Path) -> list[dict[str, Any]]:
 async def _seed(
     store: DocumentStore, samples: list[dict[str, Any]], path: Path, content_max: int
 ) -> int:
-    """Sample documents, each version 1 of itself, taken as import takes a document (every bound
-    and normal form); fixed ids make it idempotent."""
+    """Sample documents, version 1 of themselves unless they say otherwise, taken as import takes
+    a document (every bound and normal form); fixed ids make it idempotent."""
     added = 0
     for number, raw in enumerate(samples, 1):
         where = f"sample {number} in {path}"
+        # What a sample leaves out: a version and a change time it gives had been replaced unread.
+        first = {"version": 1, "updated_at": raw.get("created_at")} if "created_at" in raw else {}
         # json, not orjson: an integer past 64 bits stays one, refused as such.
-        first = json.dumps({**raw, "updated_at": raw.get("created_at"), "version": 1})
-        doc = _document_from(first.encode(), where, content_max)
+        doc = _document_from(json.dumps(first | raw).encode(), where, content_max)
         added += await _import_all(store, [(where, doc)])
     return added
 
@@ -735,7 +736,7 @@ def _document_from(line: bytes, where: str, content_max: int) -> Document:
         return doc
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(map(str, first["loc"])) or "document"
+        field = clip(".".join(map(str, first["loc"])), 64) or "document"  # a key may be long
         raise TaskRefused(f"{where}: {field}: {first['msg']}") from None
     except ValueError as exc:
         raise TaskRefused(f"{where}: {exc}") from None

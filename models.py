@@ -380,7 +380,7 @@ def exported_time(value: Any) -> datetime:
     try:
         return datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"{value} is not a valid time") from None
+        raise ValueError(f"{value[:64]} is not a valid time") from None
 
 
 def as_stored(doc: Document) -> Document:

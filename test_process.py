@@ -734,6 +734,10 @@ def test_an_export_whose_reader_goes_away_stops_with_one_line(tmp_path: Path) ->
         (_samples()[:-2] + b', "title": "again"}]', "not JSON: duplicate key 'title'"),
         (_samples(metadata={"n": -(2**63) - 1}), "samples.json: metadata.n: a number must be"),
         (_samples(created_at="1700000000000"), "created_at: must be an RFC 3339 time"),
+        # What a sample gives is read, not replaced; what it leaves out is named as such.
+        (_samples(version=True), "samples.json: version: Input should be a valid integer"),
+        (_samples(updated_at="garbage"), "samples.json: updated_at: must be an RFC 3339 time"),
+        (_samples().replace(b'"created_at"', b'"created"'), "samples.json: created: Extra"),
     ],
 )
 def test_seed_refuses_a_file_it_cannot_use_in_one_line(
