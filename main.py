@@ -18,6 +18,7 @@ import secrets
 import signal
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -771,10 +772,18 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                 check_target(file, settings.data_dir)
             if file is None and sys.stdout is None:
                 raise TaskRefused("standard output is closed: give export a FILE")
-            fd = await anyio.to_thread.run_sync(_open_output, file, settings.data_dir)
-            async with await anyio.open_file(fd, "wb") as out:  # UTF-8, whatever the locale
-                async for doc in store.export_documents():
-                    await out.write(doc.json_bytes + b"\n")
+            fd, partial = await anyio.to_thread.run_sync(_open_output, file, settings.data_dir)
+            try:
+                async with await anyio.open_file(fd, "wb") as out:  # UTF-8, whatever the locale
+                    async for doc in store.export_documents():
+                        await out.write(doc.json_bytes + b"\n")
+                    if partial is not None and file is not None:
+                        await out.flush()
+                        await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
+                        await anyio.Path(partial).replace(file)
+            finally:
+                if partial is not None:
+                    partial.unlink(missing_ok=True)
         elif source is not None:
             added = seen = batch_bytes = 0
             batch: list[tuple[str, Document]] = []  # each document with its line
@@ -813,27 +822,26 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
         await store.close()
 
 
-def _open_output(file: Path | None, data_dir: Path) -> int:
-    """Export's output (standard output without FILE), emptied only once it is known not to be
-    one of the store's files, reached through a link or a redirection: written, it had
-    destroyed the database."""
+def _open_output(file: Path | None, data_dir: Path) -> tuple[int, Path | None]:
+    """Export's output, and the partial file to put in place of FILE once written: a regular
+    FILE is written under a hidden name beside it, so that an export cut short (Ctrl-C, a full
+    disk) leaves the previous FILE, where it had left a part that read as a whole export.
+    Standard output and other files (a pipe, a device) are written as they are, never into one
+    of the store's files, reached through a redirection: written, it had destroyed the database."""
     if file is None:
         fd = os.dup(sys.stdout.fileno())
-    else:
-        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        status = os.fstat(fd)
-        if is_own(status, data_dir):
+        if is_own(os.fstat(fd), data_dir):
+            os.close(fd)
             raise TaskRefused(
-                f"{file or 'standard output'} is one of the store's own files in {data_dir}; "
+                f"standard output is one of the store's own files in {data_dir}; "
                 "export to another file"
             )
-        if file is not None and stat.S_ISREG(status.st_mode):
-            os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return fd, None
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            return os.open(file, os.O_WRONLY | os.O_CLOEXEC), None
+    fd, partial = tempfile.mkstemp(".export-partial", f".{file.name}.", file.parent)
+    return fd, Path(partial)
 
 
 def _open_once(settings: Settings) -> bool:

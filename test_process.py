@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import sqlite3
@@ -671,9 +672,42 @@ def test_export_refuses_to_write_into_a_store_file_however_it_is_reached(
             check=False,
         )
     assert result.returncode == 1
-    assert result.stderr.splitlines()[-1].endswith(b"export to another file")
+    assert b"the store's own files" in result.stderr.splitlines()[-1]
     assert (data / DATABASE_FILE).read_bytes() == before
     assert run_task(data, "export").stdout == exported
+
+
+def test_an_export_cut_short_leaves_the_previous_file_and_no_part(tmp_path: Path) -> None:
+    """FILE was emptied first and written in place: an export cut short (here past a file size
+    limit; Ctrl-C, a full disk) left a part of it, which read as a whole export."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = IdGenerator()
+    large = {"content": "c" * 1000}
+    docs = (plain_document(ids(at), at).model_copy(update=large) for _ in range(300))
+    lines = tmp_path / "in.jsonl"
+    lines.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs))
+    assert run_task(tmp_path / "data", "import", str(lines)).returncode == 0
+    lines.unlink()
+    previous = tmp_path / "out.jsonl"
+    previous.write_bytes(b"the previous export\n")
+
+    def limit_file_size() -> None:  # past the database's shared memory (32 KiB), not the export
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG) instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    starts_a_process()
+    result = subprocess.run(
+        [sys.executable, "main.py", "export", str(previous)],
+        cwd=HERE,
+        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY},
+        capture_output=True,
+        preexec_fn=limit_file_size,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"error: {previous}: File too large".encode()
+    assert previous.read_bytes() == b"the previous export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.jsonl"]
 
 
 def test_export_writes_utf_8_whatever_the_locale(tmp_path: Path) -> None:
