@@ -20,6 +20,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,6 +50,17 @@ CLEAN_EXITS = (0, 143, -signal.SIGTERM)
 
 def run_task(data_dir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     return run_main({"DATA_DIR": str(data_dir), "API_KEYS": KEY}, *args)
+
+
+def start_task(data_dir: Path, *args: str, **options: Any) -> subprocess.Popen[bytes]:
+    """A task as run_task runs it, for a test that watches it or signals it as it runs."""
+    starts_a_process()
+    return subprocess.Popen(
+        [sys.executable, "main.py", *args],
+        cwd=HERE,
+        env={"PATH": os.environ["PATH"], "DATA_DIR": str(data_dir), "API_KEYS": KEY},
+        **options,
+    )
 
 
 def test_documents_survive_a_restart(service_factory: ServiceFactory) -> None:
@@ -385,14 +397,8 @@ def test_an_import_of_large_documents_holds_a_bounded_batch_in_memory(
         for _ in range(600):
             doc = plain_document(ids(at), at).model_copy(update={"content": text})
             out.write(doc.model_dump_json().encode() + b"\n")
-    starts_a_process()
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "import", str(lines)],
-        cwd=HERE,
-        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = start_task(tmp_path / "data", "import", str(lines), **quiet)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0
@@ -407,13 +413,7 @@ def test_an_import_stopped_with_ctrl_c_says_so_in_one_line_and_keeps_what_it_wro
     ids = IdGenerator()
     pipe = tmp_path / "documents.pipe"
     os.mkfifo(pipe)
-    starts_a_process()
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "import", str(pipe)],
-        cwd=HERE,
-        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY},
-        stderr=subprocess.PIPE,
-    )
+    proc = start_task(tmp_path / "data", "import", str(pipe), stderr=subprocess.PIPE)
     assert proc.stderr is not None
     # Read a megabyte at a time: 10 000 lines are taken once the megabyte after them has come.
     docs = (plain_document(ids(at), at) for _ in range(15_000))
@@ -441,14 +441,7 @@ def test_a_task_stopped_with_ctrl_c_while_its_store_opens_exits(tmp_path: Path) 
     assert run_task(data, "seed").returncode == 0
     lock = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(lock, fcntl.LOCK_EX)  # the start lock: the task's store waits for it
-    starts_a_process()
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "export"],
-        cwd=HERE,
-        env={"PATH": os.environ["PATH"], "DATA_DIR": str(data), "API_KEYS": KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_task(data, "export", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         waiting = f" -> FLOCK  ADVISORY  WRITE {proc.pid} "
         while proc.poll() is None and waiting not in Path("/proc/locks").read_text():
@@ -661,18 +654,12 @@ def test_export_refuses_to_write_into_a_store_file_however_it_is_reached(
     before = (data / DATABASE_FILE).read_bytes()
     link = tmp_path / "out.jsonl"
     link.symlink_to(data / DATABASE_FILE)
-    starts_a_process()
     with (data / DATABASE_FILE).open("ab") as appended:  # as `>>` opens it: nothing emptied
-        result = subprocess.run(
-            [sys.executable, "main.py", "export", *([str(link)] if reached == "a link" else [])],
-            cwd=HERE,
-            env={"PATH": os.environ["PATH"], "DATA_DIR": str(data), "API_KEYS": KEY},
-            stdout=subprocess.PIPE if reached == "a link" else appended,
-            stderr=subprocess.PIPE,
-            check=False,
-        )
-    assert result.returncode == 1
-    assert b"the store's own files" in result.stderr.splitlines()[-1]
+        args, stdout = ([str(link)], None) if reached == "a link" else ([], appended)
+        proc = start_task(data, "export", *args, stdout=stdout, stderr=subprocess.PIPE)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert b"the store's own files" in stderr.splitlines()[-1]
     assert (data / DATABASE_FILE).read_bytes() == before
     assert run_task(data, "export").stdout == exported
 
@@ -695,17 +682,11 @@ def test_an_export_cut_short_leaves_the_previous_file_and_no_part(tmp_path: Path
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG) instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    starts_a_process()
-    result = subprocess.run(
-        [sys.executable, "main.py", "export", str(previous)],
-        cwd=HERE,
-        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), "API_KEYS": KEY},
-        capture_output=True,
-        preexec_fn=limit_file_size,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == f"error: {previous}: File too large".encode()
+    limited = {"stderr": subprocess.PIPE, "preexec_fn": limit_file_size}
+    proc = start_task(tmp_path / "data", "export", str(previous), **limited)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert stderr.splitlines()[-1] == f"error: {previous}: File too large".encode()
     assert previous.read_bytes() == b"the previous export\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.jsonl"]
 
