@@ -826,22 +826,26 @@ def _open_output(file: Path | None, data_dir: Path) -> tuple[int, Path | None]:
     """Export's output, and the partial file to put in place of FILE once written: a regular
     FILE is written under a hidden name beside it, so that an export cut short (Ctrl-C, a full
     disk) leaves the previous FILE, where it had left a part that read as a whole export.
-    Standard output and other files (a pipe, a device) are written as they are, never into one
-    of the store's files, reached through a redirection: written, it had destroyed the database."""
+    Standard output and other files (a pipe, a device) are written as they are."""
     if file is None:
-        fd = os.dup(sys.stdout.fileno())
-        if is_own(os.fstat(fd), data_dir):
-            os.close(fd)
-            raise TaskRefused(
-                f"standard output is one of the store's own files in {data_dir}; "
-                "export to another file"
-            )
-        return fd, None
+        return os.dup(sys.stdout.fileno()), None  # never a store file: see _own_streams
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISREG(os.stat(file).st_mode):
             return os.open(file, os.O_WRONLY | os.O_CLOEXEC), None
     fd, partial = tempfile.mkstemp(".export-partial", f".{file.name}.", file.parent)
     return fd, Path(partial)
+
+
+def _own_streams(data_dir: Path) -> list[int]:
+    """Standard output and error where redirected into one of the store's files: the logs had
+    been appended to the database or made a WAL that SQLite refused, and an export to standard
+    output had emptied the database."""
+    own = []
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):  # closed: nothing is written there
+            if is_own(os.fstat(fd), data_dir):
+                own.append(fd)
+    return own
 
 
 def _open_once(settings: Settings) -> bool:
@@ -922,6 +926,12 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
     if args.task == "backup" and args.file is None:
         parser.error("backup needs the FILE to write")
     settings = load_settings()
+    if own := _own_streams(settings.data_dir):
+        name = "standard output" if 1 in own else "standard error"
+        message = f"error: {name} is one of the store's own files in {settings.data_dir}"
+        for fd in {1, 2} - set(own):  # said where it harms nothing
+            os.write(fd, f"{message}; redirect it elsewhere\n".encode())
+        return 1
     # Data tasks keep stdout for their output (export); their logs go to stderr.
     configure_logging(
         settings.log_level,

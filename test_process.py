@@ -664,6 +664,28 @@ def test_export_refuses_to_write_into_a_store_file_however_it_is_reached(
     assert run_task(data, "export").stdout == exported
 
 
+@pytest.mark.parametrize(
+    ("args", "stream", "name"),
+    [([], "stdout", f"{DATABASE_FILE}-wal"), (["seed"], "stderr", DATABASE_FILE)],
+    ids=["the service's logs", "a task's logs"],
+)
+def test_logs_redirected_into_a_store_file_are_refused_before_a_line_is_written(
+    tmp_path: Path, args: list[str], stream: str, name: str
+) -> None:
+    """They had been appended there: the service's start lines made a WAL SQLite refused, and
+    a task's lines went into the database."""
+    data = tmp_path / "data"
+    assert run_task(data, "seed").returncode == 0
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with (data / name).open("ab") as appended:  # as `>>` opens it
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: appended}
+        proc = start_task(data, *args, **streams)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert b"is one of the store's own files" in (err if stream == "stdout" else out)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == {name: b"", **before}
+
+
 def test_an_export_cut_short_leaves_the_previous_file_and_no_part(tmp_path: Path) -> None:
     """FILE was emptied first and written in place: an export cut short (here past a file size
     limit; Ctrl-C, a full disk) left a part of it, which read as a whole export."""
