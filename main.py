@@ -772,18 +772,7 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
                 check_target(file, settings.data_dir)
             if file is None and sys.stdout is None:
                 raise TaskRefused("standard output is closed: give export a FILE")
-            fd, partial = await anyio.to_thread.run_sync(_open_output, file, settings.data_dir)
-            try:
-                async with await anyio.open_file(fd, "wb") as out:  # UTF-8, whatever the locale
-                    async for doc in store.export_documents():
-                        await out.write(doc.json_bytes + b"\n")
-                    if partial is not None and file is not None:
-                        await out.flush()
-                        await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
-                        await anyio.Path(partial).replace(file)
-            finally:
-                if partial is not None:
-                    partial.unlink(missing_ok=True)
+            await _export(store, file)
         elif source is not None:
             added = seen = batch_bytes = 0
             batch: list[tuple[str, Document]] = []  # each document with its line
@@ -822,7 +811,22 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
         await store.close()
 
 
-def _open_output(file: Path | None, data_dir: Path) -> tuple[int, Path | None]:
+async def _export(store: DocumentStore, file: Path | None) -> None:
+    fd, partial = await anyio.to_thread.run_sync(_open_output, file)
+    try:
+        async with await anyio.open_file(fd, "wb") as out:  # UTF-8, whatever the locale
+            async for doc in store.export_documents():
+                await out.write(doc.json_bytes + b"\n")
+            if partial is not None and file is not None:
+                await out.flush()
+                await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
+                await anyio.Path(partial).replace(file)
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+
+
+def _open_output(file: Path | None) -> tuple[int, Path | None]:
     """Export's output, and the partial file to put in place of FILE once written: a regular
     FILE is written under a hidden name beside it, so that an export cut short (Ctrl-C, a full
     disk) leaves the previous FILE, where it had left a part that read as a whole export.
