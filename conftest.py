@@ -431,12 +431,14 @@ def free_port() -> int:
 
 
 def run_main(
-    env: dict[str, str], *args: str, timeout: float = 120
+    env: dict[str, str], *args: str, timeout: float = 120, python: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """`python main.py ARGS` with only PATH and `env` in its environment."""
+    """`python main.py ARGS` with only PATH and `env` in its environment; or `python -c
+    PYTHON ARGS`, a script that runs main.py itself."""
     starts_a_process()
+    program = ["-c", python] if python is not None else [str(HERE / "main.py")]
     return subprocess.run(
-        [sys.executable, str(HERE / "main.py"), *args],
+        [sys.executable, *program, *args],
         cwd=HERE,
         env={"PATH": os.environ.get("PATH", ""), **env},
         capture_output=True,
