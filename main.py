@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated
 
 import anyio
 import orjson
@@ -677,9 +677,11 @@ class TaskRefused(Exception):
 SEED_MAX_BYTES = 1 << 20
 
 
-async def _read_samples(path: Path) -> list[dict[str, Any]]:
-    """A seed file's samples, read whole (before the store opens: a file that cannot be read
-    leaves DATA_DIR as it was) and as strictly as a body: a repeated key had kept its last value."""
+async def _read_samples(path: Path, content_max: int) -> list[tuple[str, Document]]:
+    """A seed file's samples, each with where it was read: read whole and checked before the
+    store opens (a file that cannot be read or is refused leaves DATA_DIR as it was), as
+    strictly as a body (a repeated key had kept its last value). Each is version 1 of itself
+    unless it says otherwise, and taken as import takes a document (every bound, normal forms)."""
     async with await anyio.open_file(path, "rb") as source:
         raw = await source.read(SEED_MAX_BYTES + 1)
     if len(raw) > SEED_MAX_BYTES:
@@ -693,23 +695,15 @@ async def _read_samples(path: Path) -> list[dict[str, Any]]:
         raise TaskRefused(f"{path}: not JSON: {exc}") from None
     if not isinstance(samples, list) or not all(isinstance(raw, dict) for raw in samples):
         raise TaskRefused(f"{path}: expected a JSON array of documents")
-    return samples
-
-
-async def _seed(
-    store: DocumentStore, samples: list[dict[str, Any]], path: Path, content_max: int
-) -> int:
-    """Sample documents, version 1 of themselves unless they say otherwise, taken as import takes
-    a document (every bound and normal form); fixed ids make it idempotent."""
-    added = 0
-    for number, raw in enumerate(samples, 1):
+    docs = []
+    for number, sample in enumerate(samples, 1):
         where = f"sample {number} in {path}"
         # What a sample leaves out: a version and a change time it gives had been replaced unread.
-        first = {"version": 1, "updated_at": raw.get("created_at")} if "created_at" in raw else {}
+        given = {"version": 1, "updated_at": sample["created_at"]} if "created_at" in sample else {}
         # json, not orjson: an integer past 64 bits stays one, refused as such.
-        doc = _document_from(json.dumps(first | raw).encode(), where, content_max)
-        added += await _import_all(store, [(where, doc)])
-    return added
+        line = json.dumps(given | sample).encode()
+        docs.append((where, _document_from(line, where, content_max)))
+    return docs
 
 
 def _document_from(line: bytes, where: str, content_max: int) -> Document:
@@ -748,24 +742,18 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     if task in ("backup", "export") and not settings.database_url and not database.exists():
         # Opening would make an empty database: a copy of it would look like a good backup.
         raise TaskRefused(f"no database at {database}: is DATA_DIR the service's?")
-    # Opened and first read before the store, so that a file that cannot be read (missing, or
-    # an I/O error) leaves DATA_DIR as it was; and read through that one opening: a pipe's
-    # writer is gone once a first opening closes.
-    samples = await _read_samples(file or SAMPLES) if task == "seed" else []
-    source = await anyio.open_file(file, "rb") if task == "import" and file else None
-    line_max = settings.max_body_bytes + IMPORT_LINE_EXTRA_BYTES
-    try:
-        lines = []
-        if source is not None:
-            lines = await anyio.to_thread.run_sync(_read_lines, source.wrapped, line_max)
-        store = await open_store(settings, serving=False)
-    except BaseException:
-        if source is not None:
-            await source.aclose()
-        raise
+    if task == "import" and file is not None:
+        await _import(settings, file)
+        return
+    samples = (
+        await _read_samples(file or SAMPLES, settings.max_content_chars) if task == "seed" else []
+    )
+    store = await open_store(settings, serving=False)
     try:
         if task == "seed":
-            added = await _seed(store, samples, file or SAMPLES, settings.max_content_chars)
+            # One at a time, so that a sample the store refuses is named; fixed ids make seed
+            # idempotent.
+            added = sum([await _import_all(store, [sample]) for sample in samples])
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
             if file is not None:
@@ -773,33 +761,6 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             if file is None and sys.stdout is None:
                 raise TaskRefused("standard output is closed: give export a FILE")
             await _export(store, file)
-        elif source is not None:
-            added = seen = batch_bytes = 0
-            batch: list[tuple[str, Document]] = []  # each document with its line
-            async with source as fh:
-                while lines:
-                    for line in lines:
-                        seen += 1
-                        where = f"{file}:{seen}"
-                        if len(line) > line_max:
-                            raise TaskRefused(
-                                f"{where}: document: longer than {line_max} bytes, more than "
-                                "any document takes (MAX_BODY_BYTES, and its id, times, version)"
-                            )
-                        if not line.strip(b" \t\r\n"):  # blank in JSON's white space: none
-                            continue
-                        doc = _document_from(line, where, settings.max_content_chars)
-                        batch.append((where, doc))
-                        batch_bytes += len(line)
-                        if len(batch) == IMPORT_BATCH or batch_bytes >= IMPORT_BATCH_BYTES:
-                            added += await _import_all(store, batch)
-                            batch, batch_bytes = [], 0
-                        if seen % 10_000 == 0:
-                            sys.stderr.write(f"read {seen} lines\n")
-                    # Many lines a read: a thread hop per line would cost more than the import.
-                    lines = await anyio.to_thread.run_sync(_read_lines, fh.wrapped, line_max)
-            added += await _import_all(store, batch)
-            log.info("import.done", extra={"read": seen, "added": added})
         elif task == "backup" and file is not None:
             if not isinstance(store, SQLiteStore):
                 raise TaskRefused(
@@ -809,6 +770,45 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
             log.info("backup.done", extra={"file": str(file)})
     finally:
         await store.close()
+
+
+async def _import(settings: Settings, file: Path) -> None:
+    """JSON lines, a batch (one transaction) at a time. The store opens once the first batch is
+    read and checked, so that a file that cannot be read, or whose first batch is refused,
+    leaves DATA_DIR as it was. The file is read through one opening: a pipe's writer is gone
+    once a first opening closes."""
+    line_max = settings.max_body_bytes + IMPORT_LINE_EXTRA_BYTES
+    store: DocumentStore | None = None
+    added = seen = batch_bytes = 0
+    batch: list[tuple[str, Document]] = []  # each document with its line
+    try:
+        async with await anyio.open_file(file, "rb") as fh:
+            # Many lines a read: a thread hop per line would cost more than the import.
+            while lines := await anyio.to_thread.run_sync(_read_lines, fh.wrapped, line_max):
+                for line in lines:
+                    seen += 1
+                    where = f"{file}:{seen}"
+                    if len(line) > line_max:
+                        raise TaskRefused(
+                            f"{where}: document: longer than {line_max} bytes, more than any "
+                            "document takes (MAX_BODY_BYTES, and its id, times, version)"
+                        )
+                    if not line.strip(b" \t\r\n"):  # blank in JSON's white space: none
+                        continue
+                    batch.append((where, _document_from(line, where, settings.max_content_chars)))
+                    batch_bytes += len(line)
+                    if len(batch) == IMPORT_BATCH or batch_bytes >= IMPORT_BATCH_BYTES:
+                        store = store or await open_store(settings, serving=False)
+                        added += await _import_all(store, batch)
+                        batch, batch_bytes = [], 0
+                    if seen % 10_000 == 0:
+                        sys.stderr.write(f"read {seen} lines\n")
+        store = store or await open_store(settings, serving=False)
+        added += await _import_all(store, batch)
+    finally:
+        if store is not None:
+            await store.close()
+    log.info("import.done", extra={"read": seen, "added": added})
 
 
 async def _export(store: DocumentStore, file: Path | None) -> None:
