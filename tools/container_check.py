@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -546,6 +547,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # Stopped (a CI time limit): the containers it started are removed all the same, as
+    # SystemExit runs the finally blocks that SIGTERM's default would skip.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         sys.exit(main())
     except CheckFailed as exc:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -252,4 +253,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # Stopped (a CI time limit): the containers it started are removed all the same, as
+    # SystemExit runs the finally blocks that SIGTERM's default would skip.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())
