@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import gc
@@ -19,12 +20,13 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, TypeVar
 
 import anyio
 import orjson
@@ -536,6 +538,8 @@ async def open_store(settings: Settings, *, serving: bool = True) -> DocumentSto
     # Opened in a thread: a first start may migrate or import the previous version's file.
     # Only a service migrates: a task may run beside the previous version's service.
     open_sqlite = functools.partial(SQLiteStore.open, settings.data_dir, migrate=serving)
+    if not serving:  # a task's may wait for another process's start: Ctrl-C leaves it
+        return await _unheld(open_sqlite)
     return await anyio.to_thread.run_sync(open_sqlite)
 
 
@@ -666,7 +670,9 @@ def _error_line(message: str) -> None:
     """`error: MESSAGE` as one line: what is not printable (a line break in a file name) is
     written as Python escapes it."""
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-    sys.stderr.write(f"error: {shown}\n")
+    if sys.stderr is not None:  # closed (2>&-): the exit status alone says it
+        with contextlib.suppress(OSError):  # a full disk, a reader gone
+            sys.stderr.write(f"error: {shown}\n")
 
 
 class TaskRefused(Exception):
@@ -682,8 +688,7 @@ async def _read_samples(path: Path, content_max: int) -> list[tuple[str, Documen
     store opens (a file that cannot be read or is refused leaves DATA_DIR as it was), as
     strictly as a body (a repeated key had kept its last value). Each is version 1 of itself
     unless it says otherwise, and taken as import takes a document (every bound, normal forms)."""
-    async with await anyio.open_file(path, "rb") as source:
-        raw = await source.read(SEED_MAX_BYTES + 1)
+    raw = await _unheld(functools.partial(_read_head, path, SEED_MAX_BYTES + 1))
     if len(raw) > SEED_MAX_BYTES:
         raise TaskRefused(
             f"{path}: larger than {SEED_MAX_BYTES >> 20} MiB: seed takes sample documents; "
@@ -775,34 +780,32 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
 async def _import(settings: Settings, file: Path) -> None:
     """JSON lines, a batch (one transaction) at a time. The store opens once the first batch is
     read and checked, so that a file that cannot be read, or whose first batch is refused,
-    leaves DATA_DIR as it was. The file is read through one opening: a pipe's writer is gone
-    once a first opening closes."""
+    leaves DATA_DIR as it was."""
     line_max = settings.max_body_bytes + IMPORT_LINE_EXTRA_BYTES
+    chunks = _chunks(file, line_max)
     store: DocumentStore | None = None
     added = seen = batch_bytes = 0
     batch: list[tuple[str, Document]] = []  # each document with its line
     try:
-        async with await anyio.open_file(file, "rb") as fh:
-            # Many lines a read: a thread hop per line would cost more than the import.
-            while lines := await anyio.to_thread.run_sync(_read_lines, fh.wrapped, line_max):
-                for line in lines:
-                    seen += 1
-                    where = f"{file}:{seen}"
-                    if len(line) > line_max:
-                        raise TaskRefused(
-                            f"{where}: document: longer than {line_max} bytes, more than any "
-                            "document takes (MAX_BODY_BYTES, and its id, times, version)"
-                        )
-                    if not line.strip(b" \t\r\n"):  # blank in JSON's white space: none
-                        continue
-                    batch.append((where, _document_from(line, where, settings.max_content_chars)))
-                    batch_bytes += len(line)
-                    if len(batch) == IMPORT_BATCH or batch_bytes >= IMPORT_BATCH_BYTES:
-                        store = store or await open_store(settings, serving=False)
-                        added += await _import_all(store, batch)
-                        batch, batch_bytes = [], 0
-                    if seen % 10_000 == 0:
-                        sys.stderr.write(f"read {seen} lines\n")
+        while lines := await _unheld(functools.partial(next, chunks, [])):
+            for line in lines:
+                seen += 1
+                where = f"{file}:{seen}"
+                if len(line) > line_max:
+                    raise TaskRefused(
+                        f"{where}: document: longer than {line_max} bytes, more than any "
+                        "document takes (MAX_BODY_BYTES, and its id, times, version)"
+                    )
+                if not line.strip(b" \t\r\n"):  # blank in JSON's white space: none
+                    continue
+                batch.append((where, _document_from(line, where, settings.max_content_chars)))
+                batch_bytes += len(line)
+                if len(batch) == IMPORT_BATCH or batch_bytes >= IMPORT_BATCH_BYTES:
+                    store = store or await open_store(settings, serving=False)
+                    added += await _import_all(store, batch)
+                    batch, batch_bytes = [], 0
+                if seen % 10_000 == 0:  # logged: a progress line that cannot be written is lost
+                    log.info("import.progress", extra={"read": seen})
         store = store or await open_store(settings, serving=False)
         added += await _import_all(store, batch)
     finally:
@@ -811,19 +814,41 @@ async def _import(settings: Settings, file: Path) -> None:
     log.info("import.done", extra={"read": seen, "added": added})
 
 
+def _chunks(file: Path, line_max: int) -> Iterator[list[bytes]]:
+    """The file's lines, about a megabyte at a time (a thread hop per line would cost more than
+    the import), through one opening (a pipe's writer is gone once a first opening closes).
+    Opened, read and closed only as it is stepped, in the thread that steps it: closing a
+    file from another thread would wait for a read left behind (Ctrl-C on a stalled pipe)."""
+    with open(file, "rb") as source:
+        while lines := _read_lines(source, line_max):
+            yield lines
+
+
 async def _export(store: DocumentStore, file: Path | None) -> None:
-    fd, partial = await anyio.to_thread.run_sync(_open_output, file)
+    fd, partial = await _unheld(functools.partial(_open_output, file))
     try:
-        async with await anyio.open_file(fd, "wb") as out:  # UTF-8, whatever the locale
-            async for doc in store.export_documents():
-                await out.write(doc.json_bytes + b"\n")
-            if partial is not None and file is not None:
-                await out.flush()
-                await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
-                await anyio.Path(partial).replace(file)
+        lines: list[bytes] = []  # bytes: UTF-8 whatever the locale
+        size = 0
+        async for doc in store.export_documents():
+            lines.append(doc.json_bytes + b"\n")
+            size += len(lines[-1])
+            if size >= EXPORT_WRITE_BYTES:
+                await _unheld(functools.partial(_write_all, fd, b"".join(lines)))
+                lines, size = [], 0
+        await _unheld(functools.partial(_write_all, fd, b"".join(lines)))
+        if partial is not None and file is not None:
+            await _unheld(functools.partial(os.fsync, fd))
+            await anyio.Path(partial).replace(file)
     finally:
+        os.close(fd)  # at once, even beside a write left behind: the write keeps the file open
         if partial is not None:
             partial.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    data = memoryview(data)
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _open_output(file: Path | None) -> tuple[int, Path | None]:
@@ -882,6 +907,34 @@ IMPORT_BATCH_BYTES = 2 << 20
 IMPORT_LINE_EXTRA_BYTES = 1024
 
 
+T = TypeVar("T")
+# About the most bytes a write of export's takes: a thread hop per document would cost more
+# than the export, and its whole output would be held.
+EXPORT_WRITE_BYTES = 1 << 20
+
+
+async def _unheld(call: Callable[[], T]) -> T:
+    """A task's blocking call, in a daemon thread of its own that a stop leaves behind: a read of
+    a pipe no one writes, a write to one no one reads, or another process's start lock, had held
+    Ctrl-C, then the exit, for ever (anyio's threads are waited for, and joined at exit)."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # raised where it is awaited
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="task-io", daemon=True).start()
+    return await asyncio.wrap_future(future)
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(size)
+
+
 def _read_lines(file: IO[bytes], line_max: int) -> list[bytes]:
     """About a megabyte of lines, each cut after `line_max + 1` bytes: a line without an end
     (a pipe, a file of one huge line) is refused at that length, never read whole."""
@@ -936,11 +989,13 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
         for fd in {1, 2} - set(own):  # said where it harms nothing
             os.write(fd, f"{message}; redirect it elsewhere\n".encode())
         return 1
-    # Data tasks keep stdout for their output (export); their logs go to stderr.
+    # Data tasks keep stdout for their output (export); their logs go to stderr, and nowhere
+    # when it is closed (2>&-): they had gone into the export.
+    tasks_log = sys.stderr or open(os.devnull, "w")  # noqa: SIM115  # for the process's life
     configure_logging(
         settings.log_level,
         json_lines=settings.log_format == "json",
-        stream=sys.stderr if args.task != "serve" else sys.stdout,
+        stream=tasks_log if args.task != "serve" else sys.stdout,
     )
     try:
         if args.task != "serve":

@@ -415,7 +415,8 @@ def test_an_import_of_large_documents_holds_a_bounded_batch_in_memory(
 def test_an_import_stopped_with_ctrl_c_says_so_in_one_line_and_keeps_what_it_wrote(
     tmp_path: Path,
 ) -> None:
-    """It had ended in a traceback of 41 lines."""
+    """It had ended in a traceback of 41 lines; and stopped while it waits for a pipe that sends
+    nothing more, it had waited for it, then for its exit, after a third Ctrl-C."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
     ids = IdGenerator()
     pipe = tmp_path / "documents.pipe"
@@ -428,10 +429,10 @@ def test_an_import_stopped_with_ctrl_c_says_so_in_one_line_and_keeps_what_it_wro
         out.writelines(doc.model_dump_json().encode() + b"\n" for doc in docs)
         out.flush()
         for line in proc.stderr:
-            if b"read 10000 lines" in line:
+            if b'"import.progress"' in line and b'"read":10000' in line:
                 break
         proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 128 + signal.SIGINT
+        assert proc.wait(30) == 128 + signal.SIGINT
     rest = proc.stderr.read()
     assert b"Traceback" not in rest
     assert rest.splitlines()[-1] == b"error: interrupted"
@@ -442,8 +443,8 @@ def test_an_import_stopped_with_ctrl_c_says_so_in_one_line_and_keeps_what_it_wro
 
 
 def test_a_task_stopped_with_ctrl_c_while_its_store_opens_exits(tmp_path: Path) -> None:
-    """The store, opened in a thread after the stop, was never closed: its writer thread held
-    the exit for ever, after `error: interrupted`."""
+    """It had waited for another process's start to end; and the store, opened after the stop,
+    was never closed: its writer thread then held the exit for ever."""
     data = tmp_path / "data"
     assert run_task(data, "seed").returncode == 0
     lock = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
@@ -454,13 +455,70 @@ def test_a_task_stopped_with_ctrl_c_while_its_store_opens_exits(tmp_path: Path) 
         while proc.poll() is None and waiting not in Path("/proc/locks").read_text():
             pass  # until the task waits for the lock
         proc.send_signal(signal.SIGINT)
-        os.close(lock)  # the store opens now, for a task that has stopped
+        assert proc.wait(30) == 128 + signal.SIGINT  # the lock still held
+    finally:
+        os.close(lock)
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    assert proc.stderr.read().splitlines()[-1] == b"error: interrupted"
+
+
+@pytest.mark.parametrize("stderr", ["/dev/full", "closed"])
+def test_an_import_whose_standard_error_cannot_be_written_imports_everything(
+    tmp_path: Path, stderr: str
+) -> None:
+    """Its progress line, at line 10 000, had stopped it there. Standard error full, the exit
+    status is Python's for output it could not flush, 120; closed, there is nothing to flush."""
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = IdGenerator()
+    lines = tmp_path / "docs.jsonl"
+    docs = [plain_document(ids(at), at) for _ in range(10_001)]
+    lines.write_bytes(b"".join(doc.model_dump_json().encode() + b"\n" for doc in docs))
+    with open(os.devnull if stderr == "closed" else stderr, "wb") as sink:
+        proc = start_task(
+            tmp_path / "data", "import", str(lines), stderr=sink, stdout=subprocess.PIPE,
+            # 2>&-: the child's standard error closed before it starts
+            preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None,
+        )  # fmt: skip
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == (0 if stderr == "closed" else 120)
+    assert out == b""  # a task's logs never go to standard output, export's data
+    assert len(run_task(tmp_path / "data", "export").stdout.splitlines()) == len(docs)
+
+
+def _waits_for_a_pipe(pid: int) -> bool:
+    """Whether a thread of the process waits for a pipe's other end to be opened."""
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread gone
+            if (thread / "wchan").read_text() == "wait_for_partner":
+                return True
+    return False
+
+
+@pytest.mark.parametrize("task", ["import", "seed", "export"])
+def test_a_task_stopped_with_ctrl_c_while_a_pipe_has_no_other_end_exits(
+    tmp_path: Path, task: str
+) -> None:
+    """Its file's opening waited for a writer (or export's for a reader) that never came, and
+    held the stop, then the exit, for ever."""
+    data = tmp_path / "data"
+    assert run_task(data, "seed").returncode == 0
+    pipe = tmp_path / "documents.pipe"
+    os.mkfifo(pipe)
+    proc = start_task(data, task, str(pipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not _waits_for_a_pipe(proc.pid):
+            pass
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 128 + signal.SIGINT
     finally:
         proc.kill()
         proc.wait()
     assert proc.stderr is not None
-    assert proc.stderr.read().splitlines()[-1] == b"error: interrupted"
+    rest = proc.stderr.read()
+    assert b"Traceback" not in rest
+    assert rest.splitlines()[-1] == b"error: interrupted"
 
 
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
