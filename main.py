@@ -756,9 +756,9 @@ async def _run_task(settings: Settings, task: str, file: Path | None) -> None:
     store = await open_store(settings, serving=False)
     try:
         if task == "seed":
-            # One at a time, so that a sample the store refuses is named; fixed ids make seed
-            # idempotent.
-            added = sum([await _import_all(store, [sample]) for sample in samples])
+            # One transaction: a sample the store refuses leaves the others unwritten too; fixed
+            # ids make seed idempotent.
+            added = await _import_all(store, samples)
             log.info("seed.done", extra={"added": added, "documents": await store.count()})
         elif task == "export":
             if file is not None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -541,7 +541,8 @@ def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
     task: str, where: str, tmp_path: Path
 ) -> None:
     """The embedded store has 16 384 keys for the documents of one millisecond, taken in any
-    order; past them, the refusal says which line (or sample) and which document."""
+    order; past them, the refusal says which line (or sample) and which document, and the
+    document before it is not written either (seed had kept the samples before the refused one)."""
     at = datetime(2025, 1, 1, tzinfo=UTC)
 
     async def fill() -> None:
@@ -553,7 +554,9 @@ def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
 
     asyncio.run(fill())
     ids = [IdGenerator()(at) for _ in range(3)]
-    docs = [plain_document(i, at) for i in ids]
+    later = at + timedelta(milliseconds=1)
+    fits = plain_document(IdGenerator()(later), later)
+    docs = [fits, *(plain_document(i, at) for i in ids)]
     rest = tmp_path / f"rest.{task}"
     if task == "import":
         rest.write_bytes(b"".join(d.model_dump_json().encode() + b"\n" for d in docs))
@@ -569,7 +572,8 @@ def test_a_document_the_store_refuses_is_named_with_where_it_was_read(
         line,
     )
     assert named is not None, line
-    assert ids.index(named[2]) == int(named[1]) - 1  # the line holds the document named
+    assert ids.index(named[2]) == int(named[1]) - 2  # the line holds the document named
+    assert fits.id.encode() not in run_task(tmp_path / "data", "export").stdout
 
 
 GOOD_LINE = {
