@@ -158,6 +158,25 @@ class Settings(BaseSettings):
                 raise ValueError("expected an IP address or a host name to bind to") from None
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        # A browser sends its origin exactly so: one written with a path or a trailing slash
+        # never matches, and its preflights had got 400 from a service that started fine.
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            parts = urllib.parse.urlsplit(origin)
+            if origin != "*" and (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or origin != f"{parts.scheme}://{parts.netloc}"
+                or "@" in parts.netloc
+            ):
+                raise ValueError(
+                    f"{origin[:64]!r} is not an origin: scheme://host[:port], no path or "
+                    "trailing slash (e.g. https://app.example.com), or *"
+                )
+        return value
+
     @field_validator("root_path")
     @classmethod
     def _a_path_prefix(cls, value: str) -> str:

@@ -1143,6 +1143,11 @@ def test_a_rate_limit_several_workers_cannot_split_is_refused(tmp_path: Path) ->
         ("api_keys", f"a:{KEY},a:{OTHER_KEY}", "API_KEYS: the name 'a' is used twice"),
         ("api_keys", f"a:{KEY},b:{KEY}", "API_KEYS: the same key is configured twice"),
         ("root_path", "documents", "leading /"),
+        # A browser sends its origin exactly: any other spelling never matches.
+        ("cors_origins", "https://app.example/", "not an origin"),
+        ("cors_origins", "https://a.example,app.example", "'app.example' is not an origin"),
+        ("cors_origins", "https://app.example/path", "not an origin"),
+        ("cors_origins", "ftp://app.example", "not an origin"),
         ("forwarded_allow_ips", "10.0.0.1,proxy", "not an IP address"),
         ("database_url", "mongodb://", "at least one hostname"),
         ("database_url", "mongodb://u:p@ss:w@host/db", "escaped"),
@@ -1368,6 +1373,8 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
         refused = client.get("/v1/documents", headers={"Origin": "https://app.example"})
         assert_problem(refused, 401)
         assert refused.headers["access-control-allow-origin"] == "https://app.example"
+    # Each origin as a browser sends it is taken (a wrong spelling is refused at start).
+    make_settings(tmp_path / "c", cors_origins="http://localhost:3000, http://[::1]:8080, *")
 
 
 def test_preflights_spend_the_keyless_budget(tmp_path: Path) -> None:
