@@ -106,9 +106,11 @@ class StoreAuthenticationFailed(StoreUnavailable):
 
 
 class StoreCorrupt(StoreError):
+    """A data file this version cannot use: damaged, another application's, a newer version's."""
+
     def __init__(self, path: Path, reason: str) -> None:
         # The reason may quote the file (a table's name, a key): a line's worth of it, not all.
-        super().__init__(f"data file {path} is corrupt ({clip(reason)}); it was left untouched")
+        super().__init__(f"data file {path} refused ({clip(reason)}); it was left untouched")
         self.path = path
 
 

@@ -80,7 +80,7 @@ def test_data_file_truncated_at_each_twentieth_is_refused_untouched(
 ) -> None:
     damaged = data_file[: len(data_file) * twentieth // 20]
     (tmp_path / DATABASE_FILE).write_bytes(damaged)
-    with pytest.raises(StoreCorrupt, match="corrupt"):
+    with pytest.raises(StoreCorrupt, match="truncated"):
         SQLiteStore.open(tmp_path)
     assert (tmp_path / DATABASE_FILE).read_bytes() == damaged
 
@@ -88,7 +88,7 @@ def test_data_file_truncated_at_each_twentieth_is_refused_untouched(
 def test_data_file_of_garbage_is_refused_untouched(tmp_path: Path, data_file: bytes) -> None:
     garbage = random.Random(7).randbytes(len(data_file))
     (tmp_path / DATABASE_FILE).write_bytes(garbage)
-    with pytest.raises(StoreCorrupt, match="corrupt"):
+    with pytest.raises(StoreCorrupt, match="not an SQLite database"):
         SQLiteStore.open(tmp_path)
     assert (tmp_path / DATABASE_FILE).read_bytes() == garbage
 
