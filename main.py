@@ -34,6 +34,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from limits import RateLimitItem, parse_many
+from limits.aio.storage import Storage
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -285,8 +286,18 @@ async def read_health() -> dict[str, str]:
 async def read_readiness(request: Request, store: StoreDep) -> dict[str, str | int]:
     """`200` when the store can be read and written and the rate-limit store answers right
     now, `503` otherwise."""
+    state = request.app.state
+    # Probes need no key and spend no budget: those that arrive while one checks share its
+    # answer, so a flood of them costs the store one check at a time, not one each.
+    if state.readiness is None or state.readiness.done():
+        state.readiness = asyncio.ensure_future(_readiness(store, state.rate_storage))
+    answer: dict[str, str | int] = await asyncio.shield(state.readiness)
+    return answer
+
+
+async def _readiness(store: DocumentStore, rate_storage: Storage) -> dict[str, str | int]:
     await store.check()
-    await ratelimit.check(request.app.state.rate_storage)
+    await ratelimit.check(rate_storage)
     return {"status": "ready", "backend": store.backend, "documents": await store.count()}
 
 
@@ -486,6 +497,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.critical("service.start_failed", exc_info=True)
         raise
     app.state.store = store
+    app.state.readiness = None  # the probe in progress (read_readiness)
     if app.state.generated_key:
         _announce_generated_key(app.state.generated_key, settings)
     log.info(

@@ -35,6 +35,7 @@ from conftest import (
     assert_problem,
     make_settings,
     run_threads,
+    scrape,
     seed_common,
 )
 from logging_config import CLIENT_TEXT_MAX
@@ -1583,6 +1584,9 @@ def test_location_never_carries_the_client_host(client: TestClient) -> None:
 # --- readiness ------------------------------------------------------------------------------
 
 
+CHECKS = {"operation": "check"}
+
+
 def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
     service_factory: ServiceFactory,
 ) -> None:
@@ -1600,6 +1604,12 @@ def test_readiness_is_right_under_400_concurrent_probes_and_writes_nothing(
     assert statuses == [200] * 400
     assert sorted(p.name for p in server.data_dir.iterdir()) == before
     assert server.data_dir.stat().st_mtime_ns == mtime
+    # Probes that arrive while one checks share its answer: a keyless flood of them had cost
+    # the store a check each, and slowed every keyed write 20x.
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        samples = scrape(client)["store_operation_duration_seconds"].samples
+    (checks,) = (s.value for s in samples if s.name.endswith("_count") and s.labels == CHECKS)
+    assert checks <= 40
 
 
 # --- listings: a key pays for what its reads cost ---------------------------------------------
