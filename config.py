@@ -280,11 +280,13 @@ def digest_key(key: str | bytes) -> bytes:
 
 
 def _entries(spec: str) -> list[tuple[int, str, str]]:
-    """(number, name, value) for each `value` or `name:value` in a comma-separated list."""
+    """(number, name, value) for each `value` or `name:value` in a comma-separated list, without
+    the spaces around each part: HTTP drops those around a header's value, so a key configured
+    with them had never matched."""
     entries = []
     for number, entry in enumerate(filter(None, (e.strip() for e in spec.split(","))), 1):
         name, sep, value = entry.partition(":")
-        entries.append((number, name, value) if sep else (number, "", entry))
+        entries.append((number, name.strip(), value.strip()) if sep else (number, "", entry))
     return entries
 
 
@@ -295,6 +297,7 @@ def _scope(number: int, name: str, value: str) -> tuple[str, bool]:
     secret, sep, scope = value.rpartition(":")
     if not sep:
         return value, False
+    secret, scope = secret.strip(), scope.strip()
     if scope != "read":
         # Not echoed: a key with a ':' in it would put part of itself in the message.
         raise ValueError(f"entry {number}: a key holds no ':', and the only scope is 'read'")

@@ -927,6 +927,16 @@ def test_same_idempotency_key_and_body_returns_original_and_creates_nothing(
     assert len(walk(client)) == 1
 
 
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_idempotency_key_is_422_and_creates_nothing(client: TestClient, key: str) -> None:
+    """An empty key names no create to replay: refused, never taken for no key (which would
+    create a document at each retry)."""
+    for _ in range(2):
+        refused = client.post("/v1/documents", json=DOC, headers={"Idempotency-Key": key})
+        assert "idempotency-key" in assert_problem(refused, 422)["errors"][0]["loc"]
+    assert walk(client) == []
+
+
 @pytest.mark.parametrize(
     "again",
     [
@@ -1349,6 +1359,19 @@ def test_a_key_of_any_characters_matches_as_the_utf8_bytes_clients_send(tmp_path
         for sent in (key, hashed):
             response = client.get("/v1/documents", headers={b"x-api-key": sent.encode()})
             assert response.status_code == 200, response.text
+
+
+def test_spaces_around_a_key_s_name_secret_and_scope_are_not_part_of_them(tmp_path: Path) -> None:
+    """HTTP drops the spaces around a header's value: a key configured with them had never
+    matched, and the service had started as if all was well."""
+    digest = hashlib.sha256(b"carol-secret-3").hexdigest()
+    keys, hashes = " alice : alice-secret-1 , bob : bob-secret-2 : read ", f" carol : {digest} "
+    settings = make_settings(tmp_path, api_keys=keys, api_key_hashes=hashes)
+    with TestClient(create_app(settings)) as client:
+        for key in ("alice-secret-1", "bob-secret-2", "carol-secret-3"):
+            assert client.get("/v1/documents", headers={"X-API-Key": key}).is_success, key
+        refused = client.post("/v1/documents", json=DOC, headers={"X-API-Key": "bob-secret-2"})
+        assert_problem(refused, 403)
 
 
 def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
