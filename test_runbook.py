@@ -47,9 +47,10 @@ wait_alive() {
 """
 
 
-# The corrupt-database procedure meets real damage: the documents table's last leaf page
-# overwritten while the service is stopped, the service started again (damage inside pages shows
-# only once met). On an intact file, a salvage that kept nothing of a damaged one had passed.
+# The corrupt-database procedure meets real damage: the last page of the documents table, of an
+# index on it, of the tags and of the words of `q` overwritten while the service is stopped, the
+# service started again (damage inside pages shows only once met). On an intact file, a salvage
+# that kept nothing of a damaged one had passed.
 DAMAGE = """
 service_stop
 .venv/bin/python - "$DATA_DIR/documents.db" "$RUN/survivors" <<'EOF'
@@ -57,15 +58,17 @@ import sqlite3, sys
 with sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True) as conn:
     (size,) = conn.execute("PRAGMA page_size").fetchone()
     (total,) = conn.execute("SELECT count(*) FROM documents").fetchone()
-    page, cells = conn.execute(
-        "SELECT pageno, ncell FROM dbstat WHERE name = 'documents' AND pagetype = 'leaf'"
-        " ORDER BY pageno DESC LIMIT 1"
-    ).fetchone()
-assert 0 < cells < total, (cells, total)
+    last = "SELECT pageno, ncell FROM dbstat WHERE name = ? AND pagetype = 'leaf'"
+    last += " ORDER BY pageno DESC LIMIT 1"
+    pages = {name: conn.execute(last, (name,)).fetchone()
+             for name in ("documents", "documents_created", "tags", "words_data")}
+lost = pages["documents"][1]
+assert 0 < lost < total, (lost, total)
 with open(sys.argv[1], "r+b") as database:
-    database.seek((page - 1) * size)
-    database.write(bytes(range(256)) * (size // 256))
-open(sys.argv[2], "w").write(str(total - cells))
+    for page, _ in pages.values():
+        database.seek((page - 1) * size)
+        database.write(bytes(range(256)) * (size // 256))
+open(sys.argv[2], "w").write(str(total - lost))
 EOF
 service_start
 wait_ready
