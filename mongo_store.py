@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import pymongo
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, monitoring
 from pymongo.errors import (
     ConfigurationError,
@@ -64,6 +65,7 @@ FIRST_CONTACT_SECONDS = 1.0
 IMPORTS_AT_ONCE = 50
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 INDEX_NOT_FOUND = 27
+BAD_VALUE = 2  # what a hint naming an index the collection no longer has gets
 # What MongoDB answers when it cannot serve right now: a node unreachable, stepping down or
 # shutting down (the codes the driver itself retries), a lock or write conflict it gave up on,
 # no node the read may use, an operation or cursor killed under it (an operator's killOp, a
@@ -213,6 +215,9 @@ def _driver_errors(outage: Outage, *, ends_outage: bool = True) -> Iterator[None
         # not answer in time is an outage (see open). DNS's message names the host only.
         raise StoreError(f"cannot use DATABASE_URL: {exc}") from exc
     except OperationFailure as exc:
+        if exc.code == BAD_VALUE and "existing index" in str(exc):
+            outage.failed("indexes lost")
+            raise IndexesLost("MongoDB has lost the store's indexes; try again shortly.") from exc
         if exc.code == AUTHENTICATION_FAILED:
             raise StoreAuthenticationFailed(
                 "MongoDB authentication failed: check the user and password in DATABASE_URL"
@@ -226,6 +231,11 @@ def _driver_errors(outage: Outage, *, ends_outage: bool = True) -> Iterator[None
     else:
         if ends_outage:
             outage.answered()
+
+
+class IndexesLost(StoreUnavailable):
+    """A read named an index the collection no longer has: its database was dropped or emptied
+    under the service (a MongoDB restarted without its volume)."""
 
 
 class MongoStore:
@@ -257,6 +267,7 @@ class MongoStore:
         self._docs = self._db["documents"]
         self._idempotency = self._db["idempotency"]
         self._clock = clock
+        self._timeout_s = timeout_ms / 1000
         self._new_id = IdGenerator()
         self._indexes_ready = False
         self.indexes_made: asyncio.Task[None] | None = None
@@ -326,8 +337,20 @@ class MongoStore:
 
     def _indexes_are_made(self) -> None:
         self._indexes_ready = True
+        if self.words_added is not None:  # a pass from before the indexes were lost
+            self.words_added.cancel()
         # In the background, so that a large collection does not hold up the start.
         self.words_added = asyncio.get_running_loop().create_task(self._add_missing_words())
+
+    def _remake_indexes(self) -> None:
+        """The indexes are gone (a database dropped or emptied under the service): every request
+        and probe answers 503 until they are made again, as after a start without MongoDB, and
+        the cursor secret is read again (made again, if it went with them)."""
+        if self._indexes_ready:
+            self._indexes_ready = False
+            self._cursor_secret = None
+            log.warning("store.indexes_lost", extra={"backend": self.backend})
+            self.indexes_made = asyncio.get_running_loop().create_task(self._make_indexes())
 
     def _require_indexes(self) -> None:
         if not self._indexes_ready:
@@ -489,8 +512,12 @@ class MongoStore:
     async def _page(
         self, query: DocumentQuery, limit: int, after: Key | None
     ) -> tuple[list[Document], Key | None]:
-        with _driver_errors(self._reads):
-            sizes = await self._find(query, limit, after, SIZE).to_list(limit)
+        try:
+            with _driver_errors(self._reads):
+                sizes = await self._find(query, limit, after, SIZE).to_list(limit)
+        except IndexesLost:
+            self._remake_indexes()
+            raise
         if not sizes:
             return [], None
         total, fit = 0, 0
@@ -587,6 +614,12 @@ class MongoStore:
         changed nothing, the key included. Every delete leaves one, whatever the record says
         about its key: a restore brings documents back without it."""
         self._require_indexes()
+        # One time limit for the whole delete: a write sent again after a reply that did not
+        # come gets what the first left, so a hung MongoDB costs MONGO_TIMEOUT_MS, not twice.
+        with pymongo.timeout(self._timeout_s):
+            await self._delete(doc_id, if_version)
+
+    async def _delete(self, doc_id: str, if_version: int | None) -> None:
         # Whose tombstone it is: a delete whose reply was lost finds out whether it landed.
         tombstone = {"deleted_at": self._clock(), "deleted_by": secrets.token_hex(8)}
         with _driver_errors(self._reads):
@@ -718,6 +751,10 @@ class MongoStore:
             raise StoreUnavailable("MongoDB answers but does not take writes (not a primary)")
         with _driver_errors(self._reads):
             await self._db["meta"].find_one({"_id": "cursor_secret"}, {"_id": 1})
+            made = {index["name"] async for index in await self._docs.list_indexes()}
+        if missing := {*INDEXES, "tombstones"} - made:  # found before a listing meets it
+            self._remake_indexes()
+            raise StoreUnavailable(f"MongoDB has lost indexes: {', '.join(sorted(missing))}")
 
     async def close(self) -> None:
         for task in (self.indexes_made, self.words_added):

@@ -400,6 +400,45 @@ def test_after_a_start_without_mongodb_the_indexes_are_made_in_the_background_by
     assert made >= set(INDEXES)
 
 
+@pytest.mark.parametrize("found_by", ["a probe", "a listing"])
+def test_a_database_emptied_under_the_service_gets_its_indexes_again(
+    mongo_url: str, found_by: str
+) -> None:
+    """MongoDB restarted without its volume, or its database dropped: every listing had got 500
+    for good (its hint named an index gone with the data) while readiness said 200. The first
+    probe or listing to meet the loss gets 503, the indexes are made again, and what is written
+    after is served."""
+
+    async def empty_it() -> list[str]:
+        store = await MongoStore.open(mongo_url, serving=False)
+        try:
+            await store.create(DocumentCreate(title="before", content="c"))
+            mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+            await mongo.drop_database(mongo.get_default_database().name)
+            await mongo.close()
+            if found_by == "a probe":
+                with pytest.raises(StoreUnavailable, match="lost indexes"):
+                    await store.check()
+            else:
+                await store.create(DocumentCreate(title="between", content="c"))
+                with pytest.raises(StoreUnavailable, match="lost the store's indexes"):
+                    await store.page(DocumentQuery(), limit=10)
+            with pytest.raises(StoreUnavailable):  # until they are made again
+                await store.page(DocumentQuery(tag=["t"]), limit=10)
+            assert store.indexes_made is not None
+            await store.indexes_made
+            await store.check()
+            await store.create(DocumentCreate(title="after", content="c", tags=["t"]))
+            assert len(await store.cursor_secret()) == 32
+            items, _ = await store.page(DocumentQuery(), limit=10)
+            return [doc.title for doc in items]
+        finally:
+            await store.close()
+
+    expected = ["after", "between"] if found_by == "a listing" else ["after"]
+    assert anyio.run(empty_it) == expected
+
+
 def test_indexes_made_in_the_background_start_one_pass_for_missing_words(
     proxied_mongo: tuple[TcpProxy, str],
 ) -> None:
@@ -571,6 +610,38 @@ def test_a_mongodb_that_hangs_is_not_charged_to_the_keys_that_waited_on_it(
         served = client.get(f"/v1/documents/{doc['id']}")
         assert served.status_code == 200
         assert int(served.headers["x-ratelimit-remaining"]) > 80
+
+
+def test_a_delete_that_meets_a_hung_mongodb_sends_its_write_once_per_time_limit(
+    proxied_mongo: tuple[TcpProxy, str],
+) -> None:
+    """A delete sends its write again when a reply does not come (a reply lost, not the write):
+    after a hang, the second write had waited a whole MONGO_TIMEOUT_MS more, and the 503 came
+    after twice the limit. It now gets what the first left of one limit: nothing, so it is
+    never sent."""
+    proxy, url = proxied_mongo
+    held: list[bytes] = []
+
+    def hold_writes(message: bytes) -> Fate:
+        if _command(message) == "update":
+            held.append(message)
+            time.sleep(1.5)  # past the limit: the reply comes too late
+        return "deliver"
+
+    async def delete() -> None:
+        proxy.start()
+        store = await MongoStore.open(url, timeout_ms=1000, serving=False)
+        try:
+            doc, _ = await store.create(DocumentCreate(title="t", content="c"))
+            proxy.fault = hold_writes
+            with pytest.raises(StoreUnavailable):
+                await store.delete(doc.id)
+        finally:
+            proxy.fault = None
+            await store.close()
+
+    anyio.run(delete)
+    assert len(held) == 1
 
 
 def test_reads_an_index_bounds_are_not_charged_a_slow_link(
