@@ -6,6 +6,13 @@ command line.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":
+    # Ctrl-C while the modules below load (about a second) stops the start as it stops any
+    # program, without a traceback of the import it cut; main() puts Python's handler back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import asyncio
 import concurrent.futures
@@ -16,7 +23,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import stat
 import sys
 import tempfile
@@ -967,6 +973,7 @@ async def _import_all(store: DocumentStore, lines: list[tuple[str, Document]]) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(
         description="The documents service. Settings come from the environment and .env.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -521,6 +521,25 @@ def test_a_task_stopped_with_ctrl_c_while_a_pipe_has_no_other_end_exits(
     assert rest.splitlines()[-1] == b"error: interrupted"
 
 
+def test_ctrl_c_while_the_modules_load_stops_without_a_traceback(tmp_path: Path) -> None:
+    """The second or so `python main.py` spends importing its modules: Ctrl-C there had printed
+    a traceback of whichever import it cut."""
+    proc = start_task(
+        tmp_path / "data", "export", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps")
+        while proc.poll() is None and "_pydantic_core" not in maps.read_text():
+            pass  # pydantic loads early in the imports, and FastAPI's follow it
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == -signal.SIGINT
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    assert proc.stderr.read() == b""
+
+
 def test_import_takes_documents_of_one_millisecond_in_any_order(tmp_path: Path) -> None:
     """Data whose times are whole seconds: a thousand documents of one millisecond, newest id
     first (the embedded store had room for a dozen in that order, and import sorted them)."""
