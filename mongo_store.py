@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -77,6 +78,8 @@ UNAVAILABLE_CODES = frozenset(
 )
 # What MongoDB names a command it stopped at its maxTimeMS: work it did, charged to the read.
 STOPPED_AT_TIME_LIMIT = "MaxTimeMSExpired"
+# How long a process signs cursors with the secret it read before it reads it again.
+SECRET_READ_EVERY_S = 5.0
 # How long the background pass for missing words waits after a failure.
 WORDS_RETRY_SECONDS = 30.0
 # A deleted document that its create's Idempotency-Key could bring back stays as a tombstone
@@ -272,6 +275,7 @@ class MongoStore:
         self._indexes_ready = False
         self.indexes_made: asyncio.Task[None] | None = None
         self._cursor_secret: bytes | None = None
+        self._secret_read_at = -math.inf  # when to read it again
         self.words_added: asyncio.Task[int] | None = None
         self._importing = asyncio.Semaphore(IMPORTS_AT_ONCE)
         # MongoDB not answering, or not within its time limit: reads and writes each have an
@@ -727,16 +731,24 @@ class MongoStore:
             return await self._docs.estimated_document_count()
 
     async def cursor_secret(self) -> bytes:
-        """Made by the first process to ask and read by every other: insert-if-absent."""
-        if self._cursor_secret is None:
+        """Made by the first process to ask and read by every other (insert-if-absent), and
+        read again every SECRET_READ_EVERY_S: a MongoDB back empty gets a new one, made by the
+        process that asks first, and a process that kept the old one had signed cursors no
+        other process took."""
+        if self._cursor_secret is None or time.monotonic() >= self._secret_read_at:
             self._require_indexes()  # no call waits on a MongoDB the start could not reach
-            record = {"_id": "cursor_secret", "value": secrets.token_bytes(32)}
-            await self._insert_new(self._db["meta"], record)
+            meta = self._db["meta"]
             with _driver_errors(self._reads):
-                stored = await self._db["meta"].find_one({"_id": "cursor_secret"})
+                stored = await meta.find_one({"_id": "cursor_secret"})
+            if stored is None:
+                made = {"_id": "cursor_secret", "value": secrets.token_bytes(32)}
+                await self._insert_new(meta, made)
+                with _driver_errors(self._reads):
+                    stored = await meta.find_one({"_id": "cursor_secret"})
             if stored is None:
                 raise StoreUnavailable("the cursor secret was not stored; try again")
             self._cursor_secret = bytes(stored["value"])
+            self._secret_read_at = time.monotonic() + SECRET_READ_EVERY_S
         return self._cursor_secret
 
     async def check(self) -> None:
