@@ -38,7 +38,7 @@ service_start() {
   SERVICE_PID=$!
   echo "$SERVICE_PID" >>"$RUN/pids"
 }
-service_stop() { kill -TERM "$SERVICE_PID"; wait "$SERVICE_PID" || true; }
+service_stop() { kill -TERM "$SERVICE_PID" 2>/dev/null || true; wait "$SERVICE_PID" || true; }
 service_reload() { kill -HUP "$SERVICE_PID"; }
 logs() { cat "$RUN/service.log"; }
 wait_alive() {
@@ -47,31 +47,36 @@ wait_alive() {
 """
 
 
-# The corrupt-database procedure meets real damage: the last page of the documents table, of an
-# index on it, of the tags and of the words of `q` overwritten while the service is stopped, the
-# service started again (damage inside pages shows only once met). On an intact file, a salvage
-# that kept nothing of a damaged one had passed.
+# The corrupt-database procedure meets real damage: with documents on several pages, the first
+# and last pages of the documents table (a walk from either end stops at one), pages of an index
+# on it, of the tags, of the words of `q` and of the cursor secret's table, overwritten while
+# the service is stopped (its start would refuse the cursor secret's damage).
+# A salvage through `.dump` had lost every document between two damaged pages, and one of the
+# cursor secret's page had stopped it.
 DAMAGE = """
+for i in $(seq 40); do
+  body=$(printf '{"title": "d%s", "content": "%0300d"}' "$i" 0)
+  curl -fsS -o /dev/null "$BASE/v1/documents" -H "X-API-Key: $KEY" --json "$body"
+done
 service_stop
 .venv/bin/python - "$DATA_DIR/documents.db" "$RUN/survivors" <<'EOF'
 import sqlite3, sys
 with sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True) as conn:
     (size,) = conn.execute("PRAGMA page_size").fetchone()
     (total,) = conn.execute("SELECT count(*) FROM documents").fetchone()
-    last = "SELECT pageno, ncell FROM dbstat WHERE name = ? AND pagetype = 'leaf'"
-    last += " ORDER BY pageno DESC LIMIT 1"
-    pages = {name: conn.execute(last, (name,)).fetchone()
-             for name in ("documents", "documents_created", "tags", "words_data")}
-lost = pages["documents"][1]
-assert 0 < lost < total, (lost, total)
+    leaves = "SELECT pageno, ncell FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno"
+    table = conn.execute(leaves, ("documents",)).fetchall()
+    others = [conn.execute(leaves, (name,)).fetchall()[-1] for name in
+              ("documents_created", "tags", "words_data", "meta")]
+assert len(table) >= 4, table
+damaged = [table[0], table[-1], *others]
+lost = table[0][1] + table[-1][1]
 with open(sys.argv[1], "r+b") as database:
-    for page, _ in pages.values():
+    for page, _ in damaged:
         database.seek((page - 1) * size)
         database.write(bytes(range(256)) * (size // 256))
 open(sys.argv[2], "w").write(str(total - lost))
 EOF
-service_start
-wait_ready
 """
 SURVIVORS = 'test "$(documents)" = "$(cat "$RUN/survivors")"'
 
