@@ -53,6 +53,7 @@ from conftest import (
     walk,
 )
 from logging_config import configure_logging
+from metrics import MeteredStore, Metrics
 from models import Document, DocumentCreate, DocumentQuery, DocumentUpdate
 from mongo_store import INDEXES, MongoStore
 from ratelimit import TIMEOUT as LIMITER_TIMEOUT
@@ -439,6 +440,37 @@ def test_a_database_emptied_under_the_service_gets_its_indexes_again(
     assert anyio.run(empty_it) == expected
 
 
+def test_every_process_signs_cursors_with_the_secret_made_after_mongodb_came_back_empty(
+    mongo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers: the one that found the loss made a new cursor secret, the other kept the
+    old one, and a cursor from either was refused by the other (400) for as long as they ran.
+    Each reads the secret again every few seconds (here at each listing)."""
+    monkeypatch.setattr(mongo_store, "SECRET_READ_EVERY_S", 0.0)
+
+    async def secrets_of() -> tuple[bytes, bytes, bytes]:
+        found = await MongoStore.open(mongo_url, serving=False)
+        other = await MongoStore.open(mongo_url, serving=False)
+        try:
+            before = await found.cursor_secret()
+            assert await other.cursor_secret() == before
+            mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+            await mongo.drop_database(mongo.get_default_database().name)
+            await mongo.close()
+            with pytest.raises(StoreUnavailable, match="lost indexes"):
+                await found.check()
+            assert found.indexes_made is not None
+            await found.indexes_made
+            return before, await found.cursor_secret(), await other.cursor_secret()
+        finally:
+            await found.close()
+            await other.close()
+
+    before, after, others = anyio.run(secrets_of)
+    assert after != before
+    assert others == after
+
+
 def test_indexes_made_in_the_background_start_one_pass_for_missing_words(
     proxied_mongo: tuple[TcpProxy, str],
 ) -> None:
@@ -642,6 +674,42 @@ def test_a_delete_that_meets_a_hung_mongodb_sends_its_write_once_per_time_limit(
 
     anyio.run(delete)
     assert len(held) == 1
+
+
+def test_edits_of_a_document_queued_behind_one_a_hung_mongodb_fails_fail_with_it(
+    proxied_mongo: tuple[TcpProxy, str],
+) -> None:
+    """A process edits a document one edit at a time (MeteredStore): behind a hung MongoDB each
+    queued edit had waited out a time limit of its own after the one before, the sixth
+    answering 503 after six. Those that waited while it failed fail with it, sending nothing."""
+    proxy, url = proxied_mongo
+    sent: list[str] = []
+
+    def hang(message: bytes) -> Fate:
+        if _command(message) in ("find", "update"):
+            sent.append(_command(message))
+            time.sleep(1.5)  # past the limit
+        return "deliver"
+
+    async def race() -> list[object]:
+        proxy.start()
+        inner = await MongoStore.open(url, timeout_ms=1000, serving=False)
+        store = MeteredStore(inner, Metrics())
+        try:
+            doc, _ = await store.create(DocumentCreate(title="t", content="c"))
+            assert inner.words_added is not None
+            await inner.words_added  # its reads are not the edits'
+            proxy.fault = hang
+            patch = DocumentUpdate(title="u")
+            edits = [store.delete(doc.id), *(store.update(doc.id, patch) for _ in range(5))]
+            outcomes: list[object] = await asyncio.gather(*edits, return_exceptions=True)
+            return outcomes
+        finally:
+            proxy.fault = None
+            await store.close()
+
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in anyio.run(race))
+    assert sent == ["find"]
 
 
 def test_reads_an_index_bounds_are_not_charged_a_slow_link(
