@@ -161,19 +161,15 @@ class Settings(BaseSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
-        # A browser sends its origin exactly so: one written with a path or a trailing slash
-        # never matches, and its preflights had got 400 from a service that started fine.
+        # Matched as the exact string a browser sends: one written otherwise (a path, a trailing
+        # slash, capitals, a default port, a wildcard) never matched, and its preflights got 400
+        # from a service that had started fine.
         for origin in filter(None, (o.strip() for o in value.split(","))):
-            parts = urllib.parse.urlsplit(origin)
-            if origin != "*" and (
-                parts.scheme not in ("http", "https")
-                or not parts.hostname
-                or origin != f"{parts.scheme}://{parts.netloc}"
-                or "@" in parts.netloc
-            ):
+            if origin != "*" and not _browser_origin(origin):
                 raise ValueError(
-                    f"{origin[:64]!r} is not an origin: scheme://host[:port], no path or "
-                    "trailing slash (e.g. https://app.example.com), or *"
+                    f"{origin[:64]!r} is not an origin as a browser sends it: scheme://host[:port]"
+                    ", lower case, no path, no default port, no wildcard (e.g. "
+                    "https://app.example.com), or *"
                 )
         return value
 
@@ -274,6 +270,20 @@ class ApiKey:
     read_only: bool = False
 
 
+ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[1-9][0-9]*)?")
+
+
+def _browser_origin(origin: str) -> bool:
+    if not ORIGIN.fullmatch(origin):
+        return False
+    parts = urllib.parse.urlsplit(origin)
+    try:
+        port = parts.port
+    except ValueError:  # past 65535
+        return False
+    return (parts.scheme, port) not in (("http", 80), ("https", 443))
+
+
 def digest_key(key: str | bytes) -> bytes:
     """A key's SHA-256, of its UTF-8 (what clients send) when given as text."""
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
@@ -313,6 +323,8 @@ def parse_api_keys(spec: str) -> list[ApiKey]:
                 f"entry {number} must be 'key', 'name:key' or 'name:key:read' with a key of "
                 "8+ chars"
             )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):  # no client could send it
+            raise ValueError(f"entry {number}: a key holds no control character")
         keys.append(ApiKey(name or f"key{number}", digest_key(key), read_only))
     return keys
 

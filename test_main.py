@@ -1158,6 +1158,11 @@ def test_a_rate_limit_several_workers_cannot_split_is_refused(tmp_path: Path) ->
         ("cors_origins", "https://a.example,app.example", "'app.example' is not an origin"),
         ("cors_origins", "https://app.example/path", "not an origin"),
         ("cors_origins", "ftp://app.example", "not an origin"),
+        ("cors_origins", "https://App.Example", "not an origin"),
+        ("cors_origins", "https://app.example:443", "not an origin"),
+        ("cors_origins", "https://*.example", "not an origin"),
+        ("cors_origins", "https://bücher.example", "not an origin"),
+        ("cors_origins", "https://app.example:99999", "not an origin"),
         ("forwarded_allow_ips", "10.0.0.1,proxy", "not an IP address"),
         ("database_url", "mongodb://", "at least one hostname"),
         ("database_url", "mongodb://u:p@ss:w@host/db", "escaped"),
@@ -1339,6 +1344,7 @@ def test_keys_configured_as_sha256_hashes_authenticate(tmp_path: Path) -> None:
     [
         ({"api_key_hashes": "ops:not-hex"}, "64 hex"),
         ({"api_keys": "alice:short"}, r"8\+ chars"),
+        ({"api_keys": "alice:long-enough\x01key"}, "no control character"),
         ({"api_keys": "a:aaaaaaaaaa", "api_key_hashes": f"a:{'0' * 64}"}, "unique"),
     ],
 )
@@ -1397,7 +1403,10 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
         assert_problem(refused, 401)
         assert refused.headers["access-control-allow-origin"] == "https://app.example"
     # Each origin as a browser sends it is taken (a wrong spelling is refused at start).
-    make_settings(tmp_path / "c", cors_origins="http://localhost:3000, http://[::1]:8080, *")
+    make_settings(
+        tmp_path / "c",
+        cors_origins="http://localhost:3000, http://[::1]:8080, https://xn--bcher-kva.example, *",
+    )
 
 
 def test_preflights_spend_the_keyless_budget(tmp_path: Path) -> None:
