@@ -270,18 +270,29 @@ class ApiKey:
     read_only: bool = False
 
 
-ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[1-9][0-9]*)?")
+ORIGIN = re.compile(
+    r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)(:[1-9][0-9]*)?"
+)
 
 
 def _browser_origin(origin: str) -> bool:
-    if not ORIGIN.fullmatch(origin):
+    """Whether `origin` is written as a browser writes it (the URL standard's serialization):
+    an address as it serializes one (127.0.0.1, [::1]; a host whose last label is a number is
+    an IPv4 address to it), no default port."""
+    if not (match := ORIGIN.fullmatch(origin)):
         return False
-    parts = urllib.parse.urlsplit(origin)
+    host = match[2]
     try:
-        port = parts.port
-    except ValueError:  # past 65535
+        port = urllib.parse.urlsplit(origin).port
+        if host.startswith("["):
+            canonical = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        elif re.fullmatch(r"0x[0-9a-f]*|[0-9]+", host.rpartition(".")[2]):
+            canonical = str(ipaddress.IPv4Address(host))
+        else:
+            canonical = host
+    except ValueError:  # a port past 65535, an address that is none
         return False
-    return (parts.scheme, port) not in (("http", 80), ("https", 443))
+    return host == canonical and (match[1], port) not in (("http", 80), ("https", 443))
 
 
 def digest_key(key: str | bytes) -> bytes:

@@ -1163,6 +1163,10 @@ def test_a_rate_limit_several_workers_cannot_split_is_refused(tmp_path: Path) ->
         ("cors_origins", "https://*.example", "not an origin"),
         ("cors_origins", "https://bücher.example", "not an origin"),
         ("cors_origins", "https://app.example:99999", "not an origin"),
+        # An address as a browser writes it: these it writes 127.0.0.1 and [::1].
+        ("cors_origins", "http://127.000.000.001", "not an origin"),
+        ("cors_origins", "http://2130706433", "not an origin"),
+        ("cors_origins", "http://[0:0:0:0:0:0:0:1]", "not an origin"),
         ("forwarded_allow_ips", "10.0.0.1,proxy", "not an IP address"),
         ("database_url", "mongodb://", "at least one hostname"),
         ("database_url", "mongodb://u:p@ss:w@host/db", "escaped"),
@@ -1405,7 +1409,8 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
     # Each origin as a browser sends it is taken (a wrong spelling is refused at start).
     make_settings(
         tmp_path / "c",
-        cors_origins="http://localhost:3000, http://[::1]:8080, https://xn--bcher-kva.example, *",
+        cors_origins="http://localhost:3000, http://[::1]:8080, https://xn--bcher-kva.example,"
+        "http://127.0.0.1, https://a_b.example, *",
     )
 
 
