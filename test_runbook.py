@@ -48,14 +48,15 @@ wait_alive() {
 
 
 # The corrupt-database procedure meets real damage: with documents on several pages, the first
-# and last pages of the documents table (a walk from either end stops at one), pages of an index
-# on it, of the tags, of the words of `q` and of the cursor secret's table, overwritten while
-# the service is stopped (its start would refuse the cursor secret's damage).
+# and last pages of the documents table (a walk from either end stops at one), the last page of
+# a large document's text (which SQLite reads as it is), pages of an index on it, of the tags,
+# of the words of `q` and of the cursor secret's table, overwritten while the service is stopped
+# (its start would refuse the cursor secret's damage).
 # A salvage through `.dump` had lost every document between two damaged pages, and one of the
-# cursor secret's page had stopped it.
+# cursor secret's page had stopped it, and so had a document whose text was damaged.
 DAMAGE = """
-for i in $(seq 40); do
-  body=$(printf '{"title": "d%s", "content": "%0300d"}' "$i" 0)
+for i in $(seq 40); do  # the 20th's text takes pages of its own (overflow pages)
+  body=$(printf '{"title": "d%s", "content": "%0*d"}' "$i" $((i == 20 ? 20000 : 300)) 0)
   curl -fsS -o /dev/null "$BASE/v1/documents" -H "X-API-Key: $KEY" --json "$body"
 done
 service_stop
@@ -68,9 +69,12 @@ with sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True) as conn:
     table = conn.execute(leaves, ("documents",)).fetchall()
     others = [conn.execute(leaves, (name,)).fetchall()[-1] for name in
               ("documents_created", "tags", "words_data", "meta")]
+    overflow = conn.execute(
+        "SELECT max(pageno), 1 FROM dbstat WHERE name = 'documents' AND pagetype = 'overflow'"
+    ).fetchone()
 assert len(table) >= 4, table
-damaged = [table[0], table[-1], *others]
-lost = table[0][1] + table[-1][1]
+damaged = [table[0], table[-1], overflow, *others]
+lost = table[0][1] + table[-1][1] + 1  # the large document sits on a leaf between them
 with open(sys.argv[1], "r+b") as database:
     for page, _ in damaged:
         database.seek((page - 1) * size)
