@@ -299,6 +299,17 @@ def _file_size(path: Path) -> float:
 COUNT_EVERY_S = 5.0  # how stale the documents count of /health/ready and /metrics may be
 
 
+class _Edits:
+    """One document's edits in this process: one at a time, and when one last failed for want
+    of the store."""
+
+    __slots__ = ("__weakref__", "failed_at", "lock")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.failed_at = -math.inf
+
+
 class _Measured:
     """Times one store operation, counts its failure by error class, and adds a read's time
     to the request's StoreWork."""
@@ -348,10 +359,7 @@ class MeteredStore:
         self._errors = metrics.store_errors
         self._timers = {op: metrics.store_duration.labels(op) for op in _OPERATIONS}
         self._counted_at, self._count = -math.inf, 0
-        self._editing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
-        self._edit_failed_at = -math.inf  # when an edit last failed for want of the store
+        self._editing: weakref.WeakValueDictionary[str, _Edits] = weakref.WeakValueDictionary()
 
     @contextlib.asynccontextmanager
     async def _edit(self, doc_id: str) -> AsyncIterator[None]:
@@ -360,17 +368,17 @@ class MeteredStore:
         cost K²/2 tokenizings, a second of CPU each at K = 40. An edit that waited while an
         edit failed for want of the store (a hung MongoDB) fails at once too: each had waited
         out its own time limit behind the others, the sixth answering after six."""
-        lock = self._editing.get(doc_id)
-        if lock is None:
-            lock = self._editing[doc_id] = asyncio.Lock()
+        edits = self._editing.get(doc_id)
+        if edits is None:
+            edits = self._editing[doc_id] = _Edits()
         asked = time.monotonic()
-        async with lock:
-            if self._edit_failed_at >= asked:
+        async with edits.lock:
+            if edits.failed_at >= asked:
                 raise StoreUnavailable("the store failed the edit before this one; try again")
             try:
                 yield
             except StoreUnavailable:
-                self._edit_failed_at = time.monotonic()
+                edits.failed_at = time.monotonic()
                 raise
 
     def _timed(self, operation: str) -> _Measured:
