@@ -1657,7 +1657,8 @@ def _one_processor() -> Iterator[None]:
     whose share of the caches and the memory bus slows the read's own work by up to half."""
     every = os.sched_getaffinity(0)
     for thread in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(thread), {min(every)})
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile (an idle worker)
+            os.sched_setaffinity(int(thread), {min(every)})
     try:
         yield
     finally:
