@@ -558,6 +558,14 @@ def document_words(title: str, content: str) -> set[str]:
     return set(itertools.islice(found, INDEXED_WORDS_MAX))
 
 
+# What found the words a store indexed: these rules (their version, raised with any change to
+# what `words` or `document_words` find) and the Unicode of the Python running them, whose
+# characters' classes and forms decide a text's words. A store indexed otherwise finds every
+# document's words again (SQLiteStore._reindex).
+WORDS_RULES_VERSION = 1
+WORDS_RULES = f"{WORDS_RULES_VERSION} unicode {unicodedata.unidata_version}"
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

@@ -34,6 +34,7 @@ from legacy import (
 )
 from logging_config import Outage
 from models import (
+    WORDS_RULES,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -132,6 +133,14 @@ MIGRATIONS = [
     INSERT INTO metadata_by_key SELECT key, value, n FROM metadata;
     DROP TABLE metadata;
     ALTER TABLE metadata_by_key RENAME TO metadata;
+    """,
+    # The words' index keeps each document's words, and so removes those it was given: without
+    # them (content=''), a removal had to give the same words again, and words found by other
+    # rules (another version's, another Python's Unicode) damaged the index. Found again by
+    # _reindex, which the missing rules in `meta` call for.
+    """
+    DROP TABLE words;
+    CREATE VIRTUAL TABLE words USING fts5 (terms, tokenize='ascii', detail='none');
     """,
 ]
 
@@ -311,6 +320,8 @@ class SQLiteStore:
                 for statement in script.split(";"):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
+            if migrate or version == 0:  # a task leaves it to the service (see _commit)
+                self._reindex(conn)
             if version == 0 and imported is not None:
                 for doc in imported[0]:
                     self._insert(conn, doc, _terms(doc))
@@ -324,6 +335,22 @@ class SQLiteStore:
         if imported is not None and version == 0:
             mark_imported(self.data_dir)
             log.info("store.legacy_imported", extra={"documents": len(imported[0])})
+
+    @staticmethod
+    def _reindex(conn: sqlite3.Connection) -> None:
+        """Every document's words found again, once the rules that found those indexed differ
+        from this process's (WORDS_RULES): a document's words are never mixed from two rules. In
+        the start's transaction: the other processes wait for it."""
+        sql = "SELECT value FROM meta WHERE name = 'words'"
+        if conn.execute(sql).fetchone() == (WORDS_RULES,):
+            return
+        conn.execute("DELETE FROM words")
+        rows = conn.execute("SELECT n, body FROM documents")
+        while batch := rows.fetchmany(1024):
+            terms = [(n, _terms(_parse(body))) for n, body in batch]
+            conn.executemany("INSERT INTO words (rowid, terms) VALUES (?, ?)", terms)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('words', ?)", (WORDS_RULES,))
+        log.info("store.words_indexed", extra={"rules": WORDS_RULES})
 
     def _check_as_found(self, migrate: bool, *, backup: bool = False) -> int:
         """The schema version, once the database is one this version can serve: not a newer
@@ -423,6 +450,14 @@ class SQLiteStore:
             return outcomes
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # A process started since by other rules found every document's words again by them.
+            rules = conn.execute("SELECT value FROM meta WHERE name = 'words'").fetchone()
+            if rules != (WORDS_RULES,):
+                raise StoreUnavailable(
+                    f"its words were indexed by other rules ({rules[0] if rules else 'none'}; "
+                    f"this process's: {WORDS_RULES}): run the version and Python of the "
+                    "service that uses it"
+                )
             for job, _, _ in batch:
                 conn.execute("SAVEPOINT job")
                 try:
@@ -459,19 +494,12 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (n, doc.id, created, millis(doc.updated_at), doc.version, doc.json_bytes),
         )
-        self._index(conn, doc, n, terms, drop=False)
+        conn.execute("INSERT INTO words (rowid, terms) VALUES (?, ?)", (n, terms))
+        self._index(conn, doc, n, drop=False)
 
     @staticmethod
-    def _index(
-        conn: sqlite3.Connection, doc: Document, n: int, terms: str | None, drop: bool
-    ) -> None:
-        """Add (or, with `drop`, remove) the rows that find `doc`: its words' `terms` (None: leave
-        them), tags, metadata."""
-        if terms is not None:  # a contentless FTS5 row is removed by giving its words again
-            conn.execute(
-                "INSERT INTO words (words, rowid, terms) VALUES (?, ?, ?)",
-                ("delete" if drop else None, n, terms),
-            )
+    def _index(conn: sqlite3.Connection, doc: Document, n: int, drop: bool) -> None:
+        """Add (or, with `drop`, remove) the rows that find `doc` by its tags and metadata."""
         tags = [(tag, n) for tag in doc.tags]
         values = [(k, _meta_value(v), n) for k, v in doc.metadata.items() if v is not None]
         if drop:
@@ -546,15 +574,12 @@ class SQLiteStore:
         while True:
             seen = await self.get(doc_id)
             preview = apply_patch(seen, patch, self._clock())
-            terms: tuple[str, str] | None = None
+            terms = None
             if _text(seen) != _text(preview):
-                chars = _chars(seen, preview)
-                terms = await find_words(lambda a, b: (_terms(a), _terms(b)), chars, seen, preview)
+                terms = await find_words(_terms, _chars(preview), preview)
 
             def job(
-                conn: sqlite3.Connection,
-                seen: Document = seen,
-                terms: tuple[str, str] | None = terms,
+                conn: sqlite3.Connection, seen: Document = seen, terms: str | None = terms
             ) -> Document | None:
                 n, current = self._current(conn, doc_id, if_version)
                 new = apply_patch(current, patch, self._clock())
@@ -565,29 +590,23 @@ class SQLiteStore:
                 # Read in this transaction, which holds the write lock: no version check needed.
                 sql = "UPDATE documents SET updated = ?, version = ?, body = ? WHERE n = ?"
                 conn.execute(sql, (millis(new.updated_at), new.version, new.json_bytes, n))
-                old_terms, new_terms = terms or (None, None)
-                self._index(conn, current, n, old_terms, drop=True)
-                self._index(conn, new, n, new_terms, drop=False)
+                if terms is not None:
+                    conn.execute("UPDATE words SET terms = ? WHERE rowid = ?", (terms, n))
+                self._index(conn, current, n, drop=True)
+                self._index(conn, new, n, drop=False)
                 return new
 
             if (written := await self._write(job)) is not None:
                 return written
 
     async def delete(self, doc_id: str, *, if_version: int | None = None) -> None:
-        while True:  # as update does
-            seen = await self.get(doc_id)
-            terms = await find_words(_terms, _chars(seen), seen)
+        def job(conn: sqlite3.Connection) -> None:
+            n, current = self._current(conn, doc_id, if_version)
+            conn.execute("DELETE FROM documents WHERE n = ?", (n,))
+            conn.execute("DELETE FROM words WHERE rowid = ?", (n,))
+            self._index(conn, current, n, drop=True)
 
-            def job(conn: sqlite3.Connection, seen: Document = seen, terms: str = terms) -> bool:
-                n, current = self._current(conn, doc_id, if_version)
-                if _text(current) != _text(seen):
-                    return False
-                conn.execute("DELETE FROM documents WHERE n = ?", (n,))
-                self._index(conn, current, n, terms, drop=True)
-                return True
-
-            if await self._write(job):
-                return
+        await self._write(job)
 
     async def import_documents(self, docs: Sequence[Document]) -> int:
         # One job for them all: a job each (its future, its savepoint) cost more than its insert.
