@@ -498,30 +498,33 @@ def _fold(text: str) -> str:
 def _pieces(text: str) -> Iterator[tuple[str, bool]]:
     """`text` in pieces of at most WORDS_PIECE_CHARS: each step above is one C call that holds
     the interpreter lock for as long as its input, and other threads (the event loop) run
-    between pieces. A piece ends after a character that folds into no letter or digit (a
-    space, punctuation, most symbols; not a mark, which folds into nothing and so joins what is
-    around it), so the words are those of the whole text. Only where the last
+    between pieces. A piece ends where no word goes on (see _edge), so the words are those of the
+    whole text. Only where the last
     SEPARATOR_SEARCH_CHARS characters hold none is a piece cut inside a run of word characters
     (True): a word longer than the index keeps, unless the run is mostly marks."""
     start = 0
     while len(text) - start > WORDS_PIECE_CHARS:
         end = start + WORDS_PIECE_CHARS
-        cut = next(
-            (i for i in range(end, end - SEPARATOR_SEARCH_CHARS, -1) if _separates(text[i - 1])),
-            end if _separates(text[end]) else None,  # or before one
-        )
+        search = range(end, end - SEPARATOR_SEARCH_CHARS, -1)
+        cut = next((i for i in search if _edge(text[i - 1], -1) or _edge(text[i], 0)), None)
         yield text[start : cut or end], cut is None
         start = cut or end
     yield text[start:], False
 
 
-def _separates(char: str) -> bool:
+@functools.lru_cache(maxsize=4096)  # a text holds few distinct characters; folding costs
+def _edge(char: str, side: int) -> bool:
+    """Whether `char` folds into no part of a word at its `side` (0: its first character, -1:
+    its last), so that no word goes on across that side of it: a space, punctuation, most
+    symbols, and what folds into a digit between brackets (`⑴` is `(1)`); not a letter, digit
+    or mark, nor a symbol that folds into letters there (`™` is `tm`)."""
     if char.isspace():
         return True
-    if unicodedata.category(char)[0] in "LMN":  # a letter, digit or mark: inside a word
+    category = unicodedata.category(char)
+    if category[0] in "LM" or category == "Nd":  # inside a word; a mark folds into nothing
         return False
-    folded = _fold(char)  # a symbol may fold into letters (™ is `tm`)
-    return bool(folded) and not _WORD.search(folded)
+    folded = _fold(char)
+    return bool(folded) and not _WORD.match(folded[side])
 
 
 # Every mark (Unicode category M: accents, vowel signs), for str.translate to drop. Built at
@@ -562,7 +565,7 @@ def document_words(title: str, content: str) -> set[str]:
 # what `words` or `document_words` find) and the Unicode of the Python running them, whose
 # characters' classes and forms decide a text's words. A store indexed otherwise finds every
 # document's words again (SQLiteStore._reindex).
-WORDS_RULES_VERSION = 1
+WORDS_RULES_VERSION = 2  # 2: a piece may end after `⑴`
 WORDS_RULES = f"{WORDS_RULES_VERSION} unicode {unicodedata.unidata_version}"
 
 

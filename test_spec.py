@@ -313,21 +313,23 @@ def _joined(within: str) -> str:
 @pytest.mark.parametrize(
     "text",
     [
-        *map(_separated, [" ", "\U0001f600", "+", "\u200b", "_", "\u00b4"]),
+        *map(_separated, [" ", "\U0001f600", "+", "\u200b", "_", "\u00b4", "\u2474"]),
         *map(_joined, ["\u2122", "\u0301", "\u2460"]),
         " ".join("e\u0301" * 40 + str(n) for n in range(300)),  # 40 letters, 80 characters
         " ".join(f"{'l' * 124}tail{n}é" for n in range(100)),  # too long for the index
     ],
     ids=[
-        *["space", "emoji", "plus", "zero-width space", "underscore", "acute", "TM", "mark", "①"],
+        *["space", "emoji", "plus", "zero-width space", "underscore", "acute", "⑴"],
+        *["TM", "mark", "①"],
         *["words of many marks", "words too long to index"],
     ],
 )
 def test_the_words_of_a_text_in_pieces_are_those_of_the_whole(text: str) -> None:
     """A piece had ended only after a space or punctuation: at a symbol (an emoji, `+`) or a
-    format character the cut fell inside the next word, and `q` found its halves, not it. Some
-    characters fold into letters (TM, a circled digit) and a mark into nothing: they join the
-    characters around them into one word, so no piece ends after one."""
+    format character the cut fell inside the next word, and `q` found its halves, not it; nor
+    after a digit between brackets (`⑴`), and the word the cut fell in went. Some characters
+    fold into letters (TM, a circled digit) and a mark into nothing: they join the characters
+    around them into one word, so no piece ends after one."""
     folded = models._fold(text.translate(models._UNMARK)).translate(models._MARKS)
     assert models.words(text) == models._WORD.findall(folded)
 
