@@ -243,8 +243,7 @@ class SQLiteStore:
                 head = check_file(store.path)
                 check_file(store.path.with_name(DATABASE_FILE + "-journal"))
                 check_sharers(store.path)
-                if not in_use(store.path.with_name(DATABASE_FILE + "-shm")):  # the first process
-                    (data_dir / DAMAGE_FILE).unlink(missing_ok=True)
+                first = not in_use(store.path.with_name(DATABASE_FILE + "-shm"))
                 wal = store.path.with_name(DATABASE_FILE + "-wal")
                 if head is None and os.path.lexists(wal) and os.lstat(wal).st_size:
                     # A new database beside it would be read through another's pages.
@@ -273,6 +272,8 @@ class SQLiteStore:
                     raise
                 store._file = identity(store.path)
                 remove_leftovers(data_dir)  # once started: a refused start changes nothing
+                if first:  # a damage report of processes since stopped
+                    (data_dir / DAMAGE_FILE).unlink(missing_ok=True)
         except BaseException as exc:
             store.close_sync()
             if isinstance(exc, OSError):  # e.g. a root-owned bind mount: Permission denied

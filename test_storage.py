@@ -1397,7 +1397,9 @@ async def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
 def _refused(data_dir: Path, name: str) -> StoreCorrupt:
     """The refusal naming `name`, every file left as it was (the -shm file, an index SQLite
-    rebuilds from the WAL, is left in place but may be rebuilt)."""
+    rebuilds from the WAL, is left in place but may be rebuilt), a damage report that earlier
+    processes left among them (a refused start had removed it)."""
+    (data_dir / sqlite_store.DAMAGE_FILE).write_text("database disk image is malformed")
 
     def files() -> dict[str, bytes]:
         return {
