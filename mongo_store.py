@@ -31,6 +31,7 @@ from pymongo.errors import (
 
 from logging_config import Outage
 from models import (
+    WORDS_RULES,
     Document,
     DocumentCreate,
     DocumentQuery,
@@ -382,8 +383,10 @@ class MongoStore:
 
     async def _add_missing_words(self) -> int:
         """Documents written before the word index have no `words`, so `q` cannot find them
-        until they get theirs here. A failed pass waits and starts again by itself: requests
-        that meet a struggling server are not the ones to restart it."""
+        until they get theirs here; nor, after an upgrade that finds other words in some texts,
+        by the words the new rules find, until every document's are found again here. A failed
+        pass waits and starts again by itself: requests that meet a struggling server are not
+        the ones to restart it."""
         while True:
             try:
                 return await self._words_pass()
@@ -392,19 +395,29 @@ class MongoStore:
                 await asyncio.sleep(WORDS_RETRY_SECONDS)
 
     async def _words_pass(self) -> int:
-        """A document changed since it was read is left to its writer. Several workers may do
-        this at once: each document is written once."""
+        """The documents without words; every document, once `meta` says other rules found
+        them (WORDS_RULES: another version's, another Python's Unicode), or none. A document
+        changed since it was read is left to its writer. Several workers may do this at once:
+        each document is written once."""
         added = 0
         with _driver_errors(self._writes):
-            missing = {"words": {"$exists": False}, **LIVE}
-            fields = ["title", "content", "version"]
-            async for raw in self._docs.find(missing, fields).hint("words_created"):
+            meta = self._db["meta"]
+            rules = await meta.find_one({"_id": "words_rules"})
+            again = rules is None or rules.get("value") != WORDS_RULES
+            which = LIVE if again else {"words": {"$exists": False}, **LIVE}
+            fields = ["title", "content", "version", "words"]
+            found = self._docs.find(which, fields).hint("created" if again else "words_created")
+            async for raw in found:
                 words = await _words_of(raw["title"], raw["content"])
-                result = await self._docs.update_one(
-                    {"_id": raw["_id"], "version": raw["version"], **missing},
-                    {"$set": {"words": words}},
-                )
-                added += result.modified_count
+                if words != raw.get("words"):
+                    result = await self._docs.update_one(
+                        {"_id": raw["_id"], "version": raw["version"], **which},
+                        {"$set": {"words": words}},
+                    )
+                    added += result.modified_count
+            if again:
+                rule = {"$set": {"value": WORDS_RULES}}
+                await meta.update_one({"_id": "words_rules"}, rule, upsert=True)
         if added:
             log.info("store.words_added", extra={"added": added})
         return added

@@ -145,6 +145,39 @@ def test_documents_from_before_the_word_index_get_their_words_and_are_found(
     assert found == {"creme": newest_first, "recipe": newest_first[1:]}
 
 
+def test_words_other_rules_found_are_found_again_by_this_version_s(mongo_url: str) -> None:
+    """An upgrade whose rules find other words in some texts (another version's, another
+    Python's Unicode): the first start by them finds every document's words again, and `q`
+    finds what each text says, no longer the words the old rules found."""
+
+    async def upgrade() -> tuple[str, int, dict[str, list[str]]]:
+        store = await MongoStore.open(mongo_url, serving=False)
+        doc, _ = await store.create(DocumentCreate(title="Crème", content="brûlée"))
+        await store.create(DocumentCreate(title="Kept", content="as its words were"))
+        assert store.words_added is not None
+        await store.words_added
+        await store.close()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+        db = client.get_default_database()
+        await db["documents"].update_one({"_id": doc.id}, {"$set": {"words": ["cr", "me"]}})
+        await db["meta"].update_one({"_id": "words_rules"}, {"$set": {"value": "1 unicode 9"}})
+        await client.close()
+
+        store = await MongoStore.open(mongo_url, serving=False)
+        assert store.words_added is not None
+        added = await store.words_added
+        found = {}
+        for q in ("creme", "me"):
+            items, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=10)
+            found[q] = [doc.id for doc in items]
+        await store.close()
+        return doc.id, added, found
+
+    doc_id, added, found = anyio.run(upgrade)
+    assert found == {"creme": [doc_id], "me": []}
+    assert added == 1  # the other document's words were already those of the new rules
+
+
 async def _as_an_earlier_version_left(url: str, which: dict[str, Any]) -> None:
     """Take the `words` off these documents, as an earlier version wrote them."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
