@@ -856,11 +856,20 @@ async def _export(store: DocumentStore, file: Path | None) -> None:
         await _unheld(functools.partial(_write_all, fd, b"".join(lines)))
         if partial is not None and file is not None:
             await _unheld(functools.partial(os.fsync, fd))
-            await anyio.Path(partial).replace(file)
+            await _unheld(functools.partial(_put_in_place, partial, file))
     finally:
         os.close(fd)  # at once, even beside a write left behind: the write keeps the file open
         if partial is not None:
             partial.unlink(missing_ok=True)
+
+
+def _put_in_place(partial: Path, file: Path) -> None:
+    os.replace(partial, file)
+    directory = os.open(file.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)  # the new name is durable once the directory is
+    finally:
+        os.close(directory)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
