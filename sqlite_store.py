@@ -346,12 +346,14 @@ class SQLiteStore:
         if conn.execute(sql).fetchone() == (WORDS_RULES,):
             return
         conn.execute("DELETE FROM words")
-        rows = conn.execute("SELECT n, body FROM documents")
+        rows, indexed = conn.execute("SELECT n, body FROM documents"), 0
         while batch := rows.fetchmany(1024):
             terms = [(n, _terms(_parse(body))) for n, body in batch]
             conn.executemany("INSERT INTO words (rowid, terms) VALUES (?, ?)", terms)
+            indexed += len(terms)
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('words', ?)", (WORDS_RULES,))
-        log.info("store.words_indexed", extra={"rules": WORDS_RULES})
+        if indexed:  # not for a new database
+            log.info("store.words_indexed", extra={"rules": WORDS_RULES, "documents": indexed})
 
     def _check_as_found(self, migrate: bool, *, backup: bool = False) -> int:
         """The schema version, once the database is one this version can serve: not a newer
