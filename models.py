@@ -514,16 +514,13 @@ def _pieces(text: str) -> Iterator[tuple[str, bool]]:
 
 @functools.lru_cache(maxsize=4096)  # a text holds few distinct characters; folding costs
 def _edge(char: str, side: int) -> bool:
-    """Whether `char` folds into no part of a word at its `side` (0: its first character, -1:
-    its last), so that no word goes on across that side of it: a space, punctuation, most
-    symbols, and what folds into a digit between brackets (`⑴` is `(1)`); not a letter, digit
-    or mark, nor a symbol that folds into letters there (`™` is `tm`)."""
-    if char.isspace():
-        return True
-    category = unicodedata.category(char)
-    if category[0] in "LM" or category == "Nd":  # inside a word; a mark folds into nothing
-        return False
-    folded = _fold(char)
+    """Whether `char`, folded as a text is (its marks dropped), holds no part of a word at its
+    `side` (0: its first character, -1: its last), so that no word goes on across that side of
+    it: a space, punctuation, most symbols, a digit between brackets (`⑴` is `(1)`), a letter
+    folding into a space and a letter (U+037A: a space and an iota); not a letter or digit, a
+    mark (which folds into nothing), nor a symbol folding into letters there (`™` is `tm`, `㌐`
+    `キカ`)."""
+    folded = _fold(char.translate(_UNMARK)).translate(_MARKS)
     return bool(folded) and not _WORD.match(folded[side])
 
 
@@ -565,7 +562,7 @@ def document_words(title: str, content: str) -> set[str]:
 # what `words` or `document_words` find) and the Unicode of the Python running them, whose
 # characters' classes and forms decide a text's words. A store indexed otherwise finds every
 # document's words again (SQLiteStore._reindex).
-WORDS_RULES_VERSION = 2  # 2: a piece may end after `⑴`
+WORDS_RULES_VERSION = 3  # 2: a piece may end after `⑴`; 3: and by the fold of each side
 WORDS_RULES = f"{WORDS_RULES_VERSION} unicode {unicodedata.unidata_version}"
 
 

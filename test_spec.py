@@ -289,9 +289,10 @@ def test_the_tokenizer_works_in_bounded_pieces_and_finds_the_words_of_the_whole_
         sizes.append(len(text))
         return normalize(form, text)  # type: ignore[arg-type]
 
+    text = "Crème brûlée Ⅻ ﬃ " * 10_000
+    models.words(text[:2_000])  # each character is folded alone once, where a piece may end
     monkeypatch.setattr(unicodedata, "normalize", recorded)
     monkeypatch.setattr(time, "sleep", yields.append)
-    text = "Crème brûlée Ⅻ ﬃ " * 10_000
     assert models.words(text) == ["creme", "brulee", "xii", "ffi"] * 10_000
     pieces = sizes[::2]  # each piece is normalized twice: as cut, then after casefold
     assert len(pieces) > 1
@@ -314,12 +315,14 @@ def _joined(within: str) -> str:
     "text",
     [
         *map(_separated, [" ", "\U0001f600", "+", "\u200b", "_", "\u00b4", "\u2474"]),
+        *map(_separated, ["\u037a", "\u0140"]),
         *map(_joined, ["\u2122", "\u0301", "\u2460"]),
         " ".join("e\u0301" * 40 + str(n) for n in range(300)),  # 40 letters, 80 characters
         " ".join(f"{'l' * 124}tail{n}é" for n in range(100)),  # too long for the index
     ],
     ids=[
         *["space", "emoji", "plus", "zero-width space", "underscore", "acute", "⑴"],
+        *["ypogegrammeni", "l with middle dot"],
         *["TM", "mark", "①"],
         *["words of many marks", "words too long to index"],
     ],
@@ -327,18 +330,21 @@ def _joined(within: str) -> str:
 def test_the_words_of_a_text_in_pieces_are_those_of_the_whole(text: str) -> None:
     """A piece had ended only after a space or punctuation: at a symbol (an emoji, `+`) or a
     format character the cut fell inside the next word, and `q` found its halves, not it; nor
-    after a digit between brackets (`⑴`), and the word the cut fell in went. Some characters
-    fold into letters (TM, a circled digit) and a mark into nothing: they join the characters
-    around them into one word, so no piece ends after one."""
+    after a digit between brackets (`⑴`), nor next to a letter folding into one beside a space
+    or a dot (U+037A: a space and an iota; `ŀ` is `l·`), and the word the cut fell in went.
+    Some characters fold into letters (TM, a circled digit) and a mark into nothing: they join
+    the characters around them into one word, so no piece ends after one."""
     folded = models._fold(text.translate(models._UNMARK)).translate(models._MARKS)
     assert models.words(text) == models._WORD.findall(folded)
 
 
-def test_a_run_with_nowhere_to_cut_leaves_no_part_of_a_word() -> None:
+@pytest.mark.parametrize("joint", ["½", "\u3310"])
+def test_a_run_with_nowhere_to_cut_leaves_no_part_of_a_word(joint: str) -> None:
     """A run of word characters with no separator for SEPARATOR_SEARCH_CHARS (`½` folds into
-    a 1, a fraction slash and a 2, and joins its neighbours) is cut where it must be: the words
-    the cut falls in go, and none of their parts is taken for a word (`2w20` and `31` had been)."""
-    text = "é " + "½".join(f"w{n:03d}" for n in range(300))
+    a 1, a fraction slash and a 2, and joins its neighbours; `㌐` into kana and their voicing
+    marks, which go) is cut where it must be: the words the cut falls in go, and none of their
+    parts is taken for a word (`2w20` and `31` had been, and `aキカ` of `aキカxyz`)."""
+    text = "é " + joint.join(f"w{n:03d}" for n in range(300))
     folded = models._fold(text.translate(models._UNMARK)).translate(models._MARKS)
     whole = models._WORD.findall(folded)
     found = models.words(text)
