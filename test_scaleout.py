@@ -121,6 +121,8 @@ def test_documents_from_before_the_word_index_get_their_words_and_are_found(
 ) -> None:
     async def upgrade() -> tuple[list[str], int, dict[str, list[str]]]:
         store = await MongoStore.open(mongo_url, serving=False)
+        assert store.words_added is not None
+        await store.words_added  # the rules recorded: the next start looks for missing words
         docs = []
         for title, content in [(f"Crème brûlée {i}", "Old recipe") for i in range(3)] + [
             ("Crème fraîche", "New")
@@ -698,6 +700,8 @@ def test_a_delete_that_meets_a_hung_mongodb_sends_its_write_once_per_time_limit(
         store = await MongoStore.open(url, timeout_ms=1000, serving=False)
         try:
             doc, _ = await store.create(DocumentCreate(title="t", content="c"))
+            assert store.words_added is not None
+            await store.words_added  # its writes are not the delete's
             proxy.fault = hold_writes
             with pytest.raises(StoreUnavailable):
                 await store.delete(doc.id)
@@ -1040,6 +1044,8 @@ def test_a_failed_pass_for_missing_words_retries_itself_and_requests_do_not_rest
 
     async def scenario() -> tuple[list[str], int]:
         store = await MongoStore.open(url, serving=False)
+        assert store.words_added is not None
+        await store.words_added  # the rules recorded: the next start looks for missing words
         for i in range(20):
             await store.create(DocumentCreate(title=f"Old {i}", content="c"))
         await store.close()
