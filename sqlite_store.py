@@ -265,7 +265,7 @@ class SQLiteStore:
                     if not os.path.lexists(f"{store.path}{name}")
                 ]
                 try:
-                    store._migrate(head is not None, migrate)
+                    store._migrate(head is not None, migrate, alone=first)
                 except BaseException:
                     store.close_sync()
                     remove_made(store.path, made)
@@ -291,12 +291,19 @@ class SQLiteStore:
         store._writer.start()
         return store
 
-    def _migrate(self, existed: bool, migrate: bool) -> None:
+    def _migrate(self, existed: bool, migrate: bool, *, alone: bool) -> None:
         # Checked before SQLite creates anything: a refused start leaves the directory as it was.
         imported = None if existed else read_legacy(self.data_dir, self._clock(), task=not migrate)
         if not existed:
             create(self.path)
         version = self._check_as_found(migrate)
+        if existed and 0 < version < len(MIGRATIONS) and not alone:
+            # The previous version's service: it would go on writing by the older schema's rules.
+            raise StoreUnavailable(
+                f"{self.path} has schema {version} and another process has it open: stop every "
+                f"process using it, then start this version, which migrates it to schema "
+                f"{len(MIGRATIONS)}"
+            )
         if existed and version == 0 and not migrate:
             raise StoreUnavailable(
                 f"{self.path} is an empty database: start the service on it once, or check that "

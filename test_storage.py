@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1931,6 +1931,56 @@ async def test_only_a_service_migrates_and_one_migrated_under_is_not_ready(
             await serving.check()
     finally:
         await serving.close()
+
+
+_HOLD_OPEN = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT count(*) FROM documents").fetchone()
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _open_in_another_process(path: Path) -> Iterator[None]:
+    """The database at `path` held open by another process (until its stdin closes)."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OPEN, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline() == b"open\n"
+        yield
+    finally:
+        other.communicate()
+
+
+async def test_a_start_migrates_nothing_while_another_process_has_the_database_open(
+    tmp_path: Path,
+) -> None:
+    """The previous version's service, still running, goes on writing by its schema's rules
+    (words found by its own, which the new schema's index had left unfound, its removals failed
+    as SQL errors): a start that would migrate under it is refused in one line, and changes
+    nothing, until every other process is stopped."""
+    store = SQLiteStore.open(tmp_path)
+    doc, _ = await store.create(body("kept"))
+    await store.close()
+    path = tmp_path / DATABASE_FILE
+    with sqlite3.connect(path) as conn:  # as the previous version left it
+        conn.executescript(CONTENTLESS_WORDS + "PRAGMA user_version = 3;")
+        conn.execute("INSERT INTO words (rowid, terms) SELECT n, 'kept' FROM documents")
+    conn.close()
+    with _open_in_another_process(path):
+        before = [p.read_bytes() for p in (path, path.with_name(f"{DATABASE_FILE}-wal"))]
+        with pytest.raises(StoreUnavailable, match="has schema 3 and another process has it open"):
+            SQLiteStore.open(tmp_path).close_sync()
+        assert [p.read_bytes() for p in (path, path.with_name(f"{DATABASE_FILE}-wal"))] == before
+    store = SQLiteStore.open(tmp_path)
+    try:
+        assert await walk(store, 5, q="kept") == [doc.id]
+    finally:
+        await store.close()
 
 
 async def test_a_restored_backup_another_process_holds_open_is_not_adopted(
