@@ -397,22 +397,23 @@ class MongoStore:
     async def _words_pass(self) -> int:
         """The documents without words; every document, once `meta` says other rules found
         them (WORDS_RULES: another version's, another Python's Unicode), or none. A document
-        changed since it was read is left to its writer. Several workers may do this at once:
-        each document is written once."""
+        whose text changed since it was read is left to its writer, which found the words of
+        its new text; one whose tags or metadata changed is not (an edit of those finds no
+        words). Several workers may do this at once: each document is written once."""
         added = 0
         with _driver_errors(self._writes):
             meta = self._db["meta"]
             rules = await meta.find_one({"_id": "words_rules"})
             again = rules is None or rules.get("value") != WORDS_RULES
             which = LIVE if again else {"words": {"$exists": False}, **LIVE}
-            fields = ["title", "content", "version", "words"]
+            fields = ["title", "content", "words"]
             found = self._docs.find(which, fields).hint("created" if again else "words_created")
             async for raw in found:
                 words = await _words_of(raw["title"], raw["content"])
                 if words != raw.get("words"):
+                    text = {"title": raw["title"], "content": raw["content"]}
                     result = await self._docs.update_one(
-                        {"_id": raw["_id"], "version": raw["version"], **which},
-                        {"$set": {"words": words}},
+                        {"_id": raw["_id"], **text, **which}, {"$set": {"words": words}}
                     )
                     added += result.modified_count
             if again:

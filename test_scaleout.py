@@ -180,6 +180,48 @@ def test_words_other_rules_found_are_found_again_by_this_version_s(mongo_url: st
     assert added == 1  # the other document's words were already those of the new rules
 
 
+def test_a_document_retagged_during_the_words_pass_gets_the_words_of_its_text(
+    mongo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit of tags or metadata finds no words: a document so edited between the pass's read
+    and its write had been left to its writer, and kept the old rules' words for good."""
+    pass_store: list[MongoStore] = []  # the store whose pass edits once, then goes on
+    ids: list[str] = []
+    words_of = mongo_store._words_of
+
+    async def retagged_first(title: str, content: str) -> list[str]:
+        if pass_store:  # the pass has read the document: an edit lands before its write
+            await pass_store.pop().update(ids[0], DocumentUpdate(tags=["retagged"]))
+        return await words_of(title, content)
+
+    async def upgrade() -> list[tuple[str, list[str]]]:
+        store = await MongoStore.open(mongo_url, serving=False)
+        doc, _ = await store.create(DocumentCreate(title="Crème", content="brûlée"))
+        ids.append(doc.id)
+        assert store.words_added is not None
+        await store.words_added
+        await store.close()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+        db = client.get_default_database()
+        await db["documents"].update_one({"_id": doc.id}, {"$set": {"words": ["cr", "me"]}})
+        await db["meta"].delete_one({"_id": "words_rules"})
+        await client.close()
+        monkeypatch.setattr(mongo_store, "_words_of", retagged_first)
+        store = await MongoStore.open(mongo_url, serving=False)
+        pass_store.append(store)
+        assert store.words_added is not None
+        await store.words_added
+        found = []
+        for q in ("creme", "me"):
+            items, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=10)
+            found += [(q, d.tags) for d in items]
+        await store.close()
+        return found
+
+    assert anyio.run(upgrade) == [("creme", ["retagged"])]
+    assert not pass_store  # the edit happened
+
+
 async def _as_an_earlier_version_left(url: str, which: dict[str, Any]) -> None:
     """Take the `words` off these documents, as an earlier version wrote them."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
