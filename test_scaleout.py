@@ -131,15 +131,7 @@ def test_documents_from_before_the_word_index_get_their_words_and_are_found(
             docs.append(doc)
         await store.close()
         await _as_an_earlier_version_left(mongo_url, {"_id": {"$in": [d.id for d in docs[:3]]}})
-
-        store = await MongoStore.open(mongo_url, serving=False)
-        assert store.words_added is not None
-        added = await store.words_added
-        found = {}
-        for q in ("creme", "recipe"):
-            items, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=10)
-            found[q] = [doc.id for doc in items]
-        await store.close()
+        added, found = await _after_the_words_pass(mongo_url, "creme", "recipe")
         return [doc.id for doc in reversed(docs)], added, found
 
     newest_first, added, found = anyio.run(upgrade)
@@ -159,20 +151,8 @@ def test_words_other_rules_found_are_found_again_by_this_version_s(mongo_url: st
         assert store.words_added is not None
         await store.words_added
         await store.close()
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
-        db = client.get_default_database()
-        await db["documents"].update_one({"_id": doc.id}, {"$set": {"words": ["cr", "me"]}})
-        await db["meta"].update_one({"_id": "words_rules"}, {"$set": {"value": "1 unicode 9"}})
-        await client.close()
-
-        store = await MongoStore.open(mongo_url, serving=False)
-        assert store.words_added is not None
-        added = await store.words_added
-        found = {}
-        for q in ("creme", "me"):
-            items, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=10)
-            found[q] = [doc.id for doc in items]
-        await store.close()
+        await _as_other_rules_left(mongo_url, doc.id)
+        added, found = await _after_the_words_pass(mongo_url, "creme", "me")
         return doc.id, added, found
 
     doc_id, added, found = anyio.run(upgrade)
@@ -201,11 +181,7 @@ def test_a_document_retagged_during_the_words_pass_gets_the_words_of_its_text(
         assert store.words_added is not None
         await store.words_added
         await store.close()
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
-        db = client.get_default_database()
-        await db["documents"].update_one({"_id": doc.id}, {"$set": {"words": ["cr", "me"]}})
-        await db["meta"].delete_one({"_id": "words_rules"})
-        await client.close()
+        await _as_other_rules_left(mongo_url, doc.id)
         monkeypatch.setattr(mongo_store, "_words_of", retagged_first)
         store = await MongoStore.open(mongo_url, serving=False)
         pass_store.append(store)
@@ -220,6 +196,31 @@ def test_a_document_retagged_during_the_words_pass_gets_the_words_of_its_text(
 
     assert anyio.run(upgrade) == [("creme", ["retagged"])]
     assert not pass_store  # the edit happened
+
+
+async def _as_other_rules_left(url: str, doc_id: str) -> None:
+    """Words of this document by other rules (`Crème` taken for two), `meta` naming those."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    db = client.get_default_database()
+    await db["documents"].update_one({"_id": doc_id}, {"$set": {"words": ["cr", "me"]}})
+    other = {"$set": {"value": "1 unicode 9"}}
+    await db["meta"].update_one({"_id": "words_rules"}, other, upsert=True)
+    await client.close()
+
+
+async def _after_the_words_pass(url: str, *words: str) -> tuple[int, dict[str, list[str]]]:
+    """A start's words pass: the documents it wrote words to, and the ids each word finds."""
+    store = await MongoStore.open(url, serving=False)
+    try:
+        assert store.words_added is not None
+        added = await store.words_added
+        found = {}
+        for q in words:
+            items, _ = await store.page(DocumentQuery.model_validate({"q": q}), limit=10)
+            found[q] = [doc.id for doc in items]
+        return added, found
+    finally:
+        await store.close()
 
 
 async def _as_an_earlier_version_left(url: str, which: dict[str, Any]) -> None:
