@@ -353,11 +353,12 @@ class SQLiteStore:
         if conn.execute(sql).fetchone() == (WORDS_RULES,):
             return
         conn.execute("DELETE FROM words")
-        rows, indexed = conn.execute("SELECT n, body FROM documents"), 0
-        while batch := rows.fetchmany(1024):
-            terms = [(n, _terms(_parse(body))) for n, body in batch]
-            conn.executemany("INSERT INTO words (rowid, terms) VALUES (?, ?)", terms)
-            indexed += len(terms)
+        indexed = 0
+        for n, body in conn.execute("SELECT n, body FROM documents"):  # one body at a time
+            conn.execute(
+                "INSERT INTO words (rowid, terms) VALUES (?, ?)", (n, _terms(_parse(body)))
+            )
+            indexed += 1
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('words', ?)", (WORDS_RULES,))
         if indexed:  # not for a new database
             log.info("store.words_indexed", extra={"rules": WORDS_RULES, "documents": indexed})
