@@ -498,10 +498,10 @@ def _fold(text: str) -> str:
 def _pieces(text: str) -> Iterator[tuple[str, bool]]:
     """`text` in pieces of at most WORDS_PIECE_CHARS: each step above is one C call that holds
     the interpreter lock for as long as its input, and other threads (the event loop) run
-    between pieces. A piece ends where no word goes on (see _edge), so the words are those of the
-    whole text. Only where the last
-    SEPARATOR_SEARCH_CHARS characters hold none is a piece cut inside a run of word characters
-    (True): a word longer than the index keeps, unless the run is mostly marks."""
+    between pieces. A piece ends where no word goes on (see _edge), so the words are those of
+    the whole text. Only where the last SEPARATOR_SEARCH_CHARS characters hold no such place is
+    a piece cut inside a run of word characters (True): a word longer than the index keeps,
+    unless the run is mostly marks or characters that fold into several letters (½, U+FDFA)."""
     start = 0
     while len(text) - start > WORDS_PIECE_CHARS:
         end = start + WORDS_PIECE_CHARS
