@@ -85,7 +85,7 @@ from problems import (
 )
 from ratelimit import LimiterUnavailable, open_storage
 from server import SERVER_OPTIONS, serve, stop_with_supervisor
-from sqlite_files import DATABASE_FILE, check_target, is_own
+from sqlite_files import DATABASE_FILE, check_target, is_own, sync_directory
 from sqlite_store import SQLiteStore
 from storage import (
     PAGE_MAX_BYTES,
@@ -865,11 +865,7 @@ async def _export(store: DocumentStore, file: Path | None) -> None:
 
 def _put_in_place(partial: Path, file: Path) -> None:
     os.replace(partial, file)
-    directory = os.open(file.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the new name is durable once the directory is
-    finally:
-        os.close(directory)
+    sync_directory(file.parent)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

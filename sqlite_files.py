@@ -445,6 +445,15 @@ def identity(path: Path) -> tuple[int, ...] | None:
     return files[0].st_dev, *(f.st_ino for f in files)
 
 
+def sync_directory(path: Path) -> None:
+    """A name created, linked or replaced in `path` is durable once the directory is synced."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def owner(head: bytes | None) -> int | None:
     """The application id in a database file's header."""
     return None if head is None else int.from_bytes(head[68:72])

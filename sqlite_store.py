@@ -60,6 +60,7 @@ from sqlite_files import (
     remove_leftovers,
     remove_made,
     start_lock,
+    sync_directory,
 )
 from storage import (
     IDEMPOTENCY_TTL,
@@ -193,6 +194,12 @@ def _key(conn: sqlite3.Connection, created: int) -> int:
         reason = f"too many documents created in one millisecond (the most is {SLOTS})"
         raise DocumentInvalid("created_at", reason)
     return int(free[0])
+
+
+def _indexed_rules(conn: sqlite3.Connection) -> str | None:
+    """The rules that found the indexed words (WORDS_RULES of the process that indexed them)."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'words'").fetchone()
+    return None if row is None else str(row[0])
 
 
 def _meta_value(value: Any) -> Any:
@@ -349,8 +356,7 @@ class SQLiteStore:
         """Every document's words found again, once the rules that found those indexed differ
         from this process's (WORDS_RULES): a document's words are never mixed from two rules. In
         the start's transaction: the other processes wait for it."""
-        sql = "SELECT value FROM meta WHERE name = 'words'"
-        if conn.execute(sql).fetchone() == (WORDS_RULES,):
+        if _indexed_rules(conn) == WORDS_RULES:
             return
         conn.execute("DELETE FROM words")
         indexed = 0
@@ -462,10 +468,9 @@ class SQLiteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             # A process started since by other rules found every document's words again by them.
-            rules = conn.execute("SELECT value FROM meta WHERE name = 'words'").fetchone()
-            if rules != (WORDS_RULES,):
+            if (rules := _indexed_rules(conn)) != WORDS_RULES:
                 raise StoreUnavailable(
-                    f"its words were indexed by other rules ({rules[0] if rules else 'none'}; "
+                    f"its words were indexed by other rules ({rules or 'none'}; "
                     f"this process's: {WORDS_RULES}): run the version and Python of the "
                     "service that uses it"
                 )
@@ -839,11 +844,7 @@ class SQLiteStore:
                 self._connection().backup(copy)
                 copy.execute(f"PRAGMA application_id = {BACKUP_ID}")
             os.link(partial, target)
-            fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the link is durable once the directory is
-            finally:
-                os.close(fd)
+            sync_directory(target.parent)
         except FileExistsError:
             raise StoreUnavailable(f"{target} exists; back up to a new file") from None
         except (OSError, sqlite3.Error) as exc:
