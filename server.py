@@ -719,6 +719,16 @@ def stop_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _refuse_reload(signum: int, frame: object) -> None:
+    """SIGHUP (`systemctl reload`) with one worker. With several, uvicorn's supervisor replaces
+    them one at a time; one worker cannot be replaced in place, and SIGHUP's default action had
+    ended it mid-request, with no clean stop. It serves on, and says so once a reload."""
+    log.warning(
+        "service.reload_refused",
+        extra={"reason": "one worker is not replaced in place: restart it, or run WORKERS=2"},
+    )
+
+
 def serve(app: Any, prepare: Callable[[], bool], **options: Any) -> int:
     """Run uvicorn until it stops; the exit status to report. uvicorn's own `run` exits 0 when
     one of several workers failed to start (its supervisor stops all of them quietly), so the
@@ -736,6 +746,7 @@ def serve(app: Any, prepare: Callable[[], bool], **options: Any) -> int:
         return STARTUP_FAILURE
     if config.workers == 1:
         server = uvicorn.Server(config)
+        signal.signal(signal.SIGHUP, _refuse_reload)
         # Its stop by Ctrl-C ends in KeyboardInterrupt, which uvicorn's own `run` catches too:
         # else a traceback after the clean stop.
         with contextlib.suppress(KeyboardInterrupt):

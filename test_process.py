@@ -91,6 +91,24 @@ def test_a_stop_finishes_cleanly_within_10_seconds(
     assert "Traceback" not in output
 
 
+def test_a_reload_of_one_worker_is_refused_in_a_line_and_it_serves_on(
+    service_factory: ServiceFactory,
+) -> None:
+    """SIGHUP (`systemctl reload`) replaces several workers one at a time; its default action
+    had ended a single worker at once (exit 129, no clean stop, requests cut)."""
+    service = service_factory().start()
+    assert service.proc is not None
+    with service.client() as client:
+        doc = client.post("/v1/documents", json={"title": "t", "content": "c"}).json()
+        service.proc.send_signal(signal.SIGHUP)
+        line = json.loads(service.wait_for_line("service.reload_refused", timeout=10))
+        assert line["level"] == "WARNING"
+        assert "WORKERS=2" in line["reason"]
+        assert client.get(f"/v1/documents/{doc['id']}").json() == doc
+    assert service.terminate() in CLEAN_EXITS
+    assert "service.stopped" in service.rest_of_output()
+
+
 def _read_answer(sock: socket.socket) -> bytes:
     """One answer with a Content-Length, read whole: its head and body."""
     data = b""
