@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -29,7 +30,7 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from logging_config import Outage
+from logging_config import Outage, clip
 from models import (
     WORDS_RULES,
     Document,
@@ -192,6 +193,14 @@ def _uncharged() -> Iterator[None]:
         StoreWork.waited(elapsed - (StoreWork.waits_so_far() - recorded))
 
 
+def _cause(exc: BaseException) -> str:
+    """The error's class and the driver's first words on why (a refused connection, a timeout,
+    and where), without its timeouts and topology: what an outage line says. PyMongo's messages
+    name hosts, never a password."""
+    reason = re.split(r" \(configured timeouts|, Timeout: ", str(exc), maxsplit=1)[0]
+    return clip(f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__, 300)
+
+
 @contextmanager
 def _driver_errors(outage: Outage, *, ends_outage: bool = True) -> Iterator[None]:
     """Translate PyMongo's errors in one place: unreachable or overloaded is 503, the rest 500.
@@ -208,10 +217,10 @@ def _driver_errors(outage: Outage, *, ends_outage: bool = True) -> Iterator[None
             raise ReadStopped("MongoDB stopped the operation at its time limit.") from exc
         # No answer in time: a server or network that hangs, not the operation's cost, so it
         # is not charged; a key would otherwise be locked out past the outage.
-        outage.failed(type(exc).__name__)
+        outage.failed(_cause(exc))
         raise StoreUnavailable("MongoDB did not answer within the time limit.") from exc
     except (ConnectionFailure, WaitQueueTimeoutError, WriteConcernError) as exc:
-        outage.failed(type(exc).__name__)
+        outage.failed(_cause(exc))
         raise StoreUnavailable("Cannot reach MongoDB; try again shortly.") from exc
     except ConfigurationError as exc:
         # At first contact, a mongodb+srv:// name DNS did not resolve. A service's start gives
@@ -308,7 +317,15 @@ class MongoStore:
             if not serving or isinstance(exc, StoreAuthenticationFailed):
                 await store.close()
                 raise
-            log.warning("store.unreachable_at_startup", extra={"backend": cls.backend})
+            # Cut short at FIRST_CONTACT_SECONDS, the driver's last word on each server says why.
+            errors = [
+                s.error for s in store._client.topology_description.server_descriptions().values()
+            ]
+            cause = exc.__cause__ or next(filter(None, errors), None)
+            error = _cause(cause) if cause else f"no answer within {FIRST_CONTACT_SECONDS} s"
+            log.warning(
+                "store.unreachable_at_startup", extra={"backend": cls.backend, "error": error}
+            )
             store.indexes_made = asyncio.get_running_loop().create_task(store._make_indexes())
         except StoreError:  # refused: a name DNS does not know, an index the server will not make
             await store.close()

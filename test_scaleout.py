@@ -1675,10 +1675,9 @@ def test_probes_while_mongodb_is_down_write_one_line_however_many(
     finally:
         proxy.stop()
     lines = [json.loads(line) for line in service.output[started:] if line.startswith("{")]
-    assert [line["message"] for line in lines if line["logger"] == "documents.store"] == [
-        "store.unavailable",
-        "store.available",
-    ]
+    outage = [line for line in lines if line["logger"] == "documents.store"]
+    assert [line["message"] for line in outage] == ["store.unavailable", "store.available"]
+    assert proxy.address in outage[0]["error"]  # where, and why: the connection went
     assert not [line for line in lines if line["message"] in ("request", "request.slow")]
 
 
@@ -1704,7 +1703,8 @@ def test_credentials_refused_after_a_start_without_mongodb_are_logged_once_and_n
     url = f"mongodb://ada:wrong-password@{proxy.address}/d?directConnection=true"
     service = service_factory(env={"DATABASE_URL": url, "MONGO_TIMEOUT_MS": "1000"}).start()
     try:
-        service.wait_for_line("store.unreachable_at_startup", timeout=10)
+        unreachable = json.loads(service.wait_for_line("store.unreachable_at_startup", 10))
+        assert f"{proxy.address}: [Errno 111]" in unreachable["error"]  # refused, and where
         proxy.start()
         pause = mongo_store.INDEX_RETRY_SECONDS
         with changed:  # until the build has been refused, paused and tried again
@@ -1715,9 +1715,11 @@ def test_credentials_refused_after_a_start_without_mongodb_are_logged_once_and_n
             assert_problem(client.get("/v1/documents"), 503)
     finally:
         proxy.stop()
-    refused = [line for line in service.output if "authentication failed" in line.lower()]
+    lines = [json.loads(line) for line in service.output if line.startswith("{")]
+    refused = [line for line in lines if line["message"] == "store.indexes_refused"]
     assert len(refused) == 1, refused
-    assert json.loads(refused[0])["level"] == "ERROR"
+    assert refused[0]["level"] == "ERROR"
+    assert "authentication failed" in refused[0]["error"].lower()
     assert "wrong-password" not in "".join(service.output)
 
 
