@@ -63,9 +63,10 @@ log = logging.getLogger("documents.admission")
 
 # Orchestrators poll these without a key; a refused liveness probe would get the service
 # restarted, so they spend no budget (each is cheap, whatever the data). Not /metrics: a render
-# costs far more, so a stranger pays for it from the keyless budget, which a scraper's one request
-# every few seconds stays well within.
+# costs far more, so a stranger pays for it from a keyless budget (its address's for scrapes),
+# which a scraper's one request every few seconds stays well within.
 PROBES = frozenset({"/health", "/health/ready"})
+SCRAPE_PATH = "/metrics"
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Methods that change nothing (RFC 9110, 9.2.1): a read-only key sending OPTIONS or TRACE gets
 # what any key gets (405 and the methods allowed), not a 403 saying it may not write.
@@ -215,7 +216,10 @@ class AdmissionMiddleware:
                 state["api_key_name"] = key.name
                 budgets = await spend(self.key_storage, self.key_limits, key.name)
             else:
-                budgets = await spend(self.keyless_storage, self.keyless_limits, client)
+                # A scrape spends a budget of its own: a keyless flood from the scraper's address
+                # (or from behind the same proxy) had taken Prometheus' target down with it.
+                owner = f"{client} {SCRAPE_PATH}" if path == SCRAPE_PATH else client
+                budgets = await spend(self.keyless_storage, self.keyless_limits, owner)
         except LimiterUnavailable as exc:
             response = LIMITER_UNAVAILABLE.response(
                 str(exc), headers=_closing({"Retry-After": RETRY_AFTER_SECONDS})

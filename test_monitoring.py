@@ -204,6 +204,19 @@ def test_the_provisioned_scrape_interval_is_never_refused_at_the_default_keyless
     assert [r.status_code for r in scrapes] == [200] * len(scrapes)
 
 
+def test_a_keyless_flood_from_the_scraper_s_address_leaves_its_scrapes_answered(
+    tmp_path: Path,
+) -> None:
+    """Requests without a valid key from the address Prometheus scrapes from (the same host, or
+    the same proxy) had spent the scrape's budget: /metrics answered 429, the target went down
+    and DocumentsDown fired. A flood of scrapes is still bounded by the budget."""
+    with app_client(tmp_path, keyless_rate_limit="3/minute") as client:
+        flood = [client.get("/v1/documents", headers={"X-API-Key": "wrong"}) for _ in range(5)]
+        assert [r.status_code for r in flood] == [401] * 3 + [429] * 2
+        scrapes = [client.get("/metrics").status_code for _ in range(4)]
+    assert scrapes == [200] * 3 + [429]
+
+
 # --- the metrics the panels need --------------------------------------------------------------
 
 
