@@ -325,8 +325,12 @@ class AdmissionMiddleware:
         spender: ApiKey | str,
         budget: Budget,
     ) -> None:
-        """429. Only the window's first refusal of this budget writes its access line."""
-        self.metrics.rate_limited.inc()
+        """429. Only the window's first refusal of this budget writes its access line. Without
+        a valid key it counts as an auth failure: one address's 401s are bounded by its budget,
+        so a guesser's refusals are mostly these, and RATE_LIMIT is not what to raise."""
+        (
+            self.metrics.rate_limited if isinstance(spender, ApiKey) else self.metrics.auth_failures
+        ).inc()
         state: dict[str, Any] = scope["state"]
         state["refusal"] = "rate-limited"
         if isinstance(spender, ApiKey):

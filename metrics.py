@@ -183,12 +183,16 @@ class Metrics:
             registry=self.registry,
         )
         self.rate_limited = Counter(
-            "rate_limited_total", "Requests refused with 429.", registry=self.registry
+            "rate_limited_total",
+            "Requests with a valid key refused with 429 (over its budget, or too many at once).",
+            registry=self.registry,
         )
         # Bounded: served methods and "other" x route templates x statuses, never raw paths.
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.auth_failures = Counter(
-            "auth_failures_total", "Requests refused with 401.", registry=self.registry
+            "auth_failures_total",
+            "Requests without a valid key refused: 401, or 429 over their address's budget.",
+            registry=self.registry,
         )
         self.store_errors = Counter(
             "store_errors_total",

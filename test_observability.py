@@ -352,15 +352,19 @@ def test_keyless_clients_cannot_add_series_to_the_request_metrics(tmp_path: Path
 
 
 def test_metrics_track_documents_store_timings_and_refusals(tmp_path: Path) -> None:
-    with app_client(tmp_path, rate_limit="2/minute") as client:
+    """A request without a valid key refused over its address's budget is an auth failure:
+    counted as a key's 429, a guesser had fired the alert saying to raise RATE_LIMIT, and
+    never the one on auth failures, which one address's 401s alone cannot reach."""
+    with app_client(tmp_path, rate_limit="2/minute", keyless_rate_limit="1/minute") as client:
         client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
         client.post("/v1/documents", json=DOC, headers={"X-API-Key": KEY})
-        client.get("/v1/documents", headers={"X-API-Key": KEY})  # over the limit
-        client.get("/v1/documents", headers={"X-API-Key": "wrong-key-123"})
+        assert client.get("/v1/documents", headers={"X-API-Key": KEY}).status_code == 429
+        for status in (401, 429):
+            assert client.get("/v1/documents", headers={"X-API-Key": "wrong"}).status_code == status
         families = scrape(client)
     assert families["documents_stored"].samples[0].value == 2
     assert families["rate_limited"].samples[0].value == 1
-    assert families["auth_failures"].samples[0].value == 1
+    assert families["auth_failures"].samples[0].value == 2
     store_ops = {
         s.labels["operation"]: s.value
         for s in families["store_operation_duration_seconds"].samples
