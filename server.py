@@ -723,10 +723,12 @@ def _refuse_reload(signum: int, frame: object) -> None:
     """SIGHUP (`systemctl reload`) with one worker. With several, uvicorn's supervisor replaces
     them one at a time; one worker cannot be replaced in place, and SIGHUP's default action had
     ended it mid-request, with no clean stop. It serves on, and says so once a reload."""
-    log.warning(
-        "service.reload_refused",
-        extra={"reason": "one worker is not replaced in place: restart it, or run WORKERS=2"},
-    )
+    reason = "one worker is not replaced in place: restart it, or run WORKERS=2"
+    said = functools.partial(log.warning, "service.reload_refused", extra={"reason": reason})
+    # Said from the event loop, not inside what the signal interrupted (a write to the log
+    # itself, which would be entered twice); before the loop runs there is nothing to refuse.
+    with contextlib.suppress(RuntimeError):
+        asyncio.get_running_loop().call_soon_threadsafe(said)
 
 
 def serve(app: Any, prepare: Callable[[], bool], **options: Any) -> int:
