@@ -295,6 +295,7 @@ class AdmissionMiddleware:
                 shown = max(spent, key=lambda b: b.reset_at)
                 retry_after = str(max(1, int(shown.reset_at - time.time()) + 1))
                 detail = f"The rate limit of {shown.limit} for this key is reached."
+                self.metrics.rate_limited.inc()
                 raise RateLimited(detail, headers=_closing({"Retry-After": retry_after}))
 
     async def _charge(self, key: ApiKey, seconds: float) -> None:

@@ -12,6 +12,9 @@ if __name__ == "__main__":
     # Ctrl-C while the modules below load (about a second) stops the start as it stops any
     # program, without a traceback of the import it cut; main() puts Python's handler back.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # A reload (SIGHUP) while it starts changes nothing, as once it serves (server.py); a task
+    # gets the default back in main().
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 import argparse
 import asyncio
@@ -1002,6 +1005,8 @@ it; its first start sets the replaced database's documents.db-wal and -shm aside
     )
     parser.add_argument("file", nargs="?", type=_file, help="the file the task reads or writes")
     args = parser.parse_args(argv)
+    if args.task != "serve":  # a hang-up stops a task, as it stops any program
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if args.task == "import" and args.file is None:
         parser.error("import needs a FILE of JSON lines")
     if args.task == "backup" and args.file is None:

@@ -41,7 +41,7 @@ from conftest import (
     walk,
     write_until_killed,
 )
-from sqlite_files import DATABASE_FILE
+from sqlite_files import DATABASE_FILE, start_lock
 from sqlite_store import MIGRATIONS, SLOTS, SQLiteStore
 from storage import IdGenerator
 
@@ -107,6 +107,24 @@ def test_a_reload_of_one_worker_is_refused_in_a_line_and_it_serves_on(
         assert client.get(f"/v1/documents/{doc['id']}").json() == doc
     assert service.terminate() in CLEAN_EXITS
     assert "service.stopped" in service.rest_of_output()
+
+
+def test_a_reload_while_the_service_starts_changes_nothing(
+    service_factory: ServiceFactory,
+) -> None:
+    """SIGHUP before the server had taken it (the imports, the settings, the store's opening
+    and migrations) had ended the start with no line (exit 129)."""
+    service = service_factory()
+    service.data_dir.mkdir()
+    with start_lock(service.data_dir):  # the store's opening waits for it
+        service.start(wait=False)
+        assert service.proc is not None
+        service.wait_for_line("Uvicorn running on", timeout=20)  # bound, and opening the store
+        service.proc.send_signal(signal.SIGHUP)
+    service.wait_for_line("Application startup complete", timeout=20)
+    with service.client() as client:
+        assert client.get("/health/ready").status_code == 200
+    assert service.proc.poll() is None
 
 
 def _read_answer(sock: socket.socket) -> bytes:
