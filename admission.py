@@ -47,7 +47,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import ApiKey, digest_key
-from metrics import Metrics
+from metrics import SCRAPE_PATH, Metrics
 from problems import (
     LIMITER_UNAVAILABLE,
     RETRY_AFTER_SECONDS,
@@ -66,7 +66,6 @@ log = logging.getLogger("documents.admission")
 # costs far more, so a stranger pays for it from a keyless budget (its address's for scrapes),
 # which a scraper's one request every few seconds stays well within.
 PROBES = frozenset({"/health", "/health/ready"})
-SCRAPE_PATH = "/metrics"
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Methods that change nothing (RFC 9110, 9.2.1): a read-only key sending OPTIONS or TRACE gets
 # what any key gets (405 and the methods allowed), not a 403 saying it may not write.
@@ -329,15 +328,14 @@ class AdmissionMiddleware:
         """429. Only the window's first refusal of this budget writes its access line. Without
         a valid key it counts as an auth failure: one address's 401s are bounded by its budget,
         so a guesser's refusals are mostly these, and RATE_LIMIT is not what to raise."""
-        (
-            self.metrics.rate_limited if isinstance(spender, ApiKey) else self.metrics.auth_failures
-        ).inc()
         state: dict[str, Any] = scope["state"]
         state["refusal"] = "rate-limited"
         if isinstance(spender, ApiKey):
+            self.metrics.rate_limited.inc()
             who, level, fields = f"key:{spender.name}", logging.INFO, {"api_key": spender.name}
             detail = f"The rate limit of {budget.limit} for this key is reached."
         else:
+            self.metrics.auth_failures.inc()
             # Repeated requests without a valid key from one client: worth an operator's look.
             who, level, fields = f"client:{spender}", logging.WARNING, {"client": spender}
             detail = f"The rate limit of {budget.limit} without a valid key is reached."

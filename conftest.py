@@ -216,9 +216,11 @@ async def seed_common(settings: Settings, count: int) -> None:
         await store.close()
 
 
-def scrape(client: httpx.Client | TestClient) -> dict[str, Metric]:
+def scrape(
+    client: httpx.Client | TestClient, headers: dict[str, str] | None = None
+) -> dict[str, Metric]:
     """/metrics, parsed: each metric family by name (a counter's without `_total`)."""
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=headers).text
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 

@@ -58,7 +58,7 @@ from config import ApiKey, Settings, configured_keys, digest_key
 from cursors import decode_cursor, encode_cursor
 from logging_config import clip, configure_logging
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from metrics import MeteredStore, Metrics, multiprocess_directory
+from metrics import SCRAPE_PATH, MeteredStore, Metrics, multiprocess_directory
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, RequestContextMiddleware
 from models import (
     Document,
@@ -382,7 +382,7 @@ def _add_routes(app: FastAPI) -> None:
         responses=openapi.problems(503, v1=False),
     )
     health_route(
-        "/metrics",
+        SCRAPE_PATH,
         read_metrics,
         summary="Prometheus metrics",
         response_class=Response,

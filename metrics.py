@@ -70,8 +70,9 @@ _LATENCY_BUCKETS = (
 # (middleware.route_template) and statuses the service's own.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"})
 OTHER_METHOD = "other"
+SCRAPE_PATH = "/metrics"
 # Routes that are not API traffic: a scrape is not counted by the metrics it reads.
-_UNCOUNTED_ROUTES = frozenset({"/metrics"})
+_UNCOUNTED_ROUTES = frozenset({SCRAPE_PATH})
 # The embedded store's files in DATA_DIR: the database and SQLite's write-ahead log.
 DATABASE_FILE = "documents.db"
 WAL_FILE = "documents.db-wal"

@@ -1769,10 +1769,8 @@ def test_sparse_listings_started_at_once_run_one_at_a_time_and_stop_when_paid(
         assert statuses.count(200) <= BUDGET // 2
         # Each counted as a key's refusal (these had been left out): scraped without the key,
         # whose budget is spent.
-        metrics = client.get("/metrics", headers={"X-API-Key": "not-a-key"}).text
-        refused = re.search(r"^rate_limited_total (\S+)$", metrics, re.MULTILINE)
-        assert refused is not None
-        assert float(refused[1]) == statuses.count(429)
+        refused = scrape(client, headers={"X-API-Key": "not-a-key"})["rate_limited"]
+        assert refused.samples[0].value == statuses.count(429)
 
 
 def test_a_patch_pays_for_the_words_it_makes_the_store_find(tmp_path: Path) -> None:
